@@ -1,0 +1,75 @@
+//! Backends: the address-space operations of one file.
+//!
+//! A backend maps file offsets to storage and moves whole pages; it knows nothing
+//! of the cache and never takes a cache lock. [`crate::Mapping`] calls it only
+//! while holding the coherence mode that makes the call safe, which is how the
+//! cache is coherent by construction.
+
+use std::fmt;
+use std::io;
+
+mod extent;
+mod volume;
+
+pub use volume::{Volume, VolumeFile, BLOCK_SIZE};
+
+/// The storage operations of one file, in whole pages of [`crate::PAGE_SIZE`]
+/// bytes except where a byte range is named.
+///
+/// Contract for implementors:
+/// - Reads of holes and of anything past the end of file return zeroes.
+/// - The file's size changes only through [`Backend::set_len`]; writes inside
+///   the file never change it, and [`crate::Mapping`] never writes a page that
+///   starts at or past the end of file.
+/// - Bytes of the last page past the end of file read as zero.
+/// - Calls on a removed file fail with `ENOENT`.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The file's size in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// The largest size the file may grow to, in bytes (a multiple of the page size).
+    fn max_file_size(&self) -> u64;
+
+    /// Reads the pages starting at page `index` into `buf`, whose length is a
+    /// multiple of the page size.
+    fn read_pages(&self, index: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Writes the pages starting at page `index` from `buf`, whose length is a
+    /// multiple of the page size, allocating storage for holes.
+    fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()>;
+
+    /// Sets the file's size. Shrinking frees the storage past the new end and
+    /// zeroes the rest of the last page; growing adds a hole.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Deallocates `offset..offset + len` (`fallocate(PUNCH_HOLE|KEEP_SIZE)`):
+    /// it reads as zeroes afterwards; partial pages are zeroed in place. The size
+    /// does not change.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Zeroes `offset..offset + len` inside the file, keeping or allocating its
+    /// storage (`fallocate(ZERO_RANGE|KEEP_SIZE)`). The size does not change.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// A direct read of `buf.len()` bytes at `offset`, both multiples of the page
+    /// size, bypassing any cache of the backend's own.
+    fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_pages(offset / crate::PAGE_SIZE as u64, buf)
+    }
+
+    /// A direct write of `buf` at `offset`, both multiples of the page size.
+    fn write_direct(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.write_pages(offset / crate::PAGE_SIZE as u64, buf)
+    }
+
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+
+    /// Removes the file and frees its storage; every later call fails with `ENOENT`.
+    fn remove(&self) -> io::Result<()>;
+}

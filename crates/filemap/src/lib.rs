@@ -1,0 +1,39 @@
+//! filemap: a user-space page cache that stays coherent when hole punch, truncate,
+//! zero range and direct I/O race with buffered reads, readahead and writes.
+//!
+//! The layers, outermost first (see `DESIGN.md` at the repository root):
+//!
+//! - [`Mapping`]: one per open file; the page index and the coherence lock. All
+//!   locking lives here, so a backend cannot forget a lock.
+//! - [`PageCache`]: shared frame memory under a byte budget.
+//! - [`Backend`]: the address-space operations of one file ([`Volume`] files).
+//! - [`Device`]: block I/O ([`FileDevice`], [`MemDevice`], [`FaultyDevice`]).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use filemap::{MemDevice, PageCache, Strategy, Volume};
+//!
+//! let volume = Volume::format(Arc::new(MemDevice::new(16 << 20)))?;
+//! let cache = PageCache::builder().strategy(Strategy::InvalidateLock).build()?;
+//! let file = cache.open(Arc::new(volume.create_file("a")?))?;
+//! file.write_all_at(b"hello", 4090)?;
+//! file.punch_hole(4096, 4096)?; // the second page of the file is a hole now
+//! let mut buf = [0u8; 5];
+//! file.read_exact_at(&mut buf, 4090)?;
+//! assert_eq!(&buf, b"hel\0\0");
+//! # Ok::<(), std::io::Error>(())
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod cache;
+pub mod device;
+mod errno;
+pub mod lock;
+pub(crate) mod sync;
+
+pub use backend::{Backend, Volume, VolumeFile};
+pub use cache::{Mapping, PageCache, PageCacheBuilder, PAGE_SIZE};
+pub use device::{Device, FaultRule, FaultyDevice, FileDevice, MemDevice};
+pub use lock::{Mode, Strategy};

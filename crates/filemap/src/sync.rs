@@ -1,0 +1,1 @@
+//! Placeholder: atomics and locks, switched to loom under `--cfg loom`.
