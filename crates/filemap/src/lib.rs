@@ -16,10 +16,10 @@
 //! let volume = Volume::format(Arc::new(MemDevice::new(16 << 20)))?;
 //! let cache = PageCache::builder().strategy(Strategy::InvalidateLock).build()?;
 //! let file = cache.open(Arc::new(volume.create_file("a")?))?;
-//! file.write_all_at(b"hello", 4090)?;
+//! file.write_all_at(b"hello", 4093)?;
 //! file.punch_hole(4096, 4096)?; // the second page of the file is a hole now
 //! let mut buf = [0u8; 5];
-//! file.read_exact_at(&mut buf, 4090)?;
+//! file.read_exact_at(&mut buf, 4093)?;
 //! assert_eq!(&buf, b"hel\0\0");
 //! # Ok::<(), std::io::Error>(())
 //! ```

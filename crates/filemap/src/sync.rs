@@ -1,1 +1,132 @@
-//! Placeholder: atomics and locks, switched to loom under `--cfg loom`.
+//! The crate's concurrency primitives, switched to [loom]'s models under
+//! `--cfg loom` so that the locks built on them can be model-checked.
+//!
+//! Code in this crate takes atomics, `Arc`, `Mutex`, `Condvar` and threads from
+//! here, never from `std` or `parking_lot` directly; otherwise loom cannot see the
+//! operation and silently explores too few interleavings.
+//!
+//! Normal builds use `parking_lot`'s `Mutex` and `Condvar` (no poisoning,
+//! `lock()` returns the guard, `Condvar::wait(&mut guard)`). Under loom the same
+//! API is provided by thin newtypes over loom's `std`-like types, so call sites
+//! compile unchanged both ways. Only the API the crate uses is mirrored.
+//!
+//! [loom]: https://docs.rs/loom
+
+// Not every primitive is used by every build (some only by tests or by loom
+// models), and the set must stay identical under both configurations.
+#![allow(unused_imports, dead_code)]
+
+#[cfg(not(loom))]
+pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
+#[cfg(not(loom))]
+pub(crate) use std::sync::Arc;
+
+#[cfg(loom)]
+pub(crate) use self::loom_compat::{Condvar, Mutex, MutexGuard};
+#[cfg(loom)]
+pub(crate) use loom::sync::Arc;
+
+/// Atomic integers, flags and fences.
+pub(crate) mod atomic {
+    #[cfg(loom)]
+    pub(crate) use loom::sync::atomic::{
+        fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
+    #[cfg(not(loom))]
+    pub(crate) use std::sync::atomic::{
+        fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
+}
+
+/// Spawning threads and yielding the processor.
+pub(crate) mod thread {
+    #[cfg(loom)]
+    pub(crate) use loom::thread::{spawn, yield_now};
+    #[cfg(not(loom))]
+    pub(crate) use std::thread::{spawn, yield_now};
+}
+
+/// `parking_lot`-shaped wrappers around loom's `Mutex` and `Condvar`.
+#[cfg(loom)]
+mod loom_compat {
+    use std::fmt;
+    use std::ops::{Deref, DerefMut};
+    use std::sync::PoisonError;
+
+    /// A mutex whose `lock` returns the guard directly, like `parking_lot`'s.
+    #[derive(Debug, Default)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    /// The guard of a [`Mutex`].
+    pub(crate) struct MutexGuard<'a, T> {
+        // `None` only while `Condvar::wait` has lent the guard to loom, which
+        // takes it by value; holding an `Option` avoids moving out of `&mut`.
+        inner: Option<loom::sync::MutexGuard<'a, T>>,
+    }
+
+    /// A condition variable that waits on `&mut MutexGuard`, like `parking_lot`'s.
+    #[derive(Debug, Default)]
+    pub(crate) struct Condvar(loom::sync::Condvar);
+
+    impl<T> Mutex<T> {
+        /// A new unlocked mutex holding `value`.
+        pub(crate) fn new(value: T) -> Self {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+
+        /// Blocks until the mutex is acquired.
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            // parking_lot has no poisoning; mirror that so tests behave alike.
+            let inner = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            MutexGuard { inner: Some(inner) }
+        }
+    }
+
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            self.inner
+                .as_deref()
+                .expect("guard used during its own wait")
+        }
+    }
+
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            self.inner
+                .as_deref_mut()
+                .expect("guard used during its own wait")
+        }
+    }
+
+    impl<T: fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Debug::fmt(&self.inner, f)
+        }
+    }
+
+    impl Condvar {
+        /// A new condition variable.
+        pub(crate) fn new() -> Self {
+            Condvar(loom::sync::Condvar::new())
+        }
+
+        /// Releases the guard's mutex, blocks until notified, then reacquires it.
+        pub(crate) fn wait<T>(&self, guard: &mut MutexGuard<'_, T>) {
+            let inner = guard.inner.take().expect("guard used during its own wait");
+            let inner = self.0.wait(inner).unwrap_or_else(PoisonError::into_inner);
+            guard.inner = Some(inner);
+        }
+
+        /// Wakes one waiting thread.
+        pub(crate) fn notify_one(&self) {
+            self.0.notify_one();
+        }
+
+        /// Wakes every waiting thread.
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
+        }
+    }
+}

@@ -11,7 +11,7 @@ mod faulty;
 mod file;
 mod mem;
 
-pub use faulty::{FaultRule, FaultyDevice, Injection, Trigger};
+pub use faulty::{FaultRule, FaultyDevice, Injection, RuleId, Trigger};
 pub use file::FileDevice;
 pub use mem::MemDevice;
 

@@ -1,0 +1,276 @@
+//! The stale-data oracle: page stamps, the history of every page, and the rule
+//! that decides whether a read may return what it returned.
+//!
+//! Writers write whole pages whose every 8-byte word is the same stamp (file,
+//! page index, write sequence); zeroes mean "hole". A global clock stamps the
+//! start and end of every operation. For a page P, a read over `[rs, re]` may
+//! return the value written by change `c` only if `c` started before `re` and no
+//! change `d` of P started after `c` ended and ended before `rs`. Anything else is
+//! stale. A page mixing stamps, or stamps and zeroes, is torn; a stamp of another
+//! file or page index is foreign.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+const SEQ_BITS: u32 = 36;
+const PAGE_BITS: u32 = 20;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+const PAGE_MASK: u64 = (1 << PAGE_BITS) - 1;
+/// The most files a stamp can name.
+pub const MAX_FILES: usize = 255;
+/// The most pages per file a stamp can name.
+pub const MAX_PAGES: u64 = 1 << PAGE_BITS;
+
+/// What one page can hold in the torture: zeroes, or one writer's stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Value {
+    /// A hole, or zeroes written by punch, zero range or truncate.
+    Zero,
+    /// The stamp of the write whose sequence number this is.
+    Seq(u64),
+}
+
+/// The 8-byte word a write of `seq` puts in every word of page `page` of `file`.
+/// Never zero: the file field is stored plus one.
+pub fn stamp(file: usize, page: u64, seq: u64) -> u64 {
+    debug_assert!(file < MAX_FILES && page < MAX_PAGES && seq <= SEQ_MASK);
+    ((file as u64 + 1) << (SEQ_BITS + PAGE_BITS)) | (page << SEQ_BITS) | (seq & SEQ_MASK)
+}
+
+/// Fills `page` with the stamp of (`file`, `index`, `seq`).
+pub fn fill_page(page: &mut [u8], file: usize, index: u64, seq: u64) {
+    let word = stamp(file, index, seq).to_ne_bytes();
+    for chunk in page.chunks_exact_mut(8) {
+        chunk.copy_from_slice(&word);
+    }
+}
+
+/// What a read found in one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// A value that belongs to this file and page.
+    Value(Value),
+    /// Words that differ: two versions mixed.
+    Torn,
+    /// A stamp of another file or another page index, or no stamp at all.
+    Foreign {
+        /// The file the stamp names, if it names one.
+        file: Option<usize>,
+        /// The page index the stamp names.
+        page: u64,
+    },
+}
+
+/// Classifies the bytes a read returned for page `index` of `file`.
+pub fn classify(page: &[u8], file: usize, index: u64) -> Observed {
+    let word = |chunk: &[u8]| u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+    let mut words = page.chunks_exact(8).map(word);
+    let first = words.next().unwrap_or(0);
+    if !words.all(|w| w == first) {
+        return Observed::Torn;
+    }
+    if first == 0 {
+        return Observed::Value(Value::Zero);
+    }
+    let stamp_file = (first >> (SEQ_BITS + PAGE_BITS)) as usize;
+    let stamp_page = (first >> SEQ_BITS) & PAGE_MASK;
+    if stamp_file == file + 1 && stamp_page == index {
+        Observed::Value(Value::Seq(first & SEQ_MASK))
+    } else {
+        Observed::Foreign {
+            file: stamp_file.checked_sub(1),
+            page: stamp_page,
+        }
+    }
+}
+
+/// The global clock: every operation takes a tick before it starts and after it
+/// ends. Ticks are unique, so a start tick also names the operation.
+#[derive(Debug, Default)]
+pub struct Clock(AtomicU64);
+
+impl Clock {
+    /// A new, strictly larger tick.
+    pub fn tick(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
+/// A change of one page: a write, or zeroes.
+#[derive(Clone, Copy, Debug)]
+struct Change {
+    value: Value,
+    start: u64,
+    /// `u64::MAX` while the operation is still running.
+    end: u64,
+}
+
+/// Every change of one page that a read in flight could still observe.
+#[derive(Debug)]
+pub struct PageHistory {
+    changes: Vec<Change>,
+}
+
+impl Default for PageHistory {
+    fn default() -> Self {
+        // Every page starts as zeroes, written "before time".
+        PageHistory {
+            changes: vec![Change {
+                value: Value::Zero,
+                start: 0,
+                end: 0,
+            }],
+        }
+    }
+}
+
+impl PageHistory {
+    /// Records that an operation starting at `start` is about to make the page
+    /// `value`. Call before the operation starts.
+    pub fn begin(&mut self, value: Value, start: u64) {
+        self.changes.push(Change {
+            value,
+            start,
+            end: u64::MAX,
+        });
+    }
+
+    /// Records that the operation that started at `start` ended at `end`, then
+    /// forgets changes that no read in flight can observe: those overwritten by a
+    /// change that ended before `horizon`, the start of the oldest read in flight.
+    pub fn end(&mut self, start: u64, end: u64, horizon: u64) {
+        if let Some(change) = self.changes.iter_mut().find(|c| c.start == start) {
+            change.end = end;
+        }
+        let changes = &self.changes;
+        let keep: Vec<Change> = changes
+            .iter()
+            .filter(|c| !changes.iter().any(|d| d.start > c.end && d.end < horizon))
+            .copied()
+            .collect();
+        self.changes = keep;
+    }
+
+    /// Whether a read that ran over `[rs, re]` may have returned `value`.
+    pub fn allows(&self, value: Value, rs: u64, re: u64) -> bool {
+        self.changes.iter().any(|c| {
+            c.value == value
+                && c.start < re
+                && !self.changes.iter().any(|d| d.start > c.end && d.end < rs)
+        })
+    }
+
+    /// How many changes are remembered (for tests of the pruning).
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// Whether nothing is remembered (never: the initial zeroes stay until
+    /// overwritten).
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// The histories of every page of every file of a run.
+#[derive(Debug)]
+pub struct History {
+    pages_per_file: u64,
+    pages: Vec<Mutex<PageHistory>>,
+}
+
+impl History {
+    /// Histories for `files` files of `pages_per_file` pages, all zeroes.
+    pub fn new(files: usize, pages_per_file: u64) -> Self {
+        History {
+            pages_per_file,
+            pages: (0..files as u64 * pages_per_file)
+                .map(|_| Mutex::new(PageHistory::default()))
+                .collect(),
+        }
+    }
+
+    /// The history of page `page` of `file`.
+    pub fn page(&self, file: usize, page: u64) -> &Mutex<PageHistory> {
+        &self.pages[(file as u64 * self.pages_per_file + page) as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_mixes_are_torn() {
+        let mut page = vec![0u8; 4096];
+        assert_eq!(classify(&page, 3, 7), Observed::Value(Value::Zero));
+        fill_page(&mut page, 3, 7, 42);
+        assert_eq!(classify(&page, 3, 7), Observed::Value(Value::Seq(42)));
+        assert_eq!(
+            classify(&page, 2, 7),
+            Observed::Foreign {
+                file: Some(3),
+                page: 7
+            }
+        );
+        assert_eq!(
+            classify(&page, 3, 8),
+            Observed::Foreign {
+                file: Some(3),
+                page: 7
+            }
+        );
+        page[4095] = 0;
+        assert_eq!(classify(&page, 3, 7), Observed::Torn);
+        let mut half = vec![0u8; 4096];
+        fill_page(&mut half[..2048], 3, 7, 42);
+        assert_eq!(classify(&half, 3, 7), Observed::Torn);
+    }
+
+    #[test]
+    fn reads_may_see_concurrent_values_but_not_overwritten_ones() {
+        let mut page = PageHistory::default();
+        // Write 1 over [10, 20], punch over [30, 40], write 2 over [50, 60].
+        page.begin(Value::Seq(10), 10);
+        page.end(10, 20, 0);
+        page.begin(Value::Zero, 30);
+        page.end(30, 40, 0);
+        // A read over [45, 48] must see the punch's zeroes.
+        assert!(page.allows(Value::Zero, 45, 48));
+        assert!(
+            !page.allows(Value::Seq(10), 45, 48),
+            "stale: overwritten by the punch"
+        );
+        // A read over [35, 48] overlaps the punch: old data is still allowed.
+        assert!(page.allows(Value::Seq(10), 35, 48));
+        // A read over [5, 8] ended before write 1 started: it cannot see it.
+        assert!(!page.allows(Value::Seq(10), 5, 8));
+        // Write 2 in flight: reads overlapping it may see it or the zeroes.
+        page.begin(Value::Seq(50), 50);
+        assert!(page.allows(Value::Seq(50), 45, 55));
+        assert!(page.allows(Value::Zero, 45, 55));
+        page.end(50, 60, 0);
+        assert!(
+            !page.allows(Value::Zero, 61, 62),
+            "stale: overwritten by write 2"
+        );
+        // A value nobody wrote is never allowed.
+        assert!(!page.allows(Value::Seq(11), 0, 100));
+    }
+
+    #[test]
+    fn pruning_keeps_what_reads_in_flight_can_see() {
+        let mut page = PageHistory::default();
+        for start in (10..100).step_by(10) {
+            page.begin(Value::Seq(start), start);
+            // The oldest read in flight started at 26.
+            page.end(start, start + 5, 26);
+        }
+        // Changes overwritten before 26 are gone; a read from 26 on can still see
+        // the write of [20, 25] and everything after.
+        assert!(page.allows(Value::Seq(20), 26, 200));
+        assert!(!page.allows(Value::Seq(10), 26, 200));
+        assert_eq!(page.len(), 8);
+    }
+}

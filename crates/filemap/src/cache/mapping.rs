@@ -1,0 +1,815 @@
+//! [`Mapping`]: the cached pages, coherence lock and size of one open file.
+//!
+//! Every path that changes what the backend maps under a range, or that adds
+//! pages to the cache, holds the coherence mode that makes it safe:
+//!
+//! - A miss takes [`Mode::Fill`], claims the absent pages (`FILLING`), reads the
+//!   backend and publishes each page with a compare-and-swap against the state it
+//!   claimed. An invalidation that ran meanwhile took the page from it, so the
+//!   publish fails and the possibly stale data is never cached.
+//! - Punch, zero, truncate and `invalidate_range` take [`Mode::Invalidate`] and
+//!   remove the cached pages before they change the backend, waiting for pages
+//!   under writeback so that no old snapshot reaches the backend afterwards.
+//! - Direct I/O takes [`Mode::Direct`], writes back and drops the range before the
+//!   I/O, and (for writes) drops it again afterwards, as the kernel does.
+//! - Hits take no lock and write nothing shared: they copy the frame between two
+//!   loads of the page's state word and retry if it changed.
+//!
+//! The copy to or from the caller's buffer happens outside the coherence lock for
+//! reads. Buffered writes copy from the caller's buffer under Fill, so that buffer
+//! must not be memory that faults into this same mapping.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::frame::FrameId;
+use super::page::{PageState, Slot, DIRTY, FILLING, LOCKED, UPTODATE, WRITEBACK};
+use super::tree::{PageTree, MAX_PAGES};
+use super::{CacheShared, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
+use crate::backend::Backend;
+use crate::errno::{err, fail};
+use crate::lock::{CoherenceLock, Mode, Strategy};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// The cached pages of one open file, with the `std::os::unix::fs::FileExt`
+/// calls and the range operations of `fallocate`, `ftruncate`, `O_DIRECT` and
+/// `fsync`, all coherent with each other.
+///
+/// Every call takes `&self`: share a mapping between threads with an `Arc`.
+/// Errors carry the errno a file would give (`EINVAL`, `EFBIG`, `ENOENT`, ...),
+/// and a call that fails its argument checks changes nothing.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{MemDevice, PageCache, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(volume.create_file("log")?))?;
+/// file.write_all_at(&[7; 10_000], 0)?;
+/// file.set_len(5_000)?;
+/// assert_eq!(file.len(), 5_000);
+/// let mut buf = vec![0u8; 8192];
+/// assert_eq!(file.read_at(&mut buf, 0)?, 5_000);
+/// file.sync_all()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Mapping {
+    cache: Arc<CacheShared>,
+    backend: Arc<dyn Backend>,
+    pages: PageTree,
+    lock: CoherenceLock,
+    /// The file's size as callers see it; the backend's follows under `size_lock`.
+    size: AtomicU64,
+    /// Serialises size changes, so the backend's size and `size` agree.
+    size_lock: Mutex<()>,
+    max_size: u64,
+    removed: AtomicBool,
+}
+
+/// Whether a dropped dirty page is written back first or discarded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DirtyPages {
+    /// Its range is being punched, zeroed or truncated: the data goes anyway.
+    Discard,
+    /// Only the cache is being dropped: the data must reach the backend.
+    WriteBack,
+}
+
+/// What a fill of absent pages achieved.
+enum Fill {
+    /// `pages` pages from the first one were read; `data` holds them.
+    Read { pages: u64, data: Vec<u8> },
+    /// The first page is not absent (cached, or busy with another thread): look again.
+    NotAbsent,
+    /// The first page starts at or past the end of file.
+    BeyondEof,
+}
+
+impl Mapping {
+    pub(super) fn new(cache: Arc<CacheShared>, backend: Arc<dyn Backend>) -> io::Result<Self> {
+        let size = backend.len()?;
+        let max_size = backend.max_file_size().min(MAX_PAGES * PAGE);
+        let strategy = cache.strategy;
+        Ok(Mapping {
+            cache,
+            backend,
+            pages: PageTree::default(),
+            lock: CoherenceLock::new(strategy),
+            size: AtomicU64::new(size),
+            size_lock: Mutex::new(()),
+            max_size,
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    /// The file's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The largest size the file may reach.
+    pub fn max_file_size(&self) -> u64 {
+        self.max_size
+    }
+
+    /// The coherence strategy this mapping enforces.
+    pub fn strategy(&self) -> Strategy {
+        self.lock.strategy()
+    }
+
+    /// The backend this mapping caches.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Whether page `index` is cached and up to date (like one byte of `mincore`).
+    pub fn is_page_cached(&self, index: u64) -> bool {
+        self.pages
+            .get(index)
+            .is_some_and(|slot| slot.load().has(UPTODATE))
+    }
+
+    /// How many pages of this file are cached, and how many of those are dirty.
+    pub fn cached_pages(&self) -> (u64, u64) {
+        let (mut cached, mut dirty) = (0, 0);
+        self.pages.for_each(0, MAX_PAGES - 1, |_, slot| {
+            let state = slot.load();
+            cached += state.has(UPTODATE) as u64;
+            dirty += state.has(DIRTY) as u64;
+        });
+        (cached, dirty)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`, like `pread`: returns how many,
+    /// fewer only at the end of file (0 at or past it).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.check_live()?;
+        let end = end_of(offset, buf.len())?;
+        let size = self.len();
+        if offset >= size {
+            return Ok(0);
+        }
+        let len = (end.min(size) - offset) as usize;
+        self.read_cached(&mut buf[..len], offset)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`, failing with
+    /// `ErrorKind::UnexpectedEof` if the file ends first.
+    pub fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset)? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "failed to fill whole buffer",
+                    ))
+                }
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` into the cache, like `pwrite`, extending the
+    /// file if it ends past the end of file. Returns `buf.len()`, or fewer if an
+    /// error stopped it after some bytes were written. `EFBIG` past
+    /// [`Mapping::max_file_size`].
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.check_live()?;
+        let end = end_of(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if end > self.max_size {
+            return fail(libc::EFBIG);
+        }
+        let _fill = self.lock.lock(Mode::Fill, offset..end);
+        let old_size = self.len();
+        // Grow first: writeback skips pages past the end of file, and these pages
+        // must not be dirty there even for a moment.
+        self.extend_size(end)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let in_page = (pos % PAGE) as usize;
+            let take = (PAGE_SIZE - in_page).min(buf.len() - done);
+            if let Err(error) =
+                self.write_page(pos / PAGE, in_page, &buf[done..done + take], old_size)
+            {
+                if done == 0 {
+                    return Err(error);
+                }
+                break;
+            }
+            done += take;
+        }
+        Ok(done)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.write_at(buf, offset)? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write whole buffer",
+                    ))
+                }
+                n => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the pages of `offset..offset + len` (clipped to the end of file)
+    /// into the cache without copying them anywhere, like `readahead(2)`. Stops
+    /// quietly when the cache budget is used up.
+    pub fn readahead(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        let end = end_of(offset, len)?.min(self.len());
+        if offset >= end {
+            return Ok(());
+        }
+        let last = (end - 1) / PAGE;
+        let mut index = offset / PAGE;
+        while index <= last {
+            if self
+                .pages
+                .get(index)
+                .is_some_and(|slot| !slot.load().is_absent())
+            {
+                index += 1;
+                continue;
+            }
+            let fill = {
+                let _fill = self.lock.lock(Mode::Fill, index * PAGE..(last + 1) * PAGE);
+                self.fill_locked(index, last - index + 1, true)?
+            };
+            match fill {
+                Fill::Read { pages, .. } => index += pages,
+                Fill::NotAbsent => index += 1,
+                Fill::BeyondEof => break,
+            }
+            if self.cache.frames.used() as u64 >= self.cache.frames.capacity() as u64 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A direct read, like `pread` on an `O_DIRECT` descriptor: dirty cached pages
+    /// of the range are written back first (so completed buffered writes are
+    /// seen), then the backend is read without caching. `offset` and `buf.len()`
+    /// must be multiples of [`PAGE_SIZE`] and the buffer address a multiple of
+    /// [`DIRECT_IO_MEMORY_ALIGN`], else `EINVAL`. Returns the bytes up to the end
+    /// of file.
+    pub fn read_direct(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.check_live()?;
+        let end = check_direct(offset, buf.len(), buf.as_ptr() as usize)?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let _direct = self.lock.lock(Mode::Direct, offset..end);
+        let size = self.len();
+        if offset >= size {
+            return Ok(0);
+        }
+        let whole = end.min(size.next_multiple_of(PAGE)) - offset;
+        self.write_back_range(offset / PAGE, (offset + whole - 1) / PAGE)?;
+        self.backend
+            .read_direct(offset, &mut buf[..whole as usize])?;
+        Ok((end.min(size) - offset) as usize)
+    }
+
+    /// A direct write, like `pwrite` on an `O_DIRECT` descriptor: the range's
+    /// cached pages are written back and dropped before the write and dropped
+    /// again after it, so no read that starts after it returns can see the data it
+    /// replaced. Alignment as for [`Mapping::read_direct`]; extends the file.
+    pub fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.check_live()?;
+        let end = check_direct(offset, buf.len(), buf.as_ptr() as usize)?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if end > self.max_size {
+            return fail(libc::EFBIG);
+        }
+        let _direct = self.lock.lock(Mode::Direct, offset..end);
+        let (first, last) = (offset / PAGE, (end - 1) / PAGE);
+        self.drop_pages(first, last, DirtyPages::WriteBack)?;
+        self.extend_size(end)?;
+        let written = self.backend.write_direct(offset, buf);
+        // Fills that ran during the write may hold what it replaced.
+        let dropped = self.drop_pages(first, last, DirtyPages::WriteBack);
+        written?;
+        dropped?;
+        Ok(buf.len())
+    }
+
+    /// Deallocates `offset..offset + len`, like
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`: it reads as zeroes
+    /// afterwards, the bytes of partial pages around it survive, and the size does
+    /// not change. Cached data of the range, dirty or not, is dropped.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        let end = end_of(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
+        self.remove_cached_bytes(offset, end);
+        self.backend.punch_hole(offset, len)
+    }
+
+    /// Zeroes `offset..offset + len`, like `fallocate(FALLOC_FL_ZERO_RANGE)`:
+    /// extends the file if the range ends past the end of file.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        let end = end_of(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if end > self.max_size {
+            return fail(libc::EFBIG);
+        }
+        let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
+        self.remove_cached_bytes(offset, end);
+        self.extend_size(end)?;
+        self.backend.zero_range(offset, len)
+    }
+
+    /// Sets the file's size, like `ftruncate`: shrinking drops the cached pages
+    /// past the new end and zeroes the rest of the last page; growing adds a hole.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        if len > self.max_size {
+            return fail(libc::EFBIG);
+        }
+        let _invalidate = self
+            .lock
+            .lock(Mode::Invalidate, len.min(self.len())..u64::MAX);
+        let _size = self.size_lock.lock();
+        let old = self.len();
+        if len < old {
+            // Publish the new end first: fills that start now stop at it.
+            self.size.store(len, Ordering::Release);
+            self.remove_cached_bytes(len, u64::MAX);
+            self.backend.set_len(len)?;
+        } else if len > old {
+            self.backend.set_len(len)?;
+            self.size.store(len, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Drops the cached pages touching `offset..offset + len`, writing dirty ones
+    /// back first (nothing is lost); the next access reads the backend.
+    pub fn invalidate_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        let end = end_of(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
+        self.drop_pages(offset / PAGE, (end - 1) / PAGE, DirtyPages::WriteBack)
+    }
+
+    /// Writes back the dirty pages touching `offset..offset + len`, waits for
+    /// writeback already under way there, and makes it durable in the backend.
+    pub fn sync_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        let end = end_of(offset, len)?;
+        if len > 0 {
+            self.write_back_range(offset / PAGE, (end - 1) / PAGE)?;
+        }
+        self.backend.sync()
+    }
+
+    /// Writes back every dirty page and makes the file durable, like `fsync`.
+    pub fn sync_all(&self) -> io::Result<()> {
+        self.check_live()?;
+        self.write_back_range(0, MAX_PAGES - 1)?;
+        self.backend.sync()
+    }
+
+    /// Removes the file from its backend: its cached pages are dropped, its
+    /// storage freed, and every later call on this mapping fails with `ENOENT`.
+    pub fn remove(&self) -> io::Result<()> {
+        self.check_live()?;
+        let _invalidate = self.lock.lock(Mode::Invalidate, 0..u64::MAX);
+        if self.removed.swap(true, Ordering::AcqRel) {
+            return fail(libc::ENOENT);
+        }
+        self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard)?;
+        self.backend.remove()
+    }
+
+    fn check_live(&self) -> io::Result<()> {
+        if self.removed.load(Ordering::Acquire) {
+            return fail(libc::ENOENT);
+        }
+        Ok(())
+    }
+
+    /// Grows the size (cache and backend) to `end` if it is smaller.
+    fn extend_size(&self, end: u64) -> io::Result<()> {
+        if end <= self.len() {
+            return Ok(());
+        }
+        let _size = self.size_lock.lock();
+        if end > self.len() {
+            self.backend.set_len(end)?;
+            self.size.store(end, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes at `offset` (inside the file) into `dst`, filling
+    /// misses. Returns fewer bytes only if the file shrank meanwhile.
+    fn read_cached(&self, dst: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < dst.len() {
+            let pos = offset + done as u64;
+            let index = pos / PAGE;
+            let in_page = (pos % PAGE) as usize;
+            let take = (PAGE_SIZE - in_page).min(dst.len() - done);
+            let slot = self.pages.get(index);
+            if slot.is_some_and(|slot| self.read_hit(slot, in_page, &mut dst[done..done + take])) {
+                done += take;
+                continue;
+            }
+            let rest = &mut dst[done..];
+            let want = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
+            let fill = {
+                let _fill = self
+                    .lock
+                    .lock(Mode::Fill, index * PAGE..(index + want) * PAGE);
+                self.fill_locked(index, want, false)?
+            };
+            match fill {
+                Fill::Read { data, .. } => {
+                    let n = (data.len() - in_page).min(rest.len());
+                    rest[..n].copy_from_slice(&data[in_page..in_page + n]);
+                    done += n;
+                }
+                Fill::NotAbsent => {
+                    if let Some(slot) = self.pages.get(index) {
+                        slot.wait_while(LOCKED | FILLING);
+                    }
+                }
+                Fill::BeyondEof => break,
+            }
+        }
+        Ok(done)
+    }
+
+    /// The hit path: copies from the page's frame if it is up to date, validating
+    /// the copy against the state word. Takes no lock and writes nothing shared.
+    #[inline]
+    fn read_hit(&self, slot: &Slot, in_page: usize, dst: &mut [u8]) -> bool {
+        // A few retries ride out a writer that changed the page mid-copy.
+        for _ in 0..4 {
+            let before = slot.load();
+            let Some(frame) = before.frame().filter(|_| before.is_readable()) else {
+                return false;
+            };
+            self.cache.frames.read(frame, in_page, dst);
+            // Orders the copy before the re-check (the seqlock read side).
+            fence(Ordering::Acquire);
+            if before.same_contents(slot.load()) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Reads up to `want` absent pages from `index` from the backend into the
+    /// cache. The caller holds Fill. With `must_cache` unset, a miss that finds
+    /// the budget used up is read without caching instead of failing.
+    fn fill_locked(&self, index: u64, want: u64, must_cache: bool) -> io::Result<Fill> {
+        let eof_pages = self.len().div_ceil(PAGE);
+        if index >= eof_pages {
+            return Ok(Fill::BeyondEof);
+        }
+        let want = want
+            .min(eof_pages - index)
+            .min(self.cache.fill_batch_pages as u64)
+            .max(1);
+        let mut claimed: Vec<(FrameId, PageState)> = Vec::with_capacity(want as usize);
+        for i in 0..want {
+            let slot = self.pages.get_or_create(index + i);
+            let state = slot.load();
+            if !state.is_absent() {
+                break;
+            }
+            let Some(frame) = self.cache.frames.alloc() else {
+                break;
+            };
+            let filling = state.with_frame(frame, FILLING);
+            if slot.replace(state, filling).is_err() {
+                self.cache.frames.free(frame);
+                break;
+            }
+            claimed.push((frame, filling));
+        }
+        if claimed.is_empty() {
+            let first = self.pages.get_or_create(index).load();
+            if !first.is_absent() {
+                return Ok(Fill::NotAbsent);
+            }
+            if must_cache {
+                return Err(self.cache_full());
+            }
+            // The budget is used up: serve this page uncached, still under Fill.
+            let mut data = vec![0; PAGE_SIZE];
+            self.backend.read_pages(index, &mut data)?;
+            return Ok(Fill::Read { pages: 1, data });
+        }
+
+        let mut data = vec![0; claimed.len() * PAGE_SIZE];
+        let read = self.backend.read_pages(index, &mut data);
+        for (i, &(frame, filling)) in claimed.iter().enumerate() {
+            let slot = self.pages.get_or_create(index + i as u64);
+            let published = match read {
+                Ok(()) => {
+                    self.cache
+                        .frames
+                        .write(frame, 0, &data[i * PAGE_SIZE..][..PAGE_SIZE]);
+                    slot.replace(filling, filling.transition(UPTODATE, FILLING, true))
+                }
+                // Nothing was read: give the page back absent, never up to date.
+                Err(_) => slot.replace(filling, filling.emptied()).and(Err(filling)),
+            };
+            // Not published: an error, or an invalidation took the page while we
+            // read (our data may predate it). Either way the frame is ours to free.
+            if published.is_err() {
+                self.cache.frames.free(frame);
+            }
+        }
+        read?;
+        Ok(Fill::Read {
+            pages: claimed.len() as u64,
+            data,
+        })
+    }
+
+    /// Writes `src` into page `index` at `in_page`, the caller holding Fill.
+    /// `old_size` is the size before this write: absent pages past it are zeroes
+    /// and need no read.
+    fn write_page(&self, index: u64, in_page: usize, src: &[u8], old_size: u64) -> io::Result<()> {
+        let whole = src.len() == PAGE_SIZE;
+        let mut zeroes_below = index * PAGE >= old_size;
+        let slot = self.pages.get_or_create(index);
+        loop {
+            let state = slot.load();
+            if state.has(LOCKED | FILLING) {
+                slot.wait_while(LOCKED | FILLING);
+                continue;
+            }
+            if let Some(frame) = state.frame() {
+                if slot.try_lock(state).is_err() {
+                    continue;
+                }
+                self.cache.frames.write(frame, in_page, src);
+                slot.update(|s| s.transition(DIRTY, LOCKED, true));
+                return Ok(());
+            }
+            if !whole && !zeroes_below {
+                // A partial write into data we do not have: read the page first.
+                if let Fill::BeyondEof = self.fill_locked(index, 1, true)? {
+                    zeroes_below = true;
+                }
+                continue;
+            }
+            let frame = self.cache.frames.alloc().ok_or_else(|| self.cache_full())?;
+            if slot
+                .replace(state, state.with_frame(frame, LOCKED))
+                .is_err()
+            {
+                self.cache.frames.free(frame);
+                continue;
+            }
+            if !whole {
+                self.cache.frames.zero(frame, 0, PAGE_SIZE);
+            }
+            self.cache.frames.write(frame, in_page, src);
+            slot.update(|s| s.transition(UPTODATE | DIRTY, LOCKED, true));
+            return Ok(());
+        }
+    }
+
+    /// Removes the cache's copy of the bytes `start..end` before the backend
+    /// changes them: pages wholly inside are dropped, the covered part of partial
+    /// pages at the edges is zeroed. Dirty data of the range is discarded.
+    fn remove_cached_bytes(&self, start: u64, end: u64) {
+        let (head, tail) = (start / PAGE, end / PAGE);
+        let head_offset = (start % PAGE) as usize;
+        let tail_offset = (end % PAGE) as usize;
+        if head == tail {
+            self.zero_cached(head, head_offset, tail_offset);
+            return;
+        }
+        if head_offset != 0 {
+            self.zero_cached(head, head_offset, PAGE_SIZE);
+        }
+        if tail_offset != 0 {
+            self.zero_cached(tail, 0, tail_offset);
+        }
+        let first_whole = start.div_ceil(PAGE);
+        if first_whole < tail {
+            // Discarding cannot fail: no backend write is involved.
+            let _ = self.drop_pages(first_whole, tail - 1, DirtyPages::Discard);
+        }
+    }
+
+    /// Zeroes bytes `from..to` of page `index` if it is cached.
+    fn zero_cached(&self, index: u64, from: usize, to: usize) {
+        if from >= to {
+            return;
+        }
+        let Some(slot) = self.pages.get(index) else {
+            return;
+        };
+        loop {
+            let state = slot.load();
+            if state.is_absent() {
+                return;
+            }
+            if state.has(FILLING) {
+                // The fill's data predates the zeroing: it must not be published.
+                if slot.replace(state, state.emptied()).is_ok() {
+                    return;
+                }
+                continue;
+            }
+            if state.has(LOCKED | WRITEBACK) {
+                slot.wait_while(LOCKED | WRITEBACK);
+                continue;
+            }
+            if slot.try_lock(state).is_err() {
+                continue;
+            }
+            let frame = state.frame().expect("a present page has a frame");
+            self.cache.frames.zero(frame, from, to - from);
+            slot.update(|s| s.transition(0, LOCKED, true));
+            return;
+        }
+    }
+
+    /// Drops pages `first..=last` from the cache. Pages being filled are taken
+    /// from their fill; pages locked or under writeback are waited for.
+    fn drop_pages(&self, first: u64, last: u64, dirty: DirtyPages) -> io::Result<()> {
+        let mut first_error = None;
+        self.pages.for_each(first, last, |index, slot| {
+            if let Err(error) = self.drop_page(index, slot, dirty) {
+                first_error.get_or_insert(error);
+            }
+        });
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn drop_page(&self, index: u64, slot: &Slot, dirty: DirtyPages) -> io::Result<()> {
+        loop {
+            let state = slot.load();
+            let Some(frame) = state.frame() else {
+                return Ok(());
+            };
+            if state.has(FILLING) {
+                // The fill keeps its frame and frees it when its publish fails.
+                if slot.replace(state, state.emptied()).is_ok() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if state.has(LOCKED | WRITEBACK) {
+                slot.wait_while(LOCKED | WRITEBACK);
+                continue;
+            }
+            if state.has(DIRTY) && dirty == DirtyPages::WriteBack {
+                self.write_back_page(index, slot)?;
+                continue;
+            }
+            if slot.replace(state, state.emptied()).is_ok() {
+                self.cache.frames.free(frame);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes back the dirty pages of `first..=last` and waits for writeback
+    /// already under way there. Returns the first error; failed pages stay dirty.
+    fn write_back_range(&self, first: u64, last: u64) -> io::Result<()> {
+        let mut first_error = None;
+        self.pages.for_each(first, last, |index, slot| {
+            let written = self.write_back_page(index, slot);
+            slot.wait_while(WRITEBACK);
+            if let Err(error) = written {
+                first_error.get_or_insert(error);
+            }
+        });
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Writes page `index` to the backend if it is dirty.
+    fn write_back_page(&self, index: u64, slot: &Slot) -> io::Result<()> {
+        loop {
+            let state = slot.load();
+            if !state.has(DIRTY) {
+                return Ok(());
+            }
+            // One writeback at a time per page, so an older snapshot never lands
+            // after a newer one.
+            if state.has(LOCKED | WRITEBACK) {
+                slot.wait_while(LOCKED | WRITEBACK);
+                continue;
+            }
+            if slot.try_lock(state).is_err() {
+                continue;
+            }
+            let frame = state.frame().expect("a dirty page has a frame");
+            let mut data = vec![0; PAGE_SIZE];
+            self.cache.frames.read(frame, 0, &mut data);
+            slot.update(|s| s.transition(WRITEBACK, LOCKED | DIRTY, false));
+            // A page at or past the end of file has nothing to write back.
+            let written = if index * PAGE < self.len() {
+                self.backend.write_pages(index, &data)
+            } else {
+                Ok(())
+            };
+            let failed = written.is_err();
+            slot.update(|s| {
+                if failed {
+                    s.transition(DIRTY, WRITEBACK, false)
+                } else {
+                    s.transition(0, WRITEBACK, false)
+                }
+            });
+            return written;
+        }
+    }
+
+    fn cache_full(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!(
+                "page cache budget of {} bytes is used up",
+                self.cache.frames.capacity() as u64 * PAGE
+            ),
+        )
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Dropping the mapping drops its pages: write back what is dirty (call
+        // `sync_all` first to see errors), then give every frame back.
+        if !*self.removed.get_mut() {
+            let _ = self.write_back_range(0, MAX_PAGES - 1);
+        }
+        let _ = self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard);
+    }
+}
+
+impl fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mapping")
+            .field("backend", &self.backend)
+            .field("len", &self.len())
+            .field("strategy", &self.strategy())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `offset + len`, or `EINVAL` if it overflows.
+fn end_of(offset: u64, len: impl TryInto<u64>) -> io::Result<u64> {
+    len.try_into()
+        .ok()
+        .and_then(|len| offset.checked_add(len))
+        .ok_or_else(|| err(libc::EINVAL))
+}
+
+/// The end of a direct I/O, or `EINVAL` if it is misaligned or overflows.
+fn check_direct(offset: u64, len: usize, address: usize) -> io::Result<u64> {
+    if offset % PAGE != 0 || len % PAGE_SIZE != 0 || address % DIRECT_IO_MEMORY_ALIGN != 0 {
+        return fail(libc::EINVAL);
+    }
+    end_of(offset, len)
+}

@@ -1,0 +1,161 @@
+//! The page index of one mapping: a radix tree from page index to [`Slot`].
+//!
+//! Lookups take no lock and write nothing: each level is a `OnceLock`, set once
+//! and never cleared while the tree lives, so a hit is a few acquire loads. Slots
+//! therefore have stable addresses, which lets threads park on them, and a page's
+//! state word lives inline in its leaf (8 bytes per page index).
+//! No crate offers a concurrent map with stable inline slots and allocation-free
+//! lock-free reads, which is why this one is written here.
+
+use std::sync::OnceLock;
+
+use super::page::Slot;
+
+const FANOUT_BITS: u32 = 6;
+const FANOUT: usize = 1 << FANOUT_BITS;
+/// Levels of interior nodes above the leaves.
+const INTERIOR_LEVELS: u32 = 5;
+/// Page indexes the tree can hold: 2^36 pages, 256 TiB of 4 KiB pages.
+pub(crate) const MAX_PAGES: u64 = 1 << (FANOUT_BITS * (INTERIOR_LEVELS + 1));
+
+enum Node {
+    Interior(Box<[OnceLock<Node>; FANOUT]>),
+    Leaf(Box<[Slot; FANOUT]>),
+}
+
+impl Node {
+    fn new(level: u32) -> Node {
+        if level == 0 {
+            Node::Leaf(Box::new(std::array::from_fn(|_| Slot::default())))
+        } else {
+            Node::Interior(Box::new(std::array::from_fn(|_| OnceLock::new())))
+        }
+    }
+}
+
+/// Slots by page index, created on first use.
+pub(crate) struct PageTree {
+    root: Node,
+}
+
+impl Default for PageTree {
+    fn default() -> Self {
+        PageTree {
+            root: Node::new(INTERIOR_LEVELS),
+        }
+    }
+}
+
+#[inline]
+fn child_index(index: u64, level: u32) -> usize {
+    ((index >> (FANOUT_BITS * level)) as usize) & (FANOUT - 1)
+}
+
+impl PageTree {
+    /// The slot of `index` if it was ever created.
+    #[inline]
+    pub(crate) fn get(&self, index: u64) -> Option<&Slot> {
+        if index >= MAX_PAGES {
+            return None;
+        }
+        let mut node = &self.root;
+        let mut level = INTERIOR_LEVELS;
+        loop {
+            match node {
+                Node::Interior(children) => {
+                    node = children[child_index(index, level)].get()?;
+                    level -= 1;
+                }
+                Node::Leaf(slots) => return Some(&slots[child_index(index, 0)]),
+            }
+        }
+    }
+
+    /// The slot of `index`, created (absent) if needed.
+    pub(crate) fn get_or_create(&self, index: u64) -> &Slot {
+        assert!(index < MAX_PAGES, "page index {index} beyond the tree");
+        let mut node = &self.root;
+        let mut level = INTERIOR_LEVELS;
+        loop {
+            match node {
+                Node::Interior(children) => {
+                    node = children[child_index(index, level)].get_or_init(|| Node::new(level - 1));
+                    level -= 1;
+                }
+                Node::Leaf(slots) => return &slots[child_index(index, 0)],
+            }
+        }
+    }
+
+    /// Calls `visit` for every created slot with index in `first..=last`, in
+    /// order. Subtrees never created are skipped whole, so the cost follows the
+    /// pages ever cached in the range, not its length.
+    pub(crate) fn for_each(&self, first: u64, last: u64, mut visit: impl FnMut(u64, &Slot)) {
+        if first > last || first >= MAX_PAGES {
+            return;
+        }
+        let last = last.min(MAX_PAGES - 1);
+        Self::walk(&self.root, INTERIOR_LEVELS, 0, first, last, &mut visit);
+    }
+
+    fn walk(
+        node: &Node,
+        level: u32,
+        base: u64,
+        first: u64,
+        last: u64,
+        visit: &mut impl FnMut(u64, &Slot),
+    ) {
+        let span = 1u64 << (FANOUT_BITS * level);
+        let lo = (first.max(base) - base) / span;
+        let hi = (last.min(base + span * FANOUT as u64 - 1) - base) / span;
+        for i in lo..=hi {
+            let child_base = base + i * span;
+            match node {
+                Node::Interior(children) => {
+                    if let Some(child) = children[i as usize].get() {
+                        Self::walk(child, level - 1, child_base, first, last, visit);
+                    }
+                }
+                Node::Leaf(slots) => visit(child_base, &slots[i as usize]),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::page::UPTODATE;
+
+    #[test]
+    fn slots_are_stable_and_created_on_demand() {
+        let tree = PageTree::default();
+        assert!(tree.get(5).is_none());
+        let slot = tree.get_or_create(5) as *const Slot;
+        assert_eq!(tree.get(5).map(|s| s as *const Slot), Some(slot));
+        assert!(tree.get(MAX_PAGES - 1).is_none());
+        tree.get_or_create(MAX_PAGES - 1);
+        assert!(tree.get(MAX_PAGES - 1).is_some());
+    }
+
+    #[test]
+    fn for_each_visits_created_slots_in_range_only() {
+        let tree = PageTree::default();
+        for index in [0u64, 63, 64, 1000, 1 << 20, MAX_PAGES - 1] {
+            let slot = tree.get_or_create(index);
+            slot.update(|s| crate::cache::page::PageState(s.0 | UPTODATE));
+        }
+        let mut seen = Vec::new();
+        tree.for_each(63, 1 << 20, |index, slot| {
+            if slot.load().has(UPTODATE) {
+                seen.push(index)
+            }
+        });
+        assert_eq!(seen, vec![63, 64, 1000, 1 << 20]);
+        let mut all = 0;
+        tree.for_each(0, u64::MAX, |_, _| all += 1);
+        // Leaves hold 64 slots each: the six indexes live in five leaves.
+        assert_eq!(all, 5 * FANOUT);
+    }
+}
