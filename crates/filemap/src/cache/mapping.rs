@@ -89,6 +89,9 @@ enum Fill {
     NotAbsent,
     /// The first page starts at or past the end of file.
     BeyondEof,
+    /// The first page is absent and the budget has no frame for it (only when
+    /// the caller asked for the pages to be cached).
+    CacheFull,
 }
 
 impl Mapping {
@@ -186,7 +189,9 @@ impl Mapping {
 
     /// Writes `buf` at `offset` into the cache, like `pwrite`, extending the
     /// file if it ends past the end of file. Returns `buf.len()`, or fewer if an
-    /// error stopped it after some bytes were written. `EFBIG` past
+    /// error stopped it after some bytes were written; the file grows page by page
+    /// as the bytes land, so a write that fails changes nothing and a short write
+    /// grows the file only as far as it wrote. `EFBIG` past
     /// [`Mapping::max_file_size`].
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         self.check_live()?;
@@ -199,9 +204,6 @@ impl Mapping {
         }
         let _fill = self.lock.lock(Mode::Fill, offset..end);
         let old_size = self.len();
-        // Grow first: writeback skips pages past the end of file, and these pages
-        // must not be dirty there even for a moment.
-        self.extend_size(end)?;
         let mut done = 0;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -266,7 +268,9 @@ impl Mapping {
             match fill {
                 Fill::Read { pages, .. } => index += pages,
                 Fill::NotAbsent => index += 1,
-                Fill::BeyondEof => break,
+                // A budget already used up stops readahead quietly, as documented,
+                // rather than failing it with `OutOfMemory`.
+                Fill::BeyondEof | Fill::CacheFull => break,
             }
             if self.cache.frames.used() as u64 >= self.cache.frames.capacity() as u64 {
                 break;
@@ -302,7 +306,9 @@ impl Mapping {
     /// A direct write, like `pwrite` on an `O_DIRECT` descriptor: the range's
     /// cached pages are written back and dropped before the write and dropped
     /// again after it, so no read that starts after it returns can see the data it
-    /// replaced. Alignment as for [`Mapping::read_direct`]; extends the file.
+    /// replaced. Alignment as for [`Mapping::read_direct`]. Extends the file
+    /// before the device write; if that write fails, the extension stays and
+    /// reads as zeroes.
     pub fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         self.check_live()?;
         let end = check_direct(offset, buf.len(), buf.as_ptr() as usize)?;
@@ -366,18 +372,26 @@ impl Mapping {
         let _invalidate = self
             .lock
             .lock(Mode::Invalidate, len.min(self.len())..u64::MAX);
-        let _size = self.size_lock.lock();
-        let old = self.len();
-        if len < old {
+        {
+            let _size = self.size_lock.lock();
+            let old = self.len();
+            if len >= old {
+                if len > old {
+                    self.backend.set_len(len)?;
+                    self.size.store(len, Ordering::Release);
+                }
+                return Ok(());
+            }
             // Publish the new end first: fills that start now stop at it.
             self.size.store(len, Ordering::Release);
-            self.remove_cached_bytes(len, u64::MAX);
-            self.backend.set_len(len)?;
-        } else if len > old {
-            self.backend.set_len(len)?;
-            self.size.store(len, Ordering::Release);
         }
-        Ok(())
+        // Not under the size lock: dropping pages waits for page locks, and a
+        // writer holding a page lock may be waiting for the size lock.
+        self.remove_cached_bytes(len, u64::MAX);
+        let _size = self.size_lock.lock();
+        // Writers are excluded by Invalidate, so this is `len`, except under the
+        // `none` strategy, where the backend must still follow the size callers see.
+        self.backend.set_len(self.len())
     }
 
     /// Drops the cached pages touching `offset..offset + len`, writing dirty ones
@@ -429,7 +443,8 @@ impl Mapping {
         Ok(())
     }
 
-    /// Grows the size (cache and backend) to `end` if it is smaller.
+    /// Grows the size (cache and backend) to `end` if it is smaller. May be
+    /// called with a page locked: the size lock never waits for a page.
     fn extend_size(&self, end: u64) -> io::Result<()> {
         if end <= self.len() {
             return Ok(());
@@ -476,6 +491,7 @@ impl Mapping {
                     }
                 }
                 Fill::BeyondEof => break,
+                Fill::CacheFull => unreachable!("a read falls back to an uncached fill"),
             }
         }
         Ok(done)
@@ -536,7 +552,7 @@ impl Mapping {
                 return Ok(Fill::NotAbsent);
             }
             if must_cache {
-                return Err(self.cache_full());
+                return Ok(Fill::CacheFull);
             }
             // The budget is used up: serve this page uncached, still under Fill.
             let mut data = vec![0; PAGE_SIZE];
@@ -574,8 +590,13 @@ impl Mapping {
     /// Writes `src` into page `index` at `in_page`, the caller holding Fill.
     /// `old_size` is the size before this write: absent pages past it are zeroes
     /// and need no read.
+    ///
+    /// The file grows to cover the bytes while the page is locked and before they
+    /// land, as the kernel's `write_end` does: a dirty page is never past the end
+    /// of file (writeback skips those), and a failure leaves the size alone.
     fn write_page(&self, index: u64, in_page: usize, src: &[u8], old_size: u64) -> io::Result<()> {
         let whole = src.len() == PAGE_SIZE;
+        let end = index * PAGE + (in_page + src.len()) as u64;
         let mut zeroes_below = index * PAGE >= old_size;
         let slot = self.pages.get_or_create(index);
         loop {
@@ -588,14 +609,20 @@ impl Mapping {
                 if slot.try_lock(state).is_err() {
                     continue;
                 }
+                if let Err(error) = self.extend_size(end) {
+                    slot.update(|s| s.transition(0, LOCKED, false));
+                    return Err(error);
+                }
                 self.cache.frames.write(frame, in_page, src);
                 slot.update(|s| s.transition(DIRTY, LOCKED, true));
                 return Ok(());
             }
             if !whole && !zeroes_below {
                 // A partial write into data we do not have: read the page first.
-                if let Fill::BeyondEof = self.fill_locked(index, 1, true)? {
-                    zeroes_below = true;
+                match self.fill_locked(index, 1, true)? {
+                    Fill::BeyondEof => zeroes_below = true,
+                    Fill::CacheFull => return Err(self.cache_full()),
+                    Fill::Read { .. } | Fill::NotAbsent => {}
                 }
                 continue;
             }
@@ -606,6 +633,11 @@ impl Mapping {
             {
                 self.cache.frames.free(frame);
                 continue;
+            }
+            if let Err(error) = self.extend_size(end) {
+                slot.update(PageState::emptied);
+                self.cache.frames.free(frame);
+                return Err(error);
             }
             if !whole {
                 self.cache.frames.zero(frame, 0, PAGE_SIZE);

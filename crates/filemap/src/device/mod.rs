@@ -26,11 +26,16 @@ pub enum DeviceOp {
     Flush,
 }
 
+/// The unit a [`Device`] reads and writes atomically.
+pub const ATOMIC_BLOCK: usize = 4096;
+
 /// Byte-addressed block storage shared by many threads.
 ///
 /// Calls are positioned and independent: concurrent calls on disjoint ranges never
-/// affect each other. A call on a range outside `0..len()` fails with `EIO`-like
-/// errors and transfers nothing.
+/// affect each other, and each aligned [`ATOMIC_BLOCK`] is read and written
+/// atomically: a read returns a block as it was before or after a concurrent
+/// write of it, never a mix (page atomicity, C4, rests on this). A call on a range
+/// outside `0..len()` fails with `EIO` and transfers nothing.
 pub trait Device: Send + Sync + fmt::Debug {
     /// The device's size in bytes.
     fn len(&self) -> u64;

@@ -13,7 +13,14 @@
 //! - [`Strategy::None`]: no lock. This is the pre-5.15 ext4 race, kept so the
 //!   torture can prove its checker has teeth.
 //! - [`Strategy::InvalidateLock`]: Linux 5.15's `mapping->invalidate_lock`, a
-//!   reader-writer lock: Fill and Direct are shared, Invalidate is exclusive.
+//!   reader-writer lock: Fill and Direct are shared (with each other too, as in the
+//!   kernel, where direct I/O does not take the lock), Invalidate is exclusive.
+//!   Direct writes stay coherent because they invalidate before and after the
+//!   write, and a fill claimed before the second invalidation cannot publish.
+//!
+//! A thread must not take a second mode of the same mapping while it holds one:
+//! the lock is fair, so the second request would queue behind a waiting
+//! Invalidate that waits for the first.
 //!
 //! Every strategy takes its raw lock through [`RawFairLock`], which serves
 //! conflicting requests in arrival order, so neither side can starve the other.
@@ -83,7 +90,7 @@ impl fmt::Display for Strategy {
 
 /// The error of parsing an unknown strategy name.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown strategy {0:?} (expected one of: none, invalidate-lock)")]
+#[error("unknown strategy {0:?} (expected one of: {names})", names = Strategy::ALL.map(Strategy::name).join(", "))]
 pub struct UnknownStrategy(String);
 
 impl FromStr for Strategy {
@@ -171,5 +178,39 @@ impl Drop for CoherenceGuard<'_> {
         if let Some(access) = self.access {
             self.lock.raw.unlock(access);
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategy_names_round_trip_and_unknown_names_list_the_choices() {
+        for strategy in Strategy::ALL {
+            assert_eq!(strategy.name().parse::<Strategy>().unwrap(), strategy);
+        }
+        let error = "bogus".parse::<Strategy>().unwrap_err().to_string();
+        assert!(error.contains("none, invalidate-lock"), "{error}");
+    }
+
+    #[test]
+    fn invalidate_excludes_fill_and_direct_shares_with_fill() {
+        let lock = CoherenceLock::new(Strategy::InvalidateLock);
+        let fill = lock.lock(Mode::Fill, 0..10);
+        assert!(lock.try_lock(Mode::Direct, 0..10).is_some());
+        assert!(lock.try_lock(Mode::Invalidate, 100..200).is_none());
+        drop(fill);
+        let invalidate = lock.lock(Mode::Invalidate, 0..10);
+        assert!(lock.try_lock(Mode::Fill, 0..10).is_none());
+        drop(invalidate);
+        assert!(lock.try_lock(Mode::Fill, 0..10).is_some());
+    }
+
+    #[test]
+    fn none_never_blocks() {
+        let lock = CoherenceLock::new(Strategy::None);
+        let _invalidate = lock.lock(Mode::Invalidate, 0..10);
+        assert!(lock.try_lock(Mode::Invalidate, 0..10).is_some());
     }
 }
