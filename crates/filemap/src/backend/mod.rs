@@ -18,9 +18,10 @@ pub use volume::{Volume, VolumeFile, BLOCK_SIZE};
 ///
 /// Contract for implementors:
 /// - Reads of holes and of anything past the end of file return zeroes.
-/// - The file's size changes only through [`Backend::set_len`]; writes inside
-///   the file never change it, and [`crate::Mapping`] never writes a page that
-///   starts at or past the end of file.
+/// - The file's size changes only through [`Backend::set_len`],
+///   [`Backend::collapse_range`] and [`Backend::insert_range`]; writes never
+///   change it, and [`crate::Mapping`] never writes a page that starts at or past
+///   the end of file.
 /// - Bytes of the last page past the end of file read as zero.
 /// - Calls on a removed file fail with `ENOENT`.
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -55,6 +56,26 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Zeroes `offset..offset + len` inside the file, keeping or allocating its
     /// storage (`fallocate(ZERO_RANGE|KEEP_SIZE)`). The size does not change.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Removes `offset..offset + len` and shifts everything after it down by
+    /// `len` (`fallocate(FALLOC_FL_COLLAPSE_RANGE)`); the size shrinks by `len`.
+    /// The caller guarantees both are multiples of the page size, `len > 0`, and
+    /// the range ends before the end of file. Backends that cannot fail with
+    /// `EOPNOTSUPP`, as file systems without it do.
+    fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        crate::errno::fail(libc::EOPNOTSUPP)
+    }
+
+    /// Inserts a hole of `len` bytes at `offset`, shifting everything from there
+    /// up by `len` (`fallocate(FALLOC_FL_INSERT_RANGE)`); the size grows by `len`.
+    /// The caller guarantees both are multiples of the page size, `len > 0`,
+    /// `offset` is before the end of file and the new size is allowed. Default:
+    /// `EOPNOTSUPP`.
+    fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        crate::errno::fail(libc::EOPNOTSUPP)
+    }
 
     /// A direct read of `buf.len()` bytes at `offset`, both multiples of the page
     /// size, bypassing any cache of the backend's own.
