@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use filemap::Strategy;
-use filemap_torture::{DeviceSpec, TortureConfig, TortureReport, OP_KINDS};
+use filemap_torture::{BackendKind, DeviceSpec, TortureConfig, TortureReport, OP_KINDS};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -27,19 +27,60 @@ enum Command {
     /// page read against the stale-data oracle. Exits 0 when every strategy but
     /// `none` had no stale, foreign or torn page and no I/O error, 1 otherwise.
     Torture(TortureArgs),
+    /// Measure filemap against baselines run in the same invocation, and print
+    /// the ratios the project's targets are set on.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// 4 KiB random read_at hits on a fully cached file, against kernel pread of
+    /// a warm host file and a plain memcpy from the same frame memory.
+    Hit(HitArgs),
+}
+
+#[derive(clap::Args)]
+struct HitArgs {
+    /// The file's size in MiB.
+    #[arg(long, default_value_t = 64)]
+    file_mib: u64,
+    /// Thread counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Timed runs of every configuration (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Seconds of one timed run.
+    #[arg(long, default_value_t = 0.5)]
+    seconds_per_run: f64,
+    /// The cache's coherence strategy.
+    #[arg(long, value_enum, default_value = "invalidate-lock")]
+    strategy: StrategyArg,
+    /// Print one JSON object per row and per ratio, one per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum StrategyArg {
+    /// No lock: the pre-5.15 kernel race (must be caught).
     None,
+    /// Reads serialised against writers and invalidations (XFS before 5.15).
+    FileExclusive,
+    /// Linux 5.15's invalidate_lock: a file-wide reader-writer lock.
     InvalidateLock,
+    /// bcachefs's two-state lock: adds and direct I/O exclude each other.
+    TwoState,
 }
 
 impl From<StrategyArg> for Strategy {
     fn from(arg: StrategyArg) -> Strategy {
         match arg {
             StrategyArg::None => Strategy::None,
+            StrategyArg::FileExclusive => Strategy::FileExclusive,
             StrategyArg::InvalidateLock => Strategy::InvalidateLock,
+            StrategyArg::TwoState => Strategy::TwoState,
         }
     }
 }
@@ -48,6 +89,10 @@ impl From<StrategyArg> for Strategy {
 enum BackendArg {
     /// Many files on one device with a block allocator that reuses freed blocks at once.
     Volume,
+    /// One host file per mapping: pread/pwrite, fallocate, O_DIRECT.
+    Hostfile,
+    /// Both, one after the other.
+    All,
 }
 
 #[derive(clap::Args)]
@@ -58,8 +103,9 @@ struct TortureArgs {
     /// The backend the files live in.
     #[arg(long, value_enum, default_value = "volume")]
     backend: BackendArg,
-    /// `mem` for memory, or the path of an image file or block device (its
-    /// contents are overwritten). Default: a temporary image file, removed afterwards.
+    /// Volume: `mem` for memory, or the path of an image file or block device
+    /// (its contents are overwritten). Host files: the directory to create them
+    /// in. Default: a temporary image file or directory, removed afterwards.
     #[arg(long, value_name = "mem|PATH")]
     device: Option<String>,
     /// Seconds to run each strategy.
@@ -96,11 +142,77 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Torture(args) => torture(args),
+        Command::Bench(BenchCommand::Hit(args)) => bench_hit(args),
     }
 }
 
+fn bench_hit(args: HitArgs) -> ExitCode {
+    let config = filemap_bench::hit::HitConfig {
+        file_bytes: args.file_mib << 20,
+        threads: args.threads,
+        runs: args.runs,
+        seconds_per_run: args.seconds_per_run,
+        strategy: args.strategy.into(),
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let result = filemap_bench::hit::run(&config, |what| bar.set_message(what.to_owned()));
+    bar.finish_and_clear();
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("filemap bench hit: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        for row in &report.rows {
+            println!("{}", serde_json::to_string(row).expect("rows serialise"));
+        }
+        for ratio in &report.ratios {
+            println!(
+                "{}",
+                serde_json::to_string(ratio).expect("ratios serialise")
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<8} {:<16} {:>7} {:>14} {:>18} {:>9}",
+        "workload", "strategy", "threads", "ops/s", "ops/s per thread", "ns/op"
+    );
+    for r in &report.rows {
+        println!(
+            "{:<8} {:<16} {:>7} {:>14.0} {:>18.0} {:>9.1}",
+            r.workload, r.strategy, r.threads, r.ops_per_s, r.per_thread_ops_per_s, r.ns_per_op
+        );
+    }
+    println!(
+        "\nmedians of {} runs of {} s each",
+        args.runs, args.seconds_per_run
+    );
+    for ratio in &report.ratios {
+        let verdict = match ratio.target {
+            Some(target) if ratio.value >= target => format!("(target >= {target}: met)"),
+            Some(target) => format!("(target >= {target}: NOT met)"),
+            None => String::new(),
+        };
+        println!("{:<56} {:>6.2}x {verdict}", ratio.name, ratio.value);
+    }
+    ExitCode::SUCCESS
+}
+
 fn torture(args: TortureArgs) -> ExitCode {
-    let BackendArg::Volume = args.backend;
+    let backends = match args.backend {
+        BackendArg::Volume => vec![BackendKind::Volume],
+        BackendArg::Hostfile => vec![BackendKind::HostFile],
+        BackendArg::All => vec![BackendKind::Volume, BackendKind::HostFile],
+    };
     let device = match args.device.as_deref() {
         None => DeviceSpec::TempFile,
         Some("mem") => DeviceSpec::Mem,
@@ -112,9 +224,13 @@ fn torture(args: TortureArgs) -> ExitCode {
     };
     let show_progress = std::io::stderr().is_terminal();
     let mut reports = Vec::new();
-    for strategy in strategies {
+    for (backend, strategy) in backends
+        .iter()
+        .flat_map(|&backend| strategies.iter().map(move |&strategy| (backend, strategy)))
+    {
         let config = TortureConfig {
             strategy,
+            backend,
             device: device.clone(),
             seconds: args.seconds,
             threads: args.threads,
@@ -126,7 +242,7 @@ fn torture(args: TortureArgs) -> ExitCode {
             cache_bytes: args.cache_bytes,
             stop_on_violation: false,
         };
-        let bar = progress_bar(show_progress, strategy, args.seconds);
+        let bar = progress_bar(show_progress, backend, strategy, args.seconds);
         let result = filemap_torture::run(&config, |progress| {
             bar.set_position((progress.elapsed * 1000.0) as u64);
             bar.set_message(format!(
@@ -152,10 +268,10 @@ fn torture(args: TortureArgs) -> ExitCode {
     if !args.json {
         print_table(&reports);
     }
-    let failed: Vec<&str> = reports
+    let failed: Vec<String> = reports
         .iter()
         .filter(|r| r.strategy != Strategy::None.name() && !r.is_clean())
-        .map(|r| r.strategy.as_str())
+        .map(|r| format!("{}/{}", r.backend, r.strategy))
         .collect();
     if failed.is_empty() {
         ExitCode::SUCCESS
@@ -168,47 +284,55 @@ fn torture(args: TortureArgs) -> ExitCode {
     }
 }
 
-fn progress_bar(show: bool, strategy: Strategy, seconds: f64) -> ProgressBar {
+fn progress_bar(show: bool, backend: BackendKind, strategy: Strategy, seconds: f64) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new((seconds * 1000.0) as u64);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>16} [{bar:30}] {elapsed:>4} {msg}")
+        ProgressStyle::with_template("{prefix:>25} [{bar:30}] {elapsed:>4} {msg}")
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    bar.set_prefix(strategy.name());
+    bar.set_prefix(format!("{}/{}", backend.name(), strategy.name()));
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
 
 fn print_table(reports: &[TortureReport]) {
     println!(
-        "{:<16} {:>10} {:>10} {:>8} {:>8} {:>6} {:>7} {:>10}",
-        "strategy", "ops", "checked", "stale", "foreign", "torn", "errors", "ops/s"
+        "{:<16} {:<9} {:>10} {:>10} {:>8} {:>8} {:>6} {:>7} {:>10}",
+        "strategy", "backend", "ops", "checked", "stale", "foreign", "torn", "errors", "ops/s"
     );
     for r in reports {
         println!(
-            "{:<16} {:>10} {:>10} {:>8} {:>8} {:>6} {:>7} {:>10.0}",
-            r.strategy, r.ops, r.reads_checked, r.stale, r.foreign, r.torn, r.errors, r.ops_per_s
+            "{:<16} {:<9} {:>10} {:>10} {:>8} {:>8} {:>6} {:>7} {:>10.0}",
+            r.strategy,
+            r.backend,
+            r.ops,
+            r.reads_checked,
+            r.stale,
+            r.foreign,
+            r.torn,
+            r.errors,
+            r.ops_per_s
         );
     }
     println!();
-    print!("{:<16}", "ops by kind");
+    print!("{:<26}", "ops by kind");
     for kind in OP_KINDS {
         print!(" {kind:>12}");
     }
     println!();
     for r in reports {
-        print!("{:<16}", r.strategy);
+        print!("{:<26}", format!("{}/{}", r.strategy, r.backend));
         for kind in OP_KINDS {
             print!(" {:>12}", r.by_kind.get(kind).copied().unwrap_or(0));
         }
         println!();
     }
     for r in reports.iter().filter(|r| !r.examples.is_empty()) {
-        println!("\nfirst findings under {}:", r.strategy);
+        println!("\nfirst findings under {}/{}:", r.strategy, r.backend);
         for example in &r.examples {
             println!("  {example}");
         }

@@ -7,10 +7,15 @@
 //! if it returned another file's or another page's stamp, and `torn` if one page
 //! mixed two versions.
 //!
-//! By default the device injects delays into a share of its reads and writes
-//! (see [`TortureConfig::delay_percent`]): a fill that has looked up its block
-//! and is held before reading it is exactly the window of the kernel's
-//! stale-data bug, so widening it lets the `none` strategy fail within seconds.
+//! By default delays are injected to widen race windows (see
+//! [`TortureConfig::delay_percent`]), so that the `none` strategy fails within
+//! seconds. On the volume, the device delays a share of its reads and writes: a
+//! fill that has looked up its block and is held before reading it is exactly
+//! the window of the kernel's stale-data bug. Host files have no device under
+//! them, so each sits behind a [`filemap::backend::FaultyBackend`] that delays a
+//! share of invalidating calls (punch, zero, truncate) before they reach the
+//! file: the window between the cache dropping a range and the backend changing
+//! it.
 //!
 //! ```
 //! use filemap_torture::{run, TortureConfig};
@@ -44,14 +49,36 @@ pub const OP_KINDS: [&str; 9] = [
     "sync",
 ];
 
-/// Where the volume lives.
+/// What the files live in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Files sharing one [`filemap::Volume`], whose allocator reuses freed
+    /// blocks at once: stale block mappings show up as foreign data.
+    Volume,
+    /// One host file per mapping ([`filemap::backend::HostFile`]).
+    HostFile,
+}
+
+impl BackendKind {
+    /// The backend's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Volume => "volume",
+            BackendKind::HostFile => "hostfile",
+        }
+    }
+}
+
+/// Where the data lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
-    /// A temporary image file, removed afterwards.
+    /// Temporary: an image file for the volume, a directory for host files;
+    /// removed afterwards.
     TempFile,
-    /// Memory.
+    /// Memory (the volume backend only).
     Mem,
-    /// This file or block device (its contents are overwritten).
+    /// The volume's image file or block device (its contents are overwritten),
+    /// or the directory the host files are created in.
     Path(PathBuf),
 }
 
@@ -60,6 +87,8 @@ pub enum DeviceSpec {
 pub struct TortureConfig {
     /// The coherence strategy under test.
     pub strategy: Strategy,
+    /// What the files live in.
+    pub backend: BackendKind,
     /// Where the volume lives.
     pub device: DeviceSpec,
     /// How long to run.
@@ -87,6 +116,7 @@ impl Default for TortureConfig {
     fn default() -> Self {
         TortureConfig {
             strategy: Strategy::InvalidateLock,
+            backend: BackendKind::Volume,
             device: DeviceSpec::Mem,
             seconds: 10.0,
             threads: 6,

@@ -5,15 +5,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use filemap::backend::{BackendOp, FaultyBackend, HostFile};
 use filemap::device::DeviceOp;
-use filemap::device::{Injection, Trigger};
+use filemap::fault::{Injection, Trigger};
 use filemap::{
-    Device, FaultRule, FaultyDevice, FileDevice, Mapping, MemDevice, PageCache, Volume, PAGE_SIZE,
+    Backend, Device, FaultRule, FaultyDevice, FileDevice, Mapping, MemDevice, PageCache, Volume,
+    PAGE_SIZE,
 };
 use parking_lot::Mutex;
 
 use crate::oracle::{classify, fill_page, Clock, History, Observed, Value, MAX_FILES, MAX_PAGES};
-use crate::{DeviceSpec, Progress, TortureConfig, TortureReport, OP_KINDS};
+use crate::{BackendKind, DeviceSpec, Progress, TortureConfig, TortureReport, OP_KINDS};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// The most pages one operation touches.
@@ -90,28 +92,16 @@ pub fn run(
     mut progress: impl FnMut(&Progress),
 ) -> io::Result<TortureReport> {
     check_config(config)?;
-    let device = open_device(config)?;
-    let faulty = Arc::new(FaultyDevice::new(device, config.seed));
-    if config.delay_percent > 0 {
-        for op in [DeviceOp::Read, DeviceOp::Write] {
-            faulty.add_rule(FaultRule::new(
-                op,
-                Trigger::Probability(config.delay_percent as f64 / 100.0),
-                Injection::Delay {
-                    min: Duration::from_micros(config.max_delay_us / 10),
-                    max: Duration::from_micros(config.max_delay_us),
-                },
-            ));
-        }
-    }
-    let volume = Volume::format(faulty.clone())?;
+    let files = open_backends(config)?;
     let cache = PageCache::builder()
         .strategy(config.strategy)
         .budget_bytes(config.cache_bytes)
         .build()?;
-    let files = (0..config.files)
-        .map(|i| {
-            let mapping = cache.open(Arc::new(volume.create_file(&format!("file{i}"))?))?;
+    let mappings = files
+        .backends
+        .iter()
+        .map(|backend| {
+            let mapping = cache.open(backend.clone())?;
             mapping.set_len(config.pages_per_file * PAGE)?;
             Ok(mapping)
         })
@@ -119,7 +109,7 @@ pub fn run(
 
     let shared = Shared {
         config: config.clone(),
-        files,
+        files: mappings,
         history: History::new(config.files, config.pages_per_file),
         clock: Clock::default(),
         stop: AtomicBool::new(false),
@@ -170,7 +160,7 @@ pub fn run(
     let ops = by_kind.iter().sum();
     Ok(TortureReport {
         strategy: config.strategy.name().to_owned(),
-        backend: "volume".to_owned(),
+        backend: config.backend.name().to_owned(),
         ops,
         reads_checked: shared.reads_checked.load(Ordering::Relaxed),
         stale: shared.stale.load(Ordering::Relaxed),
@@ -184,7 +174,7 @@ pub fn run(
             .zip(by_kind)
             .map(|(kind, count)| (kind.to_string(), count))
             .collect(),
-        injected: faulty.injected(),
+        injected: (files.injected)(),
         examples: shared.examples.into_inner(),
     })
 }
@@ -207,6 +197,91 @@ fn check_config(config: &TortureConfig) -> io::Result<()> {
         return invalid("--delay-percent must be 0 to 100".into());
     }
     Ok(())
+}
+
+/// The files of a run, and how to count what was injected into them.
+struct Files {
+    backends: Vec<Arc<dyn Backend>>,
+    injected: Box<dyn Fn() -> u64>,
+    /// Keeps a temporary directory of host files alive for the run.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The delay the torture injects, when it fires.
+fn delay(config: &TortureConfig) -> (Trigger, Injection) {
+    (
+        Trigger::Probability(config.delay_percent as f64 / 100.0),
+        Injection::Delay {
+            min: Duration::from_micros(config.max_delay_us / 10),
+            max: Duration::from_micros(config.max_delay_us),
+        },
+    )
+}
+
+fn open_backends(config: &TortureConfig) -> io::Result<Files> {
+    let (trigger, injection) = delay(config);
+    match config.backend {
+        BackendKind::Volume => {
+            let faulty = Arc::new(FaultyDevice::new(open_device(config)?, config.seed));
+            if config.delay_percent > 0 {
+                for op in [DeviceOp::Read, DeviceOp::Write] {
+                    faulty.add_rule(FaultRule::new(op, trigger, injection));
+                }
+            }
+            let volume = Volume::format(faulty.clone())?;
+            let backends = (0..config.files)
+                .map(|i| {
+                    let file = volume.create_file(&format!("file{i}"))?;
+                    Ok(Arc::new(file) as Arc<dyn Backend>)
+                })
+                .collect::<io::Result<_>>()?;
+            Ok(Files {
+                backends,
+                injected: Box::new(move || faulty.injected()),
+                _dir: None,
+            })
+        }
+        BackendKind::HostFile => {
+            let (dir, path) = match &config.device {
+                DeviceSpec::TempFile => {
+                    let dir = tempfile::tempdir()?;
+                    let path = dir.path().to_owned();
+                    (Some(dir), path)
+                }
+                DeviceSpec::Path(path) => (None, path.clone()),
+                DeviceSpec::Mem => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "--device mem is for the volume backend; host files need a directory",
+                    ))
+                }
+            };
+            let mut faulty = Vec::new();
+            for i in 0..config.files {
+                let file = HostFile::create(path.join(format!("file{i}")))?;
+                let backend = Arc::new(FaultyBackend::new(Arc::new(file), config.seed ^ i as u64));
+                if config.delay_percent > 0 {
+                    for op in [
+                        BackendOp::PunchHole,
+                        BackendOp::ZeroRange,
+                        BackendOp::SetLen,
+                    ] {
+                        backend.add_rule(FaultRule::new(op, trigger, injection));
+                    }
+                }
+                faulty.push(backend);
+            }
+            let backends = faulty
+                .iter()
+                .map(|backend| backend.clone() as Arc<dyn Backend>)
+                .collect();
+            Ok(Files {
+                backends,
+                injected: Box::new(move || faulty.iter().map(|backend| backend.injected()).sum()),
+                _dir: dir,
+            })
+        }
+    }
 }
 
 fn open_device(config: &TortureConfig) -> io::Result<Arc<dyn Device>> {

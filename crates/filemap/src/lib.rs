@@ -30,10 +30,12 @@ pub mod backend;
 pub mod cache;
 pub mod device;
 mod errno;
+pub mod fault;
 pub mod lock;
 pub(crate) mod sync;
 
-pub use backend::{Backend, Volume, VolumeFile};
+pub use backend::{Backend, FaultyBackend, HostFile, Volume, VolumeFile};
 pub use cache::{Mapping, PageCache, PageCacheBuilder, PAGE_SIZE};
-pub use device::{Device, FaultRule, FaultyDevice, FileDevice, MemDevice};
+pub use device::{Device, FaultyDevice, FileDevice, MemDevice};
+pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};

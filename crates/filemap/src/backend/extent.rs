@@ -132,6 +132,94 @@ impl ExtentMap {
         freed
     }
 
+    /// Moves every mapped block at or after logical block `from` down by `count`
+    /// blocks (the shift of a collapse, after the collapsed range was removed),
+    /// merging the runs that meet at the seam when they are physically contiguous.
+    /// Costs time proportional to the runs moved, never to `count`.
+    ///
+    /// # Panics
+    /// If `count > from`, or if a block of `from - count..from` is mapped (the
+    /// shifted runs would land on it).
+    pub fn shift_down(&mut self, from: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let to = from.checked_sub(count).expect("shift below block 0");
+        assert!(
+            self.runs_in(to, count).is_empty(),
+            "shift_down onto mapped blocks"
+        );
+        // No run straddles `from`: one would be mapped just below it.
+        let tail = self.extents.split_off(&from);
+        if tail.is_empty() {
+            return;
+        }
+        for (start, extent) in tail {
+            self.extents.insert(start - count, extent);
+        }
+        self.merge_at(to);
+    }
+
+    /// Moves every mapped block at or after logical block `from` up by `count`
+    /// blocks, leaving `from..from + count` a hole (the shift of an insert). A run
+    /// straddling `from` is split there. Costs time proportional to the runs moved.
+    ///
+    /// # Panics
+    /// If a moved block would reach `u64::MAX`.
+    pub fn shift_up(&mut self, from: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        if let Some((&start, &extent)) = self.extents.range(..from).next_back() {
+            if start + extent.len > from {
+                let kept = from - start;
+                self.extents.insert(
+                    start,
+                    Extent {
+                        phys: extent.phys,
+                        len: kept,
+                    },
+                );
+                self.extents.insert(
+                    from,
+                    Extent {
+                        phys: extent.phys + kept,
+                        len: extent.len - kept,
+                    },
+                );
+            }
+        }
+        let tail = self.extents.split_off(&from);
+        if let Some((&last, extent)) = tail.last_key_value() {
+            assert!(
+                last.checked_add(count)
+                    .and_then(|start| start.checked_add(extent.len))
+                    .is_some_and(|end| end < u64::MAX),
+                "shift_up past the end of the block space"
+            );
+        }
+        // Descending keys are all above every key left in the map, so each insert
+        // lands past the current last key.
+        for (start, extent) in tail.into_iter().rev() {
+            self.extents.insert(start + count, extent);
+        }
+    }
+
+    /// Merges the run starting at `lblk` into the run ending there, if the two are
+    /// physically contiguous.
+    fn merge_at(&mut self, lblk: u64) {
+        let Some(&right) = self.extents.get(&lblk) else {
+            return;
+        };
+        let Some((&left_start, left)) = self.extents.range_mut(..lblk).next_back() else {
+            return;
+        };
+        if left_start + left.len == lblk && left.phys + left.len == right.phys {
+            left.len += right.len;
+            self.extents.remove(&lblk);
+        }
+    }
+
     /// The mapped runs inside logical blocks `first..first + count` (saturating),
     /// clipped to the range, as `(first logical block, run)`.
     pub fn runs_in(&self, first: u64, count: u64) -> Vec<(u64, Extent)> {
@@ -286,17 +374,103 @@ mod tests {
         assert!(map.runs_in(3, 0).is_empty());
     }
 
+    #[test]
+    fn shift_down_merges_at_the_seam() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 10);
+        map.insert(1, 50);
+        map.insert(2, 11);
+        map.insert(3, 12);
+        map.insert(9, 13);
+        assert_eq!(map.remove_range(1, 1), [(50, 1)]);
+        map.shift_down(2, 1);
+        assert_eq!(runs(&map), [(0, 10, 3), (8, 13, 1)]);
+        map.check_invariants();
+        // Onto a hole that is not adjacent: no merge.
+        map.shift_down(8, 2);
+        assert_eq!(runs(&map), [(0, 10, 3), (6, 13, 1)]);
+        map.shift_down(6, 3);
+        assert_eq!(runs(&map), [(0, 10, 4)]);
+        map.shift_down(100, 50);
+        map.shift_down(3, 0);
+        assert_eq!(runs(&map), [(0, 10, 4)]);
+        map.check_invariants();
+    }
+
+    #[test]
+    #[should_panic(expected = "onto mapped blocks")]
+    fn shift_down_onto_mapped_blocks_panics() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 10);
+        map.insert(5, 20);
+        map.shift_down(5, 5);
+    }
+
+    #[test]
+    fn shift_up_splits_a_straddling_run() {
+        let mut map = ExtentMap::new();
+        for i in 0..6 {
+            map.insert(i, 100 + i);
+        }
+        map.insert(20, 7);
+        map.shift_up(2, 3);
+        assert_eq!(runs(&map), [(0, 100, 2), (5, 102, 4), (23, 7, 1)]);
+        map.check_invariants();
+        map.shift_up(23, 1 << 40);
+        assert_eq!(map.lookup((1 << 40) + 23), Some(7));
+        map.shift_up(u64::MAX - 1, 5);
+        map.shift_up(0, 0);
+        assert_eq!(map.mapped_blocks(), 7);
+        // Shifting back down restores the original runs, merged again.
+        map.shift_down((1 << 40) + 23, 1 << 40);
+        map.shift_down(5, 3);
+        assert_eq!(runs(&map), [(0, 100, 6), (20, 7, 1)]);
+        map.check_invariants();
+    }
+
+    #[test]
+    #[should_panic(expected = "past the end of the block space")]
+    fn shift_up_past_the_end_panics() {
+        let mut map = ExtentMap::new();
+        map.insert(10, 1);
+        map.shift_up(0, u64::MAX - 11);
+    }
+
+    #[test]
+    fn shifting_a_huge_distance_costs_nothing() {
+        let mut map = ExtentMap::new();
+        map.insert(3, 1);
+        map.insert(1 << 31, 2);
+        let start = std::time::Instant::now();
+        map.shift_up(1, 1 << 42);
+        map.shift_down((1 << 42) + 1, 1 << 42);
+        assert!(start.elapsed().as_secs() < 1);
+        assert_eq!(runs(&map), [(3, 1, 1), (1 << 31, 2, 1)]);
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Insert(u64, u64),
         Remove(u64, u64),
+        /// Removes `first..first + count` and shifts the rest down: a collapse.
+        Collapse(u64, u64),
+        /// Shifts everything from `from` up by `count`: an insert range.
+        ShiftUp(u64, u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0u64..48, 0u64..48).prop_map(|(l, p)| Op::Insert(l, p)),
-            1 => (0u64..56, prop_oneof![0u64..16, Just(u64::MAX)]).prop_map(|(f, c)| Op::Remove(f, c)),
+            6 => (0u64..48, 0u64..48).prop_map(|(l, p)| Op::Insert(l, p)),
+            2 => (0u64..56, prop_oneof![0u64..16, Just(u64::MAX)]).prop_map(|(f, c)| Op::Remove(f, c)),
+            2 => (0u64..56, 0u64..16).prop_map(|(f, c)| Op::Collapse(f, c)),
+            1 => (0u64..56, 0u64..16).prop_map(|(f, c)| Op::ShiftUp(f, c)),
         ]
+    }
+
+    /// The model's blocks from `from` on, moved by `shift` (which may not collide).
+    fn model_shift(model: &mut BTreeMap<u64, u64>, from: u64, shift: impl Fn(u64) -> u64) {
+        let tail = model.split_off(&from);
+        model.extend(tail.into_iter().map(|(l, p)| (shift(l), p)));
     }
 
     proptest! {
@@ -323,12 +497,35 @@ mod tests {
                             .collect();
                         prop_assert_eq!(freed, removed);
                     }
+                    Op::Collapse(first, count) => {
+                        let end = first + count;
+                        let removed: Vec<u64> = model.range(first..end).map(|(_, &p)| p).collect();
+                        model.retain(|&l, _| !(first..end).contains(&l));
+                        model_shift(&mut model, end, |l| l - count);
+                        let freed: Vec<u64> = map
+                            .remove_range(first, count)
+                            .into_iter()
+                            .flat_map(|(phys, len)| phys..phys + len)
+                            .collect();
+                        prop_assert_eq!(freed, removed);
+                        map.shift_down(end, count);
+                    }
+                    Op::ShiftUp(from, count) => {
+                        model_shift(&mut model, from, |l| l + count);
+                        map.shift_up(from, count);
+                    }
                 }
                 map.check_invariants();
                 prop_assert_eq!(map.mapped_blocks(), model.len() as u64);
                 for lblk in 0..60 {
                     prop_assert_eq!(map.lookup(lblk), model.get(&lblk).copied());
                 }
+                let every: Vec<(u64, u64)> = map
+                    .iter()
+                    .flat_map(|(s, e)| (0..e.len).map(move |i| (s + i, e.phys + i)))
+                    .collect();
+                let expected_every: Vec<(u64, u64)> = model.iter().map(|(&l, &p)| (l, p)).collect();
+                prop_assert_eq!(every, expected_every);
                 let listed: Vec<(u64, u64)> = map
                     .runs_in(7, 30)
                     .into_iter()

@@ -9,9 +9,42 @@ use std::fmt;
 use std::io;
 
 mod extent;
+mod faulty;
+mod hostfile;
 mod volume;
 
+pub use faulty::FaultyBackend;
+pub use hostfile::HostFile;
 pub use volume::{Volume, VolumeFile, BLOCK_SIZE};
+
+/// The kind of a backend call, as fault rules of a [`FaultyBackend`] select them.
+///
+/// [`Backend::len`] and [`Backend::max_file_size`] are never faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendOp {
+    /// [`Backend::read_pages`].
+    ReadPages,
+    /// [`Backend::write_pages`].
+    WritePages,
+    /// [`Backend::set_len`].
+    SetLen,
+    /// [`Backend::punch_hole`].
+    PunchHole,
+    /// [`Backend::zero_range`].
+    ZeroRange,
+    /// [`Backend::collapse_range`].
+    CollapseRange,
+    /// [`Backend::insert_range`].
+    InsertRange,
+    /// [`Backend::read_direct`].
+    ReadDirect,
+    /// [`Backend::write_direct`].
+    WriteDirect,
+    /// [`Backend::sync`].
+    Sync,
+    /// [`Backend::remove`].
+    Remove,
+}
 
 /// The storage operations of one file, in whole pages of [`crate::PAGE_SIZE`]
 /// bytes except where a byte range is named.

@@ -194,6 +194,15 @@ fn page_span(index: u64, len: usize) -> io::Result<(u64, u64)> {
     Ok((start, end))
 }
 
+/// The end of a collapse or insert range, or `EINVAL` unless both `offset` and
+/// `len` are multiples of the block size, `len` is positive and the end fits.
+fn aligned_range(offset: u64, len: u64) -> io::Result<u64> {
+    if offset % BLOCK != 0 || len % BLOCK != 0 || len == 0 {
+        return fail(libc::EINVAL);
+    }
+    offset.checked_add(len).ok_or_else(|| err(libc::EINVAL))
+}
+
 /// Splits per-page physical blocks into runs `(first page, page count, first
 /// physical block or None for a hole)` that one device call can serve.
 fn runs(plan: &[Option<u64>]) -> Vec<(usize, usize, Option<u64>)> {
@@ -710,6 +719,52 @@ impl Backend for VolumeFile {
         Ok(())
     }
 
+    /// Frees the blocks of the range (most recently freed first, as a punch does)
+    /// and re-keys the extents after it: metadata only, no device I/O, and time
+    /// proportional to the extents moved.
+    ///
+    /// `EINVAL` unless `offset` and `len` are multiples of [`BLOCK_SIZE`], `len`
+    /// is positive and the range ends before the end of file (the kernel's rule:
+    /// a collapse may not reach the end of file).
+    fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = aligned_range(offset, len)?;
+        self.volume.with_file(self.id, |file, alloc| {
+            if end >= file.size {
+                return fail(libc::EINVAL);
+            }
+            let (first, count) = (offset / BLOCK, len / BLOCK);
+            for (phys, run) in file.extents.remove_range(first, count) {
+                alloc.free(phys, run);
+            }
+            file.extents.shift_down(first + count, count);
+            file.size -= len;
+            Ok(())
+        })
+    }
+
+    /// Re-keys the extents from `offset` on: metadata only, and time
+    /// proportional to the extents moved. The inserted range is a hole.
+    ///
+    /// `EINVAL` unless `offset` and `len` are multiples of [`BLOCK_SIZE`], `len`
+    /// is positive and `offset` is before the end of file; `EFBIG` if the file
+    /// would outgrow [`Backend::max_file_size`].
+    fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        aligned_range(offset, len)?;
+        self.volume.with_file(self.id, |file, _| {
+            if offset >= file.size {
+                return fail(libc::EINVAL);
+            }
+            let size = file
+                .size
+                .checked_add(len)
+                .filter(|&size| size <= MAX_FILE_SIZE)
+                .ok_or_else(|| err(libc::EFBIG))?;
+            file.extents.shift_up(offset / BLOCK, len / BLOCK);
+            file.size = size;
+            Ok(())
+        })
+    }
+
     fn sync(&self) -> io::Result<()> {
         self.volume.with_file(self.id, |_, _| Ok(()))?;
         self.volume.device.flush()
@@ -724,6 +779,8 @@ impl Backend for VolumeFile {
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
+
+    use proptest::prelude::*;
 
     use super::*;
     use crate::device::{DeviceOp, FaultyDevice, MemDevice};
@@ -950,6 +1007,171 @@ mod tests {
     }
 
     #[test]
+    fn collapse_removes_blocks_and_shifts_the_rest_down() {
+        let volume = volume(64);
+        let file = filled(&volume, "a", 6);
+        file.set_len(6 * BLOCK - 100).unwrap();
+        let freed = [file.physical_block(1), file.physical_block(2)];
+        let free = volume.free_blocks();
+        file.collapse_range(BLOCK, 2 * BLOCK).unwrap();
+        assert_eq!(file.len().unwrap(), 4 * BLOCK - 100);
+        assert_eq!(volume.free_blocks(), free + 2);
+        assert_eq!(file.allocated_blocks().unwrap(), 4);
+        let data = read(&file, 0, 5);
+        for (i, fill) in [1u8, 4, 5].into_iter().enumerate() {
+            assert_eq!(data[i * PAGE..(i + 1) * PAGE], page(fill), "page {i}");
+        }
+        assert_eq!(&data[3 * PAGE..4 * PAGE - 100], &page(6)[100..]);
+        assert!(data[4 * PAGE - 100..].iter().all(|&b| b == 0));
+        volume.check_invariants();
+
+        // The freed blocks go to the next allocation, LIFO as after a punch.
+        let other = volume.create_file("b").unwrap();
+        other.set_len(2 * BLOCK).unwrap();
+        other.write_pages(0, &page(9)).unwrap();
+        assert!(freed.contains(&other.physical_block(0)));
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn collapse_of_holes_and_a_merge_at_the_seam() {
+        let volume = volume(64);
+        let file = volume.create_file("a").unwrap();
+        file.set_len(8 * BLOCK).unwrap();
+        file.write_pages(0, &[page(1), page(2)].concat()).unwrap();
+        file.write_pages(5, &page(6)).unwrap();
+        file.write_pages(2, &page(3)).unwrap();
+        // Pages 0, 1, 2 are physically contiguous; page 5 follows them on the device.
+        let first = file.physical_block(0).unwrap();
+        file.punch_hole(2 * BLOCK, BLOCK).unwrap();
+        file.write_pages(5, &page(6)).unwrap();
+        file.collapse_range(2 * BLOCK, 3 * BLOCK).unwrap();
+        assert_eq!(file.len().unwrap(), 5 * BLOCK);
+        let data = read(&file, 0, 5);
+        assert_eq!(&data[..PAGE], page(1));
+        assert_eq!(&data[PAGE..2 * PAGE], page(2));
+        assert_eq!(&data[2 * PAGE..3 * PAGE], page(6));
+        assert!(data[3 * PAGE..].iter().all(|&b| b == 0));
+        assert_eq!(file.physical_block(0), Some(first));
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn insert_shifts_up_and_leaves_a_hole() {
+        let volume = volume(64);
+        let file = filled(&volume, "a", 3);
+        file.set_len(3 * BLOCK - 10).unwrap();
+        let blocks: Vec<_> = (0..3).map(|i| file.physical_block(i)).collect();
+        let free = volume.free_blocks();
+        file.insert_range(BLOCK, 2 * BLOCK).unwrap();
+        assert_eq!(file.len().unwrap(), 5 * BLOCK - 10);
+        assert_eq!(volume.free_blocks(), free, "an insert allocates nothing");
+        let after: Vec<_> = [0, 3, 4].iter().map(|&i| file.physical_block(i)).collect();
+        assert_eq!(after, blocks, "the data moved, not copied");
+        let data = read(&file, 0, 5);
+        assert_eq!(&data[..PAGE], page(1));
+        assert!(data[PAGE..3 * PAGE].iter().all(|&b| b == 0));
+        assert_eq!(&data[3 * PAGE..4 * PAGE], page(2));
+        assert_eq!(&data[4 * PAGE..5 * PAGE - 10], &page(3)[10..]);
+        assert!(data[5 * PAGE - 10..].iter().all(|&b| b == 0));
+        // The hole takes writes; collapsing it again restores the original.
+        file.write_pages(2, &page(7)).unwrap();
+        assert_eq!(read(&file, 2, 1), page(7));
+        file.collapse_range(BLOCK, 2 * BLOCK).unwrap();
+        let data = read(&file, 0, 3);
+        assert_eq!(&data[..2 * PAGE], [page(1), page(2)].concat());
+        assert_eq!(&data[2 * PAGE..3 * PAGE - 10], &page(3)[..PAGE - 10]);
+        assert_eq!(file.allocated_blocks().unwrap(), 3);
+        volume.check_invariants();
+
+        // Inserting at block 0 shifts everything.
+        file.insert_range(0, BLOCK).unwrap();
+        assert_eq!(read(&file, 0, 1), page(0));
+        assert_eq!(read(&file, 1, 1), page(1));
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn collapse_and_insert_reject_bad_arguments_and_change_nothing() {
+        let volume = volume(64);
+        let file = filled(&volume, "a", 4);
+        let before = read(&file, 0, 4);
+        let size = 4 * BLOCK;
+        for (offset, len) in [
+            (1, BLOCK),
+            (0, BLOCK + 1),
+            (0, 0),
+            (0, size),
+            (BLOCK, 3 * BLOCK),
+            (BLOCK, 4 * BLOCK),
+            (size, BLOCK),
+            (u64::MAX - BLOCK + 1, BLOCK),
+            (BLOCK, u64::MAX - BLOCK + 1),
+        ] {
+            assert_eq!(
+                errno(file.collapse_range(offset, len)),
+                libc::EINVAL,
+                "collapse {offset} {len}"
+            );
+        }
+        for (offset, len) in [
+            (1, BLOCK),
+            (0, 1),
+            (0, 0),
+            (size, BLOCK),
+            (8 * BLOCK, BLOCK),
+            (u64::MAX - BLOCK + 1, BLOCK),
+            (BLOCK, u64::MAX - BLOCK + 1),
+        ] {
+            assert_eq!(
+                errno(file.insert_range(offset, len)),
+                libc::EINVAL,
+                "insert {offset} {len}"
+            );
+        }
+        assert_eq!(
+            errno(file.insert_range(0, MAX_FILE_SIZE - size + BLOCK)),
+            libc::EFBIG
+        );
+        assert_eq!(
+            errno(file.insert_range(0, u64::MAX - BLOCK * 2 + 1)),
+            libc::EFBIG
+        );
+        assert_eq!(file.len().unwrap(), size);
+        assert_eq!(read(&file, 0, 4), before);
+        // Exactly the largest size is allowed.
+        file.insert_range(0, MAX_FILE_SIZE - size).unwrap();
+        assert_eq!(file.len().unwrap(), MAX_FILE_SIZE);
+        assert_eq!(read(&file, (MAX_FILE_SIZE - size) / BLOCK, 4), before);
+        file.remove().unwrap();
+        assert_eq!(errno(file.collapse_range(0, BLOCK)), libc::ENOENT);
+        assert_eq!(errno(file.insert_range(0, BLOCK)), libc::ENOENT);
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn huge_collapse_and_insert_of_a_sparse_file_are_instant() {
+        let volume = volume(64);
+        let file = volume.create_file("a").unwrap();
+        file.set_len(MAX_FILE_SIZE / 2).unwrap();
+        let last = MAX_FILE_SIZE / 2 / BLOCK - 1;
+        for index in [0, 1 << 20, last] {
+            file.write_pages(index, &page(5)).unwrap();
+        }
+        let start = Instant::now();
+        file.insert_range(BLOCK, MAX_FILE_SIZE / 2).unwrap();
+        assert_eq!(read(&file, last + MAX_FILE_SIZE / 2 / BLOCK, 1), page(5));
+        file.collapse_range(BLOCK, MAX_FILE_SIZE / 2 - BLOCK)
+            .unwrap();
+        file.collapse_range(0, MAX_FILE_SIZE / 2).unwrap();
+        assert!(start.elapsed().as_secs() < 5);
+        assert_eq!(file.len().unwrap(), BLOCK);
+        assert_eq!(read(&file, 0, 1), page(5));
+        assert_eq!(file.allocated_blocks().unwrap(), 1);
+        volume.check_invariants();
+    }
+
+    #[test]
     fn truncate_inside_a_block_then_grow_reads_zero_tail() {
         let volume = volume(64);
         let file = filled(&volume, "a", 3);
@@ -1132,5 +1354,92 @@ mod tests {
             thread.join().unwrap();
         }
         volume.check_invariants();
+    }
+
+    #[derive(Clone, Debug)]
+    enum FileOp {
+        Write(u64, u8),
+        Punch(u64, u64),
+        Collapse(u64, u64),
+        Insert(u64, u64),
+        SetLen(u64),
+    }
+
+    fn file_op() -> impl Strategy<Value = FileOp> {
+        prop_oneof![
+            4 => (0u64..24, 1u8..255).prop_map(|(p, f)| FileOp::Write(p, f)),
+            1 => (0u64..24, 1u64..6).prop_map(|(p, n)| FileOp::Punch(p, n)),
+            2 => (0u64..24, 1u64..6).prop_map(|(p, n)| FileOp::Collapse(p, n)),
+            2 => (0u64..24, 1u64..6).prop_map(|(p, n)| FileOp::Insert(p, n)),
+            1 => (0u64..24).prop_map(FileOp::SetLen),
+        ]
+    }
+
+    proptest! {
+        /// Whole-page operations against a model holding one fill byte per page
+        /// (0 for a hole), with a second file sharing the volume so that freed
+        /// blocks are reused.
+        #[test]
+        fn collapse_and_insert_match_a_page_model(ops in proptest::collection::vec(file_op(), 0..60)) {
+            let volume = volume(256);
+            let file = volume.create_file("a").unwrap();
+            let other = volume.create_file("b").unwrap();
+            other.set_len(64 * BLOCK).unwrap();
+            let mut model: Vec<u8> = vec![0; 8];
+            file.set_len(8 * BLOCK).unwrap();
+            for (step, op) in ops.into_iter().enumerate() {
+                let pages = model.len() as u64;
+                let (result, expect_ok) = match op {
+                    FileOp::Write(p, fill) => {
+                        let ok = p < pages;
+                        if ok {
+                            model[p as usize] = fill;
+                        }
+                        (file.write_pages(p, &page(fill)), ok)
+                    }
+                    FileOp::Punch(p, n) => {
+                        for slot in model.iter_mut().skip(p as usize).take(n as usize) {
+                            *slot = 0;
+                        }
+                        (file.punch_hole(p * BLOCK, n * BLOCK), true)
+                    }
+                    FileOp::Collapse(p, n) => {
+                        let ok = p + n < pages;
+                        if ok {
+                            model.drain(p as usize..(p + n) as usize);
+                        }
+                        (file.collapse_range(p * BLOCK, n * BLOCK), ok)
+                    }
+                    FileOp::Insert(p, n) => {
+                        let ok = p < pages;
+                        if ok {
+                            model.splice(p as usize..p as usize, vec![0; n as usize]);
+                        }
+                        (file.insert_range(p * BLOCK, n * BLOCK), ok)
+                    }
+                    FileOp::SetLen(p) => {
+                        model.resize(p as usize, 0);
+                        (file.set_len(p * BLOCK), true)
+                    }
+                };
+                prop_assert_eq!(result.is_ok(), expect_ok, "{:?}", result);
+                // Churn the other file so freed blocks are taken at once.
+                other.write_pages(step as u64 % 64, &page(0xEE)).unwrap();
+                prop_assert_eq!(file.len().unwrap(), model.len() as u64 * BLOCK);
+                let data = read(&file, 0, model.len() + 1);
+                for (i, &fill) in model.iter().enumerate() {
+                    prop_assert!(
+                        data[i * PAGE..(i + 1) * PAGE].iter().all(|&b| b == fill),
+                        "page {} should be all {}", i, fill
+                    );
+                }
+                prop_assert!(data[model.len() * PAGE..].iter().all(|&b| b == 0));
+                prop_assert_eq!(
+                    file.allocated_blocks().unwrap(),
+                    model.iter().filter(|&&fill| fill != 0).count() as u64
+                );
+                volume.check_invariants();
+            }
+        }
     }
 }

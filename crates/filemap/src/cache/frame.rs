@@ -2,11 +2,21 @@
 //!
 //! Frames are read optimistically by cache hits while another thread may be
 //! rewriting them (a freed frame is handed to another page at once), so frame
-//! memory is never a `&[u8]`: every access goes through relaxed atomic words,
-//! and a reader trusts what it copied only after re-validating the page's state
-//! word (see `page.rs`). Chunks of frames are allocated on first use and never
-//! freed while the cache lives, so a stale optimistic reader always reads mapped
-//! memory.
+//! memory is never a `&[u8]`, and a reader trusts what it copied only after
+//! re-validating the page's state word (see `page.rs`). Chunks of frames are
+//! allocated on first use and never freed while the cache lives, so a stale
+//! optimistic reader always reads mapped memory.
+//!
+//! # Safety
+//! Copies in and out of frames race by design: a plain `memcpy` would be a data
+//! race, undefined behaviour even if the torn result is thrown away. On x86-64 a
+//! copy is one `rep movsb` in inline assembly: the compiler cannot see into it,
+//! and what it does (load and store bytes, in some order) is exactly what a
+//! sequence of relaxed atomic byte accesses does, which races soundly. With
+//! ERMS/FSRM it runs at `memcpy` speed for 4 KiB. Elsewhere the copy is a loop of
+//! relaxed `AtomicU64` accesses. The `unsafe` here is confined to those copies and
+//! to a baseline `memcpy` for benchmarks.
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -94,6 +104,7 @@ impl FramePool {
         self.used.fetch_sub(1, Ordering::Relaxed);
     }
 
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
     fn words(&self, frame: FrameId) -> &[AtomicU64] {
         let index = frame.0 as usize;
         let chunk = self.chunks[index / FRAMES_PER_CHUNK]
@@ -103,8 +114,37 @@ impl FramePool {
         &chunk[first..first + WORDS_PER_FRAME]
     }
 
+    /// The address of byte `offset` of `frame`, after checking that `len` bytes
+    /// from there stay inside the frame.
+    fn byte_ptr(&self, frame: FrameId, offset: usize, len: usize) -> *mut u8 {
+        assert!(
+            offset <= PAGE_SIZE && len <= PAGE_SIZE - offset,
+            "copy outside a frame"
+        );
+        let index = frame.0 as usize;
+        let chunk = self.chunks[index / FRAMES_PER_CHUNK]
+            .get()
+            .expect("frame ids are only handed out from initialised chunks");
+        let word = &chunk[(index % FRAMES_PER_CHUNK) * WORDS_PER_FRAME];
+        word.as_ptr().cast::<u8>().wrapping_add(offset)
+    }
+
     /// Copies `dst.len()` bytes from `offset` in `frame`. The bytes may be torn by a
     /// concurrent writer: callers validate them against the page state.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub(crate) fn read(&self, frame: FrameId, offset: usize, dst: &mut [u8]) {
+        let src = self.byte_ptr(frame, offset, dst.len());
+        // SAFETY: `src..src + len` lies inside one frame (checked by `byte_ptr`) of a
+        // chunk that lives as long as `self`; `dst` is an exclusive buffer of `len`
+        // bytes that cannot overlap frame memory (frames are never lent out as
+        // slices). Racing writers are sound: see the module's `# Safety`.
+        unsafe { racy_copy(src, dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Copies `dst.len()` bytes from `offset` in `frame`. The bytes may be torn by a
+    /// concurrent writer: callers validate them against the page state.
+    #[cfg(not(target_arch = "x86_64"))]
     pub(crate) fn read(&self, frame: FrameId, offset: usize, dst: &mut [u8]) {
         debug_assert!(offset + dst.len() <= PAGE_SIZE);
         let words = self.words(frame);
@@ -121,11 +161,25 @@ impl FramePool {
     /// Copies `src` into `frame` at `offset`. The caller owns the frame's contents
     /// (page locked, or a fill that claimed it), so no other writer races it.
     pub(crate) fn write(&self, frame: FrameId, offset: usize, src: &[u8]) {
-        debug_assert!(offset + src.len() <= PAGE_SIZE);
         // Pairs with the acquire fence of optimistic readers: a reader that sees any
         // of these bytes also sees the state change made before them (a lock taken,
         // or the frame's previous page unlinked), and so discards its copy.
         fence(Ordering::Release);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let dst = self.byte_ptr(frame, offset, src.len());
+            // SAFETY: `dst..dst + len` lies inside one live frame (checked by
+            // `byte_ptr`), `src` is a shared buffer of `len` bytes outside frame
+            // memory; only optimistic readers race this copy (the caller owns the
+            // frame's contents), which is sound: see the module's `# Safety`.
+            unsafe { racy_copy(src.as_ptr(), dst, src.len()) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.write_words(frame, offset, src);
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn write_words(&self, frame: FrameId, offset: usize, src: &[u8]) {
         let words = self.words(frame);
         let mut pos = offset;
         for chunk in split_by_word(offset, src.len()) {
@@ -144,6 +198,19 @@ impl FramePool {
         }
     }
 
+    /// A plain `memcpy` of a whole frame, for benchmarks that compare the hit
+    /// path with the cost of the copy alone.
+    ///
+    /// # Safety
+    /// No thread may write `frame` during the call.
+    pub(crate) unsafe fn memcpy_page(&self, frame: FrameId, dst: &mut [u8; PAGE_SIZE]) {
+        let src = self.byte_ptr(frame, 0, PAGE_SIZE);
+        // SAFETY: the frame is live and `PAGE_SIZE` bytes long (`byte_ptr`), `dst`
+        // is a distinct exclusive buffer of that size, and the caller guarantees no
+        // concurrent writer, so this plain copy races with nothing.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) }
+    }
+
     /// Zeroes `len` bytes of `frame` from `offset`; same ownership rule as `write`.
     pub(crate) fn zero(&self, frame: FrameId, offset: usize, len: usize) {
         const ZEROES: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -151,7 +218,29 @@ impl FramePool {
     }
 }
 
+/// Copies `len` bytes from `src` to `dst` with one `rep movsb`.
+///
+/// # Safety
+/// Both ranges must be valid for `len` bytes and must not overlap. Other threads
+/// may access them concurrently only through this function or atomics.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn racy_copy(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller guarantees both ranges; the direction flag is clear at
+    // function boundaries (System V ABI), so `rep movsb` copies forwards.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            inout("rcx") len => _,
+            inout("rsi") src => _,
+            inout("rdi") dst => _,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
 /// The lengths of the pieces of `offset..offset + len` split at 8-byte words.
+#[cfg(not(target_arch = "x86_64"))]
 fn split_by_word(offset: usize, len: usize) -> impl Iterator<Item = usize> {
     let mut pos = offset;
     let end = offset + len;

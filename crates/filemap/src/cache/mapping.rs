@@ -143,6 +143,25 @@ impl Mapping {
             .is_some_and(|slot| slot.load().has(UPTODATE))
     }
 
+    /// A plain `memcpy` of cached page `index` into `dst`, with no validation:
+    /// the baseline that benchmarks compare the hit path with. Returns whether
+    /// the page had a frame.
+    ///
+    /// # Safety
+    /// Nothing may change this cache's pages during the call: no write, fill,
+    /// invalidation or writeback on any mapping of the cache.
+    #[doc(hidden)]
+    #[allow(unsafe_code)]
+    pub unsafe fn memcpy_cached_page(&self, index: u64, dst: &mut [u8; PAGE_SIZE]) -> bool {
+        let Some(frame) = self.pages.get(index).and_then(|slot| slot.load().frame()) else {
+            return false;
+        };
+        // SAFETY: the caller guarantees that no frame of this cache changes during
+        // the call, which is `memcpy_page`'s contract.
+        unsafe { self.cache.frames.memcpy_page(frame, dst) };
+        true
+    }
+
     /// How many pages of this file are cached, and how many of those are dirty.
     pub fn cached_pages(&self) -> (u64, u64) {
         let (mut cached, mut dirty) = (0, 0);
@@ -164,7 +183,9 @@ impl Mapping {
             return Ok(0);
         }
         let len = (end.min(size) - offset) as usize;
-        self.read_cached(&mut buf[..len], offset)
+        // Only `file-exclusive` locks whole reads; it then covers their fills too.
+        let read = self.lock.lock(Mode::Read, offset..end);
+        self.read_cached(&mut buf[..len], offset, read.is_locking())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`, failing with
@@ -202,7 +223,7 @@ impl Mapping {
         if end > self.max_size {
             return fail(libc::EFBIG);
         }
-        let _fill = self.lock.lock(Mode::Fill, offset..end);
+        let _write = self.lock.lock(Mode::Write, offset..end);
         let old_size = self.len();
         let mut done = 0;
         while done < buf.len() {
@@ -394,6 +415,57 @@ impl Mapping {
         self.backend.set_len(self.len())
     }
 
+    /// Removes `offset..offset + len` and shifts the rest of the file down, like
+    /// `fallocate(FALLOC_FL_COLLAPSE_RANGE)`: both must be multiples of
+    /// [`PAGE_SIZE`], `len` positive, and the range must end before the end of
+    /// file (`EINVAL` otherwise). Cached pages after the range move with their
+    /// data; those inside it are dropped.
+    pub fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        let end = end_of(offset, len)?;
+        if offset % PAGE != 0 || len % PAGE != 0 || len == 0 {
+            return fail(libc::EINVAL);
+        }
+        let _invalidate = self.lock.lock(Mode::Invalidate, offset..u64::MAX);
+        let size = self.len();
+        if end >= size {
+            return fail(libc::EINVAL);
+        }
+        // The backend shifts what it holds: dirty data must be there first.
+        self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
+        self.drop_pages(offset / PAGE, end / PAGE - 1, DirtyPages::WriteBack)?;
+        self.backend.collapse_range(offset, len)?;
+        self.set_size(size - len);
+        self.move_pages(end / PAGE, -((len / PAGE) as i64));
+        Ok(())
+    }
+
+    /// Inserts a hole of `len` bytes at `offset`, shifting the rest of the file
+    /// up, like `fallocate(FALLOC_FL_INSERT_RANGE)`: both must be multiples of
+    /// [`PAGE_SIZE`], `len` positive and `offset` before the end of file (`EINVAL`
+    /// otherwise); `EFBIG` if the file would outgrow
+    /// [`Mapping::max_file_size`]. Cached pages move with their data.
+    pub fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_live()?;
+        end_of(offset, len)?;
+        if offset % PAGE != 0 || len % PAGE != 0 || len == 0 {
+            return fail(libc::EINVAL);
+        }
+        let _invalidate = self.lock.lock(Mode::Invalidate, offset..u64::MAX);
+        let size = self.len();
+        if offset >= size {
+            return fail(libc::EINVAL);
+        }
+        if size.checked_add(len).is_none_or(|new| new > self.max_size) {
+            return fail(libc::EFBIG);
+        }
+        self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
+        self.backend.insert_range(offset, len)?;
+        self.set_size(size + len);
+        self.move_pages(offset / PAGE, (len / PAGE) as i64);
+        Ok(())
+    }
+
     /// Drops the cached pages touching `offset..offset + len`, writing dirty ones
     /// back first (nothing is lost); the next access reads the backend.
     pub fn invalidate_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -457,9 +529,80 @@ impl Mapping {
         Ok(())
     }
 
+    /// Sets the size the backend already has, after a collapse or insert.
+    fn set_size(&self, size: u64) {
+        let _size = self.size_lock.lock();
+        self.size.store(size, Ordering::Release);
+    }
+
+    /// Moves every cached page from index `first` on by `delta` pages, in the
+    /// order that always finds the target slot empty (down: ascending; up:
+    /// descending). The caller holds Invalidate, so nothing fills meanwhile; a
+    /// page whose target is taken anyway (only under the `none` strategy) or out
+    /// of range is dropped. Optimistic readers of the old slot see it change and
+    /// retry; the cost follows the cached pages moved, not the file's length.
+    fn move_pages(&self, first: u64, delta: i64) {
+        let mut cached = Vec::new();
+        self.pages.for_each(first, MAX_PAGES - 1, |index, slot| {
+            if !slot.load().is_absent() {
+                cached.push(index);
+            }
+        });
+        if delta > 0 {
+            cached.reverse();
+        }
+        for index in cached {
+            let source = self.pages.get(index).expect("visited slots exist");
+            let target = index
+                .checked_add_signed(delta)
+                .filter(|&target| target < MAX_PAGES);
+            match target {
+                Some(target) => self.move_page(source, self.pages.get_or_create(target)),
+                None => {
+                    let _ = self.drop_page(index, source, DirtyPages::Discard);
+                }
+            }
+        }
+    }
+
+    /// Moves the frame of `source` into the empty slot `target`, flags and all.
+    fn move_page(&self, source: &Slot, target: &Slot) {
+        loop {
+            let state = source.load();
+            let Some(frame) = state.frame() else {
+                return;
+            };
+            if state.has(FILLING) {
+                // A fill of the old position: its data belongs nowhere now.
+                if source.replace(state, state.emptied()).is_ok() {
+                    return;
+                }
+                continue;
+            }
+            if state.has(LOCKED | WRITEBACK) {
+                source.wait_while(LOCKED | WRITEBACK);
+                continue;
+            }
+            if source.try_lock(state).is_err() {
+                continue;
+            }
+            let empty = target.load();
+            let moved = empty.is_absent()
+                && target
+                    .replace(empty, empty.with_frame(frame, state.0 & (UPTODATE | DIRTY)))
+                    .is_ok();
+            source.update(|s| s.emptied());
+            if !moved {
+                self.cache.frames.free(frame);
+            }
+            return;
+        }
+    }
+
     /// Copies `dst.len()` bytes at `offset` (inside the file) into `dst`, filling
-    /// misses. Returns fewer bytes only if the file shrank meanwhile.
-    fn read_cached(&self, dst: &mut [u8], offset: u64) -> io::Result<usize> {
+    /// misses (under Fill, unless `fill_held`: the caller holds a mode that
+    /// covers fills). Returns fewer bytes only if the file shrank meanwhile.
+    fn read_cached(&self, dst: &mut [u8], offset: u64, fill_held: bool) -> io::Result<usize> {
         let mut done = 0;
         while done < dst.len() {
             let pos = offset + done as u64;
@@ -473,7 +616,9 @@ impl Mapping {
             }
             let rest = &mut dst[done..];
             let want = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
-            let fill = {
+            let fill = if fill_held {
+                self.fill_locked(index, want, false)?
+            } else {
                 let _fill = self
                     .lock
                     .lock(Mode::Fill, index * PAGE..(index + want) * PAGE);

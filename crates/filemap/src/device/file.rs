@@ -5,13 +5,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-
-use super::{Device, ATOMIC_BLOCK};
+use super::block_locks::BlockLocks;
+use super::Device;
 use crate::errno::fail;
-
-/// Stripes of block locks: block `b` is guarded by stripe `b % BLOCK_LOCK_STRIPES`.
-const BLOCK_LOCK_STRIPES: usize = 64;
 
 /// A regular file or block device accessed with positioned I/O (`pread`/`pwrite`).
 ///
@@ -25,7 +21,7 @@ const BLOCK_LOCK_STRIPES: usize = 64;
 pub struct FileDevice {
     file: File,
     len: u64,
-    block_locks: Box<[RwLock<()>]>,
+    block_locks: BlockLocks,
 }
 
 impl FileDevice {
@@ -67,39 +63,8 @@ impl FileDevice {
         Self {
             file,
             len,
-            block_locks: (0..BLOCK_LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            block_locks: BlockLocks::new(),
         }
-    }
-
-    /// The lock stripes of the blocks `offset..offset + count` touches, in
-    /// ascending order (so two calls never take them in opposite orders).
-    fn stripes(offset: u64, count: usize) -> Vec<usize> {
-        let block = ATOMIC_BLOCK as u64;
-        let first = offset / block;
-        let last = (offset + count.max(1) as u64 - 1) / block;
-        if last - first + 1 >= BLOCK_LOCK_STRIPES as u64 {
-            return (0..BLOCK_LOCK_STRIPES).collect();
-        }
-        let mut stripes: Vec<usize> = (first..=last)
-            .map(|b| (b % BLOCK_LOCK_STRIPES as u64) as usize)
-            .collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        stripes
-    }
-
-    fn lock_shared(&self, offset: u64, count: usize) -> Vec<RwLockReadGuard<'_, ()>> {
-        Self::stripes(offset, count)
-            .into_iter()
-            .map(|i| self.block_locks[i].read())
-            .collect()
-    }
-
-    fn lock_exclusive(&self, offset: u64, count: usize) -> Vec<RwLockWriteGuard<'_, ()>> {
-        Self::stripes(offset, count)
-            .into_iter()
-            .map(|i| self.block_locks[i].write())
-            .collect()
     }
 
     /// Fails unless `offset..offset + count` lies inside the device.
@@ -118,13 +83,13 @@ impl Device for FileDevice {
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
-        let _blocks = self.lock_shared(offset, buf.len());
+        let _blocks = self.block_locks.shared(offset, buf.len() as u64);
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
-        let _blocks = self.lock_exclusive(offset, buf.len());
+        let _blocks = self.block_locks.exclusive(offset, buf.len() as u64);
         self.file.write_all_at(buf, offset)
     }
 
@@ -156,14 +121,6 @@ mod tests {
                 assert!(buf.iter().all(|&b| b == buf[0]), "torn block read");
             }
         });
-    }
-
-    #[test]
-    fn stripes_are_sorted_and_cover_the_range() {
-        assert_eq!(FileDevice::stripes(0, 4096), vec![0]);
-        assert_eq!(FileDevice::stripes(4095, 2), vec![0, 1]);
-        assert_eq!(FileDevice::stripes(63 * 4096, 8192), vec![0, 63]);
-        assert_eq!(FileDevice::stripes(0, 1 << 30).len(), BLOCK_LOCK_STRIPES);
     }
 
     #[test]

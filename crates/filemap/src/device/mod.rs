@@ -7,11 +7,13 @@
 use std::fmt;
 use std::io;
 
+pub(crate) mod block_locks;
 mod faulty;
 mod file;
 mod mem;
 
-pub use faulty::{FaultRule, FaultyDevice, Injection, RuleId, Trigger};
+pub use crate::fault::{FaultRule, Injection, RuleId, Trigger};
+pub use faulty::FaultyDevice;
 pub use file::FileDevice;
 pub use mem::MemDevice;
 

@@ -1,22 +1,41 @@
-//! The coherence lock: one per [`crate::Mapping`], three modes.
+//! The coherence lock: one per [`crate::Mapping`], three coherence modes.
 //!
 //! | mode | held by | shares with |
 //! |---|---|---|
-//! | [`Mode::Fill`] | cache misses of read and readahead, buffered writes | Fill |
+//! | [`Mode::Fill`] | cache misses of read and readahead; buffered writes ([`Mode::Write`]) | Fill |
 //! | [`Mode::Direct`] | `read_direct` / `write_direct` for the whole I/O | Direct |
-//! | [`Mode::Invalidate`] | punch, zero, truncate, `invalidate_range` | nothing |
+//! | [`Mode::Invalidate`] | punch, zero, truncate, collapse, insert, `invalidate_range` | nothing |
 //!
-//! Cache hits take no lock at all. A [`Strategy`] decides how the modes map onto
-//! the raw lock, so that the strategies of the kernel's history can be compared
-//! behind one interface:
+//! Two more modes name what a caller does, so that strategies from before the
+//! kernel had these modes can be expressed: [`Mode::Read`], a whole buffered read
+//! (hits included), and [`Mode::Write`], a buffered write. Cache hits take no lock
+//! under every strategy but `file-exclusive`. A [`Strategy`] decides how modes map
+//! onto the raw lock, so that the kernel's history can be compared behind one
+//! interface:
+//!
+//! | strategy | Read | Fill | Write | Direct | Invalidate |
+//! |---|---|---|---|---|---|
+//! | `none` | - | - | - | - | - |
+//! | `file-exclusive` | shared | shared | exclusive | shared | exclusive |
+//! | `invalidate-lock` | - | shared A | shared A | shared A | exclusive |
+//! | `two-state` | - | shared A | shared A | shared B | exclusive B |
+//!
+//! (Shared holders of one class coexist; classes A and B exclude each other.)
 //!
 //! - [`Strategy::None`]: no lock. This is the pre-5.15 ext4 race, kept so the
 //!   torture can prove its checker has teeth.
+//! - [`Strategy::FileExclusive`]: XFS before 5.15, `i_rwsem` around every read:
+//!   reads and fills, hits included, are serialised against every buffered
+//!   writer and every invalidation of the file.
 //! - [`Strategy::InvalidateLock`]: Linux 5.15's `mapping->invalidate_lock`, a
 //!   reader-writer lock: Fill and Direct are shared (with each other too, as in the
 //!   kernel, where direct I/O does not take the lock), Invalidate is exclusive.
 //!   Direct writes stay coherent because they invalidate before and after the
 //!   write, and a fill claimed before the second invalidation cannot publish.
+//! - [`Strategy::TwoState`]: bcachefs's `pagecache_add_lock`, a two-state shared
+//!   lock: an "add" state shared by fills and buffered writes, a "block" state
+//!   shared by direct I/O, the two mutually exclusive. Invalidations take the
+//!   block state exclusively (bcachefs serialises them with the inode lock).
 //!
 //! A thread must not take a second mode of the same mapping while it holds one:
 //! the lock is fair, so the second request would queue behind a waiting
@@ -36,8 +55,14 @@ pub use fair::{Access, RawFairLock};
 /// A coherence mode: what the holder is about to do to the page cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
-    /// Adds pages to the cache: fills of reads and readahead, buffered writes.
+    /// A whole buffered read, hits included. Only `file-exclusive` locks it; the
+    /// other strategies leave hits lock-free and take Fill for misses.
+    Read,
+    /// Adds pages to the cache: fills of reads and readahead.
     Fill,
+    /// A buffered write: adds pages like Fill, except under `file-exclusive`,
+    /// where writers exclude readers.
+    Write,
     /// Direct I/O, which writes back and invalidates the range around itself.
     Direct,
     /// Removes pages and changes the backend's mapping of the range under them.
@@ -49,19 +74,30 @@ pub enum Mode {
 pub enum Strategy {
     /// No lock at all (the pre-5.15 kernel race; incorrect on purpose).
     None,
+    /// Reads serialised against writers and invalidations (XFS before 5.15).
+    FileExclusive,
     /// A file-wide reader-writer lock: Fill and Direct shared, Invalidate exclusive.
     InvalidateLock,
+    /// bcachefs's two-state lock: adds and direct I/O exclude each other.
+    TwoState,
 }
 
 impl Strategy {
     /// Every strategy, in the order the torture runs them.
-    pub const ALL: [Strategy; 2] = [Strategy::None, Strategy::InvalidateLock];
+    pub const ALL: [Strategy; 4] = [
+        Strategy::None,
+        Strategy::FileExclusive,
+        Strategy::InvalidateLock,
+        Strategy::TwoState,
+    ];
 
     /// The strategy's name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Strategy::None => "none",
+            Strategy::FileExclusive => "file-exclusive",
             Strategy::InvalidateLock => "invalidate-lock",
+            Strategy::TwoState => "two-state",
         }
     }
 
@@ -71,13 +107,28 @@ impl Strategy {
     }
 
     /// The raw access a mode takes under this strategy, or `None` for no lock.
+    /// Class 0 is the "add" side (readers), class 1 the side that excludes it.
     fn access(self, mode: Mode) -> Option<Access> {
-        match self {
-            Strategy::None => None,
-            Strategy::InvalidateLock => Some(match mode {
-                Mode::Fill | Mode::Direct => Access::shared(0),
-                Mode::Invalidate => Access::exclusive(1),
-            }),
+        use Mode::*;
+        match (self, mode) {
+            (Strategy::None, _) => None,
+            (Strategy::FileExclusive, Read | Fill | Direct) => Some(Access::shared(0)),
+            (Strategy::FileExclusive, Write | Invalidate) => Some(Access::exclusive(1)),
+            (Strategy::InvalidateLock | Strategy::TwoState, Read) => None,
+            (Strategy::InvalidateLock, Fill | Write | Direct) => Some(Access::shared(0)),
+            (Strategy::TwoState, Fill | Write) => Some(Access::shared(0)),
+            (Strategy::TwoState, Direct) => Some(Access::shared(1)),
+            (Strategy::InvalidateLock | Strategy::TwoState, Invalidate) => {
+                Some(Access::exclusive(1))
+            }
+        }
+    }
+
+    /// Whether holders of `a` and `b` exclude each other under this strategy.
+    pub fn conflicts(self, a: Mode, b: Mode) -> bool {
+        match (self.access(a), self.access(b)) {
+            (Some(a), Some(b)) => !a.is_compatible_with(b),
+            _ => false,
         }
     }
 }
@@ -124,6 +175,12 @@ impl CoherenceGuard<'_> {
     /// The mode this guard holds.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Whether the guard holds the raw lock (false when the strategy takes no
+    /// lock for its mode).
+    pub fn is_locking(&self) -> bool {
+        self.access.is_some()
     }
 }
 
@@ -191,7 +248,10 @@ mod tests {
             assert_eq!(strategy.name().parse::<Strategy>().unwrap(), strategy);
         }
         let error = "bogus".parse::<Strategy>().unwrap_err().to_string();
-        assert!(error.contains("none, invalidate-lock"), "{error}");
+        assert!(
+            error.contains("none, file-exclusive, invalidate-lock, two-state"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -208,9 +268,104 @@ mod tests {
     }
 
     #[test]
+    fn the_strategies_conflict_as_their_table_says() {
+        use Mode::*;
+        let fe = Strategy::FileExclusive;
+        assert!(fe.conflicts(Read, Write) && fe.conflicts(Fill, Invalidate));
+        assert!(!fe.conflicts(Read, Fill) && !fe.conflicts(Read, Direct));
+        let ts = Strategy::TwoState;
+        assert!(ts.conflicts(Fill, Direct) && ts.conflicts(Write, Direct));
+        assert!(!ts.conflicts(Direct, Direct) && !ts.conflicts(Fill, Write));
+        assert!(ts.conflicts(Direct, Invalidate) && ts.conflicts(Invalidate, Invalidate));
+        assert!(!ts.conflicts(Read, Invalidate), "hits take no lock");
+        let il = Strategy::InvalidateLock;
+        assert!(!il.conflicts(Fill, Direct) && il.conflicts(Write, Invalidate));
+        for a in [Read, Fill, Write, Direct, Invalidate] {
+            for b in [Read, Fill, Write, Direct, Invalidate] {
+                assert!(!Strategy::None.conflicts(a, b));
+                for strategy in Strategy::ALL {
+                    assert_eq!(strategy.conflicts(a, b), strategy.conflicts(b, a));
+                }
+            }
+        }
+    }
+
+    /// Every conflict the strategies declare is enforced by the lock.
+    #[test]
+    fn declared_conflicts_are_enforced_and_compatible_modes_share() {
+        use Mode::*;
+        let modes = [Read, Fill, Write, Direct, Invalidate];
+        for strategy in Strategy::ALL {
+            for a in modes {
+                for b in modes {
+                    let lock = CoherenceLock::new(strategy);
+                    let _held = lock.lock(a, 0..1);
+                    let granted = lock.try_lock(b, 0..1).is_some();
+                    assert_eq!(granted, !strategy.conflicts(a, b), "{strategy} {a:?} {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn none_never_blocks() {
         let lock = CoherenceLock::new(Strategy::None);
         let _invalidate = lock.lock(Mode::Invalidate, 0..10);
         assert!(lock.try_lock(Mode::Invalidate, 0..10).is_some());
+    }
+}
+
+/// Loom models: under every strategy, two threads taking conflicting modes are
+/// never inside together, whatever the interleaving.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::sync::atomic::{AtomicBool, Ordering};
+    use crate::sync::Arc;
+
+    fn check_exclusion(strategy: Strategy, a: Mode, b: Mode) {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(2);
+        builder.check(move || {
+            let lock = Arc::new(CoherenceLock::new(strategy));
+            let inside = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            let other = {
+                let (lock, inside) = (lock.clone(), inside.clone());
+                loom::thread::spawn(move || {
+                    let _guard = lock.lock(b, 0..1);
+                    inside[1].store(true, Ordering::SeqCst);
+                    assert!(
+                        !inside[0].load(Ordering::SeqCst),
+                        "{strategy} {a:?} with {b:?}"
+                    );
+                    inside[1].store(false, Ordering::SeqCst);
+                })
+            };
+            {
+                let _guard = lock.lock(a, 0..1);
+                inside[0].store(true, Ordering::SeqCst);
+                assert!(
+                    !inside[1].load(Ordering::SeqCst),
+                    "{strategy} {a:?} with {b:?}"
+                );
+                inside[0].store(false, Ordering::SeqCst);
+            }
+            other.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn conflicting_modes_exclude_under_every_strategy() {
+        use Mode::*;
+        let modes = [Read, Fill, Write, Direct, Invalidate];
+        for strategy in Strategy::ALL {
+            for (i, &a) in modes.iter().enumerate() {
+                for &b in &modes[i..] {
+                    if strategy.conflicts(a, b) {
+                        check_exclusion(strategy, a, b);
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,152 @@
+//! Benchmarks of filemap, each measured against baselines run in the same
+//! process, so that the figures are ratios on one machine at one moment rather
+//! than absolute numbers from a noisy, shared one.
+//!
+//! - [`hit`]: 4 KiB random `read_at` hits on a fully cached file, against kernel
+//!   `pread` on a warm host file of the same size and against a plain `memcpy`
+//!   from the same frame memory.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+pub mod hit;
+
+/// One measured configuration: the median of several timed runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// The benchmark.
+    pub workload: String,
+    /// What ran: a filemap strategy, or a baseline (`kernel-pread`, `memcpy`).
+    pub strategy: String,
+    /// Threads running it at once.
+    pub threads: usize,
+    /// Operations per second, all threads together (median run).
+    pub ops_per_s: f64,
+    /// Operations per second of one thread (median run).
+    pub per_thread_ops_per_s: f64,
+    /// Nanoseconds per operation on one thread (median run).
+    pub ns_per_op: f64,
+    /// Operations per second of every run, in order.
+    pub runs: Vec<f64>,
+}
+
+/// A ratio between two rows of one invocation, the figure a target is set on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    /// What is compared, e.g. `filemap / kernel-pread, 1 thread`.
+    pub name: String,
+    /// The ratio of the medians.
+    pub value: f64,
+    /// The target, if the project set one.
+    pub target: Option<f64>,
+}
+
+/// The result of one benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Every configuration measured.
+    pub rows: Vec<Row>,
+    /// The ratios the targets are set on.
+    pub ratios: Vec<Ratio>,
+}
+
+/// Runs an operation on `threads` threads for `duration` and returns the
+/// operations per second of all threads together. `make_op` builds each thread's
+/// operation before the clock starts; the operation gets the thread's seeded
+/// generator, so every variant pays the same for its random choices.
+pub fn measure<M, O>(threads: usize, duration: Duration, make_op: M) -> f64
+where
+    M: Fn(usize) -> O + Sync,
+    O: FnMut(&mut fastrand::Rng),
+{
+    let stop = AtomicBool::new(false);
+    let started = std::sync::Barrier::new(threads + 1);
+    let (elapsed, total) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|thread| {
+                let (stop, started, make_op) = (&stop, &started, &make_op);
+                scope.spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(0x5eed ^ thread as u64);
+                    let mut op = make_op(thread);
+                    started.wait();
+                    let mut count = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        // The flag is read once per 16 operations: a shared load is
+                        // cheap, but not free next to a 4 KiB hit.
+                        for _ in 0..16 {
+                            op(&mut rng);
+                        }
+                        count += 16;
+                    }
+                    count
+                })
+            })
+            .collect();
+        started.wait();
+        let start = Instant::now();
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        let total: u64 = workers
+            .into_iter()
+            .map(|worker| worker.join().expect("benchmark threads do not panic"))
+            .sum();
+        (start.elapsed(), total)
+    });
+    total as f64 / elapsed.as_secs_f64()
+}
+
+/// The median of `values` (which must not be empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// A row from the per-run totals of one configuration.
+pub fn row(workload: &str, strategy: &str, threads: usize, runs: Vec<f64>) -> Row {
+    let ops_per_s = median(&runs);
+    let per_thread = ops_per_s / threads as f64;
+    Row {
+        workload: workload.to_owned(),
+        strategy: strategy.to_owned(),
+        threads,
+        ops_per_s,
+        per_thread_ops_per_s: per_thread,
+        ns_per_op: 1e9 / per_thread,
+        runs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn measure_counts_operations_on_every_thread() {
+        use std::sync::atomic::AtomicU64;
+        let per_thread = [AtomicU64::new(0), AtomicU64::new(0)];
+        let rate = measure(2, Duration::from_millis(20), |thread| {
+            let counter = &per_thread[thread];
+            move |_: &mut fastrand::Rng| {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let counted: u64 = per_thread.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        assert!(per_thread.iter().all(|c| c.load(Ordering::Relaxed) >= 16));
+        // The rate is the count over a little more than the requested 20 ms.
+        assert!(rate > 0.0 && rate <= counted as f64 / 0.020);
+    }
+}

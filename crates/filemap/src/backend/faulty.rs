@@ -1,0 +1,356 @@
+//! A backend wrapper that injects delays and errors into chosen calls.
+//!
+//! Its purpose is the window of the kernel's stale-data bug. An invalidating call
+//! (punch, zero, set_len, collapse, insert) reaches the backend after the cache
+//! dropped the range; a fill that slips in between reads the data about to be
+//! removed and can cache it for good. A delay injected BEFORE forwarding such a
+//! call widens exactly that window, which lets the torture and the tests hit it
+//! with backends that have no device underneath to slow down, such as
+//! [`crate::backend::HostFile`]. Delays before reads and writes widen the windows
+//! of fills and writeback; errors exercise every error path above the backend.
+//!
+//! Each call's byte range, which [`FaultRule::on_bytes`] selects on, is the range
+//! of file bytes the call reads, writes or changes:
+//!
+//! | op | bytes |
+//! |---|---|
+//! | `ReadPages`, `WritePages` | the pages transferred |
+//! | `ReadDirect`, `WriteDirect`, `PunchHole`, `ZeroRange` | `offset..offset + len` |
+//! | `SetLen` | `len..`: whatever a shrink removes or a grow adds |
+//! | `CollapseRange`, `InsertRange` | `offset..`: every byte from `offset` on moves |
+//! | `Sync`, `Remove` | none: byte ranges are ignored |
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::{Backend, BackendOp};
+use crate::fault::{touched, FaultPlan, FaultRule, RuleId};
+use crate::PAGE_SIZE;
+
+/// Wraps a backend and injects delays and errors into the calls chosen by its
+/// rules, a [`FaultPlan`] of [`BackendOp`]s.
+///
+/// Rules are checked in the order they were added, and each matching rule counts
+/// the call. Every delay that fires is applied before the call is forwarded; the
+/// first error that fires fails the call without forwarding it, so nothing
+/// changes. With a given seed the injections are deterministic for a given order
+/// of calls.
+pub struct FaultyBackend {
+    inner: Arc<dyn Backend>,
+    plan: FaultPlan<BackendOp>,
+}
+
+impl FaultyBackend {
+    /// Wraps `inner` with no rules; `seed` seeds the generator used by delays and
+    /// [`crate::fault::Trigger::Probability`].
+    pub fn new(inner: Arc<dyn Backend>, seed: u64) -> Self {
+        Self {
+            inner,
+            plan: FaultPlan::new(seed),
+        }
+    }
+
+    /// Adds a rule after the existing ones.
+    pub fn add_rule(&self, rule: FaultRule<BackendOp>) -> RuleId {
+        self.plan.add_rule(rule)
+    }
+
+    /// Fails the `n`-th call of kind `op` (1-based, counted from now) with `errno`.
+    pub fn fail_nth(&self, op: BackendOp, n: u64, errno: i32) -> RuleId {
+        self.plan.fail_nth(op, n, errno)
+    }
+
+    /// Removes a rule; unknown or already removed ids are ignored.
+    pub fn remove_rule(&self, id: RuleId) {
+        self.plan.remove_rule(id);
+    }
+
+    /// Removes every rule.
+    pub fn clear(&self) {
+        self.plan.clear();
+    }
+
+    /// How many injections (delays and errors) have happened so far.
+    pub fn injected(&self) -> u64 {
+        self.plan.injected()
+    }
+
+    /// The wrapped backend.
+    pub fn inner(&self) -> &Arc<dyn Backend> {
+        &self.inner
+    }
+}
+
+/// The bytes of `len` bytes of pages starting at page `index`, saturating.
+fn pages(index: u64, len: usize) -> Option<Range<u64>> {
+    touched(index.saturating_mul(PAGE_SIZE as u64), len as u64)
+}
+
+/// Every byte from `offset` on.
+fn from(offset: u64) -> Option<Range<u64>> {
+    Some(offset..u64::MAX)
+}
+
+impl fmt::Debug for FaultyBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyBackend")
+            .field("inner", &self.inner)
+            .field("rules", &self.plan.rule_count())
+            .field("injected", &self.injected())
+            .finish()
+    }
+}
+
+impl Backend for FaultyBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.inner.max_file_size()
+    }
+
+    fn read_pages(&self, index: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.plan
+            .intercept(BackendOp::ReadPages, pages(index, buf.len()))?;
+        self.inner.read_pages(index, buf)
+    }
+
+    fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
+        self.plan
+            .intercept(BackendOp::WritePages, pages(index, buf.len()))?;
+        self.inner.write_pages(index, buf)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.plan.intercept(BackendOp::SetLen, from(len))?;
+        self.inner.set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.plan
+            .intercept(BackendOp::PunchHole, touched(offset, len))?;
+        self.inner.punch_hole(offset, len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.plan
+            .intercept(BackendOp::ZeroRange, touched(offset, len))?;
+        self.inner.zero_range(offset, len)
+    }
+
+    fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.plan
+            .intercept(BackendOp::CollapseRange, from(offset))?;
+        self.inner.collapse_range(offset, len)
+    }
+
+    fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.plan.intercept(BackendOp::InsertRange, from(offset))?;
+        self.inner.insert_range(offset, len)
+    }
+
+    fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.plan
+            .intercept(BackendOp::ReadDirect, touched(offset, buf.len() as u64))?;
+        self.inner.read_direct(offset, buf)
+    }
+
+    fn write_direct(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.plan
+            .intercept(BackendOp::WriteDirect, touched(offset, buf.len() as u64))?;
+        self.inner.write_direct(offset, buf)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.plan.intercept(BackendOp::Sync, None)?;
+        self.inner.sync()
+    }
+
+    fn remove(&self) -> io::Result<()> {
+        self.plan.intercept(BackendOp::Remove, None)?;
+        self.inner.remove()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::backend::{HostFile, Volume};
+    use crate::device::MemDevice;
+    use crate::fault::{Injection, Trigger};
+
+    const PAGE: usize = PAGE_SIZE;
+
+    /// A faulty backend over a volume file of `pages` pages, page i filled with
+    /// byte `i + 1`.
+    fn backend(pages: u64) -> FaultyBackend {
+        let volume = Volume::format(Arc::new(MemDevice::new(64 * PAGE as u64))).unwrap();
+        let file = volume.create_file("a").unwrap();
+        file.set_len(pages * PAGE as u64).unwrap();
+        let data: Vec<u8> = (0..pages).flat_map(|i| [i as u8 + 1; PAGE]).collect();
+        file.write_pages(0, &data).unwrap();
+        FaultyBackend::new(Arc::new(file), 1)
+    }
+
+    fn read(backend: &dyn Backend, index: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0xAA; PAGE];
+        backend.read_pages(index, &mut buf).map(|()| buf)
+    }
+
+    fn errno<T: fmt::Debug>(result: io::Result<T>) -> i32 {
+        result.unwrap_err().raw_os_error().expect("an errno")
+    }
+
+    #[test]
+    fn an_error_fails_the_call_and_forwards_nothing() {
+        let backend = backend(4);
+        backend.fail_nth(BackendOp::PunchHole, 2, libc::EIO);
+        backend.punch_hole(0, PAGE as u64).unwrap();
+        assert_eq!(
+            errno(backend.punch_hole(PAGE as u64, PAGE as u64)),
+            libc::EIO
+        );
+        assert_eq!(
+            read(&backend, 1).unwrap(),
+            [2; PAGE],
+            "the punch was forwarded"
+        );
+        backend.punch_hole(PAGE as u64, PAGE as u64).unwrap();
+        assert_eq!(read(&backend, 1).unwrap(), [0; PAGE]);
+        assert_eq!(backend.injected(), 1);
+    }
+
+    #[test]
+    fn every_call_can_fail_without_changing_anything() {
+        let backend = backend(4);
+        let page = PAGE as u64;
+        let ops = [
+            BackendOp::ReadPages,
+            BackendOp::WritePages,
+            BackendOp::SetLen,
+            BackendOp::PunchHole,
+            BackendOp::ZeroRange,
+            BackendOp::CollapseRange,
+            BackendOp::InsertRange,
+            BackendOp::ReadDirect,
+            BackendOp::WriteDirect,
+            BackendOp::Sync,
+            BackendOp::Remove,
+        ];
+        for op in ops {
+            backend.add_rule(FaultRule::new(
+                op,
+                Trigger::Always,
+                Injection::Error(libc::EROFS),
+            ));
+        }
+        let mut buf = vec![0; PAGE];
+        let results = [
+            backend.read_pages(0, &mut buf),
+            backend.write_pages(0, &[9; PAGE]),
+            backend.set_len(0),
+            backend.punch_hole(0, page),
+            backend.zero_range(0, page),
+            backend.collapse_range(0, page),
+            backend.insert_range(0, page),
+            backend.read_direct(0, &mut buf),
+            backend.write_direct(0, &[9; PAGE]),
+            backend.sync(),
+            backend.remove(),
+        ];
+        for (op, result) in ops.iter().zip(results) {
+            assert_eq!(errno(result), libc::EROFS, "{op:?}");
+        }
+        assert_eq!(backend.injected(), ops.len() as u64);
+        assert_eq!(buf, [0; PAGE], "a failed read leaves the buffer alone");
+        backend.clear();
+        assert_eq!(backend.len().unwrap(), 4 * page);
+        for index in 0..4 {
+            assert_eq!(read(&backend, index).unwrap(), [index as u8 + 1; PAGE]);
+        }
+    }
+
+    #[test]
+    fn byte_ranges_follow_each_call() {
+        let backend = backend(4);
+        let page = PAGE as u64;
+        let rule = |op| FaultRule::new(op, Trigger::Always, Injection::Error(libc::EIO));
+        let reads = backend.add_rule(rule(BackendOp::ReadPages).on_bytes(2 * page..3 * page));
+        assert!(read(&backend, 1).is_ok());
+        assert!(read(&backend, 3).is_ok());
+        assert!(read(&backend, 2).is_err());
+        backend.remove_rule(reads);
+
+        // Growing adds bytes past page 3 and shrinking back removes them: no
+        // match. A shrink into page 3 removes part of it: a match.
+        backend.add_rule(rule(BackendOp::SetLen).on_bytes(3 * page..4 * page));
+        assert!(backend.set_len(5 * page).is_ok());
+        assert!(backend.set_len(4 * page).is_ok());
+        assert!(backend.set_len(3 * page + 1).is_err());
+        backend.clear();
+
+        // A collapse moves every byte after its offset.
+        backend.add_rule(rule(BackendOp::CollapseRange).on_bytes(3 * page..4 * page));
+        assert!(backend.collapse_range(0, page).is_err());
+        backend.add_rule(rule(BackendOp::PunchHole).on_bytes(3 * page..4 * page));
+        assert!(backend.punch_hole(0, page).is_ok());
+        assert!(backend.punch_hole(0, 3 * page + 1).is_err());
+
+        // Direct reads are their own kind of call.
+        backend.add_rule(rule(BackendOp::ReadPages));
+        let mut buf = vec![0; PAGE];
+        backend.read_direct(page, &mut buf).unwrap();
+        assert_eq!(buf, [2; PAGE]);
+    }
+
+    #[test]
+    fn a_delay_before_a_punch_holds_the_old_data_in_place() {
+        let backend = backend(2);
+        let delay = Duration::from_millis(100);
+        backend.add_rule(FaultRule::new(
+            BackendOp::PunchHole,
+            Trigger::Always,
+            Injection::Delay {
+                min: delay,
+                max: delay,
+            },
+        ));
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            let punch = scope.spawn(|| backend.punch_hole(0, PAGE as u64));
+            std::thread::sleep(delay / 4);
+            // The window: the punch has been called, the backend still holds the data.
+            assert_eq!(read(backend.inner().as_ref(), 0).unwrap(), [1; PAGE]);
+            punch.join().unwrap().unwrap();
+        });
+        assert!(start.elapsed() >= delay);
+        assert_eq!(read(&backend, 0).unwrap(), [0; PAGE]);
+        assert_eq!(backend.injected(), 1);
+    }
+
+    #[test]
+    fn wraps_a_host_file() {
+        let file = HostFile::from_file(tempfile::tempfile().unwrap()).unwrap();
+        let backend = FaultyBackend::new(Arc::new(file), 1);
+        let page = PAGE as u64;
+        backend.set_len(3 * page).unwrap();
+        for index in 0..3 {
+            backend
+                .write_pages(index, &[index as u8 + 1; PAGE])
+                .unwrap();
+        }
+        backend.fail_nth(BackendOp::CollapseRange, 1, libc::EIO);
+        assert_eq!(errno(backend.collapse_range(0, page)), libc::EIO);
+        assert_eq!(backend.len().unwrap(), 3 * page);
+        backend.collapse_range(0, page).unwrap();
+        assert_eq!(backend.len().unwrap(), 2 * page);
+        assert_eq!(read(&backend, 0).unwrap(), [2; PAGE]);
+        assert_eq!(backend.max_file_size(), backend.inner().max_file_size());
+        assert!(format!("{backend:?}").contains("HostFile"));
+    }
+}
