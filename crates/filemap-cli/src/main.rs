@@ -43,7 +43,7 @@ enum BenchCommand {
 #[derive(clap::Args)]
 struct HitArgs {
     /// The file's size in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 16)]
     file_mib: u64,
     /// Thread counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
@@ -202,7 +202,7 @@ fn bench_hit(args: HitArgs) -> ExitCode {
             Some(target) => format!("(target >= {target}: NOT met)"),
             None => String::new(),
         };
-        println!("{:<56} {:>6.2}x {verdict}", ratio.name, ratio.value);
+        println!("{:<66} {:>6.2}x {verdict}", ratio.name, ratio.value);
     }
     ExitCode::SUCCESS
 }

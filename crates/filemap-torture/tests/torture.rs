@@ -1,43 +1,67 @@
-//! The torture's two promises: it catches the `none` strategy, and the locking
-//! strategies pass it with every operation kind exercised.
+//! The torture's two promises, on both backends: it catches the `none`
+//! strategy, and every locking strategy passes it with every operation kind
+//! exercised.
 
 use filemap::Strategy;
-use filemap_torture::{run, DeviceSpec, TortureConfig, OP_KINDS};
+use filemap_torture::{run, BackendKind, DeviceSpec, TortureConfig, OP_KINDS};
+
+const BACKENDS: [BackendKind; 2] = [BackendKind::Volume, BackendKind::HostFile];
 
 #[test]
-fn the_checker_catches_the_none_strategy() {
-    let config = TortureConfig {
-        strategy: Strategy::None,
-        seconds: 60.0,
-        stop_on_violation: true,
-        ..TortureConfig::default()
-    };
-    let report = run(&config, |_| {}).unwrap();
-    assert!(
-        report.stale + report.foreign > 0,
-        "no stale or foreign page found under `none` in {:.1} s: {report:?}",
-        report.seconds
-    );
+fn the_checker_catches_the_none_strategy_on_both_backends() {
+    for backend in BACKENDS {
+        let config = TortureConfig {
+            strategy: Strategy::None,
+            backend,
+            device: DeviceSpec::TempFile,
+            seconds: 60.0,
+            stop_on_violation: true,
+            ..TortureConfig::default()
+        };
+        let report = run(&config, |_| {}).unwrap();
+        assert!(
+            report.stale + report.foreign > 0,
+            "no stale or foreign page found under `none` on {} in {:.1} s: {report:?}",
+            backend.name(),
+            report.seconds
+        );
+    }
 }
 
 #[test]
-fn invalidate_lock_passes_with_every_operation_exercised() {
+fn every_locking_strategy_passes_on_both_backends() {
+    for backend in BACKENDS {
+        for strategy in Strategy::ALL.into_iter().filter(|s| s.is_coherent()) {
+            let config = TortureConfig {
+                strategy,
+                backend,
+                device: DeviceSpec::TempFile,
+                seconds: 2.0,
+                ..TortureConfig::default()
+            };
+            let report = run(&config, |_| {}).unwrap();
+            assert!(report.is_clean(), "{report:#?}");
+            assert!(report.reads_checked > 1000, "{report:#?}");
+            for kind in OP_KINDS {
+                assert!(
+                    report.by_kind[kind] >= 100,
+                    "{kind} ran too rarely: {report:#?}"
+                );
+            }
+            assert!(report.injected > 0, "the default run injects delays");
+        }
+    }
+}
+
+#[test]
+fn host_files_do_not_live_in_memory() {
     let config = TortureConfig {
-        strategy: Strategy::InvalidateLock,
-        device: DeviceSpec::TempFile,
-        seconds: 4.0,
+        backend: BackendKind::HostFile,
+        device: DeviceSpec::Mem,
         ..TortureConfig::default()
     };
-    let report = run(&config, |_| {}).unwrap();
-    assert!(report.is_clean(), "{report:#?}");
-    assert!(report.reads_checked > 1000, "{report:#?}");
-    for kind in OP_KINDS {
-        assert!(
-            report.by_kind[kind] >= 100,
-            "{kind} ran too rarely: {report:#?}"
-        );
-    }
-    assert!(report.injected > 0, "the default run injects device delays");
+    let error = run(&config, |_| {}).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! - [`Mapping`]: one per open file; the page index and the coherence lock. All
 //!   locking lives here, so a backend cannot forget a lock.
 //! - [`PageCache`]: shared frame memory under a byte budget.
-//! - [`Backend`]: the address-space operations of one file ([`Volume`] files).
+//! - [`Backend`]: the address-space operations of one file: a [`Volume`] file
+//!   (many files on one device) or a [`HostFile`] (one host file each).
 //! - [`Device`]: block I/O ([`FileDevice`], [`MemDevice`], [`FaultyDevice`]).
 //!
 //! ```
