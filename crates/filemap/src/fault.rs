@@ -14,6 +14,7 @@ use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -260,6 +261,64 @@ impl<Op> fmt::Debug for FaultPlan<Op> {
         f.debug_struct("FaultPlan")
             .field("rules", &self.rules.lock().active.len())
             .field("injected", &self.injected.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A wrapper that forwards every call to `inner` after injecting what its plan
+/// of rules chooses. [`crate::FaultyDevice`] and [`crate::FaultyBackend`] are
+/// this wrapper around a device and around a backend.
+pub struct Faulty<T: ?Sized, Op> {
+    pub(crate) inner: Arc<T>,
+    pub(crate) plan: FaultPlan<Op>,
+}
+
+impl<T: ?Sized, Op: Copy + Eq + fmt::Debug> Faulty<T, Op> {
+    /// Wraps `inner` with no rules; `seed` seeds the generator used by delays and
+    /// [`Trigger::Probability`].
+    pub fn new(inner: Arc<T>, seed: u64) -> Self {
+        Faulty {
+            inner,
+            plan: FaultPlan::new(seed),
+        }
+    }
+
+    /// Adds a rule after the existing ones.
+    pub fn add_rule(&self, rule: FaultRule<Op>) -> RuleId {
+        self.plan.add_rule(rule)
+    }
+
+    /// Fails the `n`-th call of kind `op` (1-based, counted from now) with `errno`.
+    pub fn fail_nth(&self, op: Op, n: u64, errno: i32) -> RuleId {
+        self.plan.fail_nth(op, n, errno)
+    }
+
+    /// Removes a rule; unknown or already removed ids are ignored.
+    pub fn remove_rule(&self, id: RuleId) {
+        self.plan.remove_rule(id);
+    }
+
+    /// Removes every rule.
+    pub fn clear(&self) {
+        self.plan.clear();
+    }
+
+    /// How many injections (delays and errors) have happened so far.
+    pub fn injected(&self) -> u64 {
+        self.plan.injected()
+    }
+
+    /// The wrapped object.
+    pub fn inner(&self) -> &Arc<T> {
+        &self.inner
+    }
+}
+
+impl<T: ?Sized + fmt::Debug, Op> fmt::Debug for Faulty<T, Op> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Faulty")
+            .field("inner", &self.inner)
+            .field("plan", &self.plan)
             .finish()
     }
 }

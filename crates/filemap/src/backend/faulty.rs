@@ -20,68 +20,22 @@
 //! | `CollapseRange`, `InsertRange` | `offset..`: every byte from `offset` on moves |
 //! | `Sync`, `Remove` | none: byte ranges are ignored |
 
-use std::fmt;
 use std::io;
 use std::ops::Range;
-use std::sync::Arc;
 
 use super::{Backend, BackendOp};
-use crate::fault::{touched, FaultPlan, FaultRule, RuleId};
+use crate::fault::{touched, Faulty};
 use crate::PAGE_SIZE;
 
 /// Wraps a backend and injects delays and errors into the calls chosen by its
-/// rules, a [`FaultPlan`] of [`BackendOp`]s.
+/// rules, a [`FaultPlan`](crate::fault::FaultPlan) of [`BackendOp`]s.
 ///
 /// Rules are checked in the order they were added, and each matching rule counts
 /// the call. Every delay that fires is applied before the call is forwarded; the
 /// first error that fires fails the call without forwarding it, so nothing
 /// changes. With a given seed the injections are deterministic for a given order
 /// of calls.
-pub struct FaultyBackend {
-    inner: Arc<dyn Backend>,
-    plan: FaultPlan<BackendOp>,
-}
-
-impl FaultyBackend {
-    /// Wraps `inner` with no rules; `seed` seeds the generator used by delays and
-    /// [`crate::fault::Trigger::Probability`].
-    pub fn new(inner: Arc<dyn Backend>, seed: u64) -> Self {
-        Self {
-            inner,
-            plan: FaultPlan::new(seed),
-        }
-    }
-
-    /// Adds a rule after the existing ones.
-    pub fn add_rule(&self, rule: FaultRule<BackendOp>) -> RuleId {
-        self.plan.add_rule(rule)
-    }
-
-    /// Fails the `n`-th call of kind `op` (1-based, counted from now) with `errno`.
-    pub fn fail_nth(&self, op: BackendOp, n: u64, errno: i32) -> RuleId {
-        self.plan.fail_nth(op, n, errno)
-    }
-
-    /// Removes a rule; unknown or already removed ids are ignored.
-    pub fn remove_rule(&self, id: RuleId) {
-        self.plan.remove_rule(id);
-    }
-
-    /// Removes every rule.
-    pub fn clear(&self) {
-        self.plan.clear();
-    }
-
-    /// How many injections (delays and errors) have happened so far.
-    pub fn injected(&self) -> u64 {
-        self.plan.injected()
-    }
-
-    /// The wrapped backend.
-    pub fn inner(&self) -> &Arc<dyn Backend> {
-        &self.inner
-    }
-}
+pub type FaultyBackend = Faulty<dyn Backend, BackendOp>;
 
 /// The bytes of `len` bytes of pages starting at page `index`, saturating.
 fn pages(index: u64, len: usize) -> Option<Range<u64>> {
@@ -93,17 +47,7 @@ fn from(offset: u64) -> Option<Range<u64>> {
     Some(offset..u64::MAX)
 }
 
-impl fmt::Debug for FaultyBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FaultyBackend")
-            .field("inner", &self.inner)
-            .field("rules", &self.plan.rule_count())
-            .field("injected", &self.injected())
-            .finish()
-    }
-}
-
-impl Backend for FaultyBackend {
+impl Backend for Faulty<dyn Backend, BackendOp> {
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }
@@ -182,7 +126,9 @@ mod tests {
     use super::*;
     use crate::backend::{HostFile, Volume};
     use crate::device::MemDevice;
-    use crate::fault::{Injection, Trigger};
+    use crate::fault::{FaultRule, Injection, Trigger};
+    use std::fmt;
+    use std::sync::Arc;
 
     const PAGE: usize = PAGE_SIZE;
 

@@ -567,35 +567,41 @@ impl Mapping {
 
     /// Moves the frame of `source` into the empty slot `target`, flags and all.
     fn move_page(&self, source: &Slot, target: &Slot) {
+        let Some((state, frame)) = self.lock_for_change(source) else {
+            return;
+        };
+        let empty = target.load();
+        let moved = empty.is_absent()
+            && target
+                .replace(empty, empty.with_frame(frame, state.0 & (UPTODATE | DIRTY)))
+                .is_ok();
+        source.update(|s| s.emptied());
+        if !moved {
+            self.cache.frames.free(frame);
+        }
+    }
+
+    /// Locks the page of `slot` to change its bytes or its place, after waiting
+    /// for writeback. A page being filled is taken from its fill instead (the
+    /// fill's data predates the change and must not be published) and, like an
+    /// absent page, yields `None`.
+    fn lock_for_change(&self, slot: &Slot) -> Option<(PageState, FrameId)> {
         loop {
-            let state = source.load();
-            let Some(frame) = state.frame() else {
-                return;
-            };
+            let state = slot.load();
+            let frame = state.frame()?;
             if state.has(FILLING) {
-                // A fill of the old position: its data belongs nowhere now.
-                if source.replace(state, state.emptied()).is_ok() {
-                    return;
+                if slot.replace(state, state.emptied()).is_ok() {
+                    return None;
                 }
                 continue;
             }
             if state.has(LOCKED | WRITEBACK) {
-                source.wait_while(LOCKED | WRITEBACK);
+                slot.wait_while(LOCKED | WRITEBACK);
                 continue;
             }
-            if source.try_lock(state).is_err() {
-                continue;
+            if slot.try_lock(state).is_ok() {
+                return Some((state, frame));
             }
-            let empty = target.load();
-            let moved = empty.is_absent()
-                && target
-                    .replace(empty, empty.with_frame(frame, state.0 & (UPTODATE | DIRTY)))
-                    .is_ok();
-            source.update(|s| s.emptied());
-            if !moved {
-                self.cache.frames.free(frame);
-            }
-            return;
         }
     }
 
@@ -825,29 +831,9 @@ impl Mapping {
         let Some(slot) = self.pages.get(index) else {
             return;
         };
-        loop {
-            let state = slot.load();
-            if state.is_absent() {
-                return;
-            }
-            if state.has(FILLING) {
-                // The fill's data predates the zeroing: it must not be published.
-                if slot.replace(state, state.emptied()).is_ok() {
-                    return;
-                }
-                continue;
-            }
-            if state.has(LOCKED | WRITEBACK) {
-                slot.wait_while(LOCKED | WRITEBACK);
-                continue;
-            }
-            if slot.try_lock(state).is_err() {
-                continue;
-            }
-            let frame = state.frame().expect("a present page has a frame");
+        if let Some((_, frame)) = self.lock_for_change(slot) {
             self.cache.frames.zero(frame, from, to - from);
             slot.update(|s| s.transition(0, LOCKED, true));
-            return;
         }
     }
 

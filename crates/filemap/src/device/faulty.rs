@@ -6,76 +6,21 @@
 //! [`crate::fault::FaultPlan`] of [`DeviceOp`]s.
 
 use std::io;
-use std::sync::Arc;
 
 use super::{Device, DeviceOp};
-use crate::fault::{touched, FaultPlan, FaultRule, RuleId};
+use crate::fault::{touched, Faulty};
 
 /// Wraps a device and injects delays and errors into the calls chosen by its rules.
 ///
-/// The rules form a [`FaultPlan`]: checked in the order they were added, each
-/// matching rule counts the call; every delay that fires is applied before the
+/// The rules form a [`FaultPlan`](crate::fault::FaultPlan): checked in the order
+/// they were added, each matching rule counts the call; every delay that fires is applied before the
 /// call is forwarded, and the first error that fires fails the call without
 /// forwarding it. A read or write touches the device bytes it transfers; a flush
 /// touches none. With a given seed the injections are deterministic for a given
 /// order of calls.
-pub struct FaultyDevice {
-    inner: Arc<dyn Device>,
-    plan: FaultPlan<DeviceOp>,
-}
+pub type FaultyDevice = Faulty<dyn Device, DeviceOp>;
 
-impl FaultyDevice {
-    /// Wraps `inner` with no rules; `seed` seeds the generator used by delays and
-    /// [`crate::device::Trigger::Probability`].
-    pub fn new(inner: Arc<dyn Device>, seed: u64) -> Self {
-        Self {
-            inner,
-            plan: FaultPlan::new(seed),
-        }
-    }
-
-    /// Adds a rule after the existing ones.
-    pub fn add_rule(&self, rule: FaultRule<DeviceOp>) -> RuleId {
-        self.plan.add_rule(rule)
-    }
-
-    /// Fails the `n`-th call of kind `op` (1-based, counted from now) with `errno`.
-    pub fn fail_nth(&self, op: DeviceOp, n: u64, errno: i32) -> RuleId {
-        self.plan.fail_nth(op, n, errno)
-    }
-
-    /// Removes a rule; unknown or already removed ids are ignored.
-    pub fn remove_rule(&self, id: RuleId) {
-        self.plan.remove_rule(id);
-    }
-
-    /// Removes every rule.
-    pub fn clear(&self) {
-        self.plan.clear();
-    }
-
-    /// How many injections (delays and errors) have happened so far.
-    pub fn injected(&self) -> u64 {
-        self.plan.injected()
-    }
-
-    /// The wrapped device.
-    pub fn inner(&self) -> &Arc<dyn Device> {
-        &self.inner
-    }
-}
-
-impl std::fmt::Debug for FaultyDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultyDevice")
-            .field("inner", &self.inner)
-            .field("rules", &self.plan.rule_count())
-            .field("injected", &self.injected())
-            .finish()
-    }
-}
-
-impl Device for FaultyDevice {
+impl Device for Faulty<dyn Device, DeviceOp> {
     fn len(&self) -> u64 {
         self.inner.len()
     }
@@ -104,7 +49,8 @@ mod tests {
 
     use super::*;
     use crate::device::MemDevice;
-    use crate::fault::{Injection, Trigger};
+    use crate::fault::{FaultRule, Injection, Trigger};
+    use std::sync::Arc;
 
     fn device(seed: u64) -> FaultyDevice {
         FaultyDevice::new(Arc::new(MemDevice::new(16384)), seed)
