@@ -139,7 +139,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(&str)) -> io::Result<Rep
 }
 
 /// A cache holding every page of a file of the configured size, all clean.
-fn cached_file(config: &HitConfig) -> io::Result<(PageCache, Mapping)> {
+fn cached_file(config: &HitConfig) -> io::Result<(PageCache, Arc<Mapping>)> {
     let volume = Volume::format(Arc::new(MemDevice::new(config.file_bytes + (1 << 20))))?;
     let cache = PageCache::builder()
         .strategy(config.strategy)

@@ -68,7 +68,7 @@ impl Op {
 /// What every worker shares.
 struct Shared {
     config: TortureConfig,
-    files: Vec<Mapping>,
+    files: Vec<Arc<Mapping>>,
     history: History,
     clock: Clock,
     stop: AtomicBool,

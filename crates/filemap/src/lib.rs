@@ -33,6 +33,8 @@ pub mod device;
 mod errno;
 pub mod fault;
 pub mod lock;
+pub(crate) mod map;
+pub(crate) mod racy;
 pub(crate) mod sync;
 
 pub use backend::{Backend, FaultyBackend, HostFile, Volume, VolumeFile};
@@ -40,3 +42,4 @@ pub use cache::{Mapping, PageCache, PageCacheBuilder, PAGE_SIZE};
 pub use device::{Device, FaultyDevice, FileDevice, MemDevice};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};
+pub use map::region::{MapAccess, MapRegion};

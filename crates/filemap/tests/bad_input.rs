@@ -15,7 +15,7 @@ const STRATEGIES: [Strategy; 2] = [Strategy::None, Strategy::InvalidateLock];
 
 /// A file of three and a half pages: pages 0-1 synced and cached clean, pages
 /// 2-3 cached dirty.
-fn fixture(strategy: Strategy) -> (Arc<Volume>, Mapping, Vec<u8>) {
+fn fixture(strategy: Strategy) -> (Arc<Volume>, Arc<Mapping>, Vec<u8>) {
     let volume = Volume::format(Arc::new(MemDevice::new(8 << 20))).unwrap();
     let cache = PageCache::builder().strategy(strategy).build().unwrap();
     let file = cache

@@ -20,7 +20,7 @@ struct Fixture {
     device: Arc<FaultyDevice>,
     volume: Arc<Volume>,
     backend: VolumeFile,
-    file: Mapping,
+    file: Arc<Mapping>,
 }
 
 /// A file whose `data` is on the device (allocated blocks), with nothing cached.

@@ -18,7 +18,7 @@ const NAME: &str = "file";
 /// A volume with one empty file, opened through a fresh cache.
 struct Fixture {
     volume: Arc<Volume>,
-    file: Mapping,
+    file: Arc<Mapping>,
 }
 
 fn fixture(strategy: Strategy) -> Fixture {
@@ -613,7 +613,7 @@ fn remove_makes_every_call_fail_with_enoent_and_frees_the_blocks() {
 
 /// A file of `pages` pages written through the backend, opened through a cache
 /// whose budget holds only two pages.
-fn small_cache_fixture(strategy: Strategy, data: &[u8]) -> (PageCache, Mapping) {
+fn small_cache_fixture(strategy: Strategy, data: &[u8]) -> (PageCache, Arc<Mapping>) {
     let volume = Volume::format(Arc::new(MemDevice::new(8 << 20))).unwrap();
     let backend = volume.create_file(NAME).unwrap();
     backend.set_len(data.len() as u64).unwrap();

@@ -12,7 +12,7 @@
 //!   under writeback so that no old snapshot reaches the backend afterwards.
 //! - Direct I/O takes [`Mode::Direct`], writes back and drops the range before the
 //!   I/O, and (for writes) drops it again afterwards, as the kernel does.
-//! - Hits take no lock and write nothing shared: they copy the frame between two
+//! - Hits take no lock and write nothing shared: they copy the page between two
 //!   loads of the page's state word and retry if it changed.
 //!
 //! The copy to or from the caller's buffer happens outside the coherence lock for
@@ -26,13 +26,17 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::frame::FrameId;
-use super::page::{PageState, Slot, DIRTY, FILLING, LOCKED, UPTODATE, WRITEBACK};
+use super::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, UPTODATE, WRITEBACK};
+use super::store::PageStore;
 use super::tree::{PageTree, MAX_PAGES};
 use super::{CacheShared, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
 use crate::backend::Backend;
 use crate::errno::{err, fail};
 use crate::lock::{CoherenceLock, Mode, Strategy};
+use crate::map::handler::FaultHandler;
+use crate::map::memfd::View;
+use crate::map::region::{buffer_in_a_map, MapAccess, MapRegion};
+use crate::map::uffd::{scan_written, Userfaultfd};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -40,7 +44,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// calls and the range operations of `fallocate`, `ftruncate`, `O_DIRECT` and
 /// `fsync`, all coherent with each other.
 ///
-/// Every call takes `&self`: share a mapping between threads with an `Arc`.
+/// [`crate::PageCache::open`] returns an `Arc<Mapping>`: share it between
+/// threads; every call takes `&self`.
 /// Errors carry the errno a file would give (`EINVAL`, `EFBIG`, `ENOENT`, ...),
 /// and a call that fails its argument checks changes nothing.
 ///
@@ -63,6 +68,13 @@ pub struct Mapping {
     cache: Arc<CacheShared>,
     backend: Arc<dyn Backend>,
     pages: PageTree,
+    /// Where the pages live: the mapping's memfd.
+    store: PageStore,
+    uffd: Arc<Userfaultfd>,
+    /// Serves the faults of every view of the store.
+    handler: Mutex<Option<FaultHandler>>,
+    /// The user's maps of this file, for faults and dirty scans.
+    maps: parking_lot::RwLock<Vec<UserView>>,
     lock: CoherenceLock,
     /// The file's size as callers see it; the backend's follows under `size_lock`.
     size: AtomicU64,
@@ -70,6 +82,25 @@ pub struct Mapping {
     size_lock: Mutex<()>,
     max_size: u64,
     removed: AtomicBool,
+}
+
+/// One of the user's maps, as the mapping tracks it.
+#[derive(Clone, Copy, Debug)]
+struct UserView {
+    addr: usize,
+    len: usize,
+    /// The file offset of the first byte.
+    offset: u64,
+    /// Read-write and write-protected asynchronously: scanned for stores.
+    tracked: bool,
+}
+
+impl UserView {
+    /// The page index `addr` shows, if `addr` is in this view.
+    fn page_at(&self, addr: usize) -> Option<u64> {
+        let at = addr.checked_sub(self.addr).filter(|&at| at < self.len)?;
+        Some((self.offset + at as u64) / PAGE)
+    }
 }
 
 /// Whether a dropped dirty page is written back first or discarded.
@@ -81,6 +112,17 @@ enum DirtyPages {
     WriteBack,
 }
 
+/// What a fill does when the budget is used up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FillBudget {
+    /// Read the first page without caching it (a read miss).
+    Uncached,
+    /// Report [`Fill::CacheFull`] (readahead, a write that must read its page).
+    Cache,
+    /// Take the first page beyond the budget (a fault, which cannot be refused).
+    Force,
+}
+
 /// What a fill of absent pages achieved.
 enum Fill {
     /// `pages` pages from the first one were read; `data` holds them.
@@ -89,26 +131,229 @@ enum Fill {
     NotAbsent,
     /// The first page starts at or past the end of file.
     BeyondEof,
-    /// The first page is absent and the budget has no frame for it (only when
+    /// The first page is absent and the budget has no room for it (only when
     /// the caller asked for the pages to be cached).
     CacheFull,
 }
 
 impl Mapping {
-    pub(super) fn new(cache: Arc<CacheShared>, backend: Arc<dyn Backend>) -> io::Result<Self> {
+    pub(super) fn new(cache: Arc<CacheShared>, backend: Arc<dyn Backend>) -> io::Result<Arc<Self>> {
         let size = backend.len()?;
         let max_size = backend.max_file_size().min(MAX_PAGES * PAGE);
         let strategy = cache.strategy;
-        Ok(Mapping {
+        let uffd = Arc::new(Userfaultfd::new()?);
+        let store = PageStore::new(max_size, uffd.clone())?;
+        let mapping = Arc::new(Mapping {
             cache,
             backend,
             pages: PageTree::default(),
+            store,
+            uffd: uffd.clone(),
+            handler: Mutex::new(None),
+            maps: parking_lot::RwLock::new(Vec::new()),
             lock: CoherenceLock::new(strategy),
             size: AtomicU64::new(size),
             size_lock: Mutex::new(()),
             max_size,
             removed: AtomicBool::new(false),
-        })
+        });
+        let handler = FaultHandler::start(uffd, Arc::downgrade(&mapping))?;
+        *mapping.handler.lock() = Some(handler);
+        Ok(mapping)
+    }
+
+    /// Serves a MISSING fault at `addr` in one of the store's views: fills the
+    /// page under Fill, as a read miss does, then wakes the toucher. Faults past
+    /// the end of file, or on pages another thread is installing, are left to the
+    /// toucher's retry (which then finds the page, or gets `SIGBUS`).
+    pub(crate) fn serve_fault(&self, addr: usize, thread: u32) {
+        let page_addr = addr & !(PAGE_SIZE - 1);
+        let internal = self.store.page_at(addr);
+        let index = internal.or_else(|| {
+            let maps = self.maps.read();
+            maps.iter().find_map(|view| view.page_at(addr))
+        });
+        if let Some(index) = index {
+            if index * PAGE < self.len() {
+                self.fault_in(index);
+            } else if internal.is_some() {
+                // An optimistic reader that lost a race with a truncate.
+                self.install_zeroes_past_end(index);
+            } else if thread != 0 {
+                // A user map touched a page wholly past the end of file.
+                let _ = crate::map::uffd::send_sigbus(thread);
+            }
+        }
+        let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+    }
+
+    /// The name of the thread that serves this mapping's page faults (tests
+    /// watch it go away with the mapping).
+    #[doc(hidden)]
+    pub fn fault_thread_name(&self) -> String {
+        let handler = self.handler.lock();
+        handler
+            .as_ref()
+            .map(|h| h.thread_name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Maps `len` bytes of the file from `offset`, both multiples of
+    /// [`PAGE_SIZE`], as a [`MapRegion`] shared with this cache (see its docs).
+    /// The range may reach past the end of file, as with `mmap`: touching a page
+    /// wholly past it raises `SIGBUS`. `EINVAL` for a misaligned or empty range;
+    /// `EOVERFLOW` past [`Mapping::max_file_size`].
+    pub fn map(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        access: MapAccess,
+    ) -> io::Result<MapRegion> {
+        self.check_live()?;
+        let end = end_of(offset, len)?;
+        if offset % PAGE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            return fail(libc::EINVAL);
+        }
+        if end > self.max_size {
+            return fail(libc::EOVERFLOW);
+        }
+        let writable = access == MapAccess::ReadWrite;
+        let view = View::new(self.store.memfd(), offset, len, writable)?;
+        let tracked = writable && self.uffd.has_wp_async();
+        self.uffd.register(view.addr(), view.len(), tracked)?;
+        if tracked {
+            // Arms write tracking over the whole view, pages present or not.
+            scan_written(view.addr(), view.len())?;
+        }
+        self.maps.write().push(UserView {
+            addr: view.addr(),
+            len: view.len(),
+            offset,
+            tracked,
+        });
+        Ok(MapRegion::new(self.clone(), view, offset, access))
+    }
+
+    /// Called as a map goes away: marks the pages it stored to dirty, and stops
+    /// tracking it.
+    pub(crate) fn forget_map(&self, map: &MapRegion) {
+        let range = map.addr_range();
+        let view = {
+            let mut maps = self.maps.write();
+            let position = maps.iter().position(|view| view.addr == range.start);
+            position.map(|at| maps.remove(at))
+        };
+        if let Some(view) = view {
+            self.mark_stores_dirty(&view, 0, MAX_PAGES - 1);
+        }
+    }
+
+    /// Marks dirty the pages of `first..=last` that stores through the user's
+    /// read-write maps changed since the last scan (which re-arms tracking).
+    fn scan_maps(&self, first: u64, last: u64) {
+        let views: Vec<UserView> = self
+            .maps
+            .read()
+            .iter()
+            .filter(|v| v.tracked)
+            .copied()
+            .collect();
+        for view in &views {
+            self.mark_stores_dirty(view, first, last);
+        }
+    }
+
+    fn mark_stores_dirty(&self, view: &UserView, first: u64, last: u64) {
+        if !view.tracked {
+            return;
+        }
+        let view_first = view.offset / PAGE;
+        let view_last = view_first + (view.len / PAGE_SIZE) as u64 - 1;
+        let (first, last) = (first.max(view_first), last.min(view_last));
+        if first > last {
+            return;
+        }
+        let addr = view.addr + ((first - view_first) * PAGE) as usize;
+        let len = ((last - first + 1) * PAGE) as usize;
+        let Ok(written) = scan_written(addr, len) else {
+            return;
+        };
+        for range in written {
+            for page_addr in range.step_by(PAGE_SIZE) {
+                let Some(index) = view.page_at(page_addr) else {
+                    continue;
+                };
+                if let Some(slot) = self.pages.get(index) {
+                    slot.update(|s| {
+                        if s.has(UPTODATE) {
+                            s.transition(DIRTY, 0, false)
+                        } else {
+                            s
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Makes page `index`, past the end of file, a cached page of zeroes (the
+    /// file's content there), so that an optimistic reader of the cache's view
+    /// that raced a truncate can finish its copy, which it then discards. The
+    /// page is an ordinary cached page: a later truncate drops it, and if the
+    /// file grows over it, zeroes are right.
+    fn install_zeroes_past_end(&self, index: u64) {
+        let slot = self.pages.get_or_create(index);
+        loop {
+            let state = slot.load();
+            if state.has(LOCKED | FILLING) {
+                slot.wait_while(LOCKED | FILLING);
+                continue;
+            }
+            if state.has(PRESENT) {
+                return;
+            }
+            // A fault cannot be refused: until eviction exists it may exceed the budget.
+            self.cache.budget.force_acquire();
+            if slot.replace(state, state.with_flags(LOCKED)).is_err() {
+                self.cache.budget.release();
+                continue;
+            }
+            if self.store.install(index, &[0; PAGE_SIZE]).is_ok() {
+                slot.update(|s| s.transition(PRESENT | UPTODATE, LOCKED, true));
+            } else {
+                slot.update(PageState::emptied);
+                self.cache.budget.release();
+            }
+            return;
+        }
+    }
+
+    /// Makes page `index` present if it lies inside the file.
+    fn fault_in(&self, index: u64) {
+        let slot = self.pages.get_or_create(index);
+        loop {
+            if index * PAGE >= self.len() {
+                return;
+            }
+            let state = slot.load();
+            if state.has(LOCKED | FILLING) {
+                slot.wait_while(LOCKED | FILLING);
+                continue;
+            }
+            if state.has(PRESENT) {
+                return;
+            }
+            let want = self.cache.fill_batch_pages as u64;
+            let _fill = self
+                .lock
+                .lock(Mode::Fill, index * PAGE..(index + want) * PAGE);
+            // A fault cannot be refused: until eviction exists, it may take the
+            // page beyond the budget.
+            match self.fill_locked(index, want, FillBudget::Force) {
+                Ok(Fill::BeyondEof) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 
     /// The file's size in bytes.
@@ -145,7 +390,7 @@ impl Mapping {
 
     /// A plain `memcpy` of cached page `index` into `dst`, with no validation:
     /// the baseline that benchmarks compare the hit path with. Returns whether
-    /// the page had a frame.
+    /// the page was present.
     ///
     /// # Safety
     /// Nothing may change this cache's pages during the call: no write, fill,
@@ -153,12 +398,16 @@ impl Mapping {
     #[doc(hidden)]
     #[allow(unsafe_code)]
     pub unsafe fn memcpy_cached_page(&self, index: u64, dst: &mut [u8; PAGE_SIZE]) -> bool {
-        let Some(frame) = self.pages.get(index).and_then(|slot| slot.load().frame()) else {
+        if !self
+            .pages
+            .get(index)
+            .is_some_and(|slot| slot.load().has(PRESENT))
+        {
             return false;
-        };
-        // SAFETY: the caller guarantees that no frame of this cache changes during
-        // the call, which is `memcpy_page`'s contract.
-        unsafe { self.cache.frames.memcpy_page(frame, dst) };
+        }
+        // SAFETY: the page is present, and the caller guarantees that nothing
+        // changes it during the call: `memcpy_page`'s contract.
+        unsafe { self.store.memcpy_page(index, dst) };
         true
     }
 
@@ -183,8 +432,17 @@ impl Mapping {
             return Ok(0);
         }
         let len = (end.min(size) - offset) as usize;
-        // Only `file-exclusive` locks whole reads; it then covers their fills too.
+        // Only `file-exclusive` locks whole reads; it then covers their fills too,
+        // and a buffer in a map is filled after the lock is gone (a fault on it
+        // under the lock could wait for a queued Invalidate that waits for us).
         let read = self.lock.lock(Mode::Read, offset..end);
+        if read.is_locking() && buffer_in_a_map(buf.as_ptr(), len) {
+            let mut bounce = vec![0; len];
+            let n = self.read_cached(&mut bounce, offset, true)?;
+            drop(read);
+            buf[..n].copy_from_slice(&bounce[..n]);
+            return Ok(n);
+        }
         self.read_cached(&mut buf[..len], offset, read.is_locking())
     }
 
@@ -222,6 +480,12 @@ impl Mapping {
         }
         if end > self.max_size {
             return fail(libc::EFBIG);
+        }
+        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+            // Reading a map may fault into a handler that needs Fill: copy it
+            // before taking Write, which a queued Invalidate would make it wait for.
+            let bounce: Vec<u8> = buf.to_vec();
+            return self.write_at(&bounce, offset);
         }
         let _write = self.lock.lock(Mode::Write, offset..end);
         let old_size = self.len();
@@ -284,7 +548,7 @@ impl Mapping {
             }
             let fill = {
                 let _fill = self.lock.lock(Mode::Fill, index * PAGE..(last + 1) * PAGE);
-                self.fill_locked(index, last - index + 1, true)?
+                self.fill_locked(index, last - index + 1, FillBudget::Cache)?
             };
             match fill {
                 Fill::Read { pages, .. } => index += pages,
@@ -293,7 +557,7 @@ impl Mapping {
                 // rather than failing it with `OutOfMemory`.
                 Fill::BeyondEof | Fill::CacheFull => break,
             }
-            if self.cache.frames.used() as u64 >= self.cache.frames.capacity() as u64 {
+            if self.cache.budget.used() >= self.cache.budget.capacity() {
                 break;
             }
         }
@@ -311,6 +575,14 @@ impl Mapping {
         let end = check_direct(offset, buf.len(), buf.as_ptr() as usize)?;
         if buf.is_empty() {
             return Ok(0);
+        }
+        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+            // The device would fault on the map while we hold Direct: read into
+            // memory of our own, and copy out once the mode is released.
+            let mut bounce = AlignedBuf::new(buf.len());
+            let n = self.read_direct(bounce.as_mut(), offset)?;
+            buf[..n].copy_from_slice(&bounce.as_mut()[..n]);
+            return Ok(n);
         }
         let _direct = self.lock.lock(Mode::Direct, offset..end);
         let size = self.len();
@@ -338,6 +610,12 @@ impl Mapping {
         }
         if end > self.max_size {
             return fail(libc::EFBIG);
+        }
+        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+            // As for reads: take the data out of the map before taking Direct.
+            let mut bounce = AlignedBuf::new(buf.len());
+            bounce.as_mut().copy_from_slice(buf);
+            return self.write_direct(bounce.as_mut(), offset);
         }
         let _direct = self.lock.lock(Mode::Direct, offset..end);
         let (first, last) = (offset / PAGE, (end - 1) / PAGE);
@@ -435,9 +713,8 @@ impl Mapping {
         self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
         self.drop_pages(offset / PAGE, end / PAGE - 1, DirtyPages::WriteBack)?;
         self.backend.collapse_range(offset, len)?;
-        self.set_size(size - len);
         self.move_pages(end / PAGE, -((len / PAGE) as i64));
-        Ok(())
+        self.set_size(size - len)
     }
 
     /// Inserts a hole of `len` bytes at `offset`, shifting the rest of the file
@@ -461,7 +738,8 @@ impl Mapping {
         }
         self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
         self.backend.insert_range(offset, len)?;
-        self.set_size(size + len);
+        // Grow first: pages that move past the old end must be inside the file.
+        self.set_size(size + len)?;
         self.move_pages(offset / PAGE, (len / PAGE) as i64);
         Ok(())
     }
@@ -530,9 +808,10 @@ impl Mapping {
     }
 
     /// Sets the size the backend already has, after a collapse or insert.
-    fn set_size(&self, size: u64) {
+    fn set_size(&self, size: u64) -> io::Result<()> {
         let _size = self.size_lock.lock();
         self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     /// Moves every cached page from index `first` on by `delta` pages, in the
@@ -557,39 +836,58 @@ impl Mapping {
                 .checked_add_signed(delta)
                 .filter(|&target| target < MAX_PAGES);
             match target {
-                Some(target) => self.move_page(source, self.pages.get_or_create(target)),
+                Some(target) => self.move_page(index, source, target),
                 None => {
-                    let _ = self.drop_page(index, source, DirtyPages::Discard);
+                    let _ = self.drop_pages(index, index, DirtyPages::Discard);
                 }
             }
         }
     }
 
-    /// Moves the frame of `source` into the empty slot `target`, flags and all.
-    fn move_page(&self, source: &Slot, target: &Slot) {
-        let Some((state, frame)) = self.lock_for_change(source) else {
+    /// Moves page `index` to the empty slot of page `target`, data and flags: the
+    /// memfd cannot move a page, so the data is copied into a new page there and
+    /// the old one removed. Its budget goes with it.
+    fn move_page(&self, index: u64, source: &Slot, target: u64) {
+        let Some(state) = self.lock_for_change(source) else {
             return;
         };
-        let empty = target.load();
+        let mut data = vec![0; PAGE_SIZE];
+        self.store.read(index, 0, &mut data);
+        let slot = self.pages.get_or_create(target);
+        let empty = slot.load();
         let moved = empty.is_absent()
-            && target
-                .replace(empty, empty.with_frame(frame, state.0 & (UPTODATE | DIRTY)))
-                .is_ok();
-        source.update(|s| s.emptied());
+            && slot.replace(empty, empty.with_flags(LOCKED)).is_ok()
+            && match self.store.install(target, &data) {
+                Ok(()) => {
+                    let flags = PRESENT | UPTODATE | (state.0 & DIRTY);
+                    slot.update(|s| s.transition(flags, LOCKED, true));
+                    true
+                }
+                Err(_) => {
+                    slot.update(PageState::emptied);
+                    false
+                }
+            };
+        // The old page goes either way; if the move failed, so does its data,
+        // which the caller wrote back first.
+        let _ = self.store.remove(index, 1);
+        source.update(PageState::emptied);
         if !moved {
-            self.cache.frames.free(frame);
+            self.cache.budget.release();
         }
     }
 
     /// Locks the page of `slot` to change its bytes or its place, after waiting
     /// for writeback. A page being filled is taken from its fill instead (the
-    /// fill's data predates the change and must not be published) and, like an
+    /// fill's data predates the change and must not be installed) and, like an
     /// absent page, yields `None`.
-    fn lock_for_change(&self, slot: &Slot) -> Option<(PageState, FrameId)> {
+    fn lock_for_change(&self, slot: &Slot) -> Option<PageState> {
         loop {
             let state = slot.load();
-            let frame = state.frame()?;
-            if state.has(FILLING) {
+            if state.is_absent() {
+                return None;
+            }
+            if state.has(FILLING) && !state.has(LOCKED) {
                 if slot.replace(state, state.emptied()).is_ok() {
                     return None;
                 }
@@ -600,7 +898,7 @@ impl Mapping {
                 continue;
             }
             if slot.try_lock(state).is_ok() {
-                return Some((state, frame));
+                return Some(state);
             }
         }
     }
@@ -616,19 +914,21 @@ impl Mapping {
             let in_page = (pos % PAGE) as usize;
             let take = (PAGE_SIZE - in_page).min(dst.len() - done);
             let slot = self.pages.get(index);
-            if slot.is_some_and(|slot| self.read_hit(slot, in_page, &mut dst[done..done + take])) {
+            if slot.is_some_and(|slot| {
+                self.read_hit(slot, index, in_page, &mut dst[done..done + take])
+            }) {
                 done += take;
                 continue;
             }
             let rest = &mut dst[done..];
             let want = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
             let fill = if fill_held {
-                self.fill_locked(index, want, false)?
+                self.fill_locked(index, want, FillBudget::Uncached)?
             } else {
                 let _fill = self
                     .lock
                     .lock(Mode::Fill, index * PAGE..(index + want) * PAGE);
-                self.fill_locked(index, want, false)?
+                self.fill_locked(index, want, FillBudget::Uncached)?
             };
             match fill {
                 Fill::Read { data, .. } => {
@@ -648,17 +948,17 @@ impl Mapping {
         Ok(done)
     }
 
-    /// The hit path: copies from the page's frame if it is up to date, validating
+    /// The hit path: copies from the stored page if it is up to date, validating
     /// the copy against the state word. Takes no lock and writes nothing shared.
     #[inline]
-    fn read_hit(&self, slot: &Slot, in_page: usize, dst: &mut [u8]) -> bool {
+    fn read_hit(&self, slot: &Slot, index: u64, in_page: usize, dst: &mut [u8]) -> bool {
         // A few retries ride out a writer that changed the page mid-copy.
         for _ in 0..4 {
             let before = slot.load();
-            let Some(frame) = before.frame().filter(|_| before.is_readable()) else {
+            if !before.is_readable() {
                 return false;
-            };
-            self.cache.frames.read(frame, in_page, dst);
+            }
+            self.store.read(index, in_page, dst);
             // Orders the copy before the re-check (the seqlock read side).
             fence(Ordering::Acquire);
             if before.same_contents(slot.load()) {
@@ -669,9 +969,15 @@ impl Mapping {
     }
 
     /// Reads up to `want` absent pages from `index` from the backend into the
-    /// cache. The caller holds Fill. With `must_cache` unset, a miss that finds
-    /// the budget used up is read without caching instead of failing.
-    fn fill_locked(&self, index: u64, want: u64, must_cache: bool) -> io::Result<Fill> {
+    /// cache. The caller holds Fill. `budget` says what to do when the budget
+    /// is used up.
+    ///
+    /// Each page is claimed (`FILLING`) before the backend is read; once the data
+    /// is in, the fill locks exactly the claimed state, installs the page and
+    /// publishes it. An invalidation that ran meanwhile emptied the claim, so the
+    /// lock fails and the possibly stale data is never installed; an invalidation
+    /// that comes later waits for the lock, so it never misses an install.
+    fn fill_locked(&self, index: u64, want: u64, budget: FillBudget) -> io::Result<Fill> {
         let eof_pages = self.len().div_ceil(PAGE);
         if index >= eof_pages {
             return Ok(Fill::BeyondEof);
@@ -680,29 +986,31 @@ impl Mapping {
             .min(eof_pages - index)
             .min(self.cache.fill_batch_pages as u64)
             .max(1);
-        let mut claimed: Vec<(FrameId, PageState)> = Vec::with_capacity(want as usize);
+        let mut claimed: Vec<PageState> = Vec::with_capacity(want as usize);
         for i in 0..want {
             let slot = self.pages.get_or_create(index + i);
             let state = slot.load();
             if !state.is_absent() {
                 break;
             }
-            let Some(frame) = self.cache.frames.alloc() else {
-                break;
-            };
-            let filling = state.with_frame(frame, FILLING);
-            if slot.replace(state, filling).is_err() {
-                self.cache.frames.free(frame);
+            let budgeted = self.cache.budget.try_acquire()
+                || (budget == FillBudget::Force && i == 0 && self.cache.budget.force_acquire());
+            if !budgeted {
                 break;
             }
-            claimed.push((frame, filling));
+            let filling = state.with_flags(FILLING);
+            if slot.replace(state, filling).is_err() {
+                self.cache.budget.release();
+                break;
+            }
+            claimed.push(filling);
         }
         if claimed.is_empty() {
             let first = self.pages.get_or_create(index).load();
             if !first.is_absent() {
                 return Ok(Fill::NotAbsent);
             }
-            if must_cache {
+            if budget != FillBudget::Uncached {
                 return Ok(Fill::CacheFull);
             }
             // The budget is used up: serve this page uncached, still under Fill.
@@ -713,25 +1021,52 @@ impl Mapping {
 
         let mut data = vec![0; claimed.len() * PAGE_SIZE];
         let read = self.backend.read_pages(index, &mut data);
-        for (i, &(frame, filling)) in claimed.iter().enumerate() {
+        // Lock every claim that survived; an emptied claim gives its budget back.
+        let mut locked = Vec::with_capacity(claimed.len());
+        for (i, &filling) in claimed.iter().enumerate() {
             let slot = self.pages.get_or_create(index + i as u64);
-            let published = match read {
-                Ok(()) => {
-                    self.cache
-                        .frames
-                        .write(frame, 0, &data[i * PAGE_SIZE..][..PAGE_SIZE]);
-                    slot.replace(filling, filling.transition(UPTODATE, FILLING, true))
-                }
-                // Nothing was read: give the page back absent, never up to date.
-                Err(_) => slot.replace(filling, filling.emptied()).and(Err(filling)),
-            };
-            // Not published: an error, or an invalidation took the page while we
-            // read (our data may predate it). Either way the frame is ours to free.
-            if published.is_err() {
-                self.cache.frames.free(frame);
+            let survived = read.is_ok()
+                && slot
+                    .replace(filling, filling.transition(LOCKED, 0, false))
+                    .is_ok();
+            if survived {
+                locked.push(i);
+            } else {
+                // Nothing was read, or an invalidation took the page while we read.
+                let _ = slot.replace(filling, filling.emptied());
+                self.cache.budget.release();
             }
         }
+        // Install runs of consecutive locked pages, one copy each, then publish.
+        let mut installed_all = Ok(());
+        let mut run_start = 0;
+        while run_start < locked.len() {
+            let mut run_end = run_start + 1;
+            while run_end < locked.len() && locked[run_end] == locked[run_end - 1] + 1 {
+                run_end += 1;
+            }
+            let first = locked[run_start];
+            let bytes = &data[first * PAGE_SIZE..(first + run_end - run_start) * PAGE_SIZE];
+            let installed = match self.store.install(index + first as u64, bytes) {
+                Ok(()) => true,
+                Err(error) => {
+                    installed_all = installed_all.and(Err(error));
+                    false
+                }
+            };
+            for &i in &locked[run_start..run_end] {
+                let slot = self.pages.get_or_create(index + i as u64);
+                if installed {
+                    slot.update(|s| s.transition(PRESENT | UPTODATE, FILLING | LOCKED, true));
+                } else {
+                    slot.update(PageState::emptied);
+                    self.cache.budget.release();
+                }
+            }
+            run_start = run_end;
+        }
         read?;
+        installed_all?;
         Ok(Fill::Read {
             pages: claimed.len() as u64,
             data,
@@ -744,7 +1079,9 @@ impl Mapping {
     ///
     /// The file grows to cover the bytes while the page is locked and before they
     /// land, as the kernel's `write_end` does: a dirty page is never past the end
-    /// of file (writeback skips those), and a failure leaves the size alone.
+    /// of file (writeback skips those), and a failure leaves the size alone. A
+    /// new page is built aside and installed whole, so no map ever sees it half
+    /// written.
     fn write_page(&self, index: u64, in_page: usize, src: &[u8], old_size: u64) -> io::Result<()> {
         let whole = src.len() == PAGE_SIZE;
         let end = index * PAGE + (in_page + src.len()) as u64;
@@ -756,7 +1093,7 @@ impl Mapping {
                 slot.wait_while(LOCKED | FILLING);
                 continue;
             }
-            if let Some(frame) = state.frame() {
+            if state.has(PRESENT) {
                 if slot.try_lock(state).is_err() {
                     continue;
                 }
@@ -764,37 +1101,37 @@ impl Mapping {
                     slot.update(|s| s.transition(0, LOCKED, false));
                     return Err(error);
                 }
-                self.cache.frames.write(frame, in_page, src);
+                self.store.write(index, in_page, src);
                 slot.update(|s| s.transition(DIRTY, LOCKED, true));
                 return Ok(());
             }
             if !whole && !zeroes_below {
                 // A partial write into data we do not have: read the page first.
-                match self.fill_locked(index, 1, true)? {
+                match self.fill_locked(index, 1, FillBudget::Cache)? {
                     Fill::BeyondEof => zeroes_below = true,
                     Fill::CacheFull => return Err(self.cache_full()),
                     Fill::Read { .. } | Fill::NotAbsent => {}
                 }
                 continue;
             }
-            let frame = self.cache.frames.alloc().ok_or_else(|| self.cache_full())?;
-            if slot
-                .replace(state, state.with_frame(frame, LOCKED))
-                .is_err()
-            {
-                self.cache.frames.free(frame);
+            if !self.cache.budget.try_acquire() {
+                return Err(self.cache_full());
+            }
+            if slot.replace(state, state.with_flags(LOCKED)).is_err() {
+                self.cache.budget.release();
                 continue;
             }
-            if let Err(error) = self.extend_size(end) {
+            let mut page = vec![0; PAGE_SIZE];
+            page[in_page..in_page + src.len()].copy_from_slice(src);
+            let installed = self
+                .extend_size(end)
+                .and_then(|()| self.store.install(index, &page));
+            if let Err(error) = installed {
                 slot.update(PageState::emptied);
-                self.cache.frames.free(frame);
+                self.cache.budget.release();
                 return Err(error);
             }
-            if !whole {
-                self.cache.frames.zero(frame, 0, PAGE_SIZE);
-            }
-            self.cache.frames.write(frame, in_page, src);
-            slot.update(|s| s.transition(UPTODATE | DIRTY, LOCKED, true));
+            slot.update(|s| s.transition(PRESENT | UPTODATE | DIRTY, LOCKED, true));
             return Ok(());
         }
     }
@@ -831,34 +1168,72 @@ impl Mapping {
         let Some(slot) = self.pages.get(index) else {
             return;
         };
-        if let Some((_, frame)) = self.lock_for_change(slot) {
-            self.cache.frames.zero(frame, from, to - from);
+        if self.lock_for_change(slot).is_some() {
+            self.store.zero(index, from, to - from);
             slot.update(|s| s.transition(0, LOCKED, true));
         }
     }
 
     /// Drops pages `first..=last` from the cache. Pages being filled are taken
-    /// from their fill; pages locked or under writeback are waited for.
+    /// from their fill; pages locked or under writeback are waited for. The
+    /// pages are locked, removed from the store with one punch (which zaps them
+    /// from every map), then emptied: a fault that races the drop waits for the
+    /// lock and then fills afresh.
     fn drop_pages(&self, first: u64, last: u64, dirty: DirtyPages) -> io::Result<()> {
+        if dirty == DirtyPages::WriteBack {
+            self.scan_maps(first, last);
+        }
         let mut first_error = None;
+        let mut locked = Vec::new();
         self.pages.for_each(first, last, |index, slot| {
-            if let Err(error) = self.drop_page(index, slot, dirty) {
-                first_error.get_or_insert(error);
+            match self.lock_for_drop(index, slot, dirty) {
+                Ok(true) => locked.push(index),
+                Ok(false) => {}
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
             }
         });
+        // One punch per run of consecutive locked pages: never over a page this
+        // call did not lock (one filled meanwhile would lose its data while its
+        // state still says present).
+        let mut run_start = 0;
+        while run_start < locked.len() {
+            let mut run_end = run_start + 1;
+            while run_end < locked.len() && locked[run_end] == locked[run_end - 1] + 1 {
+                run_end += 1;
+            }
+            let run = &locked[run_start..run_end];
+            let removed = self.store.remove(run[0], run.len() as u64);
+            for &index in run {
+                let slot = self.pages.get(index).expect("locked slots exist");
+                if removed.is_ok() {
+                    slot.update(PageState::emptied);
+                    self.cache.budget.release();
+                } else {
+                    slot.update(|s| s.transition(0, LOCKED, false));
+                }
+            }
+            if let Err(error) = removed {
+                first_error.get_or_insert(error);
+            }
+            run_start = run_end;
+        }
         first_error.map_or(Ok(()), Err)
     }
 
-    fn drop_page(&self, index: u64, slot: &Slot, dirty: DirtyPages) -> io::Result<()> {
+    /// Locks page `index` for dropping, writing it back first if `dirty` says
+    /// so. Returns whether a present page is now locked; a fill's claim is taken
+    /// from it instead (the fill gives the budget back when it finds out).
+    fn lock_for_drop(&self, index: u64, slot: &Slot, dirty: DirtyPages) -> io::Result<bool> {
         loop {
             let state = slot.load();
-            let Some(frame) = state.frame() else {
-                return Ok(());
-            };
-            if state.has(FILLING) {
-                // The fill keeps its frame and frees it when its publish fails.
+            if state.is_absent() {
+                return Ok(false);
+            }
+            if state.has(FILLING) && !state.has(LOCKED) {
                 if slot.replace(state, state.emptied()).is_ok() {
-                    return Ok(());
+                    return Ok(false);
                 }
                 continue;
             }
@@ -870,16 +1245,17 @@ impl Mapping {
                 self.write_back_page(index, slot)?;
                 continue;
             }
-            if slot.replace(state, state.emptied()).is_ok() {
-                self.cache.frames.free(frame);
-                return Ok(());
+            if slot.try_lock(state).is_ok() {
+                return Ok(true);
             }
         }
     }
 
-    /// Writes back the dirty pages of `first..=last` and waits for writeback
-    /// already under way there. Returns the first error; failed pages stay dirty.
+    /// Writes back the dirty pages of `first..=last` (stores through maps
+    /// included) and waits for writeback already under way there. Returns the
+    /// first error; failed pages stay dirty.
     fn write_back_range(&self, first: u64, last: u64) -> io::Result<()> {
+        self.scan_maps(first, last);
         let mut first_error = None;
         self.pages.for_each(first, last, |index, slot| {
             let written = self.write_back_page(index, slot);
@@ -907,9 +1283,8 @@ impl Mapping {
             if slot.try_lock(state).is_err() {
                 continue;
             }
-            let frame = state.frame().expect("a dirty page has a frame");
             let mut data = vec![0; PAGE_SIZE];
-            self.cache.frames.read(frame, 0, &mut data);
+            self.store.read(index, 0, &mut data);
             slot.update(|s| s.transition(WRITEBACK, LOCKED | DIRTY, false));
             // A page at or past the end of file has nothing to write back.
             let written = if index * PAGE < self.len() {
@@ -934,7 +1309,7 @@ impl Mapping {
             io::ErrorKind::OutOfMemory,
             format!(
                 "page cache budget of {} bytes is used up",
-                self.cache.frames.capacity() as u64 * PAGE
+                self.cache.budget.capacity() * PAGE
             ),
         )
     }
@@ -943,11 +1318,14 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // Dropping the mapping drops its pages: write back what is dirty (call
-        // `sync_all` first to see errors), then give every frame back.
+        // `sync_all` first to see errors), give the budget back, stop the handler.
         if !*self.removed.get_mut() {
             let _ = self.write_back_range(0, MAX_PAGES - 1);
         }
         let _ = self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard);
+        if let Some(mut handler) = self.handler.get_mut().take() {
+            handler.stop();
+        }
     }
 }
 
@@ -958,6 +1336,25 @@ impl fmt::Debug for Mapping {
             .field("len", &self.len())
             .field("strategy", &self.strategy())
             .finish_non_exhaustive()
+    }
+}
+
+/// A heap buffer whose start is aligned for direct I/O.
+struct AlignedBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let bytes = vec![0; len + DIRECT_IO_MEMORY_ALIGN];
+        let start = bytes.as_ptr().align_offset(DIRECT_IO_MEMORY_ALIGN);
+        AlignedBuf { bytes, start, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
     }
 }
 

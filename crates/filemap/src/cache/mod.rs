@@ -6,15 +6,15 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::lock::Strategy;
 
-mod frame;
 mod mapping;
 mod page;
+mod store;
 mod tree;
 mod wait;
 
 pub use mapping::Mapping;
 
-use frame::FramePool;
+use store::Budget;
 
 /// The size of a page: the unit of caching, filling and invalidation.
 pub const PAGE_SIZE: usize = 4096;
@@ -25,7 +25,7 @@ pub const DIRECT_IO_MEMORY_ALIGN: usize = 512;
 
 /// What every mapping of one cache shares.
 pub(crate) struct CacheShared {
-    pub(crate) frames: FramePool,
+    pub(crate) budget: Budget,
     pub(crate) strategy: Strategy,
     pub(crate) fill_batch_pages: usize,
 }
@@ -91,8 +91,8 @@ impl PageCacheBuilder {
     /// Builds the cache. Fails with `EINVAL` for a budget under one page or over
     /// 2^32 pages, or a zero batch.
     pub fn build(self) -> io::Result<PageCache> {
-        let frames = self.budget_bytes / PAGE_SIZE as u64;
-        if frames == 0 || frames > u32::MAX as u64 || self.fill_batch_pages == 0 {
+        let pages = self.budget_bytes / PAGE_SIZE as u64;
+        if pages == 0 || pages > u32::MAX as u64 || self.fill_batch_pages == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -103,7 +103,7 @@ impl PageCacheBuilder {
         }
         Ok(PageCache {
             shared: Arc::new(CacheShared {
-                frames: FramePool::new(frames as u32),
+                budget: Budget::new(pages),
                 strategy: self.strategy,
                 fill_batch_pages: self.fill_batch_pages,
             }),
@@ -118,10 +118,13 @@ impl PageCache {
     }
 
     /// Opens a mapping of the file behind `backend`: its cached pages, coherence
-    /// lock and size. Open each file once and share the [`Mapping`] (wrap it in an
-    /// `Arc`); two mappings of one file would be two caches that do not see each
-    /// other.
-    pub fn open(&self, backend: Arc<dyn Backend>) -> io::Result<Mapping> {
+    /// lock and size. Open each file once and share the returned `Arc`; two
+    /// mappings of one file would be two caches that do not see each other.
+    ///
+    /// Each mapping keeps its pages in a memfd of its own and runs one thread
+    /// that serves the page faults of its views; both go when the last handle
+    /// (or memory map) of the mapping does.
+    pub fn open(&self, backend: Arc<dyn Backend>) -> io::Result<Arc<Mapping>> {
         Mapping::new(self.shared.clone(), backend)
     }
 
@@ -132,11 +135,11 @@ impl PageCache {
 
     /// The frame memory budget in bytes.
     pub fn budget_bytes(&self) -> u64 {
-        self.shared.frames.capacity() as u64 * PAGE_SIZE as u64
+        self.shared.budget.capacity() * PAGE_SIZE as u64
     }
 
     /// Bytes of frame memory holding pages now.
     pub fn cached_bytes(&self) -> u64 {
-        self.shared.frames.used() as u64 * PAGE_SIZE as u64
+        self.shared.budget.used() * PAGE_SIZE as u64
     }
 }

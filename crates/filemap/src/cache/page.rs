@@ -1,42 +1,43 @@
 //! The page slot: one `AtomicU64` state word per cached page index.
 //!
-//! | bits | name | invariant |
+//! | bit(s) | name | invariant |
 //! |---|---|---|
-//! | 0..32 | frame + 1 | 0: no frame. A frame is owned by exactly one slot, or by one fill. |
-//! | 32 | `LOCKED` | the holder may change the frame's bytes and the flags; no one else may |
-//! | 33 | `UPTODATE` | the frame holds the page's current data; optimistic readers may copy it |
-//! | 34 | `DIRTY` | the frame is newer than the backend (implies `UPTODATE`) |
-//! | 35 | `WRITEBACK` | a snapshot of the page is being written to the backend |
-//! | 36 | `FILLING` | a fill owns the frame and is reading the backend (never with `UPTODATE`) |
-//! | 37 | `WAITERS` | threads are parked on this slot; whoever clears a waited-on bit wakes them |
-//! | 38..64 | version | bumped by every change of the frame's data or identity |
+//! | 0 | `PRESENT` | the page is in the mapping's page store (and counted against the budget) |
+//! | 1 | `LOCKED` | the holder may change the page's bytes, presence and flags; no one else may |
+//! | 2 | `UPTODATE` | the stored page holds the page's current data; optimistic readers may copy it |
+//! | 3 | `DIRTY` | the stored page is newer than the backend (implies `UPTODATE`) |
+//! | 4 | `WRITEBACK` | a snapshot of the page is being written to the backend |
+//! | 5 | `FILLING` | a fill claimed the page and is reading the backend; it holds the page's budget |
+//! | 6 | `WAITERS` | threads are parked on this slot; whoever clears a waited-on bit wakes them |
+//! | 8..64 | version | bumped by every change of the page's data or presence |
 //!
-//! A slot with no frame has no flags but `WAITERS`: the page is absent.
+//! A slot with none of `PRESENT`, `FILLING` and `LOCKED` has no flags but
+//! `WAITERS`: the page is absent. `UPTODATE` implies `PRESENT`. A writer creating
+//! a page locks the absent slot, installs the page, then sets `PRESENT`.
 //!
 //! The version is the page generation of the design: an optimistic reader copies
-//! the frame between two loads of the state and keeps the copy only if the
-//! version, frame and `UPTODATE`/`LOCKED` bits did not change; a fill records the
-//! state when it claims the page and publishes with a compare-and-swap against it,
-//! so a fill whose page was invalidated meanwhile never publishes.
+//! the page between two loads of the state and keeps the copy only if the
+//! version and the `UPTODATE`/`LOCKED` bits did not change; a fill records the
+//! state when it claims the page and installs only after locking exactly that
+//! state, so a fill whose page was invalidated meanwhile never installs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::frame::FrameId;
 use super::wait;
 
-pub(crate) const FRAME_MASK: u64 = (1 << 32) - 1;
-pub(crate) const LOCKED: u64 = 1 << 32;
-pub(crate) const UPTODATE: u64 = 1 << 33;
-pub(crate) const DIRTY: u64 = 1 << 34;
-pub(crate) const WRITEBACK: u64 = 1 << 35;
-pub(crate) const FILLING: u64 = 1 << 36;
-pub(crate) const WAITERS: u64 = 1 << 37;
-const VERSION_SHIFT: u32 = 38;
+pub(crate) const PRESENT: u64 = 1 << 0;
+pub(crate) const LOCKED: u64 = 1 << 1;
+pub(crate) const UPTODATE: u64 = 1 << 2;
+pub(crate) const DIRTY: u64 = 1 << 3;
+pub(crate) const WRITEBACK: u64 = 1 << 4;
+pub(crate) const FILLING: u64 = 1 << 5;
+pub(crate) const WAITERS: u64 = 1 << 6;
+const VERSION_SHIFT: u32 = 8;
 const VERSION_ONE: u64 = 1 << VERSION_SHIFT;
 const VERSION_MASK: u64 = !(VERSION_ONE - 1);
 /// The bits an optimistic reader re-checks: anything else changing (dirty,
 /// writeback, waiters) leaves the bytes it copied valid.
-const READ_SIGNATURE: u64 = VERSION_MASK | FRAME_MASK | UPTODATE | LOCKED;
+const READ_SIGNATURE: u64 = VERSION_MASK | PRESENT | UPTODATE | LOCKED;
 
 /// A copy of a slot's state word with named predicates.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,9 +48,9 @@ impl std::fmt::Debug for PageState {
         let flag = |bit, name| if self.0 & bit != 0 { name } else { "" };
         write!(
             f,
-            "PageState(frame {:?} v{} {}{}{}{}{}{})",
-            self.frame().map(|frame| frame.0),
+            "PageState(v{} {}{}{}{}{}{}{})",
             self.0 >> VERSION_SHIFT,
+            flag(PRESENT, "P"),
             flag(LOCKED, "L"),
             flag(UPTODATE, "U"),
             flag(DIRTY, "D"),
@@ -61,23 +62,17 @@ impl std::fmt::Debug for PageState {
 }
 
 impl PageState {
-    pub(crate) fn frame(self) -> Option<FrameId> {
-        match self.0 & FRAME_MASK {
-            0 => None,
-            id => Some(FrameId((id - 1) as u32)),
-        }
-    }
-
     pub(crate) fn has(self, bits: u64) -> bool {
         self.0 & bits != 0
     }
 
-    /// No frame: the page is not cached.
+    /// Neither stored, claimed by a fill, nor being created by a writer: the
+    /// page is not cached.
     pub(crate) fn is_absent(self) -> bool {
-        self.0 & FRAME_MASK == 0
+        self.0 & (PRESENT | FILLING | LOCKED) == 0
     }
 
-    /// An optimistic reader may copy the frame.
+    /// An optimistic reader may copy the stored page.
     pub(crate) fn is_readable(self) -> bool {
         self.0 & (UPTODATE | LOCKED) == UPTODATE
     }
@@ -92,13 +87,12 @@ impl PageState {
         PageState(self.0.wrapping_add(VERSION_ONE) & VERSION_MASK)
     }
 
-    /// `frame` installed with `flags`, version bumped, waiters dropped.
-    pub(crate) fn with_frame(self, frame: FrameId, flags: u64) -> PageState {
-        let version = self.0.wrapping_add(VERSION_ONE) & VERSION_MASK;
-        PageState(version | (frame.0 as u64 + 1) | flags)
+    /// Only `flags` set, version bumped, waiters dropped.
+    pub(crate) fn with_flags(self, flags: u64) -> PageState {
+        PageState((self.0.wrapping_add(VERSION_ONE) & VERSION_MASK) | flags)
     }
 
-    /// The same frame with `flags` set and `clear` cleared, version bumped when
+    /// The same state with `flags` set and `clear` cleared, version bumped when
     /// `bump` (the data changed), waiters dropped.
     pub(crate) fn transition(self, set: u64, clear: u64, bump: bool) -> PageState {
         let word = if bump {
@@ -147,7 +141,7 @@ impl Slot {
         }
     }
 
-    /// Sets `LOCKED` on a state without it; the caller then owns the frame's bytes.
+    /// Sets `LOCKED` on a state without it; the caller then owns the page's bytes.
     pub(crate) fn try_lock(&self, current: PageState) -> Result<(), PageState> {
         debug_assert!(!current.has(LOCKED));
         self.0

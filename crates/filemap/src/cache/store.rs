@@ -1,0 +1,249 @@
+//! Where a mapping's cached pages live, and the budget they are counted in.
+//!
+//! Each mapping keeps its pages in a memfd of its own, page `i` at byte
+//! `i * PAGE_SIZE`: the user's memory maps are `MAP_SHARED` views of the same
+//! memfd, so a page is one physical page whether it is read with `read_at`,
+//! written with `write_at` or touched through any map, and a hole punched in the
+//! memfd zaps it from every map at once (the kernel's `unmap_mapping_range`).
+//!
+//! The cache reads and writes the memfd through views of its own, one per chunk
+//! of file offsets, created on first use. Every view, the cache's included, is
+//! registered with the mapping's userfaultfd for MISSING faults: touching an
+//! absent page never allocates a zero page behind the cache's back (which would
+//! hide the page from MISSING faults for good); it faults into the mapping's
+//! handler, which fills the page under the coherence lock. An optimistic reader
+//! that races a punch therefore waits for a fill instead of reading a page that
+//! nobody can see. Pages enter the memfd only by `UFFDIO_COPY`, which installs a
+//! whole page atomically, never by a store into an absent page.
+//!
+//! The memfd is sized to the file's largest possible size once and never shrunk,
+//! so the cache's views can never raise `SIGBUS`: an optimistic reader that
+//! loaded a page's state before a truncate may touch the page after it. The
+//! mapping serves that fault with a cached page of zeroes, the file's content
+//! past its end (the reader's copy is discarded by validation anyway).
+//!
+//! # Safety
+//! Copies in and out of the views race by design (optimistic readers, stores
+//! through user maps), so they go through [`crate::racy`]. View memory stays
+//! mapped for the store's whole life, so every address computed here is valid to
+//! access; a page that is absent when it is touched is served by the fault
+//! handler, not by a signal.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+use super::PAGE_SIZE;
+use crate::map::memfd::{Memfd, View};
+use crate::map::uffd::Userfaultfd;
+use crate::racy::copy_racy;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// File bytes one cache view covers: address space only, until pages are present.
+const CHUNK_BYTES: u64 = 1 << 36;
+
+/// The number of pages every mapping of one cache may hold together.
+pub(crate) struct Budget {
+    capacity: u64,
+    used: AtomicU64,
+}
+
+impl Budget {
+    pub(crate) fn new(capacity: u64) -> Self {
+        Budget {
+            capacity,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub(crate) fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes one page of the budget, or returns `false` if it is used up.
+    pub(crate) fn try_acquire(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used < self.capacity).then_some(used + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes one page even beyond the budget (a fault that cannot be refused).
+    /// Always succeeds; returns `true` so it can stand where `try_acquire` does.
+    pub(crate) fn force_acquire(&self) -> bool {
+        self.used.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Gives one page back.
+    pub(crate) fn release(&self) {
+        let before = self.used.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(before > 0, "budget released more often than taken");
+    }
+}
+
+/// One mapping's pages: a memfd and the cache's views of it.
+pub(crate) struct PageStore {
+    memfd: Memfd,
+    uffd: Arc<Userfaultfd>,
+    chunks: Box<[OnceLock<View>]>,
+    /// Serialises the creation of views (creation is rare; reads take no lock).
+    creating: Mutex<()>,
+}
+
+impl PageStore {
+    /// A store for a file that may grow to `max_size` bytes, whose views fault
+    /// into `uffd`.
+    pub(crate) fn new(max_size: u64, uffd: Arc<Userfaultfd>) -> io::Result<Self> {
+        let chunks = max_size.div_ceil(CHUNK_BYTES).max(1);
+        let memfd = Memfd::new("filemap")?;
+        // Sparse: a size costs nothing until pages are present.
+        memfd.set_len(max_size)?;
+        Ok(PageStore {
+            memfd,
+            uffd,
+            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
+            creating: Mutex::new(()),
+        })
+    }
+
+    /// The memfd the pages live in (user maps are views of it).
+    pub(crate) fn memfd(&self) -> &Memfd {
+        &self.memfd
+    }
+
+    /// The page index an address of one of the cache's views holds, if any.
+    pub(crate) fn page_at(&self, addr: usize) -> Option<u64> {
+        self.chunks.iter().enumerate().find_map(|(chunk, cell)| {
+            let view = cell.get()?;
+            let offset = addr.checked_sub(view.addr()).filter(|&o| o < view.len())?;
+            Some((chunk as u64 * CHUNK_BYTES + offset as u64) / PAGE)
+        })
+    }
+
+    /// The cache's view holding page `index`, created and registered if needed.
+    fn view(&self, index: u64) -> io::Result<&View> {
+        let cell = &self.chunks[(index * PAGE / CHUNK_BYTES) as usize];
+        if let Some(view) = cell.get() {
+            return Ok(view);
+        }
+        let _creating = self.creating.lock();
+        if cell.get().is_none() {
+            let start = index * PAGE / CHUNK_BYTES * CHUNK_BYTES;
+            let view = View::new(&self.memfd, start, CHUNK_BYTES as usize, true)?;
+            self.uffd.register(view.addr(), view.len(), false)?;
+            let _ = cell.set(view);
+        }
+        Ok(cell.get().expect("just created"))
+    }
+
+    /// The address of byte `offset` of page `index` in the cache's views, after
+    /// checking that `len` bytes from there stay inside the page. Only pages that
+    /// were installed are accessed, and installing created their view.
+    fn addr(&self, index: u64, offset: usize, len: usize) -> usize {
+        assert!(
+            offset <= PAGE_SIZE && len <= PAGE_SIZE - offset,
+            "access outside a page"
+        );
+        let view = self.chunks[(index * PAGE / CHUNK_BYTES) as usize]
+            .get()
+            .expect("a stored page's view exists");
+        view.addr() + (index * PAGE % CHUNK_BYTES) as usize + offset
+    }
+
+    /// Copies `dst.len()` bytes from `offset` in page `index`. The bytes may be
+    /// torn by a concurrent writer: callers validate them against the page state.
+    #[inline]
+    pub(crate) fn read(&self, index: u64, offset: usize, dst: &mut [u8]) {
+        let src = self.addr(index, offset, dst.len()) as *const u8;
+        // SAFETY: `src..src + len` lies inside one page of a view that lives as long
+        // as `self` (`addr`); `dst` is an exclusive buffer that is not view memory
+        // of this store (callers copy through their own buffers). Racing writers
+        // are sound: see the module's `# Safety`.
+        unsafe { copy_racy(src, dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Copies `src` into page `index` at `offset`. The page must be present and
+    /// the caller must own its bytes (page locked).
+    pub(crate) fn write(&self, index: u64, offset: usize, src: &[u8]) {
+        // Pairs with the acquire fence of optimistic readers: a reader that sees any
+        // of these bytes also sees the lock taken before them, and discards its copy.
+        fence(Ordering::Release);
+        let dst = self.addr(index, offset, src.len()) as *mut u8;
+        // SAFETY: `dst..dst + len` lies inside one page of a live view (`addr`), and
+        // `src` is a buffer outside this store's views; only optimistic readers and
+        // stores through maps race this copy, which is sound: see `# Safety`.
+        unsafe { copy_racy(src.as_ptr(), dst, src.len()) }
+    }
+
+    /// Zeroes `len` bytes of page `index` from `offset`; as for `write`.
+    pub(crate) fn zero(&self, index: u64, offset: usize, len: usize) {
+        const ZEROES: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        self.write(index, offset, &ZEROES[..len]);
+    }
+
+    /// Installs whole pages `data` from page `index` on, atomically per page, where
+    /// they are absent. The caller holds them (claimed and locked).
+    pub(crate) fn install(&self, index: u64, data: &[u8]) -> io::Result<()> {
+        debug_assert!(data.len() % PAGE_SIZE == 0);
+        let mut done = 0;
+        while done < data.len() {
+            let page = index + (done / PAGE_SIZE) as u64;
+            // One copy per chunk: a copy must stay inside one registered view.
+            let chunk_end = (page * PAGE / CHUNK_BYTES + 1) * CHUNK_BYTES;
+            let len = (data.len() - done).min((chunk_end - page * PAGE) as usize);
+            let dst = self.view(page)?.addr() + (page * PAGE % CHUNK_BYTES) as usize;
+            // SAFETY: `data[done..done + len]` is readable for the whole call.
+            let copied = unsafe { self.uffd.copy(dst, data[done..].as_ptr(), len, false, true) };
+            match copied {
+                Ok(n) => done += n,
+                // A pending event (a fork or remap elsewhere): try again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes pages `first..first + count` from the memfd, zapping them from
+    /// every view. The caller holds them locked.
+    pub(crate) fn remove(&self, first: u64, count: u64) -> io::Result<()> {
+        self.memfd.punch(first * PAGE, count * PAGE)
+    }
+
+    /// A plain `memcpy` of page `index`, for benchmarks that compare the hit path
+    /// with the cost of the copy alone.
+    ///
+    /// # Safety
+    /// The page must be present, and no thread may write it during the call.
+    pub(crate) unsafe fn memcpy_page(&self, index: u64, dst: &mut [u8; PAGE_SIZE]) {
+        let src = self.addr(index, 0, PAGE_SIZE) as *const u8;
+        // SAFETY: the page lies inside a live view (`addr`), `dst` is a distinct
+        // exclusive buffer of a page, and the caller guarantees no concurrent
+        // writer, so this plain copy races with nothing.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_never_exceeded() {
+        let budget = Budget::new(2);
+        assert!(budget.try_acquire() && budget.try_acquire());
+        assert!(!budget.try_acquire(), "budget exceeded");
+        budget.release();
+        assert!(budget.try_acquire());
+        assert_eq!(budget.used(), 2);
+    }
+}

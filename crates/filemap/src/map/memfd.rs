@@ -1,0 +1,188 @@
+//! The memfd that holds a mapping's mapped pages, and `MAP_SHARED` views of it.
+//!
+//! A [`Memfd`] is anonymous shmem: its pages are the pages every [`View`] of it
+//! shows, so a store through one view is seen by every other view and by
+//! [`Memfd::read_at`]. Pages enter it only through `UFFDIO_COPY` (see `uffd.rs`);
+//! [`Memfd::punch`] removes them from every view at once. See `map/mod.rs` for
+//! the kernel behaviour this relies on.
+//!
+//! # Safety
+//! The `unsafe` here is `mmap`, `madvise` and `munmap` of views. A [`View`] is
+//! created by `mmap` with a null hint, so the kernel picks a range that overlaps
+//! nothing Rust owns; it is unmapped exactly once, by `Drop`. A `View` never
+//! dereferences its range and hands out only its address: whoever reads or writes
+//! through that address needs its own `unsafe` and its own proof (the memory can
+//! be changed by other views, other threads and the kernel at any time, so it is
+//! never a `&[u8]`).
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{FallocateFlags, MemfdFlags, SeekFrom};
+
+/// The page size the views are aligned to (x86-64 base pages).
+pub(crate) const PAGE: usize = 4096;
+
+/// An anonymous shmem file (`memfd_create`), closed on drop.
+#[derive(Debug)]
+pub(crate) struct Memfd {
+    fd: OwnedFd,
+}
+
+impl Memfd {
+    /// `memfd_create(name, MFD_CLOEXEC | MFD_NOEXEC_SEAL)`, without
+    /// `MFD_NOEXEC_SEAL` on kernels before 6.3 (which reject it with `EINVAL`).
+    ///
+    /// `MFD_NOEXEC_SEAL` only forbids making the file executable; it also keeps
+    /// 6.3+ kernels from logging a warning about memfds created without it. The
+    /// file starts empty: give it a size with [`Memfd::set_len`].
+    pub fn new(name: &str) -> io::Result<Self> {
+        let fd = match rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::NOEXEC_SEAL)
+        {
+            Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC)?,
+            other => other?,
+        };
+        Ok(Self { fd })
+    }
+
+    /// `ftruncate(fd, len)`. Shrinking frees the pages past the new end and zaps
+    /// them from every view; a later touch there through a view is `SIGBUS`
+    /// (registered or not: the size check comes before userfaultfd), and a kernel
+    /// access to it (a syscall given that address) fails with `EFAULT`.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        Ok(rustix::fs::ftruncate(&self.fd, len)?)
+    }
+
+    /// `fstat(fd).st_size`.
+    pub fn len(&self) -> io::Result<u64> {
+        Ok(rustix::fs::fstat(&self.fd)?.st_size as u64)
+    }
+
+    /// `fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len)`.
+    ///
+    /// Frees the pages and zaps them from every view (the kernel's
+    /// `unmap_mapping_range`): the next touch through a registered view raises a
+    /// MISSING fault again. Partial pages at either end are zeroed, not freed, so
+    /// callers punch whole pages.
+    pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        Ok(rustix::fs::fallocate(
+            &self.fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )?)
+    }
+
+    /// `pread(fd, buf, offset)`: one call, so it may return fewer bytes than
+    /// asked (0 at or past the end of the file).
+    ///
+    /// Reading a hole copies zeroes and allocates nothing: the hole stays a hole,
+    /// so a later touch through a registered view still raises MISSING. (A read
+    /// through a view would allocate a page instead; see `map/mod.rs`.)
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        Ok(rustix::io::pread(&self.fd, buf, offset)?)
+    }
+
+    /// `lseek(fd, offset, SEEK_DATA) == offset`: whether the page at `offset`
+    /// (page-aligned) holds data, rather than being a hole or past the end.
+    /// shmem answers per page, exactly.
+    pub fn page_present(&self, offset: u64) -> io::Result<bool> {
+        match rustix::fs::seek(&self.fd, SeekFrom::Data(offset)) {
+            Ok(data) => Ok(data == offset),
+            Err(rustix::io::Errno::NXIO) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The file descriptor.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// A `MAP_SHARED` view of part of a [`Memfd`], unmapped on drop.
+///
+/// Views are `MADV_DONTFORK`: a `fork`ed child does not inherit them, so it can
+/// never touch one (a touch through an unregistered mapping would allocate a zero
+/// page and hide that page from MISSING for good).
+///
+/// `View` is `Send + Sync` (checked below): it holds an address range, not a
+/// pointer, and never accesses the memory itself. Any thread may drop it, which
+/// unmaps the range once; accessing the range is up to the holder of the address,
+/// under its own `unsafe` contract.
+#[derive(Debug)]
+pub(crate) struct View {
+    addr: usize,
+    len: usize,
+}
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<View>();
+};
+
+impl View {
+    /// `mmap(NULL, len, PROT_READ[ | PROT_WRITE], MAP_SHARED, memfd, offset)`
+    /// then `madvise(addr, len, MADV_DONTFORK)`.
+    ///
+    /// `len` (non-zero) and `offset` must be page-aligned (`EINVAL` otherwise).
+    /// `len` may reach past the memfd's size: a touch there is `SIGBUS`, as for a
+    /// file. The mapping itself does not touch any page.
+    pub fn new(memfd: &Memfd, offset: u64, len: usize, writable: bool) -> io::Result<Self> {
+        if len == 0 || len % PAGE != 0 || offset % PAGE as u64 != 0 || offset > i64::MAX as u64 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a null hint without MAP_FIXED makes the kernel choose a free
+        // range, so no existing mapping (no memory Rust owns) is replaced. The fd
+        // is open for the duration of the call; the kernel takes its own file
+        // reference.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&memfd.fd),
+                offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let view = Self {
+            addr: addr as usize,
+            len,
+        };
+        // SAFETY: the range is the mapping just created and owned by `view`;
+        // MADV_DONTFORK only changes what a future fork copies.
+        if unsafe { libc::madvise(addr, len, libc::MADV_DONTFORK) } != 0 {
+            return Err(io::Error::last_os_error()); // `view` unmaps on drop
+        }
+        Ok(view)
+    }
+
+    /// The first byte of the view.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// The length of the view in bytes (whole pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for View {
+    /// `munmap(addr, len)`. Unmapping a userfaultfd-registered range
+    /// unregisters it; with no `EVENT_UNMAP` requested it never waits for the
+    /// fault handler.
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by `View::new`, is owned by this view
+        // alone, and is unmapped only here, once. Nothing in Rust holds a
+        // reference into it (views hand out addresses only).
+        let rc = unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        debug_assert_eq!(rc, 0, "munmap of a view failed");
+    }
+}

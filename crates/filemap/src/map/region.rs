@@ -1,0 +1,201 @@
+//! [`MapRegion`]: a memory map of part of a file, served from its mapping's
+//! cache.
+//!
+//! A map is a `MAP_SHARED` view of the mapping's memfd, registered with the
+//! mapping's userfaultfd: the first touch of a page faults into the mapping's
+//! handler, which fills the page under Fill (from the cache or the backend) and
+//! installs it; later touches cost nothing. Every invalidation punches the
+//! memfd, which zaps the page from every map at once, so the next touch faults
+//! and sees the new content (C1, C2). Stores through a read-write map land in
+//! the cache's own page: `read_at` returns them at once; the map's pages are
+//! write-protected in the kernel's asynchronous mode, and a scan of written pages
+//! before every writeback marks them dirty, so they reach the backend on
+//! `sync_range`, `sync_all` or [`MapRegion::flush`].
+//!
+//! As for any file map, touching a page wholly past the end of file raises
+//! `SIGBUS`; the bytes of the last page past the end read as zero.
+//!
+//! Every map is entered in a process-wide registry, so that an I/O call whose
+//! buffer lies in a map can avoid faulting on it while holding a coherence mode
+//! (see [`buffer_in_a_map`]).
+//!
+//! # Safety
+//! The only `unsafe` here copies between a caller's buffer and the view, both
+//! ranges checked, through [`crate::racy::copy_racy`].
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use super::memfd::View;
+use crate::cache::Mapping;
+use crate::errno::fail;
+use crate::PAGE_SIZE;
+
+/// What a map may do to the pages it shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapAccess {
+    /// Loads only (`PROT_READ`).
+    Read,
+    /// Loads and stores (`PROT_READ | PROT_WRITE`, `MAP_SHARED`).
+    ReadWrite,
+}
+
+/// A memory map of `len` bytes of a file from `offset`, shared with its cache.
+///
+/// It keeps its [`Mapping`] alive. Its memory may change under any access (other
+/// threads, other maps, invalidations), so it is never handed out as `&[u8]`:
+/// use [`MapRegion::read`] and [`MapRegion::write`], or the raw pointer under the
+/// contract of [`MapRegion::as_ptr`].
+pub struct MapRegion {
+    mapping: Arc<Mapping>,
+    view: View,
+    offset: u64,
+    access: MapAccess,
+}
+
+/// Start address -> end address of every live map, for [`buffer_in_a_map`].
+static MAPS: RwLock<BTreeMap<usize, usize>> = RwLock::new(BTreeMap::new());
+/// How many maps are alive: lets the common case (none) skip the registry.
+static LIVE_MAPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any byte of `ptr..ptr + len` lies in a filemap memory map.
+pub(crate) fn buffer_in_a_map(ptr: *const u8, len: usize) -> bool {
+    if len == 0 || LIVE_MAPS.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    let start = ptr as usize;
+    let end = start.saturating_add(len);
+    let maps = MAPS.read();
+    maps.range(..end)
+        .next_back()
+        .is_some_and(|(_, &map_end)| map_end > start)
+}
+
+impl MapRegion {
+    pub(crate) fn new(
+        mapping: Arc<Mapping>,
+        view: View,
+        offset: u64,
+        access: MapAccess,
+    ) -> MapRegion {
+        MAPS.write().insert(view.addr(), view.addr() + view.len());
+        LIVE_MAPS.fetch_add(1, Ordering::AcqRel);
+        MapRegion {
+            mapping,
+            view,
+            offset,
+            access,
+        }
+    }
+
+    /// The mapping this map shows.
+    pub fn mapping(&self) -> &Arc<Mapping> {
+        &self.mapping
+    }
+
+    /// The file offset of the map's first byte.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The map's length in bytes.
+    pub fn len(&self) -> usize {
+        self.view.len()
+    }
+
+    /// Whether the map is empty (never: maps cover at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.view.len() == 0
+    }
+
+    /// What the map may do.
+    pub fn access(&self) -> MapAccess {
+        self.access
+    }
+
+    /// The address of the map's first byte.
+    ///
+    /// Accessing the memory is the caller's business, under the rules of any
+    /// shared file map: another thread, map or invalidation may change it at any
+    /// time (so never form a `&[u8]` or `&mut [u8]` over it), stores require
+    /// [`MapAccess::ReadWrite`], and touching a page wholly past the end of file
+    /// raises `SIGBUS`. The memory stays mapped until the `MapRegion` is dropped.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.view.addr() as *mut u8
+    }
+
+    /// Copies `buf.len()` bytes at `at` (relative to the map) into `buf`, faulting
+    /// pages in as needed. `EINVAL` if the range is outside the map; `EFAULT` if it
+    /// reaches past the end of file (checked first: a file truncated concurrently
+    /// below the range raises `SIGBUS`, as with any file map).
+    pub fn read(&self, at: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.check(at, buf.len())?;
+        // SAFETY: `at..at + len` lies inside the view (checked), which stays mapped
+        // while `self` lives; `buf` is not map memory of this view (it is borrowed
+        // exclusively). Concurrent stores race soundly (see `copy_racy`).
+        unsafe { crate::racy::copy_racy(self.as_ptr().add(at), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Stores `buf` at `at` (relative to the map) through the map. `EACCES` for a
+    /// read-only map; otherwise as [`MapRegion::read`].
+    pub fn write(&self, at: usize, buf: &[u8]) -> io::Result<()> {
+        if self.access != MapAccess::ReadWrite {
+            return fail(libc::EACCES);
+        }
+        self.check(at, buf.len())?;
+        // SAFETY: as in `read`, with the view writable (ReadWrite) and `buf` a
+        // shared borrow outside the view.
+        unsafe { crate::racy::copy_racy(buf.as_ptr(), self.as_ptr().add(at), buf.len()) };
+        Ok(())
+    }
+
+    /// Writes back the pages of this map that stores made dirty, and makes them
+    /// durable (`msync(MS_SYNC)`).
+    pub fn flush(&self) -> io::Result<()> {
+        self.mapping.sync_range(self.offset, self.view.len() as u64)
+    }
+
+    fn check(&self, at: usize, len: usize) -> io::Result<()> {
+        let end = at.checked_add(len).filter(|&end| end <= self.view.len());
+        let Some(end) = end else {
+            return fail(libc::EINVAL);
+        };
+        if self.offset + end as u64 > self.mapping.len().next_multiple_of(PAGE_SIZE as u64) {
+            return fail(libc::EFAULT);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MapRegion {
+    fn drop(&mut self) {
+        // Stores not yet seen by a scan must be marked dirty before the view goes.
+        self.mapping.forget_map(self);
+        MAPS.write().remove(&self.view.addr());
+        LIVE_MAPS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for MapRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapRegion")
+            .field("offset", &self.offset)
+            .field("len", &self.view.len())
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MapRegion {
+    /// The view's address range, for the mapping's bookkeeping.
+    pub(crate) fn addr_range(&self) -> std::ops::Range<usize> {
+        self.view.addr()..self.view.addr() + self.view.len()
+    }
+}

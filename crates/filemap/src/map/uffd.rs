@@ -1,0 +1,1555 @@
+//! userfaultfd, eventfd and `PAGEMAP_SCAN`: thin wrappers over the kernel
+//! interfaces the memory maps are built on. `map/mod.rs` records what the kernel
+//! does with them; the tests at the end of this file prove it on the running
+//! kernel.
+//!
+//! The uapi structures are declared here (the libc crate has none of them), laid
+//! out as in `linux/userfaultfd.h` and `linux/fs.h` of Linux 6.18; their sizes
+//! are checked at compile time against the sizes encoded in the ioctl numbers.
+//!
+//! # Safety
+//! The `unsafe` here is `ioctl`, `poll`, `eventfd` and raw `syscall` calls. Each
+//! ioctl is given a pointer to a live, exclusively borrowed `#[repr(C)]` value of
+//! exactly the structure its request number encodes, so the kernel reads and
+//! writes only that value. The addresses *inside* those structures (ranges to
+//! register, copy, wake or scan) are checked by the kernel against the calling
+//! process's mappings; they can only affect memory the caller mapped for
+//! userfaultfd (a [`View`](super::memfd::View)), never memory Rust owns, with one
+//! exception: the source of [`Userfaultfd::copy`], which the kernel reads and so
+//! must be readable (that method is `unsafe` for it).
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::size_of;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------
+// uapi: linux/userfaultfd.h, linux/fs.h (PAGEMAP_SCAN), asm-generic/ioctl.h
+
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+/// `_IOC(dir, type, nr, size)`.
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> libc::Ioctl {
+    ((dir << 30) | ((size as u32) << 16) | (ty << 8) | nr) as libc::Ioctl
+}
+
+const UFFDIO: u32 = 0xAA;
+const UFFD_API: u64 = 0xAA;
+/// `_IO(USERFAULTFD_IOC, 0x00)`, on `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: libc::Ioctl = ioc(0, UFFDIO, 0x00, 0);
+const UFFDIO_API: libc::Ioctl = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
+const UFFDIO_REGISTER: libc::Ioctl = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x00,
+    size_of::<UffdioRegister>(),
+);
+const UFFDIO_UNREGISTER: libc::Ioctl = ioc(IOC_READ, UFFDIO, 0x01, size_of::<UffdioRange>());
+const UFFDIO_WAKE: libc::Ioctl = ioc(IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>());
+const UFFDIO_COPY: libc::Ioctl = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, size_of::<UffdioCopy>());
+const UFFDIO_WRITEPROTECT: libc::Ioctl = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x06,
+    size_of::<UffdioWriteprotect>(),
+);
+const PAGEMAP_SCAN: libc::Ioctl = ioc(
+    IOC_READ | IOC_WRITE,
+    b'f' as u32,
+    16,
+    size_of::<PmScanArg>(),
+);
+
+// Checked against the C headers of this machine (gcc, linux/userfaultfd.h).
+const _: () = {
+    assert!(UFFDIO_API == 0xc018_aa3f);
+    assert!(UFFDIO_REGISTER == 0xc020_aa00);
+    assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
+    assert!(UFFDIO_WAKE == 0x8010_aa02);
+    assert!(UFFDIO_COPY == 0xc028_aa03);
+    assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+    assert!(USERFAULTFD_IOC_NEW == 0xaa00);
+    assert!(PAGEMAP_SCAN == 0xc060_6610);
+};
+
+/// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
+pub(crate) const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// `UFFD_FEATURE_THREAD_ID`: a fault names the thread that took it.
+pub(crate) const FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFD_FEATURE_MISSING_SHMEM`: MISSING faults on shmem (memfd) ranges.
+pub(crate) const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write protection on shmem ranges.
+pub(crate) const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// `UFFD_FEATURE_WP_UNPOPULATED`: write protection applies to unpopulated ptes.
+pub(crate) const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// `UFFD_FEATURE_POISON`: `UFFDIO_POISON`.
+pub(crate) const FEATURE_POISON: u64 = 1 << 14;
+/// `UFFD_FEATURE_WP_ASYNC`: the kernel resolves write-protect faults itself
+/// (unprotects and lets the store proceed); `PAGEMAP_SCAN` reports them.
+pub(crate) const FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+/// The features [`Userfaultfd::new`] asks for, when the kernel offers them.
+/// No `EVENT_*` feature: with those, `munmap`, `madvise` and `mremap` of a
+/// registered range block until the handler reads the event.
+pub(crate) const WANTED_FEATURES: u64 = FEATURE_MISSING_SHMEM
+    | FEATURE_WP_HUGETLBFS_SHMEM
+    | FEATURE_WP_UNPOPULATED
+    | FEATURE_WP_ASYNC
+    | FEATURE_THREAD_ID;
+
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// Bit of `uffdio_register.ioctls`: `1 << _UFFDIO_COPY`.
+const UFFDIO_COPY_AVAILABLE: u64 = 1 << 0x03;
+
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
+/// `sizeof(struct uffd_msg)`.
+const UFFD_MSG_SIZE: usize = 32;
+
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `ioctl(fd, request, arg)`.
+///
+/// # Safety
+/// `T` must be the structure `request` expects on `fd` (its size is part of
+/// the request number), and every address inside `*arg` must satisfy what that
+/// request documents.
+unsafe fn ioctl<T>(
+    fd: BorrowedFd<'_>,
+    request: libc::Ioctl,
+    arg: &mut T,
+) -> io::Result<libc::c_int> {
+    // SAFETY: `arg` is a live exclusive borrow of the structure the request
+    // expects (caller's contract), so the kernel reads and writes only it.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, arg as *mut T) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+// ---------------------------------------------------------------------------
+// userfaultfd
+
+/// A fault read from a [`Userfaultfd`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A touch of a page absent from the file, through a view registered
+    /// MISSING. `addr` is page-aligned; `write` says the access was a store;
+    /// `thread` is the faulting thread's id (0 without `UFFD_FEATURE_THREAD_ID`).
+    Missing {
+        addr: usize,
+        write: bool,
+        thread: u32,
+    },
+    /// A store to a write-protected page (only without `WP_ASYNC`, which
+    /// resolves these in the kernel).
+    WriteProtect { addr: usize },
+    /// Any other message (minor faults, events of features not requested).
+    Other,
+}
+
+/// A userfaultfd (`O_CLOEXEC | O_NONBLOCK`), after its `UFFDIO_API` handshake.
+///
+/// Closing it (drop) unregisters every range registered through it and wakes
+/// the threads blocked in its faults: they retry as if the range had never been
+/// registered, so a touch of an absent page then allocates a zero page. Keep the
+/// userfaultfd alive as long as its views.
+#[derive(Debug)]
+pub(crate) struct Userfaultfd {
+    fd: OwnedFd,
+    features: u64,
+}
+
+impl Userfaultfd {
+    /// `ioctl(open("/dev/userfaultfd"), USERFAULTFD_IOC_NEW, O_CLOEXEC |
+    /// O_NONBLOCK)`, or `userfaultfd(O_CLOEXEC | O_NONBLOCK)` when the device
+    /// cannot be opened; then `ioctl(uffd, UFFDIO_API, &uffdio_api)` asking for
+    /// [`WANTED_FEATURES`] & what the kernel offers.
+    ///
+    /// Faults taken by the kernel on behalf of a syscall (a `write` whose
+    /// buffer is in a view) are handled like user faults: `UFFD_USER_MODE_ONLY`
+    /// is never used, since it would make such syscalls fail with `EFAULT`.
+    /// The kernel's offer is probed once per process on a throwaway
+    /// userfaultfd (`UFFDIO_API` fails with `EINVAL` when asked for a feature it
+    /// lacks, and a userfaultfd gets one handshake).
+    pub fn new() -> io::Result<Self> {
+        Self::with_features(WANTED_FEATURES & available_features()?)
+    }
+
+    /// Like [`Userfaultfd::new`], asking for exactly `features`
+    /// (`UFFD_FEATURE_*` bits; `EINVAL` if the kernel lacks one).
+    pub fn with_features(features: u64) -> io::Result<Self> {
+        let fd = open_userfaultfd()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which holds no address.
+        unsafe { ioctl(fd.as_fd(), UFFDIO_API, &mut api) }?;
+        Ok(Self { fd, features })
+    }
+
+    /// The `UFFD_FEATURE_*` bits granted at the handshake.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Whether `UFFD_FEATURE_WP_ASYNC` was granted (with it, the shmem
+    /// write-protect features it needs).
+    pub fn has_wp_async(&self) -> bool {
+        let needed = FEATURE_WP_ASYNC | FEATURE_WP_HUGETLBFS_SHMEM;
+        self.features & needed == needed
+    }
+
+    /// `ioctl(uffd, UFFDIO_REGISTER, &uffdio_register)` with
+    /// `UFFDIO_REGISTER_MODE_MISSING`, plus `UFFDIO_REGISTER_MODE_WP` if
+    /// `write_protect`. `addr` and `len` are page-aligned and cover whole
+    /// mappings of shmem (or parts of them: the kernel splits the mapping).
+    /// Fails with `EINVAL` if the kernel would not allow `UFFDIO_COPY` there.
+    pub fn register(&self, addr: usize, len: usize, write_protect: bool) -> io::Result<()> {
+        let mode = UFFDIO_REGISTER_MODE_MISSING
+            | if write_protect {
+                UFFDIO_REGISTER_MODE_WP
+            } else {
+                0
+            };
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; the range
+        // in it is checked by the kernel against our mappings and only changes
+        // how faults in it are handled.
+        unsafe { ioctl(self.fd.as_fd(), UFFDIO_REGISTER, &mut reg) }?;
+        if reg.ioctls & UFFDIO_COPY_AVAILABLE == 0 {
+            let _ = self.unregister(addr, len);
+            return Err(errno(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_UNREGISTER, &uffdio_range)`. Threads blocked in
+    /// faults of the range are woken and retry unregistered.
+    pub fn unregister(&self, addr: usize, len: usize) -> io::Result<()> {
+        let mut range = range(addr, len);
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`; the kernel
+        // checks the range against our mappings.
+        unsafe { ioctl(self.fd.as_fd(), UFFDIO_UNREGISTER, &mut range) }?;
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_COPY, &uffdio_copy)`: allocates pages, copies `len`
+    /// bytes from `src` into them and installs them at `dst..dst + len` (page-
+    /// aligned, inside one registered range of this userfaultfd), with
+    /// `UFFDIO_COPY_MODE_WP` if `write_protect` (the range must be registered
+    /// with write protection) and `UFFDIO_COPY_MODE_DONTWAKE` if `!wake`.
+    ///
+    /// On shmem the page goes into the file, so every view and `pread` see it;
+    /// the write-protect bit applies to `dst`'s mapping only. Returns the bytes
+    /// copied: `len`, or a positive short count if a later page failed (the
+    /// copied part is woken unless `!wake`; retry the rest to learn why).
+    /// Errors: `EEXIST` if the first page is already in the file (the copy is
+    /// "install if absent"); `ENOENT` if `dst` is not registered here; `EFAULT`
+    /// past the end of the file; `EAGAIN` (`ErrorKind::WouldBlock`) if the
+    /// address space is changing under a pending event (read the events, then
+    /// retry). A failure wakes no one: [`Userfaultfd::wake`] after one.
+    ///
+    /// # Safety
+    /// `src..src + len` must be readable for the duration of the call. (A
+    /// fault on it is not undefined behaviour for the kernel, which returns
+    /// `EFAULT`, but `src` must not be memory another thread of this process
+    /// is allowed to be writing without synchronisation.)
+    pub unsafe fn copy(
+        &self,
+        dst: usize,
+        src: *const u8,
+        len: usize,
+        write_protect: bool,
+        wake: bool,
+    ) -> io::Result<usize> {
+        let mut arg = UffdioCopy {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode: if write_protect {
+                UFFDIO_COPY_MODE_WP
+            } else {
+                0
+            } | if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`. The kernel reads
+        // `src..src + len`, readable by the caller's contract, and writes only
+        // into newly allocated pages that it installs at `dst` if `dst` lies in
+        // a range registered with this userfaultfd (our views), never into
+        // memory Rust owns.
+        match unsafe { ioctl(self.fd.as_fd(), UFFDIO_COPY, &mut arg) } {
+            Ok(_) => Ok(len),
+            // A partial copy fails with EAGAIN but reports the bytes copied.
+            Err(_) if arg.copy > 0 => Ok(arg.copy as usize),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `ioctl(uffd, UFFDIO_WAKE, &uffdio_range)`: wakes the threads blocked in
+    /// faults of the range, which retry their access.
+    pub fn wake(&self, addr: usize, len: usize) -> io::Result<()> {
+        let mut range = range(addr, len);
+        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range` and only wakes
+        // waiters on this userfaultfd.
+        unsafe { ioctl(self.fd.as_fd(), UFFDIO_WAKE, &mut range) }?;
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_WRITEPROTECT, &uffdio_writeprotect)`: sets (or
+    /// clears, which also wakes) write protection on a range registered with
+    /// it. On shmem, setting it also marks unpopulated ptes, so a page mapped
+    /// there later starts protected.
+    pub fn write_protect(&self, addr: usize, len: usize, protect: bool) -> io::Result<()> {
+        let mut arg = UffdioWriteprotect {
+            range: range(addr, len),
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`;
+        // it changes page-table protection of our registered range only.
+        unsafe { ioctl(self.fd.as_fd(), UFFDIO_WRITEPROTECT, &mut arg) }?;
+        Ok(())
+    }
+
+    /// `read(uffd, buf, n * sizeof(struct uffd_msg))`, repeated until no
+    /// message is pending; `out` is cleared first. Returns the number of events
+    /// read, 0 when none is pending. Each fault is read once: a thread that
+    /// faults again after being woken produces a new event.
+    pub fn read_events(&self, out: &mut Vec<Event>) -> io::Result<usize> {
+        out.clear();
+        let mut buf = [0u8; UFFD_MSG_SIZE * 64];
+        loop {
+            let n = match rustix::io::read(&self.fd, &mut buf) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for msg in buf[..n].chunks_exact(UFFD_MSG_SIZE) {
+                out.push(parse_msg(msg));
+            }
+            if n < buf.len() {
+                break;
+            }
+        }
+        Ok(out.len())
+    }
+
+    /// The userfaultfd, for `poll`.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn range(addr: usize, len: usize) -> UffdioRange {
+    UffdioRange {
+        start: addr as u64,
+        len: len as u64,
+    }
+}
+
+fn parse_msg(msg: &[u8]) -> Event {
+    let word = |at: usize| u64::from_ne_bytes(msg[at..at + 8].try_into().expect("8 bytes"));
+    if msg[0] != UFFD_EVENT_PAGEFAULT {
+        return Event::Other;
+    }
+    let (flags, addr) = (word(8), word(16) as usize);
+    if flags & UFFD_PAGEFAULT_FLAG_MINOR != 0 {
+        Event::Other
+    } else if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+        Event::WriteProtect { addr }
+    } else {
+        Event::Missing {
+            addr,
+            write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+            // `pagefault.feat.ptid`, right after the address.
+            thread: u32::from_ne_bytes(msg[24..28].try_into().expect("4 bytes")),
+        }
+    }
+}
+
+/// A new userfaultfd before its handshake.
+fn open_userfaultfd() -> io::Result<OwnedFd> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as libc::c_ulong;
+    if let Ok(dev) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a
+        // new file descriptor; no memory is passed.
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+        if fd >= 0 {
+            // SAFETY: the ioctl returned a new descriptor that nothing else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    // SAFETY: userfaultfd(2) takes flags by value and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `tgkill(getpid(), thread, SIGBUS)`: what the kernel does to a thread that
+/// touches a page of a file map wholly past the end of file. Without a handler
+/// the process dies, as it would with a real file map.
+pub(crate) fn send_sigbus(thread: u32) -> io::Result<()> {
+    // SAFETY: tgkill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            thread as libc::pid_t,
+            libc::SIGBUS,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The `UFFD_FEATURE_*` bits the kernel offers, probed once per process:
+/// `UFFDIO_API` with no feature requested on a throwaway userfaultfd answers
+/// with every feature the kernel has.
+pub(crate) fn available_features() -> io::Result<u64> {
+    static AVAILABLE: OnceLock<u64> = OnceLock::new();
+    if let Some(&f) = AVAILABLE.get() {
+        return Ok(f);
+    }
+    let fd = open_userfaultfd()?;
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which holds no address.
+    unsafe { ioctl(fd.as_fd(), UFFDIO_API, &mut api) }?;
+    Ok(*AVAILABLE.get_or_init(|| api.features))
+}
+
+// ---------------------------------------------------------------------------
+// waiting: poll and eventfd
+
+/// What [`wait_readable`] found readable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// The waited-on descriptor (a userfaultfd: events are pending, or it is
+    /// in an error state that a read reports). Reported first when both are
+    /// readable, so pending faults are served before a stop is seen.
+    Fd,
+    /// The stop descriptor (an [`EventFd`]), and not the other.
+    Wake,
+}
+
+/// `poll([fd, wake_fd], POLLIN, timeout)`, retried on `EINTR`: blocks until
+/// `fd` or `wake_fd` is readable (or in error) and says which; `fd` wins when
+/// both are. Fails with `ErrorKind::TimedOut` when `timeout` passes first
+/// (`None`: wait forever).
+pub(crate) fn wait_readable(
+    fd: BorrowedFd<'_>,
+    wake_fd: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let ms: libc::c_int = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                // Round up, so a short timeout still sleeps.
+                left.as_micros()
+                    .div_ceil(1000)
+                    .min(libc::c_int::MAX as u128) as libc::c_int
+            }
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structures, the count
+        // passed; poll writes only their `revents`.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let ready =
+            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+        if ready(&fds[0]) {
+            return Ok(Readiness::Fd);
+        } else if ready(&fds[1]) {
+            return Ok(Readiness::Wake);
+        } else if rc == 0 {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+    }
+}
+
+/// An eventfd (`EFD_CLOEXEC | EFD_NONBLOCK`), used to stop threads waiting in
+/// [`wait_readable`].
+#[derive(Debug)]
+pub(crate) struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd(2) takes two integers and returns a new descriptor.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: eventfd returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
+    }
+
+    /// `write(efd, &1u64, 8)`: makes the eventfd readable until drained. A
+    /// full counter (`EAGAIN`) is already readable, so it is not an error.
+    pub fn signal(&self) -> io::Result<()> {
+        loop {
+            match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+                Ok(_) | Err(rustix::io::Errno::AGAIN) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// `read(efd, &mut u64, 8)`: resets the counter; returns the sum of the
+    /// signals since the last drain (0 if none).
+    pub fn drain(&self) -> io::Result<u64> {
+        let mut buf = [0u8; 8];
+        loop {
+            match rustix::io::read(&self.fd, &mut buf) {
+                Ok(_) => return Ok(u64::from_ne_bytes(buf)),
+                Err(rustix::io::Errno::AGAIN) => return Ok(0),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The eventfd, for [`wait_readable`].
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PAGEMAP_SCAN
+
+/// `/proc/self/pagemap`, opened once. The file is bound to the address space
+/// that opened it: a `fork`ed child must not use it (views are not inherited
+/// anyway).
+fn pagemap() -> io::Result<BorrowedFd<'static>> {
+    static PAGEMAP: OnceLock<OwnedFd> = OnceLock::new();
+    if PAGEMAP.get().is_none() {
+        let file = std::fs::File::open("/proc/self/pagemap")?;
+        let _ = PAGEMAP.set(file.into()); // a racing opener's fd is dropped
+    }
+    Ok(PAGEMAP.get().expect("set above").as_fd())
+}
+
+/// `ioctl(open("/proc/self/pagemap"), PAGEMAP_SCAN, &pm_scan_arg)` over
+/// `[addr, addr + len)`, repeated until the walk reaches the end: the page-
+/// aligned ranges whose pages have every category of `category_mask`, merged
+/// where adjacent. With `rearm`, adds `PM_SCAN_WP_MATCHING |
+/// PM_SCAN_CHECK_WPASYNC`: the kernel write-protects the pages it reports, and
+/// fails with `EPERM` if a mapping in the range is not registered WP with a
+/// `WP_ASYNC` userfaultfd.
+pub(crate) fn pagemap_scan(
+    addr: usize,
+    len: usize,
+    category_mask: u64,
+    rearm: bool,
+) -> io::Result<Vec<Range<usize>>> {
+    const CHUNK: usize = 64;
+    let fd = pagemap()?;
+    let end = addr as u64 + len as u64;
+    let mut start = addr as u64;
+    let mut out: Vec<Range<usize>> = Vec::new();
+    let mut regions = [PageRegion::default(); CHUNK];
+    while start < end {
+        let mut arg = PmScanArg {
+            size: size_of::<PmScanArg>() as u64,
+            flags: if rearm {
+                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+            } else {
+                0
+            },
+            start,
+            end,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: CHUNK as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask,
+            category_anyof_mask: 0,
+            return_mask: category_mask,
+        };
+        // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg`; the kernel writes
+        // at most `vec_len` `struct page_region`s to `vec`, our live local
+        // array of that length, and only reads page tables of
+        // `start..end` (changing write protection there with `rearm`, which
+        // CHECK_WPASYNC limits to WP_ASYNC-registered views).
+        let n = unsafe { ioctl(fd, PAGEMAP_SCAN, &mut arg) }? as usize;
+        for r in &regions[..n.min(CHUNK)] {
+            let r = r.start as usize..r.end as usize;
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        if arg.walk_end <= start {
+            return Err(errno(libc::EIO)); // no progress: should not happen
+        }
+        start = arg.walk_end;
+    }
+    Ok(out)
+}
+
+/// `PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC` for
+/// `PAGE_IS_WRITTEN` over `[addr, addr + len)`: the ranges written since the
+/// last scan (or mapped since, see `map/mod.rs`), write-protected again as they
+/// are reported, so the next scan reports only later stores.
+pub(crate) fn scan_written(addr: usize, len: usize) -> io::Result<Vec<Range<usize>>> {
+    pagemap_scan(addr, len, PAGE_IS_WRITTEN, true)
+}
+
+#[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // ranges of pages, on purpose
+mod tests {
+    //! The proof of the kernel facts recorded in `map/mod.rs`, on the running
+    //! kernel. Every test maps a memfd several times; "user" views are
+    //! registered, the "install" view is registered and only ever the
+    //! destination of `UFFDIO_COPY`. Threads that may block in a fault run
+    //! under a timeout, so a wrong assumption fails instead of hanging.
+    use super::*;
+    use crate::map::memfd::{Memfd, View, PAGE};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::thread;
+
+    const P: usize = PAGE;
+
+    /// A page whose every word is `stamp`.
+    fn page(stamp: u64) -> Vec<u8> {
+        stamp.to_ne_bytes().repeat(P / 8)
+    }
+
+    /// The word at `addr`, an aligned address inside a live view.
+    fn load(addr: usize) -> u64 {
+        // SAFETY: tests pass aligned addresses inside views they keep mapped
+        // for the call. View memory is shared with other threads and the
+        // kernel, so it is accessed only as atomics, never as plain references.
+        unsafe { (*(addr as *const AtomicU64)).load(Ordering::Relaxed) }
+    }
+
+    /// Stores `value` to the word at `addr` (as for [`load`]).
+    fn store(addr: usize, value: u64) {
+        // SAFETY: as in `load`; the views stored to are writable.
+        unsafe { (*(addr as *const AtomicU64)).store(value, Ordering::Relaxed) }
+    }
+
+    /// The file's page `index` through `pread`.
+    fn file_page(memfd: &Memfd, index: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; P];
+        assert_eq!(memfd.read_at(&mut buf, (index * P) as u64).unwrap(), P);
+        buf
+    }
+
+    /// Copies `data` (whole pages) to `dst`, failing the test on error.
+    fn install(uffd: &Userfaultfd, dst: usize, data: &[u8], wp: bool) -> io::Result<usize> {
+        // SAFETY: `data` is a live buffer of `data.len()` bytes.
+        unsafe { uffd.copy(dst, data.as_ptr(), data.len(), wp, false) }
+    }
+
+    /// Runs `f` on a new thread and waits at most 10 s for it: a thread that
+    /// blocks in a fault nobody serves fails the test instead of hanging it.
+    fn in_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("thread blocked (or panicked)")
+    }
+
+    /// A memfd of `pages` pages, a userfaultfd, a writable user view and an
+    /// install view, both registered (with WP if `wp`).
+    struct Setup {
+        memfd: Arc<Memfd>,
+        uffd: Arc<Userfaultfd>,
+        user: View,
+        install: View,
+    }
+
+    fn setup(pages: usize, wp: bool) -> Setup {
+        let memfd = Memfd::new("filemap-test").unwrap();
+        memfd.set_len((pages * P) as u64).unwrap();
+        let uffd = Userfaultfd::new().unwrap();
+        let user = View::new(&memfd, 0, pages * P, true).unwrap();
+        let install = View::new(&memfd, 0, pages * P, true).unwrap();
+        uffd.register(user.addr(), user.len(), wp).unwrap();
+        uffd.register(install.addr(), install.len(), wp).unwrap();
+        Setup {
+            memfd: Arc::new(memfd),
+            uffd: Arc::new(uffd),
+            user,
+            install,
+        }
+    }
+
+    /// A fault-handling thread: serves each event with `serve`, logs them all,
+    /// and returns the log when stopped.
+    struct Handler {
+        stop: Arc<EventFd>,
+        thread: Option<thread::JoinHandle<Vec<Event>>>,
+    }
+
+    impl Handler {
+        fn spawn(
+            uffd: Arc<Userfaultfd>,
+            serve: impl FnMut(&Userfaultfd, Event) + Send + 'static,
+        ) -> Self {
+            Self::spawn_opts(uffd, None, false, serve)
+        }
+
+        /// Like `spawn`, pinned to `cpu` if given, and spinning on
+        /// `read_events` instead of sleeping in `poll` if `spin`.
+        fn spawn_opts(
+            uffd: Arc<Userfaultfd>,
+            cpu: Option<usize>,
+            spin: bool,
+            mut serve: impl FnMut(&Userfaultfd, Event) + Send + 'static,
+        ) -> Self {
+            let stop = Arc::new(EventFd::new().unwrap());
+            let stop2 = Arc::clone(&stop);
+            let thread = thread::spawn(move || {
+                let (mut log, mut events) = (Vec::new(), Vec::new());
+                if let Some(cpu) = cpu {
+                    pin(cpu);
+                }
+                if spin {
+                    loop {
+                        if stop2.drain().unwrap() > 0 {
+                            return log;
+                        }
+                        uffd.read_events(&mut events).unwrap();
+                        for &e in &events {
+                            log.push(without_thread(e));
+                            serve(&uffd, e);
+                        }
+                    }
+                }
+                loop {
+                    match wait_readable(uffd.as_fd(), stop2.as_fd(), None).unwrap() {
+                        Readiness::Fd => {
+                            uffd.read_events(&mut events).unwrap();
+                            for &e in &events {
+                                log.push(without_thread(e));
+                                serve(&uffd, e);
+                            }
+                        }
+                        Readiness::Wake => return log,
+                    }
+                }
+            });
+            Self {
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn stop(mut self) -> Vec<Event> {
+            self.stop.signal().unwrap();
+            self.thread.take().unwrap().join().unwrap()
+        }
+    }
+
+    impl Drop for Handler {
+        fn drop(&mut self) {
+            if let Some(t) = self.thread.take() {
+                let _ = self.stop.signal();
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Serves MISSING faults in any of `views` (address, length; all mapping
+    /// the file from offset 0) by copying page `stamp(index)` into the install
+    /// view at `install`, then waking the faulting page.
+    fn installer(
+        views: Vec<(usize, usize)>,
+        install: usize,
+        stamp: impl Fn(usize) -> u64 + Send + 'static,
+    ) -> impl FnMut(&Userfaultfd, Event) + Send + 'static {
+        move |uffd, e| {
+            let Event::Missing { addr, .. } = e else {
+                return;
+            };
+            let (base, _) = *views
+                .iter()
+                .find(|&&(a, l)| (a..a + l).contains(&addr))
+                .expect("fault outside the test's views");
+            let index = (addr - base) / P;
+            // EEXIST (a racing install) is fine: the page is there.
+            let _ = install_page(uffd, install + index * P, stamp(index));
+            uffd.wake(addr, P).unwrap();
+        }
+    }
+
+    fn install_page(uffd: &Userfaultfd, dst: usize, stamp: u64) -> io::Result<usize> {
+        install(uffd, dst, &page(stamp), false)
+    }
+
+    fn missing(addr: usize, write: bool) -> Event {
+        Event::Missing {
+            addr,
+            write,
+            thread: 0,
+        }
+    }
+
+    /// The event as logged: thread ids differ from run to run.
+    fn without_thread(event: Event) -> Event {
+        match event {
+            Event::Missing { addr, write, .. } => missing(addr, write),
+            other => other,
+        }
+    }
+
+    fn present(addr: usize, len: usize) -> Vec<Range<usize>> {
+        pagemap_scan(addr, len, PAGE_IS_PRESENT, false).unwrap()
+    }
+
+    #[test]
+    fn handshake_grants_the_wanted_features() {
+        let available = available_features().unwrap();
+        let uffd = Userfaultfd::new().unwrap();
+        println!(
+            "userfaultfd: available features {available:#x}, granted {:#x}, wp_async {}",
+            uffd.features(),
+            uffd.has_wp_async()
+        );
+        assert_eq!(uffd.features(), WANTED_FEATURES & available);
+        assert!(uffd.features() & FEATURE_MISSING_SHMEM != 0);
+    }
+
+    /// Test 1: a touch of an absent page blocks in MISSING; the handler
+    /// installs it through the install view and wakes the faulting page; every
+    /// view and `pread` see it. Also for a store, and for a kernel access
+    /// (`write` from the view) that faults on the thread's behalf.
+    #[test]
+    fn missing_fault_served_through_install_view() {
+        let s = setup(4, false);
+        let third = View::new(&s.memfd, 0, 4 * P, true).unwrap(); // unregistered
+        let (u, len) = (s.user.addr(), s.user.len());
+        let h = Handler::spawn(
+            Arc::clone(&s.uffd),
+            installer(vec![(u, len)], s.install.addr(), |i| 0x1000 + i as u64),
+        );
+
+        assert_eq!(in_thread(move || load(u + P)), 0x1001);
+        in_thread(move || store(u + 2 * P + 8, 77));
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        let written = in_thread(move || {
+            // SAFETY: `u + 3P .. u + 4P` is inside the user view, kept mapped
+            // until the thread is joined; the kernel reads it (faulting).
+            unsafe { libc::write(fd, (u + 3 * P) as *const libc::c_void, P) }
+        });
+        assert_eq!(written, P as isize);
+        let mut got = vec![0u8; P];
+        std::io::Read::read_exact(&mut b, &mut got).unwrap();
+        assert!(
+            got == page(0x1003),
+            "write() from the view read the installed page"
+        );
+
+        let log = h.stop();
+        assert_eq!(
+            log,
+            [
+                missing(u + P, false),
+                missing(u + 2 * P, true),
+                missing(u + 3 * P, false)
+            ]
+        );
+        // The installed pages are in the file: a third view and pread see them.
+        let t = third.addr();
+        assert_eq!(
+            (load(t + P), load(t + 2 * P), load(t + 2 * P + 8)),
+            (0x1001, 0x1002, 77)
+        );
+        assert!(file_page(&s.memfd, 1) == page(0x1001));
+        let mut expect = page(0x1002);
+        expect[8..16].copy_from_slice(&77u64.to_ne_bytes());
+        assert!(file_page(&s.memfd, 2) == expect);
+        assert!(!s.memfd.page_present(0).unwrap(), "page 0 never touched");
+    }
+
+    /// Test 2: UFFDIO_COPY is "install if absent": EEXIST on a present page;
+    /// a multi-page copy stopping at a present page returns a short count.
+    #[test]
+    fn copy_into_present_page_is_eexist() {
+        let s = setup(4, false);
+        let i = s.install.addr();
+        assert_eq!(install_page(&s.uffd, i, 1).unwrap(), P);
+        let err = install_page(&s.uffd, i, 2).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        s.uffd.wake(i, P).unwrap(); // a failed copy wakes no one
+        assert!(
+            file_page(&s.memfd, 0) == page(1),
+            "EEXIST left the page alone"
+        );
+
+        // Pages 1..4 with page 2 present: page 1 is copied, then a short count.
+        install_page(&s.uffd, i + 2 * P, 2).unwrap();
+        let three = [page(9), page(9), page(9)].concat();
+        assert_eq!(install(&s.uffd, i + P, &three, false).unwrap(), P);
+        let err = install(&s.uffd, i + 2 * P, &three[P..], false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(
+            install(&s.uffd, i + 3 * P, &three[2 * P..], false).unwrap(),
+            P
+        );
+        let stamps: Vec<u64> = (0..4).map(|p| load(i + p * P)).collect();
+        assert_eq!(stamps, [1, 9, 2, 9]);
+
+        // Past the end of the file: EFAULT, not SIGBUS.
+        s.memfd.set_len(3 * P as u64).unwrap();
+        let err = install_page(&s.uffd, i + 3 * P, 5).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+        // Outside any registered range: ENOENT.
+        let other = View::new(&s.memfd, 0, P, true).unwrap();
+        let err = install_page(&s.uffd, other.addr(), 5).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    /// Test 3: a punch zaps the page from every view; the next touch through
+    /// a registered view raises MISSING again.
+    #[test]
+    fn punch_zaps_every_view() {
+        let s = setup(2, false);
+        let v2 = View::new(&s.memfd, 0, 2 * P, true).unwrap();
+        s.uffd.register(v2.addr(), v2.len(), false).unwrap();
+        let (u, w) = (s.user.addr(), v2.addr());
+        let stamp = Arc::new(AtomicU64::new(1));
+        let st = Arc::clone(&stamp);
+        let h = Handler::spawn(
+            Arc::clone(&s.uffd),
+            installer(vec![(u, 2 * P), (w, 2 * P)], s.install.addr(), move |_| {
+                st.load(Ordering::SeqCst)
+            }),
+        );
+
+        assert_eq!(in_thread(move || load(u)), 1); // fault
+        assert_eq!(in_thread(move || load(w)), 1); // present: no fault
+        assert_eq!(present(u, P), [u..u + P]);
+        assert_eq!(present(w, P), [w..w + P]);
+
+        s.memfd.punch(0, P as u64).unwrap();
+        assert!(!s.memfd.page_present(0).unwrap());
+        assert_eq!(present(u, P), [], "punch zapped the user view");
+        assert_eq!(present(w, P), [], "punch zapped the second view");
+        assert_eq!(present(s.install.addr(), P), [], "and the install view");
+
+        stamp.store(2, Ordering::SeqCst);
+        assert_eq!(in_thread(move || load(w)), 2); // fault in the second view
+        assert_eq!(in_thread(move || load(u)), 2); // present again: no fault
+        s.memfd.punch(0, P as u64).unwrap();
+        stamp.store(3, Ordering::SeqCst);
+        assert_eq!(in_thread(move || load(u)), 3); // fault in the user view
+        assert_eq!(
+            h.stop(),
+            [missing(u, false), missing(w, false), missing(u, false)]
+        );
+    }
+
+    /// Test 4: a reader of a registered view never sees a zero page that a
+    /// punch could leave behind: after the punch the page is a hole (pread
+    /// reads zeroes without allocating) until the handler installs it.
+    #[test]
+    fn punch_then_touch_faults_instead_of_reading_zeroes() {
+        let s = setup(1, false);
+        let u = s.user.addr();
+        let i = s.install.addr();
+        install_page(&s.uffd, i, 1).unwrap();
+        assert_eq!(load(u), 1);
+
+        s.memfd.punch(0, P as u64).unwrap();
+        assert!(!s.memfd.page_present(0).unwrap());
+        assert!(
+            file_page(&s.memfd, 0) == page(0),
+            "pread of the hole reads zeroes"
+        );
+        assert!(!s.memfd.page_present(0).unwrap(), "and does not allocate");
+
+        // The handler checks, at the fault, that the page is still a hole.
+        let (tx, rx) = mpsc::channel();
+        let memfd = Arc::clone(&s.memfd);
+        let mut serve = installer(vec![(u, P)], i, |_| 2);
+        let h = Handler::spawn(Arc::clone(&s.uffd), move |uffd, e| {
+            let _ = tx.send(memfd.page_present(0).unwrap());
+            serve(uffd, e);
+        });
+        assert_eq!(in_thread(move || load(u)), 2);
+        assert_eq!(h.stop(), [missing(u, false)]);
+        assert_eq!(rx.try_recv(), Ok(false), "absent while the reader waited");
+        assert!(file_page(&s.memfd, 0) == page(2));
+    }
+
+    /// Test 4, racing: a reader spins on a registered view while another
+    /// thread punches the page over and over; it must only ever read
+    /// installed stamps (never a zero page).
+    #[test]
+    fn reader_racing_punches_never_reads_zeroes() {
+        let s = setup(1, false);
+        let u = s.user.addr();
+        let next = AtomicU64::new(1);
+        let h = Handler::spawn(
+            Arc::clone(&s.uffd),
+            installer(vec![(u, P)], s.install.addr(), move |_| {
+                next.fetch_add(1, Ordering::SeqCst)
+            }),
+        );
+        let done = Arc::new(AtomicBool::new(false));
+        let d = Arc::clone(&done);
+        let reader = thread::spawn(move || {
+            let (mut loads, mut zeroes, mut last) = (0u64, 0u64, 0u64);
+            while !d.load(Ordering::Relaxed) {
+                let v = load(u);
+                if v == 0 {
+                    zeroes += 1;
+                }
+                assert!(v >= last, "stamps only grow");
+                last = v;
+                loads += 1;
+            }
+            (loads, zeroes)
+        });
+        let punches = 2000;
+        for _ in 0..punches {
+            s.memfd.punch(0, P as u64).unwrap();
+            thread::sleep(Duration::from_micros(20));
+        }
+        done.store(true, Ordering::Relaxed);
+        // The reader may be blocked in a fault: the handler still serves it.
+        let (loads, zeroes) = reader.join().unwrap();
+        let faults = h.stop().len();
+        println!(
+            "racing punch: {punches} punches, {faults} faults, {loads} loads, {zeroes} zero reads"
+        );
+        assert_eq!(zeroes, 0);
+        assert!(faults > 1);
+    }
+
+    /// Test 5 (the trap): a touch through an UNREGISTERED view of a hole
+    /// allocates a zero page in the file, which hides MISSING from every
+    /// registered view afterwards.
+    #[test]
+    fn unregistered_touch_allocates_zero_page_hiding_missing() {
+        let s = setup(1, false);
+        let u = s.user.addr();
+        let plain = View::new(&s.memfd, 0, P, false).unwrap();
+        let h = Handler::spawn(
+            Arc::clone(&s.uffd),
+            installer(vec![(u, P)], s.install.addr(), |_| 7),
+        );
+        assert!(!s.memfd.page_present(0).unwrap());
+        assert_eq!(load(plain.addr()), 0); // a read, through a read-only view
+        assert!(
+            s.memfd.page_present(0).unwrap(),
+            "the read allocated a page"
+        );
+        assert_eq!(
+            in_thread(move || load(u)),
+            0,
+            "the registered view reads zeroes"
+        );
+        let err = install_page(&s.uffd, s.install.addr(), 7).unwrap_err();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EEXIST),
+            "and nothing can be installed"
+        );
+        assert_eq!(h.stop(), [], "no MISSING fault was raised");
+    }
+
+    fn wp_setup(pages: usize) -> Option<Setup> {
+        let s = setup(pages, true);
+        if !s.uffd.has_wp_async() {
+            println!("WP_ASYNC not granted: write tracking tests skipped");
+            return None;
+        }
+        Some(s)
+    }
+
+    fn pages(base: usize, idx: &[usize]) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for &i in idx {
+            let r = base + i * P..base + (i + 1) * P;
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
+    /// Test 6: stores through a view registered MISSING|WP with WP_ASYNC, into
+    /// pages installed write-protected, do not block and are reported once per
+    /// scan.
+    #[test]
+    fn wp_async_reports_each_store_once() {
+        let Some(s) = wp_setup(4) else { return };
+        let (u, len) = (s.user.addr(), s.user.len());
+        let data = (0..4).map(|p| page(p + 1)).collect::<Vec<_>>().concat();
+        assert_eq!(install(&s.uffd, u, &data, true).unwrap(), 4 * P);
+        assert_eq!(scan_written(u, len).unwrap(), [], "installed protected");
+        assert_eq!(load(u + P), 2); // reads are not stores
+        in_thread(move || store(u + 2 * P, 30)); // does not block
+        assert_eq!(scan_written(u, len).unwrap(), pages(u, &[2]));
+        assert_eq!(scan_written(u, len).unwrap(), [], "re-armed by the scan");
+        in_thread(move || store(u + 2 * P + 8, 31));
+        assert_eq!(scan_written(u, len).unwrap(), pages(u, &[2]));
+        in_thread(move || {
+            store(u, 10);
+            store(u + 3 * P, 40);
+            store(u + 2 * P, 32);
+        });
+        assert_eq!(scan_written(u, len).unwrap(), pages(u, &[0, 2, 3]));
+        assert_eq!(file_page(&s.memfd, 3)[..8], 40u64.to_ne_bytes());
+        // A scan over a view not registered WP fails (CHECK_WPASYNC).
+        let err = scan_written(s.install.addr() + len, P);
+        let plain = View::new(&s.memfd, 0, P, true).unwrap();
+        let err2 = scan_written(plain.addr(), P).unwrap_err();
+        println!("scan of unmapped range: {err:?}; of an unregistered view: {err2:?}");
+        assert_eq!(err2.raw_os_error(), Some(libc::EPERM));
+    }
+
+    /// Test 6, arming: how a view registered WP starts tracking, and which
+    /// pages mapped into it after the arming are reported. Each page is
+    /// installed through the install view after the arming, then read or
+    /// stored through the view. Three ways to arm an 8-page window of a view:
+    /// one scan while nothing of its 2 MiB page table exists, one scan after a
+    /// page of the window was mapped (the page table exists), and
+    /// UFFDIO_WRITEPROTECT.
+    #[test]
+    fn wp_async_arming_a_fresh_view() {
+        const VIEW: usize = 1024; // pages: holds an aligned 2 MiB window
+        let Some(s) = wp_setup(3 * VIEW) else { return };
+        let i = s.install.addr();
+        for (k, arm) in [
+            "scan, no page table",
+            "scan, page table",
+            "UFFDIO_WRITEPROTECT",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let view = View::new(&s.memfd, (k * VIEW * P) as u64, VIEW * P, true).unwrap();
+            s.uffd.register(view.addr(), view.len(), true).unwrap();
+            // The window: 8 pages at the start of a 2 MiB-aligned region of the
+            // view, so no other mapping shares its page table.
+            let a = view.addr().next_multiple_of(512 * P);
+            let (len, j) = (8 * P, k * VIEW + (a - view.addr()) / P); // j: its file page
+            let rel = |v: &[Range<usize>]| {
+                v.iter()
+                    .map(|r| (r.start - a) / P..(r.end - a) / P)
+                    .collect::<Vec<_>>()
+            };
+            if k == 1 {
+                install_page(&s.uffd, i + j * P, 1).unwrap();
+                assert_eq!(load(a), 1);
+            }
+            let arming = if k == 2 {
+                s.uffd.write_protect(a, len, true).unwrap();
+                Vec::new()
+            } else {
+                scan_written(a, len).unwrap()
+            };
+            assert_eq!(scan_written(a, len).unwrap(), [], "armed");
+            // After arming: +1 installed and read, +2 installed and stored, +3
+            // installed with WP (into the install view) then stored.
+            install_page(&s.uffd, i + (j + 1) * P, 2).unwrap();
+            install_page(&s.uffd, i + (j + 2) * P, 3).unwrap();
+            install(&s.uffd, i + (j + 3) * P, &page(4), true).unwrap();
+            assert_eq!(load(a + P), 2);
+            in_thread(move || {
+                store(a + 2 * P, 30);
+                store(a + 3 * P, 40);
+            });
+            let first = scan_written(a, len).unwrap();
+            let second = scan_written(a, len).unwrap();
+            in_thread(move || store(a + P, 20));
+            let third = scan_written(a, len).unwrap();
+            println!(
+                "arm by {arm}: arming scan {:?}; after read +1, store +2, +3: {:?}; again: {:?}; after store +1: {:?}",
+                rel(&arming),
+                rel(&first),
+                rel(&second),
+                rel(&third)
+            );
+            // The arming scan reports every page that is not protected, mapped
+            // or not, page table or not, and protects it (an empty pte gets a
+            // uffd-wp marker). UFFDIO_WRITEPROTECT does the same silently.
+            // From then on a page mapped into the view, whenever it was
+            // installed and through whichever view, maps protected: reads are
+            // not reported, stores are.
+            assert_eq!(rel(&arming), if k == 2 { vec![] } else { vec![0..8] });
+            assert_eq!(rel(&first), [2..4]);
+            assert_eq!(second, []);
+            assert_eq!(rel(&third), [1..2]);
+        }
+    }
+
+    /// Test 6, punch: is a store tracked after its page was punched and
+    /// installed again (installed before the next touch, or by a MISSING
+    /// fault), for a page protected or written at the time of the punch?
+    #[test]
+    fn wp_async_tracking_survives_punch() {
+        let Some(s) = wp_setup(4) else { return };
+        let (u, len, i) = (s.user.addr(), s.user.len(), s.install.addr());
+        let data = (0..4).map(|p| page(p + 1)).collect::<Vec<_>>().concat();
+        install(&s.uffd, u, &data, true).unwrap();
+        in_thread(move || {
+            store(u + P, 20);
+            store(u + 3 * P, 40);
+        });
+        // Page 0 protected, page 1 written (not yet scanned) at the punch.
+        s.memfd.punch(0, 2 * P as u64).unwrap();
+        let after_punch = scan_written(u, len).unwrap();
+        install_page(&s.uffd, i, 5).unwrap();
+        install_page(&s.uffd, i + P, 6).unwrap();
+        assert_eq!((load(u), load(u + P)), (5, 6)); // map them by reading
+        let after_read = scan_written(u, len).unwrap();
+        in_thread(move || {
+            store(u, 50);
+            store(u + P, 60);
+        });
+        let after_store = scan_written(u, len).unwrap();
+        // Page 2, protected, punched and refilled through a MISSING fault.
+        s.memfd.punch(2 * P as u64, P as u64).unwrap();
+        let h = Handler::spawn(Arc::clone(&s.uffd), installer(vec![(u, len)], i, |_| 7));
+        assert_eq!(in_thread(move || load(u + 2 * P)), 7);
+        let fault_read = scan_written(u, len).unwrap();
+        in_thread(move || store(u + 2 * P, 70));
+        let fault_store = scan_written(u, len).unwrap();
+        assert_eq!(h.stop(), [missing(u + 2 * P, false)]);
+        let rel = |v: &[Range<usize>]| {
+            v.iter()
+                .map(|r| (r.start - u) / P..(r.end - u) / P)
+                .collect::<Vec<_>>()
+        };
+        println!(
+            "punch: after punch {:?}; reinstalled+read {:?}; stored {:?}; refilled by fault+read {:?}; stored {:?}",
+            rel(&after_punch),
+            rel(&after_read),
+            rel(&after_store),
+            rel(&fault_read),
+            rel(&fault_store)
+        );
+        // Page 3 was written: reported. Page 1 was written, then punched: its
+        // zapped pte is empty and unprotected, which a scan reports as written
+        // (and protects with a marker). Page 0 was protected at the punch: the
+        // zap leaves a uffd-wp marker, not reported.
+        assert_eq!(after_punch, pages(u, &[1, 3]));
+        // Both refilled pages map protected: reads are not reported, stores are.
+        assert_eq!(after_read, []);
+        assert_eq!(after_store, pages(u, &[0, 1]));
+        // The same for a page refilled through a MISSING fault.
+        assert_eq!(fault_read, []);
+        assert_eq!(fault_store, pages(u, &[2]));
+    }
+
+    /// Test 7: shrinking the file below a mapped page makes a touch there
+    /// SIGBUS (in a forked child), and a kernel access through a registered
+    /// view EFAULT (no MISSING fault). The child also proves MADV_DONTFORK.
+    #[test]
+    fn shrink_below_mapped_page_is_sigbus() {
+        let s = setup(2, false);
+        let (u, i) = (s.user.addr(), s.install.addr());
+        let data = [page(1), page(2)].concat();
+        install(&s.uffd, i, &data, false).unwrap();
+        // A plain mapping without MADV_DONTFORK, for the child.
+        // SAFETY: null hint, no MAP_FIXED: a new range the kernel chooses.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * P,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                s.memfd.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(raw, libc::MAP_FAILED);
+        let raw = raw as usize;
+        assert_eq!((load(raw), load(raw + P)), (1, 2));
+        assert_eq!((load(u), load(u + P)), (1, 2));
+        s.memfd.set_len(P as u64).unwrap();
+        assert_eq!(s.memfd.len().unwrap(), P as u64);
+
+        // SAFETY: the child only loads from mapped memory, calls mincore and
+        // _exit (async-signal-safe, no allocation, no locks).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut vec = 0u8;
+            // SAFETY: mincore writes one byte for one page into `vec`.
+            let dontfork = unsafe { libc::mincore(u as *mut libc::c_void, P, &mut vec) } == -1;
+            if !dontfork {
+                // SAFETY: _exit ends the child without running anything.
+                unsafe { libc::_exit(3) };
+            }
+            if load(raw) != 1 {
+                // SAFETY: as above.
+                unsafe { libc::_exit(2) };
+            }
+            load(raw + P); // past the end of the file: SIGBUS
+                           // SAFETY: as above.
+            unsafe { libc::_exit(0) };
+        }
+        assert!(pid > 0);
+        let mut status = 0;
+        // SAFETY: waits for our own child, writing its status to `status`.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+            "child status {status:#x} (exit 3: view inherited; 2: page 0 wrong; 0: no SIGBUS)"
+        );
+
+        // A syscall reading the registered view past the end: EFAULT at once,
+        // and no MISSING event.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // SAFETY: `u + P` is inside the user view; the kernel reads it.
+        let rc = unsafe { libc::write(a.as_raw_fd(), (u + P) as *const libc::c_void, 8) };
+        assert_eq!(rc, -1);
+        assert_eq!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::EFAULT)
+        );
+        let mut events = Vec::new();
+        assert_eq!(s.uffd.read_events(&mut events).unwrap(), 0);
+        // SAFETY: unmaps the plain mapping made above, used by nothing else.
+        assert_eq!(unsafe { libc::munmap(raw as *mut libc::c_void, 2 * P) }, 0);
+    }
+
+    /// Test 8: one UFFDIO_COPY installs 16 pages and returns the full length.
+    #[test]
+    fn sixteen_page_copy() {
+        let s = setup(16, false);
+        let data = (0..16).map(|p| page(p + 100)).collect::<Vec<_>>().concat();
+        assert_eq!(
+            install(&s.uffd, s.install.addr(), &data, false).unwrap(),
+            16 * P
+        );
+        for p in 0..16 {
+            assert!(s.memfd.page_present((p * P) as u64).unwrap());
+            assert_eq!(load(s.user.addr() + p * P), p as u64 + 100); // no fault
+        }
+        let mut events = Vec::new();
+        assert_eq!(s.uffd.read_events(&mut events).unwrap(), 0);
+    }
+
+    /// Test 9: the fault round trip, printed: a thread touches N fresh pages
+    /// one by one; a handler serves each with a 4 KiB copy (into the install
+    /// view then a wake, or straight into the faulting view), or with 16 pages.
+    #[test]
+    fn fault_round_trip() {
+        const N: usize = 2000;
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        let other = if cpus > 1 { Some(1) } else { None };
+        for (name, batch, direct, handler_cpu, spin) in [
+            (
+                "install view + wake, poll, other CPU",
+                1,
+                false,
+                other,
+                false,
+            ),
+            ("faulting view, poll, other CPU", 1, true, other, false),
+            ("faulting view, poll, same CPU", 1, true, Some(0), false),
+            ("faulting view, spinning, other CPU", 1, true, other, true),
+            (
+                "install view + wake, spinning, other CPU",
+                1,
+                false,
+                other,
+                true,
+            ),
+            (
+                "16 pages into faulting view, poll, other CPU",
+                16,
+                true,
+                other,
+                false,
+            ),
+        ] {
+            let s = setup(N, false);
+            let (u, i) = (s.user.addr(), s.install.addr());
+            let buf = page(1).repeat(batch);
+            let serve = move |uffd: &Userfaultfd, e| {
+                let Event::Missing { addr, .. } = e else {
+                    return;
+                };
+                let n = batch.min(N - (addr - u) / P);
+                let off = addr - u;
+                // SAFETY: `buf` is a live buffer of at least `n` pages.
+                let res = unsafe {
+                    if direct {
+                        uffd.copy(addr, buf.as_ptr(), n * P, false, true)
+                    } else {
+                        uffd.copy(i + off, buf.as_ptr(), n * P, false, false)
+                    }
+                };
+                if !direct || res.is_err() {
+                    uffd.wake(addr, P).unwrap();
+                }
+            };
+            let h = Handler::spawn_opts(Arc::clone(&s.uffd), handler_cpu, spin, serve);
+            let elapsed = in_thread(move || {
+                pin(0);
+                let start = Instant::now();
+                let mut sum = 0;
+                for p in 0..N {
+                    sum += load(u + p * P);
+                }
+                assert_eq!(sum, N as u64);
+                start.elapsed()
+            });
+            let f = h.stop().len();
+            println!(
+                "fault round trip, {name}: {N} pages, {f} faults in {elapsed:?}: \
+                 {:.1} us/fault, {:.0} faults/s, {:.0} pages/s",
+                elapsed.as_secs_f64() * 1e6 / f as f64,
+                f as f64 / elapsed.as_secs_f64(),
+                N as f64 / elapsed.as_secs_f64()
+            );
+        }
+    }
+
+    /// Pins the calling thread to `cpu`.
+    fn pin(cpu: usize) {
+        // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sets one bit in our own set (cpu < CPU_SETSIZE), then
+        // sched_setaffinity reads `size_of(set)` bytes of it for this thread.
+        let rc = unsafe {
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+}
