@@ -1061,9 +1061,12 @@ mod tests {
 
         s.memfd.punch(0, P as u64).unwrap();
         assert!(!s.memfd.page_present(0).unwrap());
-        assert_eq!(present(u, P), [], "punch zapped the user view");
-        assert_eq!(present(w, P), [], "punch zapped the second view");
-        assert_eq!(present(s.install.addr(), P), [], "and the install view");
+        assert!(present(u, P).is_empty(), "punch zapped the user view");
+        assert!(present(w, P).is_empty(), "punch zapped the second view");
+        assert!(
+            present(s.install.addr(), P).is_empty(),
+            "and the install view"
+        );
 
         stamp.store(2, Ordering::SeqCst);
         assert_eq!(in_thread(move || load(w)), 2); // fault in the second view
@@ -1184,7 +1187,7 @@ mod tests {
             Some(libc::EEXIST),
             "and nothing can be installed"
         );
-        assert_eq!(h.stop(), [], "no MISSING fault was raised");
+        assert!(h.stop().is_empty(), "no MISSING fault was raised");
     }
 
     fn wp_setup(pages: usize) -> Option<Setup> {
@@ -1217,11 +1220,17 @@ mod tests {
         let (u, len) = (s.user.addr(), s.user.len());
         let data = (0..4).map(|p| page(p + 1)).collect::<Vec<_>>().concat();
         assert_eq!(install(&s.uffd, u, &data, true).unwrap(), 4 * P);
-        assert_eq!(scan_written(u, len).unwrap(), [], "installed protected");
+        assert!(
+            scan_written(u, len).unwrap().is_empty(),
+            "installed protected"
+        );
         assert_eq!(load(u + P), 2); // reads are not stores
         in_thread(move || store(u + 2 * P, 30)); // does not block
         assert_eq!(scan_written(u, len).unwrap(), pages(u, &[2]));
-        assert_eq!(scan_written(u, len).unwrap(), [], "re-armed by the scan");
+        assert!(
+            scan_written(u, len).unwrap().is_empty(),
+            "re-armed by the scan"
+        );
         in_thread(move || store(u + 2 * P + 8, 31));
         assert_eq!(scan_written(u, len).unwrap(), pages(u, &[2]));
         in_thread(move || {
@@ -1280,7 +1289,7 @@ mod tests {
             } else {
                 scan_written(a, len).unwrap()
             };
-            assert_eq!(scan_written(a, len).unwrap(), [], "armed");
+            assert!(scan_written(a, len).unwrap().is_empty(), "armed");
             // After arming: +1 installed and read, +2 installed and stored, +3
             // installed with WP (into the install view) then stored.
             install_page(&s.uffd, i + (j + 1) * P, 2).unwrap();
@@ -1310,7 +1319,7 @@ mod tests {
             // not reported, stores are.
             assert_eq!(rel(&arming), if k == 2 { vec![] } else { vec![0..8] });
             assert_eq!(rel(&first), [2..4]);
-            assert_eq!(second, []);
+            assert!(second.is_empty());
             assert_eq!(rel(&third), [1..2]);
         }
     }
@@ -1367,10 +1376,10 @@ mod tests {
         // zap leaves a uffd-wp marker, not reported.
         assert_eq!(after_punch, pages(u, &[1, 3]));
         // Both refilled pages map protected: reads are not reported, stores are.
-        assert_eq!(after_read, []);
+        assert!(after_read.is_empty());
         assert_eq!(after_store, pages(u, &[0, 1]));
         // The same for a page refilled through a MISSING fault.
-        assert_eq!(fault_read, []);
+        assert!(fault_read.is_empty());
         assert_eq!(fault_store, pages(u, &[2]));
     }
 
