@@ -5,12 +5,16 @@
 //! - [`hit`]: 4 KiB random `read_at` hits on a fully cached file, against kernel
 //!   `pread` on a warm host file of the same size and against a plain `memcpy`
 //!   from the same frame memory.
+//! - [`fault`]: first touches of a memory map's pages, cached and not, against
+//!   a bare userfaultfd round trip; and reads through a map against a plain
+//!   copy of the same memory.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub mod fault;
 pub mod hit;
 
 /// One measured configuration: the median of several timed runs.
@@ -18,7 +22,8 @@ pub mod hit;
 pub struct Row {
     /// The benchmark.
     pub workload: String,
-    /// What ran: a filemap strategy, or a baseline (`kernel-pread`, `memcpy`).
+    /// What ran: a filemap strategy, a variant (`cached-fault`, `map-read`), or a
+    /// baseline (`kernel-pread`, `memcpy`, `uffd-round-trip`, `memory-read`).
     pub strategy: String,
     /// Threads running it at once.
     pub threads: usize,

@@ -8,6 +8,12 @@
 //! change `d` of P started after `c` ended and ended before `rs`. Anything else is
 //! stale. A page mixing stamps, or stamps and zeroes, is torn; a stamp of another
 //! file or page index is foreign.
+//!
+//! One exception: a store through a memory map is a store into shared memory,
+//! which no reader sees atomically (on Linux neither), and which a concurrent
+//! write of the same page can leave mixed with it. A page whose every version is
+//! one the read may return, at least one of them stored through a map, is
+//! reported apart, not as torn ([`PageHistory::allows_mix`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -85,6 +91,22 @@ pub fn classify(page: &[u8], file: usize, index: u64) -> Observed {
     }
 }
 
+/// The distinct values of the words of a mixed page of `file`, page `index`, in
+/// order of appearance; `None` if a word belongs to no value of that page.
+pub fn mixed_values(page: &[u8], file: usize, index: u64) -> Option<Vec<Value>> {
+    let mut values = Vec::new();
+    for chunk in page.chunks_exact(8) {
+        let value = match classify(chunk, file, index) {
+            Observed::Value(value) => value,
+            _ => return None,
+        };
+        if !values.contains(&value) {
+            values.push(value);
+        }
+    }
+    Some(values)
+}
+
 /// The global clock: every operation takes a tick before it starts and after it
 /// ends. Ticks are unique, so a start tick also names the operation.
 #[derive(Debug, Default)]
@@ -104,6 +126,8 @@ struct Change {
     start: u64,
     /// `u64::MAX` while the operation is still running.
     end: u64,
+    /// Stored through a memory map, so readers may see it partly.
+    through_map: bool,
 }
 
 /// Every change of one page that a read in flight could still observe.
@@ -120,6 +144,7 @@ impl Default for PageHistory {
                 value: Value::Zero,
                 start: 0,
                 end: 0,
+                through_map: false,
             }],
         }
     }
@@ -133,7 +158,33 @@ impl PageHistory {
             value,
             start,
             end: u64::MAX,
+            through_map: false,
         });
+    }
+
+    /// Like [`PageHistory::begin`], for a store through a memory map.
+    pub fn begin_map_store(&mut self, value: Value, start: u64) {
+        self.begin(value, start);
+        self.changes.last_mut().expect("just pushed").through_map = true;
+    }
+
+    /// Whether a store through a map to this page overlapped `[rs, re]`: a read
+    /// then may see the page partly stored.
+    pub fn map_store_overlaps(&self, rs: u64, re: u64) -> bool {
+        self.changes
+            .iter()
+            .any(|c| c.through_map && c.start < re && c.end > rs)
+    }
+
+    /// Whether a page mixing `values` may be what a read over `[rs, re]`
+    /// returned: each value on its own is allowed, and a store through a map
+    /// made one of them or overlapped the read.
+    pub fn allows_mix(&self, values: &[Value], rs: u64, re: u64) -> bool {
+        values.iter().all(|&v| self.allows(v, rs, re))
+            && (self.map_store_overlaps(rs, re)
+                || values
+                    .iter()
+                    .any(|&v| self.changes.iter().any(|c| c.through_map && c.value == v)))
     }
 
     /// Records that the operation that started at `start` ended at `end`, then
@@ -159,6 +210,25 @@ impl PageHistory {
                 && c.start < re
                 && !self.changes.iter().any(|d| d.start > c.end && d.end < rs)
         })
+    }
+
+    /// The remembered changes, for reports: `value [start, end]`, `m` for a
+    /// store through a map.
+    pub fn describe(&self) -> String {
+        let change = |c: &Change| {
+            let end = if c.end == u64::MAX {
+                "..".to_owned()
+            } else {
+                c.end.to_string()
+            };
+            let map = if c.through_map { "m" } else { "" };
+            format!("{:?}{map}[{}, {end}]", c.value, c.start)
+        };
+        self.changes
+            .iter()
+            .map(change)
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// How many changes are remembered (for tests of the pruning).
@@ -257,6 +327,55 @@ mod tests {
         );
         // A value nobody wrote is never allowed.
         assert!(!page.allows(Value::Seq(11), 0, 100));
+    }
+
+    #[test]
+    fn a_mix_is_excused_only_with_allowed_versions_one_stored_through_a_map() {
+        let mut page = PageHistory::default();
+        page.begin(Value::Seq(10), 10);
+        page.end(10, 20, 0);
+        page.begin(Value::Seq(30), 30);
+        page.end(30, 40, 0);
+        // Two API writes never mix.
+        assert!(!page.allows_mix(&[Value::Seq(10), Value::Seq(30)], 35, 50));
+        page.begin_map_store(Value::Seq(33), 33);
+        page.end(33, 38, 0);
+        // The map store and the write overlapped: a later read may see them mixed.
+        assert!(page.allows_mix(&[Value::Seq(30), Value::Seq(33)], 50, 60));
+        // But not with a version overwritten before the read began.
+        assert!(!page.allows_mix(&[Value::Seq(10), Value::Seq(33)], 50, 60));
+        let mut mixed = vec![0u8; 4096];
+        fill_page(&mut mixed[..2048], 1, 2, 30);
+        fill_page(&mut mixed[2048..], 1, 2, 33);
+        assert_eq!(
+            mixed_values(&mixed, 1, 2),
+            Some(vec![Value::Seq(30), Value::Seq(33)])
+        );
+        fill_page(&mut mixed[..8], 0, 2, 30);
+        assert_eq!(mixed_values(&mixed, 1, 2), None, "a foreign word");
+    }
+
+    #[test]
+    fn only_map_stores_overlapping_a_read_excuse_a_mixed_page() {
+        let mut page = PageHistory::default();
+        page.begin(Value::Seq(10), 10);
+        page.end(10, 20, 0);
+        assert!(
+            !page.map_store_overlaps(15, 18),
+            "a write through the API is atomic"
+        );
+        page.begin_map_store(Value::Seq(30), 30);
+        assert!(page.map_store_overlaps(35, 36), "in flight");
+        page.end(30, 40, 0);
+        assert!(page.map_store_overlaps(35, 45));
+        assert!(
+            !page.map_store_overlaps(41, 45),
+            "ended before the read began"
+        );
+        assert!(
+            !page.map_store_overlaps(5, 29),
+            "started after the read ended"
+        );
     }
 
     #[test]

@@ -9,22 +9,26 @@ use filemap::backend::{BackendOp, FaultyBackend, HostFile};
 use filemap::device::DeviceOp;
 use filemap::fault::{Injection, Trigger};
 use filemap::{
-    Backend, Device, FaultRule, FaultyDevice, FileDevice, Mapping, MemDevice, PageCache, Volume,
-    PAGE_SIZE,
+    Backend, Device, FaultRule, FaultyDevice, FileDevice, MapAccess, MapRegion, Mapping, MemDevice,
+    PageCache, Volume, PAGE_SIZE,
 };
 use parking_lot::Mutex;
 
-use crate::oracle::{classify, fill_page, Clock, History, Observed, Value, MAX_FILES, MAX_PAGES};
-use crate::{BackendKind, DeviceSpec, Progress, TortureConfig, TortureReport, OP_KINDS};
+use crate::oracle::{
+    classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES, MAX_PAGES,
+};
+use crate::{BackendKind, DeviceSpec, Progress, Scenario, TortureConfig, TortureReport, OP_KINDS};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// The most pages one operation touches.
 const MAX_OP_PAGES: u64 = 4;
+/// Pages past the checked ones that the self-map scenario uses as buffers.
+const SCRATCH_PAGES: u64 = 2 * MAX_OP_PAGES;
 /// How many violations and errors a report describes.
 const MAX_EXAMPLES: usize = 10;
 
 /// The operation mix: relative weights, in [`OP_KINDS`] order.
-const WEIGHTS: [u32; OP_KINDS.len()] = [28, 20, 5, 8, 6, 3, 10, 10, 10];
+const WEIGHTS: [u32; OP_KINDS.len()] = [24, 18, 5, 8, 6, 3, 9, 9, 8, 14, 6];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -37,6 +41,8 @@ enum Op {
     ReadDirect,
     WriteDirect,
     Sync,
+    MapRead,
+    MapWrite,
 }
 
 impl Op {
@@ -50,12 +56,29 @@ impl Op {
         Op::ReadDirect,
         Op::WriteDirect,
         Op::Sync,
+        Op::MapRead,
+        Op::MapWrite,
     ];
 
-    fn pick(rng: &mut fastrand::Rng) -> Op {
-        let total: u32 = WEIGHTS.iter().sum();
+    fn pick(rng: &mut fastrand::Rng, map_writes: bool) -> Op {
+        let weight = |op: Op, weight: u32| {
+            if op == Op::MapWrite && !map_writes {
+                0
+            } else {
+                weight
+            }
+        };
+        let total: u32 = Op::ALL
+            .into_iter()
+            .zip(WEIGHTS)
+            .map(|(op, w)| weight(op, w))
+            .sum();
         let mut roll = rng.u32(..total);
-        for (op, weight) in Op::ALL.into_iter().zip(WEIGHTS) {
+        for (op, weight) in Op::ALL
+            .into_iter()
+            .zip(WEIGHTS)
+            .map(|(op, w)| (op, weight(op, w)))
+        {
             if roll < weight {
                 return op;
             }
@@ -69,6 +92,9 @@ impl Op {
 struct Shared {
     config: TortureConfig,
     files: Vec<Arc<Mapping>>,
+    /// A read-write map of the first half of each file, which truncates never
+    /// cut (so the maps never touch past the end of file).
+    maps: Vec<MapRegion>,
     history: History,
     clock: Clock,
     stop: AtomicBool,
@@ -80,6 +106,7 @@ struct Shared {
     stale: AtomicU64,
     foreign: AtomicU64,
     torn: AtomicU64,
+    mixed_during_map_store: AtomicU64,
     errors: AtomicU64,
     examples: Mutex<Vec<String>>,
 }
@@ -92,6 +119,14 @@ pub fn run(
     mut progress: impl FnMut(&Progress),
 ) -> io::Result<TortureReport> {
     check_config(config)?;
+    let config = &match config.scenario {
+        Scenario::Mixed => config.clone(),
+        Scenario::SelfMapDio => TortureConfig {
+            files: 3,
+            threads: 4,
+            ..config.clone()
+        },
+    };
     let files = open_backends(config)?;
     let cache = PageCache::builder()
         .strategy(config.strategy)
@@ -102,14 +137,34 @@ pub fn run(
         .iter()
         .map(|backend| {
             let mapping = cache.open(backend.clone())?;
-            mapping.set_len(config.pages_per_file * PAGE)?;
+            let scratch = match config.scenario {
+                Scenario::Mixed => 0,
+                Scenario::SelfMapDio => SCRATCH_PAGES,
+            };
+            mapping.set_len((config.pages_per_file + scratch) * PAGE)?;
             Ok(mapping)
         })
         .collect::<io::Result<Vec<_>>>()?;
 
+    let maps = mappings
+        .iter()
+        .map(|mapping| match config.scenario {
+            Scenario::Mixed => {
+                let half = (config.pages_per_file / 2 * PAGE) as usize;
+                mapping.map(0, half, MapAccess::ReadWrite)
+            }
+            // The scratch pages past the checked ones: the direct I/O buffers.
+            Scenario::SelfMapDio => mapping.map(
+                config.pages_per_file * PAGE,
+                SCRATCH_PAGES as usize * PAGE_SIZE,
+                MapAccess::ReadWrite,
+            ),
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     let shared = Shared {
         config: config.clone(),
         files: mappings,
+        maps,
         history: History::new(config.files, config.pages_per_file),
         clock: Clock::default(),
         stop: AtomicBool::new(false),
@@ -121,6 +176,7 @@ pub fn run(
         stale: AtomicU64::new(0),
         foreign: AtomicU64::new(0),
         torn: AtomicU64::new(0),
+        mixed_during_map_store: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         examples: Mutex::new(Vec::new()),
     };
@@ -131,7 +187,10 @@ pub fn run(
         let workers: Vec<_> = (0..config.threads)
             .map(|worker| {
                 let shared = &shared;
-                scope.spawn(move || shared.work(worker))
+                scope.spawn(move || match shared.config.scenario {
+                    Scenario::Mixed => shared.work(worker),
+                    Scenario::SelfMapDio => shared.work_self_map_dio(worker),
+                })
             })
             .collect();
         while !shared.stop.load(Ordering::Relaxed) {
@@ -161,11 +220,13 @@ pub fn run(
     Ok(TortureReport {
         strategy: config.strategy.name().to_owned(),
         backend: config.backend.name().to_owned(),
+        scenario: config.scenario.name().to_owned(),
         ops,
         reads_checked: shared.reads_checked.load(Ordering::Relaxed),
         stale: shared.stale.load(Ordering::Relaxed),
         foreign: shared.foreign.load(Ordering::Relaxed),
         torn: shared.torn.load(Ordering::Relaxed),
+        mixed_during_map_store: shared.mixed_during_map_store.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         ops_per_s: ops as f64 / seconds,
         seconds,
@@ -382,6 +443,14 @@ impl Shared {
         }
     }
 
+    /// Like `begin_changes`, for stamps stored through a memory map.
+    fn begin_map_stores(&self, file: usize, pages: std::ops::Range<u64>, start: u64) {
+        for page in pages {
+            let mut history = self.history.page(file, page).lock();
+            history.begin_map_store(Value::Seq(start), start);
+        }
+    }
+
     fn end_changes(&self, file: usize, pages: std::ops::Range<u64>, start: u64) {
         let end = self.clock.tick();
         let horizon = self.horizon();
@@ -401,20 +470,25 @@ impl Shared {
             self.reads_checked.fetch_add(1, Ordering::Relaxed);
             let counter = match classify(page, file, index) {
                 Observed::Value(value) => {
-                    if self
-                        .history
-                        .page(file, index)
-                        .lock()
-                        .allows(value, start, end)
-                    {
+                    let history = self.history.page(file, index).lock();
+                    if history.allows(value, start, end) {
                         continue;
                     }
                     self.example(format!(
-                        "stale: {kind} of file {file} page {index} over ticks {start}..{end} returned {value:?}, replaced before the read began"
+                        "stale: {kind} of file {file} page {index} over ticks {start}..{end} returned {value:?}, replaced before the read began (history: {})",
+                        history.describe()
                     ));
                     &self.stale
                 }
                 Observed::Torn => {
+                    let excused = mixed_values(page, file, index).is_some_and(|values| {
+                        let history = self.history.page(file, index).lock();
+                        history.allows_mix(&values, start, end)
+                    });
+                    if excused {
+                        self.mixed_during_map_store.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     self.example(format!(
                         "torn: {kind} of file {file} page {index} mixed versions"
                     ));
@@ -439,6 +513,63 @@ impl Shared {
         self.example(format!("error: {kind} of file {file}: {error}"));
     }
 
+    /// A worker of the self-map scenario. Workers 0 to 2 do direct I/O on their
+    /// own file through a buffer that is the next file's map (its scratch pages,
+    /// which only this worker touches and nothing punches); worker 3 punches
+    /// holes in the checked pages of all three files.
+    fn work_self_map_dio(&self, worker: usize) -> [u64; OP_KINDS.len()] {
+        let config = &self.config;
+        let mut rng = fastrand::Rng::with_seed(
+            config.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ worker as u64,
+        );
+        let mut counts = [0u64; OP_KINDS.len()];
+        while !self.stop.load(Ordering::Relaxed) {
+            let first = rng.u64(..config.pages_per_file);
+            let count = rng.u64(1..=MAX_OP_PAGES).min(config.pages_per_file - first);
+            let pages = first..first + count;
+            let (offset, len) = (first * PAGE, (count * PAGE) as usize);
+            let start = self.begin(worker);
+            let (op, file, result) = if worker == 3 {
+                let file = rng.usize(..3);
+                self.begin_changes(file, pages.clone(), true, start);
+                let result = self.files[file].punch_hole(offset, len as u64);
+                self.end_changes(file, pages, start);
+                (Op::Punch, file, result)
+            } else {
+                let map = &self.maps[(worker + 1) % 3];
+                // SAFETY: the map outlives this loop (it lives in `self`); its
+                // scratch pages are touched by this worker only (one worker per
+                // map), never punched or truncated, and lie inside the file, so
+                // for the length of this iteration nothing else writes them and no
+                // access raises SIGBUS.
+                let buf = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), len) };
+                let mapping = &self.files[worker];
+                if rng.bool() {
+                    for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                        fill_page(page, worker, first + i as u64, start);
+                    }
+                    self.begin_changes(worker, pages.clone(), false, start);
+                    let result = mapping.write_direct(buf, offset).map(drop);
+                    self.end_changes(worker, pages, start);
+                    (Op::WriteDirect, worker, result)
+                } else {
+                    let result = mapping.read_direct(buf, offset).map(|n| {
+                        let end = self.clock.tick();
+                        self.check(worker, first, &buf[..n], start, end, "read_direct");
+                    });
+                    (Op::ReadDirect, worker, result)
+                }
+            };
+            self.finish(worker);
+            if let Err(error) = result {
+                self.error(OP_KINDS[op as usize], file, error);
+            }
+            counts[op as usize] += 1;
+            self.ops.fetch_add(1, Ordering::Relaxed);
+        }
+        counts
+    }
+
     /// One worker's loop; returns how many operations of each kind it completed.
     fn work(&self, worker: usize) -> [u64; OP_KINDS.len()] {
         let config = &self.config;
@@ -449,7 +580,7 @@ impl Shared {
         let mut direct = AlignedBuf::new(MAX_OP_PAGES as usize * PAGE_SIZE);
         let mut buffer = vec![0u8; MAX_OP_PAGES as usize * PAGE_SIZE];
         while !self.stop.load(Ordering::Relaxed) {
-            let op = Op::pick(&mut rng);
+            let op = Op::pick(&mut rng, config.map_writes);
             let file = rng.usize(..config.files);
             let first = rng.u64(..config.pages_per_file);
             let count = rng.u64(1..=MAX_OP_PAGES).min(config.pages_per_file - first);
@@ -508,6 +639,30 @@ impl Shared {
                     let result = mapping.set_len(keep * PAGE);
                     self.end_changes(file, gone, start);
                     result
+                }
+                Op::MapRead | Op::MapWrite => {
+                    // The maps cover the first half of each file.
+                    let half = config.pages_per_file / 2;
+                    let first = first % half;
+                    let count = count.min(half - first);
+                    let (offset, len) = ((first * PAGE) as usize, (count * PAGE) as usize);
+                    let map = &self.maps[file];
+                    let buf = &mut buffer[..len];
+                    if op == Op::MapRead {
+                        map.read(offset, buf).map(|()| {
+                            let end = self.clock.tick();
+                            self.check(file, first, buf, start, end, kind);
+                        })
+                    } else {
+                        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                            fill_page(page, file, first + i as u64, start);
+                        }
+                        let pages = first..first + count;
+                        self.begin_map_stores(file, pages.clone(), start);
+                        let result = map.write(offset, buf);
+                        self.end_changes(file, pages, start);
+                        result
+                    }
                 }
                 Op::Readahead => mapping.readahead(offset, len),
                 Op::Sync => {

@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+#[doc(hidden)]
+pub mod bench_support;
 pub mod cache;
 pub mod device;
 mod errno;

@@ -75,6 +75,10 @@ pub struct Mapping {
     handler: Mutex<Option<FaultHandler>>,
     /// The user's maps of this file, for faults and dirty scans.
     maps: parking_lot::RwLock<Vec<UserView>>,
+    /// Held from a scan of written pages until they are marked dirty: the scan
+    /// hands the kernel's "written" bit to one thread, and a writeback elsewhere
+    /// must not look at `DIRTY` in between.
+    scanning: Mutex<()>,
     lock: CoherenceLock,
     /// The file's size as callers see it; the backend's follows under `size_lock`.
     size: AtomicU64,
@@ -151,6 +155,7 @@ impl Mapping {
             uffd: uffd.clone(),
             handler: Mutex::new(None),
             maps: parking_lot::RwLock::new(Vec::new()),
+            scanning: Mutex::new(()),
             lock: CoherenceLock::new(strategy),
             size: AtomicU64::new(size),
             size_lock: Mutex::new(()),
@@ -244,8 +249,24 @@ impl Mapping {
             position.map(|at| maps.remove(at))
         };
         if let Some(view) = view {
+            let _scanning = self.scanning.lock();
             self.mark_stores_dirty(&view, 0, MAX_PAGES - 1);
         }
+    }
+
+    /// The state of page `index`, for readers of a map that validate their copy
+    /// as the hit path does.
+    pub(crate) fn page_state(&self, index: u64) -> Option<PageState> {
+        self.pages.get(index).map(Slot::load)
+    }
+
+    /// Whether one of the user's maps shows page `index`.
+    fn page_is_mapped(&self, index: u64) -> bool {
+        let maps = self.maps.read();
+        maps.iter().any(|view| {
+            let first = view.offset / PAGE;
+            (first..first + (view.len / PAGE_SIZE) as u64).contains(&index)
+        })
     }
 
     /// Marks dirty the pages of `first..=last` that stores through the user's
@@ -258,6 +279,10 @@ impl Mapping {
             .filter(|v| v.tracked)
             .copied()
             .collect();
+        if views.is_empty() {
+            return;
+        }
+        let _scanning = self.scanning.lock();
         for view in &views {
             self.mark_stores_dirty(view, first, last);
         }
@@ -283,9 +308,13 @@ impl Mapping {
                 let Some(index) = view.page_at(page_addr) else {
                     continue;
                 };
+                // A present page, or a locked one: a store can land right after a
+                // fill installed a page, before it publishes it. Not a fill's
+                // unlocked claim: nothing is installed there to be stored to (the
+                // report is of a page written, then removed).
                 if let Some(slot) = self.pages.get(index) {
                     slot.update(|s| {
-                        if s.has(UPTODATE) {
+                        if s.has(PRESENT | LOCKED) {
                             s.transition(DIRTY, 0, false)
                         } else {
                             s
@@ -1033,7 +1062,14 @@ impl Mapping {
                 locked.push(i);
             } else {
                 // Nothing was read, or an invalidation took the page while we read.
-                let _ = slot.replace(filling, filling.emptied());
+                // Give the claim back if it is still ours, whatever flags it gained.
+                slot.update(|s| {
+                    if filling.is_same_claim(s) {
+                        s.emptied()
+                    } else {
+                        s
+                    }
+                });
                 self.cache.budget.release();
             }
         }
@@ -1101,7 +1137,28 @@ impl Mapping {
                     slot.update(|s| s.transition(0, LOCKED, false));
                     return Err(error);
                 }
-                self.store.write(index, in_page, src);
+                if !self.page_is_mapped(index) {
+                    self.store.write(index, in_page, src);
+                    slot.update(|s| s.transition(DIRTY, LOCKED, true));
+                    return Ok(());
+                }
+                // A map shows this page: replace it whole (punch, then install
+                // atomically), so that no map reader sees the write half done. A
+                // reader that touches it in between waits in its fault for the lock.
+                let mut page = vec![0; PAGE_SIZE];
+                self.store.read(index, 0, &mut page);
+                page[in_page..in_page + src.len()].copy_from_slice(src);
+                let replaced = self
+                    .store
+                    .remove(index, 1)
+                    .and_then(|()| self.store.install(index, &page));
+                if let Err(error) = replaced {
+                    // The page may be gone from the store: forget it whole.
+                    let _ = self.store.remove(index, 1);
+                    slot.update(PageState::emptied);
+                    self.cache.budget.release();
+                    return Err(error);
+                }
                 slot.update(|s| s.transition(DIRTY, LOCKED, true));
                 return Ok(());
             }

@@ -7,7 +7,7 @@ use crate::backend::Backend;
 use crate::lock::Strategy;
 
 mod mapping;
-mod page;
+pub(crate) mod page;
 mod store;
 mod tree;
 mod wait;

@@ -77,6 +77,12 @@ impl PageState {
         self.0 & (UPTODATE | LOCKED) == UPTODATE
     }
 
+    /// Whether `later` is still the fill claim `self` (same version, `FILLING`),
+    /// whatever other flags (dirty, waiters) were added to it.
+    pub(crate) fn is_same_claim(self, later: PageState) -> bool {
+        later.has(FILLING) && self.0 & VERSION_MASK == later.0 & VERSION_MASK
+    }
+
     /// Whether a copy made between `self` and `later` is valid.
     pub(crate) fn same_contents(self, later: PageState) -> bool {
         self.0 & READ_SIGNATURE == later.0 & READ_SIGNATURE

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -131,15 +131,41 @@ impl MapRegion {
     }
 
     /// Copies `buf.len()` bytes at `at` (relative to the map) into `buf`, faulting
-    /// pages in as needed. `EINVAL` if the range is outside the map; `EFAULT` if it
-    /// reaches past the end of file (checked first: a file truncated concurrently
-    /// below the range raises `SIGBUS`, as with any file map).
+    /// pages in as needed. Each page is copied whole as of one moment, as
+    /// `read_at` does: the copy is validated against the page's state and retried
+    /// if a write, punch or fill replaced the page meanwhile (stores through maps,
+    /// which are plain shared memory, are the exception). `EINVAL` if the range is
+    /// outside the map; `EFAULT` if it reaches past the end of file (checked
+    /// first: a file truncated concurrently below the range raises `SIGBUS`, as
+    /// with any file map).
     pub fn read(&self, at: usize, buf: &mut [u8]) -> io::Result<()> {
         self.check(at, buf.len())?;
-        // SAFETY: `at..at + len` lies inside the view (checked), which stays mapped
-        // while `self` lives; `buf` is not map memory of this view (it is borrowed
-        // exclusively). Concurrent stores race soundly (see `copy_racy`).
-        unsafe { crate::racy::copy_racy(self.as_ptr().add(at), buf.as_mut_ptr(), buf.len()) };
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = at + done;
+            let take = (PAGE_SIZE - pos % PAGE_SIZE).min(buf.len() - done);
+            let index = (self.offset + pos as u64) / PAGE_SIZE as u64;
+            loop {
+                let before = self.mapping.page_state(index);
+                // SAFETY: `pos..pos + take` lies inside the view (checked), which
+                // stays mapped while `self` lives; `buf` is not memory of this view
+                // (it is borrowed exclusively). Concurrent stores race soundly
+                // (see `copy_racy`).
+                unsafe {
+                    crate::racy::copy_racy(self.as_ptr().add(pos), buf[done..].as_mut_ptr(), take)
+                };
+                fence(Ordering::Acquire);
+                let after = self.mapping.page_state(index);
+                // A page that was not readable before the copy (absent, or being
+                // replaced) was faulted in or waited for by it: copy once more.
+                if let (Some(before), Some(after)) = (before, after) {
+                    if before.is_readable() && before.same_contents(after) {
+                        break;
+                    }
+                }
+            }
+            done += take;
+        }
         Ok(())
     }
 
