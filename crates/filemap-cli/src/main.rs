@@ -194,57 +194,15 @@ fn bench_hit(args: HitArgs) -> ExitCode {
         seconds_per_run: args.seconds_per_run,
         strategy: args.strategy.into(),
     };
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new_spinner();
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
-    let result = filemap_bench::hit::run(&config, |what| bar.set_message(what.to_owned()));
-    bar.finish_and_clear();
-    let report = match result {
-        Ok(report) => report,
-        Err(error) => {
-            eprintln!("filemap bench hit: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.json {
-        for row in &report.rows {
-            println!("{}", serde_json::to_string(row).expect("rows serialise"));
-        }
-        for ratio in &report.ratios {
-            println!(
-                "{}",
-                serde_json::to_string(ratio).expect("ratios serialise")
-            );
-        }
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "{:<8} {:<16} {:>7} {:>14} {:>18} {:>9}",
-        "workload", "strategy", "threads", "ops/s", "ops/s per thread", "ns/op"
-    );
-    for r in &report.rows {
-        println!(
-            "{:<8} {:<16} {:>7} {:>14.0} {:>18.0} {:>9.1}",
-            r.workload, r.strategy, r.threads, r.ops_per_s, r.per_thread_ops_per_s, r.ns_per_op
-        );
-    }
-    println!(
-        "\nmedians of {} runs of {} s each",
-        args.runs, args.seconds_per_run
-    );
-    for ratio in &report.ratios {
-        let verdict = match ratio.target {
-            Some(target) if ratio.value >= target => format!("(target >= {target}: met)"),
-            Some(target) => format!("(target >= {target}: NOT met)"),
-            None => String::new(),
-        };
-        println!("{:<66} {:>6.2}x {verdict}", ratio.name, ratio.value);
-    }
-    ExitCode::SUCCESS
+    let result = with_spinner(|progress| filemap_bench::hit::run(&config, progress));
+    finish_bench(
+        "hit",
+        result,
+        args.json,
+        args.runs,
+        args.seconds_per_run,
+        None,
+    )
 }
 
 fn bench_fault(args: FaultArgs) -> ExitCode {
@@ -254,6 +212,21 @@ fn bench_fault(args: FaultArgs) -> ExitCode {
         seconds_per_run: args.seconds_per_run,
         strategy: args.strategy.into(),
     };
+    let result = with_spinner(|progress| filemap_bench::fault::run(&config, progress));
+    let footer = "fault rows count pages first touched per second (the touching alone); \
+                  read rows count 4 KiB reads per second";
+    finish_bench(
+        "fault",
+        result,
+        args.json,
+        args.runs,
+        args.seconds_per_run,
+        Some(footer),
+    )
+}
+
+/// Runs a benchmark with a spinner on a terminal that says what is measured.
+fn with_spinner<T>(run: impl FnOnce(&mut dyn FnMut(&str)) -> T) -> T {
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new_spinner();
         bar.enable_steady_tick(Duration::from_millis(120));
@@ -261,21 +234,31 @@ fn bench_fault(args: FaultArgs) -> ExitCode {
     } else {
         ProgressBar::hidden()
     };
-    let result = filemap_bench::fault::run(&config, |what| bar.set_message(what.to_owned()));
+    let result = run(&mut |what: &str| bar.set_message(what.to_owned()));
     bar.finish_and_clear();
+    result
+}
+
+/// Prints a benchmark's report (or its error, exit 2), with an optional footer
+/// under the table.
+fn finish_bench(
+    name: &str,
+    result: std::io::Result<filemap_bench::Report>,
+    json: bool,
+    runs: usize,
+    seconds: f64,
+    footer: Option<&str>,
+) -> ExitCode {
     let report = match result {
         Ok(report) => report,
         Err(error) => {
-            eprintln!("filemap bench fault: {error}");
+            eprintln!("filemap bench {name}: {error}");
             return ExitCode::from(2);
         }
     };
-    print_bench_report(&report, args.json, args.runs, args.seconds_per_run);
-    if !args.json {
-        println!(
-            "\nfault rows count pages first touched per second (the touching alone); \
-             read rows count 4 KiB reads per second"
-        );
+    print_bench_report(&report, json, runs, seconds);
+    if let (Some(footer), false) = (footer, json) {
+        println!("\n{footer}");
     }
     ExitCode::SUCCESS
 }

@@ -4,29 +4,13 @@
 //! backend, direct I/O whose buffer is a map of the same file neither deadlocks
 //! nor fails, and handler threads go away with the last handle.
 
+mod common;
+
 use std::sync::Arc;
 
-use filemap::{
-    Backend, HostFile, MapAccess, MapRegion, Mapping, MemDevice, PageCache, Strategy, Volume,
-    PAGE_SIZE,
-};
+use filemap::{Backend, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-/// Every backend, each a fresh empty file, with whatever keeps it alive.
-fn backends() -> Vec<(&'static str, Arc<dyn Backend>, Option<tempfile::TempDir>)> {
-    let volume = Volume::format(Arc::new(MemDevice::new(8 << 20))).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostFile::create(dir.path().join("file")).unwrap();
-    vec![
-        (
-            "volume",
-            Arc::new(volume.create_file("file").unwrap()),
-            None,
-        ),
-        ("hostfile", Arc::new(host), Some(dir)),
-    ]
-}
 
 fn page(byte: u8) -> Vec<u8> {
     vec![byte; PAGE_SIZE]
@@ -55,7 +39,7 @@ fn file_on(backend: Arc<dyn Backend>, strategy: Strategy, pages: u64) -> Arc<Map
 #[test]
 fn a_first_touch_fills_from_the_backend_and_caches_the_page() {
     for strategy in Strategy::ALL {
-        for (name, backend, _keep) in backends() {
+        for (name, backend, _keep) in common::backends() {
             let file = file_on(backend, strategy, 4);
             let map = file.map(0, 4 * PAGE_SIZE, MapAccess::Read).unwrap();
             assert_eq!(
@@ -75,7 +59,7 @@ fn a_first_touch_fills_from_the_backend_and_caches_the_page() {
 #[test]
 fn every_invalidating_call_shows_through_the_map_at_once() {
     for strategy in Strategy::ALL {
-        for (name, backend, _keep) in backends() {
+        for (name, backend, _keep) in common::backends() {
             let what = format!("{name} {strategy}");
             let file = file_on(backend, strategy, 8);
             let map = file.map(0, 8 * PAGE_SIZE, MapAccess::Read).unwrap();
@@ -152,7 +136,7 @@ fn every_invalidating_call_shows_through_the_map_at_once() {
 #[test]
 fn stores_through_a_map_are_read_back_and_reach_the_backend() {
     for strategy in Strategy::ALL {
-        for (name, backend, _keep) in backends() {
+        for (name, backend, _keep) in common::backends() {
             let what = format!("{name} {strategy}");
             let file = file_on(backend.clone(), strategy, 4);
             let map = file.map(0, 4 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
@@ -196,7 +180,7 @@ fn stores_through_a_map_are_read_back_and_reach_the_backend() {
 #[test]
 fn direct_io_through_a_map_of_the_same_file_is_correct_and_never_deadlocks() {
     for strategy in Strategy::ALL {
-        for (name, backend, _keep) in backends() {
+        for (name, backend, _keep) in common::backends() {
             let what = format!("{name} {strategy}");
             let file = file_on(backend, strategy, 8);
             let map = file.map(0, 8 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
@@ -226,7 +210,7 @@ fn direct_io_through_a_map_of_the_same_file_is_correct_and_never_deadlocks() {
 
 #[test]
 fn direct_io_from_maps_survives_concurrent_punches() {
-    for (name, backend, _keep) in backends() {
+    for (name, backend, _keep) in common::backends() {
         let file = file_on(backend, Strategy::InvalidateLock, 16);
         let map = file.map(0, 16 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
@@ -262,7 +246,7 @@ fn thread_alive(name: &str) -> bool {
 
 #[test]
 fn a_map_keeps_its_mapping_alive_and_the_handler_goes_with_the_last_handle() {
-    let (_, backend, _keep) = backends().remove(0);
+    let (_, backend, _keep) = common::backends().remove(0);
     let file = file_on(backend, Strategy::InvalidateLock, 2);
     let thread = file.fault_thread_name();
     // A thread names itself once it runs: give it a moment to appear.
@@ -299,7 +283,7 @@ fn a_map_keeps_its_mapping_alive_and_the_handler_goes_with_the_last_handle() {
 
 #[test]
 fn bad_maps_are_refused() {
-    let (_, backend, _keep) = backends().remove(0);
+    let (_, backend, _keep) = common::backends().remove(0);
     let file = file_on(backend, Strategy::InvalidateLock, 2);
     for (offset, len) in [
         (1, PAGE_SIZE),

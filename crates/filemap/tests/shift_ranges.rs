@@ -3,27 +3,11 @@
 //! after the shift (cache, and backend after sync), and cached pages that move
 //! with their data instead of being dropped and read again.
 
-use std::sync::Arc;
+mod common;
 
-use filemap::backend::HostFile;
-use filemap::{Backend, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::{Mapping, PageCache, Strategy, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-/// Every backend, each as a fresh empty file, with whatever keeps it alive.
-fn backends() -> Vec<(&'static str, Arc<dyn Backend>, Option<tempfile::TempDir>)> {
-    let volume = Volume::format(Arc::new(MemDevice::new(8 << 20))).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostFile::create(dir.path().join("file")).unwrap();
-    vec![
-        (
-            "volume",
-            Arc::new(volume.create_file("file").unwrap()),
-            None,
-        ),
-        ("hostfile", Arc::new(host), Some(dir)),
-    ]
-}
 
 /// Page `index` of the test files: every byte says which page it came from.
 fn page(index: u64) -> Vec<u8> {
@@ -65,7 +49,7 @@ fn backend_bytes(file: &Mapping) -> Vec<u8> {
 #[test]
 fn collapse_moves_cached_pages_down_with_their_data() {
     for strategy in Strategy::ALL {
-        for (name, backend, _keep) in backends() {
+        for (name, backend, _keep) in common::backends() {
             let cache = PageCache::builder().strategy(strategy).build().unwrap();
             let file = cache.open(backend).unwrap();
             let mut model = eight_and_a_bit(&file, 8, 100);
@@ -98,7 +82,7 @@ fn collapse_moves_cached_pages_down_with_their_data() {
 #[test]
 fn insert_moves_cached_pages_up_and_leaves_a_hole() {
     for strategy in Strategy::ALL {
-        for (name, backend, _keep) in backends() {
+        for (name, backend, _keep) in common::backends() {
             let cache = PageCache::builder().strategy(strategy).build().unwrap();
             let file = cache.open(backend).unwrap();
             let mut model = eight_and_a_bit(&file, 8, 100);
@@ -124,7 +108,7 @@ fn insert_moves_cached_pages_up_and_leaves_a_hole() {
 
 #[test]
 fn refused_shifts_change_nothing() {
-    for (name, backend, _keep) in backends() {
+    for (name, backend, _keep) in common::backends() {
         let cache = PageCache::builder().build().unwrap();
         let file = cache.open(backend).unwrap();
         let model = eight_and_a_bit(&file, 8, 100);
