@@ -159,9 +159,9 @@ struct TortureArgs {
     /// Print one JSON object per strategy, one per line, instead of the table.
     #[arg(long)]
     json: bool,
-    /// Also store through memory maps (`map_write`). Off by default: such a
-    /// store racing a direct write's or an invalidation's write-back-and-drop
-    /// can be lost, a known gap that shows as stale reads.
+    /// Also store through memory maps (`map_write`). Off by default while a
+    /// known gap remains: such a store racing a write-back-and-drop of
+    /// `invalidate_range`, collapse or insert can be lost.
     #[arg(long)]
     map_writes: bool,
     /// `mixed`: every operation from every thread. `self-map-dio`: three threads

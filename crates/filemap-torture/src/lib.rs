@@ -138,11 +138,10 @@ pub struct TortureConfig {
     /// Stop as soon as a violation is found (tests that only need one).
     pub stop_on_violation: bool,
     /// Mix stores through memory maps (`map_write`) into the operations. Off by
-    /// default: a store through a map that lands while a direct write or an
-    /// invalidation is between its scan for written pages and its punch is lost
-    /// (asynchronous write tracking cannot hold the store back), and this turns
-    /// up as stale reads. The fix (trapping stores on present pages while such a
-    /// drop holds the page) is not built yet.
+    /// default while a known gap remains: a store through a map that lands while
+    /// a write-back-and-drop is between its scan for written pages and its punch
+    /// is lost (asynchronous write tracking cannot hold the store back). Direct
+    /// writes avoid it; `invalidate_range`, collapse and insert do not yet.
     pub map_writes: bool,
 }
 

@@ -489,8 +489,10 @@ impl Shared {
                         self.mixed_during_map_store.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
+                    let values = mixed_values(page, file, index);
+                    let history = self.history.page(file, index).lock().describe();
                     self.example(format!(
-                        "torn: {kind} of file {file} page {index} mixed versions"
+                        "torn: {kind} of file {file} page {index} over ticks {start}..{end} mixed {values:?} (history: {history})"
                     ));
                     &self.torn
                 }

@@ -260,6 +260,49 @@ impl Mapping {
         self.pages.get(index).map(Slot::load)
     }
 
+    /// After a direct write of `data` at `offset`, replaces the cached pages of
+    /// `first..=last` that a map shows with what was written, whole (punch, then
+    /// install), and marks them dirty: a store through a map that overlapped the
+    /// write may be written back after it, and the cache, which now holds the
+    /// write, must win that race again. Pages not cached are left to fault in.
+    fn replace_mapped_pages(
+        &self,
+        first: u64,
+        last: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let mut result = Ok(());
+        for index in first..=last {
+            if !self.page_is_mapped(index) {
+                continue;
+            }
+            let Some(slot) = self.pages.get(index) else {
+                continue;
+            };
+            if self.lock_for_change(slot).is_none() {
+                continue;
+            }
+            let at = (index * PAGE - offset) as usize;
+            let page = &data[at..at + PAGE_SIZE];
+            let replaced = self
+                .store
+                .remove(index, 1)
+                .and_then(|()| self.store.install(index, page));
+            match replaced {
+                Ok(()) => slot.update(|s| s.transition(DIRTY, LOCKED, true)),
+                Err(error) => {
+                    let _ = self.store.remove(index, 1);
+                    slot.update(PageState::emptied);
+                    self.cache.budget.release();
+                    result = result.and(Err(error));
+                    continue;
+                }
+            };
+        }
+        result
+    }
+
     /// Whether one of the user's maps shows page `index`.
     fn page_is_mapped(&self, index: u64) -> bool {
         let maps = self.maps.read();
@@ -648,11 +691,25 @@ impl Mapping {
         }
         let _direct = self.lock.lock(Mode::Direct, offset..end);
         let (first, last) = (offset / PAGE, (end - 1) / PAGE);
-        self.drop_pages(first, last, DirtyPages::WriteBack)?;
+        // Pages a map shows are written back but kept: dropping one could lose a
+        // store through the map that lands between the scan for written pages
+        // and the punch. After the write they are replaced with its data.
+        self.write_back_range(first, last)?;
+        self.drop_pages_where(first, last, DirtyPages::WriteBack, |i| {
+            !self.page_is_mapped(i)
+        })?;
         self.extend_size(end)?;
         let written = self.backend.write_direct(offset, buf);
         // Fills that ran during the write may hold what it replaced.
-        let dropped = self.drop_pages(first, last, DirtyPages::WriteBack);
+        let dropped = match written {
+            Ok(()) => self
+                .drop_pages_where(first, last, DirtyPages::WriteBack, |i| {
+                    !self.page_is_mapped(i)
+                })
+                .and(self.replace_mapped_pages(first, last, offset, buf)),
+            // What reached the device is unknown: drop everything.
+            Err(_) => self.drop_pages(first, last, DirtyPages::WriteBack),
+        };
         written?;
         dropped?;
         Ok(buf.len())
@@ -1237,12 +1294,26 @@ impl Mapping {
     /// from every map), then emptied: a fault that races the drop waits for the
     /// lock and then fills afresh.
     fn drop_pages(&self, first: u64, last: u64, dirty: DirtyPages) -> io::Result<()> {
+        self.drop_pages_where(first, last, dirty, |_| true)
+    }
+
+    /// [`Mapping::drop_pages`] for the pages `chosen` picks; the others stay.
+    fn drop_pages_where(
+        &self,
+        first: u64,
+        last: u64,
+        dirty: DirtyPages,
+        chosen: impl Fn(u64) -> bool,
+    ) -> io::Result<()> {
         if dirty == DirtyPages::WriteBack {
             self.scan_maps(first, last);
         }
         let mut first_error = None;
         let mut locked = Vec::new();
         self.pages.for_each(first, last, |index, slot| {
+            if !chosen(index) {
+                return;
+            }
             match self.lock_for_drop(index, slot, dirty) {
                 Ok(true) => locked.push(index),
                 Ok(false) => {}
