@@ -159,11 +159,9 @@ struct TortureArgs {
     /// Print one JSON object per strategy, one per line, instead of the table.
     #[arg(long)]
     json: bool,
-    /// Also store through memory maps (`map_write`). Off by default while a
-    /// known gap remains: such a store racing a write-back-and-drop of
-    /// `invalidate_range`, collapse or insert can be lost.
+    /// Leave stores through memory maps (`map_write`) out of the mix.
     #[arg(long)]
-    map_writes: bool,
+    no_map_writes: bool,
     /// `mixed`: every operation from every thread. `self-map-dio`: three threads
     /// do direct I/O through maps of each other's files while a fourth punches
     /// (ignores --threads and --files).
@@ -332,7 +330,7 @@ fn torture(args: TortureArgs) -> ExitCode {
             max_delay_us: args.max_delay_us,
             cache_bytes: args.cache_bytes,
             stop_on_violation: false,
-            map_writes: args.map_writes,
+            map_writes: !args.no_map_writes,
             scenario: match args.scenario {
                 ScenarioArg::Mixed => Scenario::Mixed,
                 ScenarioArg::SelfMapDio => Scenario::SelfMapDio,

@@ -107,6 +107,22 @@ pub fn mixed_values(page: &[u8], file: usize, index: u64) -> Option<Vec<Value>> 
     Some(values)
 }
 
+/// Whether every byte of `page` equals the same byte of one of `values` as
+/// stamped on page `index` of `file`: a byte-by-byte mix of those versions, which
+/// is what a copy racing a store through a map may see (shared memory gives no
+/// word atomicity).
+pub fn bytes_mix_of(page: &[u8], file: usize, index: u64, values: &[Value]) -> bool {
+    let words: Vec<[u8; 8]> = values
+        .iter()
+        .map(|value| match *value {
+            Value::Zero => [0; 8],
+            Value::Seq(seq) => stamp(file, index, seq).to_ne_bytes(),
+        })
+        .collect();
+    page.chunks_exact(8)
+        .all(|word| (0..8).all(|i| words.iter().any(|candidate| candidate[i] == word[i])))
+}
+
 /// The global clock: every operation takes a tick before it starts and after it
 /// ends. Ticks are unique, so a start tick also names the operation.
 #[derive(Debug, Default)]
@@ -174,6 +190,17 @@ impl PageHistory {
         self.changes
             .iter()
             .any(|c| c.through_map && c.start < re && c.end > rs)
+    }
+
+    /// Every value a read over `[rs, re]` may return.
+    pub fn allowed_values(&self, rs: u64, re: u64) -> Vec<Value> {
+        let mut values: Vec<Value> = Vec::new();
+        for change in &self.changes {
+            if !values.contains(&change.value) && self.allows(change.value, rs, re) {
+                values.push(change.value);
+            }
+        }
+        values
     }
 
     /// Whether a page mixing `values` may be what a read over `[rs, re]`
@@ -353,6 +380,22 @@ mod tests {
         );
         fill_page(&mut mixed[..8], 0, 2, 30);
         assert_eq!(mixed_values(&mixed, 1, 2), None, "a foreign word");
+        // A word torn byte by byte between two versions is a byte mix of them.
+        let (a, b) = (stamp(1, 2, 30).to_ne_bytes(), stamp(1, 2, 33).to_ne_bytes());
+        let mut word = a;
+        word[0] = b[0] ^ 0xff;
+        let mut page_bytes = Vec::new();
+        page_bytes.extend_from_slice(&[a[0], b[1], a[2], b[3], a[4], b[5], a[6], b[7]]);
+        assert!(bytes_mix_of(
+            &page_bytes,
+            1,
+            2,
+            &[Value::Seq(30), Value::Seq(33)]
+        ));
+        assert!(
+            !bytes_mix_of(&word, 1, 2, &[Value::Seq(30), Value::Seq(33)]),
+            "a byte of neither"
+        );
     }
 
     #[test]

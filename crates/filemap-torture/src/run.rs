@@ -15,7 +15,8 @@ use filemap::{
 use parking_lot::Mutex;
 
 use crate::oracle::{
-    classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES, MAX_PAGES,
+    bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
+    MAX_PAGES,
 };
 use crate::{BackendKind, DeviceSpec, Progress, Scenario, TortureConfig, TortureReport, OP_KINDS};
 
@@ -481,10 +482,15 @@ impl Shared {
                     &self.stale
                 }
                 Observed::Torn => {
-                    let excused = mixed_values(page, file, index).is_some_and(|values| {
+                    let excused = {
                         let history = self.history.page(file, index).lock();
-                        history.allows_mix(&values, start, end)
-                    });
+                        mixed_values(page, file, index)
+                            .is_some_and(|values| history.allows_mix(&values, start, end))
+                            // While a map store overlaps the read, even words may be
+                            // torn: each byte must come from an allowed version.
+                            || history.map_store_overlaps(start, end)
+                                && bytes_mix_of(page, file, index, &history.allowed_values(start, end))
+                    };
                     if excused {
                         self.mixed_during_map_store.fetch_add(1, Ordering::Relaxed);
                         continue;

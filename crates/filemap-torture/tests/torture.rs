@@ -43,11 +43,6 @@ fn every_locking_strategy_passes_on_both_backends() {
             assert!(report.is_clean(), "{report:#?}");
             assert!(report.reads_checked > 1000, "{report:#?}");
             for kind in OP_KINDS {
-                if kind == "map_write" {
-                    // Off by default (see `TortureConfig::map_writes`).
-                    assert_eq!(report.by_kind[kind], 0, "{report:#?}");
-                    continue;
-                }
                 assert!(
                     report.by_kind[kind] >= 100,
                     "{kind} ran too rarely: {report:#?}"
