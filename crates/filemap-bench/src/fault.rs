@@ -21,12 +21,11 @@
 //! not timed); the read variants count reads per second on one thread.
 
 use std::io;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filemap::{MapAccess, MapRegion, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::{MapAccess, MapRegion, Strategy, PAGE_SIZE};
 
-use crate::{measure, row, Ratio, Report, Row};
+use crate::{cached_file, expect_all_cached, measure, row, PageBuf, Ratio, Report, Row};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -55,10 +54,6 @@ impl Default for FaultConfig {
         }
     }
 }
-
-/// A page-aligned buffer, so both read variants copy into the same alignment.
-#[repr(align(4096))]
-struct PageBuf([u8; PAGE_SIZE]);
 
 /// The variants, in the order each run measures them.
 const VARIANTS: [&str; 5] = [
@@ -93,7 +88,7 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(&str)) -> io::Result<R
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the file is too large"))?;
     let pages = len / PAGE_SIZE;
     progress("filling the cache");
-    let (_cache, mapping) = cached_file(config)?;
+    let (_cache, mapping) = cached_file(config.file_bytes, config.strategy)?;
 
     let duration = Duration::from_secs_f64(config.seconds_per_run);
     let mut runs = vec![Vec::new(); VARIANTS.len()];
@@ -146,38 +141,6 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(&str)) -> io::Result<R
         .collect();
     let ratios = ratios(&rows);
     Ok(Report { rows, ratios })
-}
-
-/// A cache holding every page of a file of the configured size, all clean.
-fn cached_file(config: &FaultConfig) -> io::Result<(PageCache, Arc<Mapping>)> {
-    let volume = Volume::format(Arc::new(MemDevice::new(config.file_bytes + (1 << 20))))?;
-    let cache = PageCache::builder()
-        .strategy(config.strategy)
-        .budget_bytes(config.file_bytes)
-        .build()?;
-    let mapping = cache.open(Arc::new(volume.create_file("fault")?))?;
-    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-    let mut offset = 0;
-    while offset < config.file_bytes {
-        let len = chunk.len().min((config.file_bytes - offset) as usize);
-        mapping.write_all_at(&chunk[..len], offset)?;
-        offset += len as u64;
-    }
-    mapping.sync_all()?;
-    expect_all_cached(&mapping, config.file_bytes / PAGE)?;
-    Ok((cache, mapping))
-}
-
-/// Fails unless all `pages` pages of the file are cached and clean: the cached
-/// fault variant would otherwise measure fills.
-fn expect_all_cached(mapping: &Mapping, pages: u64) -> io::Result<()> {
-    let (cached, dirty) = mapping.cached_pages();
-    if cached != pages || dirty != 0 {
-        return Err(io::Error::other(format!(
-            "expected all {pages} pages cached and clean, found {cached} cached and {dirty} dirty"
-        )));
-    }
-    Ok(())
 }
 
 /// Runs `round` (which returns the pages it touched and the time the touching

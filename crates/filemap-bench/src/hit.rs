@@ -10,12 +10,11 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use filemap::{Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::{Strategy, PAGE_SIZE};
 
-use crate::{measure, row, Ratio, Report, Row};
+use crate::{cached_file, measure, pattern, row, PageBuf, Ratio, Report, Row};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -48,10 +47,6 @@ impl Default for HitConfig {
     }
 }
 
-/// A page-aligned buffer, so every variant copies into the same alignment.
-#[repr(align(4096))]
-struct PageBuf([u8; PAGE_SIZE]);
-
 /// The variants, in the order each round runs them.
 const VARIANTS: [&str; 3] = ["filemap", "kernel-pread", "memcpy"];
 
@@ -71,7 +66,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(&str)) -> io::Result<Rep
     }
     progress("filling the cache and the kernel's page cache");
     let pages = config.file_bytes / PAGE;
-    let (_cache, mapping) = cached_file(config)?;
+    let (_cache, mapping) = cached_file(config.file_bytes, config.strategy)?;
     let host = warm_host_file(config.file_bytes)?;
 
     let duration = Duration::from_secs_f64(config.seconds_per_run);
@@ -138,31 +133,6 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(&str)) -> io::Result<Rep
     Ok(Report { rows, ratios })
 }
 
-/// A cache holding every page of a file of the configured size, all clean.
-fn cached_file(config: &HitConfig) -> io::Result<(PageCache, Arc<Mapping>)> {
-    let volume = Volume::format(Arc::new(MemDevice::new(config.file_bytes + (1 << 20))))?;
-    let cache = PageCache::builder()
-        .strategy(config.strategy)
-        .budget_bytes(config.file_bytes)
-        .build()?;
-    let mapping = cache.open(Arc::new(volume.create_file("hit")?))?;
-    let chunk = pattern(1 << 20);
-    let mut offset = 0;
-    while offset < config.file_bytes {
-        let len = chunk.len().min((config.file_bytes - offset) as usize);
-        mapping.write_all_at(&chunk[..len], offset)?;
-        offset += len as u64;
-    }
-    mapping.sync_all()?;
-    let (cached, dirty) = mapping.cached_pages();
-    if cached != config.file_bytes / PAGE || dirty != 0 {
-        return Err(io::Error::other(format!(
-            "expected every page cached and clean, found {cached} cached and {dirty} dirty"
-        )));
-    }
-    Ok((cache, mapping))
-}
-
 /// A host file of `len` bytes, read once so the kernel caches all of it.
 fn warm_host_file(len: u64) -> io::Result<File> {
     let mut file = tempfile::tempfile()?;
@@ -182,10 +152,6 @@ fn warm_host_file(len: u64) -> io::Result<File> {
         offset += n as u64;
     }
     Ok(file)
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
 }
 
 /// The ratios the hit targets are set on.

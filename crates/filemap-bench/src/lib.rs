@@ -9,9 +9,12 @@
 //!   a bare userfaultfd round trip; and reads through a map against a plain
 //!   copy of the same memory.
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use filemap::{Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
 use serde::Serialize;
 
 pub mod fault;
@@ -100,6 +103,48 @@ where
         (start.elapsed(), total)
     });
     total as f64 / elapsed.as_secs_f64()
+}
+
+/// A page-aligned buffer, so every variant copies into the same alignment.
+#[repr(align(4096))]
+pub struct PageBuf(pub [u8; PAGE_SIZE]);
+
+/// `len` bytes of a pattern that is not all zeroes.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// A cache holding every page of a `file_bytes`-byte file, all clean, on a
+/// volume in memory.
+pub fn cached_file(file_bytes: u64, strategy: Strategy) -> io::Result<(PageCache, Arc<Mapping>)> {
+    let volume = Volume::format(Arc::new(MemDevice::new(file_bytes + (1 << 20))))?;
+    let cache = PageCache::builder()
+        .strategy(strategy)
+        .budget_bytes(file_bytes)
+        .build()?;
+    let mapping = cache.open(Arc::new(volume.create_file("bench")?))?;
+    let chunk = pattern(1 << 20);
+    let mut offset = 0;
+    while offset < file_bytes {
+        let len = chunk.len().min((file_bytes - offset) as usize);
+        mapping.write_all_at(&chunk[..len], offset)?;
+        offset += len as u64;
+    }
+    mapping.sync_all()?;
+    expect_all_cached(&mapping, file_bytes / PAGE_SIZE as u64)?;
+    Ok((cache, mapping))
+}
+
+/// Fails unless all `pages` pages of the file are cached and clean: a variant
+/// meant to measure hits would otherwise measure fills.
+pub fn expect_all_cached(mapping: &Mapping, pages: u64) -> io::Result<()> {
+    let (cached, dirty) = mapping.cached_pages();
+    if cached != pages || dirty != 0 {
+        return Err(io::Error::other(format!(
+            "expected all {pages} pages cached and clean, found {cached} cached and {dirty} dirty"
+        )));
+    }
+    Ok(())
 }
 
 /// The median of `values` (which must not be empty).
