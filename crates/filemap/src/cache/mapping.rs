@@ -284,23 +284,33 @@ impl Mapping {
                 continue;
             }
             let at = (index * PAGE - offset) as usize;
-            let page = &data[at..at + PAGE_SIZE];
-            let replaced = self
-                .store
-                .remove(index, 1)
-                .and_then(|()| self.store.install(index, page));
-            match replaced {
-                Ok(()) => slot.update(|s| s.transition(DIRTY, LOCKED, true)),
-                Err(error) => {
-                    let _ = self.store.remove(index, 1);
-                    slot.update(PageState::emptied);
-                    self.cache.budget.release();
-                    result = result.and(Err(error));
-                    continue;
-                }
-            };
+            let replaced = self.replace_locked_page(index, slot, &data[at..at + PAGE_SIZE]);
+            result = result.and(replaced);
         }
         result
+    }
+
+    /// Replaces page `index`, which the caller locked, with `page` whole (punch,
+    /// then install), so that no map reader sees a change half done: a reader
+    /// that touches it in between waits in its fault for the lock. Unlocks it
+    /// dirty; on failure the page may be gone from the store, so it is forgotten.
+    fn replace_locked_page(&self, index: u64, slot: &Slot, page: &[u8]) -> io::Result<()> {
+        let replaced = self
+            .store
+            .remove(index, 1)
+            .and_then(|()| self.store.install(index, page));
+        match replaced {
+            Ok(()) => {
+                slot.update(|s| s.transition(DIRTY, LOCKED, true));
+                Ok(())
+            }
+            Err(error) => {
+                let _ = self.store.remove(index, 1);
+                slot.update(PageState::emptied);
+                self.cache.budget.release();
+                Err(error)
+            }
+        }
     }
 
     /// Whether one of the user's maps shows page `index`.
@@ -1132,14 +1142,9 @@ impl Mapping {
         }
         // Install runs of consecutive locked pages, one copy each, then publish.
         let mut installed_all = Ok(());
-        let mut run_start = 0;
-        while run_start < locked.len() {
-            let mut run_end = run_start + 1;
-            while run_end < locked.len() && locked[run_end] == locked[run_end - 1] + 1 {
-                run_end += 1;
-            }
-            let first = locked[run_start];
-            let bytes = &data[first * PAGE_SIZE..(first + run_end - run_start) * PAGE_SIZE];
+        for run in locked.chunk_by(|a, b| *b == *a + 1) {
+            let first = run[0];
+            let bytes = &data[first * PAGE_SIZE..(first + run.len()) * PAGE_SIZE];
             let installed = match self.store.install(index + first as u64, bytes) {
                 Ok(()) => true,
                 Err(error) => {
@@ -1147,7 +1152,7 @@ impl Mapping {
                     false
                 }
             };
-            for &i in &locked[run_start..run_end] {
+            for &i in run {
                 let slot = self.pages.get_or_create(index + i as u64);
                 if installed {
                     slot.update(|s| s.transition(PRESENT | UPTODATE, FILLING | LOCKED, true));
@@ -1156,7 +1161,6 @@ impl Mapping {
                     self.cache.budget.release();
                 }
             }
-            run_start = run_end;
         }
         read?;
         installed_all?;
@@ -1199,25 +1203,12 @@ impl Mapping {
                     slot.update(|s| s.transition(DIRTY, LOCKED, true));
                     return Ok(());
                 }
-                // A map shows this page: replace it whole (punch, then install
-                // atomically), so that no map reader sees the write half done. A
-                // reader that touches it in between waits in its fault for the lock.
+                // A map shows this page: replace it whole, so that no map reader
+                // sees the write half done.
                 let mut page = vec![0; PAGE_SIZE];
                 self.store.read(index, 0, &mut page);
                 page[in_page..in_page + src.len()].copy_from_slice(src);
-                let replaced = self
-                    .store
-                    .remove(index, 1)
-                    .and_then(|()| self.store.install(index, &page));
-                if let Err(error) = replaced {
-                    // The page may be gone from the store: forget it whole.
-                    let _ = self.store.remove(index, 1);
-                    slot.update(PageState::emptied);
-                    self.cache.budget.release();
-                    return Err(error);
-                }
-                slot.update(|s| s.transition(DIRTY, LOCKED, true));
-                return Ok(());
+                return self.replace_locked_page(index, slot, &page);
             }
             if !whole && !zeroes_below {
                 // A partial write into data we do not have: read the page first.
@@ -1325,13 +1316,7 @@ impl Mapping {
         // One punch per run of consecutive locked pages: never over a page this
         // call did not lock (one filled meanwhile would lose its data while its
         // state still says present).
-        let mut run_start = 0;
-        while run_start < locked.len() {
-            let mut run_end = run_start + 1;
-            while run_end < locked.len() && locked[run_end] == locked[run_end - 1] + 1 {
-                run_end += 1;
-            }
-            let run = &locked[run_start..run_end];
+        for run in locked.chunk_by(|a, b| *b == *a + 1) {
             let removed = self.store.remove(run[0], run.len() as u64);
             for &index in run {
                 let slot = self.pages.get(index).expect("locked slots exist");
@@ -1345,7 +1330,6 @@ impl Mapping {
             if let Err(error) = removed {
                 first_error.get_or_insert(error);
             }
-            run_start = run_end;
         }
         first_error.map_or(Ok(()), Err)
     }
