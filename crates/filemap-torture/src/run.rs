@@ -9,8 +9,8 @@ use filemap::backend::{BackendOp, FaultyBackend, HostFile};
 use filemap::device::DeviceOp;
 use filemap::fault::{Injection, Trigger};
 use filemap::{
-    Backend, Device, FaultRule, FaultyDevice, FileDevice, MapAccess, MapRegion, Mapping, MemDevice,
-    PageCache, Volume, PAGE_SIZE,
+    AlignedBuf, Backend, Device, FaultRule, FaultyDevice, FileDevice, MapAccess, MapRegion,
+    Mapping, MemDevice, PageCache, Volume, PAGE_SIZE,
 };
 use parking_lot::Mutex;
 
@@ -381,24 +381,6 @@ fn open_device(config: &TortureConfig) -> io::Result<Arc<dyn Device>> {
     })
 }
 
-/// A buffer whose start is aligned for direct I/O.
-struct AlignedBuf {
-    bytes: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let bytes = vec![0u8; len + PAGE_SIZE];
-        let start = bytes.as_ptr().align_offset(PAGE_SIZE);
-        AlignedBuf { bytes, start }
-    }
-
-    fn slice(&mut self, len: usize) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + len]
-    }
-}
-
 impl Shared {
     fn violations(&self) -> u64 {
         self.stale.load(Ordering::Relaxed)
@@ -585,7 +567,7 @@ impl Shared {
             config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ worker as u64,
         );
         let mut counts = [0u64; OP_KINDS.len()];
-        let mut direct = AlignedBuf::new(MAX_OP_PAGES as usize * PAGE_SIZE);
+        let mut direct = AlignedBuf::new(MAX_OP_PAGES as usize * PAGE_SIZE, PAGE_SIZE);
         let mut buffer = vec![0u8; MAX_OP_PAGES as usize * PAGE_SIZE];
         while !self.stop.load(Ordering::Relaxed) {
             let op = Op::pick(&mut rng, config.map_writes);
@@ -606,7 +588,7 @@ impl Shared {
                     })
                 }
                 Op::ReadDirect => {
-                    let buf = direct.slice(len as usize);
+                    let buf = &mut direct[..len as usize];
                     mapping.read_direct(buf, offset).map(|n| {
                         let end = self.clock.tick();
                         self.check(file, first, &buf[..n], start, end, kind);
@@ -616,7 +598,7 @@ impl Shared {
                     let buf = if op == Op::Write {
                         &mut buffer[..len as usize]
                     } else {
-                        direct.slice(len as usize)
+                        &mut direct[..len as usize]
                     };
                     for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
                         fill_page(page, file, first + i as u64, start);

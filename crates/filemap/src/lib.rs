@@ -27,6 +27,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod aligned;
 pub mod backend;
 #[doc(hidden)]
 pub mod bench_support;
@@ -39,6 +40,7 @@ pub(crate) mod map;
 pub(crate) mod racy;
 pub(crate) mod sync;
 
+pub use aligned::AlignedBuf;
 pub use backend::{Backend, FaultyBackend, HostFile, Volume, VolumeFile};
 pub use cache::{Mapping, PageCache, PageCacheBuilder, PAGE_SIZE};
 pub use device::{Device, FaultyDevice, FileDevice, MemDevice};

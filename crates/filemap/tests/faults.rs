@@ -9,7 +9,8 @@ use std::sync::Arc;
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
 use filemap::device::{DeviceOp, Injection, Trigger};
 use filemap::{
-    FaultRule, FaultyDevice, Mapping, MemDevice, PageCache, Strategy, Volume, VolumeFile, PAGE_SIZE,
+    AlignedBuf, FaultRule, FaultyDevice, Mapping, MemDevice, PageCache, Strategy, Volume,
+    VolumeFile, PAGE_SIZE,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -76,32 +77,6 @@ fn backend_pages(file: &Mapping, first: u64, pages: usize) -> Vec<u8> {
     let mut buf = vec![0; pages * PAGE_SIZE];
     file.backend().read_pages(first, &mut buf).unwrap();
     buf
-}
-
-/// A page-sized buffer at an address aligned for direct I/O.
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-}
-
-impl Aligned {
-    fn from(data: &[u8]) -> Self {
-        let mut storage = vec![0; data.len() + DIRECT_IO_MEMORY_ALIGN];
-        let address = storage.as_ptr() as usize;
-        let start =
-            (DIRECT_IO_MEMORY_ALIGN - address % DIRECT_IO_MEMORY_ALIGN) % DIRECT_IO_MEMORY_ALIGN;
-        storage[start..start + data.len()].copy_from_slice(data);
-        storage.truncate(start + data.len());
-        Aligned { storage, start }
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        &self.storage[self.start..]
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..]
-    }
 }
 
 #[test]
@@ -203,7 +178,7 @@ fn failed_read_direct_returns_the_error() {
         let data = pattern(5, 2 * PAGE_SIZE);
         let fx = fixture(strategy, &data, 32);
         fx.device.fail_nth(DeviceOp::Read, 1, libc::EIO);
-        let mut buf = Aligned::from(&[0xAB; 2 * PAGE_SIZE]);
+        let mut buf = AlignedBuf::from_slice(&[0xAB; 2 * PAGE_SIZE], DIRECT_IO_MEMORY_ALIGN);
         assert_eio(fx.file.read_direct(buf.as_mut(), 0), "read_direct");
         assert_eq!(fx.file.cached_pages(), (0, 0), "direct reads cache nothing");
         assert_eq!(fx.file.read_direct(buf.as_mut(), 0).unwrap(), data.len());
@@ -218,7 +193,7 @@ fn failed_writeback_before_read_direct_returns_the_error_and_keeps_the_page_dirt
         let fx = fixture(strategy, &data, 32);
         fx.file.write_all_at(b"dirty", 10).unwrap();
         fx.device.fail_nth(DeviceOp::Write, 1, libc::EIO);
-        let mut buf = Aligned::from(&[0; PAGE_SIZE]);
+        let mut buf = AlignedBuf::from_slice(&[0; PAGE_SIZE], DIRECT_IO_MEMORY_ALIGN);
         assert_eio(fx.file.read_direct(buf.as_mut(), 0), "read_direct");
         assert_eq!(fx.file.cached_pages(), (1, 1), "{strategy:?}: still dirty");
         // C5 once the device works again: the direct read sees the buffered write.
@@ -242,7 +217,7 @@ fn failed_write_direct_returns_the_error_and_later_reads_see_the_old_data() {
         assert!(fx.file.is_page_cached(1));
         let free = fx.volume.free_blocks();
         fx.device.fail_nth(DeviceOp::Write, 1, libc::EIO);
-        let new = Aligned::from(&pattern(8, PAGE_SIZE));
+        let new = AlignedBuf::from_slice(&pattern(8, PAGE_SIZE), DIRECT_IO_MEMORY_ALIGN);
         assert_eio(fx.file.write_direct(new.as_ref(), PAGE), "write_direct");
         assert!(!fx.file.is_page_cached(1), "{strategy:?}: range dropped");
         assert_eq!(read_all(&fx.file), data, "{strategy:?}: old data");
@@ -266,7 +241,7 @@ fn failed_write_direct_into_a_hole_allocates_nothing_and_reads_zeroes() {
         fx.file.set_len(2 * PAGE).unwrap();
         let free = fx.volume.free_blocks();
         fx.device.fail_nth(DeviceOp::Write, 1, libc::EIO);
-        let new = Aligned::from(&pattern(9, PAGE_SIZE));
+        let new = AlignedBuf::from_slice(&pattern(9, PAGE_SIZE), DIRECT_IO_MEMORY_ALIGN);
         assert_eio(fx.file.write_direct(new.as_ref(), PAGE), "write_direct");
         assert_eq!(
             fx.volume.free_blocks(),
@@ -287,7 +262,7 @@ fn failed_writeback_before_write_direct_keeps_the_dirty_data() {
         // back before the direct write, and that writeback fails.
         fx.file.write_all_at(b"dirty", 20).unwrap();
         fx.device.fail_nth(DeviceOp::Write, 1, libc::EIO);
-        let new = Aligned::from(&pattern(11, PAGE_SIZE));
+        let new = AlignedBuf::from_slice(&pattern(11, PAGE_SIZE), DIRECT_IO_MEMORY_ALIGN);
         assert_eio(fx.file.write_direct(new.as_ref(), 0), "write_direct");
         // The acknowledged buffered write is not lost.
         assert_eq!(fx.file.cached_pages(), (1, 1), "{strategy:?}: still dirty");

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
-use filemap::{Backend, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::{AlignedBuf, Backend, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const STRATEGIES: [Strategy; 2] = [Strategy::None, Strategy::InvalidateLock];
@@ -35,41 +35,6 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| ((i * 31 + seed as usize * 7) % 251) as u8 + 1)
         .collect()
-}
-
-/// A buffer whose slice starts at a multiple of `DIRECT_IO_MEMORY_ALIGN`.
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let storage = vec![0; len + DIRECT_IO_MEMORY_ALIGN];
-        let address = storage.as_ptr() as usize;
-        let start =
-            (DIRECT_IO_MEMORY_ALIGN - address % DIRECT_IO_MEMORY_ALIGN) % DIRECT_IO_MEMORY_ALIGN;
-        Aligned {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    fn from(data: &[u8]) -> Self {
-        let mut buf = Aligned::new(data.len());
-        buf.as_mut().copy_from_slice(data);
-        buf
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
 }
 
 /// Panics with the first differing byte if `actual != expected`.
@@ -382,7 +347,7 @@ fn read_direct_sees_unsynced_buffered_writes() {
         let data = pattern(10, 2 * PAGE_SIZE + 300);
         fx.file.write_all_at(&data, 0).unwrap();
         assert_eq!(fx.file.cached_pages(), (3, 3));
-        let mut buf = Aligned::new(4 * PAGE_SIZE);
+        let mut buf = AlignedBuf::new(4 * PAGE_SIZE, DIRECT_IO_MEMORY_ALIGN);
         buf.as_mut().fill(0xEE);
         // C5: the dirty pages are written back before the direct read.
         let n = fx.file.read_direct(buf.as_mut(), 0).unwrap();
@@ -401,7 +366,7 @@ fn read_direct_sees_unsynced_buffered_writes() {
         assert_eq!(fx.file.read_direct(buf.as_mut(), 4 * PAGE).unwrap(), 0);
         // A later buffered write to one page is seen too.
         fx.file.write_all_at(b"late", PAGE + 10).unwrap();
-        let mut one = Aligned::new(PAGE_SIZE);
+        let mut one = AlignedBuf::new(PAGE_SIZE, DIRECT_IO_MEMORY_ALIGN);
         assert_eq!(fx.file.read_direct(one.as_mut(), PAGE).unwrap(), PAGE_SIZE);
         assert_eq!(&one.as_ref()[10..14], b"late");
         assert_same(
@@ -427,7 +392,10 @@ fn write_direct_replaces_cached_pages_for_later_buffered_reads() {
         let new = pattern(12, 2 * PAGE_SIZE);
         let n = fx
             .file
-            .write_direct(Aligned::from(&new).as_ref(), PAGE)
+            .write_direct(
+                AlignedBuf::from_slice(&new, DIRECT_IO_MEMORY_ALIGN).as_ref(),
+                PAGE,
+            )
             .unwrap();
         assert_eq!(n, new.len());
         // C2: the pages cached before the write show the new data.
@@ -451,7 +419,10 @@ fn write_direct_over_a_dirty_page_wins_and_extends_the_file() {
         assert_eq!(fx.file.cached_pages(), (1, 1));
         let new = pattern(14, 3 * PAGE_SIZE);
         fx.file
-            .write_direct(Aligned::from(&new).as_ref(), 0)
+            .write_direct(
+                AlignedBuf::from_slice(&new, DIRECT_IO_MEMORY_ALIGN).as_ref(),
+                0,
+            )
             .unwrap();
         assert_eq!(fx.file.len(), 3 * PAGE, "{strategy:?}: extended");
         assert_file(&fx, &new, &format!("{strategy:?}: direct over dirty"));
@@ -581,7 +552,7 @@ fn remove_makes_every_call_fail_with_enoent_and_frees_the_blocks() {
             assert_eq!(error.raw_os_error(), Some(libc::ENOENT), "{call}: {error}");
         };
         let mut buf = vec![0; 100];
-        let mut direct = Aligned::new(PAGE_SIZE);
+        let mut direct = AlignedBuf::new(PAGE_SIZE, DIRECT_IO_MEMORY_ALIGN);
         enoent(file.read_at(&mut buf, 0).map(drop), "read_at");
         enoent(file.read_exact_at(&mut buf, 0), "read_exact_at");
         enoent(file.write_at(&buf, 0).map(drop), "write_at");
@@ -801,8 +772,11 @@ fn run_model(strategy: Strategy, seed: u64, steps: usize) {
                 let first = offset / PAGE;
                 let pages = len.div_ceil(PAGE) as usize;
                 let data = pattern(step as u8 ^ 0x55, pages * PAGE_SIZE);
-                file.write_direct(Aligned::from(&data).as_ref(), first * PAGE)
-                    .unwrap();
+                file.write_direct(
+                    AlignedBuf::from_slice(&data, DIRECT_IO_MEMORY_ALIGN).as_ref(),
+                    first * PAGE,
+                )
+                .unwrap();
                 let start = (first * PAGE) as usize;
                 if model.len() < start + data.len() {
                     model.resize(start + data.len(), 0);
@@ -813,7 +787,7 @@ fn run_model(strategy: Strategy, seed: u64, steps: usize) {
             78..=82 => {
                 let first = offset / PAGE;
                 let pages = len.div_ceil(PAGE) as usize;
-                let mut buf = Aligned::new(pages * PAGE_SIZE);
+                let mut buf = AlignedBuf::new(pages * PAGE_SIZE, DIRECT_IO_MEMORY_ALIGN);
                 let n = file.read_direct(buf.as_mut(), first * PAGE).unwrap();
                 let start = ((first * PAGE) as usize).min(model.len());
                 let want = (model.len() - start).min(pages * PAGE_SIZE);

@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use filemap::{Backend, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
+use filemap::{AlignedBuf, Backend, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -94,7 +94,7 @@ fn every_invalidating_call_shows_through_the_map_at_once() {
                 vec![0xAB; 10],
                 "{what}: write"
             );
-            let mut direct = Aligned::new(PAGE_SIZE);
+            let mut direct = AlignedBuf::new(PAGE_SIZE, PAGE_SIZE);
             direct.as_mut().fill(0xCD);
             file.write_direct(direct.as_mut(), 4 * PAGE).unwrap();
             assert_eq!(
@@ -312,23 +312,4 @@ fn bad_maps_are_refused() {
             .raw_os_error(),
         Some(libc::EINVAL)
     );
-}
-
-/// A buffer whose slice starts at a page boundary.
-struct Aligned {
-    bytes: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let bytes = vec![0; len + PAGE_SIZE];
-        let start = bytes.as_ptr().align_offset(PAGE_SIZE);
-        Aligned { bytes, start, len }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + self.len]
-    }
 }

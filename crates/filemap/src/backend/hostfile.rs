@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use rustix::fs::{fallocate, AtFlags, FallocateFlags, StatxFlags};
 
 use super::Backend;
+use crate::aligned::AlignedBuf;
 use crate::device::block_locks::{BlockLocks, Stripes};
 use crate::errno::{err, fail};
 use crate::PAGE_SIZE;
@@ -165,9 +166,8 @@ impl HostFile {
         if buf.as_ptr() as usize % self.dio_mem_align == 0 {
             return direct.write_all_at(buf, offset);
         }
-        let mut bounce = AlignedBuf::new(buf.len(), self.dio_mem_align);
-        bounce.as_mut().copy_from_slice(buf);
-        direct.write_all_at(bounce.as_mut(), offset)
+        let bounce = AlignedBuf::from_slice(buf, self.dio_mem_align);
+        direct.write_all_at(&bounce, offset)
     }
 
     /// An `O_DIRECT` read to the end of file, bounced like
@@ -177,8 +177,8 @@ impl HostFile {
             return read_to_eof(direct, buf, offset, true);
         }
         let mut bounce = AlignedBuf::new(buf.len(), self.dio_mem_align);
-        read_to_eof(direct, bounce.as_mut(), offset, true)?;
-        buf.copy_from_slice(bounce.as_mut());
+        read_to_eof(direct, &mut bounce, offset, true)?;
+        buf.copy_from_slice(&bounce);
         Ok(())
     }
 
@@ -309,25 +309,6 @@ fn read_to_eof(file: &File, buf: &mut [u8], offset: u64, direct: bool) -> io::Re
     }
     buf[done..].fill(0);
     Ok(())
-}
-
-/// A heap buffer whose start is aligned for direct I/O.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    skip: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize, align: usize) -> Self {
-        let raw = vec![0u8; len + align];
-        let skip = raw.as_ptr().align_offset(align);
-        Self { raw, skip, len }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.skip..self.skip + self.len]
-    }
 }
 
 impl std::fmt::Debug for HostFile {

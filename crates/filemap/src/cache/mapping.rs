@@ -30,6 +30,7 @@ use super::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, UPTODATE, WR
 use super::store::PageStore;
 use super::tree::{PageTree, MAX_PAGES};
 use super::{CacheShared, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
+use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
 use crate::errno::{err, fail};
 use crate::lock::{CoherenceLock, Mode, Strategy};
@@ -661,9 +662,9 @@ impl Mapping {
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             // The device would fault on the map while we hold Direct: read into
             // memory of our own, and copy out once the mode is released.
-            let mut bounce = AlignedBuf::new(buf.len());
-            let n = self.read_direct(bounce.as_mut(), offset)?;
-            buf[..n].copy_from_slice(&bounce.as_mut()[..n]);
+            let mut bounce = AlignedBuf::new(buf.len(), DIRECT_IO_MEMORY_ALIGN);
+            let n = self.read_direct(&mut bounce, offset)?;
+            buf[..n].copy_from_slice(&bounce[..n]);
             return Ok(n);
         }
         let _direct = self.lock.lock(Mode::Direct, offset..end);
@@ -695,9 +696,8 @@ impl Mapping {
         }
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             // As for reads: take the data out of the map before taking Direct.
-            let mut bounce = AlignedBuf::new(buf.len());
-            bounce.as_mut().copy_from_slice(buf);
-            return self.write_direct(bounce.as_mut(), offset);
+            let bounce = AlignedBuf::from_slice(buf, DIRECT_IO_MEMORY_ALIGN);
+            return self.write_direct(&bounce, offset);
         }
         let _direct = self.lock.lock(Mode::Direct, offset..end);
         let (first, last) = (offset / PAGE, (end - 1) / PAGE);
@@ -1448,25 +1448,6 @@ impl fmt::Debug for Mapping {
             .field("len", &self.len())
             .field("strategy", &self.strategy())
             .finish_non_exhaustive()
-    }
-}
-
-/// A heap buffer whose start is aligned for direct I/O.
-struct AlignedBuf {
-    bytes: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let bytes = vec![0; len + DIRECT_IO_MEMORY_ALIGN];
-        let start = bytes.as_ptr().align_offset(DIRECT_IO_MEMORY_ALIGN);
-        AlignedBuf { bytes, start, len }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + self.len]
     }
 }
 
