@@ -1,10 +1,14 @@
 //! `fault`: what a memory map costs, on its first touch of a page and after.
 //!
-//! Five variants run in one process, in turns, on one file:
-//! - `cached-fault`: every page of the file is in the cache; a fresh
+//! Six variants run in one process, in turns, on one file:
+//! - `cached-fault`: every page of the file is in the cache; a fresh read-only
 //!   [`MapRegion`] of the whole file is touched one byte per page. The kernel
 //!   maps cached pages itself (shmem's fault path, which also maps neighbouring
 //!   cached pages at once), with no userfaultfd round trip.
+//! - `cached-fault-rw`: the same with a read-write map, whose first touch of a
+//!   cached page is a MINOR fault served by the mapping's handler (so that a
+//!   drop can hold stores back): one round trip maps the page and up to 15
+//!   cached pages after it.
 //! - `uffd-round-trip`: the baseline, a bare userfaultfd round trip per page: a
 //!   handler thread answers each MISSING fault with a 4 KiB `UFFDIO_COPY` and a
 //!   wake, nothing else ([`filemap::bench_support::bare_uffd_round_trips`]).
@@ -56,8 +60,9 @@ impl Default for FaultConfig {
 }
 
 /// The variants, in the order each run measures them.
-const VARIANTS: [&str; 5] = [
+const VARIANTS: [&str; 6] = [
     "cached-fault",
+    "cached-fault-rw",
     "uffd-round-trip",
     "uncached-fault",
     "map-read",
@@ -96,10 +101,15 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(&str)) -> io::Result<R
         for (v, variant) in VARIANTS.iter().enumerate() {
             progress(&format!("run {}/{}: {variant}", run + 1, config.runs));
             let rate = match *variant {
-                "cached-fault" => {
+                "cached-fault" | "cached-fault-rw" => {
                     expect_all_cached(&mapping, pages as u64)?;
+                    let access = if *variant == "cached-fault" {
+                        MapAccess::Read
+                    } else {
+                        MapAccess::ReadWrite
+                    };
                     touch_rounds(duration, || {
-                        let map = mapping.map(0, len, MapAccess::Read)?;
+                        let map = mapping.map(0, len, access)?;
                         Ok((pages, touch_every_page(&map)))
                     })?
                 }
@@ -175,7 +185,7 @@ fn touch_every_page(map: &MapRegion) -> Duration {
         // `page * PAGE_SIZE < map.len()`. Every map here covers the whole file
         // from offset 0 and the file's size is a multiple of the page size, so
         // the page lies inside the file (no `SIGBUS`). Nothing stores to the file
-        // while the benchmark runs (maps are read-only, and no write or
+        // while the benchmark runs (nothing stores through maps, and no write or
         // invalidation runs during a touch), so the load races no store.
         let byte = unsafe { std::ptr::read_volatile(map.as_ptr().add(page * PAGE_SIZE)) };
         sum += u64::from(byte);
@@ -238,6 +248,12 @@ fn ratios(rows: &[Row]) -> Vec<Ratio> {
             Some(0.75),
         ),
         (
+            "cached-fault-rw",
+            "uffd-round-trip",
+            "pages per second",
+            Some(0.75),
+        ),
+        (
             "uncached-fault",
             "uffd-round-trip",
             "pages per second",
@@ -275,7 +291,7 @@ mod tests {
             .rows
             .iter()
             .all(|r| r.workload == "fault" && r.ops_per_s > 0.0 && r.ops_per_s.is_finite()));
-        assert_eq!(report.ratios.len(), 3);
+        assert_eq!(report.ratios.len(), 4);
         assert!(report
             .ratios
             .iter()

@@ -52,6 +52,10 @@ fn torture_json_has_the_contract_keys_and_exits_zero_when_clean() {
         "truncate",
         "read_direct",
         "write_direct",
+        "sync",
+        "invalidate",
+        "map_read",
+        "map_write",
     ] {
         assert!(
             report["by_kind"][kind].as_u64().unwrap() > 0,

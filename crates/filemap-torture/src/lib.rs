@@ -37,7 +37,7 @@ use serde::Serialize;
 pub use run::run;
 
 /// The kinds of operation the torture mixes, in report order.
-pub const OP_KINDS: [&str; 11] = [
+pub const OP_KINDS: [&str; 12] = [
     "read",
     "write",
     "readahead",
@@ -47,6 +47,7 @@ pub const OP_KINDS: [&str; 11] = [
     "read_direct",
     "write_direct",
     "sync",
+    "invalidate",
     "map_read",
     "map_write",
 ];

@@ -29,7 +29,7 @@ const SCRATCH_PAGES: u64 = 2 * MAX_OP_PAGES;
 const MAX_EXAMPLES: usize = 10;
 
 /// The operation mix: relative weights, in [`OP_KINDS`] order.
-const WEIGHTS: [u32; OP_KINDS.len()] = [24, 18, 5, 8, 6, 3, 9, 9, 8, 14, 6];
+const WEIGHTS: [u32; OP_KINDS.len()] = [24, 18, 5, 8, 6, 3, 9, 9, 8, 4, 14, 6];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -42,6 +42,7 @@ enum Op {
     ReadDirect,
     WriteDirect,
     Sync,
+    Invalidate,
     MapRead,
     MapWrite,
 }
@@ -57,6 +58,7 @@ impl Op {
         Op::ReadDirect,
         Op::WriteDirect,
         Op::Sync,
+        Op::Invalidate,
         Op::MapRead,
         Op::MapWrite,
     ];
@@ -655,6 +657,9 @@ impl Shared {
                     }
                 }
                 Op::Readahead => mapping.readahead(offset, len),
+                // Writes back and drops: the content must not change, stores
+                // through maps racing it included.
+                Op::Invalidate => mapping.invalidate_range(offset, len),
                 Op::Sync => {
                     if rng.u8(..4) == 0 {
                         mapping.sync_all()

@@ -6,11 +6,32 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use filemap::{AlignedBuf, Backend, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Runs `body` on a thread of its own and fails if it takes more than 120 s:
+/// a test of concurrent faults and drops fails instead of hanging when a fault
+/// is never answered.
+fn within(body: impl FnOnce() + Send + 'static) {
+    let (done, finished) = mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        body();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(Duration::from_secs(120)) {
+        Ok(()) => runner.join().unwrap(),
+        // The body panicked: report its panic.
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(runner.join().unwrap_err())
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("hung: no progress in 120 s"),
+    }
+}
 
 fn page(byte: u8) -> Vec<u8> {
     vec![byte; PAGE_SIZE]
@@ -179,6 +200,10 @@ fn stores_through_a_map_are_read_back_and_reach_the_backend() {
 
 #[test]
 fn direct_io_through_a_map_of_the_same_file_is_correct_and_never_deadlocks() {
+    within(direct_io_through_a_map_of_the_same_file);
+}
+
+fn direct_io_through_a_map_of_the_same_file() {
     for strategy in Strategy::ALL {
         for (name, backend, _keep) in common::backends() {
             let what = format!("{name} {strategy}");
@@ -210,14 +235,18 @@ fn direct_io_through_a_map_of_the_same_file_is_correct_and_never_deadlocks() {
 
 #[test]
 fn direct_io_from_maps_survives_concurrent_punches() {
+    within(direct_io_from_maps_with_concurrent_punches);
+}
+
+fn direct_io_from_maps_with_concurrent_punches() {
     for (name, backend, _keep) in common::backends() {
         let file = file_on(backend, Strategy::InvalidateLock, 16);
         let map = file.map(0, 16 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
-        let stop = std::sync::atomic::AtomicBool::new(false);
+        let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     file.punch_hole((i % 8) * PAGE, PAGE).unwrap();
                     i += 1;
                 }
@@ -232,9 +261,160 @@ fn direct_io_from_maps_survives_concurrent_punches() {
                 assert_eq!(n, 2 * PAGE_SIZE, "{name}");
                 file.write_direct(buffer, (at as u64) * PAGE).unwrap();
             }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.store(true, Ordering::Relaxed);
         });
     }
+}
+
+/// Where the store of value `k` goes in `stores_racing_*`: page `1 + k % 7` of
+/// the map, in a band of 64 words of its own below byte 3584 (so a store moved
+/// by a page never lands where another store goes), 64 values per page.
+fn store_slot(k: usize) -> (usize, usize) {
+    let page = 1 + k % 7;
+    (page, ((page - 1) * 64 + (k / 7) % 64) * 8)
+}
+
+/// Stores `count` values from `first` through `map`, each once to its slot,
+/// spending at least `pace` on each, so that a concurrent call lands between
+/// some of them.
+fn store_values(map: &MapRegion, first: u64, count: usize, pace: Duration) {
+    for k in 0..count {
+        let started = Instant::now();
+        let (page, at) = store_slot(k);
+        map.write(page * PAGE_SIZE + at, &(first + k as u64).to_ne_bytes())
+            .unwrap();
+        while started.elapsed() < pace {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// The word at byte `at` of `bytes`.
+fn word(bytes: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// The whole file as the backend has it, read through a fresh cache.
+fn backend_bytes(backend: &Arc<dyn Backend>) -> Vec<u8> {
+    let fresh = PageCache::builder().build().unwrap();
+    let file = fresh.open(backend.clone()).unwrap();
+    let mut bytes = vec![0; file.len() as usize];
+    file.read_exact_at(&mut bytes, 0).unwrap();
+    bytes
+}
+
+/// Stores through a read-write map racing `invalidate_range` and buffered
+/// writes to the same pages are never lost: each drop holds stores back from
+/// the moment it scans for them until the page is gone, and a buffered write
+/// to a mapped page keeps the stores made to the rest of it. The storer checks
+/// each round of stores with `read_at` while the invalidations go on.
+#[test]
+fn stores_racing_invalidations_and_writes_are_never_lost() {
+    within(|| {
+        for (name, backend, _keep) in common::backends() {
+            let file = file_on(backend.clone(), Strategy::InvalidateLock, 8);
+            let map = file.map(0, 8 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
+            let (mut invalidations, mut rounds) = (0, 0);
+            std::thread::scope(|scope| {
+                let storer = scope.spawn(|| {
+                    let started = Instant::now();
+                    let mut round = 0;
+                    while round < 3 || started.elapsed() < Duration::from_millis(300) {
+                        let first = 1 + round * 1000;
+                        store_values(&map, first, 7 * 64, Duration::ZERO);
+                        for k in 0..7 * 64 {
+                            let (page, at) = store_slot(k);
+                            let mut got = [0; 8];
+                            file.read_exact_at(&mut got, (page * PAGE_SIZE + at) as u64)
+                                .unwrap();
+                            let got = u64::from_ne_bytes(got);
+                            assert_eq!(got, first + k as u64, "{name}: round {round}, store {k}");
+                        }
+                        round += 1;
+                    }
+                    round
+                });
+                let mut i = 0u64;
+                while !storer.is_finished() {
+                    file.invalidate_range(0, 8 * PAGE).unwrap();
+                    // The last 64 bytes of each page: never stored through the map.
+                    file.write_all_at(&[0xee; 8], (1 + i % 7) * PAGE + 4032)
+                        .unwrap();
+                    invalidations += 1;
+                    i += 1;
+                }
+                rounds = storer.join().unwrap();
+            });
+            file.sync_all().unwrap();
+            let backend = backend_bytes(&backend);
+            for k in 0..7 * 64 {
+                let (page, at) = store_slot(k);
+                let expect = 1 + (rounds - 1) * 1000 + k as u64;
+                let at = page * PAGE_SIZE + at;
+                assert_eq!(
+                    word(&backend, at),
+                    expect,
+                    "{name}: store {k} in the backend"
+                );
+            }
+            println!("{name}: {invalidations} invalidations raced {rounds} rounds of stores");
+        }
+    });
+}
+
+/// Stores through a read-write map racing `insert_range` and `collapse_range`
+/// are never lost: each lands either before the shift, and moves with its page
+/// (dirty), or after it, at its address. Stores go to map pages 1..8 only, so
+/// no store lands in the page a collapse removes.
+#[test]
+fn stores_racing_inserts_and_collapses_are_never_lost() {
+    within(|| {
+        for (name, backend, _keep) in common::backends() {
+            let file = file_on(backend.clone(), Strategy::InvalidateLock, 16);
+            let map = file.map(0, 8 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
+            for round in 0..40u64 {
+                let insert = round % 2 == 0;
+                let first = 1 + round * 1000;
+                // About 1.3 ms of stores; the shift comes somewhere in them.
+                let pace = Duration::from_micros(3);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| store_values(&map, first, 7 * 64, pace));
+                    std::thread::sleep(Duration::from_micros(100 * (round % 13)));
+                    if insert {
+                        file.insert_range(0, PAGE).unwrap();
+                    } else {
+                        file.collapse_range(0, PAGE).unwrap();
+                    }
+                });
+                let mut cached = vec![0; file.len() as usize];
+                file.read_exact_at(&mut cached, 0).unwrap();
+                file.sync_all().unwrap();
+                let backend = backend_bytes(&backend);
+                let mut moved_count = 0;
+                for k in 0..7 * 64 {
+                    let (page, at) = store_slot(k);
+                    let (value, here) = (first + k as u64, page * PAGE_SIZE + at);
+                    // Before the shift it moved with its page; after, it is here.
+                    let moved = if insert {
+                        here + PAGE_SIZE
+                    } else {
+                        here - PAGE_SIZE
+                    };
+                    moved_count += usize::from(word(&cached, moved) == value);
+                    for (what, bytes) in [("cache", &cached), ("backend", &backend)] {
+                        let found = [here, moved]
+                            .iter()
+                            .filter(|&&at| word(bytes, at) == value)
+                            .count();
+                        assert_eq!(found, 1, "{name} round {round}: store {k} in the {what}");
+                    }
+                }
+                if round < 2 {
+                    println!("{name} round {round}: {moved_count} of 448 stores moved");
+                }
+            }
+        }
+    });
 }
 
 fn thread_alive(name: &str) -> bool {

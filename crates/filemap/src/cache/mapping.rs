@@ -35,11 +35,16 @@ use crate::backend::Backend;
 use crate::errno::{err, fail};
 use crate::lock::{CoherenceLock, Mode, Strategy};
 use crate::map::handler::FaultHandler;
-use crate::map::memfd::View;
+use crate::map::memfd::{zap, View};
 use crate::map::region::{buffer_in_a_map, MapAccess, MapRegion};
 use crate::map::uffd::{scan_written, Userfaultfd};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Pages a fault in a read-write map maps at once: the faulting page and the
+/// cached pages after it, so a sequential first pass over cached pages costs a
+/// round trip to the handler per 16 pages, not per page.
+const FAULT_AROUND_PAGES: u64 = 16;
 
 /// The cached pages of one open file, with the `std::os::unix::fs::FileExt`
 /// calls and the range operations of `fallocate`, `ftruncate`, `O_DIRECT` and
@@ -96,7 +101,8 @@ struct UserView {
     len: usize,
     /// The file offset of the first byte.
     offset: u64,
-    /// Read-write and write-protected asynchronously: scanned for stores.
+    /// Read-write: registered as a store trap (see [`Mapping::trap_stores`])
+    /// and scanned for stores.
     tracked: bool,
 }
 
@@ -105,6 +111,19 @@ impl UserView {
     fn page_at(&self, addr: usize) -> Option<u64> {
         let at = addr.checked_sub(self.addr).filter(|&at| at < self.len)?;
         Some((self.offset + at as u64) / PAGE)
+    }
+
+    /// The part of pages `first..=last` this view shows: its first and last
+    /// page, and its address range.
+    fn span(&self, first: u64, last: u64) -> Option<(u64, u64, usize, usize)> {
+        let view_first = self.offset / PAGE;
+        let view_last = view_first + (self.len / PAGE_SIZE) as u64 - 1;
+        let (first, last) = (first.max(view_first), last.min(view_last));
+        if first > last {
+            return None;
+        }
+        let addr = self.addr + ((first - view_first) * PAGE) as usize;
+        Some((first, last, addr, ((last - first + 1) * PAGE) as usize))
     }
 }
 
@@ -168,20 +187,31 @@ impl Mapping {
         Ok(mapping)
     }
 
-    /// Serves a MISSING fault at `addr` in one of the store's views: fills the
-    /// page under Fill, as a read miss does, then wakes the toucher. Faults past
-    /// the end of file, or on pages another thread is installing, are left to the
-    /// toucher's retry (which then finds the page, or gets `SIGBUS`).
+    /// Serves a fault at `addr` in one of the store's views (MISSING, or MINOR
+    /// in a read-write map): fills the page under Fill if it is absent, as a
+    /// read miss does; in a read-write map, maps it there (and the cached pages
+    /// after it) under their page locks; then wakes the toucher. Faults past the
+    /// end of file, or on pages another thread is installing or dropping, are
+    /// left to the toucher's retry (which then finds the page, or gets `SIGBUS`).
     pub(crate) fn serve_fault(&self, addr: usize, thread: u32) {
         let page_addr = addr & !(PAGE_SIZE - 1);
         let internal = self.store.page_at(addr);
-        let index = internal.or_else(|| {
-            let maps = self.maps.read();
-            maps.iter().find_map(|view| view.page_at(addr))
-        });
+        let user_view = match internal {
+            Some(_) => None,
+            None => {
+                let maps = self.maps.read();
+                maps.iter()
+                    .find(|view| view.page_at(addr).is_some())
+                    .copied()
+            }
+        };
+        let index = internal.or_else(|| user_view.and_then(|view| view.page_at(addr)));
         if let Some(index) = index {
             if index * PAGE < self.len() {
                 self.fault_in(index);
+                if let Some(view) = user_view.filter(|view| view.tracked) {
+                    self.map_into_view(&view, index, page_addr);
+                }
             } else if internal.is_some() {
                 // An optimistic reader that lost a race with a truncate.
                 self.install_zeroes_past_end(index);
@@ -208,7 +238,9 @@ impl Mapping {
     /// [`PAGE_SIZE`], as a [`MapRegion`] shared with this cache (see its docs).
     /// The range may reach past the end of file, as with `mmap`: touching a page
     /// wholly past it raises `SIGBUS`. `EINVAL` for a misaligned or empty range;
-    /// `EOVERFLOW` past [`Mapping::max_file_size`].
+    /// `EOVERFLOW` past [`Mapping::max_file_size`]; `EOPNOTSUPP` for a
+    /// read-write map on a kernel that cannot track stores through it (without
+    /// userfaultfd's `MINOR_SHMEM` and `WP_ASYNC`).
     pub fn map(
         self: &Arc<Self>,
         offset: u64,
@@ -223,13 +255,18 @@ impl Mapping {
         if end > self.max_size {
             return fail(libc::EOVERFLOW);
         }
-        let writable = access == MapAccess::ReadWrite;
-        let view = View::new(self.store.memfd(), offset, len, writable)?;
-        let tracked = writable && self.uffd.has_wp_async();
-        self.uffd.register(view.addr(), view.len(), tracked)?;
+        let tracked = access == MapAccess::ReadWrite;
+        if tracked && !self.uffd.has_store_trap() {
+            // Stores could be neither tracked nor held back: they would be lost.
+            return fail(libc::EOPNOTSUPP);
+        }
+        let view = View::new(self.store.memfd(), offset, len, tracked)?;
         if tracked {
+            self.uffd.register_store_trap(view.addr(), view.len())?;
             // Arms write tracking over the whole view, pages present or not.
             scan_written(view.addr(), view.len())?;
+        } else {
+            self.uffd.register(view.addr(), view.len(), false)?;
         }
         self.maps.write().push(UserView {
             addr: view.addr(),
@@ -346,14 +383,9 @@ impl Mapping {
         if !view.tracked {
             return;
         }
-        let view_first = view.offset / PAGE;
-        let view_last = view_first + (view.len / PAGE_SIZE) as u64 - 1;
-        let (first, last) = (first.max(view_first), last.min(view_last));
-        if first > last {
+        let Some((_, _, addr, len)) = view.span(first, last) else {
             return;
-        }
-        let addr = view.addr + ((first - view_first) * PAGE) as usize;
-        let len = ((last - first + 1) * PAGE) as usize;
+        };
         let Ok(written) = scan_written(addr, len) else {
             return;
         };
@@ -376,6 +408,87 @@ impl Mapping {
                     });
                 }
             }
+        }
+    }
+
+    /// Holds back stores through the user's read-write maps to `pages` (sorted;
+    /// the caller holds their page locks) and marks dirty those stored to since
+    /// the last scan. The maps' entries for the pages are zapped first, so a
+    /// store from then on faults (MINOR) and waits in the handler for the page
+    /// lock; the scan after the zap still reports what was written before it
+    /// (a written entry is left empty, which a scan reports). Until the pages
+    /// are unlocked, their bytes and `DIRTY` flags are final, so a drop can
+    /// write them back and punch them without losing a store.
+    #[allow(unsafe_code)] // the zap, on views this mapping keeps track of
+    fn trap_stores(&self, pages: &[u64]) {
+        let maps = self.maps.read();
+        if !maps.iter().any(|view| view.tracked) {
+            return;
+        }
+        let _scanning = self.scanning.lock();
+        for view in maps.iter().filter(|view| view.tracked) {
+            for run in pages.chunk_by(|a, b| *b == *a + 1) {
+                let Some((first, last, addr, len)) = view.span(run[0], run[run.len() - 1]) else {
+                    continue;
+                };
+                // SAFETY: the range is inside a live view: a view stays mapped
+                // while it is in `maps`, whose read lock is held (`forget_map`
+                // removes it under the write lock before its region unmaps it).
+                // A zap that fails leaves entries mapped; the scan below still
+                // reports the stores made so far.
+                let _ = unsafe { zap(addr, len) };
+                self.mark_stores_dirty(view, first, last);
+            }
+        }
+    }
+
+    /// Maps page `index` into the read-write map `view` at `page_addr`, with the
+    /// cached pages after it up to [`FAULT_AROUND_PAGES`] (`UFFDIO_CONTINUE`,
+    /// write-protected so stores stay tracked), each under its page lock: a
+    /// drop that has zapped a page keeps it locked until it is punched, so no
+    /// entry comes back in between. Stops at the first page that is not cached,
+    /// is busy or lies past the end of file. Nothing is mapped if page `index`
+    /// is gone (the toucher's retry faults MISSING).
+    fn map_into_view(&self, view: &UserView, index: u64, page_addr: usize) {
+        let Some((_, view_last, _, _)) = view.span(index, index) else {
+            return;
+        };
+        let in_file = self.len().div_ceil(PAGE);
+        let last = view_last
+            .min(index + FAULT_AROUND_PAGES - 1)
+            .min(in_file.saturating_sub(1));
+        let mut locked = Vec::new();
+        'pages: for i in index..=last {
+            let Some(slot) = self.pages.get(i) else {
+                break;
+            };
+            loop {
+                let state = slot.load();
+                if !state.has(PRESENT) {
+                    break 'pages;
+                }
+                if state.has(LOCKED) {
+                    if i > index {
+                        break 'pages;
+                    }
+                    slot.wait_while(LOCKED);
+                    continue;
+                }
+                if slot.try_lock(state).is_ok() {
+                    locked.push(i);
+                    break;
+                }
+            }
+        }
+        if !locked.is_empty() {
+            // EEXIST (mapped already) or a short count leave the rest to faults.
+            let _ = self
+                .uffd
+                .continue_pages(page_addr, locked.len() * PAGE_SIZE);
+        }
+        for i in locked {
+            let slot = self.pages.get(i).expect("locked slots exist");
+            slot.update(|s| s.transition(0, LOCKED, false));
         }
     }
 
@@ -944,9 +1057,12 @@ impl Mapping {
     /// memfd cannot move a page, so the data is copied into a new page there and
     /// the old one removed. Its budget goes with it.
     fn move_page(&self, index: u64, source: &Slot, target: u64) {
-        let Some(state) = self.lock_for_change(source) else {
+        if self.lock_for_change(source).is_none() {
             return;
-        };
+        }
+        // Stores through maps to the old place move with the page.
+        self.trap_stores(&[index]);
+        let state = source.load();
         let mut data = vec![0; PAGE_SIZE];
         self.store.read(index, 0, &mut data);
         let slot = self.pages.get_or_create(target);
@@ -1204,7 +1320,9 @@ impl Mapping {
                     return Ok(());
                 }
                 // A map shows this page: replace it whole, so that no map reader
-                // sees the write half done.
+                // sees the write half done, with the stores made through maps so
+                // far and none lost in between.
+                self.trap_stores(&[index]);
                 let mut page = vec![0; PAGE_SIZE];
                 self.store.read(index, 0, &mut page);
                 page[in_page..in_page + src.len()].copy_from_slice(src);
@@ -1313,6 +1431,23 @@ impl Mapping {
                 }
             }
         });
+        if dirty == DirtyPages::WriteBack && !locked.is_empty() {
+            // Stores through maps that landed after the scan above: hold further
+            // ones back and write these back before the punch. A page that fails
+            // stays cached, dirty.
+            self.trap_stores(&locked);
+            locked.retain(|&index| {
+                let slot = self.pages.get(index).expect("locked slots exist");
+                match self.write_back_locked(index, slot) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        slot.update(|s| s.transition(0, LOCKED, false));
+                        first_error.get_or_insert(error);
+                        false
+                    }
+                }
+            });
+        }
         // One punch per run of consecutive locked pages: never over a page this
         // call did not lock (one filled meanwhile would lose its data while its
         // state still says present).
@@ -1414,6 +1549,21 @@ impl Mapping {
             });
             return written;
         }
+    }
+
+    /// Writes page `index`, which the caller locked, to the backend if it is
+    /// dirty, and marks it clean.
+    fn write_back_locked(&self, index: u64, slot: &Slot) -> io::Result<()> {
+        if !slot.load().has(DIRTY) {
+            return Ok(());
+        }
+        if index * PAGE < self.len() {
+            let mut data = vec![0; PAGE_SIZE];
+            self.store.read(index, 0, &mut data);
+            self.backend.write_pages(index, &data)?;
+        }
+        slot.update(|s| s.transition(0, DIRTY, false));
+        Ok(())
     }
 
     fn cache_full(&self) -> io::Error {

@@ -88,13 +88,15 @@ fn serve(uffd: &Userfaultfd, stop: &EventFd, mapping: &Weak<Mapping>) {
         }
         for event in &events {
             match *event {
-                Event::Missing { addr, thread, .. } => match mapping.upgrade() {
-                    Some(mapping) => mapping.serve_fault(addr, thread),
-                    // The mapping is going away: let the toucher retry.
-                    None => {
-                        let _ = uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE);
+                Event::Missing { addr, thread, .. } | Event::Minor { addr, thread, .. } => {
+                    match mapping.upgrade() {
+                        Some(mapping) => mapping.serve_fault(addr, thread),
+                        // The mapping is going away: let the toucher retry.
+                        None => {
+                            let _ = uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE);
+                        }
                     }
-                },
+                }
                 Event::WriteProtect { addr } => {
                     let _ = uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE);
                 }

@@ -174,6 +174,28 @@ impl View {
     }
 }
 
+/// `madvise(addr, len, MADV_DONTNEED)` on part of a view: removes the view's
+/// page-table entries there, leaving the file's pages alone, so the next touch
+/// through the view faults again (MINOR where the file has the page, MISSING
+/// where it does not, for a view registered so). In a view tracked by
+/// asynchronous write protection, a page written since the last scan is left
+/// with an empty entry, which the next scan reports as written, and a protected
+/// one keeps a marker (test `zap_keeps_stores_reported_and_traps_later_ones`).
+///
+/// # Safety
+/// `addr..addr + len` (page-aligned) must lie inside a live [`View`] for the
+/// whole call: on other memory, `MADV_DONTNEED` would discard anonymous data.
+pub(crate) unsafe fn zap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the range is part of a live view (caller's contract): a
+    // MAP_SHARED mapping of a memfd, whose data stays in the file, so dropping
+    // the entries loses nothing and nothing Rust owns is touched.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Drop for View {
     /// `munmap(addr, len)`. Unmapping a userfaultfd-registered range
     /// unregisters it; with no `EVENT_UNMAP` requested it never waits for the

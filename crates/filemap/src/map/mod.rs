@@ -1,6 +1,7 @@
 //! Memory maps: a mapping's mapped pages live in a memfd at their file offsets;
 //! user maps are `MAP_SHARED` views of it whose absent pages are filled on first
-//! touch through userfaultfd (MISSING), from the cache or the backend.
+//! touch through userfaultfd (MISSING), from the cache or the backend. Read-write
+//! maps are also registered MINOR, so that a drop can hold their stores back.
 //!
 //! `memfd.rs` and `uffd.rs` are the kernel interfaces. What follows is why this
 //! design was chosen: the kernel behaviour it relies on, each point proved by a
@@ -52,9 +53,9 @@
 //!   the child has no view. (test `shrink_below_mapped_page_is_sigbus`)
 //!
 //! # Write tracking (`UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`)
-//! The handshake asks for `MISSING_SHMEM | WP_HUGETLBFS_SHMEM | WP_UNPOPULATED |
-//! WP_ASYNC`; this kernel offers all of them (0x1ffff) and grants them together
-//! (0xb020), on one userfaultfd also used for MISSING. A view registered
+//! The handshake asks for `MISSING_SHMEM | MINOR_SHMEM | WP_HUGETLBFS_SHMEM |
+//! WP_UNPOPULATED | WP_ASYNC`; this kernel offers all of them (0x1ffff) and
+//! grants them together (0xb520), on one userfaultfd also used for MISSING. A view registered
 //! `MISSING | WP` then behaves as follows ("protected" is the uffd-wp bit of
 //! *that view's* pte, or a uffd-wp marker in an empty pte):
 //! - A store to a protected page does not block: the kernel unprotects the pte
@@ -79,11 +80,32 @@
 //!   scan has an unprotected empty pte: the next scan reports it (its data is
 //!   gone) and re-protects it. So a store is never missed: every unprotected
 //!   pte is reported. (test `wp_async_tracking_survives_punch`)
-//! - Consequence for eviction: with async WP nothing stops a store landing
-//!   between the scan that finds a page clean and the punch that evicts it; that
-//!   store is lost. The scan after the punch reports the page, so the loss can be
-//!   detected, not prevented. Evicting pages of writable user views needs
-//!   another rule (do not evict them, or use synchronous WP for such views).
+//! - Consequence: with async WP alone nothing stops a store landing between
+//!   the scan that finds a page clean and the punch that drops it; that store
+//!   is lost. The scan after the punch reports the page, so the loss can be
+//!   detected, not prevented. Hence the store trap below.
+//!
+//! # Holding stores back (`MINOR_SHMEM` + zap)
+//! Read-write views are registered `MISSING | WP | MINOR`; the cache's own
+//! views and read-only maps `MISSING` only. On such a view:
+//! - A touch of a page the file has but the view does not map is a MINOR fault
+//!   (a load's or a store's); `UFFDIO_CONTINUE` with `MODE_WP` maps the file's
+//!   page write-protected, so a read is not reported as a store and a store is.
+//!   A page the file lacks still raises MISSING, and `CONTINUE` there is
+//!   `EFAULT`. (test `minor_faults_on_present_pages_and_continue_keeps_tracking`)
+//! - `MADV_DONTNEED` on the view zaps its entries and leaves the file's pages:
+//!   a written entry becomes empty, which the next scan still reports, and a
+//!   protected one keeps its marker. A store after the zap blocks in a MINOR
+//!   fault until the handler answers; if the page was punched meanwhile,
+//!   `CONTINUE` fails with `EFAULT`, and the woken toucher faults MISSING and
+//!   stores into the new page. (test `zap_keeps_stores_reported_and_traps_later_ones`)
+//! - So a drop that must keep stores (write back, then punch; a move by
+//!   collapse or insert; a buffered write replacing a mapped page) locks the
+//!   page, zaps it from the read-write views, scans, and only then reads it:
+//!   later stores wait in the handler, which maps pages only under their page
+//!   lock, until the page is unlocked. The price is one round trip per first
+//!   touch of a cached page through a read-write map, with the next 15 cached
+//!   pages mapped by the same round trip.
 //!
 //! # Cost (test `fault_round_trip`, printed; 2 vCPUs, a firecracker VM)
 //! One 4 KiB fault served by a handler sleeping in `poll` on the other vCPU:

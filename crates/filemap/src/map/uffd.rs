@@ -57,6 +57,12 @@ const UFFDIO_WRITEPROTECT: libc::Ioctl = ioc(
     0x06,
     size_of::<UffdioWriteprotect>(),
 );
+const UFFDIO_CONTINUE: libc::Ioctl = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x07,
+    size_of::<UffdioContinue>(),
+);
 const PAGEMAP_SCAN: libc::Ioctl = ioc(
     IOC_READ | IOC_WRITE,
     b'f' as u32,
@@ -72,6 +78,7 @@ const _: () = {
     assert!(UFFDIO_WAKE == 0x8010_aa02);
     assert!(UFFDIO_COPY == 0xc028_aa03);
     assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+    assert!(UFFDIO_CONTINUE == 0xc020_aa07);
     assert!(USERFAULTFD_IOC_NEW == 0xaa00);
     assert!(PAGEMAP_SCAN == 0xc060_6610);
 };
@@ -82,6 +89,9 @@ pub(crate) const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 pub(crate) const FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `UFFD_FEATURE_MISSING_SHMEM`: MISSING faults on shmem (memfd) ranges.
 pub(crate) const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_MINOR_SHMEM`: MINOR faults on shmem ranges (a touch of a
+/// page the file has but the view does not map yet).
+pub(crate) const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write protection on shmem ranges.
 pub(crate) const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// `UFFD_FEATURE_WP_UNPOPULATED`: write protection applies to unpopulated ptes.
@@ -96,6 +106,7 @@ pub(crate) const FEATURE_WP_ASYNC: u64 = 1 << 15;
 /// No `EVENT_*` feature: with those, `munmap`, `madvise` and `mremap` of a
 /// registered range block until the handler reads the event.
 pub(crate) const WANTED_FEATURES: u64 = FEATURE_MISSING_SHMEM
+    | FEATURE_MINOR_SHMEM
     | FEATURE_WP_HUGETLBFS_SHMEM
     | FEATURE_WP_UNPOPULATED
     | FEATURE_WP_ASYNC
@@ -103,11 +114,15 @@ pub(crate) const WANTED_FEATURES: u64 = FEATURE_MISSING_SHMEM
 
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 /// Bit of `uffdio_register.ioctls`: `1 << _UFFDIO_COPY`.
 const UFFDIO_COPY_AVAILABLE: u64 = 1 << 0x03;
+/// Bit of `uffdio_register.ioctls`: `1 << _UFFDIO_CONTINUE`.
+const UFFDIO_CONTINUE_AVAILABLE: u64 = 1 << 0x07;
 
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
@@ -148,6 +163,13 @@ struct UffdioCopy {
     len: u64,
     mode: u64,
     copy: i64,
+}
+
+#[repr(C)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
 }
 
 #[repr(C)]
@@ -219,10 +241,17 @@ pub(crate) enum Event {
         write: bool,
         thread: u32,
     },
+    /// A touch of a page the file has but the view does not map, through a
+    /// view registered MINOR (fields as for `Missing`).
+    Minor {
+        addr: usize,
+        write: bool,
+        thread: u32,
+    },
     /// A store to a write-protected page (only without `WP_ASYNC`, which
     /// resolves these in the kernel).
     WriteProtect { addr: usize },
-    /// Any other message (minor faults, events of features not requested).
+    /// Any other message (events of features not requested).
     Other,
 }
 
@@ -280,18 +309,43 @@ impl Userfaultfd {
         self.features & needed == needed
     }
 
+    /// Whether stores through a view can be both tracked and held back: write
+    /// protection in the asynchronous mode plus MINOR faults on shmem, for
+    /// [`Userfaultfd::register_store_trap`].
+    pub fn has_store_trap(&self) -> bool {
+        self.has_wp_async() && self.features & FEATURE_MINOR_SHMEM != 0
+    }
+
     /// `ioctl(uffd, UFFDIO_REGISTER, &uffdio_register)` with
     /// `UFFDIO_REGISTER_MODE_MISSING`, plus `UFFDIO_REGISTER_MODE_WP` if
     /// `write_protect`. `addr` and `len` are page-aligned and cover whole
     /// mappings of shmem (or parts of them: the kernel splits the mapping).
     /// Fails with `EINVAL` if the kernel would not allow `UFFDIO_COPY` there.
     pub fn register(&self, addr: usize, len: usize, write_protect: bool) -> io::Result<()> {
-        let mode = UFFDIO_REGISTER_MODE_MISSING
-            | if write_protect {
-                UFFDIO_REGISTER_MODE_WP
-            } else {
-                0
-            };
+        let wp = if write_protect {
+            UFFDIO_REGISTER_MODE_WP
+        } else {
+            0
+        };
+        self.register_modes(addr, len, UFFDIO_REGISTER_MODE_MISSING | wp)
+    }
+
+    /// [`Userfaultfd::register`] with `MISSING | WP | MINOR`: besides MISSING
+    /// faults, stores are tracked (asynchronous WP) and a touch of a page the
+    /// file has but the view does not map raises a MINOR fault, which
+    /// [`Userfaultfd::continue_pages`] resolves. So after the view's entries for
+    /// a page are zapped ([`super::memfd::zap`]), no store reaches that page
+    /// through the view until the handler lets it. Needs
+    /// [`Userfaultfd::has_store_trap`].
+    pub fn register_store_trap(&self, addr: usize, len: usize) -> io::Result<()> {
+        self.register_modes(
+            addr,
+            len,
+            UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MINOR,
+        )
+    }
+
+    fn register_modes(&self, addr: usize, len: usize, mode: u64) -> io::Result<()> {
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: addr as u64,
@@ -304,7 +358,13 @@ impl Userfaultfd {
         // in it is checked by the kernel against our mappings and only changes
         // how faults in it are handled.
         unsafe { ioctl(self.fd.as_fd(), UFFDIO_REGISTER, &mut reg) }?;
-        if reg.ioctls & UFFDIO_COPY_AVAILABLE == 0 {
+        let needed = UFFDIO_COPY_AVAILABLE
+            | if mode & UFFDIO_REGISTER_MODE_MINOR != 0 {
+                UFFDIO_CONTINUE_AVAILABLE
+            } else {
+                0
+            };
+        if reg.ioctls & needed != needed {
             let _ = self.unregister(addr, len);
             return Err(errno(libc::EINVAL));
         }
@@ -370,6 +430,29 @@ impl Userfaultfd {
             Ok(_) => Ok(len),
             // A partial copy fails with EAGAIN but reports the bytes copied.
             Err(_) if arg.copy > 0 => Ok(arg.copy as usize),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `ioctl(uffd, UFFDIO_CONTINUE, &uffdio_continue)` with
+    /// `UFFDIO_CONTINUE_MODE_WP`: maps the pages the file already has at
+    /// `addr..addr + len` (page-aligned, in a range registered MINOR) into that
+    /// view, write-protected so that stores stay tracked, and wakes the range.
+    /// Returns the bytes mapped: `len`, or a positive short count if a later
+    /// page failed. Errors: `EEXIST` if the first page is already mapped there;
+    /// `EFAULT` if the file does not have it (it was punched: wake the range, and
+    /// the toucher's retry faults MISSING). A failure wakes no one.
+    pub fn continue_pages(&self, addr: usize, len: usize) -> io::Result<usize> {
+        let mut arg = UffdioContinue {
+            range: range(addr, len),
+            mode: UFFDIO_CONTINUE_MODE_WP,
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE takes a `struct uffdio_continue`; it maps
+        // pages the memfd already holds into our registered range only.
+        match unsafe { ioctl(self.fd.as_fd(), UFFDIO_CONTINUE, &mut arg) } {
+            Ok(_) => Ok(len),
+            Err(_) if arg.mapped > 0 => Ok(arg.mapped as usize),
             Err(e) => Err(e),
         }
     }
@@ -446,16 +529,22 @@ fn parse_msg(msg: &[u8]) -> Event {
         return Event::Other;
     }
     let (flags, addr) = (word(8), word(16) as usize);
+    let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
+    // `pagefault.feat.ptid`, right after the address.
+    let thread = u32::from_ne_bytes(msg[24..28].try_into().expect("4 bytes"));
     if flags & UFFD_PAGEFAULT_FLAG_MINOR != 0 {
-        Event::Other
+        Event::Minor {
+            addr,
+            write,
+            thread,
+        }
     } else if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
         Event::WriteProtect { addr }
     } else {
         Event::Missing {
             addr,
-            write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-            // `pagefault.feat.ptid`, right after the address.
-            thread: u32::from_ne_bytes(msg[24..28].try_into().expect("4 bytes")),
+            write,
+            thread,
         }
     }
 }
@@ -925,6 +1014,11 @@ mod tests {
     fn without_thread(event: Event) -> Event {
         match event {
             Event::Missing { addr, write, .. } => missing(addr, write),
+            Event::Minor { addr, write, .. } => Event::Minor {
+                addr,
+                write,
+                thread: 0,
+            },
             other => other,
         }
     }
@@ -1381,6 +1475,162 @@ mod tests {
         // The same for a page refilled through a MISSING fault.
         assert!(fault_read.is_empty());
         assert_eq!(fault_store, pages(u, &[2]));
+    }
+
+    /// A memfd of `pages` pages with a user view registered as a store trap
+    /// (`MISSING | WP | MINOR`) and armed, and an install view registered
+    /// MISSING only, as the cache registers them; `None` without the features.
+    fn trap_setup(pages: usize) -> Option<Setup> {
+        let memfd = Memfd::new("filemap-test").unwrap();
+        memfd.set_len((pages * P) as u64).unwrap();
+        let uffd = Userfaultfd::new().unwrap();
+        if !uffd.has_store_trap() {
+            println!("MINOR_SHMEM or WP_ASYNC not granted: store trap tests skipped");
+            return None;
+        }
+        let user = View::new(&memfd, 0, pages * P, true).unwrap();
+        let install = View::new(&memfd, 0, pages * P, true).unwrap();
+        uffd.register_store_trap(user.addr(), user.len()).unwrap();
+        uffd.register(install.addr(), install.len(), false).unwrap();
+        scan_written(user.addr(), user.len()).unwrap(); // arm
+        Some(Setup {
+            memfd: Arc::new(memfd),
+            uffd: Arc::new(uffd),
+            user,
+            install,
+        })
+    }
+
+    /// Waits at most 10 s for one fault event.
+    fn next_event(uffd: &Userfaultfd) -> Event {
+        let stop = EventFd::new().unwrap();
+        let mut events = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let ready = wait_readable(uffd.as_fd(), stop.as_fd(), Some(Duration::from_millis(100)));
+            if matches!(ready, Ok(Readiness::Fd)) && uffd.read_events(&mut events).unwrap() > 0 {
+                assert_eq!(events.len(), 1, "one fault at a time: {events:?}");
+                return without_thread(events[0]);
+            }
+        }
+        panic!("no fault event within 10 s");
+    }
+
+    fn minor(addr: usize, write: bool) -> Event {
+        Event::Minor {
+            addr,
+            write,
+            thread: 0,
+        }
+    }
+
+    /// Test 8, the store trap: on a view registered `MISSING | WP | MINOR`,
+    /// a touch of a page the file has (installed through the install view) but
+    /// the view does not map is a MINOR fault, a read's and a store's alike;
+    /// `UFFDIO_CONTINUE` with `MODE_WP` maps it protected, so a read is not
+    /// reported as a store and a store is. MISSING faults still come for pages
+    /// the file lacks. All three modes coexist on one shmem view.
+    #[test]
+    fn minor_faults_on_present_pages_and_continue_keeps_tracking() {
+        let Some(s) = trap_setup(4) else { return };
+        let (u, len, i) = (s.user.addr(), s.user.len(), s.install.addr());
+        let data = [page(1), page(2)].concat();
+        install(&s.uffd, i, &data, false).unwrap(); // pages 0 and 1, not mapped in u
+        let reader = thread::spawn(move || load(u));
+        assert_eq!(next_event(&s.uffd), minor(u, false));
+        assert_eq!(s.uffd.continue_pages(u, P).unwrap(), P); // wakes the reader
+        assert_eq!(reader.join().unwrap(), 1);
+        let storer = thread::spawn(move || store(u + P, 20));
+        assert_eq!(next_event(&s.uffd), minor(u + P, true));
+        s.uffd.continue_pages(u + P, P).unwrap();
+        storer.join().unwrap();
+        assert_eq!(
+            scan_written(u, len).unwrap(),
+            pages(u, &[1]),
+            "the read of page 0 is not a store; the store to page 1 is"
+        );
+        in_thread(move || store(u, 10)); // mapped now: no fault
+        assert_eq!(scan_written(u, len).unwrap(), pages(u, &[0]));
+        assert_eq!(
+            s.uffd.continue_pages(u, P).unwrap_err().raw_os_error(),
+            Some(libc::EEXIST)
+        );
+        // Page 2 is not in the file: MISSING, and CONTINUE there is EFAULT.
+        let toucher = thread::spawn(move || load(u + 2 * P));
+        assert_eq!(next_event(&s.uffd), missing(u + 2 * P, false));
+        assert_eq!(
+            s.uffd
+                .continue_pages(u + 2 * P, P)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EFAULT)
+        );
+        install_page(&s.uffd, i + 2 * P, 3).unwrap();
+        // Installed through the install view: the toucher's view now needs a
+        // CONTINUE (which also wakes it), or it faults MINOR on its retry.
+        s.uffd.continue_pages(u + 2 * P, P).unwrap();
+        assert_eq!(toucher.join().unwrap(), 3);
+        assert!(scan_written(u, len).unwrap().is_empty());
+    }
+
+    /// Test 8, holding stores back: zapping a tracked view's entries of a page
+    /// (`MADV_DONTNEED`) keeps what was written reported (the written entry is
+    /// left empty, which the next scan reports; a protected one keeps its
+    /// marker), and a later store through the view blocks in a MINOR fault until
+    /// the handler answers. If the page was punched meanwhile, `CONTINUE` fails
+    /// with `EFAULT`; the toucher, woken, faults MISSING and stores into the new
+    /// page. This is the drop sequence: lock, zap, scan, write back, punch.
+    #[test]
+    fn zap_keeps_stores_reported_and_traps_later_ones() {
+        let Some(s) = trap_setup(4) else { return };
+        let (u, len, i) = (s.user.addr(), s.user.len(), s.install.addr());
+        let data = (0..4).map(|p| page(p + 1)).collect::<Vec<_>>().concat();
+        install(&s.uffd, i, &data, false).unwrap();
+        s.uffd.continue_pages(u, 4 * P).unwrap();
+        in_thread(move || {
+            store(u + P, 20);
+            assert_eq!(load(u + 2 * P), 3);
+        });
+        // SAFETY: the range is the user view, alive for the whole test.
+        unsafe { crate::map::memfd::zap(u, len) }.unwrap();
+        assert_eq!(
+            present(u, len),
+            Vec::<Range<usize>>::new(),
+            "zapped from the view"
+        );
+        assert!(s.memfd.page_present(P as u64).unwrap(), "still in the file");
+        assert_eq!(scan_written(u, len).unwrap(), pages(u, &[1]));
+        // A store now waits in a MINOR fault: it does not reach the file.
+        let done = Arc::new(AtomicBool::new(false));
+        let storer = thread::spawn({
+            let done = Arc::clone(&done);
+            move || {
+                store(u + 2 * P, 30);
+                done.store(true, Ordering::SeqCst);
+            }
+        });
+        assert_eq!(next_event(&s.uffd), minor(u + 2 * P, true));
+        thread::sleep(Duration::from_millis(50));
+        assert!(!done.load(Ordering::SeqCst), "the store is held back");
+        assert!(file_page(&s.memfd, 2) == page(3));
+        // The page is dropped meanwhile; the handler's CONTINUE finds it gone.
+        s.memfd.punch(2 * P as u64, P as u64).unwrap();
+        assert_eq!(
+            s.uffd
+                .continue_pages(u + 2 * P, P)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EFAULT)
+        );
+        s.uffd.wake(u + 2 * P, P).unwrap();
+        assert_eq!(next_event(&s.uffd), missing(u + 2 * P, true));
+        install_page(&s.uffd, i + 2 * P, 7).unwrap();
+        s.uffd.continue_pages(u + 2 * P, P).unwrap();
+        storer.join().unwrap();
+        let mut expect = page(7);
+        expect[..8].copy_from_slice(&30u64.to_ne_bytes());
+        assert!(file_page(&s.memfd, 2) == expect, "stored into the new page");
+        assert_eq!(scan_written(u, len).unwrap(), pages(u, &[2]));
     }
 
     /// Test 7: shrinking the file below a mapped page makes a touch there
