@@ -662,6 +662,132 @@ impl Mapping {
         Ok(())
     }
 
+    /// [`Mapping::read_at`] that never waits, like `preadv2` with `RWF_NOWAIT`
+    /// (the kernel's `IOCB_NOWAIT`): it copies what cached pages hold from
+    /// `offset` on and stops at the first page that would need a backend read
+    /// or is busy (being filled, written or dropped), or if the coherence mode
+    /// it needs is held by someone else. Returns the bytes copied (0 at or past
+    /// the end of file), or `ErrorKind::WouldBlock` if it could copy none; it
+    /// never fills, so a call that would block changes nothing.
+    ///
+    /// ```
+    /// use std::io::ErrorKind;
+    /// use std::sync::Arc;
+    /// use filemap::{MemDevice, PageCache, Volume};
+    ///
+    /// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+    /// let cache = PageCache::builder().build()?;
+    /// let file = cache.open(Arc::new(volume.create_file("log")?))?;
+    /// file.write_all_at(&[7; 8192], 0)?;
+    /// file.invalidate_range(4096, 4096)?; // page 1 now needs a backend read
+    /// let mut buf = [0u8; 8192];
+    /// assert_eq!(file.read_at_nowait(&mut buf, 0)?, 4096); // page 0 only
+    /// let error = file.read_at_nowait(&mut buf, 4096).unwrap_err();
+    /// assert_eq!(error.kind(), ErrorKind::WouldBlock);
+    /// assert_eq!(file.read_at(&mut buf, 4096)?, 4096); // this one may wait
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.check_live()?;
+        let end = end_of(offset, buf.len())?;
+        let size = self.len();
+        if offset >= size {
+            return Ok(0);
+        }
+        let len = (end.min(size) - offset) as usize;
+        let Some(read) = self.lock.try_lock(Mode::Read, offset..end) else {
+            return would_block();
+        };
+        // As in `read_at`: a buffer in a map is written after the lock is gone.
+        let copied = if read.is_locking() && buffer_in_a_map(buf.as_ptr(), len) {
+            let mut bounce = vec![0; len];
+            let n = self.read_cached_nowait(&mut bounce, offset);
+            drop(read);
+            buf[..n].copy_from_slice(&bounce[..n]);
+            n
+        } else {
+            self.read_cached_nowait(&mut buf[..len], offset)
+        };
+        if copied == 0 {
+            return would_block();
+        }
+        Ok(copied)
+    }
+
+    /// Copies from cached pages into `dst` up to the first page that is not a hit.
+    fn read_cached_nowait(&self, dst: &mut [u8], offset: u64) -> usize {
+        let mut done = 0;
+        while done < dst.len() {
+            let pos = offset + done as u64;
+            let (index, in_page) = (pos / PAGE, (pos % PAGE) as usize);
+            let take = (PAGE_SIZE - in_page).min(dst.len() - done);
+            let hit = self.pages.get(index).is_some_and(|slot| {
+                self.read_hit(slot, index, in_page, &mut dst[done..done + take])
+            });
+            if !hit {
+                break;
+            }
+            done += take;
+        }
+        done
+    }
+
+    /// [`Mapping::write_at`] that never waits, like `pwritev2` with
+    /// `RWF_NOWAIT`: it writes into cached pages from `offset` on and stops at
+    /// the first page that is not cached (writing part of it would need a
+    /// backend read, and a new page may need memory the budget does not have),
+    /// is busy, or lies past the end of file (growing the file changes the
+    /// backend), or if the coherence mode it needs is held by someone else.
+    /// Returns the bytes written, or `ErrorKind::WouldBlock` if it wrote none
+    /// (then nothing changed).
+    pub fn write_at_nowait(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.check_live()?;
+        let end = end_of(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if end > self.max_size {
+            return fail(libc::EFBIG);
+        }
+        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+            let bounce: Vec<u8> = buf.to_vec();
+            return self.write_at_nowait(&bounce, offset);
+        }
+        let Some(_write) = self.lock.try_lock(Mode::Write, offset..end) else {
+            return would_block();
+        };
+        let size = self.len();
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (index, in_page) = (pos / PAGE, (pos % PAGE) as usize);
+            let take = (PAGE_SIZE - in_page).min(buf.len() - done);
+            if pos + take as u64 > size {
+                break;
+            }
+            let Some(slot) = self.pages.get(index) else {
+                break;
+            };
+            let state = slot.load();
+            if !state.has(PRESENT) || !state.is_readable() || slot.try_lock(state).is_err() {
+                break;
+            }
+            if let Err(error) =
+                self.write_locked_page(index, slot, in_page, &buf[done..done + take])
+            {
+                if done == 0 {
+                    return Err(error);
+                }
+                break;
+            }
+            done += take;
+        }
+        if done == 0 {
+            return would_block();
+        }
+        Ok(done)
+    }
+
     /// Writes `buf` at `offset` into the cache, like `pwrite`, extending the
     /// file if it ends past the end of file. Returns `buf.len()`, or fewer if an
     /// error stopped it after some bytes were written; the file grows page by page
@@ -1314,19 +1440,7 @@ impl Mapping {
                     slot.update(|s| s.transition(0, LOCKED, false));
                     return Err(error);
                 }
-                if !self.page_is_mapped(index) {
-                    self.store.write(index, in_page, src);
-                    slot.update(|s| s.transition(DIRTY, LOCKED, true));
-                    return Ok(());
-                }
-                // A map shows this page: replace it whole, so that no map reader
-                // sees the write half done, with the stores made through maps so
-                // far and none lost in between.
-                self.trap_stores(&[index]);
-                let mut page = vec![0; PAGE_SIZE];
-                self.store.read(index, 0, &mut page);
-                page[in_page..in_page + src.len()].copy_from_slice(src);
-                return self.replace_locked_page(index, slot, &page);
+                return self.write_locked_page(index, slot, in_page, src);
             }
             if !whole && !zeroes_below {
                 // A partial write into data we do not have: read the page first.
@@ -1357,6 +1471,30 @@ impl Mapping {
             slot.update(|s| s.transition(PRESENT | UPTODATE | DIRTY, LOCKED, true));
             return Ok(());
         }
+    }
+
+    /// Writes `src` at `in_page` into cached page `index`, which the caller
+    /// locked, and unlocks it dirty.
+    fn write_locked_page(
+        &self,
+        index: u64,
+        slot: &Slot,
+        in_page: usize,
+        src: &[u8],
+    ) -> io::Result<()> {
+        if !self.page_is_mapped(index) {
+            self.store.write(index, in_page, src);
+            slot.update(|s| s.transition(DIRTY, LOCKED, true));
+            return Ok(());
+        }
+        // A map shows this page: replace it whole, so that no map reader sees
+        // the write half done, with the stores made through maps so far and none
+        // lost in between.
+        self.trap_stores(&[index]);
+        let mut page = vec![0; PAGE_SIZE];
+        self.store.read(index, 0, &mut page);
+        page[in_page..in_page + src.len()].copy_from_slice(src);
+        self.replace_locked_page(index, slot, &page)
     }
 
     /// Removes the cache's copy of the bytes `start..end` before the backend
@@ -1602,6 +1740,14 @@ impl fmt::Debug for Mapping {
 }
 
 /// `offset + len`, or `EINVAL` if it overflows.
+/// The error of a `_nowait` call that would have to wait.
+fn would_block<T>() -> io::Result<T> {
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the call would wait for a lock, a busy page or a backend read",
+    ))
+}
+
 fn end_of(offset: u64, len: impl TryInto<u64>) -> io::Result<u64> {
     len.try_into()
         .ok()
