@@ -139,9 +139,7 @@ pub struct TortureConfig {
     /// Stop as soon as a violation is found (tests that only need one).
     pub stop_on_violation: bool,
     /// Mix stores through memory maps (`map_write`) into the operations (on by
-    /// default). The torture's other operations never drop a mapped page after
-    /// scanning it (direct writes replace mapped pages instead), so the known gap
-    /// of `invalidate_range`, collapse and insert (see DESIGN.md) is not reached.
+    /// default), racing every other kind, `invalidate` included.
     pub map_writes: bool,
 }
 

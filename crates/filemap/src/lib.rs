@@ -38,6 +38,8 @@ pub mod fault;
 pub mod lock;
 pub(crate) mod map;
 pub(crate) mod racy;
+#[doc(hidden)]
+pub mod schedule;
 pub(crate) mod sync;
 
 pub use aligned::AlignedBuf;

@@ -38,6 +38,7 @@ use crate::map::handler::FaultHandler;
 use crate::map::memfd::{zap, View};
 use crate::map::region::{buffer_in_a_map, MapAccess, MapRegion};
 use crate::map::uffd::{scan_written, Userfaultfd};
+use crate::schedule;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -194,6 +195,7 @@ impl Mapping {
     /// end of file, or on pages another thread is installing or dropping, are
     /// left to the toucher's retry (which then finds the page, or gets `SIGBUS`).
     pub(crate) fn serve_fault(&self, addr: usize, thread: u32) {
+        schedule::point();
         let page_addr = addr & !(PAGE_SIZE - 1);
         let internal = self.store.page_at(addr);
         let user_view = match internal {
@@ -948,7 +950,9 @@ impl Mapping {
             !self.page_is_mapped(i)
         })?;
         self.extend_size(end)?;
+        schedule::point();
         let written = self.backend.write_direct(offset, buf);
+        schedule::point();
         // Fills that ran during the write may hold what it replaced.
         let dropped = match written {
             Ok(()) => self
@@ -976,6 +980,7 @@ impl Mapping {
         }
         let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
         self.remove_cached_bytes(offset, end);
+        schedule::point();
         self.backend.punch_hole(offset, len)
     }
 
@@ -992,6 +997,7 @@ impl Mapping {
         }
         let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
         self.remove_cached_bytes(offset, end);
+        schedule::point();
         self.extend_size(end)?;
         self.backend.zero_range(offset, len)
     }
@@ -1022,6 +1028,7 @@ impl Mapping {
         // Not under the size lock: dropping pages waits for page locks, and a
         // writer holding a page lock may be waiting for the size lock.
         self.remove_cached_bytes(len, u64::MAX);
+        schedule::point();
         let _size = self.size_lock.lock();
         // Writers are excluded by Invalidate, so this is `len`, except under the
         // `none` strategy, where the backend must still follow the size callers see.
@@ -1258,6 +1265,7 @@ impl Mapping {
                 done += take;
                 continue;
             }
+            schedule::point();
             let rest = &mut dst[done..];
             let want = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
             let fill = if fill_held {
@@ -1358,7 +1366,9 @@ impl Mapping {
         }
 
         let mut data = vec![0; claimed.len() * PAGE_SIZE];
+        schedule::point();
         let read = self.backend.read_pages(index, &mut data);
+        schedule::point();
         // Lock every claim that survived; an emptied claim gives its budget back.
         let mut locked = Vec::with_capacity(claimed.len());
         for (i, &filling) in claimed.iter().enumerate() {
@@ -1586,6 +1596,7 @@ impl Mapping {
                 }
             });
         }
+        schedule::point();
         // One punch per run of consecutive locked pages: never over a page this
         // call did not lock (one filled meanwhile would lose its data while its
         // state still says present).
@@ -1671,6 +1682,7 @@ impl Mapping {
             let mut data = vec![0; PAGE_SIZE];
             self.store.read(index, 0, &mut data);
             slot.update(|s| s.transition(WRITEBACK, LOCKED | DIRTY, false));
+            schedule::point();
             // A page at or past the end of file has nothing to write back.
             let written = if index * PAGE < self.len() {
                 self.backend.write_pages(index, &data)
