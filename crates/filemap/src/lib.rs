@@ -44,7 +44,10 @@ pub(crate) mod sync;
 
 pub use aligned::AlignedBuf;
 pub use backend::{Backend, FaultyBackend, HostFile, Volume, VolumeFile};
-pub use cache::{Mapping, PageCache, PageCacheBuilder, PAGE_SIZE};
+pub use cache::{
+    CacheStats, EvictionPolicy, FileHandle, LockWaits, Mapping, PageCache, PageCacheBuilder,
+    PAGE_SIZE,
+};
 pub use device::{Device, FaultyDevice, FileDevice, MemDevice};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};

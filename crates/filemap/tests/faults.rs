@@ -4,12 +4,13 @@
 //! writeback keeps the page dirty so nothing acknowledged is lost, and once the
 //! fault is cleared a retry returns or stores the right data.
 
+use std::io;
 use std::sync::Arc;
 
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
 use filemap::device::{DeviceOp, Injection, Trigger};
 use filemap::{
-    AlignedBuf, FaultRule, FaultyDevice, Mapping, MemDevice, PageCache, Strategy, Volume,
+    AlignedBuf, Backend, FaultRule, FaultyDevice, Mapping, MemDevice, PageCache, Strategy, Volume,
     VolumeFile, PAGE_SIZE,
 };
 
@@ -270,8 +271,11 @@ fn failed_writeback_before_write_direct_keeps_the_dirty_data() {
         expected[20..25].copy_from_slice(b"dirty");
         assert_eq!(read_all(&fx.file), expected);
         fx.device.clear();
-        fx.file.sync_all().unwrap();
+        // The next sync writes the page back, and reports the earlier failure
+        // once (errseq: `write_direct` is not a sync).
+        assert_eio(fx.file.sync_all(), "sync_all after the failure");
         assert_eq!(backend_pages(&fx.file, 0, 2), expected);
+        fx.file.sync_all().unwrap();
     }
 }
 
@@ -340,5 +344,157 @@ fn failed_writeback_of_invalidate_range_keeps_the_page_cached_and_dirty() {
         assert_eq!(fx.file.cached_pages(), (0, 0));
         assert_eq!(read_all(&fx.file), data);
         assert_eq!(backend_pages(&fx.file, 0, 2), data);
+    }
+}
+
+/// A file of `data` on a faulty device, in a cache of `budget_pages` pages.
+fn small_fixture(strategy: Strategy, data: &[u8], budget_pages: u64) -> Fixture {
+    let device = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(8 << 20)), 7));
+    let volume = Volume::format(device.clone()).unwrap();
+    let backend = volume.create_file(NAME).unwrap();
+    let mut pages = data.to_vec();
+    pages.resize(data.len().next_multiple_of(PAGE_SIZE), 0);
+    backend.set_len(pages.len() as u64).unwrap();
+    backend.write_pages(0, &pages).unwrap();
+    backend.set_len(data.len() as u64).unwrap();
+    let cache = PageCache::builder()
+        .strategy(strategy)
+        .budget_bytes(budget_pages * PAGE)
+        .build()
+        .unwrap();
+    let file = cache.open(Arc::new(backend.clone())).unwrap();
+    Fixture {
+        device,
+        volume,
+        backend,
+        file,
+    }
+}
+
+/// With every cached page dirty and every device write failing, nothing can
+/// be evicted: a write needing a new page fails with `OutOfMemory` and changes
+/// nothing, and the failed writebacks are reported by the next sync.
+#[test]
+fn a_cache_full_of_unwritable_dirty_pages_fails_new_writes_and_changes_nothing() {
+    for strategy in STRATEGIES {
+        let data = pattern(20, 10 * PAGE_SIZE);
+        let fx = small_fixture(strategy, &data, 2);
+        fx.file.write_all_at(b"first", 10).unwrap();
+        fx.file.write_all_at(b"second", PAGE + 10).unwrap();
+        let mut expected = data.clone();
+        expected[10..15].copy_from_slice(b"first");
+        expected[PAGE_SIZE + 10..PAGE_SIZE + 16].copy_from_slice(b"second");
+        fx.device.add_rule(FaultRule::new(
+            DeviceOp::Write,
+            Trigger::Always,
+            Injection::Error(libc::EIO),
+        ));
+        // A whole page (no read needed), a partial page (read needed), and past
+        // the end of file (a failed write must not grow the file).
+        for (offset, len) in [
+            (5 * PAGE, PAGE_SIZE),
+            (7 * PAGE + 3, 10),
+            (10 * PAGE + 100, 10),
+            (100 * PAGE, PAGE_SIZE),
+        ] {
+            let error = fx.file.write_at(&vec![0xFF; len], offset).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                io::ErrorKind::OutOfMemory,
+                "{strategy:?}: {error}"
+            );
+            assert_eq!(fx.file.len(), data.len() as u64);
+            assert_eq!(fx.file.cached_pages(), (2, 2), "{strategy:?}: still dirty");
+            assert!(!fx.file.is_page_cached(offset / PAGE));
+            assert_eq!(read_all(&fx.file), expected, "{strategy:?}: unchanged");
+        }
+        fx.device.clear();
+        // The evictions' failed writebacks are reported once, and the data
+        // reaches the backend.
+        assert_eio(fx.file.sync_all(), "sync_all after failed evictions");
+        fx.file.sync_all().unwrap();
+        assert_eq!(backend_pages(&fx.file, 0, 10), expected);
+    }
+}
+
+#[test]
+fn a_short_write_grows_the_file_only_as_far_as_it_wrote() {
+    for strategy in STRATEGIES {
+        let data = pattern(21, 2 * PAGE_SIZE - 100);
+        let fx = small_fixture(strategy, &data, 2);
+        // Both pages cached and dirty, and no writeback can succeed: nothing
+        // can be evicted.
+        fx.file.write_all_at(&data, 0).unwrap();
+        fx.device.add_rule(FaultRule::new(
+            DeviceOp::Write,
+            Trigger::Always,
+            Injection::Error(libc::EIO),
+        ));
+        // The first 50 bytes land in the cached last page and grow the file to
+        // its end; the next page needs a frame the budget does not have.
+        assert_eq!(
+            fx.file.write_at(&[0xEE; 100], 2 * PAGE - 50).unwrap(),
+            50,
+            "{strategy:?}"
+        );
+        assert_eq!(fx.file.len(), 2 * PAGE, "{strategy:?}");
+        let mut tail = [0u8; 100];
+        assert_eq!(fx.file.read_at(&mut tail, 2 * PAGE - 100).unwrap(), 100);
+        assert_eq!(&tail[..50], &[0; 50], "the old tail past the end read zero");
+        assert_eq!(&tail[50..], &[0xEE; 50]);
+        fx.device.clear();
+    }
+}
+
+/// C8: a writeback failure, wherever it happens, is reported by the next sync
+/// of every handle open on the mapping, once each, and the data stays dirty
+/// until a writeback succeeds.
+#[test]
+fn a_writeback_failure_is_reported_once_to_every_handle() {
+    for strategy in STRATEGIES {
+        let data = pattern(30, 8 * PAGE_SIZE);
+        let fx = small_fixture(strategy, &data, 2);
+        let (wal, checkpoint) = (fx.file.handle(), fx.file.handle());
+        wal.write_all_at(&[0xAA; PAGE_SIZE], 0).unwrap();
+        let failing = fx.device.add_rule(FaultRule::new(
+            DeviceOp::Write,
+            Trigger::Always,
+            Injection::Error(libc::EIO),
+        ));
+        // Eviction needs page 0's frame: its writeback fails, so it stays dirty
+        // and the read of page 5 is served uncached or from the other frame.
+        let mut buf = vec![0; PAGE_SIZE];
+        checkpoint.read_exact_at(&mut buf, 5 * PAGE).unwrap();
+        checkpoint.read_exact_at(&mut buf, 6 * PAGE).unwrap();
+        assert!(
+            fx.file.is_page_cached(0),
+            "{strategy:?}: the dirty page stays"
+        );
+        assert_eq!(fx.file.cached_pages().1, 1, "{strategy:?}: still dirty");
+        // A handle opened now, while nobody has reported the error, sees it too.
+        let late = fx.file.handle();
+        fx.device.remove_rule(failing);
+        for (name, handle) in [("wal", &wal), ("checkpoint", &checkpoint), ("late", &late)] {
+            assert_eio(
+                handle.sync_all(),
+                &format!("{strategy:?}: {name} learns of it"),
+            );
+            handle.sync_all().unwrap();
+        }
+        // Reported to everyone: a handle opened after that starts clean.
+        fx.file.handle().sync_all().unwrap();
+        assert_eq!(backend_pages(&fx.file, 0, 1), vec![0xAA; PAGE_SIZE]);
+        // A sync that fails itself reports its failure to its caller once, and
+        // to the other handles at their next sync.
+        wal.write_all_at(&[0xBB; PAGE_SIZE], 0).unwrap();
+        fx.device.fail_nth(DeviceOp::Write, 1, libc::EIO);
+        assert_eio(wal.sync_all(), "wal's own failed sync");
+        wal.sync_all().unwrap();
+        assert_eio(
+            checkpoint.sync_range(0, PAGE),
+            "checkpoint after wal's failure",
+        );
+        checkpoint.sync_range(0, PAGE).unwrap();
+        assert_eq!(backend_pages(&fx.file, 0, 1), vec![0xBB; PAGE_SIZE]);
     }
 }

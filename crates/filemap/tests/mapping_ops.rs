@@ -636,60 +636,31 @@ fn budget_limited_cache_serves_reads_of_a_larger_file_uncached() {
 }
 
 #[test]
-fn budget_limited_cache_fails_a_write_needing_a_new_page_and_changes_nothing() {
+fn budget_limited_cache_evicts_for_new_pages_and_writes_dirty_ones_back_first() {
     for strategy in STRATEGIES {
         let data = pattern(20, 10 * PAGE_SIZE);
         let (cache, file) = small_cache_fixture(strategy, &data);
         let mut buf = vec![0; 2 * PAGE_SIZE];
         file.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(cache.cached_bytes(), cache.budget_bytes());
-        // A whole page (no read needed) and a partial page (read needed).
-        // Also past the end of file: a failed write must not grow the file.
-        for (offset, len) in [
-            (5 * PAGE, PAGE_SIZE),
-            (7 * PAGE + 3, 10),
-            (10 * PAGE + 100, 10),
-            (100 * PAGE, PAGE_SIZE),
-        ] {
-            let error = file.write_at(&vec![0xFF; len], offset).unwrap_err();
-            assert_eq!(
-                error.kind(),
-                std::io::ErrorKind::OutOfMemory,
-                "{strategy:?}: {error}"
-            );
-            assert_eq!(file.len(), data.len() as u64);
-            assert_eq!(file.cached_pages(), (2, 0));
-            assert!(!file.is_page_cached(offset / PAGE));
-            assert_same(&contents(&file), &data, &format!("{strategy:?}: unchanged"));
-        }
-        file.sync_all().unwrap();
-        let mut backend = vec![0; data.len()];
-        file.backend().read_pages(0, &mut backend).unwrap();
-        assert_same(&backend, &data, "nothing reached the backend");
-    }
-}
-
-#[test]
-fn a_short_write_grows_the_file_only_as_far_as_it_wrote() {
-    for strategy in STRATEGIES {
-        let data = pattern(21, 2 * PAGE_SIZE);
-        let (cache, file) = small_cache_fixture(strategy, &data);
-        file.set_len(2 * PAGE - 100).unwrap();
-        let mut buf = vec![0; 2 * PAGE_SIZE];
-        assert_eq!(file.read_at(&mut buf, 0).unwrap(), 2 * PAGE_SIZE - 100);
-        assert_eq!(cache.cached_bytes(), cache.budget_bytes());
-        // The first 50 bytes land in the cached last page and grow the file to
-        // its end; the next page needs a frame the budget does not have.
-        assert_eq!(
-            file.write_at(&[0xEE; 100], 2 * PAGE - 50).unwrap(),
-            50,
-            "{strategy:?}"
+        // A new page evicts a clean one.
+        file.write_all_at(&[0xFF; PAGE_SIZE], 5 * PAGE).unwrap();
+        let mut expected = data.clone();
+        expected[5 * PAGE_SIZE..6 * PAGE_SIZE].fill(0xFF);
+        assert!(cache.stats().evictions >= 1, "{strategy:?}");
+        // Reading the whole file evicts the dirty page too: it is written back
+        // first, so the backend has it without any sync.
+        assert_same(&contents(&file), &expected, &format!("{strategy:?}: read"));
+        assert!(!file.is_page_cached(5), "{strategy:?}: page 5 was evicted");
+        let mut backend = vec![0; PAGE_SIZE];
+        file.backend().read_pages(5, &mut backend).unwrap();
+        assert!(
+            backend == vec![0xFF; PAGE_SIZE],
+            "{strategy:?}: written back"
         );
-        assert_eq!(file.len(), 2 * PAGE, "{strategy:?}");
-        let mut tail = [0u8; 100];
-        assert_eq!(file.read_at(&mut tail, 2 * PAGE - 100).unwrap(), 100);
-        assert_eq!(&tail[..50], &[0; 50], "the old tail past the end read zero");
-        assert_eq!(&tail[50..], &[0xEE; 50]);
+        let stats = cache.stats();
+        assert!(stats.writebacks >= 1 && stats.evictions >= 2, "{stats:?}");
+        assert!(stats.peak_cached_bytes <= stats.budget_bytes, "{stats:?}");
     }
 }
 

@@ -26,14 +26,16 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, UPTODATE, WRITEBACK};
+use super::evict::Visit;
+use super::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, QUEUED, UPTODATE, WRITEBACK};
+use super::stats::{self, mode_slot};
 use super::store::PageStore;
 use super::tree::{PageTree, MAX_PAGES};
-use super::{CacheShared, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
+use super::{CacheShared, Need, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
 use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
 use crate::errno::{err, fail};
-use crate::lock::{CoherenceLock, Mode, Strategy};
+use crate::lock::{CoherenceGuard, CoherenceLock, Mode, Strategy};
 use crate::map::handler::FaultHandler;
 use crate::map::memfd::{zap, View};
 use crate::map::region::{buffer_in_a_map, MapAccess, MapRegion};
@@ -46,6 +48,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// cached pages after it, so a sequential first pass over cached pages costs a
 /// round trip to the handler per 16 pages, not per page.
 const FAULT_AROUND_PAGES: u64 = 16;
+
+/// The largest sequential readahead window, and the most pages one fill reads.
+const MAX_READAHEAD_PAGES: u64 = 512;
 
 /// The cached pages of one open file, with the `std::os::unix::fs::FileExt`
 /// calls and the range operations of `fallocate`, `ftruncate`, `O_DIRECT` and
@@ -73,6 +78,8 @@ const FAULT_AROUND_PAGES: u64 = 16;
 /// ```
 pub struct Mapping {
     cache: Arc<CacheShared>,
+    /// This mapping's id in the cache's eviction queue.
+    id: u32,
     backend: Arc<dyn Backend>,
     pages: PageTree,
     /// Where the pages live: the mapping's memfd.
@@ -93,6 +100,83 @@ pub struct Mapping {
     size_lock: Mutex<()>,
     max_size: u64,
     removed: AtomicBool,
+    /// Writeback errors, errseq style: how many were recorded, whether the
+    /// latest was reported to anyone, and its errno (see [`Mapping::handle`]).
+    wb_err: AtomicU64,
+    /// The errseq cursor of syncs called on the mapping itself.
+    sync_seen: AtomicU64,
+    /// Sequential readahead of read misses: the page after the last fill of a
+    /// miss, and the window (0 after a random miss).
+    readahead: Mutex<(u64, u64)>,
+}
+
+/// The errno of the latest writeback error, in the low bits of `wb_err`.
+const WB_ERRNO: u64 = 0xffff;
+/// Set when the latest writeback error was reported by some sync.
+const WB_SEEN: u64 = 1 << 16;
+/// One more writeback error recorded.
+const WB_COUNT_ONE: u64 = 1 << 17;
+
+/// A handle on a [`Mapping`] with its own view of writeback errors, like an
+/// open file description: a writeback failure, wherever it happened (a sync,
+/// eviction, background writeback, a dropped map), is reported by the next
+/// [`FileHandle::sync_all`] or [`FileHandle::sync_range`] of every handle open
+/// at the time, once each (the kernel's errseq, the fix for PostgreSQL's fsync
+/// problem). A handle opened while an error nobody has reported yet is pending
+/// reports it too. Calls on the [`Mapping`] itself act as one more handle. The
+/// failed pages stay dirty and are retried by later writebacks.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{MemDevice, PageCache, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(volume.create_file("db")?))?;
+/// let (wal, checkpointer) = (file.handle(), file.handle());
+/// wal.write_all_at(b"record", 0)?;
+/// wal.sync_all()?;          // each handle learns of failures on its own
+/// checkpointer.sync_all()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct FileHandle {
+    mapping: Arc<Mapping>,
+    seen: AtomicU64,
+}
+
+impl FileHandle {
+    /// The mapping this handle is on.
+    pub fn mapping(&self) -> &Arc<Mapping> {
+        &self.mapping
+    }
+
+    /// [`Mapping::sync_all`], reporting any writeback error recorded since this
+    /// handle's last sync (or its opening).
+    pub fn sync_all(&self) -> io::Result<()> {
+        self.mapping.sync_with(&self.seen, None)
+    }
+
+    /// [`Mapping::sync_range`], reporting any writeback error recorded since
+    /// this handle's last sync (or its opening), wherever in the file.
+    pub fn sync_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.mapping.sync_with(&self.seen, Some((offset, len)))
+    }
+}
+
+impl std::ops::Deref for FileHandle {
+    type Target = Mapping;
+
+    fn deref(&self) -> &Mapping {
+        &self.mapping
+    }
+}
+
+impl fmt::Debug for FileHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileHandle")
+            .field("mapping", &self.mapping)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One of the user's maps, as the mapping tracks it.
@@ -168,8 +252,10 @@ impl Mapping {
         let strategy = cache.strategy;
         let uffd = Arc::new(Userfaultfd::new()?);
         let store = PageStore::new(max_size, uffd.clone())?;
+        let id = cache.new_mapping_id();
         let mapping = Arc::new(Mapping {
             cache,
+            id,
             backend,
             pages: PageTree::default(),
             store,
@@ -182,9 +268,13 @@ impl Mapping {
             size_lock: Mutex::new(()),
             max_size,
             removed: AtomicBool::new(false),
+            wb_err: AtomicU64::new(0),
+            sync_seen: AtomicU64::new(0),
+            readahead: Mutex::new((0, 0)),
         });
         let handler = FaultHandler::start(uffd, Arc::downgrade(&mapping))?;
         *mapping.handler.lock() = Some(handler);
+        mapping.cache.register(id, Arc::downgrade(&mapping));
         Ok(mapping)
     }
 
@@ -223,6 +313,95 @@ impl Mapping {
             }
         }
         let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+    }
+
+    /// Takes `mode` over `range`, counting a wait if someone holds it in a
+    /// conflicting way.
+    fn lock_mode(&self, mode: Mode, range: std::ops::Range<u64>) -> CoherenceGuard<'_> {
+        if let Some(guard) = self.lock.try_lock(mode, range.clone()) {
+            return guard;
+        }
+        stats::add(&self.cache.counters.lock_waits[mode_slot(mode)], 1);
+        self.lock.lock(mode, range)
+    }
+
+    /// Sets `set` (which makes the page present) and clears `clear` on page
+    /// `index`, whose slot the caller holds locked or claimed, and gives the
+    /// page its eviction queue entry if it has none.
+    fn publish(&self, index: u64, slot: &Slot, set: u64, clear: u64) {
+        let before = slot.update(|s| s.transition(set | QUEUED, clear, true));
+        if !before.has(QUEUED) {
+            self.cache.enqueue(self.id, index);
+        }
+    }
+
+    /// What the eviction hand finds at page `index`.
+    pub(super) fn eviction_visit(&self, index: u64) -> Visit {
+        let Some(slot) = self.pages.get(index) else {
+            return Visit::Stale;
+        };
+        let state = slot.load();
+        if state.is_absent() {
+            // The entry leaves the queue, unless a fill takes the page meanwhile.
+            let unqueued = PageState(state.0 & !QUEUED);
+            return match slot.replace(state, unqueued) {
+                Ok(()) => Visit::Stale,
+                Err(_) => Visit::Keep,
+            };
+        }
+        if slot.take_referenced() {
+            Visit::Keep
+        } else {
+            Visit::Candidate
+        }
+    }
+
+    /// Evicts page `index` if it is present and not busy: holds stores through
+    /// maps back, writes it back if dirty, and removes it. Returns whether it
+    /// was evicted. Never waits for a page or a coherence mode: eviction changes
+    /// no backend mapping, so it needs none.
+    pub(super) fn evict_page(&self, index: u64) -> bool {
+        let Some(slot) = self.pages.get(index) else {
+            return false;
+        };
+        let state = slot.load();
+        if !state.has(PRESENT) || state.has(LOCKED | FILLING | WRITEBACK) {
+            return false;
+        }
+        if slot.try_lock(state).is_err() {
+            return false;
+        }
+        self.trap_stores(&[index]);
+        if self.write_back_locked(index, slot).is_err() {
+            // It stays, dirty; the error is kept for the next sync.
+            slot.update(|s| s.transition(0, LOCKED, false));
+            return false;
+        }
+        if self.store.remove(index, 1).is_err() {
+            slot.update(|s| s.transition(0, LOCKED, false));
+            return false;
+        }
+        slot.update(PageState::emptied);
+        self.cache.budget.release();
+        stats::add(&self.cache.counters.evictions, 1);
+        true
+    }
+
+    /// Background writeback of every dirty page; failures are recorded for the
+    /// next syncs (see [`FileHandle`]).
+    pub(super) fn write_back_in_background(&self) {
+        if !self.removed.load(Ordering::Acquire) {
+            let _ = self.write_back_range(0, MAX_PAGES - 1);
+        }
+    }
+
+    /// How many of this mapping's pages are dirty (walks the page index).
+    pub(super) fn dirty_pages(&self) -> u64 {
+        let mut dirty = 0;
+        self.pages.for_each(0, MAX_PAGES - 1, |_, slot| {
+            dirty += u64::from(slot.load().has(DIRTY));
+        });
+        dirty
     }
 
     /// The name of the thread that serves this mapping's page faults (tests
@@ -401,13 +580,16 @@ impl Mapping {
                 // unlocked claim: nothing is installed there to be stored to (the
                 // report is of a page written, then removed).
                 if let Some(slot) = self.pages.get(index) {
-                    slot.update(|s| {
+                    let before = slot.update(|s| {
                         if s.has(PRESENT | LOCKED) {
                             s.transition(DIRTY, 0, false)
                         } else {
                             s
                         }
                     });
+                    if before.has(PRESENT | LOCKED) && !before.has(DIRTY) {
+                        self.cache.dirtied();
+                    }
                 }
             }
         }
@@ -510,14 +692,14 @@ impl Mapping {
             if state.has(PRESENT) {
                 return;
             }
-            // A fault cannot be refused: until eviction exists it may exceed the budget.
-            self.cache.budget.force_acquire();
+            // A fault cannot be refused: it evicts until a page is free.
+            self.cache.acquire(Need::Required);
             if slot.replace(state, state.with_flags(LOCKED)).is_err() {
                 self.cache.budget.release();
                 continue;
             }
             if self.store.install(index, &[0; PAGE_SIZE]).is_ok() {
-                slot.update(|s| s.transition(PRESENT | UPTODATE, LOCKED, true));
+                self.publish(index, slot, PRESENT | UPTODATE, LOCKED);
             } else {
                 slot.update(PageState::emptied);
                 self.cache.budget.release();
@@ -542,11 +724,8 @@ impl Mapping {
                 return;
             }
             let want = self.cache.fill_batch_pages as u64;
-            let _fill = self
-                .lock
-                .lock(Mode::Fill, index * PAGE..(index + want) * PAGE);
-            // A fault cannot be refused: until eviction exists, it may take the
-            // page beyond the budget.
+            let _fill = self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE);
+            // A fault cannot be refused: it evicts until its first page fits.
             match self.fill_locked(index, want, FillBudget::Force) {
                 Ok(Fill::BeyondEof) | Err(_) => return,
                 Ok(_) => {}
@@ -633,7 +812,7 @@ impl Mapping {
         // Only `file-exclusive` locks whole reads; it then covers their fills too,
         // and a buffer in a map is filled after the lock is gone (a fault on it
         // under the lock could wait for a queued Invalidate that waits for us).
-        let read = self.lock.lock(Mode::Read, offset..end);
+        let read = self.lock_mode(Mode::Read, offset..end);
         if read.is_locking() && buffer_in_a_map(buf.as_ptr(), len) {
             let mut bounce = vec![0; len];
             let n = self.read_cached(&mut bounce, offset, true)?;
@@ -811,7 +990,7 @@ impl Mapping {
             let bounce: Vec<u8> = buf.to_vec();
             return self.write_at(&bounce, offset);
         }
-        let _write = self.lock.lock(Mode::Write, offset..end);
+        let _write = self.lock_mode(Mode::Write, offset..end);
         let old_size = self.len();
         let mut done = 0;
         while done < buf.len() {
@@ -870,9 +1049,10 @@ impl Mapping {
                 index += 1;
                 continue;
             }
+            let batch = (last - index + 1).min(self.cache.fill_batch_pages as u64);
             let fill = {
-                let _fill = self.lock.lock(Mode::Fill, index * PAGE..(last + 1) * PAGE);
-                self.fill_locked(index, last - index + 1, FillBudget::Cache)?
+                let _fill = self.lock_mode(Mode::Fill, index * PAGE..(index + batch) * PAGE);
+                self.fill_locked(index, batch, FillBudget::Cache)?
             };
             match fill {
                 Fill::Read { pages, .. } => index += pages,
@@ -881,7 +1061,8 @@ impl Mapping {
                 // rather than failing it with `OutOfMemory`.
                 Fill::BeyondEof | Fill::CacheFull => break,
             }
-            if self.cache.budget.used() >= self.cache.budget.capacity() {
+            // Never evict what this call read ahead to read ahead more.
+            if (index - offset / PAGE) * 4 >= self.cache.budget.capacity() {
                 break;
             }
         }
@@ -908,7 +1089,7 @@ impl Mapping {
             buf[..n].copy_from_slice(&bounce[..n]);
             return Ok(n);
         }
-        let _direct = self.lock.lock(Mode::Direct, offset..end);
+        let _direct = self.lock_mode(Mode::Direct, offset..end);
         let size = self.len();
         if offset >= size {
             return Ok(0);
@@ -940,7 +1121,7 @@ impl Mapping {
             let bounce = AlignedBuf::from_slice(buf, DIRECT_IO_MEMORY_ALIGN);
             return self.write_direct(&bounce, offset);
         }
-        let _direct = self.lock.lock(Mode::Direct, offset..end);
+        let _direct = self.lock_mode(Mode::Direct, offset..end);
         let (first, last) = (offset / PAGE, (end - 1) / PAGE);
         // Pages a map shows are written back but kept: dropping one could lose a
         // store through the map that lands between the scan for written pages
@@ -978,7 +1159,7 @@ impl Mapping {
         if len == 0 {
             return Ok(());
         }
-        let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
+        let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
         self.remove_cached_bytes(offset, end);
         schedule::point();
         self.backend.punch_hole(offset, len)
@@ -995,7 +1176,7 @@ impl Mapping {
         if end > self.max_size {
             return fail(libc::EFBIG);
         }
-        let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
+        let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
         self.remove_cached_bytes(offset, end);
         schedule::point();
         self.extend_size(end)?;
@@ -1009,9 +1190,7 @@ impl Mapping {
         if len > self.max_size {
             return fail(libc::EFBIG);
         }
-        let _invalidate = self
-            .lock
-            .lock(Mode::Invalidate, len.min(self.len())..u64::MAX);
+        let _invalidate = self.lock_mode(Mode::Invalidate, len.min(self.len())..u64::MAX);
         {
             let _size = self.size_lock.lock();
             let old = self.len();
@@ -1046,7 +1225,7 @@ impl Mapping {
         if offset % PAGE != 0 || len % PAGE != 0 || len == 0 {
             return fail(libc::EINVAL);
         }
-        let _invalidate = self.lock.lock(Mode::Invalidate, offset..u64::MAX);
+        let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
         let size = self.len();
         if end >= size {
             return fail(libc::EINVAL);
@@ -1070,7 +1249,7 @@ impl Mapping {
         if offset % PAGE != 0 || len % PAGE != 0 || len == 0 {
             return fail(libc::EINVAL);
         }
-        let _invalidate = self.lock.lock(Mode::Invalidate, offset..u64::MAX);
+        let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
         let size = self.len();
         if offset >= size {
             return fail(libc::EINVAL);
@@ -1094,33 +1273,90 @@ impl Mapping {
         if len == 0 {
             return Ok(());
         }
-        let _invalidate = self.lock.lock(Mode::Invalidate, offset..end);
+        let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
         self.drop_pages(offset / PAGE, (end - 1) / PAGE, DirtyPages::WriteBack)
     }
 
     /// Writes back the dirty pages touching `offset..offset + len`, waits for
     /// writeback already under way there, and makes it durable in the backend.
+    /// Reports a writeback error recorded since the last sync called on the
+    /// mapping itself (see [`FileHandle`]), even one of other pages.
     pub fn sync_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_live()?;
-        let end = end_of(offset, len)?;
-        if len > 0 {
-            self.write_back_range(offset / PAGE, (end - 1) / PAGE)?;
-        }
-        self.backend.sync()
+        self.sync_with(&self.sync_seen, Some((offset, len)))
     }
 
     /// Writes back every dirty page and makes the file durable, like `fsync`.
+    /// Reports a writeback error recorded since the last sync called on the
+    /// mapping itself (see [`FileHandle`]).
     pub fn sync_all(&self) -> io::Result<()> {
+        self.sync_with(&self.sync_seen, None)
+    }
+
+    /// A new handle on this mapping with its own errseq cursor (see
+    /// [`FileHandle`]).
+    pub fn handle(self: &Arc<Self>) -> FileHandle {
+        let now = self.wb_err.load(Ordering::Acquire);
+        // An error nobody has reported yet is reported to the new handle too.
+        let unseen = now >= WB_COUNT_ONE && now & WB_SEEN == 0;
+        FileHandle {
+            mapping: self.clone(),
+            seen: AtomicU64::new(if unseen { 0 } else { now }),
+        }
+    }
+
+    /// A sync for the errseq cursor `seen`: writes back `range` (offset and
+    /// length; the whole file if `None`), syncs the backend, then reports its
+    /// own failure or else any error recorded since `seen`.
+    fn sync_with(&self, seen: &AtomicU64, range: Option<(u64, u64)>) -> io::Result<()> {
         self.check_live()?;
-        self.write_back_range(0, MAX_PAGES - 1)?;
-        self.backend.sync()
+        let written = match range {
+            None => self.write_back_range(0, MAX_PAGES - 1),
+            Some((offset, len)) => {
+                let end = end_of(offset, len)?;
+                if len > 0 {
+                    self.write_back_range(offset / PAGE, (end - 1) / PAGE)
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        let synced = written.and_then(|()| {
+            self.backend
+                .sync()
+                .inspect_err(|error| self.record_wb_error(error))
+        });
+        let reported = self.report_wb_error(seen);
+        synced.and(reported)
+    }
+
+    /// Records a writeback failure for every handle's next sync.
+    fn record_wb_error(&self, error: &io::Error) {
+        let errno = error.raw_os_error().unwrap_or(libc::EIO) as u64 & WB_ERRNO;
+        stats::add(&self.cache.counters.writeback_errors, 1);
+        let _ = self
+            .wb_err
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                Some(((word & !(WB_ERRNO | WB_SEEN)) + WB_COUNT_ONE) | errno)
+            });
+    }
+
+    /// The latest writeback error if one was recorded since `seen`, which then
+    /// moves up to it.
+    fn report_wb_error(&self, seen: &AtomicU64) -> io::Result<()> {
+        let now = self.wb_err.load(Ordering::Acquire);
+        let before = seen.swap(now, Ordering::AcqRel);
+        if now / WB_COUNT_ONE == before / WB_COUNT_ONE {
+            return Ok(());
+        }
+        self.wb_err.fetch_or(WB_SEEN, Ordering::AcqRel);
+        Err(io::Error::from_raw_os_error((now & WB_ERRNO) as i32))
     }
 
     /// Removes the file from its backend: its cached pages are dropped, its
     /// storage freed, and every later call on this mapping fails with `ENOENT`.
     pub fn remove(&self) -> io::Result<()> {
         self.check_live()?;
-        let _invalidate = self.lock.lock(Mode::Invalidate, 0..u64::MAX);
+        let _invalidate = self.lock_mode(Mode::Invalidate, 0..u64::MAX);
         if self.removed.swap(true, Ordering::AcqRel) {
             return fail(libc::ENOENT);
         }
@@ -1204,8 +1440,7 @@ impl Mapping {
             && slot.replace(empty, empty.with_flags(LOCKED)).is_ok()
             && match self.store.install(target, &data) {
                 Ok(()) => {
-                    let flags = PRESENT | UPTODATE | (state.0 & DIRTY);
-                    slot.update(|s| s.transition(flags, LOCKED, true));
+                    self.publish(target, slot, PRESENT | UPTODATE | (state.0 & DIRTY), LOCKED);
                     true
                 }
                 Err(_) => {
@@ -1266,18 +1501,21 @@ impl Mapping {
                 continue;
             }
             schedule::point();
+            stats::add(&self.cache.counters.misses, 1);
             let rest = &mut dst[done..];
-            let want = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
+            let asked = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
+            let want = self.readahead_window(index).max(asked);
             let fill = if fill_held {
                 self.fill_locked(index, want, FillBudget::Uncached)?
             } else {
-                let _fill = self
-                    .lock
-                    .lock(Mode::Fill, index * PAGE..(index + want) * PAGE);
+                let _fill = self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE);
                 self.fill_locked(index, want, FillBudget::Uncached)?
             };
             match fill {
-                Fill::Read { data, .. } => {
+                Fill::Read { data, pages } => {
+                    self.readahead.lock().0 = index + pages;
+                    let beyond = pages.saturating_sub(asked);
+                    stats::add(&self.cache.counters.readahead_pages, beyond);
                     let n = (data.len() - in_page).min(rest.len());
                     rest[..n].copy_from_slice(&data[in_page..in_page + n]);
                     done += n;
@@ -1294,6 +1532,22 @@ impl Mapping {
         Ok(done)
     }
 
+    /// The pages a read miss at `index` fills: on a sequential miss (at the page
+    /// after the previous miss's fill, or at the start of the file) the window
+    /// starts at the fill batch and doubles up to [`MAX_READAHEAD_PAGES`]; a
+    /// random miss stops readahead (only the pages asked for are read).
+    fn readahead_window(&self, index: u64) -> u64 {
+        let mut readahead = self.readahead.lock();
+        let (next, window) = *readahead;
+        let batch = self.cache.fill_batch_pages as u64;
+        readahead.1 = if index == next {
+            (window * 2).clamp(batch, MAX_READAHEAD_PAGES.max(batch))
+        } else {
+            0
+        };
+        readahead.1
+    }
+
     /// The hit path: copies from the stored page if it is up to date, validating
     /// the copy against the state word. Takes no lock and writes nothing shared.
     #[inline]
@@ -1307,7 +1561,10 @@ impl Mapping {
             self.store.read(index, in_page, dst);
             // Orders the copy before the re-check (the seqlock read side).
             fence(Ordering::Acquire);
-            if before.same_contents(slot.load()) {
+            let after = slot.load();
+            if before.same_contents(after) {
+                slot.mark_referenced(after);
+                self.cache.counters.hits.add();
                 return true;
             }
         }
@@ -1328,10 +1585,7 @@ impl Mapping {
         if index >= eof_pages {
             return Ok(Fill::BeyondEof);
         }
-        let want = want
-            .min(eof_pages - index)
-            .min(self.cache.fill_batch_pages as u64)
-            .max(1);
+        let want = want.min(eof_pages - index).clamp(1, MAX_READAHEAD_PAGES);
         let mut claimed: Vec<PageState> = Vec::with_capacity(want as usize);
         for i in 0..want {
             let slot = self.pages.get_or_create(index + i);
@@ -1339,8 +1593,12 @@ impl Mapping {
             if !state.is_absent() {
                 break;
             }
-            let budgeted = self.cache.budget.try_acquire()
-                || (budget == FillBudget::Force && i == 0 && self.cache.budget.force_acquire());
+            let need = if budget == FillBudget::Force && i == 0 {
+                Need::Required
+            } else {
+                Need::Optional
+            };
+            let budgeted = self.cache.acquire(need);
             if !budgeted {
                 break;
             }
@@ -1407,7 +1665,8 @@ impl Mapping {
             for &i in run {
                 let slot = self.pages.get_or_create(index + i as u64);
                 if installed {
-                    slot.update(|s| s.transition(PRESENT | UPTODATE, FILLING | LOCKED, true));
+                    self.publish(index + i as u64, slot, PRESENT | UPTODATE, FILLING | LOCKED);
+                    stats::add(&self.cache.counters.fills, 1);
                 } else {
                     slot.update(PageState::emptied);
                     self.cache.budget.release();
@@ -1461,7 +1720,7 @@ impl Mapping {
                 }
                 continue;
             }
-            if !self.cache.budget.try_acquire() {
+            if !self.cache.acquire(Need::Optional) {
                 return Err(self.cache_full());
             }
             if slot.replace(state, state.with_flags(LOCKED)).is_err() {
@@ -1478,7 +1737,8 @@ impl Mapping {
                 self.cache.budget.release();
                 return Err(error);
             }
-            slot.update(|s| s.transition(PRESENT | UPTODATE | DIRTY, LOCKED, true));
+            self.publish(index, slot, PRESENT | UPTODATE | DIRTY, LOCKED);
+            self.cache.dirtied();
             return Ok(());
         }
     }
@@ -1492,6 +1752,7 @@ impl Mapping {
         in_page: usize,
         src: &[u8],
     ) -> io::Result<()> {
+        self.cache.dirtied();
         if !self.page_is_mapped(index) {
             self.store.write(index, in_page, src);
             slot.update(|s| s.transition(DIRTY, LOCKED, true));
@@ -1689,6 +1950,10 @@ impl Mapping {
             } else {
                 Ok(())
             };
+            match &written {
+                Ok(()) => stats::add(&self.cache.counters.writebacks, 1),
+                Err(error) => self.record_wb_error(error),
+            }
             let failed = written.is_err();
             slot.update(|s| {
                 if failed {
@@ -1710,7 +1975,10 @@ impl Mapping {
         if index * PAGE < self.len() {
             let mut data = vec![0; PAGE_SIZE];
             self.store.read(index, 0, &mut data);
-            self.backend.write_pages(index, &data)?;
+            self.backend
+                .write_pages(index, &data)
+                .inspect_err(|error| self.record_wb_error(error))?;
+            stats::add(&self.cache.counters.writebacks, 1);
         }
         slot.update(|s| s.transition(0, DIRTY, false));
         Ok(())
@@ -1731,6 +1999,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // Dropping the mapping drops its pages: write back what is dirty (call
         // `sync_all` first to see errors), give the budget back, stop the handler.
+        self.cache.unregister(self.id);
         if !*self.removed.get_mut() {
             let _ = self.write_back_range(0, MAX_PAGES - 1);
         }

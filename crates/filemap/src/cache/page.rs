@@ -9,7 +9,9 @@
 //! | 4 | `WRITEBACK` | a snapshot of the page is being written to the backend |
 //! | 5 | `FILLING` | a fill claimed the page and is reading the backend; it holds the page's budget |
 //! | 6 | `WAITERS` | threads are parked on this slot; whoever clears a waited-on bit wakes them |
-//! | 8..64 | version | bumped by every change of the page's data or presence |
+//! | 7 | `REFERENCED` | read since the eviction hand last passed (set by hits only when clear) |
+//! | 8 | `QUEUED` | the slot has its one entry in the eviction queue; survives the page going |
+//! | 9..64 | version | bumped by every change of the page's data or presence |
 //!
 //! A slot with none of `PRESENT`, `FILLING` and `LOCKED` has no flags but
 //! `WAITERS`: the page is absent. `UPTODATE` implies `PRESENT`. A writer creating
@@ -32,11 +34,13 @@ pub(crate) const DIRTY: u64 = 1 << 3;
 pub(crate) const WRITEBACK: u64 = 1 << 4;
 pub(crate) const FILLING: u64 = 1 << 5;
 pub(crate) const WAITERS: u64 = 1 << 6;
-const VERSION_SHIFT: u32 = 8;
+pub(crate) const REFERENCED: u64 = 1 << 7;
+pub(crate) const QUEUED: u64 = 1 << 8;
+const VERSION_SHIFT: u32 = 9;
 const VERSION_ONE: u64 = 1 << VERSION_SHIFT;
 const VERSION_MASK: u64 = !(VERSION_ONE - 1);
 /// The bits an optimistic reader re-checks: anything else changing (dirty,
-/// writeback, waiters) leaves the bytes it copied valid.
+/// writeback, waiters, referenced, queued) leaves the bytes it copied valid.
 const READ_SIGNATURE: u64 = VERSION_MASK | PRESENT | UPTODATE | LOCKED;
 
 /// A copy of a slot's state word with named predicates.
@@ -48,7 +52,7 @@ impl std::fmt::Debug for PageState {
         let flag = |bit, name| if self.0 & bit != 0 { name } else { "" };
         write!(
             f,
-            "PageState(v{} {}{}{}{}{}{}{})",
+            "PageState(v{} {}{}{}{}{}{}{}{}{})",
             self.0 >> VERSION_SHIFT,
             flag(PRESENT, "P"),
             flag(LOCKED, "L"),
@@ -57,6 +61,8 @@ impl std::fmt::Debug for PageState {
             flag(WRITEBACK, "W"),
             flag(FILLING, "F"),
             flag(WAITERS, "w"),
+            flag(REFERENCED, "r"),
+            flag(QUEUED, "q"),
         )
     }
 }
@@ -88,14 +94,15 @@ impl PageState {
         self.0 & READ_SIGNATURE == later.0 & READ_SIGNATURE
     }
 
-    /// The absent state that follows this one (version bumped, waiters dropped).
+    /// The absent state that follows this one (version bumped, flags dropped
+    /// but `QUEUED`, which belongs to the eviction queue).
     pub(crate) fn emptied(self) -> PageState {
-        PageState(self.0.wrapping_add(VERSION_ONE) & VERSION_MASK)
+        PageState(self.0.wrapping_add(VERSION_ONE) & (VERSION_MASK | QUEUED))
     }
 
-    /// Only `flags` set, version bumped, waiters dropped.
+    /// Only `flags` set (and `QUEUED` kept), version bumped.
     pub(crate) fn with_flags(self, flags: u64) -> PageState {
-        PageState((self.0.wrapping_add(VERSION_ONE) & VERSION_MASK) | flags)
+        PageState((self.0.wrapping_add(VERSION_ONE) & (VERSION_MASK | QUEUED)) | flags)
     }
 
     /// The same state with `flags` set and `clear` cleared, version bumped when
@@ -127,7 +134,8 @@ impl Slot {
 
     /// Replaces `current` with `new`, waking parked threads if there were any
     /// (every transition clears `WAITERS`, so they re-check what they wait for).
-    /// A waiter arriving meanwhile does not make it fail: only a real change does.
+    /// A waiter arriving or a hit marking the page referenced meanwhile does not
+    /// make it fail (the mark is then dropped): only a real change does.
     pub(crate) fn replace(&self, current: PageState, new: PageState) -> Result<(), PageState> {
         let mut expected = current.0;
         loop {
@@ -141,7 +149,11 @@ impl Slot {
                     }
                     return Ok(());
                 }
-                Err(actual) if actual & !WAITERS == current.0 & !WAITERS => expected = actual,
+                Err(actual)
+                    if actual & !(WAITERS | REFERENCED) == current.0 & !(WAITERS | REFERENCED) =>
+                {
+                    expected = actual
+                }
                 Err(actual) => return Err(PageState(actual)),
             }
         }
@@ -171,6 +183,26 @@ impl Slot {
                 Err(actual) => current = actual,
             }
         }
+    }
+
+    /// Marks the page referenced for the eviction hand, if `seen` (a state a
+    /// hit just validated its copy against) is still current and unmarked. Writes
+    /// shared memory only for the first hit after the hand cleared the mark.
+    #[inline]
+    pub(crate) fn mark_referenced(&self, seen: PageState) {
+        if !seen.has(REFERENCED) {
+            let _ = self.0.compare_exchange(
+                seen.0,
+                seen.0 | REFERENCED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Clears the referenced mark; returns whether it was set.
+    pub(crate) fn take_referenced(&self) -> bool {
+        self.0.fetch_and(!REFERENCED, Ordering::Relaxed) & REFERENCED != 0
     }
 
     /// Waits until none of `bits` is set, returning the state seen last.

@@ -49,6 +49,8 @@ const CHUNK_BYTES: u64 = 1 << 36;
 pub(crate) struct Budget {
     capacity: u64,
     used: AtomicU64,
+    /// The most pages ever used at once.
+    peak: AtomicU64,
 }
 
 impl Budget {
@@ -56,6 +58,7 @@ impl Budget {
         Budget {
             capacity,
             used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
         }
     }
 
@@ -67,20 +70,31 @@ impl Budget {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Takes one page of the budget, or returns `false` if it is used up.
-    pub(crate) fn try_acquire(&self) -> bool {
-        self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                (used < self.capacity).then_some(used + 1)
-            })
-            .is_ok()
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
     }
 
-    /// Takes one page even beyond the budget (a fault that cannot be refused).
-    /// Always succeeds; returns `true` so it can stand where `try_acquire` does.
-    pub(crate) fn force_acquire(&self) -> bool {
-        self.used.fetch_add(1, Ordering::Relaxed);
-        true
+    /// Takes one page of the budget, or returns `false` if it is used up.
+    pub(crate) fn try_acquire(&self) -> bool {
+        let taken = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used < self.capacity).then_some(used + 1)
+            });
+        match taken {
+            Ok(before) => {
+                self.peak.fetch_max(before + 1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Takes one page even beyond the budget (the last resort of a fault that
+    /// found no page to evict for a long time).
+    pub(crate) fn force_acquire(&self) {
+        let before = self.used.fetch_add(1, Ordering::Relaxed);
+        self.peak.fetch_max(before + 1, Ordering::Relaxed);
     }
 
     /// Gives one page back.

@@ -1,0 +1,136 @@
+//! What the cache counts, and [`CacheStats`], the snapshot users read.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::lock::Mode;
+
+/// Stripes of the hit counter: a hit adds to its thread's stripe, so hits on
+/// different threads write different cache lines.
+const STRIPES: usize = 16;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe(AtomicU64);
+
+/// A counter for the hit path, striped by thread.
+#[derive(Default)]
+pub(crate) struct StripedCounter([Stripe; STRIPES]);
+
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+static NEXT_STRIPE: AtomicU64 = AtomicU64::new(0);
+
+impl StripedCounter {
+    /// Adds one to this thread's stripe: a plain load and store, no locked
+    /// instruction (two threads sharing a stripe may rarely lose a count).
+    #[inline]
+    pub(crate) fn add(&self) {
+        let stripe = STRIPE.with(|stripe| {
+            if stripe.get() == usize::MAX {
+                stripe.set(NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) as usize % STRIPES);
+            }
+            stripe.get()
+        });
+        let counter = &self.0[stripe].0;
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sum(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// The cache's counters.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: StripedCounter,
+    pub(crate) misses: AtomicU64,
+    pub(crate) fills: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) writebacks: AtomicU64,
+    pub(crate) writeback_errors: AtomicU64,
+    pub(crate) readahead_pages: AtomicU64,
+    pub(crate) budget_overruns: AtomicU64,
+    /// Waits for a coherence mode, by [`Mode`] (in `Mode` declaration order).
+    pub(crate) lock_waits: [AtomicU64; 5],
+}
+
+/// Adds `n` to a counter.
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+pub(crate) fn mode_slot(mode: Mode) -> usize {
+    match mode {
+        Mode::Read => 0,
+        Mode::Fill => 1,
+        Mode::Write => 2,
+        Mode::Direct => 3,
+        Mode::Invalidate => 4,
+    }
+}
+
+/// Waits for each coherence mode: how often a caller found the mode it needed
+/// held in a conflicting way and had to wait.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockWaits {
+    /// Whole reads (only `file-exclusive` locks them).
+    pub read: u64,
+    /// Fills of read misses, readahead and faults.
+    pub fill: u64,
+    /// Buffered writes.
+    pub write: u64,
+    /// Direct I/O.
+    pub direct: u64,
+    /// Punch, zero, truncate, collapse, insert, invalidate.
+    pub invalidate: u64,
+}
+
+impl LockWaits {
+    pub(crate) fn from_counters(waits: &[AtomicU64; 5]) -> Self {
+        let at = |mode| waits[mode_slot(mode)].load(Ordering::Relaxed);
+        LockWaits {
+            read: at(Mode::Read),
+            fill: at(Mode::Fill),
+            write: at(Mode::Write),
+            direct: at(Mode::Direct),
+            invalidate: at(Mode::Invalidate),
+        }
+    }
+}
+
+/// A snapshot of what a [`crate::PageCache`] did and holds; see
+/// [`crate::PageCache::stats`]. Counts are since the cache was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Pages copied from the cache without waiting (buffered reads).
+    pub hits: u64,
+    /// Pages a buffered read did not find readable in the cache.
+    pub misses: u64,
+    /// Pages read from backends into the cache (misses, readahead, faults).
+    pub fills: u64,
+    /// Pages read ahead of a sequential reader, beyond what it asked for.
+    pub readahead_pages: u64,
+    /// Pages evicted to make room under the budget.
+    pub evictions: u64,
+    /// Dirty pages written to backends (syncs, eviction, background writeback).
+    pub writebacks: u64,
+    /// Writebacks that failed (the pages stay dirty; see `sync_all`).
+    pub writeback_errors: u64,
+    /// Times a fault could not find room for a minute's worth of tries and
+    /// took a page beyond the budget (0 unless every page stays busy or dirty
+    /// with failing writeback).
+    pub budget_overruns: u64,
+    /// Bytes of pages cached now.
+    pub cached_bytes: u64,
+    /// The most bytes cached at once.
+    pub peak_cached_bytes: u64,
+    /// Bytes of dirty pages now.
+    pub dirty_bytes: u64,
+    /// The budget in bytes.
+    pub budget_bytes: u64,
+    /// Waits for each coherence mode.
+    pub lock_waits: LockWaits,
+}
