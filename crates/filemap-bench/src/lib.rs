@@ -71,6 +71,9 @@ pub struct Row {
     pub p50_us: f64,
     /// 99th percentile latency in microseconds (median run).
     pub p99_us: f64,
+    /// The longest latency in microseconds (median run): stalls too rare for
+    /// the p99 still show here, and in the rate.
+    pub max_us: f64,
     /// Operations per second of one thread (median run).
     pub per_thread_ops_per_s: f64,
     /// Nanoseconds per operation on one thread (median run).
@@ -472,6 +475,7 @@ pub fn row(workload: &str, strategy: &str, threads: usize, runs: Vec<f64>) -> Ro
         ops_per_s,
         p50_us: f64::NAN,
         p99_us: f64::NAN,
+        max_us: f64::NAN,
         per_thread_ops_per_s: per_thread,
         ns_per_op: 1e9 / per_thread,
         runs,
@@ -521,6 +525,7 @@ pub fn timed_row(key: RowKey<'_>, runs: &[Measured]) -> Row {
         ops_per_s,
         p50_us: quantile(0.5),
         p99_us: quantile(0.99),
+        max_us: quantile(1.0),
         per_thread_ops_per_s: per_thread,
         ns_per_op: 1e9 / per_thread,
         runs: rates,

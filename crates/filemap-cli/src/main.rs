@@ -392,8 +392,16 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
         return;
     }
     println!(
-        "{:<15} {:<16} {:<14} {:>7} {:>12} {:>12} {:>9} {:>9}",
-        "workload", "strategy", "op", "threads", "ops/s", "ops/s/thread", "p50 us", "p99 us"
+        "{:<15} {:<16} {:<14} {:>7} {:>12} {:>12} {:>9} {:>9} {:>9}",
+        "workload",
+        "strategy",
+        "op",
+        "threads",
+        "ops/s",
+        "ops/s/thread",
+        "p50 us",
+        "p99 us",
+        "max us"
     );
     let mut incoherent = false;
     let mut last_workload = None;
@@ -409,7 +417,7 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
             format!("{}*", r.strategy)
         };
         println!(
-            "{:<15} {:<16} {:<14} {:>7} {:>12.0} {:>12.0} {:>9} {:>9}",
+            "{:<15} {:<16} {:<14} {:>7} {:>12.0} {:>12.0} {:>9} {:>9} {:>9}",
             r.workload,
             strategy,
             r.op,
@@ -417,7 +425,8 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
             r.ops_per_s,
             r.per_thread_ops_per_s,
             micros(r.p50_us),
-            micros(r.p99_us)
+            micros(r.p99_us),
+            micros(r.max_us)
         );
     }
     println!("\nmedians of {runs} runs of {seconds} s each");
@@ -455,7 +464,9 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
 
 /// A latency for the table: blank when none was taken.
 fn micros(us: f64) -> String {
-    if us.is_finite() {
+    if us.is_finite() && us < 1.0 {
+        format!("{us:.2}")
+    } else if us.is_finite() {
         format!("{us:.1}")
     } else {
         "-".to_owned()
