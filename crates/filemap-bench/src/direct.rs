@@ -15,7 +15,10 @@
 //! [`crate::temp_volume`]). The kernel baseline writes through an `O_DIRECT`
 //! descriptor of a host file in the system's temporary directory and reads
 //! through a buffered one; where the file system refuses `O_DIRECT`, the
-//! baseline is reported unavailable.
+//! baseline is reported unavailable. Its direct writes reach the disk, and the
+//! reads of pages they dropped read the disk too, while filemap's device is an
+//! image file served from the host's page cache: the kernel row gives scale,
+//! not a ratio.
 
 use std::io;
 use std::os::unix::fs::FileExt;

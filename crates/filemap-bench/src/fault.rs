@@ -283,7 +283,7 @@ fn map_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
 }
 
 /// Plain copies per second of a random 4 KiB from the map's memory, on one
-/// thread, at the offsets [`map_reads`] reads (both use `measure`'s seeded
+/// thread, at the offsets [`map_reads`] reads (both use `measure_kinds`' seeded
 /// generator).
 fn memory_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
     let pages = map.len() / PAGE_SIZE;

@@ -373,25 +373,6 @@ where
         .collect())
 }
 
-/// Runs an operation on `threads` threads for `duration` and returns the
-/// operations per second of all threads together (see [`measure_kinds`]; no
-/// latencies are taken).
-pub fn measure<M, O>(threads: usize, duration: Duration, make_op: M) -> f64
-where
-    M: Fn(usize) -> O + Sync,
-    O: FnMut(&mut fastrand::Rng),
-{
-    let measured = measure_kinds(threads, 1, duration, 16, |thread| {
-        let mut op = make_op(thread);
-        (0, move |rng: &mut fastrand::Rng| {
-            op(rng);
-            Ok(Duration::ZERO)
-        })
-    })
-    .expect("the operations cannot fail");
-    measured[0].ops_per_s
-}
-
 /// A page-aligned buffer, so every variant copies into the same alignment.
 #[repr(align(4096))]
 pub struct PageBuf(pub [u8; PAGE_SIZE]);
@@ -457,28 +438,6 @@ pub fn median(values: &[f64]) -> f64 {
         sorted[mid]
     } else {
         (sorted[mid - 1] + sorted[mid]) / 2.0
-    }
-}
-
-/// A row from the per-run totals of one configuration, with no latencies (the
-/// `fault` benchmark's rounds time pages in bulk).
-pub fn row(workload: &str, strategy: &str, threads: usize, runs: Vec<f64>) -> Row {
-    let ops_per_s = median(&runs);
-    let per_thread = ops_per_s / threads as f64;
-    Row {
-        workload: workload.to_owned(),
-        strategy: strategy.to_owned(),
-        coherent: true,
-        op: String::new(),
-        threads,
-        workers: threads,
-        ops_per_s,
-        p50_us: f64::NAN,
-        p99_us: f64::NAN,
-        max_us: f64::NAN,
-        per_thread_ops_per_s: per_thread,
-        ns_per_op: 1e9 / per_thread,
-        runs,
     }
 }
 
@@ -580,19 +539,24 @@ mod tests {
     }
 
     #[test]
-    fn measure_counts_operations_on_every_thread() {
+    fn measure_kinds_counts_operations_on_every_thread() {
         use std::sync::atomic::AtomicU64;
         let per_thread = [AtomicU64::new(0), AtomicU64::new(0)];
-        let rate = measure(2, Duration::from_millis(20), |thread| {
+        let measured = measure_kinds(2, 1, Duration::from_millis(20), 16, |thread| {
             let counter = &per_thread[thread];
-            move |_: &mut fastrand::Rng| {
+            (0, move |_: &mut fastrand::Rng| {
                 counter.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+                Ok(Duration::ZERO)
+            })
+        })
+        .unwrap();
         let counted: u64 = per_thread.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        assert!(per_thread.iter().all(|c| c.load(Ordering::Relaxed) >= 1));
-        // The rate is the count over a little more than the requested 20 ms.
+        assert!(per_thread.iter().all(|c| c.load(Ordering::Relaxed) >= 16));
+        // The rate is the count over a little more than the requested 20 ms;
+        // one operation in 16 was timed.
+        let rate = measured[0].ops_per_s;
         assert!(rate > 0.0 && rate <= counted as f64 / 0.020);
+        assert_eq!(measured[0].latency.count() * 16, counted);
     }
 
     #[test]

@@ -40,6 +40,11 @@
 //! cache. A slower device would lengthen every fill, and with it every wait
 //! behind one.
 //!
+//! On a machine with fewer cores than threads (the readers, the writer and
+//! the puncher), a thread preempted while it holds a mode makes every
+//! conflicting request wait for its next time slice: the p99 and maximum
+//! latencies show it, under the strategies whose modes conflict more.
+//!
 //! `kernel` runs the same calls as `pread`, `pwrite` and
 //! `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a host file that the kernel caches
 //! whole (it has no budget to hold to), so its reads miss only on punched

@@ -18,6 +18,8 @@ struct Panel {
     largest_threads: bool,
     figure: fn(&Row) -> f64,
     axis: &'static str,
+    /// What the thread setting counts, for the caption.
+    threads: &'static str,
 }
 
 /// The panels, in the order drawn; a workload not in the report is skipped.
@@ -28,6 +30,7 @@ const PANELS: [Panel; 6] = [
         largest_threads: true,
         figure: |r| r.ops_per_s,
         axis: "4 KiB hits/s (all threads)",
+        threads: "threads",
     },
     Panel {
         workload: "mixed-disjoint",
@@ -35,6 +38,7 @@ const PANELS: [Panel; 6] = [
         largest_threads: false,
         figure: |r| r.ops_per_s,
         axis: "reads/s, punches elsewhere",
+        threads: "readers",
     },
     Panel {
         workload: "mixed-overlap",
@@ -42,6 +46,7 @@ const PANELS: [Panel; 6] = [
         largest_threads: false,
         figure: |r| r.ops_per_s,
         axis: "reads/s, punches on them",
+        threads: "readers",
     },
     Panel {
         workload: "direct",
@@ -49,6 +54,7 @@ const PANELS: [Panel; 6] = [
         largest_threads: false,
         figure: |r| r.ops_per_s,
         axis: "ops/s, reads + direct writes",
+        threads: "readers",
     },
     Panel {
         workload: "starve",
@@ -56,6 +62,7 @@ const PANELS: [Panel; 6] = [
         largest_threads: true,
         figure: |r| r.p99_us,
         axis: "punch p99 under storm, us (lower is better)",
+        threads: "storm threads",
     },
     Panel {
         workload: "fault",
@@ -63,6 +70,7 @@ const PANELS: [Panel; 6] = [
         largest_threads: false,
         figure: |r| r.ops_per_s,
         axis: "uncached pages faulted in/s",
+        threads: "thread",
     },
 ];
 
@@ -82,7 +90,7 @@ pub fn write_svg(report: &Report, path: &Path) -> io::Result<()> {
     }
     let columns = panels.len().min(2);
     let lines = panels.len().div_ceil(columns);
-    let size = (560 * columns as u32, 340 * lines as u32);
+    let size = (640 * columns as u32, 340 * lines as u32);
     let root = SVGBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let areas = root.split_evenly((lines, columns));
@@ -122,7 +130,7 @@ fn draw_panel<DB: DrawingBackend>(
     let max = values.iter().copied().fold(f64::MIN, f64::max);
     let min = values.iter().copied().fold(f64::MAX, f64::min);
     let threads = rows[0].threads;
-    let caption = format!("{} ({} threads)", panel.workload, threads);
+    let caption = format!("{} ({threads} {})", panel.workload, panel.threads);
     let names: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -151,15 +159,19 @@ fn draw_panel<DB: DrawingBackend>(
         } else {
             RGBColor(170, 170, 170).filled()
         };
-        Rectangle::new(
+        let mut rectangle = Rectangle::new(
             [
                 (SegmentValue::Exact(i), low),
                 (SegmentValue::Exact(i + 1), value),
             ],
             color,
-        )
+        );
+        // Gaps between the bars.
+        rectangle.set_margin(0, 0, 4, 4);
+        rectangle
     };
-    let x = (0..rows.len()).into_segmented();
+    // A segmented range over `0..=n - 1`: one segment per bar.
+    let x = (0..rows.len() - 1).into_segmented();
     if max / min > 10.0 {
         // Bars span decades: a log axis keeps the small ones visible.
         let low = min / 2.0;
@@ -170,6 +182,7 @@ fn draw_panel<DB: DrawingBackend>(
             .configure_mesh()
             .disable_x_mesh()
             .x_label_formatter(&label)
+            .x_label_style(("sans-serif", 11))
             .y_desc(format!("{} (log)", panel.axis))
             .y_label_formatter(&|v| short(*v))
             .draw()
@@ -190,6 +203,7 @@ fn draw_panel<DB: DrawingBackend>(
             .configure_mesh()
             .disable_x_mesh()
             .x_label_formatter(&label)
+            .x_label_style(("sans-serif", 11))
             .y_desc(panel.axis)
             .y_label_formatter(&|v| short(*v))
             .draw()
@@ -228,6 +242,17 @@ mod tests {
     #[test]
     fn a_report_plots_as_well_formed_svg() {
         let mut report = Report::default();
+        let mut single = Histogram::new();
+        single.record(5000);
+        report.rows.push(timed_row(
+            RowKey {
+                workload: "fault",
+                strategy: "two-state",
+                op: "uncached-fault",
+                threads: 1,
+            },
+            &[Measured::new(7.0, single, 1)],
+        ));
         for (workload, op, threads) in [("hit", "read", 2), ("starve", "punch", 4)] {
             for (strategy, rate) in [
                 ("none", 100.0),
