@@ -1,6 +1,7 @@
 //! `fault`: what a memory map costs, on its first touch of a page and after.
 //!
-//! Six variants run in one process, in turns, on one file:
+//! Three variants run for every strategy, and two baselines once per run, in
+//! turns, in one process, on a file of the same size:
 //! - `cached-fault`: every page of the file is in the cache; a fresh read-only
 //!   [`MapRegion`] of the whole file is touched one byte per page. The kernel
 //!   maps cached pages itself (shmem's fault path, which also maps neighbouring
@@ -22,16 +23,27 @@
 //!
 //! The fault variants count pages touched per second, timing the touches only
 //! (creating and dropping maps, dropping pages and setting up the baseline are
-//! not timed); the read variants count reads per second on one thread.
+//! not timed), and time one touch in 16 for the latencies; the read variants
+//! count reads per second on one thread (one in 16 timed). The baseline round
+//! trip is timed in bulk, so its row has no latencies. Only `uncached-fault`
+//! takes the coherence lock (Fill, in the handler); the other variants are the
+//! same under every strategy, which the rows show.
 
 use std::io;
 use std::time::{Duration, Instant};
 
 use filemap::{MapAccess, MapRegion, Strategy, PAGE_SIZE};
 
-use crate::{cached_file, expect_all_cached, measure, row, PageBuf, Ratio, Report, Row};
+use crate::{
+    cached_file, check_common, expect_all_cached, figure, headline_strategy, measure_kinds,
+    timed_row, Histogram, Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, Target,
+};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// The workload's name in reports.
+pub const WORKLOAD: &str = "fault";
+/// One touch or read in this many is timed.
+const TIME_EVERY: usize = 16;
 
 /// Settings of the fault benchmark.
 #[derive(Clone, Debug)]
@@ -43,8 +55,8 @@ pub struct FaultConfig {
     /// Length of one run of a variant (wall clock; fault variants run whole
     /// rounds, at least one).
     pub seconds_per_run: f64,
-    /// The coherence strategy of the cache.
-    pub strategy: Strategy,
+    /// The coherence strategies to measure.
+    pub strategies: Vec<Strategy>,
 }
 
 impl Default for FaultConfig {
@@ -52,105 +64,163 @@ impl Default for FaultConfig {
         FaultConfig {
             // As for `hit`: larger than a core's L2 cache, smaller than the L3.
             file_bytes: 16 << 20,
-            runs: 5,
+            runs: 3,
             seconds_per_run: 0.5,
-            strategy: Strategy::InvalidateLock,
+            strategies: Strategy::ALL.to_vec(),
         }
     }
 }
 
-/// The variants, in the order each run measures them.
-const VARIANTS: [&str; 6] = [
+/// The variants run for each strategy, in order.
+const STRATEGY_VARIANTS: [&str; 4] = [
     "cached-fault",
     "cached-fault-rw",
-    "uffd-round-trip",
     "uncached-fault",
     "map-read",
-    "memory-read",
 ];
+/// The baselines, with the operation their rows are filed under.
+const BASELINES: [(&str, &str); 2] = [("uffd-round-trip", "fault"), ("memory-read", "map-read")];
 
-/// Runs the benchmark; `progress` is told what is being measured.
-pub fn run(config: &FaultConfig, mut progress: impl FnMut(&str)) -> io::Result<Report> {
+/// How many measured steps [`run`] announces.
+pub fn steps(config: &FaultConfig) -> usize {
+    config.runs * (config.strategies.len() * STRATEGY_VARIANTS.len() + BASELINES.len())
+}
+
+/// Checks the settings without running anything.
+pub fn check(config: &FaultConfig) -> io::Result<()> {
     if config.file_bytes < PAGE || config.file_bytes % PAGE != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
+        return Err(crate::invalid(
             "the file size must be a positive multiple of 4096 bytes",
         ));
     }
-    if config.runs == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "runs must be at least 1",
-        ));
-    }
-    if !(config.seconds_per_run.is_finite() && config.seconds_per_run > 0.0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "seconds per run must be positive",
-        ));
-    }
-    let len = usize::try_from(config.file_bytes)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the file is too large"))?;
+    usize::try_from(config.file_bytes).map_err(|_| crate::invalid("the file is too large"))?;
+    check_common(
+        config.runs,
+        config.seconds_per_run,
+        &[1],
+        &config.strategies,
+    )
+}
+
+/// Runs the benchmark; `progress` is told what is being measured.
+pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
+    check(config)?;
+    let len = config.file_bytes as usize;
     let pages = len / PAGE_SIZE;
-    progress("filling the cache");
-    let (_cache, mapping) = cached_file(config.file_bytes, config.strategy)?;
+    progress(Progress::Setup("fault: filling the caches"));
+    let caches = config
+        .strategies
+        .iter()
+        .map(|&strategy| cached_file(config.file_bytes, strategy))
+        .collect::<io::Result<Vec<_>>>()?;
 
     let duration = Duration::from_secs_f64(config.seconds_per_run);
-    let mut runs = vec![Vec::new(); VARIANTS.len()];
+    let mut strategy_runs =
+        vec![vec![Vec::new(); STRATEGY_VARIANTS.len()]; config.strategies.len()];
+    let mut baseline_runs = vec![Vec::new(); BASELINES.len()];
     for run in 0..config.runs {
-        for (v, variant) in VARIANTS.iter().enumerate() {
-            progress(&format!("run {}/{}: {variant}", run + 1, config.runs));
-            let rate = match *variant {
-                "cached-fault" | "cached-fault-rw" => {
-                    expect_all_cached(&mapping, pages as u64)?;
-                    let access = if *variant == "cached-fault" {
-                        MapAccess::Read
-                    } else {
-                        MapAccess::ReadWrite
-                    };
-                    touch_rounds(duration, || {
-                        let map = mapping.map(0, len, access)?;
-                        Ok((pages, touch_every_page(&map)))
-                    })?
-                }
-                "uffd-round-trip" => touch_rounds(duration, || {
+        let step = |progress: &mut dyn FnMut(Progress<'_>), what: &str| {
+            progress(Progress::Step(&format!(
+                "fault, run {}/{}: {what}",
+                run + 1,
+                config.runs
+            )))
+        };
+        for (s, strategy) in config.strategies.iter().enumerate() {
+            let mapping = &caches[s].1;
+            for (v, variant) in STRATEGY_VARIANTS.iter().enumerate() {
+                step(&mut progress, &format!("{strategy}, {variant}"));
+                let measured = match *variant {
+                    "cached-fault" | "cached-fault-rw" => {
+                        // The uncached variant of the run before left pages out.
+                        mapping.readahead(0, config.file_bytes)?;
+                        expect_all_cached(mapping, pages as u64)?;
+                        let access = if *variant == "cached-fault" {
+                            MapAccess::Read
+                        } else {
+                            MapAccess::ReadWrite
+                        };
+                        touch_rounds(duration, || {
+                            let map = mapping.map(0, len, access)?;
+                            Ok(touch_every_page(&map))
+                        })?
+                    }
+                    "uncached-fault" => touch_rounds(duration, || {
+                        mapping.invalidate_range(0, config.file_bytes)?;
+                        let (cached, _) = mapping.cached_pages();
+                        if cached != 0 {
+                            return Err(io::Error::other(format!(
+                                "expected no page cached after invalidation, found {cached}"
+                            )));
+                        }
+                        let map = mapping.map(0, len, MapAccess::Read)?;
+                        Ok(touch_every_page(&map))
+                    })?,
+                    _ => {
+                        // Every page installed in this map: the reads never fault.
+                        let map = mapping.map(0, len, MapAccess::Read)?;
+                        touch_every_page(&map);
+                        map_reads(&map, duration)?
+                    }
+                };
+                strategy_runs[s][v].push(measured);
+            }
+        }
+        for (b, (baseline, _)) in BASELINES.iter().enumerate() {
+            step(&mut progress, baseline);
+            let measured = if *baseline == "uffd-round-trip" {
+                touch_rounds(duration, || {
                     let rate = filemap::bench_support::bare_uffd_round_trips(pages)?;
-                    Ok((pages, Duration::from_secs_f64(pages as f64 / rate)))
-                })?,
-                "uncached-fault" => touch_rounds(duration, || {
-                    mapping.invalidate_range(0, config.file_bytes)?;
-                    let (cached, _) = mapping.cached_pages();
-                    if cached != 0 {
-                        return Err(io::Error::other(format!(
-                            "expected no page cached after invalidation, found {cached}"
-                        )));
-                    }
-                    let map = mapping.map(0, len, MapAccess::Read)?;
-                    Ok((pages, touch_every_page(&map)))
-                })?,
-                "map-read" | "memory-read" => {
-                    // Every page installed in this map: the reads never fault.
-                    let map = mapping.map(0, len, MapAccess::Read)?;
-                    touch_every_page(&map);
-                    if *variant == "map-read" {
-                        map_reads(&map, duration)
-                    } else {
-                        memory_reads(&map, duration)
-                    }
-                }
-                _ => unreachable!("every variant is measured above"),
+                    Ok(Touched {
+                        pages,
+                        took: Duration::from_secs_f64(pages as f64 / rate),
+                        latency: Histogram::new(),
+                    })
+                })?
+            } else {
+                let mapping = &caches[0].1;
+                let map = mapping.map(0, len, MapAccess::Read)?;
+                touch_every_page(&map);
+                memory_reads(&map, duration)?
             };
-            runs[v].push(rate);
+            baseline_runs[b].push(measured);
         }
     }
 
-    let rows: Vec<Row> = VARIANTS
-        .iter()
-        .zip(runs)
-        .map(|(variant, runs)| row("fault", variant, 1, runs))
-        .collect();
-    let ratios = ratios(&rows);
-    Ok(Report { rows, ratios })
+    let mut rows: Vec<Row> = Vec::new();
+    for (s, strategy) in config.strategies.iter().enumerate() {
+        for (v, variant) in STRATEGY_VARIANTS.iter().enumerate() {
+            let key = RowKey {
+                workload: WORKLOAD,
+                strategy: strategy.name(),
+                op: variant,
+                threads: 1,
+            };
+            rows.push(timed_row(key, &strategy_runs[s][v]));
+        }
+    }
+    for (b, (baseline, op)) in BASELINES.iter().enumerate() {
+        let key = RowKey {
+            workload: WORKLOAD,
+            strategy: baseline,
+            op,
+            threads: 1,
+        };
+        rows.push(timed_row(key, &baseline_runs[b]));
+    }
+    let ratios = ratios(&rows, config)?;
+    Ok(Report {
+        rows,
+        ratios,
+        notes: Vec::new(),
+    })
+}
+
+/// What one round of touches gave.
+struct Touched {
+    pages: usize,
+    took: Duration,
+    latency: Histogram,
 }
 
 /// Runs `round` (which returns the pages it touched and the time the touching
@@ -158,29 +228,38 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(&str)) -> io::Result<R
 /// the pages touched per second of touching.
 fn touch_rounds(
     duration: Duration,
-    mut round: impl FnMut() -> io::Result<(usize, Duration)>,
-) -> io::Result<f64> {
+    mut round: impl FnMut() -> io::Result<Touched>,
+) -> io::Result<Measured> {
     let deadline = Instant::now() + duration;
     let (mut pages, mut touching) = (0usize, Duration::ZERO);
+    let mut latency = Histogram::new();
     loop {
-        let (touched, took) = round()?;
-        pages += touched;
-        touching += took;
+        let touched = round()?;
+        pages += touched.pages;
+        touching += touched.took;
+        latency.merge(&touched.latency);
         if Instant::now() >= deadline {
             break;
         }
     }
     // A round too fast for the clock still counts as having taken some time.
-    Ok(pages as f64 / touching.as_secs_f64().max(1e-9))
+    let rate = pages as f64 / touching.as_secs_f64().max(1e-9);
+    Ok(Measured::new(rate, latency, 1))
 }
 
 /// Loads one byte of every page of `map`, in order, and returns how long that
-/// took. A page not mapped in the map yet is a fault.
-fn touch_every_page(map: &MapRegion) -> Duration {
+/// took, with the latencies of one touch in 16. A page not mapped in the map
+/// yet is a fault.
+fn touch_every_page(map: &MapRegion) -> Touched {
     let pages = map.len() / PAGE_SIZE;
+    let mut latency = Histogram::new();
     let start = Instant::now();
     let mut sum = 0u64;
     for page in 0..pages {
+        // One touch in 16, at a position in its group of 16 that rotates, so
+        // the touches that fault (the first of each fill batch) are sampled too.
+        let timed = page % TIME_EVERY == (page / TIME_EVERY) % TIME_EVERY;
+        let touch_start = timed.then(Instant::now);
         // SAFETY: `map` is borrowed, so it stays mapped during the load, and
         // `page * PAGE_SIZE < map.len()`. Every map here covers the whole file
         // from offset 0 and the file's size is a multiple of the page size, so
@@ -189,87 +268,108 @@ fn touch_every_page(map: &MapRegion) -> Duration {
         // invalidation runs during a touch), so the load races no store.
         let byte = unsafe { std::ptr::read_volatile(map.as_ptr().add(page * PAGE_SIZE)) };
         sum += u64::from(byte);
+        if let Some(touch_start) = touch_start {
+            latency.record(touch_start.elapsed().as_nanos() as u64);
+        }
     }
-    let elapsed = start.elapsed();
+    let took = start.elapsed();
     std::hint::black_box(sum);
-    elapsed
+    Touched {
+        pages,
+        took,
+        latency,
+    }
 }
 
 /// Random 4 KiB [`MapRegion::read`] calls per second, on one thread.
-fn map_reads(map: &MapRegion, duration: Duration) -> f64 {
+fn map_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
     let pages = map.len() / PAGE_SIZE;
-    measure(1, duration, |_| {
+    let measured = measure_kinds(1, 1, duration, TIME_EVERY as u32, |_| {
         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-        move |rng: &mut fastrand::Rng| {
+        (0, move |rng: &mut fastrand::Rng| {
             let at = rng.usize(..pages) * PAGE_SIZE;
-            map.read(at, &mut buf.0).expect("a read inside the map");
+            map.read(at, &mut buf.0)?;
             std::hint::black_box(&buf);
-        }
-    })
+            Ok(Duration::ZERO)
+        })
+    })?;
+    Ok(measured.into_iter().next().expect("one kind"))
 }
 
 /// Plain copies per second of a random 4 KiB from the map's memory, on one
-/// thread, at the offsets [`map_reads`] reads (both use `measure`'s seeded
+/// thread, at the offsets [`map_reads`] reads (both use `measure_kinds`' seeded
 /// generator).
-fn memory_reads(map: &MapRegion, duration: Duration) -> f64 {
+fn memory_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
     let pages = map.len() / PAGE_SIZE;
-    measure(1, duration, |_| {
+    let measured = measure_kinds(1, 1, duration, TIME_EVERY as u32, |_| {
         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-        move |rng: &mut fastrand::Rng| {
+        (0, move |rng: &mut fastrand::Rng| {
             let at = rng.usize(..pages) * PAGE_SIZE;
             // SAFETY: `map` is borrowed for the whole measurement, so the source
             // stays mapped; `at + PAGE_SIZE <= map.len()`, and the map covers the
             // whole file, so the source lies inside the file. `buf` is our own
             // allocation, not map memory, so the ranges do not overlap. Nothing
             // writes the file during the benchmark (no write, invalidation or
-            // fill runs, and the map is read-only), so this plain copy races no
+            // fill runs, and nothing stores through maps), so this plain copy races no
             // store.
             unsafe {
                 std::ptr::copy_nonoverlapping(map.as_ptr().add(at), buf.0.as_mut_ptr(), PAGE_SIZE)
             };
             std::hint::black_box(&buf);
-        }
-    })
+            Ok(Duration::ZERO)
+        })
+    })?;
+    Ok(measured.into_iter().next().expect("one kind"))
 }
 
-/// The ratios the fault targets are set on, and the uncached one for information.
-fn ratios(rows: &[Row]) -> Vec<Ratio> {
-    let rate = |name: &str| {
-        rows.iter()
-            .find(|r| r.strategy == name)
-            .map(|r| r.ops_per_s)
+/// The ratios the fault targets are set on, for the headline strategy, and the
+/// uncached one for information.
+fn ratios(rows: &[Row], config: &FaultConfig) -> io::Result<Vec<Ratio>> {
+    let Some(strategy) = headline_strategy(&config.strategies)? else {
+        return Ok(Vec::new());
     };
+    let ours = strategy.name();
+    let rate = |strategy: &str, op: &str| figure(rows, WORKLOAD, strategy, op, 1, |r| r.ops_per_s);
     let mut ratios = Vec::new();
-    for (ours, baseline, what, target) in [
+    for (op, baseline, baseline_op, what, target) in [
         (
             "cached-fault",
             "uffd-round-trip",
+            "fault",
             "pages per second",
-            Some(0.75),
+            Some(Target::AtLeast(0.75)),
         ),
         (
             "cached-fault-rw",
             "uffd-round-trip",
+            "fault",
             "pages per second",
-            Some(0.75),
+            Some(Target::AtLeast(0.75)),
         ),
         (
             "uncached-fault",
             "uffd-round-trip",
+            "fault",
             "pages per second",
             None,
         ),
-        ("map-read", "memory-read", "1 thread", Some(0.9)),
+        (
+            "map-read",
+            "memory-read",
+            "map-read",
+            "1 thread",
+            Some(Target::AtLeast(0.9)),
+        ),
     ] {
-        if let (Some(ours_rate), Some(baseline_rate)) = (rate(ours), rate(baseline)) {
-            ratios.push(Ratio {
-                name: format!("{ours} / {baseline}, {what}"),
-                value: ours_rate / baseline_rate,
-                target,
-            });
-        }
+        ratios.push(Ratio::between(
+            WORKLOAD,
+            format!("{ours} {op} / {baseline}, {what}"),
+            rate(ours, op),
+            rate(baseline, baseline_op),
+            target,
+        ));
     }
-    ratios
+    Ok(ratios)
 }
 
 #[cfg(test)]
@@ -284,18 +384,33 @@ mod tests {
             seconds_per_run: 0.01,
             ..FaultConfig::default()
         };
-        let report = run(&config, |_| {}).unwrap();
-        let names: Vec<&str> = report.rows.iter().map(|r| r.strategy.as_str()).collect();
-        assert_eq!(names, VARIANTS);
+        let mut steps_seen = 0;
+        let report = run(&config, |p| {
+            if let Progress::Step(_) = p {
+                steps_seen += 1
+            }
+        })
+        .unwrap();
+        assert_eq!(steps_seen, steps(&config));
+        assert_eq!(
+            report.rows.len(),
+            Strategy::ALL.len() * STRATEGY_VARIANTS.len() + BASELINES.len()
+        );
         assert!(report
             .rows
             .iter()
             .all(|r| r.workload == "fault" && r.ops_per_s > 0.0 && r.ops_per_s.is_finite()));
+        for strategy in Strategy::ALL {
+            for variant in STRATEGY_VARIANTS {
+                let row = report.find(WORKLOAD, strategy.name(), variant, 1).unwrap();
+                assert!(row.p50_us > 0.0 && row.p99_us >= row.p50_us, "{row:?}");
+            }
+        }
         assert_eq!(report.ratios.len(), 4);
         assert!(report
             .ratios
             .iter()
-            .all(|r| r.value > 0.0 && r.value.is_finite()));
+            .all(|r| r.value.is_some_and(|v| v > 0.0 && v.is_finite())));
     }
 
     #[test]

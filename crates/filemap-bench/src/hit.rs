@@ -1,22 +1,32 @@
 //! `hit`: 4 KiB random `read_at` hits on a file that is wholly in the cache.
 //!
-//! Three variants run in one process, in turns, on a file of the same size:
-//! - `filemap`: `Mapping::read_at` of a random page (a hit: no lock taken);
-//! - `kernel-pread`: `pread` of a random page of a host file that is wholly in
-//!   the kernel's page cache (read once first);
+//! Every strategy runs, in turns with two baselines, on a file of the same size:
+//! - each strategy: `Mapping::read_at` of a random page (a hit: no lock taken,
+//!   except under `file-exclusive`, which locks every read);
+//! - `kernel`: `pread` of a random page of a host file that is wholly in the
+//!   kernel's page cache (read once first);
 //! - `memcpy`: a plain `memcpy` of a random page from the same frame memory the
 //!   hits copy from, with no lookup or validation: the floor of the hit path.
+//!
+//! One read in 16 is timed for the latencies, so the clock costs a hit next to
+//! nothing.
 
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::time::Duration;
 
 use filemap::{Strategy, PAGE_SIZE};
 
-use crate::{cached_file, measure, pattern, row, PageBuf, Ratio, Report, Row};
+use crate::kernel::HostFile;
+use crate::{
+    cached_file, check_common, coherent, figure, headline_strategy, measure_kinds, timed_row,
+    PageBuf, Progress, Ratio, Report, Row, RowKey, Target, KERNEL,
+};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// The workload's name in reports.
+pub const WORKLOAD: &str = "hit";
+/// One read in this many is timed.
+const TIME_EVERY: u32 = 16;
 
 /// Settings of the hit benchmark.
 #[derive(Clone, Debug)]
@@ -29,8 +39,8 @@ pub struct HitConfig {
     pub runs: usize,
     /// Length of one timed run.
     pub seconds_per_run: f64,
-    /// The coherence strategy of the cache.
-    pub strategy: Strategy,
+    /// The coherence strategies to measure.
+    pub strategies: Vec<Strategy>,
 }
 
 impl Default for HitConfig {
@@ -40,163 +50,211 @@ impl Default for HitConfig {
             // more, DRAM bandwidth bounds even a plain memcpy below 2x pread.
             file_bytes: 16 << 20,
             threads: vec![1, 2],
-            runs: 5,
+            runs: 3,
             seconds_per_run: 0.5,
-            strategy: Strategy::InvalidateLock,
+            strategies: Strategy::ALL.to_vec(),
         }
     }
 }
 
-/// The variants, in the order each round runs them.
-const VARIANTS: [&str; 3] = ["filemap", "kernel-pread", "memcpy"];
+/// What one measurement runs.
+#[derive(Clone, Copy)]
+enum Variant {
+    Strategy(usize),
+    Kernel,
+    Memcpy,
+}
 
-/// Runs the benchmark; `progress` is told what is being measured.
-pub fn run(config: &HitConfig, mut progress: impl FnMut(&str)) -> io::Result<Report> {
+fn variants(config: &HitConfig) -> Vec<Variant> {
+    (0..config.strategies.len())
+        .map(Variant::Strategy)
+        .chain([Variant::Kernel, Variant::Memcpy])
+        .collect()
+}
+
+/// How many measured steps [`run`] announces.
+pub fn steps(config: &HitConfig) -> usize {
+    config.runs * config.threads.len() * (config.strategies.len() + 2)
+}
+
+/// Checks the settings without running anything.
+pub fn check(config: &HitConfig) -> io::Result<()> {
     if config.file_bytes < PAGE || config.file_bytes % PAGE != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
+        return Err(crate::invalid(
             "the file size must be a positive multiple of 4096 bytes",
         ));
     }
-    if config.runs == 0 || config.threads.contains(&0) || config.threads.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "runs and thread counts must be at least 1",
-        ));
-    }
-    progress("filling the cache and the kernel's page cache");
+    check_common(
+        config.runs,
+        config.seconds_per_run,
+        &config.threads,
+        &config.strategies,
+    )
+}
+
+/// Runs the benchmark; `progress` is told what is being measured.
+pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
+    check(config)?;
+    progress(Progress::Setup(
+        "hit: filling the caches and the kernel's page cache",
+    ));
     let pages = config.file_bytes / PAGE;
-    let (_cache, mapping) = cached_file(config.file_bytes, config.strategy)?;
-    let host = warm_host_file(config.file_bytes)?;
+    let caches = config
+        .strategies
+        .iter()
+        .map(|&strategy| cached_file(config.file_bytes, strategy))
+        .collect::<io::Result<Vec<_>>>()?;
+    let host = HostFile::create(config.file_bytes)?;
 
     let duration = Duration::from_secs_f64(config.seconds_per_run);
-    let mut runs = vec![vec![Vec::new(); VARIANTS.len()]; config.threads.len()];
+    let variants = variants(config);
+    let mut runs = vec![vec![Vec::new(); variants.len()]; config.threads.len()];
     for run in 0..config.runs {
         for (t, &threads) in config.threads.iter().enumerate() {
-            for (v, variant) in VARIANTS.iter().enumerate() {
-                progress(&format!(
-                    "run {}/{}: {variant}, {threads} thread(s)",
+            for (v, variant) in variants.iter().enumerate() {
+                let name = match *variant {
+                    Variant::Strategy(s) => config.strategies[s].name(),
+                    Variant::Kernel => KERNEL,
+                    Variant::Memcpy => "memcpy",
+                };
+                progress(Progress::Step(&format!(
+                    "hit, run {}/{}: {name}, {threads} thread(s)",
                     run + 1,
                     config.runs
-                ));
-                let rate = match *variant {
-                    "filemap" => measure(threads, duration, |_| {
+                )));
+                let measured = match *variant {
+                    Variant::Strategy(s) => {
+                        let mapping = &caches[s].1;
+                        measure_kinds(threads, 1, duration, TIME_EVERY, |_| {
+                            let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+                            (0, move |rng: &mut fastrand::Rng| {
+                                let offset = rng.u64(..pages) * PAGE;
+                                let n = mapping.read_at(&mut buf.0, offset)?;
+                                debug_assert_eq!(n, PAGE_SIZE);
+                                std::hint::black_box(&buf);
+                                Ok(Duration::ZERO)
+                            })
+                        })?
+                    }
+                    Variant::Kernel => measure_kinds(threads, 1, duration, TIME_EVERY, |_| {
                         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                        let mapping = &mapping;
-                        move |rng: &mut fastrand::Rng| {
+                        let file = &host.file;
+                        (0, move |rng: &mut fastrand::Rng| {
+                            use std::os::unix::fs::FileExt;
                             let offset = rng.u64(..pages) * PAGE;
-                            let n = mapping.read_at(&mut buf.0, offset).expect("a hit");
-                            debug_assert_eq!(n, PAGE_SIZE);
+                            file.read_exact_at(&mut buf.0, offset)?;
                             std::hint::black_box(&buf);
-                        }
-                    }),
-                    "kernel-pread" => measure(threads, duration, |_| {
-                        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                        let host = &host;
-                        move |rng: &mut fastrand::Rng| {
-                            let offset = rng.u64(..pages) * PAGE;
-                            host.read_exact_at(&mut buf.0, offset)
-                                .expect("a warm pread");
-                            std::hint::black_box(&buf);
-                        }
-                    }),
-                    _ => measure(threads, duration, |_| {
-                        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                        let mapping = &mapping;
-                        move |rng: &mut fastrand::Rng| {
-                            let index = rng.u64(..pages);
-                            // SAFETY: only reads run during the benchmark: nothing
-                            // writes, fills or drops pages of this cache.
-                            let cached = unsafe { mapping.memcpy_cached_page(index, &mut buf.0) };
-                            debug_assert!(cached);
-                            std::hint::black_box(&buf);
-                        }
-                    }),
+                            Ok(Duration::ZERO)
+                        })
+                    })?,
+                    Variant::Memcpy => {
+                        let mapping = &caches[0].1;
+                        measure_kinds(threads, 1, duration, TIME_EVERY, |_| {
+                            let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+                            (0, move |rng: &mut fastrand::Rng| {
+                                let index = rng.u64(..pages);
+                                // SAFETY: only reads run during the benchmark:
+                                // nothing writes, fills or drops pages of this cache.
+                                let cached =
+                                    unsafe { mapping.memcpy_cached_page(index, &mut buf.0) };
+                                debug_assert!(cached);
+                                std::hint::black_box(&buf);
+                                Ok(Duration::ZERO)
+                            })
+                        })?
+                    }
                 };
-                runs[t][v].push(rate);
+                runs[t][v].extend(measured);
             }
         }
     }
 
     let mut rows = Vec::new();
     for (t, &threads) in config.threads.iter().enumerate() {
-        for (v, variant) in VARIANTS.iter().enumerate() {
-            let name = if *variant == "filemap" {
-                config.strategy.name()
-            } else {
-                variant
+        for (v, variant) in variants.iter().enumerate() {
+            let strategy = match *variant {
+                Variant::Strategy(s) => config.strategies[s].name(),
+                Variant::Kernel => KERNEL,
+                Variant::Memcpy => "memcpy",
             };
-            rows.push(row("hit", name, threads, runs[t][v].clone()));
+            let key = RowKey {
+                workload: WORKLOAD,
+                strategy,
+                op: "read",
+                threads,
+            };
+            rows.push(timed_row(key, &runs[t][v]));
         }
     }
-    let ratios = ratios(&rows, config.strategy);
-    Ok(Report { rows, ratios })
-}
-
-/// A host file of `len` bytes, read once so the kernel caches all of it.
-fn warm_host_file(len: u64) -> io::Result<File> {
-    let mut file = tempfile::tempfile()?;
-    let chunk = pattern(1 << 20);
-    let mut written = 0;
-    while written < len {
-        let n = chunk.len().min((len - written) as usize);
-        file.write_all(&chunk[..n])?;
-        written += n as u64;
-    }
-    file.sync_all()?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0;
-    while offset < len {
-        let n = buf.len().min((len - offset) as usize);
-        file.read_exact_at(&mut buf[..n], offset)?;
-        offset += n as u64;
-    }
-    Ok(file)
+    let ratios = ratios(&rows, config)?;
+    Ok(Report {
+        rows,
+        ratios,
+        notes: Vec::new(),
+    })
 }
 
 /// The ratios the hit targets are set on.
-fn ratios(rows: &[Row], strategy: Strategy) -> Vec<Ratio> {
+fn ratios(rows: &[Row], config: &HitConfig) -> io::Result<Vec<Ratio>> {
     let per_thread = |name: &str, threads: usize| {
-        rows.iter()
-            .find(|r| r.strategy == name && r.threads == threads)
-            .map(|r| r.per_thread_ops_per_s)
+        figure(rows, WORKLOAD, name, "read", threads, |r| {
+            r.per_thread_ops_per_s
+        })
     };
-    let filemap = strategy.name();
+    let headline = headline_strategy(&config.strategies)?;
     let mut ratios = Vec::new();
-    let mut thread_counts: Vec<usize> = rows.iter().map(|r| r.threads).collect();
-    thread_counts.dedup();
-    for &threads in &thread_counts {
+    for &threads in &config.threads {
+        // The lock must cost nothing on hits: `range` against the best.
+        let best = coherent(&config.strategies)
+            .filter_map(|s| per_thread(s.name(), threads).ok().map(|v| (s.name(), v)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let best_figure = best
+            .map(|(_, v)| v)
+            .ok_or_else(|| "not available: no coherent strategy was measured".to_owned());
+        ratios.push(Ratio::between(
+            WORKLOAD,
+            format!(
+                "range / best ({}), {threads} thread(s)",
+                best.map_or("none", |(name, _)| name)
+            ),
+            per_thread("range", threads),
+            best_figure,
+            Some(Target::AtLeast(0.95)),
+        ));
         // The ceiling of any hit path: a bare copy against the kernel.
-        if let (Some(copy), Some(kernel)) = (
+        ratios.push(Ratio::between(
+            WORKLOAD,
+            format!("memcpy / kernel, {threads} thread(s), per thread (ceiling)"),
             per_thread("memcpy", threads),
-            per_thread("kernel-pread", threads),
-        ) {
-            ratios.push(Ratio {
-                name: format!("memcpy / kernel-pread, {threads} thread(s), per thread (ceiling)"),
-                value: copy / kernel,
-                target: None,
-            });
-        }
-        for (baseline, target) in [("kernel-pread", 2.0), ("memcpy", 0.85)] {
-            if let (Some(ours), Some(theirs)) =
-                (per_thread(filemap, threads), per_thread(baseline, threads))
-            {
-                ratios.push(Ratio {
-                    name: format!("{filemap} / {baseline}, {threads} thread(s), per thread"),
-                    value: ours / theirs,
-                    target: Some(target),
-                });
+            per_thread(KERNEL, threads),
+            None,
+        ));
+        if let Some(strategy) = headline {
+            let ours = strategy.name();
+            for (baseline, target) in [(KERNEL, 2.0), ("memcpy", 0.85)] {
+                ratios.push(Ratio::between(
+                    WORKLOAD,
+                    format!("{ours} / {baseline}, {threads} thread(s), per thread"),
+                    per_thread(ours, threads),
+                    per_thread(baseline, threads),
+                    Some(Target::AtLeast(target)),
+                ));
             }
         }
     }
-    if let (Some(one), Some(two)) = (per_thread(filemap, 1), per_thread(filemap, 2)) {
-        ratios.push(Ratio {
-            name: format!("{filemap}: 2 threads / 1 thread, total"),
-            value: 2.0 * two / one,
-            target: Some(1.8),
-        });
+    if let Some(strategy) = headline {
+        let ours = strategy.name();
+        if config.threads.contains(&1) && config.threads.contains(&2) {
+            ratios.push(Ratio::between(
+                WORKLOAD,
+                format!("{ours}: 2 threads / 1 thread, total"),
+                per_thread(ours, 2).map(|v| 2.0 * v),
+                per_thread(ours, 1),
+                Some(Target::AtLeast(1.8)),
+            ));
+        }
     }
-    ratios
+    Ok(ratios)
 }
 
 #[cfg(test)]
@@ -204,7 +262,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tiny_run_reports_every_variant_and_ratio() {
+    fn a_tiny_run_reports_every_strategy_baseline_and_ratio() {
         let config = HitConfig {
             file_bytes: 1 << 20,
             threads: vec![1, 2],
@@ -212,10 +270,31 @@ mod tests {
             seconds_per_run: 0.01,
             ..HitConfig::default()
         };
-        let report = run(&config, |_| {}).unwrap();
-        assert_eq!(report.rows.len(), 6);
-        assert!(report.rows.iter().all(|r| r.ops_per_s > 0.0));
-        assert_eq!(report.ratios.len(), 7);
+        let mut steps_seen = 0;
+        let report = run(&config, |p| {
+            if let Progress::Step(_) = p {
+                steps_seen += 1
+            }
+        })
+        .unwrap();
+        assert_eq!(steps_seen, steps(&config));
+        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 2));
+        for strategy in Strategy::ALL {
+            let row = report.find(WORKLOAD, strategy.name(), "read", 1).unwrap();
+            assert_eq!(row.coherent, strategy.is_coherent());
+        }
+        assert!(report
+            .rows
+            .iter()
+            .all(|r| r.ops_per_s > 0.0 && r.p50_us > 0.0 && r.p99_us >= r.p50_us));
+        // Per thread count: range/best, the ceiling, two for the headline
+        // strategy; and the scaling of the headline strategy.
+        assert_eq!(report.ratios.len(), 2 * 4 + 1);
+        let range = &report.ratios[0];
+        assert_eq!(
+            range.value.is_some(),
+            crate::strategy_named("range").is_some()
+        );
     }
 
     #[test]
@@ -231,6 +310,10 @@ mod tests {
             },
             HitConfig {
                 threads: vec![0],
+                ..HitConfig::default()
+            },
+            HitConfig {
+                strategies: Vec::new(),
                 ..HitConfig::default()
             },
         ] {

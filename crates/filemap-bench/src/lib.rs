@@ -2,36 +2,78 @@
 //! process, so that the figures are ratios on one machine at one moment rather
 //! than absolute numbers from a noisy, shared one.
 //!
+//! Every workload runs every strategy it is given (by default
+//! [`Strategy::ALL`]), `none` included but marked incoherent and left out of
+//! the ratios, and a baseline where one makes sense:
+//!
 //! - [`hit`]: 4 KiB random `read_at` hits on a fully cached file, against kernel
 //!   `pread` on a warm host file of the same size and against a plain `memcpy`
 //!   from the same frame memory.
+//! - [`mixed`]: readers, a writer and a puncher on one file, the punches on
+//!   ranges the readers never read (`mixed-disjoint`) or on theirs
+//!   (`mixed-overlap`), against the same calls on a host file.
+//! - [`direct`]: two direct writers beside buffered readers, against `O_DIRECT`
+//!   `pwrite` and `pread` on a host file.
+//! - [`starve`]: the latency of punches under a storm of reads and map faults on
+//!   their range, against the same punches with no storm.
 //! - [`fault`]: first touches of a memory map's pages, cached and not, against
 //!   a bare userfaultfd round trip; and reads through a map against a plain
 //!   copy of the same memory.
+//!
+//! [`plot`] draws a report as an SVG chart, one panel per workload.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filemap::{Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::{FileDevice, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
 use serde::Serialize;
 
+pub mod direct;
 pub mod fault;
+mod histogram;
 pub mod hit;
+pub mod kernel;
+pub mod mixed;
+pub mod plot;
+pub mod starve;
 
-/// One measured configuration: the median of several timed runs.
+pub use histogram::Histogram;
+
+/// The name baselines of host-file system calls go by in reports.
+pub const KERNEL: &str = "kernel";
+
+/// One measured configuration: medians of several timed runs.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
-    /// The benchmark.
+    /// The benchmark: `hit`, `mixed-disjoint`, `mixed-overlap`, `direct`,
+    /// `starve` or `fault`.
     pub workload: String,
-    /// What ran: a filemap strategy, a variant (`cached-fault`, `map-read`), or a
-    /// baseline (`kernel-pread`, `memcpy`, `uffd-round-trip`, `memory-read`).
+    /// What ran: a filemap strategy, or a baseline (`kernel`, `memcpy`,
+    /// `uffd-round-trip`, `memory-read`).
     pub strategy: String,
-    /// Threads running it at once.
+    /// False for strategies that do not keep the cache coherent (`none`): their
+    /// figures are for reference only and stay out of every ratio.
+    pub coherent: bool,
+    /// What the figures count: `read`, `write`, `punch`, `write_direct`, `all`
+    /// (every operation of the workload), `cached-fault`, ...
+    pub op: String,
+    /// The workload's thread setting: hit readers, `mixed` and `direct` reader
+    /// threads (beside their writers and puncher), `starve` storm threads (0:
+    /// the punches alone), 1 for `fault`.
     pub threads: usize,
-    /// Operations per second, all threads together (median run).
+    /// Threads that ran this operation.
+    pub workers: usize,
+    /// Operations per second, all its threads together (median run).
     pub ops_per_s: f64,
+    /// Median latency of one operation in microseconds (median run).
+    pub p50_us: f64,
+    /// 99th percentile latency in microseconds (median run).
+    pub p99_us: f64,
+    /// The longest latency in microseconds (median run): stalls too rare for
+    /// the p99 still show here, and in the rate.
+    pub max_us: f64,
     /// Operations per second of one thread (median run).
     pub per_thread_ops_per_s: f64,
     /// Nanoseconds per operation on one thread (median run).
@@ -40,69 +82,295 @@ pub struct Row {
     pub runs: Vec<f64>,
 }
 
+/// How a ratio is held to its target.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Target {
+    /// The ratio must be at least this.
+    #[serde(rename = ">=")]
+    AtLeast(f64),
+    /// The ratio must be at most this.
+    #[serde(rename = "<=")]
+    AtMost(f64),
+}
+
 /// A ratio between two rows of one invocation, the figure a target is set on.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
-    /// What is compared, e.g. `filemap / kernel-pread, 1 thread`.
+    /// The workload of the rows compared.
+    pub workload: String,
+    /// What is compared, e.g. `range / invalidate-lock, read ops/s`.
     pub name: String,
-    /// The ratio of the medians.
-    pub value: f64,
+    /// The ratio of the medians; `None` when a row it needs does not exist (a
+    /// strategy that is not built yet, or was not selected).
+    pub value: Option<f64>,
     /// The target, if the project set one.
     pub target: Option<f64>,
+    /// How `value` is held to `target`: `">="` or `"<="`.
+    pub comparison: Option<&'static str>,
+    /// Whether the target is met; `None` without a target or a value.
+    pub met: Option<bool>,
+    /// Why the value is missing.
+    pub note: Option<String>,
 }
 
-/// The result of one benchmark.
-#[derive(Clone, Debug, Serialize)]
+impl Ratio {
+    /// `numerator / denominator`, each a figure or the reason it is missing.
+    pub fn between(
+        workload: &str,
+        name: String,
+        numerator: Result<f64, String>,
+        denominator: Result<f64, String>,
+        target: Option<Target>,
+    ) -> Ratio {
+        let (value, note) = match (numerator, denominator) {
+            (Ok(n), Ok(d)) => (Some(n / d), None),
+            (Err(why), _) | (_, Err(why)) => (None, Some(why)),
+        };
+        let (target_value, comparison) = match target {
+            Some(Target::AtLeast(t)) => (Some(t), Some(">=")),
+            Some(Target::AtMost(t)) => (Some(t), Some("<=")),
+            None => (None, None),
+        };
+        let met = match (value, target) {
+            (Some(v), Some(Target::AtLeast(t))) => Some(v >= t),
+            (Some(v), Some(Target::AtMost(t))) => Some(v <= t),
+            _ => None,
+        };
+        Ratio {
+            workload: workload.to_owned(),
+            name,
+            value,
+            target: target_value,
+            comparison,
+            met,
+            note,
+        }
+    }
+
+    /// The verdict printed beside the ratio: `(target >= 1.5: met)`.
+    pub fn verdict(&self) -> String {
+        match (self.comparison, self.target, self.met) {
+            (Some(cmp), Some(target), Some(met)) => {
+                let met = if met { "met" } else { "NOT met" };
+                format!("(target {cmp} {target}: {met})")
+            }
+            (Some(cmp), Some(target), None) => format!("(target {cmp} {target}: not available)"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The result of one or more benchmarks.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     /// Every configuration measured.
     pub rows: Vec<Row>,
     /// The ratios the targets are set on.
     pub ratios: Vec<Ratio>,
+    /// Remarks on the measurement, e.g. a baseline that could not run.
+    pub notes: Vec<String>,
 }
 
-/// Runs an operation on `threads` threads for `duration` and returns the
-/// operations per second of all threads together. `make_op` builds each thread's
-/// operation before the clock starts; the operation gets the thread's seeded
-/// generator, so every variant pays the same for its random choices.
-pub fn measure<M, O>(threads: usize, duration: Duration, make_op: M) -> f64
+impl Report {
+    /// Appends everything `other` holds.
+    pub fn append(&mut self, other: Report) {
+        self.rows.extend(other.rows);
+        self.ratios.extend(other.ratios);
+        self.notes.extend(other.notes);
+    }
+
+    /// The row of `workload`, `strategy`, `op` and `threads`, if measured.
+    pub fn find(&self, workload: &str, strategy: &str, op: &str, threads: usize) -> Option<&Row> {
+        find_row(&self.rows, workload, strategy, op, threads)
+    }
+}
+
+/// The row of `workload`, `strategy`, `op` and `threads` in `rows`, if any.
+pub fn find_row<'a>(
+    rows: &'a [Row],
+    workload: &str,
+    strategy: &str,
+    op: &str,
+    threads: usize,
+) -> Option<&'a Row> {
+    rows.iter().find(|r| {
+        r.workload == workload && r.strategy == strategy && r.op == op && r.threads == threads
+    })
+}
+
+/// A figure of a row found by name, or why it is missing: looking strategies up
+/// by name lets ratios name strategies that do not exist yet.
+pub fn figure(
+    rows: &[Row],
+    workload: &str,
+    strategy: &str,
+    op: &str,
+    threads: usize,
+    get: impl Fn(&Row) -> f64,
+) -> Result<f64, String> {
+    match find_row(rows, workload, strategy, op, threads) {
+        Some(row) => Ok(get(row)),
+        None if strategy_named(strategy).is_none() && !is_baseline(strategy) => {
+            Err(format!("not available: no strategy named {strategy}"))
+        }
+        None => Err(format!("not available: {strategy} was not measured")),
+    }
+}
+
+/// The strategy called `name`, if the library has one.
+pub fn strategy_named(name: &str) -> Option<Strategy> {
+    Strategy::ALL.into_iter().find(|s| s.name() == name)
+}
+
+fn is_baseline(name: &str) -> bool {
+    matches!(name, KERNEL | "memcpy" | "uffd-round-trip" | "memory-read")
+}
+
+/// The library's default strategy: the one the older single-strategy targets
+/// (`hit`, `fault`) are reported for when every strategy runs.
+pub fn default_strategy() -> io::Result<Strategy> {
+    Ok(PageCache::builder()
+        .budget_bytes(PAGE_SIZE as u64)
+        .build()?
+        .strategy())
+}
+
+/// The strategy the single-strategy targets are reported for: the only one
+/// selected, else the library's default if selected, else the first coherent.
+pub fn headline_strategy(strategies: &[Strategy]) -> io::Result<Option<Strategy>> {
+    if let [only] = strategies {
+        return Ok(Some(*only));
+    }
+    let default = default_strategy()?;
+    Ok(if strategies.contains(&default) {
+        Some(default)
+    } else {
+        coherent(strategies).next()
+    })
+}
+
+/// What a benchmark tells its caller as it goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Progress<'a> {
+    /// Preparation, not a measured step.
+    Setup(&'a str),
+    /// A measured step (one strategy or baseline, one run) starts; a benchmark
+    /// announces exactly as many as its `steps` function says.
+    Step(&'a str),
+}
+
+/// What one timed run of one kind of operation gave.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    /// Operations per second, all threads of this kind together.
+    pub ops_per_s: f64,
+    /// Latencies of the operations timed (all, or one in `every`).
+    pub latency: Histogram,
+    /// Threads that ran this kind.
+    pub workers: usize,
+}
+
+impl Measured {
+    /// A measurement made elsewhere (a single thread timing its own loop).
+    pub fn new(ops_per_s: f64, latency: Histogram, workers: usize) -> Self {
+        Measured {
+            ops_per_s,
+            latency,
+            workers,
+        }
+    }
+}
+
+/// Runs `threads` threads for `duration`; thread `t` runs the operation
+/// `make_op(t)` returns, of kind `k < kinds`, over and over. Returns for each
+/// kind the operations per second of its threads together and a histogram of
+/// latencies. One operation in `every` is timed (1: all of them): two clock
+/// reads cost tens of nanoseconds, which would weigh on a 4 KiB hit but not on
+/// an operation that takes microseconds. The stop flag is read once per `every`
+/// operations too. `make_op` runs before the clock starts, and each operation
+/// gets the thread's seeded generator, so every variant pays the same for its
+/// random choices. The first error of any operation stops the run and is
+/// returned.
+///
+/// An operation returns how long it spent on preparation that is not part of
+/// what is measured (`Duration::ZERO` for none): that time is taken off its
+/// latency, though not off the run (it is time the thread did not spend on
+/// the measured calls, which its rate shows).
+pub fn measure_kinds<M, O>(
+    threads: usize,
+    kinds: usize,
+    duration: Duration,
+    every: u32,
+    make_op: M,
+) -> io::Result<Vec<Measured>>
 where
-    M: Fn(usize) -> O + Sync,
-    O: FnMut(&mut fastrand::Rng),
+    M: Fn(usize) -> (usize, O) + Sync,
+    O: FnMut(&mut fastrand::Rng) -> io::Result<Duration>,
 {
+    let every = every.max(1);
     let stop = AtomicBool::new(false);
     let started = std::sync::Barrier::new(threads + 1);
-    let (elapsed, total) = std::thread::scope(|scope| {
+    let (elapsed, results) = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|thread| {
                 let (stop, started, make_op) = (&stop, &started, &make_op);
                 scope.spawn(move || {
                     let mut rng = fastrand::Rng::with_seed(0x5eed ^ thread as u64);
-                    let mut op = make_op(thread);
+                    let (kind, mut op) = make_op(thread);
+                    let mut latency = Histogram::new();
                     started.wait();
                     let mut count = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        // The flag is read once per 16 operations: a shared load is
-                        // cheap, but not free next to a 4 KiB hit.
-                        for _ in 0..16 {
-                            op(&mut rng);
+                    let mut run = || -> io::Result<()> {
+                        while !stop.load(Ordering::Relaxed) {
+                            for _ in 1..every {
+                                op(&mut rng)?;
+                            }
+                            let start = Instant::now();
+                            let untimed = op(&mut rng)?;
+                            let took = start.elapsed().saturating_sub(untimed);
+                            latency.record(took.as_nanos() as u64);
+                            count += u64::from(every);
                         }
-                        count += 16;
+                        Ok(())
+                    };
+                    let result = run();
+                    if result.is_err() {
+                        stop.store(true, Ordering::Relaxed);
                     }
-                    count
+                    result.map(|()| (kind, count, latency))
                 })
             })
             .collect();
         started.wait();
         let start = Instant::now();
-        std::thread::sleep(duration);
+        // Sleep in slices, so a thread that failed ends the run early.
+        while start.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep((duration - start.elapsed()).min(Duration::from_millis(10)));
+        }
         stop.store(true, Ordering::Relaxed);
-        let total: u64 = workers
+        let results: Vec<_> = workers
             .into_iter()
             .map(|worker| worker.join().expect("benchmark threads do not panic"))
-            .sum();
-        (start.elapsed(), total)
+            .collect();
+        (start.elapsed(), results)
     });
-    total as f64 / elapsed.as_secs_f64()
+    let mut out: Vec<(u64, Histogram, usize)> =
+        (0..kinds).map(|_| (0, Histogram::new(), 0)).collect();
+    for result in results {
+        let (kind, count, latency) = result?;
+        let (total, histogram, workers) = &mut out[kind];
+        *total += count;
+        histogram.merge(&latency);
+        *workers += 1;
+    }
+    Ok(out
+        .into_iter()
+        .map(|(count, latency, workers)| Measured {
+            ops_per_s: count as f64 / elapsed.as_secs_f64(),
+            latency,
+            workers,
+        })
+        .collect())
 }
 
 /// A page-aligned buffer, so every variant copies into the same alignment.
@@ -135,6 +403,20 @@ pub fn cached_file(file_bytes: u64, strategy: Strategy) -> io::Result<(PageCache
     Ok((cache, mapping))
 }
 
+/// A volume of `bytes` on a temporary image file (gone when the volume is).
+/// The workloads that race fills against writes and punches use it rather than
+/// a [`MemDevice`], whose single device-wide reader-writer lock would make every
+/// device write wait for every device read: the benchmark would measure that
+/// lock instead of the coherence lock. A [`FileDevice`] locks only the blocks a
+/// call touches, as a disk queue serves unrelated blocks independently; its
+/// reads come from the host's page cache, so a fill costs a system call, not a
+/// disk access.
+pub fn temp_volume(bytes: u64) -> io::Result<Arc<Volume>> {
+    let file = tempfile::tempfile()?;
+    file.set_len(bytes)?;
+    Volume::format(Arc::new(FileDevice::from_file(file)?))
+}
+
 /// Fails unless all `pages` pages of the file are cached and clean: a variant
 /// meant to measure hits would otherwise measure fills.
 pub fn expect_all_cached(mapping: &Mapping, pages: u64) -> io::Result<()> {
@@ -159,19 +441,91 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// A row from the per-run totals of one configuration.
-pub fn row(workload: &str, strategy: &str, threads: usize, runs: Vec<f64>) -> Row {
-    let ops_per_s = median(&runs);
-    let per_thread = ops_per_s / threads as f64;
+/// What a row is of: the workload, who ran it, the operation and the thread
+/// setting.
+#[derive(Clone, Copy, Debug)]
+pub struct RowKey<'a> {
+    /// The workload.
+    pub workload: &'a str,
+    /// A strategy's name, or a baseline's.
+    pub strategy: &'a str,
+    /// The operation counted.
+    pub op: &'a str,
+    /// The workload's thread setting.
+    pub threads: usize,
+}
+
+/// A row from the runs of one configuration: the median run's throughput, and
+/// the medians over runs of each run's p50 and p99.
+pub fn timed_row(key: RowKey<'_>, runs: &[Measured]) -> Row {
+    let rates: Vec<f64> = runs.iter().map(|m| m.ops_per_s).collect();
+    let quantile = |q: f64| {
+        let values: Vec<f64> = runs
+            .iter()
+            .filter_map(|m| m.latency.quantile(q))
+            .map(|ns| ns / 1000.0)
+            .collect();
+        if values.is_empty() {
+            f64::NAN
+        } else {
+            median(&values)
+        }
+    };
+    let workers = runs.first().map_or(1, |m| m.workers).max(1);
+    let ops_per_s = median(&rates);
+    let per_thread = ops_per_s / workers as f64;
     Row {
-        workload: workload.to_owned(),
-        strategy: strategy.to_owned(),
-        threads,
+        workload: key.workload.to_owned(),
+        strategy: key.strategy.to_owned(),
+        coherent: strategy_named(key.strategy).is_none_or(Strategy::is_coherent),
+        op: key.op.to_owned(),
+        threads: key.threads,
+        workers,
         ops_per_s,
+        p50_us: quantile(0.5),
+        p99_us: quantile(0.99),
+        max_us: quantile(1.0),
         per_thread_ops_per_s: per_thread,
         ns_per_op: 1e9 / per_thread,
-        runs,
+        runs: rates,
     }
+}
+
+/// The error of a setting a benchmark refuses.
+pub fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message.into())
+}
+
+/// Checks the settings every workload shares.
+pub fn check_common(
+    runs: usize,
+    seconds_per_run: f64,
+    threads: &[usize],
+    strategies: &[Strategy],
+) -> io::Result<()> {
+    if runs == 0 {
+        return Err(invalid("runs must be at least 1"));
+    }
+    if !(seconds_per_run.is_finite() && seconds_per_run > 0.0 && seconds_per_run <= 3600.0) {
+        return Err(invalid(
+            "seconds per run must be positive (and at most an hour)",
+        ));
+    }
+    if threads.is_empty() || threads.contains(&0) {
+        return Err(invalid("thread counts must be at least 1"));
+    }
+    if threads.iter().any(|&t| t > 256) {
+        return Err(invalid("thread counts must be at most 256"));
+    }
+    if strategies.is_empty() {
+        return Err(invalid("at least one strategy must be selected"));
+    }
+    Ok(())
+}
+
+/// The coherent strategies of `strategies`: the ones ratios may name.
+pub fn coherent(strategies: &[Strategy]) -> impl Iterator<Item = Strategy> + '_ {
+    strategies.iter().copied().filter(|s| s.is_coherent())
 }
 
 #[cfg(test)]
@@ -185,18 +539,87 @@ mod tests {
     }
 
     #[test]
-    fn measure_counts_operations_on_every_thread() {
+    fn measure_kinds_counts_operations_on_every_thread() {
         use std::sync::atomic::AtomicU64;
         let per_thread = [AtomicU64::new(0), AtomicU64::new(0)];
-        let rate = measure(2, Duration::from_millis(20), |thread| {
+        let measured = measure_kinds(2, 1, Duration::from_millis(20), 16, |thread| {
             let counter = &per_thread[thread];
-            move |_: &mut fastrand::Rng| {
+            (0, move |_: &mut fastrand::Rng| {
                 counter.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+                Ok(Duration::ZERO)
+            })
+        })
+        .unwrap();
         let counted: u64 = per_thread.iter().map(|c| c.load(Ordering::Relaxed)).sum();
         assert!(per_thread.iter().all(|c| c.load(Ordering::Relaxed) >= 16));
-        // The rate is the count over a little more than the requested 20 ms.
+        // The rate is the count over a little more than the requested 20 ms;
+        // one operation in 16 was timed.
+        let rate = measured[0].ops_per_s;
         assert!(rate > 0.0 && rate <= counted as f64 / 0.020);
+        assert_eq!(measured[0].latency.count() * 16, counted);
+    }
+
+    #[test]
+    fn measure_kinds_separates_kinds_and_stops_on_errors() {
+        let measured = measure_kinds(3, 2, Duration::from_millis(20), 1, |thread| {
+            (thread % 2, move |_: &mut fastrand::Rng| {
+                std::thread::sleep(Duration::from_micros(50));
+                Ok(Duration::ZERO)
+            })
+        })
+        .unwrap();
+        assert_eq!(measured.len(), 2);
+        assert_eq!((measured[0].workers, measured[1].workers), (2, 1));
+        assert!(measured.iter().all(|m| m.ops_per_s > 0.0));
+        let p50 = measured[0].latency.quantile(0.5).unwrap();
+        assert!(p50 >= 50_000.0, "{p50}");
+
+        let failed = measure_kinds(1, 1, Duration::from_secs(60), 1, |_| {
+            (0, |_: &mut fastrand::Rng| Err(io::Error::other("boom")))
+        });
+        assert!(failed.is_err());
+    }
+
+    #[test]
+    fn ratios_say_why_they_are_missing_and_whether_targets_are_met() {
+        let rows = vec![timed_row(
+            RowKey {
+                workload: "w",
+                strategy: "invalidate-lock",
+                op: "read",
+                threads: 1,
+            },
+            &[Measured::new(10.0, Histogram::new(), 1)],
+        )];
+        let have = figure(&rows, "w", "invalidate-lock", "read", 1, |r| r.ops_per_s);
+        assert_eq!(have, Ok(10.0));
+        let missing = figure(&rows, "w", "no-such-strategy", "read", 1, |r| r.ops_per_s);
+        assert!(missing.clone().unwrap_err().contains("no strategy named"));
+        let ratio = Ratio::between(
+            "w",
+            "x".into(),
+            Ok(3.0),
+            Ok(2.0),
+            Some(Target::AtLeast(1.5)),
+        );
+        assert_eq!((ratio.value, ratio.met), (Some(1.5), Some(true)));
+        let ratio = Ratio::between(
+            "w",
+            "x".into(),
+            Ok(30.0),
+            Ok(2.0),
+            Some(Target::AtMost(10.0)),
+        );
+        assert_eq!(ratio.met, Some(false));
+        assert!(ratio.verdict().contains("NOT met"));
+        let ratio = Ratio::between(
+            "w",
+            "x".into(),
+            missing,
+            Ok(2.0),
+            Some(Target::AtLeast(1.5)),
+        );
+        assert_eq!((ratio.value, ratio.met), (None, None));
+        assert!(ratio.verdict().contains("not available"));
     }
 }

@@ -27,62 +27,73 @@ enum Command {
     /// page read against the stale-data oracle. Exits 0 when every strategy but
     /// `none` had no stale, foreign or torn page and no I/O error, 1 otherwise.
     Torture(TortureArgs),
-    /// Measure filemap against baselines run in the same invocation, and print
-    /// the ratios the project's targets are set on.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// 4 KiB random read_at hits on a fully cached file, against kernel pread of
-    /// a warm host file and a plain memcpy from the same frame memory.
-    Hit(HitArgs),
-    /// First touches of a memory map's pages (cached, and dropped from the
-    /// cache) against a bare userfaultfd round trip, and 4 KiB reads through a
-    /// map against a plain copy of the same memory.
-    Fault(FaultArgs),
+    /// Measure every strategy (and a kernel or memory baseline where one makes
+    /// sense) on the given workloads, all in one invocation, and print the
+    /// ratios the project's targets are set on (medians of several runs).
+    Bench(BenchArgs),
 }
 
 #[derive(clap::Args)]
-struct FaultArgs {
-    /// The file's size in MiB.
-    #[arg(long, default_value_t = 16)]
-    file_mib: u64,
-    /// Timed runs of every variant (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
-    /// Seconds of one timed run.
-    #[arg(long, default_value_t = 0.5)]
-    seconds_per_run: f64,
-    /// The cache's coherence strategy.
-    #[arg(long, value_enum, default_value = "invalidate-lock")]
-    strategy: StrategyArg,
-    /// Print one JSON object per row and per ratio, one per line.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(clap::Args)]
-struct HitArgs {
-    /// The file's size in MiB.
-    #[arg(long, default_value_t = 16)]
-    file_mib: u64,
-    /// Thread counts to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    threads: Vec<usize>,
+struct BenchArgs {
+    /// Workloads to run (default: all). hit: 4 KiB read_at hits on a cached
+    /// file, against kernel pread and memcpy. mixed: readers, a writer and a
+    /// puncher on one file, punches on other ranges (mixed-disjoint) and on the
+    /// readers' (mixed-overlap). direct: 2 direct writers beside buffered
+    /// readers. starve: punch latency under a storm of reads and map faults on
+    /// its range, against no storm. fault: memory map faults and map reads.
+    #[arg(value_enum)]
+    workloads: Vec<WorkloadArg>,
     /// Timed runs of every configuration (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Seconds of one timed run.
-    #[arg(long, default_value_t = 0.5)]
-    seconds_per_run: f64,
-    /// The cache's coherence strategy.
-    #[arg(long, value_enum, default_value = "invalidate-lock")]
-    strategy: StrategyArg,
-    /// Print one JSON object per row and per ratio, one per line.
+    #[arg(long, visible_alias = "seconds-per-run", default_value_t = 0.5)]
+    seconds: f64,
+    /// Thread counts to measure, comma-separated: hit readers (default 1,2),
+    /// mixed and direct reader threads (default 2, beside their writers and
+    /// puncher), starve storm threads (default 4). Not used by fault.
+    #[arg(long, value_delimiter = ',')]
+    threads: Option<Vec<usize>>,
+    /// Strategies to measure, comma-separated (default: every strategy).
+    #[arg(long, value_delimiter = ',', value_parser = parse_strategy)]
+    strategy: Vec<Strategy>,
+    /// hit and fault: the file's size in MiB (default 16).
+    #[arg(long)]
+    file_mib: Option<u64>,
+    /// mixed, direct and starve: the page cache budget in bytes (default: mixed
+    /// caches its writer's region and 3/4 of its readers'; direct and starve
+    /// their whole file). hit and fault always cache their whole file.
+    #[arg(long)]
+    cache_bytes: Option<u64>,
+    /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
     json: bool,
+    /// Write an SVG chart comparing the strategies to FILE, one panel per workload.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WorkloadArg {
+    Hit,
+    Mixed,
+    Direct,
+    Starve,
+    Fault,
+    All,
+}
+
+/// The workloads, in the order `all` runs them.
+const WORKLOADS: [WorkloadArg; 5] = [
+    WorkloadArg::Hit,
+    WorkloadArg::Mixed,
+    WorkloadArg::Direct,
+    WorkloadArg::Starve,
+    WorkloadArg::Fault,
+];
+
+fn parse_strategy(name: &str) -> Result<Strategy, String> {
+    name.parse::<Strategy>().map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -179,89 +190,191 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Torture(args) => torture(args),
-        Command::Bench(BenchCommand::Hit(args)) => bench_hit(args),
-        Command::Bench(BenchCommand::Fault(args)) => bench_fault(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
-fn bench_hit(args: HitArgs) -> ExitCode {
-    let config = filemap_bench::hit::HitConfig {
-        file_bytes: args.file_mib << 20,
-        threads: args.threads,
-        runs: args.runs,
-        seconds_per_run: args.seconds_per_run,
-        strategy: args.strategy.into(),
-    };
-    let result = with_spinner(|progress| filemap_bench::hit::run(&config, progress));
-    finish_bench(
-        "hit",
-        result,
-        args.json,
-        args.runs,
-        args.seconds_per_run,
-        None,
-    )
+/// One workload's settings, ready to run.
+enum BenchConfig {
+    Hit(filemap_bench::hit::HitConfig),
+    Mixed(filemap_bench::mixed::MixedConfig),
+    Direct(filemap_bench::direct::DirectConfig),
+    Starve(filemap_bench::starve::StarveConfig),
+    Fault(filemap_bench::fault::FaultConfig),
 }
 
-fn bench_fault(args: FaultArgs) -> ExitCode {
-    let config = filemap_bench::fault::FaultConfig {
-        file_bytes: args.file_mib << 20,
-        runs: args.runs,
-        seconds_per_run: args.seconds_per_run,
-        strategy: args.strategy.into(),
-    };
-    let result = with_spinner(|progress| filemap_bench::fault::run(&config, progress));
-    let footer = "fault rows count pages first touched per second (the touching alone); \
-                  read rows count 4 KiB reads per second";
-    finish_bench(
-        "fault",
-        result,
-        args.json,
-        args.runs,
-        args.seconds_per_run,
-        Some(footer),
-    )
+impl BenchConfig {
+    fn check(&self) -> std::io::Result<()> {
+        match self {
+            BenchConfig::Hit(c) => filemap_bench::hit::check(c),
+            BenchConfig::Mixed(c) => filemap_bench::mixed::check(c),
+            BenchConfig::Direct(c) => filemap_bench::direct::check(c),
+            BenchConfig::Starve(c) => filemap_bench::starve::check(c),
+            BenchConfig::Fault(c) => filemap_bench::fault::check(c),
+        }
+    }
+
+    fn steps(&self) -> usize {
+        match self {
+            BenchConfig::Hit(c) => filemap_bench::hit::steps(c),
+            BenchConfig::Mixed(c) => filemap_bench::mixed::steps(c),
+            BenchConfig::Direct(c) => filemap_bench::direct::steps(c),
+            BenchConfig::Starve(c) => filemap_bench::starve::steps(c),
+            BenchConfig::Fault(c) => filemap_bench::fault::steps(c),
+        }
+    }
+
+    fn run(
+        &self,
+        progress: &mut dyn FnMut(filemap_bench::Progress<'_>),
+    ) -> std::io::Result<filemap_bench::Report> {
+        match self {
+            BenchConfig::Hit(c) => filemap_bench::hit::run(c, progress),
+            BenchConfig::Mixed(c) => filemap_bench::mixed::run(c, progress),
+            BenchConfig::Direct(c) => filemap_bench::direct::run(c, progress),
+            BenchConfig::Starve(c) => filemap_bench::starve::run(c, progress),
+            BenchConfig::Fault(c) => filemap_bench::fault::run(c, progress),
+        }
+    }
 }
 
-/// Runs a benchmark with a spinner on a terminal that says what is measured.
-fn with_spinner<T>(run: impl FnOnce(&mut dyn FnMut(&str)) -> T) -> T {
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new_spinner();
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
+/// The settings of every workload selected, in the order they run, checked.
+fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
+    let all = args.workloads.is_empty() || args.workloads.contains(&WorkloadArg::All);
+    let strategies = if args.strategy.is_empty() {
+        Strategy::ALL.to_vec()
     } else {
-        ProgressBar::hidden()
+        args.strategy.clone()
     };
-    let result = run(&mut |what: &str| bar.set_message(what.to_owned()));
-    bar.finish_and_clear();
-    result
+    let file_bytes = match args.file_mib {
+        Some(mib) => mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| format!("--file-mib {mib} is too large"))?,
+        None => 16 << 20,
+    };
+    let threads = |default: &[usize]| args.threads.clone().unwrap_or_else(|| default.to_vec());
+    let mut configs = Vec::new();
+    for workload in WORKLOADS {
+        if !all && !args.workloads.contains(&workload) {
+            continue;
+        }
+        configs.push(match workload {
+            WorkloadArg::Hit => BenchConfig::Hit(filemap_bench::hit::HitConfig {
+                file_bytes,
+                threads: threads(&[1, 2]),
+                runs: args.runs,
+                seconds_per_run: args.seconds,
+                strategies: strategies.clone(),
+            }),
+            WorkloadArg::Mixed => BenchConfig::Mixed(filemap_bench::mixed::MixedConfig {
+                cache_bytes: args.cache_bytes,
+                threads: threads(&[2]),
+                runs: args.runs,
+                seconds_per_run: args.seconds,
+                strategies: strategies.clone(),
+                ..Default::default()
+            }),
+            WorkloadArg::Direct => BenchConfig::Direct(filemap_bench::direct::DirectConfig {
+                cache_bytes: args.cache_bytes,
+                threads: threads(&[2]),
+                runs: args.runs,
+                seconds_per_run: args.seconds,
+                strategies: strategies.clone(),
+                ..Default::default()
+            }),
+            WorkloadArg::Starve => BenchConfig::Starve(filemap_bench::starve::StarveConfig {
+                cache_bytes: args.cache_bytes,
+                threads: threads(&[4]),
+                runs: args.runs,
+                seconds_per_run: args.seconds,
+                strategies: strategies.clone(),
+                ..Default::default()
+            }),
+            WorkloadArg::Fault => BenchConfig::Fault(filemap_bench::fault::FaultConfig {
+                file_bytes,
+                runs: args.runs,
+                seconds_per_run: args.seconds,
+                strategies: strategies.clone(),
+            }),
+            WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),
+        });
+    }
+    for config in &configs {
+        config.check().map_err(|e| e.to_string())?;
+    }
+    if let Some(plot) = &args.plot {
+        let parent = plot.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|dir| !dir.is_dir()) {
+            return Err(format!(
+                "--plot {}: the directory does not exist",
+                plot.display()
+            ));
+        }
+    }
+    Ok(configs)
 }
 
-/// Prints a benchmark's report (or its error, exit 2), with an optional footer
-/// under the table.
-fn finish_bench(
-    name: &str,
-    result: std::io::Result<filemap_bench::Report>,
-    json: bool,
-    runs: usize,
-    seconds: f64,
-    footer: Option<&str>,
-) -> ExitCode {
-    let report = match result {
-        Ok(report) => report,
+fn bench(args: BenchArgs) -> ExitCode {
+    let configs = match bench_configs(&args) {
+        Ok(configs) => configs,
         Err(error) => {
-            eprintln!("filemap bench {name}: {error}");
+            eprintln!("filemap bench: {error}");
             return ExitCode::from(2);
         }
     };
-    print_bench_report(&report, json, runs, seconds);
-    if let (Some(footer), false) = (footer, json) {
-        println!("\n{footer}");
+    let total: usize = configs.iter().map(BenchConfig::steps).sum();
+    let bar = bench_progress_bar(total);
+    let mut started = 0u64;
+    let mut report = filemap_bench::Report::default();
+    for config in &configs {
+        let result = config.run(&mut |progress| match progress {
+            filemap_bench::Progress::Setup(what) => bar.set_message(what.to_owned()),
+            filemap_bench::Progress::Step(what) => {
+                bar.set_position(started);
+                started += 1;
+                bar.set_message(what.to_owned());
+            }
+        });
+        match result {
+            Ok(part) => report.append(part),
+            Err(error) => {
+                bar.finish_and_clear();
+                eprintln!("filemap bench: {error}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    print_bench_report(&report, args.json, args.runs, args.seconds);
+    if let Some(path) = &args.plot {
+        if let Err(error) = filemap_bench::plot::write_svg(&report, path) {
+            eprintln!("filemap bench: --plot {}: {error}", path.display());
+            return ExitCode::from(1);
+        }
+        if !args.json {
+            println!("\nchart written to {}", path.display());
+        }
     }
     ExitCode::SUCCESS
 }
 
-/// Prints a benchmark's rows and ratios: a table, or one JSON object per line.
+/// A bar over every measured step, on stderr when it is a terminal; hidden
+/// otherwise.
+fn bench_progress_bar(steps: usize) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] {pos}/{len} {elapsed:>4} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Prints a report's rows, ratios and notes: tables, or one JSON object per line.
 fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, seconds: f64) {
     if json {
         for row in &report.rows {
@@ -273,26 +386,90 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
                 serde_json::to_string(ratio).expect("ratios serialise")
             );
         }
+        for note in &report.notes {
+            println!("{}", serde_json::json!({ "note": note }));
+        }
         return;
     }
     println!(
-        "{:<8} {:<16} {:>7} {:>14} {:>18} {:>9}",
-        "workload", "strategy", "threads", "ops/s", "ops/s per thread", "ns/op"
+        "{:<15} {:<16} {:<14} {:>7} {:>12} {:>12} {:>9} {:>9} {:>9}",
+        "workload",
+        "strategy",
+        "op",
+        "threads",
+        "ops/s",
+        "ops/s/thread",
+        "p50 us",
+        "p99 us",
+        "max us"
     );
+    let mut incoherent = false;
+    let mut last_workload = None;
     for r in &report.rows {
+        if last_workload.is_some_and(|w| w != r.workload.as_str()) {
+            println!();
+        }
+        last_workload = Some(r.workload.as_str());
+        let strategy = if r.coherent {
+            r.strategy.clone()
+        } else {
+            incoherent = true;
+            format!("{}*", r.strategy)
+        };
         println!(
-            "{:<8} {:<16} {:>7} {:>14.0} {:>18.0} {:>9.1}",
-            r.workload, r.strategy, r.threads, r.ops_per_s, r.per_thread_ops_per_s, r.ns_per_op
+            "{:<15} {:<16} {:<14} {:>7} {:>12.0} {:>12.0} {:>9} {:>9} {:>9}",
+            r.workload,
+            strategy,
+            r.op,
+            r.threads,
+            r.ops_per_s,
+            r.per_thread_ops_per_s,
+            micros(r.p50_us),
+            micros(r.p99_us),
+            micros(r.max_us)
         );
     }
     println!("\nmedians of {runs} runs of {seconds} s each");
+    if incoherent {
+        println!("* takes no coherence lock (incoherent): for reference only, in no ratio");
+    }
+    if report.rows.iter().any(|r| r.workload == "fault") {
+        println!(
+            "fault: fault rows count pages first touched per second (the touching alone); \
+             read rows count 4 KiB reads per second"
+        );
+    }
+    println!();
     for ratio in &report.ratios {
-        let verdict = match ratio.target {
-            Some(target) if ratio.value >= target => format!("(target >= {target}: met)"),
-            Some(target) => format!("(target >= {target}: NOT met)"),
-            None => String::new(),
+        let value = match ratio.value {
+            Some(value) => format!("{value:>8.2}x"),
+            None => format!("{:>9}", "n/a"),
         };
-        println!("{:<66} {:>6.2}x {verdict}", ratio.name, ratio.value);
+        let note = ratio
+            .note
+            .as_deref()
+            .map(|n| format!(" [{n}]"))
+            .unwrap_or_default();
+        println!(
+            "{:<15} {:<78} {value} {}{note}",
+            ratio.workload,
+            ratio.name,
+            ratio.verdict()
+        );
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+}
+
+/// A latency for the table: blank when none was taken.
+fn micros(us: f64) -> String {
+    if us.is_finite() && us < 1.0 {
+        format!("{us:.2}")
+    } else if us.is_finite() {
+        format!("{us:.1}")
+    } else {
+        "-".to_owned()
     }
 }
 

@@ -96,3 +96,193 @@ fn bad_usage_exits_two_and_says_why() {
         assert!(!out.stderr.is_empty(), "{args:?} printed no reason");
     }
 }
+
+/// A tiny `filemap bench --json` run of some workloads (no timing asserted:
+/// machines are noisy), parsed into rows, ratios and notes.
+fn bench_json(args: &[&str]) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut all = vec!["bench", "--runs", "1", "--json"];
+    if !args.contains(&"--seconds-per-run") {
+        all.extend(["--seconds", "0.05"]);
+    }
+    all.extend_from_slice(args);
+    let out = filemap(&all);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is a JSON object"))
+        .collect();
+    // Rows have an `op`, ratios a `name`, notes only a `note`.
+    let (rows, rest): (Vec<_>, Vec<_>) = lines.into_iter().partition(|l| l.get("op").is_some());
+    let ratios = rest
+        .into_iter()
+        .filter(|l| l.get("name").is_some())
+        .collect();
+    (rows, ratios)
+}
+
+#[test]
+fn bench_json_rows_have_the_contract_keys_for_every_workload_and_strategy() {
+    let (rows, ratios) = bench_json(&[
+        "hit",
+        "mixed",
+        "direct",
+        "starve",
+        "fault",
+        "--file-mib",
+        "1",
+    ]);
+    for row in &rows {
+        for key in [
+            "workload",
+            "strategy",
+            "threads",
+            "ops_per_s",
+            "p50_us",
+            "p99_us",
+        ] {
+            assert!(row.get(key).is_some(), "missing {key}: {row}");
+        }
+        assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let strategies = ["none", "file-exclusive", "invalidate-lock", "two-state"];
+    for workload in [
+        "hit",
+        "mixed-disjoint",
+        "mixed-overlap",
+        "direct",
+        "starve",
+        "fault",
+    ] {
+        for strategy in strategies {
+            assert!(
+                rows.iter()
+                    .any(|r| r["workload"] == workload && r["strategy"] == strategy),
+                "no {workload} row for {strategy}"
+            );
+        }
+        let none = rows
+            .iter()
+            .find(|r| r["workload"] == workload && r["strategy"] == "none")
+            .unwrap();
+        assert_eq!(none["coherent"], false, "{none}");
+    }
+    for workload in ["hit", "mixed-disjoint", "mixed-overlap"] {
+        assert!(
+            rows.iter()
+                .any(|r| r["workload"] == workload && r["strategy"] == "kernel"),
+            "no kernel baseline for {workload}"
+        );
+    }
+    // Every latency the hit, mixed, direct and starve rows report is a number.
+    for row in rows.iter().filter(|r| r["workload"] != "fault") {
+        let (p50, p99) = (row["p50_us"].as_f64(), row["p99_us"].as_f64());
+        assert!(p50.is_some_and(|p| p > 0.0) && p99 >= p50, "{row}");
+    }
+    // The targets of the issue are all reported, met or not, or not available
+    // when their strategy does not exist yet.
+    for (workload, name) in [
+        ("hit", "range / best"),
+        ("mixed-disjoint", "range / invalidate-lock"),
+        ("mixed-disjoint", "invalidate-lock / file-exclusive"),
+        ("direct", "range / invalidate-lock"),
+        ("direct", "two-state / invalidate-lock"),
+        ("starve", "range: punch p99"),
+        ("starve", "two-state: punch p99"),
+        ("starve", "invalidate-lock: punch p99"),
+    ] {
+        let ratio = ratios
+            .iter()
+            .find(|r| r["workload"] == workload && r["name"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no {workload} ratio {name}"));
+        for key in ["value", "target", "comparison", "met", "note"] {
+            assert!(ratio.get(key).is_some(), "missing {key}: {ratio}");
+        }
+        match ratio["value"].as_f64() {
+            Some(value) => assert!(value > 0.0 && value.is_finite(), "{ratio}"),
+            None => assert!(ratio["note"].as_str().unwrap().contains("not available")),
+        }
+    }
+}
+
+#[test]
+fn bench_keeps_the_options_of_bench_hit_and_bench_fault() {
+    let (rows, ratios) = bench_json(&[
+        "hit",
+        "--file-mib",
+        "1",
+        "--threads",
+        "1",
+        "--seconds-per-run",
+        "0.02",
+        "--strategy",
+        "invalidate-lock",
+    ]);
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["strategy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["invalidate-lock", "kernel", "memcpy"]);
+    assert!(!ratios.is_empty());
+    let (rows, _) = bench_json(&["fault", "--file-mib", "1", "--strategy", "two-state"]);
+    assert!(rows.iter().all(|r| r["workload"] == "fault"));
+    assert!(rows.iter().any(|r| r["strategy"] == "two-state"));
+}
+
+#[test]
+fn bench_prints_a_table_and_writes_a_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("bench.svg");
+    let out = filemap(&[
+        "bench",
+        "hit",
+        "starve",
+        "--runs",
+        "1",
+        "--seconds",
+        "0.05",
+        "--file-mib",
+        "1",
+        "--plot",
+        chart.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No terminal: no progress bar on stderr.
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("none*"), "{stdout}");
+    assert!(stdout.contains("target <= 10"), "{stdout}");
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn bench_bad_usage_exits_two_and_says_why() {
+    for args in [
+        &["bench", "nonsense"][..],
+        &["bench", "--runs", "0"][..],
+        &["bench", "--seconds", "0"][..],
+        &["bench", "mixed", "--threads", "0"][..],
+        &["bench", "--strategy", "bogus"][..],
+        &["bench", "mixed", "--cache-bytes", "4096"][..],
+        &["bench", "hit", "--file-mib", "0"][..],
+        &["bench", "hit", "--plot", "/nonexistent-dir/chart.svg"][..],
+    ] {
+        let out = filemap(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} printed no reason");
+        assert!(out.stdout.is_empty(), "{args:?} ran anyway");
+    }
+}

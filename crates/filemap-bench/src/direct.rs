@@ -1,0 +1,358 @@
+//! `direct`: two direct writers beside buffered readers on one file, against
+//! `O_DIRECT` `pwrite` and buffered `pread` on a host file (`kernel`).
+//!
+//! Two writer threads write 4 to 64 KiB (a random whole number of pages) at
+//! random page-aligned offsets with `write_direct` from an [`AlignedBuf`];
+//! reader threads read random 4 KiB pages with `read_at`. The file (64 MiB) is
+//! cached whole before the clock starts (the default budget holds it), so a
+//! read misses exactly when a direct write dropped its page: the misses, and
+//! the coherence modes they take, come from the direct writes, as in a
+//! database that writes its pages directly and reads them through the cache.
+//! The figures are the total operations per second of all threads, and each
+//! kind's own rate and latencies.
+//!
+//! The device is a temporary image file, as for [`crate::mixed`] (see
+//! [`crate::temp_volume`]). The kernel baseline writes through an `O_DIRECT`
+//! descriptor of a host file in the system's temporary directory and reads
+//! through a buffered one; where the file system refuses `O_DIRECT`, the
+//! baseline is reported unavailable. Its direct writes reach the disk, and the
+//! reads of pages they dropped read the disk too, while filemap's device is an
+//! image file served from the host's page cache: the kernel row gives scale,
+//! not a ratio.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use filemap::{AlignedBuf, Mapping, PageCache, Strategy, PAGE_SIZE};
+
+use crate::kernel::HostFile;
+use crate::{
+    check_common, figure, measure_kinds, pattern, temp_volume, timed_row, Histogram, Measured,
+    PageBuf, Progress, Ratio, Report, Row, RowKey, Target, KERNEL,
+};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// The workload's name in reports.
+pub const WORKLOAD: &str = "direct";
+/// The largest direct write, in pages.
+const MAX_WRITE_PAGES: u64 = 16;
+
+/// Settings of the direct benchmark.
+#[derive(Clone, Debug)]
+pub struct DirectConfig {
+    /// The file's size in bytes (a multiple of 1 MiB).
+    pub file_bytes: u64,
+    /// The cache budget in bytes; `None` for the file's size.
+    pub cache_bytes: Option<u64>,
+    /// Reader thread counts to measure.
+    pub threads: Vec<usize>,
+    /// Direct writer threads.
+    pub writers: usize,
+    /// Timed runs of every configuration; the median is reported.
+    pub runs: usize,
+    /// Length of one timed run.
+    pub seconds_per_run: f64,
+    /// The coherence strategies to measure.
+    pub strategies: Vec<Strategy>,
+}
+
+impl Default for DirectConfig {
+    fn default() -> Self {
+        DirectConfig {
+            file_bytes: 64 << 20,
+            cache_bytes: None,
+            threads: vec![2],
+            writers: 2,
+            runs: 3,
+            seconds_per_run: 0.5,
+            strategies: Strategy::ALL.to_vec(),
+        }
+    }
+}
+
+/// The kinds of operations, in the order of `measure_kinds`' results, and the
+/// row of them all.
+const OPS: [&str; 2] = ["read", "write_direct"];
+const ALL: &str = "all";
+
+/// How many measured steps [`run`] announces.
+pub fn steps(config: &DirectConfig) -> usize {
+    config.runs * config.threads.len() * (config.strategies.len() + 1)
+}
+
+/// Checks the settings without running anything.
+pub fn check(config: &DirectConfig) -> io::Result<()> {
+    if config.file_bytes < (1 << 20) || config.file_bytes % (1 << 20) != 0 {
+        return Err(crate::invalid(
+            "the direct file size must be a positive multiple of 1 MiB",
+        ));
+    }
+    if config.cache_bytes.is_some_and(|b| b < PAGE) {
+        return Err(crate::invalid("the cache budget must be at least one page"));
+    }
+    if config.writers == 0 {
+        return Err(crate::invalid("there must be at least one direct writer"));
+    }
+    check_common(
+        config.runs,
+        config.seconds_per_run,
+        &config.threads,
+        &config.strategies,
+    )
+}
+
+/// Runs the benchmark; `progress` is told what is being measured.
+pub fn run(config: &DirectConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
+    check(config)?;
+    let duration = Duration::from_secs_f64(config.seconds_per_run);
+    let candidates: Vec<Option<Strategy>> = config
+        .strategies
+        .iter()
+        .copied()
+        .map(Some)
+        .chain([None])
+        .collect();
+    let mut report = Report::default();
+    let mut kernel_refused = None;
+    // runs[threads][candidate][op], one Measured per run; op 2 is "all".
+    let mut runs =
+        vec![vec![vec![Vec::new(); OPS.len() + 1]; candidates.len()]; config.threads.len()];
+    for run in 0..config.runs {
+        for (t, &readers) in config.threads.iter().enumerate() {
+            for (c, candidate) in candidates.iter().enumerate() {
+                let name = candidate.map_or(KERNEL, Strategy::name);
+                progress(Progress::Step(&format!(
+                    "direct, run {}/{}: {name}, {readers} reader(s), {} direct writer(s)",
+                    run + 1,
+                    config.runs,
+                    config.writers
+                )));
+                let measured = match candidate {
+                    Some(strategy) => {
+                        let (_cache, mapping) = setup(config, *strategy)?;
+                        measure_mapping(&mapping, config, readers, duration)?
+                    }
+                    None => {
+                        let host = HostFile::create(config.file_bytes)?;
+                        match &host.direct {
+                            Ok(direct) => {
+                                measure_kernel(&host.file, direct, config, readers, duration)?
+                            }
+                            Err(error) => {
+                                kernel_refused = Some(error.to_string());
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let all = total(&measured);
+                for (o, m) in measured.into_iter().chain([all]).enumerate() {
+                    runs[t][c][o].push(m);
+                }
+            }
+        }
+    }
+
+    for (t, &readers) in config.threads.iter().enumerate() {
+        for (c, candidate) in candidates.iter().enumerate() {
+            for (o, op) in OPS.iter().chain([&ALL]).enumerate() {
+                if runs[t][c][o].is_empty() {
+                    continue;
+                }
+                let key = RowKey {
+                    workload: WORKLOAD,
+                    strategy: candidate.map_or(KERNEL, Strategy::name),
+                    op,
+                    threads: readers,
+                };
+                report.rows.push(timed_row(key, &runs[t][c][o]));
+            }
+        }
+        let rows = report.rows.clone();
+        report.ratios.extend(ratios(&rows, config.writers, readers));
+    }
+    if let Some(error) = kernel_refused {
+        report.notes.push(format!(
+            "direct: kernel baseline unavailable: the temporary directory's file system refused O_DIRECT ({error})"
+        ));
+    }
+    Ok(report)
+}
+
+/// Every kind together: the sum of the rates, all latencies.
+fn total(measured: &[Measured]) -> Measured {
+    let mut latency = Histogram::new();
+    for m in measured {
+        latency.merge(&m.latency);
+    }
+    Measured::new(
+        measured.iter().map(|m| m.ops_per_s).sum(),
+        latency,
+        measured.iter().map(|m| m.workers).sum(),
+    )
+}
+
+/// A fresh file for one step: written directly, then read ahead into the cache
+/// as far as the budget allows.
+fn setup(config: &DirectConfig, strategy: Strategy) -> io::Result<(PageCache, Arc<Mapping>)> {
+    let volume = temp_volume(config.file_bytes + (8 << 20))?;
+    let cache = PageCache::builder()
+        .strategy(strategy)
+        .budget_bytes(config.cache_bytes.unwrap_or(config.file_bytes))
+        .build()?;
+    let mapping = cache.open(Arc::new(volume.create_file("direct")?))?;
+    let chunk = AlignedBuf::from_slice(&pattern(1 << 20), PAGE_SIZE);
+    let mut offset = 0;
+    while offset < config.file_bytes {
+        mapping.write_direct(&chunk, offset)?;
+        offset += chunk.len() as u64;
+    }
+    mapping.readahead(0, config.file_bytes)?;
+    Ok((cache, mapping))
+}
+
+/// A random direct write: its offset and length, page-aligned, inside the file.
+fn direct_write_at(rng: &mut fastrand::Rng, file_pages: u64) -> (u64, usize) {
+    let pages = rng.u64(1..=MAX_WRITE_PAGES);
+    let first = rng.u64(..=file_pages - pages);
+    (first * PAGE, (pages * PAGE) as usize)
+}
+
+/// One timed run of readers and direct writers on `mapping`.
+fn measure_mapping(
+    mapping: &Mapping,
+    config: &DirectConfig,
+    readers: usize,
+    duration: Duration,
+) -> io::Result<Vec<Measured>> {
+    let file_pages = config.file_bytes / PAGE;
+    measure_kinds(readers + config.writers, OPS.len(), duration, 1, |thread| {
+        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+        let data = AlignedBuf::from_slice(&pattern((MAX_WRITE_PAGES * PAGE) as usize), PAGE_SIZE);
+        let kind = usize::from(thread >= readers);
+        let op = move |rng: &mut fastrand::Rng| -> io::Result<Duration> {
+            if kind == 0 {
+                let offset = rng.u64(..file_pages) * PAGE;
+                mapping.read_exact_at(&mut buf.0, offset)?;
+                std::hint::black_box(&buf);
+            } else {
+                let (offset, len) = direct_write_at(rng, file_pages);
+                mapping.write_direct(&data[..len], offset)?;
+            }
+            Ok(Duration::ZERO)
+        };
+        (kind, op)
+    })
+}
+
+/// One timed run of the same calls on a host file: buffered `pread` and
+/// `O_DIRECT` `pwrite`.
+fn measure_kernel(
+    file: &std::fs::File,
+    direct: &std::fs::File,
+    config: &DirectConfig,
+    readers: usize,
+    duration: Duration,
+) -> io::Result<Vec<Measured>> {
+    let file_pages = config.file_bytes / PAGE;
+    measure_kinds(readers + config.writers, OPS.len(), duration, 1, |thread| {
+        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+        let data = AlignedBuf::from_slice(&pattern((MAX_WRITE_PAGES * PAGE) as usize), PAGE_SIZE);
+        let kind = usize::from(thread >= readers);
+        let op = move |rng: &mut fastrand::Rng| -> io::Result<Duration> {
+            if kind == 0 {
+                let offset = rng.u64(..file_pages) * PAGE;
+                file.read_exact_at(&mut buf.0, offset)?;
+                std::hint::black_box(&buf);
+            } else {
+                let (offset, len) = direct_write_at(rng, file_pages);
+                direct.write_all_at(&data[..len], offset)?;
+            }
+            Ok(Duration::ZERO)
+        };
+        (kind, op)
+    })
+}
+
+/// The ratios of total throughput the direct targets are set on.
+fn ratios(rows: &[Row], writers: usize, readers: usize) -> Vec<Ratio> {
+    let total = |strategy: &str| figure(rows, WORKLOAD, strategy, ALL, readers, |r| r.ops_per_s);
+    ["range", "two-state"]
+        .into_iter()
+        .map(|ours| {
+            Ratio::between(
+                WORKLOAD,
+                format!(
+                    "{ours} / invalidate-lock, total ops/s, {writers} direct writer(s), {readers} reader(s)"
+                ),
+                total(ours),
+                total("invalidate-lock"),
+                (writers == 2).then_some(Target::AtLeast(1.3)),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiny_run_reports_every_row_and_ratio() {
+        let config = DirectConfig {
+            file_bytes: 4 << 20,
+            runs: 1,
+            seconds_per_run: 0.05,
+            threads: vec![1],
+            ..DirectConfig::default()
+        };
+        let mut steps_seen = 0;
+        let report = run(&config, |p| {
+            if let Progress::Step(_) = p {
+                steps_seen += 1
+            }
+        })
+        .unwrap();
+        assert_eq!(steps_seen, steps(&config));
+        let kernel = report.notes.is_empty();
+        let candidates = Strategy::ALL.len() + usize::from(kernel);
+        assert_eq!(report.rows.len(), candidates * 3);
+        for strategy in Strategy::ALL.map(Strategy::name) {
+            for op in ["read", "write_direct", ALL] {
+                let row = report.find(WORKLOAD, strategy, op, 1).unwrap();
+                assert!(
+                    row.ops_per_s > 0.0 && row.p50_us > 0.0 && row.p99_us >= row.p50_us,
+                    "{row:?}"
+                );
+            }
+            let all = report.find(WORKLOAD, strategy, ALL, 1).unwrap();
+            assert_eq!(all.workers, 3);
+        }
+        assert_eq!(report.ratios.len(), 2);
+        assert!(report.ratios[1].value.is_some_and(|v| v > 0.0));
+        let available = crate::strategy_named("range").is_some();
+        assert_eq!(report.ratios[0].value.is_some(), available);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for config in [
+            DirectConfig {
+                file_bytes: 100,
+                ..DirectConfig::default()
+            },
+            DirectConfig {
+                writers: 0,
+                ..DirectConfig::default()
+            },
+            DirectConfig {
+                seconds_per_run: -1.0,
+                ..DirectConfig::default()
+            },
+        ] {
+            assert!(run(&config, |_| {}).is_err());
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! `mixed`: readers, a writer and a puncher on one file, against the same calls
+//! on a host file (`kernel`).
+//!
+//! The file (64 MiB by default) has three regions: the readers' half, the first
+//! half; the writer's quarter; and the punch quarter. Reader threads read random
+//! 4 KiB pages of their half with `read_at`; one writer thread overwrites random
+//! 4 KiB pages of its quarter with `write_at`; one puncher punches random 64 KiB
+//! ranges with `punch_hole`, continuously, with no pause: the storm a
+//! file-wide lock fears, and the same for every strategy. Two variants:
+//!
+//! - `mixed-disjoint`: the punches land in the punch quarter, which the readers
+//!   never read. Only a lock that serialises unrelated ranges slows the readers.
+//! - `mixed-overlap`: the punches land in the readers' half. Every strategy must
+//!   serialise them against the readers' fills of the same pages; the figure
+//!   shows what each pays for that.
+//!
+//! **What makes the lock the thing measured.** A lock that hits do not take
+//! can only slow readers when they miss. So the cache's budget (40 MiB by
+//! default, `cache_bytes`) holds the writer's quarter and three quarters of the
+//! readers' half, and no more: the writer overwrites pages that stay cached (it
+//! never needs budget), the readers warm their half until the budget is full
+//! before the clock starts, and from then on about a quarter of their reads
+//! miss and fill under Fill, as reads of a working set larger than the cache
+//! do (until eviction exists, such misses are served uncached, so the cached
+//! share does not drift). Reader misses that wait for a punch are what the
+//! strategies differ in.
+//!
+//! The punch quarter is never cached: pages the punches freed would go to the
+//! readers' misses, which would soon cache their whole half and stop missing.
+//! So that each disjoint punch still frees real blocks (not a hole punched
+//! again), the puncher first writes its 64 KiB straight to the backend, as if
+//! written long ago: untimed, outside the cache and its lock, the same for
+//! every strategy; it only slows the punch rate. The kernel's puncher does the
+//! same with a `pwrite`. In `mixed-overlap` the punches drop the readers'
+//! cached pages, which their next reads fill again.
+//!
+//! The device is a temporary image file ([`crate::temp_volume`]): its reads are
+//! system calls served from the host's page cache, and it locks only the blocks
+//! a call touches, so unrelated ranges never wait for each other below the
+//! cache. A slower device would lengthen every fill, and with it every wait
+//! behind one.
+//!
+//! On a machine with fewer cores than threads (the readers, the writer and
+//! the puncher), a thread preempted while it holds a mode makes every
+//! conflicting request wait for its next time slice: the p99 and maximum
+//! latencies show it, under the strategies whose modes conflict more.
+//!
+//! `kernel` runs the same calls as `pread`, `pwrite` and
+//! `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a host file that the kernel caches
+//! whole (it has no budget to hold to), so its reads miss only on punched
+//! pages: it is there for scale, not for a ratio.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use filemap::{AlignedBuf, Mapping, PageCache, Strategy, PAGE_SIZE};
+
+use crate::kernel::HostFile;
+use crate::{
+    check_common, figure, measure_kinds, pattern, temp_volume, timed_row, Measured, PageBuf,
+    Progress, Ratio, Report, Row, RowKey, Target, KERNEL,
+};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// The size of one punch.
+pub const PUNCH_BYTES: u64 = 64 << 10;
+
+/// Where the punches land.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Punches {
+    /// On a region the readers never read.
+    Disjoint,
+    /// On the readers' region.
+    Overlap,
+}
+
+impl Punches {
+    /// The workload's name in reports.
+    pub fn workload(self) -> &'static str {
+        match self {
+            Punches::Disjoint => "mixed-disjoint",
+            Punches::Overlap => "mixed-overlap",
+        }
+    }
+}
+
+/// Settings of the mixed benchmark.
+#[derive(Clone, Debug)]
+pub struct MixedConfig {
+    /// The file's size in bytes (a multiple of 1 MiB, at least 4 MiB).
+    pub file_bytes: u64,
+    /// The cache budget in bytes; `None` for the default, the writer's quarter
+    /// and three quarters of the readers' half.
+    pub cache_bytes: Option<u64>,
+    /// Reader thread counts to measure (each beside one writer and one puncher).
+    pub threads: Vec<usize>,
+    /// Timed runs of every configuration; the median is reported.
+    pub runs: usize,
+    /// Length of one timed run.
+    pub seconds_per_run: f64,
+    /// The coherence strategies to measure.
+    pub strategies: Vec<Strategy>,
+    /// The variants to run.
+    pub variants: Vec<Punches>,
+}
+
+impl Default for MixedConfig {
+    fn default() -> Self {
+        MixedConfig {
+            file_bytes: 64 << 20,
+            cache_bytes: None,
+            threads: vec![2],
+            runs: 3,
+            seconds_per_run: 0.5,
+            strategies: Strategy::ALL.to_vec(),
+            variants: vec![Punches::Disjoint, Punches::Overlap],
+        }
+    }
+}
+
+/// The file's regions, in bytes.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// The readers' half: `0..readers`.
+    readers: u64,
+    /// The writer's quarter: `readers..writer_end`.
+    writer_end: u64,
+    /// The punch quarter: `writer_end..file`.
+    file: u64,
+}
+
+impl Layout {
+    fn of(file_bytes: u64) -> Layout {
+        Layout {
+            readers: file_bytes / 2,
+            writer_end: file_bytes / 4 * 3,
+            file: file_bytes,
+        }
+    }
+
+    fn writer_bytes(&self) -> u64 {
+        self.writer_end - self.readers
+    }
+
+    /// Where the punches of `punches` land.
+    fn punch_range(&self, punches: Punches) -> (u64, u64) {
+        match punches {
+            Punches::Disjoint => (self.writer_end, self.file),
+            Punches::Overlap => (0, self.readers),
+        }
+    }
+}
+
+impl MixedConfig {
+    /// The budget the cache gets.
+    pub fn budget(&self) -> u64 {
+        self.cache_bytes.unwrap_or_else(|| {
+            let layout = Layout::of(self.file_bytes);
+            layout.writer_bytes() + layout.readers / 4 * 3
+        })
+    }
+}
+
+/// The kinds of operations, in the order of `measure_kinds`' results.
+const OPS: [&str; 3] = ["read", "write", "punch"];
+
+/// How many measured steps [`run`] announces.
+pub fn steps(config: &MixedConfig) -> usize {
+    config.runs * config.variants.len() * config.threads.len() * (config.strategies.len() + 1)
+}
+
+/// Checks the settings without running anything.
+pub fn check(config: &MixedConfig) -> io::Result<()> {
+    if config.file_bytes < (4 << 20) || config.file_bytes % (1 << 20) != 0 {
+        return Err(crate::invalid(
+            "the mixed file size must be a multiple of 1 MiB, at least 4 MiB",
+        ));
+    }
+    let layout = Layout::of(config.file_bytes);
+    if config.budget() < layout.writer_bytes() + PAGE {
+        return Err(crate::invalid(format!(
+            "the cache budget must exceed the mixed writer's region of {} MiB (got {} bytes)",
+            layout.writer_bytes() >> 20,
+            config.budget()
+        )));
+    }
+    if config.variants.is_empty() {
+        return Err(crate::invalid(
+            "at least one mixed variant must be selected",
+        ));
+    }
+    check_common(
+        config.runs,
+        config.seconds_per_run,
+        &config.threads,
+        &config.strategies,
+    )
+}
+
+/// Runs the benchmark; `progress` is told what is being measured.
+pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
+    check(config)?;
+    let layout = Layout::of(config.file_bytes);
+    let duration = Duration::from_secs_f64(config.seconds_per_run);
+    let candidates: Vec<Option<Strategy>> = config
+        .strategies
+        .iter()
+        .copied()
+        .map(Some)
+        .chain([None])
+        .collect();
+    // runs[variant][threads][candidate]: one Vec<Measured> (per run) per op.
+    let mut runs =
+        vec![
+            vec![vec![vec![Vec::new(); OPS.len()]; candidates.len()]; config.threads.len()];
+            config.variants.len()
+        ];
+    for run in 0..config.runs {
+        for (v, &punches) in config.variants.iter().enumerate() {
+            for (t, &readers) in config.threads.iter().enumerate() {
+                for (c, candidate) in candidates.iter().enumerate() {
+                    let name = candidate.map_or(KERNEL, Strategy::name);
+                    progress(Progress::Step(&format!(
+                        "{}, run {}/{}: {name}, {readers} reader(s)",
+                        punches.workload(),
+                        run + 1,
+                        config.runs
+                    )));
+                    let measured = match candidate {
+                        Some(strategy) => {
+                            let (_cache, mapping) = setup(config, layout, *strategy)?;
+                            measure_mapping(&mapping, layout, punches, readers, duration)?
+                        }
+                        None => {
+                            let host = HostFile::create(layout.file)?;
+                            measure_kernel(&host, layout, punches, readers, duration)?
+                        }
+                    };
+                    for (o, m) in measured.into_iter().enumerate() {
+                        runs[v][t][c][o].push(m);
+                    }
+                }
+            }
+        }
+    }
+
+    let mut report = Report::default();
+    for (v, &punches) in config.variants.iter().enumerate() {
+        for (t, &readers) in config.threads.iter().enumerate() {
+            for (c, candidate) in candidates.iter().enumerate() {
+                for (o, op) in OPS.iter().enumerate() {
+                    let key = RowKey {
+                        workload: punches.workload(),
+                        strategy: candidate.map_or(KERNEL, Strategy::name),
+                        op,
+                        threads: readers,
+                    };
+                    report.rows.push(timed_row(key, &runs[v][t][c][o]));
+                }
+            }
+            report.ratios.extend(ratios(&report.rows, punches, readers));
+        }
+    }
+    let cached_share = (config.budget() - layout.writer_bytes()) as f64 / layout.readers as f64;
+    report.notes.push(if cached_share >= 1.0 {
+        format!(
+            "mixed: the {} MiB budget holds the readers' whole region: mixed-disjoint reads all hit",
+            config.budget() >> 20
+        )
+    } else {
+        format!(
+            "mixed: the {} MiB budget caches {:.0}% of the readers' region: about {:.0}% of mixed-disjoint reads miss",
+            config.budget() >> 20,
+            cached_share * 100.0,
+            (1.0 - cached_share) * 100.0
+        )
+    });
+    Ok(report)
+}
+
+/// A fresh file for one step: the readers' half and the punch quarter on the
+/// device only, the writer's quarter cached, then the readers' half read once
+/// so that as much of it is cached as the budget allows.
+fn setup(
+    config: &MixedConfig,
+    layout: Layout,
+    strategy: Strategy,
+) -> io::Result<(PageCache, Arc<Mapping>)> {
+    let volume = temp_volume(layout.file + (8 << 20))?;
+    let cache = PageCache::builder()
+        .strategy(strategy)
+        .budget_bytes(config.budget())
+        .build()?;
+    let mapping = cache.open(Arc::new(volume.create_file("mixed")?))?;
+    let chunk = AlignedBuf::from_slice(&pattern(1 << 20), PAGE_SIZE);
+    let mut offset = 0;
+    while offset < layout.file {
+        if (layout.readers..layout.writer_end).contains(&offset) {
+            mapping.write_all_at(&chunk, offset)?;
+        } else {
+            mapping.write_direct(&chunk, offset)?;
+        }
+        offset += chunk.len() as u64;
+    }
+    mapping.sync_all()?;
+    let mut buf = vec![0; 1 << 20];
+    let mut offset = 0;
+    while offset < layout.readers {
+        mapping.read_exact_at(&mut buf, offset)?;
+        offset += buf.len() as u64;
+    }
+    // The readers miss only if the budget is used up by now (or caches their
+    // whole half): anything else would measure a different workload.
+    let want = config.budget().min(layout.writer_bytes() + layout.readers) / PAGE;
+    let (cached, _) = mapping.cached_pages();
+    if cached != want {
+        return Err(io::Error::other(format!(
+            "mixed: expected {want} pages cached after warming up, found {cached}"
+        )));
+    }
+    Ok((cache, mapping))
+}
+
+/// One timed run of readers, a writer and a puncher on `mapping`.
+fn measure_mapping(
+    mapping: &Mapping,
+    layout: Layout,
+    punches: Punches,
+    readers: usize,
+    duration: Duration,
+) -> io::Result<Vec<Measured>> {
+    let (punch_start, punch_end) = layout.punch_range(punches);
+    let punch_slots = (punch_end - punch_start) / PUNCH_BYTES;
+    measure_kinds(readers + 2, OPS.len(), duration, 1, |thread| {
+        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+        let page = pattern(PAGE_SIZE);
+        let kind = role(thread, readers);
+        let refill = pattern(PUNCH_BYTES as usize);
+        let op = move |rng: &mut fastrand::Rng| -> io::Result<Duration> {
+            let mut untimed = Duration::ZERO;
+            match kind {
+                0 => {
+                    let offset = rng.u64(..layout.readers / PAGE) * PAGE;
+                    mapping.read_exact_at(&mut buf.0, offset)?;
+                    std::hint::black_box(&buf);
+                }
+                1 => {
+                    let offset = layout.readers + rng.u64(..layout.writer_bytes() / PAGE) * PAGE;
+                    mapping.write_all_at(&page, offset)?;
+                }
+                _ => {
+                    let offset = punch_start + rng.u64(..punch_slots) * PUNCH_BYTES;
+                    if punches == Punches::Disjoint {
+                        // Data for the punch to free, as if written long ago:
+                        // straight to the backend, which is coherent only
+                        // because the cache never holds a page of this region.
+                        let start = Instant::now();
+                        mapping.backend().write_pages(offset / PAGE, &refill)?;
+                        untimed = start.elapsed();
+                    }
+                    mapping.punch_hole(offset, PUNCH_BYTES)?;
+                }
+            }
+            Ok(untimed)
+        };
+        (kind, op)
+    })
+}
+
+/// One timed run of the same calls on a host file.
+fn measure_kernel(
+    host: &HostFile,
+    layout: Layout,
+    punches: Punches,
+    readers: usize,
+    duration: Duration,
+) -> io::Result<Vec<Measured>> {
+    let (punch_start, punch_end) = layout.punch_range(punches);
+    let punch_slots = (punch_end - punch_start) / PUNCH_BYTES;
+    measure_kinds(readers + 2, OPS.len(), duration, 1, |thread| {
+        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+        let page = pattern(PAGE_SIZE);
+        let kind = role(thread, readers);
+        let refill = pattern(PUNCH_BYTES as usize);
+        let op = move |rng: &mut fastrand::Rng| -> io::Result<Duration> {
+            let mut untimed = Duration::ZERO;
+            match kind {
+                0 => {
+                    let offset = rng.u64(..layout.readers / PAGE) * PAGE;
+                    host.file.read_exact_at(&mut buf.0, offset)?;
+                    std::hint::black_box(&buf);
+                }
+                1 => {
+                    let offset = layout.readers + rng.u64(..layout.writer_bytes() / PAGE) * PAGE;
+                    host.file.write_all_at(&page, offset)?;
+                }
+                _ => {
+                    let offset = punch_start + rng.u64(..punch_slots) * PUNCH_BYTES;
+                    if punches == Punches::Disjoint {
+                        // As for filemap: data for the punch to free, untimed.
+                        let start = Instant::now();
+                        host.file.write_all_at(&refill, offset)?;
+                        untimed = start.elapsed();
+                    }
+                    host.punch_hole(offset, PUNCH_BYTES)?;
+                }
+            }
+            Ok(untimed)
+        };
+        (kind, op)
+    })
+}
+
+/// The kind of operation thread `thread` runs: the first `readers` threads
+/// read, the next writes, the last punches.
+fn role(thread: usize, readers: usize) -> usize {
+    if thread < readers {
+        0
+    } else if thread == readers {
+        1
+    } else {
+        2
+    }
+}
+
+/// The ratios of read throughput: targets for `mixed-disjoint`, information
+/// for `mixed-overlap`.
+fn ratios(rows: &[Row], punches: Punches, readers: usize) -> Vec<Ratio> {
+    let workload = punches.workload();
+    let reads = |strategy: &str| figure(rows, workload, strategy, "read", readers, |r| r.ops_per_s);
+    let disjoint = punches == Punches::Disjoint;
+    [
+        ("range", "invalidate-lock", 1.5),
+        ("invalidate-lock", "file-exclusive", 5.0),
+    ]
+    .into_iter()
+    .map(|(ours, theirs, target)| {
+        Ratio::between(
+            workload,
+            format!("{ours} / {theirs}, read ops/s, {readers} reader(s)"),
+            reads(ours),
+            reads(theirs),
+            disjoint.then_some(Target::AtLeast(target)),
+        )
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiny_run_reports_every_row_and_ratio() {
+        let config = MixedConfig {
+            file_bytes: 8 << 20,
+            runs: 1,
+            seconds_per_run: 0.05,
+            threads: vec![1],
+            ..MixedConfig::default()
+        };
+        let mut steps_seen = 0;
+        let report = run(&config, |p| {
+            if let Progress::Step(_) = p {
+                steps_seen += 1
+            }
+        })
+        .unwrap();
+        assert_eq!(steps_seen, steps(&config));
+        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 1) * OPS.len());
+        for punches in [Punches::Disjoint, Punches::Overlap] {
+            for strategy in Strategy::ALL
+                .map(Strategy::name)
+                .into_iter()
+                .chain([KERNEL])
+            {
+                for op in OPS {
+                    let row = report.find(punches.workload(), strategy, op, 1).unwrap();
+                    assert!(
+                        row.ops_per_s > 0.0 && row.p50_us > 0.0 && row.p99_us >= row.p50_us,
+                        "{row:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(report.ratios.len(), 4);
+        let available = crate::strategy_named("range").is_some();
+        assert_eq!(report.ratios[0].value.is_some(), available);
+        assert!(report.ratios[1].value.is_some_and(|v| v > 0.0));
+        assert!(report.ratios[0].target.is_some() && report.ratios[2].target.is_none());
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for config in [
+            MixedConfig {
+                file_bytes: 100,
+                ..MixedConfig::default()
+            },
+            MixedConfig {
+                cache_bytes: Some(1 << 20),
+                ..MixedConfig::default()
+            },
+            MixedConfig {
+                threads: vec![0],
+                ..MixedConfig::default()
+            },
+            MixedConfig {
+                variants: Vec::new(),
+                ..MixedConfig::default()
+            },
+        ] {
+            assert!(run(&config, |_| {}).is_err());
+        }
+    }
+}

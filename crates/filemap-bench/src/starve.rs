@@ -1,0 +1,387 @@
+//! `starve`: how long a punch takes while a storm of reads and map faults hits
+//! its range, against the same punches with no storm.
+//!
+//! One puncher punches random 64 KiB ranges of a 1 MiB range of the file,
+//! pausing 100 µs after each: a puncher that never paused would outrun any
+//! refill and punch ranges the storm has not filled again yet, which costs
+//! nothing and measures nothing. In the stormed runs, storm threads hit the same range: half
+//! (rounded up) read random 4 KiB pages with `read_at`, the others read random
+//! pages through a read-only memory map of the range ([`MapRegion::read`]), one
+//! map per thread. Each punch drops pages and zaps them from the maps, so the
+//! storm keeps missing and faulting, and keeps taking Fill: a lock that lets a
+//! stream of Fill holders overtake a waiting Invalidate starves the punch (C6).
+//!
+//! In the quiet runs the maps exist but nobody touches them, and the puncher
+//! reads its next range ahead into the cache before each punch (not timed), so
+//! a quiet punch drops as many cached pages as a stormed one usually does: the
+//! ratio of the two p99 latencies is the wait the storm adds, not a difference
+//! in work. Every punch is timed.
+//!
+//! The device is a temporary image file, as for [`crate::mixed`]. There is no
+//! kernel baseline: the storm's faults go through filemap's own maps, which a
+//! host file has no counterpart of in this process.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use filemap::{AlignedBuf, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
+
+use crate::{
+    check_common, coherent, figure, pattern, temp_volume, timed_row, Histogram, Measured, PageBuf,
+    Progress, Ratio, Report, Row, RowKey, Target,
+};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// The workload's name in reports.
+pub const WORKLOAD: &str = "starve";
+/// The size of one punch.
+pub const PUNCH_BYTES: u64 = 64 << 10;
+/// The puncher's pause after each punch, so the storm refills the range.
+const PUNCH_PAUSE: Duration = Duration::from_micros(100);
+
+/// Settings of the starve benchmark.
+#[derive(Clone, Debug)]
+pub struct StarveConfig {
+    /// The range the punches and the storm share, in bytes (a multiple of
+    /// 64 KiB); the file is four times as large.
+    pub range_bytes: u64,
+    /// The cache budget in bytes; `None` for the file's size.
+    pub cache_bytes: Option<u64>,
+    /// Storm thread counts to measure.
+    pub threads: Vec<usize>,
+    /// Timed runs of every configuration; the median is reported.
+    pub runs: usize,
+    /// Length of one timed run.
+    pub seconds_per_run: f64,
+    /// The coherence strategies to measure.
+    pub strategies: Vec<Strategy>,
+}
+
+impl Default for StarveConfig {
+    fn default() -> Self {
+        StarveConfig {
+            range_bytes: 1 << 20,
+            cache_bytes: None,
+            threads: vec![4],
+            runs: 3,
+            seconds_per_run: 0.5,
+            strategies: Strategy::ALL.to_vec(),
+        }
+    }
+}
+
+impl StarveConfig {
+    fn file_bytes(&self) -> u64 {
+        self.range_bytes * 4
+    }
+}
+
+/// How many measured steps [`run`] announces.
+pub fn steps(config: &StarveConfig) -> usize {
+    config.runs * config.strategies.len() * (1 + config.threads.len())
+}
+
+/// Checks the settings without running anything.
+pub fn check(config: &StarveConfig) -> io::Result<()> {
+    if config.range_bytes < PUNCH_BYTES
+        || config.range_bytes % PUNCH_BYTES != 0
+        || config.range_bytes > (1 << 30)
+    {
+        return Err(crate::invalid(
+            "the starve range must be a multiple of 64 KiB, at most 1 GiB",
+        ));
+    }
+    if config.cache_bytes.is_some_and(|b| b < config.range_bytes) {
+        return Err(crate::invalid(format!(
+            "the cache budget must hold the starve range of {} KiB",
+            config.range_bytes >> 10
+        )));
+    }
+    check_common(
+        config.runs,
+        config.seconds_per_run,
+        &config.threads,
+        &config.strategies,
+    )
+}
+
+/// Runs the benchmark; `progress` is told what is being measured.
+pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
+    check(config)?;
+    let duration = Duration::from_secs_f64(config.seconds_per_run);
+    // Storm settings: 0 (quiet) first, then each thread count.
+    let storms: Vec<usize> = [0]
+        .into_iter()
+        .chain(config.threads.iter().copied())
+        .collect();
+    // runs[strategy][storm][op]: punch, read, map-read.
+    let mut runs = vec![vec![vec![Vec::new(); 3]; storms.len()]; config.strategies.len()];
+    for run in 0..config.runs {
+        for (s, &strategy) in config.strategies.iter().enumerate() {
+            for (t, &storm) in storms.iter().enumerate() {
+                let what = if storm == 0 {
+                    "no storm".to_owned()
+                } else {
+                    format!("{storm} storm thread(s)")
+                };
+                progress(Progress::Step(&format!(
+                    "starve, run {}/{}: {strategy}, {what}",
+                    run + 1,
+                    config.runs
+                )));
+                let (_cache, mapping) = setup(config, strategy)?;
+                let measured = measure(&mapping, config.range_bytes, storm, duration)?;
+                for (o, m) in measured.into_iter().enumerate() {
+                    runs[s][t][o].push(m);
+                }
+            }
+        }
+    }
+
+    let mut report = Report::default();
+    for (s, strategy) in config.strategies.iter().enumerate() {
+        for (t, &storm) in storms.iter().enumerate() {
+            for (o, op) in ["punch", "read", "map-read"].into_iter().enumerate() {
+                let measured = &runs[s][t][o];
+                if measured.iter().all(|m| m.workers == 0) {
+                    continue;
+                }
+                let key = RowKey {
+                    workload: WORKLOAD,
+                    strategy: strategy.name(),
+                    op,
+                    threads: storm,
+                };
+                report.rows.push(timed_row(key, measured));
+            }
+        }
+    }
+    for &storm in &config.threads {
+        let rows = report.rows.clone();
+        report
+            .ratios
+            .extend(ratios(&rows, &config.strategies, storm));
+    }
+    Ok(report)
+}
+
+/// A fresh file for one step, four times the range, written directly and read
+/// ahead into the cache.
+fn setup(config: &StarveConfig, strategy: Strategy) -> io::Result<(PageCache, Arc<Mapping>)> {
+    let file_bytes = config.file_bytes();
+    let volume = temp_volume(file_bytes + (8 << 20))?;
+    let cache = PageCache::builder()
+        .strategy(strategy)
+        .budget_bytes(config.cache_bytes.unwrap_or(file_bytes))
+        .build()?;
+    let mapping = cache.open(Arc::new(volume.create_file("starve")?))?;
+    let chunk = AlignedBuf::from_slice(&pattern(PUNCH_BYTES as usize), PAGE_SIZE);
+    let mut offset = 0;
+    while offset < file_bytes {
+        mapping.write_direct(&chunk, offset)?;
+        offset += chunk.len() as u64;
+    }
+    mapping.readahead(0, file_bytes)?;
+    Ok((cache, mapping))
+}
+
+/// One timed run: the puncher on this thread, `storm` storm threads beside it.
+/// Returns the punches, the storm's reads and its map reads.
+fn measure(
+    mapping: &Arc<Mapping>,
+    range_bytes: u64,
+    storm: usize,
+    duration: Duration,
+) -> io::Result<[Measured; 3]> {
+    let readers = storm.div_ceil(2);
+    let faulters = storm - readers;
+    let maps = (0..faulters.max(1))
+        .map(|_| mapping.map(0, range_bytes as usize, MapAccess::Read))
+        .collect::<io::Result<Vec<MapRegion>>>()?;
+    let pages = range_bytes / PAGE;
+    let slots = range_bytes / PUNCH_BYTES;
+    let stop = AtomicBool::new(false);
+    let started = Barrier::new(storm + 1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..storm)
+            .map(|thread| {
+                let (stop, started, maps) = (&stop, &started, &maps);
+                scope.spawn(move || -> io::Result<(u64, Histogram)> {
+                    let mut rng = fastrand::Rng::with_seed(0x5eed ^ thread as u64);
+                    let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+                    let mut latency = Histogram::new();
+                    let mut count = 0;
+                    started.wait();
+                    let mut storm = || -> io::Result<()> {
+                        while !stop.load(Ordering::Relaxed) {
+                            let page = rng.u64(..pages);
+                            let start = Instant::now();
+                            if thread < readers {
+                                mapping.read_exact_at(&mut buf.0, page * PAGE)?;
+                            } else {
+                                let map = &maps[thread - readers];
+                                map.read((page * PAGE) as usize, &mut buf.0)?;
+                            }
+                            latency.record(start.elapsed().as_nanos() as u64);
+                            std::hint::black_box(&buf);
+                            count += 1;
+                        }
+                        Ok(())
+                    };
+                    let result = storm();
+                    if result.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    result.map(|()| (count, latency))
+                })
+            })
+            .collect();
+        started.wait();
+        let punched = punch_for(mapping, slots, storm == 0, duration, &stop);
+        stop.store(true, Ordering::Relaxed);
+        let elapsed = punched
+            .as_ref()
+            .map_or(duration, |(elapsed, _, _)| *elapsed);
+        let mut reads = (0, Histogram::new());
+        let mut map_reads = (0, Histogram::new());
+        for (thread, worker) in workers.into_iter().enumerate() {
+            let (count, latency) = worker.join().expect("storm threads do not panic")?;
+            let into = if thread < readers {
+                &mut reads
+            } else {
+                &mut map_reads
+            };
+            into.0 += count;
+            into.1.merge(&latency);
+        }
+        let (_, punches, punch_latency) = punched?;
+        let rate = |count: u64| count as f64 / elapsed.as_secs_f64();
+        Ok([
+            Measured::new(rate(punches), punch_latency, 1),
+            Measured::new(rate(reads.0), reads.1, readers),
+            Measured::new(rate(map_reads.0), map_reads.1, faulters),
+        ])
+    })
+}
+
+/// Punches random 64 KiB ranges of the first `slots` for `duration` (or until
+/// `stop`), timing each and pausing after each; `read_ahead` first brings each
+/// range into the cache, untimed. Returns the time taken, the punches (whose
+/// rate is bounded by the pauses: the latencies are the figure) and their
+/// latencies.
+fn punch_for(
+    mapping: &Mapping,
+    slots: u64,
+    read_ahead: bool,
+    duration: Duration,
+    stop: &AtomicBool,
+) -> io::Result<(Duration, u64, Histogram)> {
+    let mut rng = fastrand::Rng::with_seed(0x9e3779b9);
+    let mut latency = Histogram::new();
+    let mut punches = 0;
+    let start = Instant::now();
+    while start.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+        let offset = rng.u64(..slots) * PUNCH_BYTES;
+        if read_ahead {
+            mapping.readahead(offset, PUNCH_BYTES)?;
+        }
+        let punch_start = Instant::now();
+        mapping.punch_hole(offset, PUNCH_BYTES)?;
+        let took = punch_start.elapsed();
+        latency.record(took.as_nanos() as u64);
+        punches += 1;
+        std::thread::sleep(PUNCH_PAUSE);
+    }
+    Ok((start.elapsed(), punches, latency))
+}
+
+/// Stormed p99 over quiet p99 of the punches, for every coherent strategy;
+/// the target is set on `range`.
+fn ratios(rows: &[Row], strategies: &[Strategy], storm: usize) -> Vec<Ratio> {
+    let p99 = |strategy: &str, threads: usize| {
+        figure(rows, WORKLOAD, strategy, "punch", threads, |r| r.p99_us)
+    };
+    let mut names: Vec<&str> = vec!["range"];
+    names.extend(
+        coherent(strategies)
+            .map(Strategy::name)
+            .filter(|&name| name != "range"),
+    );
+    names
+        .into_iter()
+        .map(|name| {
+            Ratio::between(
+                WORKLOAD,
+                format!("{name}: punch p99 with {storm} storm thread(s) / with none"),
+                p99(name, storm),
+                p99(name, 0),
+                (name == "range").then_some(Target::AtMost(10.0)),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiny_run_reports_every_row_and_ratio() {
+        let config = StarveConfig {
+            range_bytes: 256 << 10,
+            runs: 1,
+            seconds_per_run: 0.05,
+            threads: vec![2],
+            ..StarveConfig::default()
+        };
+        let mut steps_seen = 0;
+        let report = run(&config, |p| {
+            if let Progress::Step(_) = p {
+                steps_seen += 1
+            }
+        })
+        .unwrap();
+        assert_eq!(steps_seen, steps(&config));
+        // Per strategy: quiet punches; stormed punches, reads and map reads.
+        assert_eq!(report.rows.len(), Strategy::ALL.len() * 4);
+        for strategy in Strategy::ALL.map(Strategy::name) {
+            for (op, threads) in [("punch", 0), ("punch", 2), ("read", 2), ("map-read", 2)] {
+                let row = report.find(WORKLOAD, strategy, op, threads).unwrap();
+                assert!(
+                    row.ops_per_s > 0.0 && row.p50_us > 0.0 && row.p99_us >= row.p50_us,
+                    "{row:?}"
+                );
+            }
+        }
+        // `range` (first, available or not) and every other coherent strategy.
+        let coherent = Strategy::ALL.iter().filter(|s| s.is_coherent()).count();
+        let range_exists = crate::strategy_named("range").is_some();
+        assert_eq!(report.ratios.len(), coherent + usize::from(!range_exists));
+        assert_eq!(report.ratios[0].value.is_some(), range_exists);
+        assert!(report.ratios[1..]
+            .iter()
+            .all(|r| r.value.is_some_and(|v| v > 0.0) && r.target.is_none()));
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for config in [
+            StarveConfig {
+                range_bytes: 1000,
+                ..StarveConfig::default()
+            },
+            StarveConfig {
+                cache_bytes: Some(4096),
+                ..StarveConfig::default()
+            },
+            StarveConfig {
+                threads: Vec::new(),
+                ..StarveConfig::default()
+            },
+        ] {
+            assert!(run(&config, |_| {}).is_err());
+        }
+    }
+}
