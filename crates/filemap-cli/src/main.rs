@@ -151,8 +151,9 @@ struct TortureArgs {
     /// Files sharing the volume.
     #[arg(long, default_value_t = 4)]
     files: usize,
-    /// Pages of each file.
-    #[arg(long, default_value_t = 64)]
+    /// Pages of each file (by default 4 files of 2048 pages: 32 MiB, four
+    /// times a budget of `--cache-bytes 8388608`, so eviction can be tortured).
+    #[arg(long, default_value_t = 2048)]
     pages: u64,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
@@ -601,6 +602,25 @@ fn print_table(reports: &[TortureReport]) {
             print!(" {:>12}", r.by_kind.get(kind).copied().unwrap_or(0));
         }
         println!();
+    }
+    println!();
+    println!(
+        "{:<26} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "cache", "hits", "misses", "fills", "evictions", "writebacks", "peak bytes", "budget"
+    );
+    for r in reports {
+        let c = &r.cache;
+        println!(
+            "{:<26} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+            format!("{}/{}", r.strategy, r.backend),
+            c.hits,
+            c.misses,
+            c.fills,
+            c.evictions,
+            c.writebacks,
+            c.peak_cached_bytes,
+            c.budget_bytes
+        );
     }
     for r in reports.iter().filter(|r| !r.examples.is_empty()) {
         println!("\nfirst findings under {}/{}:", r.strategy, r.backend);

@@ -153,7 +153,7 @@ impl Default for TortureConfig {
             seconds: 10.0,
             threads: 6,
             files: 4,
-            pages_per_file: 64,
+            pages_per_file: 2048,
             seed: 1,
             delay_percent: 20,
             max_delay_us: 200,
@@ -197,8 +197,71 @@ pub struct TortureReport {
     pub by_kind: BTreeMap<String, u64>,
     /// Delays and errors the device injected.
     pub injected: u64,
+    /// What the page cache counted during the run.
+    pub cache: CacheReport,
     /// The first few violations and errors, described.
     pub examples: Vec<String>,
+}
+
+/// The page cache's statistics at the end of a run ([`filemap::CacheStats`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CacheReport {
+    /// Pages copied from the cache without waiting.
+    pub hits: u64,
+    /// Pages buffered reads did not find in the cache.
+    pub misses: u64,
+    /// Pages read from the backend into the cache.
+    pub fills: u64,
+    /// Pages read ahead of sequential readers.
+    pub readahead_pages: u64,
+    /// Pages evicted under the budget.
+    pub evictions: u64,
+    /// Dirty pages written back.
+    pub writebacks: u64,
+    /// Writebacks that failed.
+    pub writeback_errors: u64,
+    /// Faults that took a page beyond the budget (0 unless nothing could be evicted).
+    pub budget_overruns: u64,
+    /// The budget in bytes.
+    pub budget_bytes: u64,
+    /// The most bytes cached at once.
+    pub peak_cached_bytes: u64,
+    /// Bytes cached at the end.
+    pub cached_bytes: u64,
+    /// Dirty bytes at the end.
+    pub dirty_bytes: u64,
+    /// Waits for each coherence mode.
+    pub lock_waits: BTreeMap<String, u64>,
+}
+
+impl From<filemap::CacheStats> for CacheReport {
+    fn from(stats: filemap::CacheStats) -> Self {
+        let waits = stats.lock_waits;
+        CacheReport {
+            hits: stats.hits,
+            misses: stats.misses,
+            fills: stats.fills,
+            readahead_pages: stats.readahead_pages,
+            evictions: stats.evictions,
+            writebacks: stats.writebacks,
+            writeback_errors: stats.writeback_errors,
+            budget_overruns: stats.budget_overruns,
+            budget_bytes: stats.budget_bytes,
+            peak_cached_bytes: stats.peak_cached_bytes,
+            cached_bytes: stats.cached_bytes,
+            dirty_bytes: stats.dirty_bytes,
+            lock_waits: [
+                ("read", waits.read),
+                ("fill", waits.fill),
+                ("write", waits.write),
+                ("direct", waits.direct),
+                ("invalidate", waits.invalidate),
+            ]
+            .into_iter()
+            .map(|(mode, count)| (mode.to_owned(), count))
+            .collect(),
+        }
+    }
 }
 
 impl TortureReport {

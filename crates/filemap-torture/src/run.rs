@@ -239,6 +239,7 @@ pub fn run(
             .map(|(kind, count)| (kind.to_string(), count))
             .collect(),
         injected: (files.injected)(),
+        cache: cache.stats().into(),
         examples: shared.examples.into_inner(),
     })
 }
