@@ -31,12 +31,14 @@ use filemap::{FileDevice, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_
 use serde::Serialize;
 
 pub mod direct;
+pub mod evict;
 pub mod fault;
 mod histogram;
 pub mod hit;
 pub mod kernel;
 pub mod mixed;
 pub mod plot;
+pub mod seqread;
 pub mod starve;
 
 pub use histogram::Histogram;

@@ -41,6 +41,9 @@ struct BenchArgs {
     /// readers' (mixed-overlap). direct: 2 direct writers beside buffered
     /// readers. starve: punch latency under a storm of reads and map faults on
     /// its range, against no storm. fault: memory map faults and map reads.
+    /// evict: the eviction policies' hit ratios on the same traces, and the
+    /// bookkeeping per cached page. seqread: a sequential read of an uncached
+    /// file against a raw read of its device.
     #[arg(value_enum)]
     workloads: Vec<WorkloadArg>,
     /// Timed runs of every configuration (the median is reported).
@@ -80,16 +83,20 @@ enum WorkloadArg {
     Direct,
     Starve,
     Fault,
+    Evict,
+    Seqread,
     All,
 }
 
 /// The workloads, in the order `all` runs them.
-const WORKLOADS: [WorkloadArg; 5] = [
+const WORKLOADS: [WorkloadArg; 7] = [
     WorkloadArg::Hit,
     WorkloadArg::Mixed,
     WorkloadArg::Direct,
     WorkloadArg::Starve,
     WorkloadArg::Fault,
+    WorkloadArg::Evict,
+    WorkloadArg::Seqread,
 ];
 
 fn parse_strategy(name: &str) -> Result<Strategy, String> {
@@ -202,6 +209,8 @@ enum BenchConfig {
     Direct(filemap_bench::direct::DirectConfig),
     Starve(filemap_bench::starve::StarveConfig),
     Fault(filemap_bench::fault::FaultConfig),
+    Evict(filemap_bench::evict::EvictConfig),
+    Seqread(filemap_bench::seqread::SeqReadConfig),
 }
 
 impl BenchConfig {
@@ -212,6 +221,8 @@ impl BenchConfig {
             BenchConfig::Direct(c) => filemap_bench::direct::check(c),
             BenchConfig::Starve(c) => filemap_bench::starve::check(c),
             BenchConfig::Fault(c) => filemap_bench::fault::check(c),
+            BenchConfig::Evict(c) => filemap_bench::evict::check(c),
+            BenchConfig::Seqread(c) => filemap_bench::seqread::check(c),
         }
     }
 
@@ -222,6 +233,8 @@ impl BenchConfig {
             BenchConfig::Direct(c) => filemap_bench::direct::steps(c),
             BenchConfig::Starve(c) => filemap_bench::starve::steps(c),
             BenchConfig::Fault(c) => filemap_bench::fault::steps(c),
+            BenchConfig::Evict(c) => filemap_bench::evict::steps(c),
+            BenchConfig::Seqread(c) => filemap_bench::seqread::steps(c),
         }
     }
 
@@ -235,6 +248,8 @@ impl BenchConfig {
             BenchConfig::Direct(c) => filemap_bench::direct::run(c, progress),
             BenchConfig::Starve(c) => filemap_bench::starve::run(c, progress),
             BenchConfig::Fault(c) => filemap_bench::fault::run(c, progress),
+            BenchConfig::Evict(c) => filemap_bench::evict::run(c, progress),
+            BenchConfig::Seqread(c) => filemap_bench::seqread::run(c, progress),
         }
     }
 }
@@ -296,6 +311,11 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                 runs: args.runs,
                 seconds_per_run: args.seconds,
                 strategies: strategies.clone(),
+            }),
+            WorkloadArg::Evict => BenchConfig::Evict(filemap_bench::evict::EvictConfig::default()),
+            WorkloadArg::Seqread => BenchConfig::Seqread(filemap_bench::seqread::SeqReadConfig {
+                runs: args.runs,
+                ..Default::default()
             }),
             WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),
         });

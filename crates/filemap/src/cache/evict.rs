@@ -45,11 +45,30 @@ impl EvictionPolicy {
     }
 }
 
-/// A queue entry: a page of one mapping.
+/// A queue entry: a page of one mapping, packed in one word (the mapping's
+/// id in the top [`MAPPING_BITS`] bits, the page index below), so an entry
+/// costs 8 bytes in a ring and 16 in a SIEVE node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Key {
-    pub(crate) mapping: u32,
-    pub(crate) index: u64,
+pub(crate) struct Key(u64);
+
+/// Bits of a mapping id in a [`Key`]: the page index takes the rest, as many
+/// bits as the page tree has (`tree::MAX_PAGES` is 2^36).
+pub(crate) const MAPPING_BITS: u32 = 28;
+const INDEX_BITS: u32 = 64 - MAPPING_BITS;
+
+impl Key {
+    pub(crate) fn new(mapping: u32, index: u64) -> Key {
+        debug_assert!(mapping < 1 << MAPPING_BITS && index < 1 << INDEX_BITS);
+        Key((u64::from(mapping) << INDEX_BITS) | index)
+    }
+
+    pub(crate) fn mapping(self) -> u32 {
+        (self.0 >> INDEX_BITS) as u32
+    }
+
+    pub(crate) fn index(self) -> u64 {
+        self.0 & ((1 << INDEX_BITS) - 1)
+    }
 }
 
 /// What the hand finds at an entry.
@@ -104,6 +123,13 @@ impl Queue {
 
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Bytes the queue has allocated.
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        self.ring.capacity() * std::mem::size_of::<Key>()
+            + self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
     }
 
     /// Adds a new entry (behind the hand for CLOCK, at the head for SIEVE).
@@ -214,8 +240,8 @@ pub fn simulate(policy: EvictionPolicy, capacity: usize, trace: &[u64]) -> f64 {
             continue;
         }
         while present >= capacity {
-            let victims = queue.sweep(1, usize::MAX, |key| {
-                let p = pages.get_mut(&key.index).expect("queued pages exist");
+            let victims = queue.sweep(1, usize::MAX, |key: Key| {
+                let p = pages.get_mut(&key.index()).expect("queued pages exist");
                 if !p.present {
                     p.queued = false;
                     Visit::Stale
@@ -226,7 +252,7 @@ pub fn simulate(policy: EvictionPolicy, capacity: usize, trace: &[u64]) -> f64 {
                 }
             });
             for key in victims {
-                pages.get_mut(&key.index).expect("a candidate").present = false;
+                pages.get_mut(&key.index()).expect("a candidate").present = false;
                 present -= 1;
             }
         }
@@ -235,10 +261,7 @@ pub fn simulate(policy: EvictionPolicy, capacity: usize, trace: &[u64]) -> f64 {
         present += 1;
         if !entry.queued {
             entry.queued = true;
-            queue.push(Key {
-                mapping: 0,
-                index: page,
-            });
+            queue.push(Key::new(0, page));
         }
     }
     if trace.is_empty() {
@@ -252,7 +275,15 @@ mod tests {
     use super::*;
 
     fn key(index: u64) -> Key {
-        Key { mapping: 0, index }
+        Key::new(3, index)
+    }
+
+    #[test]
+    fn keys_pack_a_mapping_and_a_page_index() {
+        let key = Key::new((1 << MAPPING_BITS) - 1, (1 << 36) - 1);
+        assert_eq!(key.mapping(), (1 << MAPPING_BITS) - 1);
+        assert_eq!(key.index(), (1 << 36) - 1);
+        assert_eq!(std::mem::size_of::<Node>(), 16);
     }
 
     #[test]
@@ -264,7 +295,7 @@ mod tests {
         let referenced = [true, false, true, false];
         let mut marks = referenced;
         let victims = queue.sweep(2, 10, |k| {
-            if std::mem::take(&mut marks[k.index as usize]) {
+            if std::mem::take(&mut marks[k.index() as usize]) {
                 Visit::Keep
             } else {
                 Visit::Candidate
@@ -283,7 +314,7 @@ mod tests {
         // Tail first: 0 is referenced (kept), 1 is a candidate.
         let mut referenced = [true, false, false, false];
         let first = queue.sweep(1, 10, |k| {
-            if std::mem::take(&mut referenced[k.index as usize]) {
+            if std::mem::take(&mut referenced[k.index() as usize]) {
                 Visit::Keep
             } else {
                 Visit::Candidate
@@ -292,7 +323,7 @@ mod tests {
         assert_eq!(first, [key(1)]);
         // The hand goes on from 2; entry 1 is now stale and leaves on the next pass.
         let second = queue.sweep(3, 4, |k| {
-            if k.index == 1 {
+            if k.index() == 1 {
                 Visit::Stale
             } else {
                 Visit::Candidate
@@ -301,7 +332,7 @@ mod tests {
         assert_eq!(second, [key(2), key(3), key(0)]);
         assert_eq!(queue.len(), 4);
         let third = queue.sweep(4, 4, |k| {
-            if k.index == 1 {
+            if k.index() == 1 {
                 Visit::Stale
             } else {
                 Visit::Keep

@@ -232,10 +232,63 @@ enum FillBudget {
     Force,
 }
 
+/// A buffer a fill reads the backend into, reused by its thread: a fill of up
+/// to 2 MiB would otherwise map fresh memory, fault on each of its pages and
+/// unmap it again every time.
+struct FillBuf(Vec<u8>);
+
+thread_local! {
+    static FILL_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl FillBuf {
+    /// A buffer of `len` bytes (not zeroed when reused: fills overwrite it).
+    fn take(len: usize) -> FillBuf {
+        let mut buf = FILL_BUFS
+            .with(|bufs| bufs.borrow_mut().pop())
+            .unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        buf.truncate(len);
+        FillBuf(buf)
+    }
+}
+
+impl Drop for FillBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.capacity() <= (MAX_READAHEAD_PAGES as usize) * PAGE_SIZE {
+            // A thread keeps two: a fill nests at most one inside another (a
+            // read's bounce), and the pool must not grow without bound.
+            FILL_BUFS.with(|bufs| {
+                let mut bufs = bufs.borrow_mut();
+                if bufs.len() < 2 {
+                    bufs.push(buf);
+                }
+            });
+        }
+    }
+}
+
+impl std::ops::Deref for FillBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for FillBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
 /// What a fill of absent pages achieved.
 enum Fill {
     /// `pages` pages from the first one were read; `data` holds them.
-    Read { pages: u64, data: Vec<u8> },
+    Read { pages: u64, data: FillBuf },
     /// The first page is not absent (cached, or busy with another thread): look again.
     NotAbsent,
     /// The first page starts at or past the end of file.
@@ -393,6 +446,11 @@ impl Mapping {
         if !self.removed.load(Ordering::Acquire) {
             let _ = self.write_back_range(0, MAX_PAGES - 1);
         }
+    }
+
+    /// Bytes of this mapping's page index.
+    pub(super) fn index_bytes(&self) -> usize {
+        self.pages.allocated_bytes()
     }
 
     /// How many of this mapping's pages are dirty (walks the page index).
@@ -1618,12 +1676,12 @@ impl Mapping {
                 return Ok(Fill::CacheFull);
             }
             // The budget is used up: serve this page uncached, still under Fill.
-            let mut data = vec![0; PAGE_SIZE];
+            let mut data = FillBuf::take(PAGE_SIZE);
             self.backend.read_pages(index, &mut data)?;
             return Ok(Fill::Read { pages: 1, data });
         }
 
-        let mut data = vec![0; claimed.len() * PAGE_SIZE];
+        let mut data = FillBuf::take(claimed.len() * PAGE_SIZE);
         schedule::point();
         let read = self.backend.read_pages(index, &mut data);
         schedule::point();

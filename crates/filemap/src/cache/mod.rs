@@ -108,17 +108,17 @@ impl CacheShared {
                 let mappings = self.mappings.lock();
                 let keys = queue.sweep(want - freed, visits_left.min(4 * RECLAIM_BATCH), |key| {
                     visited += 1;
-                    let Some(mapping) = mappings.get(&key.mapping).and_then(Weak::upgrade) else {
+                    let Some(mapping) = mappings.get(&key.mapping()).and_then(Weak::upgrade) else {
                         return Visit::Stale;
                     };
-                    let visit = mapping.eviction_visit(key.index);
+                    let visit = mapping.eviction_visit(key.index());
                     alive.push(mapping);
                     visit
                 });
                 keys.into_iter()
                     .filter_map(|key| {
-                        let mapping = mappings.get(&key.mapping).and_then(Weak::upgrade)?;
-                        Some((mapping, key.index))
+                        let mapping = mappings.get(&key.mapping()).and_then(Weak::upgrade)?;
+                        Some((mapping, key.index()))
                     })
                     .collect()
             };
@@ -138,12 +138,20 @@ impl CacheShared {
 
     /// Gives a page that just became present its queue entry.
     pub(crate) fn enqueue(&self, mapping: u32, index: u64) {
-        self.queue.lock().push(Key { mapping, index });
+        self.queue.lock().push(Key::new(mapping, index));
     }
 
-    /// An id for a new mapping (never reused).
+    /// An id for a new mapping: one no live mapping has (ids wrap at
+    /// 2^[`evict::MAPPING_BITS`]; stale queue entries of a dead mapping that
+    /// had it then point at the new one's pages, which only costs a visit).
     pub(crate) fn new_mapping_id(&self) -> u32 {
-        self.next_mapping.fetch_add(1, Ordering::Relaxed)
+        let mappings = self.mappings.lock();
+        loop {
+            let id = self.next_mapping.fetch_add(1, Ordering::Relaxed) % (1 << evict::MAPPING_BITS);
+            if !mappings.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// Registers mapping `id` for the eviction hand.
@@ -365,11 +373,13 @@ impl PageCache {
         let shared = &self.shared;
         let counters = &shared.counters;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let dirty_pages: u64 = shared
-            .live_mappings()
-            .iter()
-            .map(|mapping| mapping.dirty_pages())
-            .sum();
+        let mappings = shared.live_mappings();
+        let dirty_pages: u64 = mappings.iter().map(|mapping| mapping.dirty_pages()).sum();
+        let metadata_bytes = shared.queue.lock().allocated_bytes()
+            + mappings
+                .iter()
+                .map(|mapping| mapping.index_bytes())
+                .sum::<usize>();
         let page = PAGE_SIZE as u64;
         CacheStats {
             hits: counters.hits.sum(),
@@ -385,6 +395,7 @@ impl PageCache {
             dirty_bytes: dirty_pages * page,
             budget_bytes: shared.budget.capacity() * page,
             lock_waits: LockWaits::from_counters(&counters.lock_waits),
+            metadata_bytes: metadata_bytes as u64,
         }
     }
 }

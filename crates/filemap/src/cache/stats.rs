@@ -133,4 +133,8 @@ pub struct CacheStats {
     pub budget_bytes: u64,
     /// Waits for each coherence mode.
     pub lock_waits: LockWaits,
+    /// Bytes of the cache's own bookkeeping: the mappings' page indexes and the
+    /// eviction queue (not the kernel's, which keeps its own descriptor for
+    /// every page of every memfd, as for any page cache).
+    pub metadata_bytes: u64,
 }

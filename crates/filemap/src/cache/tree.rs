@@ -98,6 +98,24 @@ impl PageTree {
         Self::walk(&self.root, INTERIOR_LEVELS, 0, first, last, &mut visit);
     }
 
+    /// Bytes the tree has allocated: its nodes, leaves included.
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        fn node_bytes(node: &Node) -> usize {
+            match node {
+                Node::Interior(children) => {
+                    std::mem::size_of::<[OnceLock<Node>; FANOUT]>()
+                        + children
+                            .iter()
+                            .filter_map(OnceLock::get)
+                            .map(node_bytes)
+                            .sum::<usize>()
+                }
+                Node::Leaf(_) => std::mem::size_of::<[Slot; FANOUT]>(),
+            }
+        }
+        std::mem::size_of::<PageTree>() + node_bytes(&self.root)
+    }
+
     fn walk(
         node: &Node,
         level: u32,

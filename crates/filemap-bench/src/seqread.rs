@@ -1,0 +1,212 @@
+//! `seqread`: a sequential buffered read of a file that is not cached, against
+//! a raw sequential read of the same device, in turns in one process.
+//!
+//! The device is a temporary image file on the host file system
+//! ([`FileDevice`]). Before every run the image is synced and dropped from the
+//! host's page cache (`posix_fadvise(DONTNEED)`), so both variants read the
+//! host's disk, as a user-space storage engine reading its device would:
+//! - `device`: `Device::read_exact_at` of `chunk` bytes at a time, from the
+//!   first byte of the image to the file's size, the floor of reading it;
+//! - the library's default strategy: `read_exact_at` of `chunk` bytes at a time
+//!   through a fresh cache over a `Volume` on the image, whose sequential
+//!   readahead grows its window from the fill batch up to 2 MiB.
+//!
+//! Rows count chunks per second.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use filemap::{Backend, Device, FileDevice, PageCache, Volume, PAGE_SIZE};
+
+use crate::{
+    default_strategy, invalid, pattern, timed_row, Histogram, Measured, Progress, Ratio, Report,
+    RowKey, Target,
+};
+
+/// The workload's name in reports.
+pub const WORKLOAD: &str = "seqread";
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Settings of the sequential read benchmark.
+#[derive(Clone, Debug)]
+pub struct SeqReadConfig {
+    /// The file's size in bytes (a multiple of the chunk).
+    pub file_bytes: u64,
+    /// The bytes of one read call.
+    pub chunk: usize,
+    /// Timed runs of each variant; the median is reported.
+    pub runs: usize,
+}
+
+impl Default for SeqReadConfig {
+    fn default() -> Self {
+        SeqReadConfig {
+            file_bytes: 128 << 20,
+            chunk: 128 << 10,
+            runs: 3,
+        }
+    }
+}
+
+/// Checks the settings.
+pub fn check(config: &SeqReadConfig) -> io::Result<()> {
+    if config.chunk == 0 || config.chunk % PAGE_SIZE != 0 || config.chunk > 64 << 20 {
+        return Err(invalid(
+            "the read chunk must be a multiple of 4 KiB up to 64 MiB",
+        ));
+    }
+    if config.file_bytes == 0 || config.file_bytes % config.chunk as u64 != 0 {
+        return Err(invalid(
+            "the file size must be a positive multiple of the chunk",
+        ));
+    }
+    if config.file_bytes > 16 << 30 {
+        return Err(invalid("the file must be at most 16 GiB"));
+    }
+    if config.runs == 0 {
+        return Err(invalid("runs must be at least 1"));
+    }
+    Ok(())
+}
+
+/// The measured steps: two variants per run.
+pub fn steps(config: &SeqReadConfig) -> usize {
+    2 * config.runs
+}
+
+/// Runs the benchmark.
+pub fn run(config: &SeqReadConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
+    check(config)?;
+    progress(Progress::Setup("seqread: writing the file"));
+    let image = tempfile::tempfile()?;
+    // Room for the volume's own blocks besides the file's.
+    image.set_len(config.file_bytes + config.file_bytes / 8 + (16 << 20))?;
+    let device: Arc<dyn Device> = Arc::new(FileDevice::from_file(image.try_clone()?)?);
+    let volume = Volume::format(device.clone())?;
+    let file = volume.create_file("seq")?;
+    let chunk = pattern(1 << 20);
+    file.set_len(config.file_bytes)?;
+    let mut offset = 0;
+    while offset < config.file_bytes {
+        let len = chunk.len().min((config.file_bytes - offset) as usize);
+        file.write_pages(offset / PAGE, &chunk[..len])?;
+        offset += len as u64;
+    }
+    let file: Arc<dyn Backend> = Arc::new(file);
+    let strategy = default_strategy()?;
+    let mut runs = [Vec::new(), Vec::new()];
+    let mut buf = vec![0u8; config.chunk];
+    for run in 0..config.runs {
+        for (v, variant) in ["device", strategy.name()].into_iter().enumerate() {
+            progress(Progress::Step(&format!(
+                "seqread, run {}/{}: {variant}",
+                run + 1,
+                config.runs
+            )));
+            drop_host_cache(&image)?;
+            let mut latency = Histogram::new();
+            let started = Instant::now();
+            let mut offset = 0;
+            if v == 0 {
+                while offset < config.file_bytes {
+                    let timed = Instant::now();
+                    device.read_exact_at(&mut buf, offset)?;
+                    latency.record(timed.elapsed().as_nanos() as u64);
+                    offset += config.chunk as u64;
+                }
+            } else {
+                let cache = PageCache::builder()
+                    .strategy(strategy)
+                    .budget_bytes(config.file_bytes + (16 << 20))
+                    .build()?;
+                let mapping = cache.open(file.clone())?;
+                while offset < config.file_bytes {
+                    let timed = Instant::now();
+                    mapping.read_exact_at(&mut buf, offset)?;
+                    latency.record(timed.elapsed().as_nanos() as u64);
+                    offset += config.chunk as u64;
+                }
+            }
+            let chunks = (config.file_bytes / config.chunk as u64) as f64;
+            let rate = chunks / started.elapsed().as_secs_f64().max(1e-9);
+            runs[v].push(Measured::new(rate, latency, 1));
+        }
+    }
+    let mut report = Report::default();
+    for (v, variant) in ["device", strategy.name()].into_iter().enumerate() {
+        let key = RowKey {
+            workload: WORKLOAD,
+            strategy: variant,
+            op: "read",
+            threads: 1,
+        };
+        report.rows.push(timed_row(key, &runs[v]));
+    }
+    let rate = |v: usize| Ok(report.rows[v].ops_per_s);
+    report.ratios.push(Ratio::between(
+        WORKLOAD,
+        format!(
+            "{} / device, sequential read of an uncached file, {} KiB reads",
+            strategy.name(),
+            config.chunk >> 10
+        ),
+        rate(1),
+        rate(0),
+        Some(Target::AtLeast(0.9)),
+    ));
+    report.notes.push(format!(
+        "seqread: {} MiB read {} KiB at a time, the host's page cache dropped before each run",
+        config.file_bytes >> 20,
+        config.chunk >> 10
+    ));
+    Ok(report)
+}
+
+/// Syncs `image` and drops it from the host's page cache, so the next reads
+/// come from the disk.
+fn drop_host_cache(image: &File) -> io::Result<()> {
+    image.sync_all()?;
+    rustix::fs::fadvise(image, 0, None, rustix::fs::Advice::DontNeed)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiny_run_reports_both_variants_and_the_ratio() {
+        let config = SeqReadConfig {
+            file_bytes: 4 << 20,
+            chunk: 128 << 10,
+            runs: 1,
+        };
+        let report = run(&config, |_| {}).unwrap();
+        assert_eq!(report.rows.len(), 2);
+        assert!(report.rows.iter().all(|r| r.ops_per_s > 0.0));
+        assert_eq!(report.ratios.len(), 1);
+        assert!(report.ratios[0].value.is_some_and(|v| v > 0.0));
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for config in [
+            SeqReadConfig {
+                chunk: 100,
+                ..SeqReadConfig::default()
+            },
+            SeqReadConfig {
+                file_bytes: 100,
+                ..SeqReadConfig::default()
+            },
+            SeqReadConfig {
+                runs: 0,
+                ..SeqReadConfig::default()
+            },
+        ] {
+            assert!(check(&config).is_err());
+        }
+    }
+}
