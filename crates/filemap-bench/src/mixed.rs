@@ -21,9 +21,9 @@
 //! never needs budget), the readers warm their half until the budget is full
 //! before the clock starts, and from then on about a quarter of their reads
 //! miss and fill under Fill, as reads of a working set larger than the cache
-//! do (until eviction exists, such misses are served uncached, so the cached
-//! share does not drift). Reader misses that wait for a punch are what the
-//! strategies differ in.
+//! do (each miss evicts another page, so the cached share stays at the
+//! budget). Reader misses that wait for a punch are what the strategies differ
+//! in.
 //!
 //! The punch quarter is never cached: pages the punches freed would go to the
 //! readers' misses, which would soon cache their whole half and stop missing.
