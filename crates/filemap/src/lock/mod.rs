@@ -442,9 +442,7 @@ mod tests {
             let RawLock::Range(raw) = &lock.raw else {
                 unreachable!("range takes a range lock")
             };
-            while raw.queued() == 0 {
-                std::thread::yield_now();
-            }
+            range::tests::wait_until("the punch is queued", || raw.queued() == 1);
             scope
                 .spawn(|| {
                     assert!(lock.try_lock(Mode::Fill, 4000..4001).is_none());

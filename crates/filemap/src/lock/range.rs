@@ -288,12 +288,12 @@ impl RawRangeLock {
 }
 
 #[cfg(all(test, not(loom), not(shuttle)))]
-mod tests {
+pub(super) mod tests {
     use std::ops::Range;
     use std::sync::mpsc;
     use std::sync::Arc;
     use std::thread;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use super::{ranges_overlap, Access, RawRangeLock};
 
@@ -308,11 +308,19 @@ mod tests {
         exclusive: true,
     };
 
-    /// Waits until `n` requests are queued on `lock`.
-    fn wait_queued(lock: &RawRangeLock, n: usize) {
-        while lock.queued() < n {
+    /// Waits until `done` holds, failing the test (rather than hanging it) if
+    /// that takes longer than [`PATIENCE`].
+    pub(in crate::lock) fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < PATIENCE, "gave up waiting until {what}");
             thread::yield_now();
         }
+    }
+
+    /// Waits until `n` requests are queued on `lock`.
+    fn wait_queued(lock: &RawRangeLock, n: usize) {
+        wait_until(&format!("{n} requests are queued"), || lock.queued() >= n);
     }
 
     /// Runs `f` on a thread of its own that holds nothing, and returns its result.
@@ -484,9 +492,7 @@ mod tests {
                 lock.unlock(outer);
             })
         };
-        while lock.held() == 0 {
-            thread::yield_now();
-        }
+        wait_until("the outer fill is held", || lock.held() == 1);
         let (_, _, punch) = holder(&lock, PUNCH, 0..30);
         wait_queued(&lock, 1);
         queued.send(()).unwrap();
@@ -521,9 +527,7 @@ mod tests {
                 lock.unlock(outer);
             })
         };
-        while lock.held() < 2 {
-            thread::yield_now();
-        }
+        wait_until("the outer fill is held", || lock.held() == 2);
         // Waits for both the punch and the outer fill.
         let (_, _, spanning) = holder(&lock, PUNCH, 0..30);
         wait_queued(&lock, 1);
@@ -731,36 +735,50 @@ mod loom_tests {
         });
     }
 
-    /// A punch of 0..10 and a fill of 20..30 both get in while the other holds,
-    /// even with a conflicting request queued on the punch's range.
+    /// A fill of 20..30 gets in while a fill holds 0..10 and a punch of 0..10
+    /// is queued behind it: queued requests hold back only what they overlap.
     #[test]
-    fn disjoint_ranges_never_wait_for_each_other() {
+    fn a_queued_conflict_elsewhere_does_not_block() {
         model(|| {
             let lock = Arc::new(RawRangeLock::new());
-            let punch = lock.lock(PUNCH, 0..10);
-            let queued_fill = {
-                let lock = Arc::clone(&lock);
-                thread::spawn(move || lock.unlock(lock.lock(FILL, 0..10)))
-            };
-            let far_fill = {
-                let lock = Arc::clone(&lock);
-                thread::spawn(move || lock.unlock(lock.lock(FILL, 20..30)))
-            };
-            // Joined while the punch holds: a wait would deadlock.
-            far_fill.join().unwrap();
-            lock.unlock(punch);
-            queued_fill.join().unwrap();
-        });
-        model(|| {
-            let lock = Arc::new(RawRangeLock::new());
-            let fill = lock.lock(FILL, 20..30);
+            let fill = lock.lock(FILL, 0..10);
             let punch = {
                 let lock = Arc::clone(&lock);
                 thread::spawn(move || lock.unlock(lock.lock(PUNCH, 0..10)))
             };
-            punch.join().unwrap();
+            while lock.queued() == 0 {
+                thread::yield_now();
+            }
+            let far_fill = {
+                let lock = Arc::clone(&lock);
+                thread::spawn(move || lock.unlock(lock.lock(FILL, 20..30)))
+            };
+            // Joined while the fill holds: a wait would deadlock.
+            far_fill.join().unwrap();
             lock.unlock(fill);
+            punch.join().unwrap();
         });
+    }
+
+    /// A punch of 0..10 and a fill of 20..30 both get in while the other holds.
+    #[test]
+    fn disjoint_ranges_never_wait_for_each_other() {
+        for (held, other) in [
+            ((PUNCH, 0..10), (FILL, 20..30)),
+            ((FILL, 20..30), (PUNCH, 0..10)),
+        ] {
+            model(move || {
+                let lock = Arc::new(RawRangeLock::new());
+                let grant = lock.lock(held.0, held.1.clone());
+                let other = {
+                    let (lock, other) = (Arc::clone(&lock), other.clone());
+                    thread::spawn(move || lock.unlock(lock.lock(other.0, other.1)))
+                };
+                // Joined while holding: a wait would deadlock.
+                other.join().unwrap();
+                lock.unlock(grant);
+            });
+        }
     }
 
     /// A queued punch is not overtaken by a later overlapping fill, although the
