@@ -50,7 +50,7 @@ impl Default for FaultConfig {
             file_bytes: 16 << 20,
             runs: 5,
             seconds_per_run: 0.5,
-            strategy: Strategy::InvalidateLock,
+            strategy: Strategy::DEFAULT,
         }
     }
 }

@@ -42,7 +42,7 @@ impl Default for HitConfig {
             threads: vec![1, 2],
             runs: 5,
             seconds_per_run: 0.5,
-            strategy: Strategy::InvalidateLock,
+            strategy: Strategy::DEFAULT,
         }
     }
 }

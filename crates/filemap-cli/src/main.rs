@@ -56,7 +56,7 @@ struct FaultArgs {
     #[arg(long, default_value_t = 0.5)]
     seconds_per_run: f64,
     /// The cache's coherence strategy.
-    #[arg(long, value_enum, default_value = "invalidate-lock")]
+    #[arg(long, value_enum, default_value = "range")]
     strategy: StrategyArg,
     /// Print one JSON object per row and per ratio, one per line.
     #[arg(long)]
@@ -78,7 +78,7 @@ struct HitArgs {
     #[arg(long, default_value_t = 0.5)]
     seconds_per_run: f64,
     /// The cache's coherence strategy.
-    #[arg(long, value_enum, default_value = "invalidate-lock")]
+    #[arg(long, value_enum, default_value = "range")]
     strategy: StrategyArg,
     /// Print one JSON object per row and per ratio, one per line.
     #[arg(long)]
@@ -95,6 +95,9 @@ enum StrategyArg {
     InvalidateLock,
     /// bcachefs's two-state lock: adds and direct I/O exclude each other.
     TwoState,
+    /// invalidate-lock's modes per byte range: only overlapping pages exclude
+    /// each other (the library's default).
+    Range,
 }
 
 impl From<StrategyArg> for Strategy {
@@ -104,6 +107,7 @@ impl From<StrategyArg> for Strategy {
             StrategyArg::FileExclusive => Strategy::FileExclusive,
             StrategyArg::InvalidateLock => Strategy::InvalidateLock,
             StrategyArg::TwoState => Strategy::TwoState,
+            StrategyArg::Range => Strategy::Range,
         }
     }
 }

@@ -59,7 +59,7 @@ impl Default for PageCacheBuilder {
     fn default() -> Self {
         PageCacheBuilder {
             budget_bytes: 256 << 20,
-            strategy: Strategy::InvalidateLock,
+            strategy: Strategy::DEFAULT,
             fill_batch_pages: 32,
         }
     }
@@ -75,7 +75,8 @@ impl PageCacheBuilder {
         self
     }
 
-    /// How the coherence lock is enforced. Default [`Strategy::InvalidateLock`].
+    /// How the coherence lock is enforced. Default [`Strategy::Range`]
+    /// ([`Strategy::DEFAULT`]).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
         self.strategy = strategy;
         self
