@@ -67,15 +67,16 @@
 //! # Cost, and why one mutex
 //!
 //! Holders and waiters are plain lists: an arrival checks `O(holders + queue)`
-//! pairs, a release `O(queue * (holders + queue))`. One mutex guards both, as a
-//! single spinlock guards the interval tree of the kernel's range locks (Jan Kara's
-//! mapping range lock, Davidlohr Bueso's range reader-writer lock). That spinlock is what Kogan, Dice and
-//! Issa (EuroSys 2020) found to be the bottleneck under heavy use, but this lock
-//! is taken only on cache misses and invalidations, never on hits, so its
-//! traffic is that of a file-wide lock's slow path. Sharding it, or a
-//! lock-less list as theirs, is future work for when measurement shows
-//! contention. As in [`RawFairLock`], a release that grants wakes every sleeper
-//! (`notify_all`); each rechecks whether it is still queued.
+//! pairs, a release `O(queue * (holders + queue))`. One mutex guards both, as
+//! one spinlock guards the interval tree of the kernel's range-lock proposals
+//! (Jan Kara's mapping range lock, Davidlohr Bueso's range reader-writer lock).
+//! Kogan, Dice and Issa (EuroSys 2020) found that spinlock to be the bottleneck
+//! under heavy use, but this lock is taken only on cache misses and
+//! invalidations, never on hits, so its traffic is that of a file-wide lock's
+//! slow path. Sharding it, or a lock-less list as theirs, is future work for
+//! when measurement shows contention. As in [`RawFairLock`], a release that
+//! grants wakes every sleeper (`notify_all`); each rechecks whether it is still
+//! queued.
 //!
 //! [`RawFairLock`]: super::RawFairLock
 
