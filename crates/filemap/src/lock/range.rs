@@ -966,7 +966,7 @@ mod shuttle_tests {
                 assert_eq!(finished.load(Ordering::Relaxed), 4);
                 assert_eq!((lock.held(), lock.queued()), (0, 0));
             },
-            2_000,
+            20_000,
         );
     }
 }
