@@ -113,6 +113,9 @@ enum StrategyArg {
     InvalidateLock,
     /// bcachefs's two-state lock: adds and direct I/O exclude each other.
     TwoState,
+    /// invalidate-lock's modes per byte range: only overlapping pages exclude
+    /// each other (the library's default).
+    Range,
 }
 
 impl From<StrategyArg> for Strategy {
@@ -122,6 +125,7 @@ impl From<StrategyArg> for Strategy {
             StrategyArg::FileExclusive => Strategy::FileExclusive,
             StrategyArg::InvalidateLock => Strategy::InvalidateLock,
             StrategyArg::TwoState => Strategy::TwoState,
+            StrategyArg::Range => Strategy::Range,
         }
     }
 }

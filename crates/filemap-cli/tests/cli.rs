@@ -68,7 +68,13 @@ fn torture_json_has_the_contract_keys_and_exits_zero_when_clean() {
 fn torture_without_a_strategy_runs_every_strategy_and_prints_a_table() {
     let out = filemap(&["torture", "--seconds", "0.5", "--device", "mem"]);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    for strategy in ["none", "file-exclusive", "invalidate-lock", "two-state"] {
+    for strategy in [
+        "none",
+        "file-exclusive",
+        "invalidate-lock",
+        "two-state",
+        "range",
+    ] {
         assert!(
             stdout.lines().any(|l| l.starts_with(strategy)),
             "{strategy} row missing: {stdout}"

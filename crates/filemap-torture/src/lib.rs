@@ -146,7 +146,7 @@ pub struct TortureConfig {
 impl Default for TortureConfig {
     fn default() -> Self {
         TortureConfig {
-            strategy: Strategy::InvalidateLock,
+            strategy: Strategy::DEFAULT,
             backend: BackendKind::Volume,
             scenario: Scenario::Mixed,
             device: DeviceSpec::Mem,

@@ -95,9 +95,13 @@ fn bad_settings_are_refused() {
 
 #[test]
 fn direct_io_through_maps_of_each_others_files_is_clean_under_punches() {
-    for backend in BACKENDS {
+    let strategies = [Strategy::InvalidateLock, Strategy::Range];
+    for (backend, strategy) in BACKENDS
+        .into_iter()
+        .flat_map(|backend| strategies.map(|strategy| (backend, strategy)))
+    {
         let config = TortureConfig {
-            strategy: Strategy::InvalidateLock,
+            strategy,
             scenario: filemap_torture::Scenario::SelfMapDio,
             backend,
             device: DeviceSpec::TempFile,

@@ -15,7 +15,7 @@
 //! use filemap::{MemDevice, PageCache, Strategy, Volume};
 //!
 //! let volume = Volume::format(Arc::new(MemDevice::new(16 << 20)))?;
-//! let cache = PageCache::builder().strategy(Strategy::InvalidateLock).build()?;
+//! let cache = PageCache::builder().strategy(Strategy::Range).build()?;
 //! let file = cache.open(Arc::new(volume.create_file("a")?))?;
 //! file.write_all_at(b"hello", 4093)?;
 //! file.punch_hole(4096, 4096)?; // the second page of the file is a hole now

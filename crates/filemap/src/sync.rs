@@ -1,77 +1,89 @@
-//! The crate's concurrency primitives, switched to [loom]'s models under
-//! `--cfg loom` so that the locks built on them can be model-checked.
+//! The crate's concurrency primitives, switched to a model checker's under
+//! `--cfg loom` ([loom], exhaustive) or `--cfg shuttle` ([shuttle], randomized
+//! schedules) so that the locks built on them can be model-checked.
 //!
 //! Code in this crate takes atomics, `Arc`, `Mutex`, `Condvar` and threads from
-//! here, never from `std` or `parking_lot` directly; otherwise loom cannot see the
-//! operation and silently explores too few interleavings.
+//! here, never from `std` or `parking_lot` directly; otherwise the checker cannot
+//! see the operation and silently explores too few interleavings.
 //!
 //! Normal builds use `parking_lot`'s `Mutex` and `Condvar` (no poisoning,
-//! `lock()` returns the guard, `Condvar::wait(&mut guard)`). Under loom the same
-//! API is provided by thin newtypes over loom's `std`-like types, so call sites
-//! compile unchanged both ways. Only the API the crate uses is mirrored.
+//! `lock()` returns the guard, `Condvar::wait(&mut guard)`). Under a checker the
+//! same API is provided by thin newtypes over its `std`-like types, so call sites
+//! compile unchanged every way. Only the API the crate uses is mirrored. Loom wins
+//! if both cfgs are set. Shuttle is a dev-dependency: `--cfg shuttle` is meant for
+//! `cargo test --lib` (see `.ci/run`).
 //!
 //! [loom]: https://docs.rs/loom
+//! [shuttle]: https://docs.rs/shuttle
 
-// Not every primitive is used by every build (some only by tests or by loom
-// models), and the set must stay identical under both configurations.
+// Not every primitive is used by every build (some only by tests or by the
+// models), and the set must stay identical under every configuration.
 #![allow(unused_imports, dead_code)]
 
-#[cfg(not(loom))]
+/// The model checker whose primitives replace the real ones.
+#[cfg(loom)]
+use loom as model;
+#[cfg(all(shuttle, not(loom)))]
+use shuttle as model;
+
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) use std::sync::Arc;
 
-#[cfg(loom)]
-pub(crate) use self::loom_compat::{Condvar, Mutex, MutexGuard};
-#[cfg(loom)]
-pub(crate) use loom::sync::Arc;
+#[cfg(any(loom, shuttle))]
+pub(crate) use self::model_compat::{Condvar, Mutex, MutexGuard};
+#[cfg(any(loom, shuttle))]
+pub(crate) use model::sync::Arc;
 
 /// Atomic integers, flags and fences.
 pub(crate) mod atomic {
-    #[cfg(loom)]
-    pub(crate) use loom::sync::atomic::{
+    #[cfg(any(loom, shuttle))]
+    pub(crate) use super::model::sync::atomic::{
         fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering,
     };
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, shuttle)))]
     pub(crate) use std::sync::atomic::{
         fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering,
     };
 }
 
-/// Spawning threads and yielding the processor.
+/// Spawning threads, yielding the processor and naming the current thread.
 pub(crate) mod thread {
-    #[cfg(loom)]
-    pub(crate) use loom::thread::{spawn, yield_now};
-    #[cfg(not(loom))]
-    pub(crate) use std::thread::{spawn, yield_now};
+    #[cfg(any(loom, shuttle))]
+    pub(crate) use super::model::thread::{current, spawn, yield_now, JoinHandle, ThreadId};
+    #[cfg(not(any(loom, shuttle)))]
+    pub(crate) use std::thread::{current, spawn, yield_now, JoinHandle, ThreadId};
 }
 
-/// `parking_lot`-shaped wrappers around loom's `Mutex` and `Condvar`.
-#[cfg(loom)]
-mod loom_compat {
+/// `parking_lot`-shaped wrappers around the checker's `Mutex` and `Condvar`.
+#[cfg(any(loom, shuttle))]
+mod model_compat {
     use std::fmt;
     use std::ops::{Deref, DerefMut};
     use std::sync::PoisonError;
 
+    use super::model;
+
     /// A mutex whose `lock` returns the guard directly, like `parking_lot`'s.
     #[derive(Debug, Default)]
-    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+    pub(crate) struct Mutex<T>(model::sync::Mutex<T>);
 
     /// The guard of a [`Mutex`].
     pub(crate) struct MutexGuard<'a, T> {
-        // `None` only while `Condvar::wait` has lent the guard to loom, which
+        // `None` only while `Condvar::wait` has lent the guard to the checker, which
         // takes it by value; holding an `Option` avoids moving out of `&mut`.
-        inner: Option<loom::sync::MutexGuard<'a, T>>,
+        inner: Option<model::sync::MutexGuard<'a, T>>,
     }
 
     /// A condition variable that waits on `&mut MutexGuard`, like `parking_lot`'s.
     #[derive(Debug, Default)]
-    pub(crate) struct Condvar(loom::sync::Condvar);
+    pub(crate) struct Condvar(model::sync::Condvar);
 
     impl<T> Mutex<T> {
         /// A new unlocked mutex holding `value`.
         pub(crate) fn new(value: T) -> Self {
-            Mutex(loom::sync::Mutex::new(value))
+            Mutex(model::sync::Mutex::new(value))
         }
 
         /// Blocks until the mutex is acquired.
@@ -109,7 +121,7 @@ mod loom_compat {
     impl Condvar {
         /// A new condition variable.
         pub(crate) fn new() -> Self {
-            Condvar(loom::sync::Condvar::new())
+            Condvar(model::sync::Condvar::new())
         }
 
         /// Releases the guard's mutex, blocks until notified, then reacquires it.

@@ -11,7 +11,7 @@ use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
 use filemap::{Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
-const STRATEGIES: [Strategy; 2] = [Strategy::None, Strategy::InvalidateLock];
+const STRATEGIES: [Strategy; 3] = [Strategy::None, Strategy::InvalidateLock, Strategy::Range];
 
 /// A file of three and a half pages: pages 0-1 synced and cached clean, pages
 /// 2-3 cached dirty.

@@ -15,7 +15,7 @@ use filemap::{
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
-const STRATEGIES: [Strategy; 2] = [Strategy::None, Strategy::InvalidateLock];
+const STRATEGIES: [Strategy; 3] = [Strategy::None, Strategy::InvalidateLock, Strategy::Range];
 const NAME: &str = "file";
 
 struct Fixture {

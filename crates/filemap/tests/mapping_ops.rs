@@ -12,7 +12,7 @@ use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
 use filemap::{AlignedBuf, Backend, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
-const STRATEGIES: [Strategy; 2] = [Strategy::None, Strategy::InvalidateLock];
+const STRATEGIES: [Strategy; 3] = [Strategy::None, Strategy::InvalidateLock, Strategy::Range];
 const NAME: &str = "file";
 
 /// A volume with one empty file, opened through a fresh cache.

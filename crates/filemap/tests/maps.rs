@@ -239,8 +239,14 @@ fn direct_io_from_maps_survives_concurrent_punches() {
 }
 
 fn direct_io_from_maps_with_concurrent_punches() {
-    for (name, backend, _keep) in common::backends() {
-        let file = file_on(backend, Strategy::InvalidateLock, 16);
+    // A file-wide lock and a range lock (where the punches and the direct I/O
+    // also run side by side on disjoint pages).
+    for (strategy, (backend_name, backend, _keep)) in [Strategy::InvalidateLock, Strategy::Range]
+        .into_iter()
+        .flat_map(|strategy| common::backends().into_iter().map(move |b| (strategy, b)))
+    {
+        let name = format!("{backend_name} {strategy}");
+        let file = file_on(backend, strategy, 16);
         let map = file.map(0, 16 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
@@ -427,7 +433,7 @@ fn thread_alive(name: &str) -> bool {
 #[test]
 fn a_map_keeps_its_mapping_alive_and_the_handler_goes_with_the_last_handle() {
     let (_, backend, _keep) = common::backends().remove(0);
-    let file = file_on(backend, Strategy::InvalidateLock, 2);
+    let file = file_on(backend, Strategy::DEFAULT, 2);
     let thread = file.fault_thread_name();
     // A thread names itself once it runs: give it a moment to appear.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -464,7 +470,7 @@ fn a_map_keeps_its_mapping_alive_and_the_handler_goes_with_the_last_handle() {
 #[test]
 fn bad_maps_are_refused() {
     let (_, backend, _keep) = common::backends().remove(0);
-    let file = file_on(backend, Strategy::InvalidateLock, 2);
+    let file = file_on(backend, Strategy::DEFAULT, 2);
     for (offset, len) in [
         (1, PAGE_SIZE),
         (0, 100),

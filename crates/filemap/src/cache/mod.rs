@@ -207,7 +207,7 @@ impl Default for PageCacheBuilder {
     fn default() -> Self {
         PageCacheBuilder {
             budget_bytes: 256 << 20,
-            strategy: Strategy::InvalidateLock,
+            strategy: Strategy::DEFAULT,
             fill_batch_pages: 32,
             eviction: EvictionPolicy::Sieve,
             writeback_interval: Duration::from_secs(5),
@@ -274,7 +274,8 @@ impl PageCacheBuilder {
         self
     }
 
-    /// How the coherence lock is enforced. Default [`Strategy::InvalidateLock`].
+    /// How the coherence lock is enforced. Default [`Strategy::Range`]
+    /// ([`Strategy::DEFAULT`]).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
         self.strategy = strategy;
         self

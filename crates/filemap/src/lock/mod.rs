@@ -19,8 +19,11 @@
 //! | `file-exclusive` | shared | shared | exclusive | shared | exclusive |
 //! | `invalidate-lock` | - | shared A | shared A | shared A | exclusive |
 //! | `two-state` | - | shared A | shared A | shared B | exclusive B |
+//! | `range` (default) | - | shared A | shared A | shared A | exclusive |
 //!
-//! (Shared holders of one class coexist; classes A and B exclude each other.)
+//! (Shared holders of one class coexist; classes A and B exclude each other.
+//! Under `range` a mode covers its byte range, widened to whole pages, and
+//! holders of disjoint pages never exclude each other.)
 //!
 //! - [`Strategy::None`]: no lock. This is the pre-5.15 ext4 race, kept so the
 //!   torture can prove its checker has teeth.
@@ -36,21 +39,32 @@
 //!   lock: an "add" state shared by fills and buffered writes, a "block" state
 //!   shared by direct I/O, the two mutually exclusive. Invalidations take the
 //!   block state exclusively (bcachefs serialises them with the inode lock).
+//! - [`Strategy::Range`] (the default): `invalidate-lock`'s modes per byte
+//!   range, in the spirit of Jan Kara's mapping range lock: a punch of one part
+//!   of a file waits only for fills, writes and direct I/O of its own pages, and
+//!   they only for it. Direct shares with Fill as under `invalidate-lock`.
 //!
-//! A thread must not take a second mode of the same mapping while it holds one:
+//! The cache never takes a second mode of the same mapping while it holds one:
 //! the lock is fair, so the second request would queue behind a waiting
-//! Invalidate that waits for the first.
+//! Invalidate that waits for the first. (Under `range` a thread re-entering the
+//! mode it holds is let past waiters, but the rule stays: work handed to
+//! another thread, as a page fault is, gets no such pass.)
 //!
-//! Every strategy takes its raw lock through [`RawFairLock`], which serves
-//! conflicting requests in arrival order, so neither side can starve the other.
+//! The file-wide strategies take their raw lock through [`RawFairLock`], `range`
+//! through [`RawRangeLock`]; both serve conflicting requests in arrival order,
+//! so neither side can starve the other.
 
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
 mod fair;
+mod range;
 
 pub use fair::{Access, RawFairLock};
+pub use range::{ranges_overlap, RangeGrant, RawRangeLock};
+
+use crate::PAGE_SIZE;
 
 /// A coherence mode: what the holder is about to do to the page cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,16 +94,23 @@ pub enum Strategy {
     InvalidateLock,
     /// bcachefs's two-state lock: adds and direct I/O exclude each other.
     TwoState,
+    /// `InvalidateLock`'s modes per byte range (whole pages): only overlapping
+    /// holders exclude each other. The default.
+    Range,
 }
 
 impl Strategy {
     /// Every strategy, in the order the torture runs them.
-    pub const ALL: [Strategy; 4] = [
+    pub const ALL: [Strategy; 5] = [
         Strategy::None,
         Strategy::FileExclusive,
         Strategy::InvalidateLock,
         Strategy::TwoState,
+        Strategy::Range,
     ];
+
+    /// The strategy a [`crate::PageCache`] uses unless told otherwise.
+    pub const DEFAULT: Strategy = Strategy::Range;
 
     /// The strategy's name on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -98,12 +119,18 @@ impl Strategy {
             Strategy::FileExclusive => "file-exclusive",
             Strategy::InvalidateLock => "invalidate-lock",
             Strategy::TwoState => "two-state",
+            Strategy::Range => "range",
         }
     }
 
     /// Whether this strategy is meant to keep the cache coherent (all but `none`).
     pub fn is_coherent(self) -> bool {
         self != Strategy::None
+    }
+
+    /// Whether modes lock only their byte range (`range`) rather than the file.
+    pub fn is_range_granular(self) -> bool {
+        self == Strategy::Range
     }
 
     /// The raw access a mode takes under this strategy, or `None` for no lock.
@@ -114,22 +141,40 @@ impl Strategy {
             (Strategy::None, _) => None,
             (Strategy::FileExclusive, Read | Fill | Direct) => Some(Access::shared(0)),
             (Strategy::FileExclusive, Write | Invalidate) => Some(Access::exclusive(1)),
-            (Strategy::InvalidateLock | Strategy::TwoState, Read) => None,
-            (Strategy::InvalidateLock, Fill | Write | Direct) => Some(Access::shared(0)),
+            (Strategy::InvalidateLock | Strategy::TwoState | Strategy::Range, Read) => None,
+            (Strategy::InvalidateLock | Strategy::Range, Fill | Write | Direct) => {
+                Some(Access::shared(0))
+            }
             (Strategy::TwoState, Fill | Write) => Some(Access::shared(0)),
             (Strategy::TwoState, Direct) => Some(Access::shared(1)),
-            (Strategy::InvalidateLock | Strategy::TwoState, Invalidate) => {
+            (Strategy::InvalidateLock | Strategy::TwoState | Strategy::Range, Invalidate) => {
                 Some(Access::exclusive(1))
             }
         }
     }
 
-    /// Whether holders of `a` and `b` exclude each other under this strategy.
+    /// Whether holders of `a` and `b` over overlapping ranges exclude each other
+    /// under this strategy.
     pub fn conflicts(self, a: Mode, b: Mode) -> bool {
         match (self.access(a), self.access(b)) {
             (Some(a), Some(b)) => !a.is_compatible_with(b),
             _ => false,
         }
+    }
+
+    /// Whether a holder of `a` over `a_range` and one of `b` over `b_range`
+    /// exclude each other: [`Strategy::conflicts`], and under `range` only if
+    /// the ranges share a page.
+    pub fn conflicts_over(
+        self,
+        a: Mode,
+        a_range: Range<u64>,
+        b: Mode,
+        b_range: Range<u64>,
+    ) -> bool {
+        self.conflicts(a, b)
+            && (!self.is_range_granular()
+                || ranges_overlap(&whole_pages(a_range), &whole_pages(b_range)))
     }
 }
 
@@ -155,11 +200,40 @@ impl FromStr for Strategy {
     }
 }
 
+/// `range` widened to whole pages: the cache fills, zeroes and drops whole
+/// pages, so two byte ranges that share a page must conflict (a fill of bytes
+/// 0..100 reads the page that a punch of bytes 200..300 zeroes). An empty range
+/// stays empty.
+fn whole_pages(range: Range<u64>) -> Range<u64> {
+    const PAGE: u64 = PAGE_SIZE as u64;
+    if range.is_empty() {
+        return range;
+    }
+    let end = range.end.checked_next_multiple_of(PAGE).unwrap_or(u64::MAX);
+    range.start / PAGE * PAGE..end
+}
+
 /// The coherence lock of one mapping.
 #[derive(Debug)]
 pub struct CoherenceLock {
     strategy: Strategy,
-    raw: RawFairLock,
+    raw: RawLock,
+}
+
+/// The raw lock a strategy takes.
+#[derive(Debug)]
+enum RawLock {
+    /// File-wide strategies: modes ignore their range.
+    File(RawFairLock),
+    /// `range`: modes lock the pages of their range.
+    Range(RawRangeLock),
+}
+
+/// What a guard holds of its lock's [`RawLock`].
+#[derive(Debug)]
+enum Held {
+    File(Access),
+    Range(RangeGrant),
 }
 
 /// Proof that a coherence mode is held; released on drop.
@@ -167,7 +241,8 @@ pub struct CoherenceLock {
 #[derive(Debug)]
 pub struct CoherenceGuard<'a> {
     lock: &'a CoherenceLock,
-    access: Option<Access>,
+    /// `None` when the strategy takes no lock for the mode.
+    held: Option<Held>,
     mode: Mode,
 }
 
@@ -180,17 +255,19 @@ impl CoherenceGuard<'_> {
     /// Whether the guard holds the raw lock (false when the strategy takes no
     /// lock for its mode).
     pub fn is_locking(&self) -> bool {
-        self.access.is_some()
+        self.held.is_some()
     }
 }
 
 impl CoherenceLock {
     /// A lock enforcing `strategy`.
     pub fn new(strategy: Strategy) -> Self {
-        CoherenceLock {
-            strategy,
-            raw: RawFairLock::new(),
-        }
+        let raw = if strategy.is_range_granular() {
+            RawLock::Range(RawRangeLock::new())
+        } else {
+            RawLock::File(RawFairLock::new())
+        };
+        CoherenceLock { strategy, raw }
     }
 
     /// The strategy this lock enforces.
@@ -198,33 +275,43 @@ impl CoherenceLock {
         self.strategy
     }
 
-    /// Takes `mode` over the byte range `range`, waiting for conflicting holders.
-    /// File-wide strategies ignore the range.
+    /// Takes `mode` over the byte range `range` (`u64::MAX` as the end: to the
+    /// end of the file), waiting for conflicting holders and for conflicting
+    /// requests that came first. File-wide strategies ignore the range; `range`
+    /// widens it to whole pages.
     pub fn lock(&self, mode: Mode, range: Range<u64>) -> CoherenceGuard<'_> {
-        let _ = range;
-        let access = self.strategy.access(mode);
-        if let Some(access) = access {
-            self.raw.lock(access);
-        }
+        let held = self.strategy.access(mode).map(|access| match &self.raw {
+            RawLock::File(raw) => {
+                raw.lock(access);
+                Held::File(access)
+            }
+            RawLock::Range(raw) => Held::Range(raw.lock(access, whole_pages(range))),
+        });
         CoherenceGuard {
             lock: self,
-            access,
+            held,
             mode,
         }
     }
 
-    /// Takes `mode` over `range` if that needs no waiting.
+    /// Takes `mode` over `range` if that needs no waiting: no holder conflicts
+    /// and no conflicting request is queued that it would overtake.
     pub fn try_lock(&self, mode: Mode, range: Range<u64>) -> Option<CoherenceGuard<'_>> {
-        let _ = range;
-        let access = self.strategy.access(mode);
-        if let Some(access) = access {
-            if !self.raw.try_lock(access) {
-                return None;
+        let held = match (self.strategy.access(mode), &self.raw) {
+            (None, _) => None,
+            (Some(access), RawLock::File(raw)) => {
+                if !raw.try_lock(access) {
+                    return None;
+                }
+                Some(Held::File(access))
             }
-        }
+            (Some(access), RawLock::Range(raw)) => {
+                Some(Held::Range(raw.try_lock(access, whole_pages(range))?))
+            }
+        };
         Some(CoherenceGuard {
             lock: self,
-            access,
+            held,
             mode,
         })
     }
@@ -232,13 +319,16 @@ impl CoherenceLock {
 
 impl Drop for CoherenceGuard<'_> {
     fn drop(&mut self) {
-        if let Some(access) = self.access {
-            self.lock.raw.unlock(access);
+        match (self.held.take(), &self.lock.raw) {
+            (None, _) => {}
+            (Some(Held::File(access)), RawLock::File(raw)) => raw.unlock(access),
+            (Some(Held::Range(grant)), RawLock::Range(raw)) => raw.unlock(grant),
+            (Some(held), raw) => unreachable!("{held:?} taken from {raw:?}"),
         }
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(loom), not(shuttle)))]
 mod tests {
     use super::*;
 
@@ -249,7 +339,7 @@ mod tests {
         }
         let error = "bogus".parse::<Strategy>().unwrap_err().to_string();
         assert!(
-            error.contains("none, file-exclusive, invalidate-lock, two-state"),
+            error.contains("none, file-exclusive, invalidate-lock, two-state, range"),
             "{error}"
         );
     }
@@ -280,6 +370,21 @@ mod tests {
         assert!(!ts.conflicts(Read, Invalidate), "hits take no lock");
         let il = Strategy::InvalidateLock;
         assert!(!il.conflicts(Fill, Direct) && il.conflicts(Write, Invalidate));
+        let range = Strategy::Range;
+        for mode in [Fill, Write, Direct] {
+            assert_eq!(
+                range.conflicts(mode, Invalidate),
+                il.conflicts(mode, Invalidate)
+            );
+            assert!(range.conflicts_over(mode, 0..1, Invalidate, 4095..4097));
+            assert!(!range.conflicts_over(mode, 0..4096, Invalidate, 4096..8192));
+            assert!(il.conflicts_over(mode, 0..1, Invalidate, 1 << 40..u64::MAX));
+        }
+        assert!(!range.conflicts(Read, Invalidate), "hits take no lock");
+        assert!(
+            range.conflicts_over(Invalidate, 5..6, Invalidate, 100..u64::MAX),
+            "same page"
+        );
         for a in [Read, Fill, Write, Direct, Invalidate] {
             for b in [Read, Fill, Write, Direct, Invalidate] {
                 assert!(!Strategy::None.conflicts(a, b));
@@ -290,21 +395,68 @@ mod tests {
         }
     }
 
-    /// Every conflict the strategies declare is enforced by the lock.
+    /// Every conflict the strategies declare is enforced by the lock, over
+    /// ranges that share a page and over disjoint pages. The second request
+    /// comes from another thread: under `range` a thread's own shared mode
+    /// re-enters.
     #[test]
     fn declared_conflicts_are_enforced_and_compatible_modes_share() {
         use Mode::*;
         let modes = [Read, Fill, Write, Direct, Invalidate];
+        let (near, far) = (4095..4096, 4096..8192);
         for strategy in Strategy::ALL {
             for a in modes {
                 for b in modes {
-                    let lock = CoherenceLock::new(strategy);
-                    let _held = lock.lock(a, 0..1);
-                    let granted = lock.try_lock(b, 0..1).is_some();
-                    assert_eq!(granted, !strategy.conflicts(a, b), "{strategy} {a:?} {b:?}");
+                    for other in [0..1, near.clone(), far.clone()] {
+                        let lock = CoherenceLock::new(strategy);
+                        let _held = lock.lock(a, 0..1);
+                        let granted = std::thread::scope(|scope| {
+                            let other = other.clone();
+                            scope
+                                .spawn(|| lock.try_lock(b, other).is_some())
+                                .join()
+                                .unwrap()
+                        });
+                        assert_eq!(
+                            granted,
+                            !strategy.conflicts_over(a, 0..1, b, other.clone()),
+                            "{strategy} {a:?} {b:?} over {other:?}"
+                        );
+                    }
+                    if strategy.is_range_granular() {
+                        assert!(!strategy.conflicts_over(a, 0..1, b, far.clone()));
+                    }
                 }
             }
         }
+    }
+
+    /// Under `range`, a punch queued behind a fill holds back later fills of its
+    /// pages but not of others, and the holder's own thread re-enters its mode.
+    #[test]
+    fn range_queues_only_overlapping_requests_and_lets_the_holder_reenter() {
+        let lock = CoherenceLock::new(Strategy::Range);
+        let fill = lock.lock(Mode::Fill, 0..4096);
+        std::thread::scope(|scope| {
+            let punch = scope.spawn(|| drop(lock.lock(Mode::Invalidate, 100..200)));
+            let RawLock::Range(raw) = &lock.raw else {
+                unreachable!("range takes a range lock")
+            };
+            range::tests::wait_until("the punch is queued", || raw.queued() == 1);
+            scope
+                .spawn(|| {
+                    assert!(lock.try_lock(Mode::Fill, 4000..4001).is_none());
+                    assert!(lock.try_lock(Mode::Direct, 4096..4097).is_some());
+                    assert!(lock.try_lock(Mode::Read, 0..1).is_some(), "no lock");
+                })
+                .join()
+                .unwrap();
+            let nested = lock.try_lock(Mode::Write, 1..2).expect("re-entry");
+            drop(nested);
+            drop(fill);
+            punch.join().unwrap();
+        });
+        assert!(lock.try_lock(Mode::Invalidate, 0..u64::MAX).is_some());
     }
 
     #[test]
@@ -352,6 +504,30 @@ mod loom_tests {
             }
             other.join().unwrap();
         });
+    }
+
+    /// Under `range`, a holder of any mode over one page never blocks any mode
+    /// over another page: the second thread finishes while the first holds
+    /// (otherwise joining it deadlocks, which loom reports).
+    #[test]
+    fn range_modes_over_disjoint_pages_never_block() {
+        use Mode::*;
+        for a in [Fill, Direct, Invalidate] {
+            for b in [Fill, Write, Invalidate] {
+                let mut builder = loom::model::Builder::new();
+                builder.preemption_bound = Some(2);
+                builder.check(move || {
+                    let lock = Arc::new(CoherenceLock::new(Strategy::Range));
+                    let held = lock.lock(a, 0..1);
+                    let other = {
+                        let lock = lock.clone();
+                        loom::thread::spawn(move || drop(lock.lock(b, 4096..4097)))
+                    };
+                    other.join().unwrap();
+                    drop(held);
+                });
+            }
+        }
     }
 
     #[test]
