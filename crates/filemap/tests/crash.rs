@@ -18,6 +18,10 @@
 //! - if the operation the crash hit commits, exactly the state after it (its
 //!   superblock may have reached the device).
 //!
+//! Once per sequence the test carries on from a crashed volume with a new
+//! sequence and crashes it again, so the state `Volume::open` rebuilds (which
+//! blocks are free, which a crash could bring back) is checked too.
+//!
 //! `FILEMAP_CRASH_POINTS` sets the number of crash points (default 4,000) and
 //! `FILEMAP_CRASH_SEED` the first seed.
 
@@ -26,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use filemap::device::{DeviceOp, Injection, Trigger};
-use filemap::{Backend, FaultRule, FaultyDevice, MemDevice, Volume, VolumeFile, PAGE_SIZE};
+use filemap::{Backend, Device, FaultRule, FaultyDevice, MemDevice, Volume, VolumeFile, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const DEVICE_BYTES: u64 = 4 << 20;
@@ -59,10 +63,14 @@ impl Op {
     }
 }
 
-/// A random valid sequence of 20 to 60 operations.
-fn generate(rng: &mut fastrand::Rng) -> Vec<Op> {
+/// A random valid sequence of 20 to 60 operations on a volume that holds the
+/// files `initial` (name, size), numbered in that order.
+fn generate(rng: &mut fastrand::Rng, initial: &[(usize, u64)]) -> Vec<Op> {
     // Per file created so far: its name and its size, None once removed.
-    let mut files: Vec<(usize, Option<u64>)> = Vec::new();
+    let mut files: Vec<(usize, Option<u64>)> = initial
+        .iter()
+        .map(|&(name, size)| (name, Some(size)))
+        .collect();
     let mut ops = Vec::new();
     let count = rng.usize(20..=60);
     while ops.len() < count {
@@ -180,6 +188,42 @@ struct Model {
 }
 
 impl Model {
+    /// The model of a volume just opened: its files as they are, committed.
+    fn adopt(volume: &Arc<Volume>) -> Model {
+        let mut model = Model::default();
+        for name in volume.file_names() {
+            let handle = volume.open_file(&name).unwrap();
+            let size = handle.len().unwrap();
+            let mut data = vec![0; (size.div_ceil(PAGE) * PAGE) as usize];
+            handle.read_pages(0, &mut data).unwrap();
+            data.truncate(size as usize);
+            model.files.push(ModelFile {
+                name,
+                data,
+                handle: Some(handle),
+                committed_size: None,
+                acceptable: Vec::new(),
+            });
+        }
+        model.commit();
+        model
+    }
+
+    /// The live files as `generate` takes them: name index and size.
+    fn files(&self) -> Vec<(usize, u64)> {
+        self.files
+            .iter()
+            .filter(|m| m.handle.is_some())
+            .map(|m| {
+                let name = NAMES
+                    .iter()
+                    .position(|&n| n == m.name)
+                    .expect("a known name");
+                (name, m.data.len() as u64)
+            })
+            .collect()
+    }
+
     /// Runs `op` on `volume` and on the model.
     fn apply(&mut self, volume: &Arc<Volume>, op: &Op) {
         match *op {
@@ -367,17 +411,35 @@ fn describe(page: &[u8]) -> String {
 enum Crash {
     /// The device writes the sequence issued, when run without a crash.
     NotReached(u64),
-    /// The volume reopened as the last completed commit (`true`: or as the
-    /// commit the crash interrupted, which had reached the device).
-    Survived { new_commit: bool },
+    /// The volume reopened as the last completed commit (`new_commit`: or as
+    /// the commit the crash interrupted, which had reached the device).
+    Survived {
+        new_commit: bool,
+        /// The device after the crash.
+        image: Vec<u8>,
+        /// The reopened volume's files, as `generate` takes them.
+        files: Vec<(usize, u64)>,
+    },
 }
 
-/// Runs `ops`, crashing at device write `crash_at` if given, and checks the
-/// reopened volume.
-fn run(ops: &[Op], crash_at: Option<u64>, seed: u64) -> Crash {
+/// Runs `ops` on a new volume, or on the volume in the device image `start`,
+/// crashing at device write `crash_at` if given, and checks the reopened volume.
+fn run(start: Option<&[u8]>, ops: &[Op], crash_at: Option<u64>, seed: u64) -> Crash {
     let memory = Arc::new(MemDevice::new(DEVICE_BYTES));
     let faulty = Arc::new(FaultyDevice::new(memory.clone(), seed));
-    let volume = Volume::format(faulty.clone()).unwrap();
+    let (volume, mut model) = match start {
+        None => {
+            let mut model = Model::default();
+            model.commit(); // format commits an empty volume
+            (Volume::format(faulty.clone()).unwrap(), model)
+        }
+        Some(image) => {
+            memory.write_all_at(image, 0).unwrap();
+            let volume = Volume::open(faulty.clone()).unwrap();
+            let model = Model::adopt(&volume);
+            (volume, model)
+        }
+    };
     faulty.add_rule(match crash_at {
         Some(n) => FaultRule::new(DeviceOp::Write, Trigger::FromNth(n), Injection::Discard),
         // A delay of nothing counts every write.
@@ -390,8 +452,6 @@ fn run(ops: &[Op], crash_at: Option<u64>, seed: u64) -> Crash {
             },
         ),
     });
-    let mut model = Model::default();
-    model.commit(); // format committed an empty volume
     for (step, op) in ops.iter().enumerate() {
         model.apply(&volume, op);
         let crashed = crash_at.is_some() && faulty.injected() > 0;
@@ -401,7 +461,7 @@ fn run(ops: &[Op], crash_at: Option<u64>, seed: u64) -> Crash {
             }
             continue;
         }
-        let reopened = Volume::open(memory).unwrap_or_else(|error| {
+        let reopened = Volume::open(memory.clone()).unwrap_or_else(|error| {
             panic!("seed {seed} crash at write {crash_at:?} in step {step} {op:?}: open: {error}")
         });
         reopened.check_invariants();
@@ -414,7 +474,15 @@ fn run(ops: &[Op], crash_at: Option<u64>, seed: u64) -> Crash {
             Err(old) => Err(old),
         };
         return match outcome {
-            Ok(new_commit) => Crash::Survived { new_commit },
+            Ok(new_commit) => {
+                let mut image = vec![0; DEVICE_BYTES as usize];
+                memory.read_exact_at(&mut image, 0).unwrap();
+                Crash::Survived {
+                    new_commit,
+                    image,
+                    files: Model::adopt(&reopened).files(),
+                }
+            }
             Err(why) => panic!(
                 "seed {seed}, crash at write {crash_at:?} during step {step} {op:?}: {why}\nops: {:#?}",
                 &ops[..=step]
@@ -439,27 +507,51 @@ fn every_crash_point_reopens_consistent_and_as_of_the_last_sync_or_newer() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let start = Instant::now();
-    let (mut crashes, mut new_commits, mut seed) = (0u64, 0u64, first_seed);
+    let (mut crashes, mut second_crashes, mut new_commits) = (0u64, 0u64, 0u64);
+    let mut seed = first_seed;
     while crashes < points {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let ops = generate(&mut rng);
-        let Crash::NotReached(writes) = run(&ops, None, seed) else {
+        let ops = generate(&mut rng, &[]);
+        let Crash::NotReached(writes) = run(None, &ops, None, seed) else {
             unreachable!("no crash without a crash point")
         };
-        for _ in 0..CRASHES_PER_SEQUENCE.min(points - crashes) {
-            if writes == 0 {
+        for round in 0..CRASHES_PER_SEQUENCE {
+            if writes == 0 || crashes >= points {
                 break;
             }
             let crash_at = rng.u64(1..=writes);
-            if let Crash::Survived { new_commit } = run(&ops, Some(crash_at), seed) {
-                new_commits += u64::from(new_commit);
-            }
+            let Crash::Survived {
+                new_commit,
+                image,
+                files,
+            } = run(None, &ops, Some(crash_at), seed)
+            else {
+                unreachable!("the crash point is reached")
+            };
             crashes += 1;
+            new_commits += u64::from(new_commit);
+            // Once per sequence, carry on from the crashed volume and crash
+            // again: the reopened volume must protect its blocks as well.
+            if round > 0 || crashes >= points {
+                continue;
+            }
+            let again = generate(&mut rng, &files);
+            let Crash::NotReached(writes) = run(Some(&image), &again, None, seed) else {
+                unreachable!("no crash without a crash point")
+            };
+            if writes > 0 {
+                let crash_at = rng.u64(1..=writes);
+                run(Some(&image), &again, Some(crash_at), seed);
+                crashes += 1;
+                second_crashes += 1;
+            }
         }
         seed += 1;
     }
     eprintln!(
-        "{crashes} crash points over seeds {first_seed}..{seed} in {:.1?}; {new_commits} reopened as the commit the crash interrupted",
+        "{crashes} crash points ({second_crashes} in a reopened volume) over seeds \
+         {first_seed}..{seed} in {:.1?}; {new_commits} reopened as the commit the crash \
+         interrupted",
         start.elapsed()
     );
 }
