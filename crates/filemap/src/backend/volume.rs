@@ -43,8 +43,10 @@
 //! bytes plus the name per file and 24 bytes per run of the extent maps. A 16 MiB
 //! device (m = 4) holds about 680 runs, 1 GiB (m = 256) about 43,000, and 64 GiB
 //! or more about 2.8 million. An operation that could need more fails with
-//! `ENOSPC` and changes nothing: `create_file`, a write into holes (it reserves a
-//! run per hole it fills), punch, collapse and insert (one run each).
+//! `ENOSPC` and changes nothing: `create_file`, a write into holes (it reserves
+//! a run per run of fresh blocks it takes; if writers racing on the same holes
+//! split its runs further than the area can take, it maps none of them),
+//! punch, collapse and insert (one run each).
 //!
 //! # Commits
 //!
@@ -630,12 +632,30 @@ impl Allocator {
         None
     }
 
+    /// Pushes a run onto the stack, merged with the top when it ends where the
+    /// top begins (blocks given back in the reverse order of their allocation
+    /// restore the stack as it was).
     fn free(&mut self, first: u64, len: u64) {
-        if len > 0 {
-            self.free.push((first, len));
-            self.free_count += len;
+        if len == 0 {
+            return;
+        }
+        self.free_count += len;
+        match self.free.last_mut() {
+            Some(top) if first + len == top.0 => *top = (first, top.1 + len),
+            _ => self.free.push((first, len)),
         }
     }
+}
+
+/// The number of runs in `fresh` `(logical block, physical block)`, sorted by
+/// logical block: the most runs mapping them into holes can add to an extent
+/// map.
+fn fresh_runs(fresh: &[(u64, u64)]) -> u64 {
+    let breaks = fresh
+        .windows(2)
+        .filter(|pair| pair[1] != (pair[0].0 + 1, pair[0].1 + 1))
+        .count();
+    (breaks + usize::from(!fresh.is_empty())) as u64
 }
 
 /// Which blocks a punch or zero of a byte range touches.
@@ -1328,23 +1348,30 @@ impl Backend for VolumeFile {
                 .collect();
             let size = file.size;
             let holes = plan.iter().filter(|phys| phys.is_none()).count() as u64;
-            // Check space first so that ENOSPC changes nothing. Each hole filled
-            // may add a run to the extent map.
+            // Check space first so that ENOSPC changes nothing.
             if holes > state.space.allocator.available() {
                 return fail(libc::ENOSPC);
             }
-            let held = holes * RUN_RECORD;
-            state.reserve_meta(held)?;
             let alloc = &mut state.space.allocator;
             let mut fresh = Vec::with_capacity(holes as usize);
             for (page, slot) in (index..).zip(plan.iter_mut()) {
                 if slot.is_none() {
                     let phys = alloc.allocate().expect("space checked above");
-                    alloc.in_flight += 1;
                     fresh.push((page, phys));
                     *slot = Some(phys);
                 }
             }
+            // Mapping the fresh blocks adds at most one run per run of them:
+            // reserve that much metadata, or give the blocks back (in reverse,
+            // which restores the allocator's stack).
+            let held = fresh_runs(&fresh) * RUN_RECORD;
+            if let Err(error) = state.reserve_meta(held) {
+                for &(_, phys) in fresh.iter().rev() {
+                    state.space.allocator.free(phys, 1);
+                }
+                return Err(error);
+            }
+            state.space.allocator.in_flight += holes;
             (size, plan, fresh, held)
         };
         let written = self.write_planned(start, size, &plan, buf);
@@ -1354,23 +1381,25 @@ impl Backend for VolumeFile {
         // that can be freed without a reader possibly holding it (and, never
         // mapped, no commit can hold it either).
         let mut overwrite = Vec::new();
-        {
+        let mapped = {
             let mut guard = self.volume.state.lock();
             let state = &mut *guard;
             state.meta_reserved -= held;
             let allocator = &mut state.space.allocator;
+            allocator.in_flight -= fresh.len() as u64;
             let mut file = state
                 .meta
                 .files
                 .get_mut(&self.id)
                 .filter(|_| written.is_ok());
             let before = file.as_ref().map(|file| file.encoded_len());
+            let mut inserted = Vec::with_capacity(fresh.len());
             for &(page, phys) in &fresh {
-                allocator.in_flight -= 1;
                 match file.as_deref_mut() {
                     Some(file) if page * BLOCK < file.size => match file.extents.lookup(page) {
                         None => {
                             file.extents.insert(page, phys);
+                            inserted.push(page);
                             continue;
                         }
                         Some(existing) => overwrite.push((page, existing)),
@@ -1380,12 +1409,32 @@ impl Backend for VolumeFile {
                 }
                 allocator.free(phys, 1);
             }
-            if let (Some(file), Some(before)) = (file, before) {
-                state.meta_len = state.meta_len - before + file.encoded_len();
-                state.dirty = true;
+            match (file, before) {
+                (Some(file), Some(before)) => {
+                    let after = state.meta_len - before + file.encoded_len();
+                    // Pages another writer filled meanwhile can split this
+                    // write's runs into more than it reserved. If the area
+                    // cannot take them, unmap the fresh blocks again: nothing
+                    // else maps them, and the file reads as before.
+                    if after + state.meta_reserved > state.meta_capacity {
+                        for &page in &inserted {
+                            for (phys, len) in file.extents.remove_range(page, 1) {
+                                allocator.free(phys, len);
+                            }
+                        }
+                        debug_assert_eq!(file.encoded_len(), before);
+                        Err(err(libc::ENOSPC))
+                    } else {
+                        state.meta_len = after;
+                        state.dirty = true;
+                        Ok(())
+                    }
+                }
+                _ => Ok(()),
             }
-        }
+        };
         written?;
+        mapped?;
         for (page, existing) in overwrite {
             let offset = (page - index) as usize * BLOCK_SIZE;
             let bytes = &buf[offset..offset + BLOCK_SIZE];
@@ -1553,12 +1602,13 @@ impl Backend for VolumeFile {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use proptest::prelude::*;
 
     use super::*;
     use crate::device::{Device, DeviceOp, FaultyDevice, MemDevice};
+    use crate::fault::{FaultRule, Injection, Trigger};
 
     const PAGE: usize = BLOCK_SIZE;
 
@@ -2299,6 +2349,88 @@ mod tests {
         let reopened = Volume::open(faulty.inner().clone()).unwrap();
         assert_eq!(reopened.open_file("a").unwrap().len().unwrap(), 0);
         reopened.check_invariants();
+    }
+
+    /// Creates files until exactly `room` bytes of metadata area are left.
+    fn fill_metadata(volume: &Arc<Volume>, room: u64) {
+        let left = |volume: &Volume| {
+            let state = volume.state.lock();
+            state.meta_capacity - state.meta_len - state.meta_reserved
+        };
+        let mut serial = 0;
+        while left(volume) > room {
+            let consume = left(volume) - room;
+            assert!(
+                consume > FILE_RECORD + 8,
+                "cannot leave exactly {room} bytes"
+            );
+            let mut len = (consume - FILE_RECORD).min(MAX_NAME_LEN as u64);
+            if (1..=FILE_RECORD + 8).contains(&(consume - FILE_RECORD - len)) {
+                len = 200; // leave enough for one more file
+            }
+            serial += 1;
+            volume
+                .create_file(&format!("{serial:0>width$}", width = len as usize))
+                .unwrap();
+        }
+        assert_eq!(left(volume), room);
+    }
+
+    #[test]
+    fn a_write_into_holes_reserves_a_run_per_run_of_fresh_blocks() {
+        let volume = volume(256);
+        let file = volume.create_file("f").unwrap();
+        file.set_len(64 * BLOCK).unwrap();
+        fill_metadata(&volume, RUN_RECORD);
+        // 32 fresh blocks in a row are one run.
+        let data: Vec<u8> = (0..32).flat_map(|i| page(i + 1)).collect();
+        file.write_pages(0, &data).unwrap();
+        assert_eq!(read(&file, 0, 32), data);
+        // A second run does not fit, and the failed write changes nothing.
+        let free = volume.free_blocks();
+        assert_eq!(errno(file.write_pages(40, &page(9))), libc::ENOSPC);
+        assert_eq!(volume.free_blocks(), free);
+        assert_eq!(file.allocated_blocks().unwrap(), 32);
+        // Overwriting needs no metadata.
+        file.write_pages(0, &page(9)).unwrap();
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn a_write_split_by_a_concurrent_fill_past_its_reservation_maps_nothing() {
+        let faulty = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * BLOCK)), 1));
+        let volume = Volume::format(faulty.clone()).unwrap();
+        let file = volume.create_file("f").unwrap();
+        file.set_len(8 * BLOCK).unwrap();
+        fill_metadata(&volume, 2 * RUN_RECORD);
+        // The first write gets the next three blocks (one run, one reserved) and
+        // is held in its device write while a second write fills its middle page.
+        let first = volume.layout.data_start();
+        faulty.add_rule(
+            FaultRule::new(
+                DeviceOp::Write,
+                Trigger::Always,
+                Injection::Delay {
+                    min: Duration::from_millis(500),
+                    max: Duration::from_millis(500),
+                },
+            )
+            .on_bytes(first * BLOCK..(first + 3) * BLOCK),
+        );
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || file.write_pages(0, &[page(1), page(1), page(1)].concat()))
+        };
+        while faulty.injected() == 0 {
+            std::thread::yield_now();
+        }
+        file.write_pages(1, &page(2)).unwrap();
+        // Pages 0 and 2 apart from page 1 take two runs more: only one fits.
+        assert_eq!(errno(writer.join().unwrap()), libc::ENOSPC);
+        assert_eq!(file.physical_block(0), None);
+        assert_eq!(file.physical_block(2), None);
+        assert_eq!(read(&file, 0, 3), [page(0), page(2), page(0)].concat());
+        volume.check_invariants();
     }
 
     #[test]
