@@ -415,6 +415,8 @@ enum Crash {
     /// the commit the crash interrupted, which had reached the device).
     Survived {
         new_commit: bool,
+        /// Whether the crash hit an operation that commits.
+        during_commit: bool,
         /// The device after the crash.
         image: Vec<u8>,
         /// The reopened volume's files, as `generate` takes them.
@@ -479,6 +481,7 @@ fn run(start: Option<&[u8]>, ops: &[Op], crash_at: Option<u64>, seed: u64) -> Cr
                 memory.read_exact_at(&mut image, 0).unwrap();
                 Crash::Survived {
                     new_commit,
+                    during_commit: op.commits(),
                     image,
                     files: Model::adopt(&reopened).files(),
                 }
@@ -507,7 +510,8 @@ fn every_crash_point_reopens_consistent_and_as_of_the_last_sync_or_newer() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let start = Instant::now();
-    let (mut crashes, mut second_crashes, mut new_commits) = (0u64, 0u64, 0u64);
+    let (mut crashes, mut second_crashes) = (0u64, 0u64);
+    let (mut in_commits, mut new_commits) = (0u64, 0u64);
     let mut seed = first_seed;
     while crashes < points {
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -522,6 +526,7 @@ fn every_crash_point_reopens_consistent_and_as_of_the_last_sync_or_newer() {
             let crash_at = rng.u64(1..=writes);
             let Crash::Survived {
                 new_commit,
+                during_commit,
                 image,
                 files,
             } = run(None, &ops, Some(crash_at), seed)
@@ -530,6 +535,7 @@ fn every_crash_point_reopens_consistent_and_as_of_the_last_sync_or_newer() {
             };
             crashes += 1;
             new_commits += u64::from(new_commit);
+            in_commits += u64::from(during_commit);
             // Once per sequence, carry on from the crashed volume and crash
             // again: the reopened volume must protect its blocks as well.
             if round > 0 || crashes >= points {
@@ -541,7 +547,11 @@ fn every_crash_point_reopens_consistent_and_as_of_the_last_sync_or_newer() {
             };
             if writes > 0 {
                 let crash_at = rng.u64(1..=writes);
-                run(Some(&image), &again, Some(crash_at), seed);
+                if let Crash::Survived { during_commit, .. } =
+                    run(Some(&image), &again, Some(crash_at), seed)
+                {
+                    in_commits += u64::from(during_commit);
+                }
                 crashes += 1;
                 second_crashes += 1;
             }
@@ -549,9 +559,9 @@ fn every_crash_point_reopens_consistent_and_as_of_the_last_sync_or_newer() {
         seed += 1;
     }
     eprintln!(
-        "{crashes} crash points ({second_crashes} in a reopened volume) over seeds \
-         {first_seed}..{seed} in {:.1?}; {new_commits} reopened as the commit the crash \
-         interrupted",
+        "{crashes} crash points ({second_crashes} in a reopened volume, {in_commits} during \
+         a sync, collapse or insert) over seeds {first_seed}..{seed} in {:.1?}; \
+         {new_commits} reopened as the commit the crash interrupted",
         start.elapsed()
     );
 }
