@@ -2316,13 +2316,16 @@ mod tests {
         let names = |device: &Arc<dyn Device>| Volume::open(device.clone()).map(|v| v.file_names());
         assert_eq!(names(&device).unwrap(), ["a", "b"]);
 
-        // A flipped byte in the newest area: generation 2 it is.
+        // A flipped byte in the newest area (in file a's size, which would
+        // still decode): generation 2 it is.
         let area = layout.area(3) * BLOCK;
+        let size_byte = area + META_HEADER + 8 + 1;
         let mut byte = [0u8];
-        device.read_exact_at(&mut byte, area + 20).unwrap();
-        device.write_all_at(&[byte[0] ^ 1], area + 20).unwrap();
+        device.read_exact_at(&mut byte, size_byte).unwrap();
+        device.write_all_at(&[byte[0] ^ 1], size_byte).unwrap();
         assert_eq!(names(&device).unwrap(), ["a"]);
-        device.write_all_at(&byte, area + 20).unwrap();
+        device.write_all_at(&byte, size_byte).unwrap();
+        assert_eq!(names(&device).unwrap(), ["a", "b"]);
 
         // A flipped byte in the newest superblock: the same.
         device.read_exact_at(&mut byte, BLOCK + 30).unwrap();
