@@ -387,7 +387,9 @@ pub fn pattern(len: usize) -> Vec<u8> {
 /// A cache holding every page of a `file_bytes`-byte file, all clean, on a
 /// volume in memory.
 pub fn cached_file(file_bytes: u64, strategy: Strategy) -> io::Result<(PageCache, Arc<Mapping>)> {
-    let volume = Volume::format(Arc::new(MemDevice::new(file_bytes + (1 << 20))))?;
+    let volume = Volume::format(Arc::new(MemDevice::new(
+        file_bytes + file_bytes / 256 + (1 << 20),
+    )))?;
     let cache = PageCache::builder()
         .strategy(strategy)
         .budget_bytes(file_bytes)

@@ -30,6 +30,10 @@ pub enum Trigger {
     Nth(u64),
     /// On every n-th matching call: the n-th, 2n-th, ... `EveryNth(0)` never fires.
     EveryNth(u64),
+    /// On the n-th matching call (1-based) and every one after it. `FromNth(0)`
+    /// never fires. With [`Injection::Discard`] on device writes this simulates
+    /// the process stopping after write n - 1.
+    FromNth(u64),
     /// On each matching call independently with this probability (0.0 never,
     /// 1.0 always), drawn from the plan's seeded generator.
     Probability(f64),
@@ -48,6 +52,20 @@ pub enum Injection {
     /// Fails the call with this errno (as `io::Error::from_raw_os_error`) without
     /// forwarding it: nothing is read, written or changed.
     Error(i32),
+    /// Reports success without forwarding the call: a write that never reaches
+    /// the layer below, as when the process stops before issuing it (a read
+    /// leaves its buffer as it was). An error that fires too takes precedence.
+    Discard,
+}
+
+/// What a wrapper does with a call its plan did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Delivery {
+    /// Forward the call to the wrapped layer.
+    Forward,
+    /// Return success without forwarding: an [`Injection::Discard`] fired.
+    Discard,
 }
 
 /// One fault rule: which calls it matches, when it fires, and what it injects.
@@ -123,6 +141,7 @@ struct ActiveRule<Op> {
 struct Verdict {
     delay: Duration,
     error: Option<i32>,
+    discard: bool,
 }
 
 impl<Op: Copy + Eq + fmt::Debug> FaultPlan<Op> {
@@ -174,7 +193,7 @@ impl<Op: Copy + Eq + fmt::Debug> FaultPlan<Op> {
         self.any_rules.store(false, Ordering::Relaxed);
     }
 
-    /// How many injections (delays and errors) have happened so far.
+    /// How many injections (delays, errors and discards) have happened so far.
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::Relaxed)
     }
@@ -186,15 +205,17 @@ impl<Op: Copy + Eq + fmt::Debug> FaultPlan<Op> {
 
     /// Judges one call of kind `op` touching `bytes` (`None` for calls that touch
     /// no bytes): sleeps for the delays that fire, then returns the first error
-    /// that fires, in which case the caller must not forward the call.
-    pub fn intercept(&self, op: Op, bytes: Option<Range<u64>>) -> io::Result<()> {
+    /// that fires, in which case the caller must not forward the call, or else
+    /// whether to forward it.
+    pub fn intercept(&self, op: Op, bytes: Option<Range<u64>>) -> io::Result<Delivery> {
         let verdict = self.judge(op, bytes);
         if !verdict.delay.is_zero() {
             std::thread::sleep(verdict.delay);
         }
         match verdict.error {
             Some(errno) => Err(err(errno)),
-            None => Ok(()),
+            None if verdict.discard => Ok(Delivery::Discard),
+            None => Ok(Delivery::Forward),
         }
     }
 
@@ -203,6 +224,7 @@ impl<Op: Copy + Eq + fmt::Debug> FaultPlan<Op> {
         let mut verdict = Verdict {
             delay: Duration::ZERO,
             error: None,
+            discard: false,
         };
         if !self.any_rules.load(Ordering::Relaxed) {
             return verdict;
@@ -225,6 +247,7 @@ impl<Op: Copy + Eq + fmt::Debug> FaultPlan<Op> {
                 Trigger::Always => true,
                 Trigger::Nth(n) => active.matched == n,
                 Trigger::EveryNth(n) => n != 0 && active.matched % n == 0,
+                Trigger::FromNth(n) => n != 0 && active.matched >= n,
                 Trigger::Probability(p) => rng.f64() < p,
             };
             if !fires {
@@ -246,6 +269,10 @@ impl<Op: Copy + Eq + fmt::Debug> FaultPlan<Op> {
                 }
                 // A later error is shadowed by the first one: not injected.
                 Injection::Error(_) => {}
+                Injection::Discard => {
+                    verdict.discard = true;
+                    fired += 1;
+                }
             }
         }
         drop(rules);
@@ -303,7 +330,7 @@ impl<T: ?Sized, Op: Copy + Eq + fmt::Debug> Faulty<T, Op> {
         self.plan.clear();
     }
 
-    /// How many injections (delays and errors) have happened so far.
+    /// How many injections (delays, errors and discards) have happened so far.
     pub fn injected(&self) -> u64 {
         self.plan.injected()
     }
@@ -346,6 +373,10 @@ mod tests {
             FaultRule::new(Op::A, Trigger::Always, Injection::Error(libc::EIO)).on_bytes(10..20),
         );
         assert!(plan.intercept(Op::B, touched(10, 5)).is_ok());
+        assert_eq!(
+            plan.intercept(Op::A, touched(0, 10)).unwrap(),
+            Delivery::Forward
+        );
         assert!(plan.intercept(Op::A, touched(0, 10)).is_ok());
         assert!(plan.intercept(Op::A, touched(20, 10)).is_ok());
         let error = plan.intercept(Op::A, touched(19, 1)).unwrap_err();
@@ -405,8 +436,34 @@ mod tests {
             },
         ));
         let start = std::time::Instant::now();
-        plan.intercept(Op::B, None).unwrap();
+        assert_eq!(plan.intercept(Op::B, None).unwrap(), Delivery::Forward);
         assert!(start.elapsed() >= min);
         assert!(format!("{plan:?}").contains("injected: 1"));
+    }
+
+    #[test]
+    fn from_nth_discards_that_call_and_every_later_one() {
+        use Delivery::{Discard, Forward};
+        let plan = FaultPlan::new(1);
+        plan.add_rule(FaultRule::new(
+            Op::A,
+            Trigger::FromNth(3),
+            Injection::Discard,
+        ));
+        plan.add_rule(FaultRule::new(
+            Op::B,
+            Trigger::FromNth(0),
+            Injection::Discard,
+        ));
+        let deliveries: Vec<Delivery> = (0..5)
+            .map(|_| plan.intercept(Op::A, None).unwrap())
+            .collect();
+        assert_eq!(deliveries, [Forward, Forward, Discard, Discard, Discard]);
+        assert_eq!(plan.intercept(Op::B, None).unwrap(), Forward);
+        assert_eq!(plan.injected(), 3);
+        // An error that fires beside a discard wins.
+        plan.fail_nth(Op::A, 1, libc::EIO);
+        assert!(plan.intercept(Op::A, None).is_err());
+        assert_eq!(plan.intercept(Op::A, None).unwrap(), Discard);
     }
 }

@@ -259,6 +259,50 @@ impl ExtentMap {
         self.mapped
     }
 
+    /// The number of runs: what the map costs to store.
+    pub fn run_count(&self) -> u64 {
+        self.extents.len() as u64
+    }
+
+    /// A map of `runs` given as `(first logical block, run)` in ascending logical
+    /// order (as [`ExtentMap::iter`] lists them); runs that are contiguous both
+    /// logically and physically are merged. `None` if a run is empty, overlaps or
+    /// precedes the one before it, or reaches `u64::MAX`.
+    pub fn from_runs(runs: impl IntoIterator<Item = (u64, Extent)>) -> Option<Self> {
+        let mut map = Self::new();
+        let mut last: Option<(u64, Extent)> = None;
+        for (start, extent) in runs {
+            let end = start
+                .checked_add(extent.len)
+                .filter(|&end| end < u64::MAX)?;
+            let phys_end = extent.phys.checked_add(extent.len)?;
+            if extent.len == 0 || phys_end == u64::MAX {
+                return None;
+            }
+            if let Some((last_start, last_extent)) = last {
+                let last_end = last_start + last_extent.len;
+                if start < last_end {
+                    return None;
+                }
+                if start == last_end && last_extent.phys + last_extent.len == extent.phys {
+                    let merged = Extent {
+                        phys: last_extent.phys,
+                        len: last_extent.len + extent.len,
+                    };
+                    map.extents.insert(last_start, merged);
+                    map.mapped += extent.len;
+                    last = Some((last_start, merged));
+                    continue;
+                }
+            }
+            debug_assert!(end > start);
+            map.extents.insert(start, extent);
+            map.mapped += extent.len;
+            last = Some((start, extent));
+        }
+        Some(map)
+    }
+
     /// Asserts the map's structural invariants: runs are non-empty, disjoint,
     /// maximal, and their lengths add up to [`ExtentMap::mapped_blocks`].
     pub fn check_invariants(&self) {

@@ -24,7 +24,7 @@ use std::io;
 use std::ops::Range;
 
 use super::{Backend, BackendOp};
-use crate::fault::{touched, Faulty};
+use crate::fault::{touched, Delivery, Faulty};
 use crate::PAGE_SIZE;
 
 /// Wraps a backend and injects delays and errors into the calls chosen by its
@@ -33,7 +33,8 @@ use crate::PAGE_SIZE;
 /// Rules are checked in the order they were added, and each matching rule counts
 /// the call. Every delay that fires is applied before the call is forwarded; the
 /// first error that fires fails the call without forwarding it, so nothing
-/// changes. With a given seed the injections are deterministic for a given order
+/// changes; a discard that fires (and no error) reports success without
+/// forwarding (a read then leaves its buffer as it was). With a given seed the injections are deterministic for a given order
 /// of calls.
 pub type FaultyBackend = Faulty<dyn Backend, BackendOp>;
 
@@ -57,65 +58,101 @@ impl Backend for Faulty<dyn Backend, BackendOp> {
     }
 
     fn read_pages(&self, index: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.plan
-            .intercept(BackendOp::ReadPages, pages(index, buf.len()))?;
-        self.inner.read_pages(index, buf)
+        match self
+            .plan
+            .intercept(BackendOp::ReadPages, pages(index, buf.len()))?
+        {
+            Delivery::Forward => self.inner.read_pages(index, buf),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
-        self.plan
-            .intercept(BackendOp::WritePages, pages(index, buf.len()))?;
-        self.inner.write_pages(index, buf)
+        match self
+            .plan
+            .intercept(BackendOp::WritePages, pages(index, buf.len()))?
+        {
+            Delivery::Forward => self.inner.write_pages(index, buf),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.plan.intercept(BackendOp::SetLen, from(len))?;
-        self.inner.set_len(len)
+        match self.plan.intercept(BackendOp::SetLen, from(len))? {
+            Delivery::Forward => self.inner.set_len(len),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.plan
-            .intercept(BackendOp::PunchHole, touched(offset, len))?;
-        self.inner.punch_hole(offset, len)
+        match self
+            .plan
+            .intercept(BackendOp::PunchHole, touched(offset, len))?
+        {
+            Delivery::Forward => self.inner.punch_hole(offset, len),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.plan
-            .intercept(BackendOp::ZeroRange, touched(offset, len))?;
-        self.inner.zero_range(offset, len)
+        match self
+            .plan
+            .intercept(BackendOp::ZeroRange, touched(offset, len))?
+        {
+            Delivery::Forward => self.inner.zero_range(offset, len),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.plan
-            .intercept(BackendOp::CollapseRange, from(offset))?;
-        self.inner.collapse_range(offset, len)
+        match self
+            .plan
+            .intercept(BackendOp::CollapseRange, from(offset))?
+        {
+            Delivery::Forward => self.inner.collapse_range(offset, len),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.plan.intercept(BackendOp::InsertRange, from(offset))?;
-        self.inner.insert_range(offset, len)
+        match self.plan.intercept(BackendOp::InsertRange, from(offset))? {
+            Delivery::Forward => self.inner.insert_range(offset, len),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.plan
-            .intercept(BackendOp::ReadDirect, touched(offset, buf.len() as u64))?;
-        self.inner.read_direct(offset, buf)
+        match self
+            .plan
+            .intercept(BackendOp::ReadDirect, touched(offset, buf.len() as u64))?
+        {
+            Delivery::Forward => self.inner.read_direct(offset, buf),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn write_direct(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.plan
-            .intercept(BackendOp::WriteDirect, touched(offset, buf.len() as u64))?;
-        self.inner.write_direct(offset, buf)
+        match self
+            .plan
+            .intercept(BackendOp::WriteDirect, touched(offset, buf.len() as u64))?
+        {
+            Delivery::Forward => self.inner.write_direct(offset, buf),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.plan.intercept(BackendOp::Sync, None)?;
-        self.inner.sync()
+        match self.plan.intercept(BackendOp::Sync, None)? {
+            Delivery::Forward => self.inner.sync(),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn remove(&self) -> io::Result<()> {
-        self.plan.intercept(BackendOp::Remove, None)?;
-        self.inner.remove()
+        match self.plan.intercept(BackendOp::Remove, None)? {
+            Delivery::Forward => self.inner.remove(),
+            Delivery::Discard => Ok(()),
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! A volume: many files on one device, with a block allocator and extent maps.
+//! A volume: many files on one device, with a block allocator and extent maps,
+//! kept on the device and safe against crashes.
 //!
 //! This is the realistic substrate for the cache: files share a device, and a
 //! freed block is handed to the next allocation at once, whichever file asks. A
@@ -6,11 +7,102 @@
 //! kernel bug reports the cache's coherence lock exists to prevent.
 //!
 //! Metadata (file table, sizes, extent maps, allocator) lives in memory behind one
-//! mutex. Device I/O is always done outside that mutex: the backend deliberately
-//! does not serialise its I/O against block reuse, because preventing a read of a
-//! freed-and-reused block is the page cache's job, and a backend that hid such
-//! races would hide the bugs the torture looks for.
+//! mutex and reaches the device only when it is committed. Device I/O is always
+//! done outside that mutex: the backend deliberately does not serialise its I/O
+//! against block reuse, because preventing a read of a freed-and-reused block is
+//! the page cache's job, and a backend that hid such races would hide the bugs
+//! the torture looks for.
+//!
+//! # On-device format
+//!
+//! ```text
+//! block 0                 superblock slot 0 (even generations)
+//! block 1                 superblock slot 1 (odd generations)
+//! 2 .. 2 + m              metadata area 0 (even generations)
+//! 2 + m .. 2 + 2m         metadata area 1 (odd generations)
+//! 2 + 2m .. total         data blocks
+//! ```
+//!
+//! `m`, the size of each metadata area in blocks, is the device's size in blocks
+//! divided by 1024, at least 2 and at most 16384 (64 MiB): 0.2% of the device
+//! for both areas. All numbers are little-endian.
+//!
+//! - A superblock (the first 56 bytes of its block): the magic `FMVOLUME`, the
+//!   format version (u32), the block size (u32), the device's size in blocks
+//!   (u64), `m` (u64), the generation (u64), the length of the metadata in bytes
+//!   (u64), the CRC-32 of the metadata (u32), and the CRC-32 of the 52 bytes
+//!   before it (u32).
+//! - The metadata (in the area of its generation): the next file id (u64), the
+//!   number of files (u64), then per file in id order its id (u64), size (u64),
+//!   name length (u16), name, number of runs (u64), and per run its first
+//!   logical block, first physical block and length (3 × u64).
+//! - The allocator is not stored: on open, every data block that no file maps
+//!   is free.
+//!
+//! **Limits.** An area holds `m × 4096` bytes: 16 bytes of header, then 26
+//! bytes plus the name per file and 24 bytes per run of the extent maps. A 16 MiB
+//! device (m = 4) holds about 680 runs, 1 GiB (m = 256) about 43,000, and 64 GiB
+//! or more about 2.8 million; files with names of `n` bytes take `26 + n` each
+//! (a 16 MiB device holds about 390 empty files with 16-byte names). Encoding
+//! the snapshot at a commit takes time proportional to the metadata, under the
+//! volume's mutex. An operation that could need more fails with
+//! `ENOSPC` and changes nothing: `create_file`, a write into holes (it reserves
+//! a run per run of fresh blocks it takes; if writers racing on the same holes
+//! split its runs further than the area can take, it maps none of them),
+//! punch, collapse and insert (one run each).
+//!
+//! # Commits
+//!
+//! A commit ([`Backend::sync`] of any file of the volume, [`Volume::sync`],
+//! `collapse_range`, `insert_range`, `format`) of generation `g + 1`:
+//!
+//! 1. encodes the metadata under the mutex (the snapshot), and adds the blocks it
+//!    maps to the *committed* blocks (below);
+//! 2. flushes the device: every data block the snapshot maps was written before
+//!    it was mapped, so its data is durable before any metadata points at it;
+//! 3. writes the snapshot into area `(g + 1) % 2`, which only generation `g - 1`
+//!    used, and flushes;
+//! 4. writes superblock `g + 1` into slot `(g + 1) % 2` (one aligned 4 KiB write,
+//!    atomic by the [`Device`] contract), and flushes;
+//! 5. gives the blocks freed before the snapshot back to the allocator.
+//!
+//! A crash at any write leaves either superblock `g` and its area untouched, or
+//! superblock `g + 1` with its area complete. [`Volume::open`] takes the
+//! superblock of the highest generation whose own checksum and whose metadata's
+//! checksum hold, so a torn area falls back to the generation before. A commit
+//! with nothing changed since the last one only flushes the device. Commits are
+//! serialised; a failed one is retried in the same slots by the next.
+//!
+//! # What is durable when
+//!
+//! - Metadata changes (create, remove, sizes, which blocks a file maps) are
+//!   durable at the next commit: a sync of *any* file of the volume commits them
+//!   all.
+//! - A write to a page that already has a block overwrites that block in place:
+//!   after a crash the page reads as of the last commit or as any later write of
+//!   it (never torn: block writes are atomic). A write into a hole goes to a fresh
+//!   block, which the file maps (durably) from the next commit on; punch, zero and
+//!   truncate zero partial blocks in place.
+//! - `collapse_range` and `insert_range` commit before they return. They move
+//!   blocks to other file offsets, and an in-place write of a moved block before
+//!   the move is durable would, after a crash, land at the block's old offset.
+//!   (If that commit fails, the error is returned and the move stays in memory.)
+//!
+//! # No foreign data across crashes (C3)
+//!
+//! The metadata a crash could bring back is the newest durable commit, or one
+//! in flight. A block either of them maps is *committed*; when a file frees a
+//! committed block (punch, truncate, collapse, remove), the block waits in a
+//! pending list and is reused only after a commit that no longer maps it is
+//! durable: reused earlier, another file's data would overwrite it while the
+//! durable metadata still gives it to the first file. A block that was mapped
+//! and freed between two commits was never durable anywhere and is reused at
+//! once (LIFO, as before), so the cache's tests still see immediate reuse. A
+//! fresh block is still mapped only after its data is written (a reader of the
+//! hole meanwhile reads zeroes), and step 2 of a commit makes that data durable
+//! before the metadata that maps it.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
@@ -18,7 +110,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::extent::ExtentMap;
+use super::extent::{Extent, ExtentMap};
 use super::Backend;
 use crate::device::Device;
 use crate::errno::{err, fail};
@@ -31,36 +123,218 @@ const _: () = assert!(BLOCK_SIZE == crate::PAGE_SIZE);
 const BLOCK: u64 = BLOCK_SIZE as u64;
 
 /// The largest file size, 2^44 bytes (16 TiB): logical block numbers then fit in
-/// 32 bits, which a future on-disk extent format can rely on (ext4 has the same
-/// limit with 4 KiB blocks).
+/// 32 bits (ext4 has the same limit with 4 KiB blocks).
 const MAX_FILE_SIZE: u64 = 1 << 44;
 
 /// The longest file name in bytes, as on common Unix file systems.
 const MAX_NAME_LEN: usize = 255;
 
-/// Blocks at the start of the device that are never allocated: block 0 is kept
-/// for a future superblock.
-const RESERVED_BLOCKS: u64 = 1;
+/// The first bytes of every superblock.
+const MAGIC: [u8; 8] = *b"FMVOLUME";
+
+/// The version of the on-device format.
+const FORMAT_VERSION: u32 = 1;
+
+/// Blocks 0 and 1 hold the superblock's two slots.
+const SUPERBLOCK_SLOTS: u64 = 2;
+
+/// The bytes of a superblock its own checksum covers.
+const SUPERBLOCK_BODY: usize = 52;
+
+/// Each metadata area gets one block per this many blocks of the device...
+const BLOCKS_PER_META_BLOCK: u64 = 1024;
+/// ...but at least this many...
+const MIN_META_BLOCKS: u64 = 2;
+/// ...and at most this many (64 MiB).
+const MAX_META_BLOCKS: u64 = 16384;
+
+/// Encoded metadata: the header (next id, file count).
+const META_HEADER: u64 = 16;
+/// Encoded metadata per file besides its name: id, size, name length, run count.
+const FILE_RECORD: u64 = 8 + 8 + 2 + 8;
+/// Encoded metadata per run: first logical block, first physical block, length.
+const RUN_RECORD: u64 = 24;
 
 /// Zeroes to write from, so zeroing a range allocates nothing.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// Many files sharing one device in 4 KiB blocks.
+/// Where the parts of a volume are on its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    /// The device's size in blocks when it was formatted.
+    total_blocks: u64,
+    /// The size of each of the two metadata areas, in blocks.
+    meta_blocks: u64,
+}
+
+impl Layout {
+    /// The layout `format` gives a device of `total_blocks` blocks.
+    fn for_device(total_blocks: u64) -> io::Result<Layout> {
+        let meta_blocks =
+            (total_blocks / BLOCKS_PER_META_BLOCK).clamp(MIN_META_BLOCKS, MAX_META_BLOCKS);
+        let layout = Layout {
+            total_blocks,
+            meta_blocks,
+        };
+        layout.check()?;
+        Ok(layout)
+    }
+
+    /// `EINVAL` unless the areas are of a size `format` gives and at least one
+    /// data block remains.
+    fn check(self) -> io::Result<()> {
+        let sized = (MIN_META_BLOCKS..=MAX_META_BLOCKS).contains(&self.meta_blocks);
+        if !sized || self.data_start() >= self.total_blocks {
+            return fail(libc::EINVAL);
+        }
+        Ok(())
+    }
+
+    /// The first data block.
+    fn data_start(self) -> u64 {
+        SUPERBLOCK_SLOTS + 2 * self.meta_blocks
+    }
+
+    /// The first block of the metadata area of `generation`.
+    fn area(self, generation: u64) -> u64 {
+        SUPERBLOCK_SLOTS + (generation % 2) * self.meta_blocks
+    }
+
+    /// The bytes one metadata area holds.
+    fn meta_capacity(self) -> u64 {
+        self.meta_blocks * BLOCK
+    }
+}
+
+/// One copy of the superblock: which generation of the metadata is where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Superblock {
+    layout: Layout,
+    generation: u64,
+    /// The length of the encoded metadata in bytes.
+    meta_len: u64,
+    /// The CRC-32 of the encoded metadata.
+    meta_crc: u32,
+}
+
+impl Superblock {
+    /// The superblock as one block.
+    fn encode(&self) -> Vec<u8> {
+        let mut block = Vec::with_capacity(BLOCK_SIZE);
+        block.extend_from_slice(&MAGIC);
+        block.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        block.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+        block.extend_from_slice(&self.layout.total_blocks.to_le_bytes());
+        block.extend_from_slice(&self.layout.meta_blocks.to_le_bytes());
+        block.extend_from_slice(&self.generation.to_le_bytes());
+        block.extend_from_slice(&self.meta_len.to_le_bytes());
+        block.extend_from_slice(&self.meta_crc.to_le_bytes());
+        debug_assert_eq!(block.len(), SUPERBLOCK_BODY);
+        let crc = crc32fast::hash(&block);
+        block.extend_from_slice(&crc.to_le_bytes());
+        block.resize(BLOCK_SIZE, 0);
+        block
+    }
+
+    /// The superblock in `block`, if it holds a valid one of this format.
+    fn decode(block: &[u8]) -> Option<Superblock> {
+        let mut reader = Reader {
+            bytes: block.get(..SUPERBLOCK_BODY + 4)?,
+        };
+        let body = &block[..SUPERBLOCK_BODY];
+        if reader.take(MAGIC.len()).ok()? != MAGIC
+            || reader.u32().ok()? != FORMAT_VERSION
+            || reader.u32().ok()? != BLOCK_SIZE as u32
+        {
+            return None;
+        }
+        let superblock = Superblock {
+            layout: Layout {
+                total_blocks: reader.u64().ok()?,
+                meta_blocks: reader.u64().ok()?,
+            },
+            generation: reader.u64().ok()?,
+            meta_len: reader.u64().ok()?,
+            meta_crc: reader.u32().ok()?,
+        };
+        (reader.u32().ok()? == crc32fast::hash(body)).then_some(superblock)
+    }
+}
+
+/// Reads little-endian fields from encoded metadata; running out is `EINVAL`.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, count: usize) -> io::Result<&'a [u8]> {
+        if count > self.bytes.len() {
+            return fail(libc::EINVAL);
+        }
+        let (head, rest) = self.bytes.split_at(count);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u16(&mut self) -> io::Result<u16> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    fn u32(&mut self) -> io::Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
+
+/// Many files sharing one device in 4 KiB blocks, their metadata kept on the
+/// device (see the module documentation for the format and what is durable when).
 pub struct Volume {
     device: Arc<dyn Device>,
-    total_blocks: u64,
+    layout: Layout,
     state: Mutex<State>,
+    /// Serialises commits, and holds the generation of the newest durable one.
+    generation: Mutex<u64>,
 }
 
 /// Everything behind the volume's mutex.
 struct State {
     meta: Metadata,
+    space: Space,
+    /// The length of `meta` encoded, in bytes.
+    meta_len: u64,
+    /// Bytes of metadata area reserved by operations between planning a change
+    /// and making it (a write between taking fresh blocks and mapping them).
+    meta_reserved: u64,
+    /// The bytes a metadata area holds.
+    meta_capacity: u64,
+    /// Whether `meta` changed since the last commit took its snapshot.
+    dirty: bool,
     /// Live [`VolumeFile`] handles per file id: runtime only, never persisted.
     handles: HashMap<u64, u64>,
 }
 
-/// The volume's persistent metadata: plain data, so a later on-disk format can
-/// serialise it as it is.
+impl State {
+    /// Reserves `bytes` of metadata area; `ENOSPC` if they do not fit beside
+    /// what is used and reserved already.
+    fn reserve_meta(&mut self, bytes: u64) -> io::Result<()> {
+        if self.meta_len + self.meta_reserved + bytes > self.meta_capacity {
+            return fail(libc::ENOSPC);
+        }
+        self.meta_reserved += bytes;
+        Ok(())
+    }
+}
+
+/// The volume's persistent metadata: the file table and the extent maps.
 #[derive(Clone, Debug)]
 struct Metadata {
     names: BTreeMap<String, u64>,
@@ -68,7 +342,6 @@ struct Metadata {
     /// Ids are never reused, so a handle of a removed file can never reach a
     /// newer file that happens to get the same id.
     next_id: u64,
-    allocator: Allocator,
 }
 
 #[derive(Clone, Debug)]
@@ -76,6 +349,245 @@ struct FileMeta {
     name: String,
     size: u64,
     extents: ExtentMap,
+}
+
+impl FileMeta {
+    /// The bytes the file takes in encoded metadata.
+    fn encoded_len(&self) -> u64 {
+        FILE_RECORD + self.name.len() as u64 + self.extents.run_count() * RUN_RECORD
+    }
+}
+
+impl Metadata {
+    fn new() -> Self {
+        Metadata {
+            names: BTreeMap::new(),
+            files: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// The metadata in the on-device format (see the module documentation).
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&self.next_id.to_le_bytes());
+        bytes.extend_from_slice(&(self.files.len() as u64).to_le_bytes());
+        for (&id, file) in &self.files {
+            bytes.extend_from_slice(&id.to_le_bytes());
+            bytes.extend_from_slice(&file.size.to_le_bytes());
+            bytes.extend_from_slice(&(file.name.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(file.name.as_bytes());
+            bytes.extend_from_slice(&file.extents.run_count().to_le_bytes());
+            for (lblk, extent) in file.extents.iter() {
+                bytes.extend_from_slice(&lblk.to_le_bytes());
+                bytes.extend_from_slice(&extent.phys.to_le_bytes());
+                bytes.extend_from_slice(&extent.len.to_le_bytes());
+            }
+        }
+        bytes
+    }
+
+    /// Decodes and checks metadata: `EINVAL` unless it is well formed, names are
+    /// valid and unique, ids unique and below `next_id`, and every file maps
+    /// only data blocks of `layout` inside its size. (Blocks shared between
+    /// files are caught by [`Space::rebuild`].)
+    fn decode(bytes: &[u8], layout: Layout) -> io::Result<Metadata> {
+        let mut reader = Reader { bytes };
+        let mut meta = Metadata::new();
+        meta.next_id = reader.u64()?;
+        let count = reader.u64()?;
+        for _ in 0..count {
+            let id = reader.u64()?;
+            let size = reader.u64()?;
+            let name_len = reader.u16()?;
+            let name = std::str::from_utf8(reader.take(name_len.into())?)
+                .map_err(|_| err(libc::EINVAL))?
+                .to_owned();
+            check_name(&name)?;
+            let run_count = reader.u64()?;
+            let mut runs = Vec::new();
+            for _ in 0..run_count {
+                let lblk = reader.u64()?;
+                let phys = reader.u64()?;
+                let len = reader.u64()?;
+                let inside_file = lblk
+                    .checked_add(len)
+                    .is_some_and(|end| end <= size.div_ceil(BLOCK));
+                let inside_data = phys >= layout.data_start()
+                    && phys
+                        .checked_add(len)
+                        .is_some_and(|end| end <= layout.total_blocks);
+                if !inside_file || !inside_data {
+                    return fail(libc::EINVAL);
+                }
+                runs.push((lblk, Extent { phys, len }));
+            }
+            let extents = ExtentMap::from_runs(runs).ok_or_else(|| err(libc::EINVAL))?;
+            if size > MAX_FILE_SIZE || id >= meta.next_id || meta.files.contains_key(&id) {
+                return fail(libc::EINVAL);
+            }
+            if meta.names.insert(name.clone(), id).is_some() {
+                return fail(libc::EINVAL);
+            }
+            meta.files.insert(
+                id,
+                FileMeta {
+                    name,
+                    size,
+                    extents,
+                },
+            );
+        }
+        if !reader.bytes.is_empty() {
+            return fail(libc::EINVAL);
+        }
+        Ok(meta)
+    }
+
+    /// The encoded length, kept up to date incrementally in [`State::meta_len`].
+    fn encoded_len(&self) -> u64 {
+        META_HEADER + self.files.values().map(FileMeta::encoded_len).sum::<u64>()
+    }
+
+    /// Every mapped physical run `(first block, length)` of every file.
+    fn mapped_runs(&self) -> Vec<(u64, u64)> {
+        self.files
+            .values()
+            .flat_map(|file| file.extents.iter().map(|(_, e)| (e.phys, e.len)))
+            .collect()
+    }
+}
+
+/// A set of blocks as disjoint, non-adjacent runs: first block to length.
+#[derive(Clone, Debug, Default)]
+struct RunSet {
+    runs: BTreeMap<u64, u64>,
+}
+
+impl RunSet {
+    /// The union of `runs` `(first block, length)`, which may overlap.
+    fn from_runs(mut runs: Vec<(u64, u64)>) -> RunSet {
+        runs.sort_unstable();
+        let mut set = RunSet::default();
+        let mut current: Option<(u64, u64)> = None;
+        for (first, len) in runs.into_iter().filter(|&(_, len)| len > 0) {
+            let end = first + len;
+            current = match current {
+                Some((start, current_end)) if first <= current_end => {
+                    Some((start, current_end.max(end)))
+                }
+                _ => {
+                    if let Some((start, current_end)) = current {
+                        set.runs.insert(start, current_end - start);
+                    }
+                    Some((first, end))
+                }
+            };
+        }
+        if let Some((start, end)) = current {
+            set.runs.insert(start, end - start);
+        }
+        set
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs.iter().map(|(&first, &len)| (first, len))
+    }
+
+    fn union(&self, other: &RunSet) -> RunSet {
+        RunSet::from_runs(self.iter().chain(other.iter()).collect())
+    }
+
+    /// Calls `each(first, len, inside)` for the pieces of `first..first + len`
+    /// inside and outside the set, in ascending order.
+    fn split(&self, first: u64, len: u64, mut each: impl FnMut(u64, u64, bool)) {
+        let end = first + len;
+        let mut at = first;
+        let before = self.runs.range(..first).next_back();
+        for (&start, &run_len) in before.into_iter().chain(self.runs.range(first..end)) {
+            let (start, run_end) = (start.max(at), (start + run_len).min(end));
+            if run_end <= start {
+                continue;
+            }
+            if start > at {
+                each(at, start - at, false);
+            }
+            each(start, run_end - start, true);
+            at = run_end;
+        }
+        if at < end {
+            each(at, end - at, false);
+        }
+    }
+}
+
+/// Where the data blocks stand: the allocator, and the blocks a crash could
+/// give back to a file.
+#[derive(Debug)]
+struct Space {
+    allocator: Allocator,
+    /// The blocks the newest durable metadata maps, and those a commit in flight
+    /// (or one that failed) may have made durable: no allocation may take them.
+    committed: RunSet,
+    /// Blocks freed while `committed` held them: they go back to the allocator
+    /// once a commit that no longer maps them is durable.
+    pending: Vec<(u64, u64)>,
+    /// The number of blocks in `pending`.
+    pending_count: u64,
+}
+
+impl Space {
+    /// The space of a volume whose files are `meta`: every data block no file
+    /// maps is free, and every mapped one is committed. `EINVAL` if two files
+    /// map one block (metadata that was never written by a volume).
+    fn rebuild(meta: &Metadata, layout: Layout) -> io::Result<Space> {
+        let mut runs = meta.mapped_runs();
+        runs.sort_unstable();
+        let mut gaps = Vec::new();
+        let mut next = layout.data_start();
+        for &(phys, len) in &runs {
+            if phys < next {
+                return fail(libc::EINVAL);
+            }
+            if phys > next {
+                gaps.push((next, phys - next));
+            }
+            next = phys + len;
+        }
+        // The lowest gap on top of the stack: it is taken first.
+        gaps.reverse();
+        Ok(Space {
+            allocator: Allocator {
+                free_count: gaps.iter().map(|&(_, len)| len).sum(),
+                free: gaps,
+                in_flight: 0,
+                high_water: next,
+                total: layout.total_blocks,
+            },
+            committed: RunSet::from_runs(runs),
+            pending: Vec::new(),
+            pending_count: 0,
+        })
+    }
+
+    /// Frees blocks a file mapped: to the allocator, except those durable
+    /// metadata may still map, which wait for the next commit.
+    fn free(&mut self, first: u64, len: u64) {
+        let Space {
+            allocator,
+            committed,
+            pending,
+            pending_count,
+        } = self;
+        committed.split(first, len, |first, len, is_committed| {
+            if is_committed {
+                pending.push((first, len));
+                *pending_count += len;
+            } else {
+                allocator.free(first, len);
+            }
+        });
+    }
 }
 
 /// The block allocator: a LIFO stack of freed runs, then never-used blocks above
@@ -92,7 +604,8 @@ struct Allocator {
     /// Blocks handed to writes that have not mapped them yet (see
     /// `VolumeFile::write_pages`): neither free nor owned by a file.
     in_flight: u64,
-    /// Blocks at or above this have never been allocated.
+    /// Blocks at or above this have never been allocated (since the volume was
+    /// opened).
     high_water: u64,
     /// The device's size in blocks.
     total: u64,
@@ -122,12 +635,30 @@ impl Allocator {
         None
     }
 
+    /// Pushes a run onto the stack, merged with the top when it ends where the
+    /// top begins (blocks given back in the reverse order of their allocation
+    /// restore the stack as it was).
     fn free(&mut self, first: u64, len: u64) {
-        if len > 0 {
-            self.free.push((first, len));
-            self.free_count += len;
+        if len == 0 {
+            return;
+        }
+        self.free_count += len;
+        match self.free.last_mut() {
+            Some(top) if first + len == top.0 => *top = (first, top.1 + len),
+            _ => self.free.push((first, len)),
         }
     }
+}
+
+/// The number of runs in `fresh` `(logical block, physical block)`, sorted by
+/// logical block: the most runs mapping them into holes can add to an extent
+/// map.
+fn fresh_runs(fresh: &[(u64, u64)]) -> u64 {
+    let breaks = fresh
+        .windows(2)
+        .filter(|pair| pair[1] != (pair[0].0 + 1, pair[0].1 + 1))
+        .count();
+    (breaks + usize::from(!fresh.is_empty())) as u64
 }
 
 /// Which blocks a punch or zero of a byte range touches.
@@ -235,58 +766,214 @@ fn check_name(name: &str) -> io::Result<()> {
 }
 
 impl Volume {
-    /// Makes an empty volume on `device`, using every whole block of it. Nothing
-    /// is written to the device yet: the metadata lives in memory.
+    /// Makes an empty volume on `device`, using every whole block of it, and
+    /// commits it: [`Volume::open`] finds it from now on. Whatever the device
+    /// held before is lost (a crash during `format` may leave no volume).
     ///
-    /// Fails with `EINVAL` if the device is smaller than the reserved blocks.
+    /// Fails with `EINVAL` if the device is too small to hold the superblocks,
+    /// the metadata areas and one data block (see the module documentation).
     pub fn format(device: Arc<dyn Device>) -> io::Result<Arc<Volume>> {
-        let total_blocks = device.len() / BLOCK;
-        if total_blocks < RESERVED_BLOCKS {
+        let layout = Layout::for_device(device.len() / BLOCK)?;
+        // No superblock of an older volume may survive beside the new one.
+        device.write_all_at(&ZEROS[..(SUPERBLOCK_SLOTS * BLOCK) as usize], 0)?;
+        let volume = Volume::assemble(device, layout, Metadata::new(), 0)?;
+        volume.state.lock().dirty = true;
+        volume.commit()?;
+        Ok(volume)
+    }
+
+    /// Opens the volume on `device`, as of its newest durable commit.
+    ///
+    /// Takes the superblock of the highest generation whose checksum and whose
+    /// metadata's checksum hold, so a crash at any point of a commit opens the
+    /// commit before it or the new one. Fails with `EINVAL` if the device holds
+    /// no volume, both superblocks are corrupt, or the device is smaller than the
+    /// volume; device errors are returned as they are.
+    pub fn open(device: Arc<dyn Device>) -> io::Result<Arc<Volume>> {
+        if device.len() < SUPERBLOCK_SLOTS * BLOCK {
             return fail(libc::EINVAL);
         }
+        let mut found = Vec::new();
+        for slot in 0..SUPERBLOCK_SLOTS {
+            let mut block = vec![0; BLOCK_SIZE];
+            device.read_exact_at(&mut block, slot * BLOCK)?;
+            if let Some(superblock) = Superblock::decode(&block) {
+                if superblock.generation % SUPERBLOCK_SLOTS == slot {
+                    found.push(superblock);
+                }
+            }
+        }
+        found.sort_by_key(|superblock| Reverse(superblock.generation));
+        for superblock in found {
+            match Self::load(device.as_ref(), &superblock) {
+                Ok(meta) => {
+                    return Volume::assemble(device, superblock.layout, meta, superblock.generation)
+                }
+                // Not a usable commit: try the one before.
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        fail(libc::EINVAL)
+    }
+
+    /// Reads and checks the metadata `superblock` points at.
+    fn load(device: &dyn Device, superblock: &Superblock) -> io::Result<Metadata> {
+        let layout = superblock.layout;
+        layout.check()?;
+        let fits = layout
+            .total_blocks
+            .checked_mul(BLOCK)
+            .is_some_and(|len| len <= device.len());
+        if !fits
+            || superblock.meta_len > layout.meta_capacity()
+            || superblock.meta_len < META_HEADER
+        {
+            return fail(libc::EINVAL);
+        }
+        let mut bytes = vec![0; superblock.meta_len as usize];
+        device.read_exact_at(&mut bytes, layout.area(superblock.generation) * BLOCK)?;
+        if crc32fast::hash(&bytes) != superblock.meta_crc {
+            return fail(libc::EINVAL);
+        }
+        Metadata::decode(&bytes, layout)
+    }
+
+    /// A volume of files `meta`, committed as `generation`, in memory.
+    fn assemble(
+        device: Arc<dyn Device>,
+        layout: Layout,
+        meta: Metadata,
+        generation: u64,
+    ) -> io::Result<Arc<Volume>> {
+        let space = Space::rebuild(&meta, layout)?;
         Ok(Arc::new(Volume {
             device,
-            total_blocks,
+            layout,
             state: Mutex::new(State {
-                meta: Metadata {
-                    names: BTreeMap::new(),
-                    files: BTreeMap::new(),
-                    next_id: 1,
-                    allocator: Allocator {
-                        free: Vec::new(),
-                        free_count: 0,
-                        in_flight: 0,
-                        high_water: RESERVED_BLOCKS,
-                        total: total_blocks,
-                    },
-                },
+                meta_len: meta.encoded_len(),
+                meta,
+                space,
+                meta_reserved: 0,
+                meta_capacity: layout.meta_capacity(),
+                dirty: false,
                 handles: HashMap::new(),
             }),
+            generation: Mutex::new(generation),
         }))
     }
 
-    /// Creates an empty file and returns a handle to it.
+    /// Commits the metadata and flushes the device: when it returns, every file,
+    /// name, size and completed write of the volume is durable. A
+    /// [`Backend::sync`] of any of its files does the same.
+    pub fn sync(&self) -> io::Result<()> {
+        self.commit()
+    }
+
+    /// Makes the metadata as it is now durable (see "Commits" in the module
+    /// documentation).
+    fn commit(&self) -> io::Result<()> {
+        let mut generation = self.generation.lock();
+        let snapshot = {
+            let mut guard = self.state.lock();
+            let state = &mut *guard;
+            if state.dirty {
+                let metadata = state.meta.encode();
+                debug_assert_eq!(metadata.len() as u64, state.meta_len);
+                let mapped = RunSet::from_runs(state.meta.mapped_runs());
+                // From now on a crash may bring this snapshot back.
+                state.space.committed = state.space.committed.union(&mapped);
+                let released = std::mem::take(&mut state.space.pending);
+                state.space.pending_count = 0;
+                state.dirty = false;
+                Some((metadata, mapped, released))
+            } else {
+                None
+            }
+        };
+        let Some((metadata, mapped, released)) = snapshot else {
+            return self.device.flush();
+        };
+        let next = *generation + 1;
+        let written = self.write_commit(next, &metadata);
+        let mut state = self.state.lock();
+        match written {
+            Ok(()) => {
+                *generation = next;
+                // Older commits can no longer come back; blocks freed after the
+                // snapshot stay pending (some of them it still maps).
+                state.space.committed = mapped;
+                for (first, len) in released {
+                    state.space.allocator.free(first, len);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                // The superblock may or may not be on the device: keep
+                // protecting both commits, and retry in the same slot.
+                for (first, len) in released {
+                    state.space.pending.push((first, len));
+                    state.space.pending_count += len;
+                }
+                state.dirty = true;
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes commit `generation` of `metadata`: the data it maps, then the
+    /// metadata, then the superblock, each made durable before the next.
+    fn write_commit(&self, generation: u64, metadata: &[u8]) -> io::Result<()> {
+        if metadata.len() as u64 > self.layout.meta_capacity() {
+            // Reservations keep this from happening.
+            return fail(libc::ENOSPC);
+        }
+        self.device.flush()?;
+        let mut area = metadata.to_vec();
+        area.resize(metadata.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE, 0);
+        self.device
+            .write_all_at(&area, self.layout.area(generation) * BLOCK)?;
+        self.device.flush()?;
+        let superblock = Superblock {
+            layout: self.layout,
+            generation,
+            meta_len: metadata.len() as u64,
+            meta_crc: crc32fast::hash(metadata),
+        };
+        self.device.write_all_at(
+            &superblock.encode(),
+            (generation % SUPERBLOCK_SLOTS) * BLOCK,
+        )?;
+        self.device.flush()
+    }
+
+    /// Creates an empty file and returns a handle to it. The file is durable
+    /// from the next commit on.
     ///
     /// Fails with `EEXIST` if the name is taken, `EINVAL` if it is empty or holds
-    /// `/` or NUL, and `ENAMETOOLONG` if it is longer than 255 bytes.
+    /// `/` or NUL, `ENAMETOOLONG` if it is longer than 255 bytes, and `ENOSPC` if
+    /// the metadata area is full.
     pub fn create_file(self: &Arc<Self>, name: &str) -> io::Result<VolumeFile> {
         check_name(name)?;
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         if state.meta.names.contains_key(name) {
             return fail(libc::EEXIST);
         }
+        let file = FileMeta {
+            name: name.to_owned(),
+            size: 0,
+            extents: ExtentMap::new(),
+        };
+        state.reserve_meta(file.encoded_len())?;
+        state.meta_reserved -= file.encoded_len();
+        state.meta_len += file.encoded_len();
+        state.dirty = true;
         let id = state.meta.next_id;
         state.meta.next_id += 1;
         state.meta.names.insert(name.to_owned(), id);
-        state.meta.files.insert(
-            id,
-            FileMeta {
-                name: name.to_owned(),
-                size: 0,
-                extents: ExtentMap::new(),
-            },
-        );
-        Ok(self.new_handle(&mut state, id))
+        state.meta.files.insert(id, file);
+        Ok(self.new_handle(state, id))
     }
 
     /// Opens an existing file; fails with `ENOENT` if there is none of that name.
@@ -300,7 +987,8 @@ impl Volume {
         Ok(self.new_handle(&mut state, id))
     }
 
-    /// Removes a file by name and frees its blocks.
+    /// Removes a file by name and frees its blocks. The removal is durable from
+    /// the next commit on; until then a crash brings the file back whole.
     ///
     /// Fails with `ENOENT` if there is no such file and `EBUSY` while any handle
     /// of it is alive (use [`Backend::remove`] on a handle to remove it anyway).
@@ -314,7 +1002,7 @@ impl Volume {
         if state.handles.get(&id).is_some_and(|&count| count > 0) {
             return fail(libc::EBUSY);
         }
-        Self::remove_locked(&mut state.meta, id)
+        Self::remove_locked(&mut state, id)
     }
 
     /// The names of every file, sorted.
@@ -322,14 +1010,20 @@ impl Volume {
         self.state.lock().meta.names.keys().cloned().collect()
     }
 
-    /// The device's size in blocks, reserved blocks included.
+    /// The device's size in blocks, superblocks and metadata areas included.
     pub fn total_blocks(&self) -> u64 {
-        self.total_blocks
+        self.layout.total_blocks
     }
 
-    /// The number of blocks that can still be allocated.
+    /// The number of blocks that can be allocated now.
     pub fn free_blocks(&self) -> u64 {
-        self.state.lock().meta.allocator.available()
+        self.state.lock().space.allocator.available()
+    }
+
+    /// The number of freed blocks that wait for the next commit before they can
+    /// be allocated (durable metadata still maps them).
+    pub fn pending_blocks(&self) -> u64 {
+        self.state.lock().space.pending_count
     }
 
     /// The device the volume lives on.
@@ -338,25 +1032,46 @@ impl Volume {
     }
 
     /// Asserts that every block below the allocator's high-water mark is exactly
-    /// one of: reserved, free, or allocated to exactly one file; that no file maps
-    /// blocks past its end of file; and that the file table is consistent.
+    /// one of: superblock or metadata area, free, pending, in flight, or
+    /// allocated to exactly one file; that every file's blocks lie inside the
+    /// device; that no free block is committed (a crash could give it back to a
+    /// file while another one reuses it); that no file maps blocks past its end
+    /// of file; and that the file table and the metadata size are consistent.
     #[doc(hidden)]
     pub fn check_invariants(&self) {
         let state = self.state.lock();
         let meta = &state.meta;
-        let alloc = &meta.allocator;
+        let space = &state.space;
+        let alloc = &space.allocator;
+        let data_start = self.layout.data_start();
         assert_eq!(meta.names.len(), meta.files.len(), "file table out of sync");
         // (first block, length, owner) for every block below the high-water mark.
-        let mut claims: Vec<(u64, u64, String)> = vec![(0, RESERVED_BLOCKS, "reserved".into())];
+        let mut claims: Vec<(u64, u64, String)> = vec![(0, data_start, "metadata".into())];
         let mut free_count = 0;
         for &(first, len) in &alloc.free {
             assert!(len > 0, "empty free run at {first}");
             claims.push((first, len, "free list".into()));
             free_count += len;
+            space
+                .committed
+                .split(first, len, |first, len, is_committed| {
+                    assert!(
+                        !is_committed,
+                        "free blocks {first}+{len} are committed: a crash could give them back"
+                    );
+                });
         }
         assert_eq!(free_count, alloc.free_count, "free block count is off");
+        let mut pending_count = 0;
+        for &(first, len) in &space.pending {
+            assert!(len > 0, "empty pending run at {first}");
+            claims.push((first, len, "pending".into()));
+            pending_count += len;
+        }
+        assert_eq!(pending_count, space.pending_count, "pending count is off");
         for (&id, file) in &meta.files {
             assert_eq!(meta.names.get(&file.name), Some(&id), "name of file {id}");
+            assert!(id < meta.next_id, "file id {id} not below the next id");
             assert!(file.size <= MAX_FILE_SIZE, "file {id} too large");
             file.extents.check_invariants();
             let blocks = file.size.div_ceil(BLOCK);
@@ -366,6 +1081,13 @@ impl Volume {
                     "file {} maps block {} past its end",
                     file.name,
                     lblk + extent.len - 1
+                );
+                assert!(
+                    extent.phys >= data_start && extent.phys + extent.len <= alloc.total,
+                    "file {} maps blocks {}+{} outside the data blocks",
+                    file.name,
+                    extent.phys,
+                    extent.len
                 );
                 claims.push((extent.phys, extent.len, format!("file {}", file.name)));
             }
@@ -391,10 +1113,15 @@ impl Volume {
         );
         let mapped: u64 = meta.files.values().map(|f| f.extents.mapped_blocks()).sum();
         assert_eq!(
-            mapped + free_count + RESERVED_BLOCKS + alloc.in_flight,
+            mapped + free_count + pending_count + data_start + alloc.in_flight,
             alloc.high_water
         );
-        assert!(alloc.high_water <= self.total_blocks);
+        assert!(alloc.high_water <= self.layout.total_blocks);
+        assert_eq!(state.meta_len, meta.encoded_len(), "metadata size is off");
+        assert!(
+            state.meta_len + state.meta_reserved <= state.meta_capacity,
+            "metadata outgrew its area"
+        );
     }
 
     fn new_handle(self: &Arc<Self>, state: &mut State, id: u64) -> VolumeFile {
@@ -405,27 +1132,55 @@ impl Volume {
         }
     }
 
-    fn remove_locked(meta: &mut Metadata, id: u64) -> io::Result<()> {
-        let mut file = meta.files.remove(&id).ok_or_else(|| err(libc::ENOENT))?;
-        meta.names.remove(&file.name);
+    fn remove_locked(state: &mut State, id: u64) -> io::Result<()> {
+        let mut file = state
+            .meta
+            .files
+            .remove(&id)
+            .ok_or_else(|| err(libc::ENOENT))?;
+        state.meta.names.remove(&file.name);
+        state.meta_len -= file.encoded_len();
+        state.dirty = true;
         for (phys, len) in file.extents.remove_range(0, u64::MAX) {
-            meta.allocator.free(phys, len);
+            state.space.free(phys, len);
         }
         Ok(())
     }
 
-    /// Runs `f` on file `id` under the mutex; `ENOENT` if it was removed.
-    fn with_file<R>(
+    /// Runs `f` on file `id` under the mutex, to look; `ENOENT` if it was removed.
+    fn with_file<R>(&self, id: u64, f: impl FnOnce(&FileMeta) -> io::Result<R>) -> io::Result<R> {
+        let state = self.state.lock();
+        let file = state.meta.files.get(&id).ok_or_else(|| err(libc::ENOENT))?;
+        f(file)
+    }
+
+    /// Runs `f` on file `id` under the mutex, to change it: first gives back the
+    /// `held` bytes of metadata area this operation reserved earlier, then fails
+    /// with `ENOENT` if the file was removed or `ENOSPC` unless `need` more bytes
+    /// fit, and afterwards accounts for the runs `f` added or removed.
+    fn change_file<R>(
         &self,
         id: u64,
-        f: impl FnOnce(&mut FileMeta, &mut Allocator) -> io::Result<R>,
+        held: u64,
+        need: u64,
+        f: impl FnOnce(&mut FileMeta, &mut Space) -> io::Result<R>,
     ) -> io::Result<R> {
-        let mut state = self.state.lock();
-        let Metadata {
-            files, allocator, ..
-        } = &mut state.meta;
-        let file = files.get_mut(&id).ok_or_else(|| err(libc::ENOENT))?;
-        f(file, allocator)
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        state.meta_reserved -= held;
+        let file = state
+            .meta
+            .files
+            .get_mut(&id)
+            .ok_or_else(|| err(libc::ENOENT))?;
+        if state.meta_len + state.meta_reserved + need > state.meta_capacity {
+            return fail(libc::ENOSPC);
+        }
+        let before = file.encoded_len();
+        let result = f(file, &mut state.space);
+        state.meta_len = state.meta_len - before + file.encoded_len();
+        state.dirty = true;
+        result
     }
 
     /// Writes `len` zero bytes at device byte `offset`.
@@ -444,7 +1199,8 @@ impl fmt::Debug for Volume {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Volume")
             .field("device", &self.device)
-            .field("total_blocks", &self.total_blocks)
+            .field("total_blocks", &self.layout.total_blocks)
+            .field("meta_blocks", &self.layout.meta_blocks)
             .finish_non_exhaustive()
     }
 }
@@ -465,7 +1221,7 @@ impl VolumeFile {
     /// The number of blocks allocated to the file (like `st_blocks`, in 4 KiB units).
     pub fn allocated_blocks(&self) -> io::Result<u64> {
         self.volume
-            .with_file(self.id, |file, _| Ok(file.extents.mapped_blocks()))
+            .with_file(self.id, |file| Ok(file.extents.mapped_blocks()))
     }
 
     /// The physical block that page `page` of the file maps to, if any (tests use
@@ -473,7 +1229,7 @@ impl VolumeFile {
     #[doc(hidden)]
     pub fn physical_block(&self, page: u64) -> Option<u64> {
         self.volume
-            .with_file(self.id, |file, _| Ok(file.extents.lookup(page)))
+            .with_file(self.id, |file| Ok(file.extents.lookup(page)))
             .ok()
             .flatten()
     }
@@ -538,7 +1294,7 @@ impl fmt::Debug for VolumeFile {
 
 impl Backend for VolumeFile {
     fn len(&self) -> io::Result<u64> {
-        self.volume.with_file(self.id, |file, _| Ok(file.size))
+        self.volume.with_file(self.id, |file| Ok(file.size))
     }
 
     fn max_file_size(&self) -> u64 {
@@ -550,7 +1306,7 @@ impl Backend for VolumeFile {
         let pages = buf.len() / BLOCK_SIZE;
         // Look the blocks up under the mutex, then read outside it: see the
         // module documentation for why nothing here stops block reuse.
-        let (size, plan) = self.volume.with_file(self.id, |file, _| {
+        let (size, plan) = self.volume.with_file(self.id, |file| {
             let plan: Vec<Option<u64>> = (0..pages as u64)
                 .map(|page| {
                     let inside = start + page * BLOCK < file.size;
@@ -579,47 +1335,74 @@ impl Backend for VolumeFile {
         // them: a fresh block still holds its previous owner's data, so it is mapped
         // only once this write's data is on it (as ext4 does with unwritten extents).
         // Until then, readers of the hole read zeroes.
-        let (size, plan, fresh) = self.volume.with_file(self.id, |file, alloc| {
+        let (size, plan, fresh, held) = {
+            let mut guard = self.volume.state.lock();
+            let state = &mut *guard;
+            let file = state
+                .meta
+                .files
+                .get(&self.id)
+                .ok_or_else(|| err(libc::ENOENT))?;
             if pages > 0 && end - BLOCK >= file.size {
                 return fail(libc::EINVAL);
             }
             let mut plan: Vec<Option<u64>> = (0..pages as u64)
                 .map(|page| file.extents.lookup(index + page))
                 .collect();
-            let holes = plan.iter().filter(|phys| phys.is_none()).count();
+            let size = file.size;
+            let holes = plan.iter().filter(|phys| phys.is_none()).count() as u64;
             // Check space first so that ENOSPC changes nothing.
-            if holes as u64 > alloc.available() {
+            if holes > state.space.allocator.available() {
                 return fail(libc::ENOSPC);
             }
-            let mut fresh = Vec::with_capacity(holes);
+            let alloc = &mut state.space.allocator;
+            let mut fresh = Vec::with_capacity(holes as usize);
             for (page, slot) in (index..).zip(plan.iter_mut()) {
                 if slot.is_none() {
                     let phys = alloc.allocate().expect("space checked above");
-                    alloc.in_flight += 1;
                     fresh.push((page, phys));
                     *slot = Some(phys);
                 }
             }
-            Ok((file.size, plan, fresh))
-        })?;
+            // Mapping the fresh blocks adds at most one run per run of them:
+            // reserve that much metadata, or give the blocks back (in reverse,
+            // which restores the allocator's stack).
+            let held = fresh_runs(&fresh) * RUN_RECORD;
+            if let Err(error) = state.reserve_meta(held) {
+                for &(_, phys) in fresh.iter().rev() {
+                    state.space.allocator.free(phys, 1);
+                }
+                return Err(error);
+            }
+            state.space.allocator.in_flight += holes;
+            (size, plan, fresh, held)
+        };
         let written = self.write_planned(start, size, &plan, buf);
         // Map the fresh blocks, or give them back after an error. A hole another
         // writer filled meanwhile keeps that writer's block, and this write's page
         // goes there in place: a fresh block that was never mapped is the only kind
-        // that can be freed without a reader possibly holding it.
+        // that can be freed without a reader possibly holding it (and, never
+        // mapped, no commit can hold it either).
         let mut overwrite = Vec::new();
-        {
-            let mut state = self.volume.state.lock();
-            let Metadata {
-                files, allocator, ..
-            } = &mut state.meta;
-            let mut file = files.get_mut(&self.id).filter(|_| written.is_ok());
+        let mapped = {
+            let mut guard = self.volume.state.lock();
+            let state = &mut *guard;
+            state.meta_reserved -= held;
+            let allocator = &mut state.space.allocator;
+            allocator.in_flight -= fresh.len() as u64;
+            let mut file = state
+                .meta
+                .files
+                .get_mut(&self.id)
+                .filter(|_| written.is_ok());
+            let before = file.as_ref().map(|file| file.encoded_len());
+            let mut inserted = Vec::with_capacity(fresh.len());
             for &(page, phys) in &fresh {
-                allocator.in_flight -= 1;
                 match file.as_deref_mut() {
                     Some(file) if page * BLOCK < file.size => match file.extents.lookup(page) {
                         None => {
                             file.extents.insert(page, phys);
+                            inserted.push(page);
                             continue;
                         }
                         Some(existing) => overwrite.push((page, existing)),
@@ -629,8 +1412,32 @@ impl Backend for VolumeFile {
                 }
                 allocator.free(phys, 1);
             }
-        }
+            match (file, before) {
+                (Some(file), Some(before)) => {
+                    let after = state.meta_len - before + file.encoded_len();
+                    // Pages another writer filled meanwhile can split this
+                    // write's runs into more than it reserved. If the area
+                    // cannot take them, unmap the fresh blocks again: nothing
+                    // else maps them, and the file reads as before.
+                    if after + state.meta_reserved > state.meta_capacity {
+                        for &page in &inserted {
+                            for (phys, len) in file.extents.remove_range(page, 1) {
+                                allocator.free(phys, len);
+                            }
+                        }
+                        debug_assert_eq!(file.encoded_len(), before);
+                        Err(err(libc::ENOSPC))
+                    } else {
+                        state.meta_len = after;
+                        state.dirty = true;
+                        Ok(())
+                    }
+                }
+                _ => Ok(()),
+            }
+        };
         written?;
+        mapped?;
         for (page, existing) in overwrite {
             let offset = (page - index) as usize * BLOCK_SIZE;
             let bytes = &buf[offset..offset + BLOCK_SIZE];
@@ -645,7 +1452,7 @@ impl Backend for VolumeFile {
         }
         // Growing only records the size: the bytes past the old end of file are
         // zero on the device already.
-        let shrink = self.volume.with_file(self.id, |file, _| {
+        let shrink = self.volume.change_file(self.id, 0, 0, |file, _| {
             if len >= file.size {
                 file.size = len;
                 return Ok(None);
@@ -666,9 +1473,10 @@ impl Backend for VolumeFile {
             self.volume
                 .write_zeros(phys * BLOCK + within, BLOCK - within)?;
         }
-        self.volume.with_file(self.id, |file, alloc| {
+        // Cutting the runs at the new end never adds one.
+        self.volume.change_file(self.id, 0, 0, |file, space| {
             for (phys, count) in file.extents.remove_range(len.div_ceil(BLOCK), u64::MAX) {
-                alloc.free(phys, count);
+                space.free(phys, count);
             }
             file.size = len;
             Ok(())
@@ -677,30 +1485,44 @@ impl Backend for VolumeFile {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.checked_add(len).ok_or_else(|| err(libc::EINVAL))?;
-        let plan = self
-            .volume
-            .with_file(self.id, |file, _| Ok(plan_range(file, offset, end)))?;
+        // Punching inside a run splits it in two: reserve room for one more run
+        // before zeroing anything, so ENOSPC changes nothing.
+        let plan = {
+            let mut state = self.volume.state.lock();
+            let file = state
+                .meta
+                .files
+                .get(&self.id)
+                .ok_or_else(|| err(libc::ENOENT))?;
+            let plan = plan_range(file, offset, end);
+            if plan.is_some() {
+                state.reserve_meta(RUN_RECORD)?;
+            }
+            plan
+        };
         let Some(plan) = plan else {
             return Ok(());
         };
-        for &(phys, from, to) in &plan.edges {
-            self.volume.write_zeros(phys * BLOCK + from, to - from)?;
-        }
-        self.volume.with_file(self.id, |file, alloc| {
-            for (phys, count) in file
-                .extents
-                .remove_range(plan.first_whole, plan.whole_count)
-            {
-                alloc.free(phys, count);
-            }
-            Ok(())
-        })
+        let zeroed = plan.edges.iter().try_for_each(|&(phys, from, to)| {
+            self.volume.write_zeros(phys * BLOCK + from, to - from)
+        });
+        self.volume
+            .change_file(self.id, RUN_RECORD, 0, |file, space| {
+                zeroed?;
+                for (phys, count) in file
+                    .extents
+                    .remove_range(plan.first_whole, plan.whole_count)
+                {
+                    space.free(phys, count);
+                }
+                Ok(())
+            })
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.checked_add(len).ok_or_else(|| err(libc::EINVAL))?;
         // Holes already read zero, so only allocated blocks are written.
-        let plan = self.volume.with_file(self.id, |file, _| {
+        let plan = self.volume.with_file(self.id, |file| {
             Ok(plan_range(file, offset, end).map(|plan| {
                 let whole = file.extents.runs_in(plan.first_whole, plan.whole_count);
                 (plan, whole)
@@ -720,37 +1542,40 @@ impl Backend for VolumeFile {
     }
 
     /// Frees the blocks of the range (most recently freed first, as a punch does)
-    /// and re-keys the extents after it: metadata only, no device I/O, and time
-    /// proportional to the extents moved.
+    /// and re-keys the extents after it, then commits the volume (see the module
+    /// documentation): time proportional to the extents moved plus a commit.
     ///
     /// `EINVAL` unless `offset` and `len` are multiples of [`BLOCK_SIZE`], `len`
     /// is positive and the range ends before the end of file (the kernel's rule:
     /// a collapse may not reach the end of file).
     fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = aligned_range(offset, len)?;
-        self.volume.with_file(self.id, |file, alloc| {
-            if end >= file.size {
-                return fail(libc::EINVAL);
-            }
-            let (first, count) = (offset / BLOCK, len / BLOCK);
-            for (phys, run) in file.extents.remove_range(first, count) {
-                alloc.free(phys, run);
-            }
-            file.extents.shift_down(first + count, count);
-            file.size -= len;
-            Ok(())
-        })
+        self.volume
+            .change_file(self.id, 0, RUN_RECORD, |file, space| {
+                if end >= file.size {
+                    return fail(libc::EINVAL);
+                }
+                let (first, count) = (offset / BLOCK, len / BLOCK);
+                for (phys, run) in file.extents.remove_range(first, count) {
+                    space.free(phys, run);
+                }
+                file.extents.shift_down(first + count, count);
+                file.size -= len;
+                Ok(())
+            })?;
+        self.volume.commit()
     }
 
-    /// Re-keys the extents from `offset` on: metadata only, and time
-    /// proportional to the extents moved. The inserted range is a hole.
+    /// Re-keys the extents from `offset` on, then commits the volume (see the
+    /// module documentation): time proportional to the extents moved plus a
+    /// commit. The inserted range is a hole.
     ///
     /// `EINVAL` unless `offset` and `len` are multiples of [`BLOCK_SIZE`], `len`
     /// is positive and `offset` is before the end of file; `EFBIG` if the file
     /// would outgrow [`Backend::max_file_size`].
     fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
         aligned_range(offset, len)?;
-        self.volume.with_file(self.id, |file, _| {
+        self.volume.change_file(self.id, 0, RUN_RECORD, |file, _| {
             if offset >= file.size {
                 return fail(libc::EINVAL);
             }
@@ -762,28 +1587,31 @@ impl Backend for VolumeFile {
             file.extents.shift_up(offset / BLOCK, len / BLOCK);
             file.size = size;
             Ok(())
-        })
+        })?;
+        self.volume.commit()
     }
 
+    /// Commits the whole volume (see [`Volume::sync`]).
     fn sync(&self) -> io::Result<()> {
-        self.volume.with_file(self.id, |_, _| Ok(()))?;
-        self.volume.device.flush()
+        self.volume.with_file(self.id, |_| Ok(()))?;
+        self.volume.commit()
     }
 
     fn remove(&self) -> io::Result<()> {
         let mut state = self.volume.state.lock();
-        Volume::remove_locked(&mut state.meta, self.id)
+        Volume::remove_locked(&mut state, self.id)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use proptest::prelude::*;
 
     use super::*;
-    use crate::device::{DeviceOp, FaultyDevice, MemDevice};
+    use crate::device::{Device, DeviceOp, FaultyDevice, MemDevice};
+    use crate::fault::{FaultRule, Injection, Trigger};
 
     const PAGE: usize = BLOCK_SIZE;
 
@@ -1230,8 +2058,9 @@ mod tests {
 
     #[test]
     fn enospc_changes_nothing() {
-        let volume = volume(4); // block 0 is reserved: 3 usable
-        assert_eq!(volume.total_blocks(), 4);
+        // Superblocks and two metadata areas of 2 blocks take 6: 3 usable.
+        let volume = volume(9);
+        assert_eq!(volume.total_blocks(), 9);
         assert_eq!(volume.free_blocks(), 3);
         let file = volume.create_file("a").unwrap();
         file.set_len(8 * BLOCK).unwrap();
@@ -1314,9 +2143,344 @@ mod tests {
     }
 
     #[test]
-    fn format_rejects_a_device_without_blocks() {
-        let device = Arc::new(MemDevice::new(BLOCK - 1));
-        assert_eq!(errno(Volume::format(device)), libc::EINVAL);
+    fn format_rejects_a_device_without_data_blocks() {
+        for len in [BLOCK - 1, 6 * BLOCK, 7 * BLOCK - 1] {
+            let device = Arc::new(MemDevice::new(len));
+            assert_eq!(errno(Volume::format(device)), libc::EINVAL, "{len}");
+        }
+        let volume = volume(7);
+        assert_eq!(volume.free_blocks(), 1);
+    }
+
+    /// Two files with holes, partial pages and several runs each.
+    fn populate(volume: &Arc<Volume>) -> Vec<(String, Vec<u8>)> {
+        let a = filled(volume, "a", 6);
+        a.punch_hole(2 * BLOCK, BLOCK).unwrap();
+        a.set_len(6 * BLOCK - 100).unwrap();
+        let b = volume.create_file("b").unwrap();
+        b.set_len(20 * BLOCK).unwrap();
+        b.write_pages(15, &page(7)).unwrap();
+        b.write_pages(3, &[page(8), page(9)].concat()).unwrap();
+        volume.create_file("empty").unwrap();
+        let gone = filled(volume, "gone", 2);
+        gone.remove().unwrap();
+        [a, b]
+            .iter()
+            .map(|file| {
+                let pages = file.len().unwrap().div_ceil(BLOCK) as usize;
+                (file_name(volume, file), read(file, 0, pages))
+            })
+            .collect()
+    }
+
+    fn file_name(volume: &Volume, file: &VolumeFile) -> String {
+        volume.state.lock().meta.files[&file.id].name.clone()
+    }
+
+    fn assert_same_files(volume: &Arc<Volume>, expected: &[(String, Vec<u8>)]) {
+        assert_eq!(volume.file_names(), ["a", "b", "empty"]);
+        for (name, data) in expected {
+            let file = volume.open_file(name).unwrap();
+            let pages = data.len() / PAGE;
+            assert_eq!(read(&file, 0, pages), *data, "file {name}");
+        }
+        assert_eq!(volume.open_file("empty").unwrap().len().unwrap(), 0);
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn a_synced_volume_reopens_with_the_same_files_and_bytes() {
+        let device: Arc<dyn Device> = Arc::new(MemDevice::new(256 * BLOCK));
+        let volume = Volume::format(device.clone()).unwrap();
+        let expected = populate(&volume);
+        let a = volume.open_file("a").unwrap();
+        let runs = volume.state.lock().meta.files[&a.id].extents.run_count();
+        assert!(runs >= 2, "the test wants several runs");
+        let sizes: Vec<u64> = ["a", "b"]
+            .iter()
+            .map(|name| volume.open_file(name).unwrap().len().unwrap())
+            .collect();
+        a.sync().unwrap();
+        let free = volume.free_blocks() + volume.pending_blocks();
+        drop(a);
+        drop(volume);
+
+        let volume = Volume::open(device.clone()).unwrap();
+        assert_same_files(&volume, &expected);
+        for (name, size) in ["a", "b"].iter().zip(sizes) {
+            assert_eq!(volume.open_file(name).unwrap().len().unwrap(), size);
+        }
+        assert_eq!(
+            volume.free_blocks(),
+            free,
+            "every unmapped block is free again"
+        );
+        // The reopened volume keeps working and reopens again.
+        let c = filled(&volume, "c", 3);
+        volume.sync().unwrap();
+        let data = read(&c, 0, 3);
+        drop(c);
+        let volume = Volume::open(device).unwrap();
+        assert_eq!(read(&volume.open_file("c").unwrap(), 0, 3), data);
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn a_volume_on_a_file_device_reopens_after_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volume.img");
+        let device = Arc::new(crate::device::FileDevice::create(&path, 4 << 20).unwrap());
+        let volume = Volume::format(device).unwrap();
+        let expected = populate(&volume);
+        volume.sync().unwrap();
+        drop(volume);
+        let device = Arc::new(crate::device::FileDevice::open(&path).unwrap());
+        assert_same_files(&Volume::open(device).unwrap(), &expected);
+    }
+
+    #[test]
+    fn changes_after_the_last_sync_are_not_in_a_reopened_volume() {
+        let device: Arc<dyn Device> = Arc::new(MemDevice::new(256 * BLOCK));
+        let volume = Volume::format(device.clone()).unwrap();
+        let a = filled(&volume, "a", 2);
+        volume.sync().unwrap();
+        a.set_len(BLOCK).unwrap();
+        volume.create_file("new").unwrap();
+        drop(a);
+        volume.remove_file("a").unwrap();
+        let reopened = Volume::open(device).unwrap();
+        assert_eq!(reopened.file_names(), ["a"]);
+        let a = reopened.open_file("a").unwrap();
+        assert_eq!(read(&a, 0, 2), [page(1), page(2)].concat());
+        reopened.check_invariants();
+    }
+
+    #[test]
+    fn committed_blocks_freed_wait_for_the_next_commit() {
+        let volume = volume(64);
+        let a = filled(&volume, "a", 4);
+        a.sync().unwrap();
+        let b = volume.create_file("b").unwrap();
+        b.set_len(4 * BLOCK).unwrap();
+        let freed = a.physical_block(1).unwrap();
+        a.punch_hole(BLOCK, BLOCK).unwrap();
+        assert_eq!(volume.pending_blocks(), 1);
+        b.write_pages(0, &page(9)).unwrap();
+        assert_ne!(b.physical_block(0), Some(freed), "reused before the commit");
+        volume.check_invariants();
+        // A block mapped and freed between two commits is reused at once.
+        let unsynced = b.physical_block(0).unwrap();
+        b.punch_hole(0, BLOCK).unwrap();
+        b.write_pages(1, &page(9)).unwrap();
+        assert_eq!(b.physical_block(1), Some(unsynced));
+        b.sync().unwrap();
+        assert_eq!(volume.pending_blocks(), 0);
+        b.write_pages(2, &page(9)).unwrap();
+        assert_eq!(b.physical_block(2), Some(freed), "released by the commit");
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn open_rejects_devices_without_a_volume() {
+        assert_eq!(
+            errno(Volume::open(Arc::new(MemDevice::new(BLOCK)))),
+            libc::EINVAL
+        );
+        let blank: Arc<dyn Device> = Arc::new(MemDevice::new(64 * BLOCK));
+        assert_eq!(errno(Volume::open(blank.clone())), libc::EINVAL);
+        blank.write_all_at(&[0xAB; 2 * PAGE], 0).unwrap();
+        assert_eq!(errno(Volume::open(blank)), libc::EINVAL);
+
+        // A volume on a device that shrank.
+        let device: Arc<dyn Device> = Arc::new(MemDevice::new(64 * BLOCK));
+        Volume::format(device.clone()).unwrap();
+        let mut image = vec![0; 63 * PAGE];
+        device.read_exact_at(&mut image, 0).unwrap();
+        let smaller: Arc<dyn Device> = Arc::new(MemDevice::new(63 * BLOCK));
+        smaller.write_all_at(&image, 0).unwrap();
+        assert_eq!(errno(Volume::open(smaller)), libc::EINVAL);
+    }
+
+    #[test]
+    fn a_corrupt_superblock_or_area_falls_back_to_the_commit_before() {
+        let device: Arc<dyn Device> = Arc::new(MemDevice::new(64 * BLOCK));
+        let volume = Volume::format(device.clone()).unwrap(); // generation 1
+        let a = filled(&volume, "a", 1);
+        a.sync().unwrap(); // 2
+        a.write_pages(0, &page(5)).unwrap();
+        volume.create_file("b").unwrap();
+        a.sync().unwrap(); // 3: slot 1, area 1
+        drop(a);
+        let layout = volume.layout;
+        drop(volume);
+        let names = |device: &Arc<dyn Device>| Volume::open(device.clone()).map(|v| v.file_names());
+        assert_eq!(names(&device).unwrap(), ["a", "b"]);
+
+        // A flipped byte in the newest area (in file a's size, which would
+        // still decode): generation 2 it is.
+        let area = layout.area(3) * BLOCK;
+        let size_byte = area + META_HEADER + 8 + 1;
+        let mut byte = [0u8];
+        device.read_exact_at(&mut byte, size_byte).unwrap();
+        device.write_all_at(&[byte[0] ^ 1], size_byte).unwrap();
+        assert_eq!(names(&device).unwrap(), ["a"]);
+        device.write_all_at(&byte, size_byte).unwrap();
+        assert_eq!(names(&device).unwrap(), ["a", "b"]);
+
+        // A flipped byte in the newest superblock: the same.
+        device.read_exact_at(&mut byte, BLOCK + 30).unwrap();
+        device.write_all_at(&[byte[0] ^ 1], BLOCK + 30).unwrap();
+        assert_eq!(names(&device).unwrap(), ["a"]);
+
+        // Both superblocks corrupt: no volume.
+        device.write_all_at(&[0xFF; 8], 0).unwrap();
+        assert_eq!(errno(Volume::open(device.clone())), libc::EINVAL);
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_its_frees_pending_and_is_retried() {
+        let faulty = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(64 * BLOCK)), 1));
+        let volume = Volume::format(faulty.clone()).unwrap();
+        let a = filled(&volume, "a", 2);
+        a.sync().unwrap();
+        a.set_len(0).unwrap();
+        assert_eq!(volume.pending_blocks(), 2);
+        // The superblock write (the second write of a commit) fails.
+        faulty.fail_nth(DeviceOp::Write, 2, libc::EIO);
+        assert_eq!(errno(a.sync()), libc::EIO);
+        assert_eq!(volume.pending_blocks(), 2);
+        volume.check_invariants();
+        a.sync().unwrap();
+        assert_eq!(volume.pending_blocks(), 0);
+        let reopened = Volume::open(faulty.inner().clone()).unwrap();
+        assert_eq!(reopened.open_file("a").unwrap().len().unwrap(), 0);
+        reopened.check_invariants();
+    }
+
+    /// Creates files until exactly `room` bytes of metadata area are left.
+    fn fill_metadata(volume: &Arc<Volume>, room: u64) {
+        let left = |volume: &Volume| {
+            let state = volume.state.lock();
+            state.meta_capacity - state.meta_len - state.meta_reserved
+        };
+        let mut serial = 0;
+        while left(volume) > room {
+            let consume = left(volume) - room;
+            assert!(
+                consume > FILE_RECORD + 8,
+                "cannot leave exactly {room} bytes"
+            );
+            let mut len = (consume - FILE_RECORD).min(MAX_NAME_LEN as u64);
+            if (1..=FILE_RECORD + 8).contains(&(consume - FILE_RECORD - len)) {
+                len = 200; // leave enough for one more file
+            }
+            serial += 1;
+            volume
+                .create_file(&format!("{serial:0>width$}", width = len as usize))
+                .unwrap();
+        }
+        assert_eq!(left(volume), room);
+    }
+
+    #[test]
+    fn a_write_into_holes_reserves_a_run_per_run_of_fresh_blocks() {
+        let volume = volume(256);
+        let file = volume.create_file("f").unwrap();
+        file.set_len(64 * BLOCK).unwrap();
+        fill_metadata(&volume, RUN_RECORD);
+        // 32 fresh blocks in a row are one run.
+        let data: Vec<u8> = (0..32).flat_map(|i| page(i + 1)).collect();
+        file.write_pages(0, &data).unwrap();
+        assert_eq!(read(&file, 0, 32), data);
+        // A second run does not fit, and the failed write changes nothing.
+        let free = volume.free_blocks();
+        assert_eq!(errno(file.write_pages(40, &page(9))), libc::ENOSPC);
+        assert_eq!(volume.free_blocks(), free);
+        assert_eq!(file.allocated_blocks().unwrap(), 32);
+        // Overwriting needs no metadata.
+        file.write_pages(0, &page(9)).unwrap();
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn a_write_split_by_a_concurrent_fill_past_its_reservation_maps_nothing() {
+        let faulty = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * BLOCK)), 1));
+        let volume = Volume::format(faulty.clone()).unwrap();
+        let file = volume.create_file("f").unwrap();
+        file.set_len(8 * BLOCK).unwrap();
+        fill_metadata(&volume, 2 * RUN_RECORD);
+        // The first write gets the next three blocks (one run, one reserved) and
+        // is held in its device write while a second write fills its middle page.
+        let first = volume.layout.data_start();
+        faulty.add_rule(
+            FaultRule::new(
+                DeviceOp::Write,
+                Trigger::Always,
+                Injection::Delay {
+                    min: Duration::from_millis(500),
+                    max: Duration::from_millis(500),
+                },
+            )
+            .on_bytes(first * BLOCK..(first + 3) * BLOCK),
+        );
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || file.write_pages(0, &[page(1), page(1), page(1)].concat()))
+        };
+        while faulty.injected() == 0 {
+            std::thread::yield_now();
+        }
+        file.write_pages(1, &page(2)).unwrap();
+        // Pages 0 and 2 apart from page 1 take two runs more: only one fits.
+        assert_eq!(errno(writer.join().unwrap()), libc::ENOSPC);
+        assert_eq!(file.physical_block(0), None);
+        assert_eq!(file.physical_block(2), None);
+        assert_eq!(read(&file, 0, 3), [page(0), page(2), page(0)].concat());
+        volume.check_invariants();
+    }
+
+    #[test]
+    fn a_full_metadata_area_fails_with_enospc_and_changes_nothing() {
+        let device: Arc<dyn Device> = Arc::new(MemDevice::new(64 * BLOCK));
+        let volume = Volume::format(device.clone()).unwrap();
+        let capacity = volume.layout.meta_capacity();
+        let name = |i: usize| format!("{i:0>200}");
+        let mut created = 0;
+        let error = loop {
+            match volume.create_file(&name(created)) {
+                Ok(_) => created += 1,
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(
+            created as u64,
+            (capacity - META_HEADER) / (FILE_RECORD + 200)
+        );
+        assert_eq!(volume.file_names().len(), created);
+        volume.check_invariants();
+
+        // Runs: a file that fills holes every other page needs a run per page.
+        volume.remove_file(&name(0)).unwrap();
+        volume.remove_file(&name(1)).unwrap();
+        let f = volume.create_file("f").unwrap();
+        f.set_len(64 * BLOCK).unwrap();
+        let mut mapped = 0;
+        let error = loop {
+            match f.write_pages(2 * mapped, &page(1)) {
+                Ok(()) => mapped += 1,
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(f.allocated_blocks().unwrap(), mapped);
+        assert!(volume.free_blocks() > 0, "the area ran out, not the blocks");
+        volume.check_invariants();
+        volume.sync().unwrap();
+        let reopened = Volume::open(device).unwrap();
+        let f = reopened.open_file("f").unwrap();
+        assert_eq!(f.allocated_blocks().unwrap(), mapped);
+        reopened.check_invariants();
     }
 
     #[test]

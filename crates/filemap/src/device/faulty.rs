@@ -8,14 +8,15 @@
 use std::io;
 
 use super::{Device, DeviceOp};
-use crate::fault::{touched, Faulty};
+use crate::fault::{touched, Delivery, Faulty};
 
 /// Wraps a device and injects delays and errors into the calls chosen by its rules.
 ///
 /// The rules form a [`FaultPlan`](crate::fault::FaultPlan): checked in the order
 /// they were added, each matching rule counts the call; every delay that fires is applied before the
 /// call is forwarded, and the first error that fires fails the call without
-/// forwarding it. A read or write touches the device bytes it transfers; a flush
+/// forwarding it; a discard that fires (and no error) reports success without
+/// forwarding, which simulates a crash: later writes never reach the device. A read or write touches the device bytes it transfers; a flush
 /// touches none. With a given seed the injections are deterministic for a given
 /// order of calls.
 pub type FaultyDevice = Faulty<dyn Device, DeviceOp>;
@@ -26,20 +27,30 @@ impl Device for Faulty<dyn Device, DeviceOp> {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.plan
-            .intercept(DeviceOp::Read, touched(offset, buf.len() as u64))?;
-        self.inner.read_exact_at(buf, offset)
+        match self
+            .plan
+            .intercept(DeviceOp::Read, touched(offset, buf.len() as u64))?
+        {
+            Delivery::Forward => self.inner.read_exact_at(buf, offset),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.plan
-            .intercept(DeviceOp::Write, touched(offset, buf.len() as u64))?;
-        self.inner.write_all_at(buf, offset)
+        match self
+            .plan
+            .intercept(DeviceOp::Write, touched(offset, buf.len() as u64))?
+        {
+            Delivery::Forward => self.inner.write_all_at(buf, offset),
+            Delivery::Discard => Ok(()),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.plan.intercept(DeviceOp::Flush, None)?;
-        self.inner.flush()
+        match self.plan.intercept(DeviceOp::Flush, None)? {
+            Delivery::Forward => self.inner.flush(),
+            Delivery::Discard => Ok(()),
+        }
     }
 }
 
@@ -202,5 +213,22 @@ mod tests {
         device.clear();
         device.write_all_at(b"x", 0).unwrap();
         assert_eq!(device.injected(), 1);
+    }
+
+    #[test]
+    fn discarded_writes_never_reach_the_device() {
+        let device = device(1);
+        device.write_all_at(b"old!", 0).unwrap();
+        device.add_rule(FaultRule::new(
+            DeviceOp::Write,
+            Trigger::FromNth(2),
+            Injection::Discard,
+        ));
+        device.write_all_at(b"one!", 100).unwrap();
+        device.write_all_at(b"new!", 0).unwrap();
+        device.write_all_at(b"two!", 100).unwrap();
+        assert_eq!(&read_at(&device, 0).unwrap(), b"old!");
+        assert_eq!(&read_at(&device, 100).unwrap(), b"one!");
+        assert_eq!(device.injected(), 2);
     }
 }

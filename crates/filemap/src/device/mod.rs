@@ -12,7 +12,7 @@ mod faulty;
 mod file;
 mod mem;
 
-pub use crate::fault::{FaultRule, Injection, RuleId, Trigger};
+pub use crate::fault::{Delivery, FaultRule, Injection, RuleId, Trigger};
 pub use faulty::FaultyDevice;
 pub use file::FileDevice;
 pub use mem::MemDevice;
