@@ -24,8 +24,9 @@
 //! ```
 //!
 //! `m`, the size of each metadata area in blocks, is the device's size in blocks
-//! divided by 1024, at least 2 and at most 16384 (64 MiB): 0.2% of the device
-//! for both areas. All numbers are little-endian.
+//! divided by 256, at least 2 and at most 16384 (64 MiB): 0.8% of the device
+//! for both areas, room for a run of extents every 43 blocks (files punched
+//! page by page fragment that much). All numbers are little-endian.
 //!
 //! - A superblock (the first 56 bytes of its block): the magic `FMVOLUME`, the
 //!   format version (u32), the block size (u32), the device's size in blocks
@@ -41,9 +42,9 @@
 //!
 //! **Limits.** An area holds `m × 4096` bytes: 16 bytes of header, then 26
 //! bytes plus the name per file and 24 bytes per run of the extent maps. A 16 MiB
-//! device (m = 4) holds about 680 runs, 1 GiB (m = 256) about 43,000, and 64 GiB
-//! or more about 2.8 million; files with names of `n` bytes take `26 + n` each
-//! (a 16 MiB device holds about 390 empty files with 16-byte names). Encoding
+//! device (m = 16) holds about 2,700 runs, 1 GiB (m = 1024) about 175,000, and
+//! 16 GiB or more about 2.8 million; files with names of `n` bytes take `26 + n`
+//! each (a 16 MiB device holds about 1,560 empty files with 16-byte names). Encoding
 //! the snapshot at a commit takes time proportional to the metadata, under the
 //! volume's mutex. An operation that could need more fails with
 //! `ENOSPC` and changes nothing: `create_file`, a write into holes (it reserves
@@ -142,7 +143,7 @@ const SUPERBLOCK_SLOTS: u64 = 2;
 const SUPERBLOCK_BODY: usize = 52;
 
 /// Each metadata area gets one block per this many blocks of the device...
-const BLOCKS_PER_META_BLOCK: u64 = 1024;
+const BLOCKS_PER_META_BLOCK: u64 = 256;
 /// ...but at least this many...
 const MIN_META_BLOCKS: u64 = 2;
 /// ...and at most this many (64 MiB).
