@@ -64,7 +64,7 @@ struct BenchArgs {
     #[arg(long)]
     file_mib: Option<u64>,
     /// mixed, direct and starve: the page cache budget in bytes (default: mixed
-    /// caches its writer's region and 98% of its readers'; direct and starve
+    /// is 31/32 of its readers' region; direct and starve
     /// their whole file). hit and fault always cache their whole file.
     #[arg(long)]
     cache_bytes: Option<u64>,
