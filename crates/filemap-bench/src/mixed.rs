@@ -537,7 +537,7 @@ mod tests {
                 ..MixedConfig::default()
             },
             MixedConfig {
-                cache_bytes: Some(1 << 20),
+                cache_bytes: Some(WRITE_BYTES - 1),
                 ..MixedConfig::default()
             },
             MixedConfig {
