@@ -4,10 +4,10 @@
 //! One puncher punches random 64 KiB ranges of a 1 MiB range of the file,
 //! pausing 100 µs after each: a puncher that never paused would outrun any
 //! refill and punch ranges the storm has not filled again yet, which costs
-//! nothing and measures nothing. In the stormed runs, storm threads hit the same range: half
-//! (rounded up) read random 4 KiB pages with `read_at`, the others read random
-//! pages through a read-only memory map of the range ([`MapRegion::read`]), one
-//! map per thread. Each punch drops pages and zaps them from the maps, so the
+//! nothing and measures nothing. In the stormed runs, storm threads hit the
+//! same range, each reading random 4 KiB pages with `read_at` and through a
+//! read-only memory map of the range of its own ([`MapRegion::read`]), in
+//! turns. Each punch drops pages and zaps them from the maps, so the
 //! storm keeps missing and faulting, and keeps taking Fill: a lock that lets a
 //! stream of Fill holders overtake a waiting Invalidate starves the punch (C6).
 //!
@@ -64,7 +64,7 @@ impl Default for StarveConfig {
         StarveConfig {
             range_bytes: 1 << 20,
             cache_bytes: None,
-            threads: vec![4],
+            threads: vec![default_storm_threads()],
             runs: 3,
             seconds_per_run: 0.5,
             strategies: Strategy::ALL.to_vec(),
@@ -187,6 +187,17 @@ fn setup(config: &StarveConfig, strategy: Strategy) -> io::Result<(PageCache, Ar
     Ok((cache, mapping))
 }
 
+/// The default storm: one thread per processor but the puncher's (at least
+/// one). More storm threads than free processors measure the scheduler's time
+/// slices (a puncher that waits for a processor, not for the lock), and its
+/// p99 is then a slice, whatever the lock.
+pub fn default_storm_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
+}
+
 /// One timed run: the puncher on this thread, `storm` storm threads beside it.
 /// Returns the punches, the storm's reads and its map reads.
 fn measure(
@@ -195,9 +206,7 @@ fn measure(
     storm: usize,
     duration: Duration,
 ) -> io::Result<[Measured; 3]> {
-    let readers = storm.div_ceil(2);
-    let faulters = storm - readers;
-    let maps = (0..faulters.max(1))
+    let maps = (0..storm.max(1))
         .map(|_| mapping.map(0, range_bytes as usize, MapAccess::Read))
         .collect::<io::Result<Vec<MapRegion>>>()?;
     let pages = range_bytes / PAGE;
@@ -208,25 +217,27 @@ fn measure(
         let workers: Vec<_> = (0..storm)
             .map(|thread| {
                 let (stop, started, maps) = (&stop, &started, &maps);
-                scope.spawn(move || -> io::Result<(u64, Histogram)> {
+                type Kind = (u64, Histogram);
+                scope.spawn(move || -> io::Result<(Kind, Kind)> {
                     let mut rng = fastrand::Rng::with_seed(0x5eed ^ thread as u64);
                     let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                    let mut latency = Histogram::new();
-                    let mut count = 0;
+                    let (mut reads, mut map_reads) = ((0, Histogram::new()), (0, Histogram::new()));
                     started.wait();
                     let mut storm = || -> io::Result<()> {
                         while !stop.load(Ordering::Relaxed) {
                             let page = rng.u64(..pages);
                             let start = Instant::now();
-                            if thread < readers {
+                            // Reads and map reads in turns.
+                            let kind = if (reads.0 + map_reads.0) % 2 == 0 {
                                 mapping.read_exact_at(&mut buf.0, page * PAGE)?;
+                                &mut reads
                             } else {
-                                let map = &maps[thread - readers];
-                                map.read((page * PAGE) as usize, &mut buf.0)?;
-                            }
-                            latency.record(start.elapsed().as_nanos() as u64);
+                                maps[thread].read((page * PAGE) as usize, &mut buf.0)?;
+                                &mut map_reads
+                            };
+                            kind.1.record(start.elapsed().as_nanos() as u64);
+                            kind.0 += 1;
                             std::hint::black_box(&buf);
-                            count += 1;
                         }
                         Ok(())
                     };
@@ -234,7 +245,7 @@ fn measure(
                     if result.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
-                    result.map(|()| (count, latency))
+                    result.map(|()| (reads, map_reads))
                 })
             })
             .collect();
@@ -246,22 +257,23 @@ fn measure(
             .map_or(duration, |(elapsed, _, _)| *elapsed);
         let mut reads = (0, Histogram::new());
         let mut map_reads = (0, Histogram::new());
-        for (thread, worker) in workers.into_iter().enumerate() {
-            let (count, latency) = worker.join().expect("storm threads do not panic")?;
-            let into = if thread < readers {
-                &mut reads
-            } else {
-                &mut map_reads
-            };
-            into.0 += count;
-            into.1.merge(&latency);
+        for worker in workers {
+            let (thread_reads, thread_map_reads) =
+                worker.join().expect("storm threads do not panic")?;
+            for (into, from) in [
+                (&mut reads, thread_reads),
+                (&mut map_reads, thread_map_reads),
+            ] {
+                into.0 += from.0;
+                into.1.merge(&from.1);
+            }
         }
         let (_, punches, punch_latency) = punched?;
         let rate = |count: u64| count as f64 / elapsed.as_secs_f64();
         Ok([
             Measured::new(rate(punches), punch_latency, 1),
-            Measured::new(rate(reads.0), reads.1, readers),
-            Measured::new(rate(map_reads.0), map_reads.1, faulters),
+            Measured::new(rate(reads.0), reads.1, storm),
+            Measured::new(rate(map_reads.0), map_reads.1, storm),
         ])
     })
 }

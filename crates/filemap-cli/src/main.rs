@@ -54,7 +54,8 @@ struct BenchArgs {
     seconds: f64,
     /// Thread counts to measure, comma-separated: hit readers (default 1,2),
     /// mixed and direct reader threads (default 2, beside their writers and
-    /// puncher), starve storm threads (default 4). Not used by fault.
+    /// puncher), starve storm threads (default one per processor but the
+    /// puncher's). Not used by fault, evict and seqread.
     #[arg(long, value_delimiter = ',')]
     threads: Option<Vec<usize>>,
     /// Strategies to measure, comma-separated (default: every strategy).
@@ -304,7 +305,7 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
             }),
             WorkloadArg::Starve => BenchConfig::Starve(filemap_bench::starve::StarveConfig {
                 cache_bytes: args.cache_bytes,
-                threads: threads(&[4]),
+                threads: threads(&[filemap_bench::starve::default_storm_threads()]),
                 runs: args.runs,
                 seconds_per_run: args.seconds,
                 strategies: strategies.clone(),
