@@ -19,7 +19,7 @@
 //! | `file-exclusive` | shared | shared | exclusive | shared | exclusive |
 //! | `invalidate-lock` | - | shared A | shared A | shared A | exclusive |
 //! | `two-state` | - | shared A | shared A | shared B | exclusive B |
-//! | `range` (default) | - | shared A | shared A | shared A | exclusive |
+//! | `range` (default) | - | shared A | shared A | shared B | exclusive |
 //!
 //! (Shared holders of one class coexist; classes A and B exclude each other.
 //! Under `range` a mode covers its byte range, widened to whole pages, and
@@ -39,10 +39,14 @@
 //!   lock: an "add" state shared by fills and buffered writes, a "block" state
 //!   shared by direct I/O, the two mutually exclusive. Invalidations take the
 //!   block state exclusively (bcachefs serialises them with the inode lock).
-//! - [`Strategy::Range`] (the default): `invalidate-lock`'s modes per byte
-//!   range, in the spirit of Jan Kara's mapping range lock: a punch of one part
-//!   of a file waits only for fills, writes and direct I/O of its own pages, and
-//!   they only for it. Direct shares with Fill as under `invalidate-lock`.
+//! - [`Strategy::Range`] (the default): the founding design's three modes per
+//!   byte range, in the spirit of Jan Kara's mapping range lock: Fill (and
+//!   buffered writes) share with Fill, Direct with Direct, Invalidate with
+//!   nothing, and only holders of overlapping pages exclude each other. A punch
+//!   of one part of a file waits only for fills, writes and direct I/O of its
+//!   own pages, and they only for it; a fill of a page a direct write covers
+//!   waits for it instead of reading what the write replaces and being thrown
+//!   away.
 //!
 //! The cache never takes a second mode of the same mapping while it holds one:
 //! the lock is fair, so the second request would queue behind a waiting
@@ -94,8 +98,8 @@ pub enum Strategy {
     InvalidateLock,
     /// bcachefs's two-state lock: adds and direct I/O exclude each other.
     TwoState,
-    /// `InvalidateLock`'s modes per byte range (whole pages): only overlapping
-    /// holders exclude each other. The default.
+    /// The three modes per byte range (whole pages): Fill with Fill, Direct
+    /// with Direct; only overlapping holders exclude each other. The default.
     Range,
 }
 
@@ -142,11 +146,9 @@ impl Strategy {
             (Strategy::FileExclusive, Read | Fill | Direct) => Some(Access::shared(0)),
             (Strategy::FileExclusive, Write | Invalidate) => Some(Access::exclusive(1)),
             (Strategy::InvalidateLock | Strategy::TwoState | Strategy::Range, Read) => None,
-            (Strategy::InvalidateLock | Strategy::Range, Fill | Write | Direct) => {
-                Some(Access::shared(0))
-            }
-            (Strategy::TwoState, Fill | Write) => Some(Access::shared(0)),
-            (Strategy::TwoState, Direct) => Some(Access::shared(1)),
+            (Strategy::InvalidateLock, Fill | Write | Direct) => Some(Access::shared(0)),
+            (Strategy::TwoState | Strategy::Range, Fill | Write) => Some(Access::shared(0)),
+            (Strategy::TwoState | Strategy::Range, Direct) => Some(Access::shared(1)),
             (Strategy::InvalidateLock | Strategy::TwoState | Strategy::Range, Invalidate) => {
                 Some(Access::exclusive(1))
             }
