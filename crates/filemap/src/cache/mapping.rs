@@ -692,9 +692,10 @@ impl Mapping {
     /// is busy or lies past the end of file. Nothing is mapped if page `index`
     /// is gone (the toucher's retry faults MISSING).
     fn map_into_view(&self, view: &UserView, index: u64, page_addr: usize) {
-        let Some((_, view_last, _, _)) = view.span(index, index) else {
+        let view_last = view.offset / PAGE + (view.len / PAGE_SIZE) as u64 - 1;
+        if view.span(index, index).is_none() {
             return;
-        };
+        }
         let in_file = self.len().div_ceil(PAGE);
         let last = view_last
             .min(index + FAULT_AROUND_PAGES - 1)
