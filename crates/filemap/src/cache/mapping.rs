@@ -981,14 +981,9 @@ impl Mapping {
     /// Returns the bytes written, or `ErrorKind::WouldBlock` if it wrote none
     /// (then nothing changed).
     pub fn write_at_nowait(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        self.check_live()?;
-        let end = end_of(offset, buf.len())?;
-        if buf.is_empty() {
+        let Some(end) = self.check_write(buf, offset)? else {
             return Ok(0);
-        }
-        if end > self.max_size {
-            return fail(libc::EFBIG);
-        }
+        };
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             let bounce: Vec<u8> = buf.to_vec();
             return self.write_at_nowait(&bounce, offset);
@@ -1035,14 +1030,9 @@ impl Mapping {
     /// grows the file only as far as it wrote. `EFBIG` past
     /// [`Mapping::max_file_size`].
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        self.check_live()?;
-        let end = end_of(offset, buf.len())?;
-        if buf.is_empty() {
+        let Some(end) = self.check_write(buf, offset)? else {
             return Ok(0);
-        }
-        if end > self.max_size {
-            return fail(libc::EFBIG);
-        }
+        };
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             // Reading a map may fault into a handler that needs Fill: copy it
             // before taking Write, which a queued Invalidate would make it wait for.
@@ -1421,6 +1411,20 @@ impl Mapping {
         }
         self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard)?;
         self.backend.remove()
+    }
+
+    /// The checks of a buffered write of `buf` at `offset`: its end, or `None`
+    /// for an empty buffer.
+    fn check_write(&self, buf: &[u8], offset: u64) -> io::Result<Option<u64>> {
+        self.check_live()?;
+        let end = end_of(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        if end > self.max_size {
+            return fail(libc::EFBIG);
+        }
+        Ok(Some(end))
     }
 
     fn check_live(&self) -> io::Result<()> {
