@@ -212,6 +212,8 @@ pub struct CacheReport {
     pub misses: u64,
     /// Pages read from the backend into the cache.
     pub fills: u64,
+    /// Map faults served by the handler threads.
+    pub faults: u64,
     /// Pages read ahead of sequential readers.
     pub readahead_pages: u64,
     /// Pages evicted under the budget.
@@ -241,6 +243,7 @@ impl From<filemap::CacheStats> for CacheReport {
             hits: stats.hits,
             misses: stats.misses,
             fills: stats.fills,
+            faults: stats.faults,
             readahead_pages: stats.readahead_pages,
             evictions: stats.evictions,
             writebacks: stats.writebacks,

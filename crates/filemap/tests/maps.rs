@@ -499,3 +499,29 @@ fn bad_maps_are_refused() {
         Some(libc::EINVAL)
     );
 }
+
+/// The first touch of a cached page through a read-write map is one round trip
+/// to the handler, which maps that page and up to 15 cached pages after it:
+/// a sequential pass over 64 cached pages takes 4 faults; a read-only map
+/// takes none (the kernel maps cached pages itself).
+#[test]
+fn read_write_maps_fault_around_and_read_only_maps_do_not_fault() {
+    let (_, backend, _keep) = common::backends().remove(0);
+    let cache = PageCache::builder().build().unwrap();
+    let file = cache.open(backend).unwrap();
+    file.write_all_at(&vec![7; 64 * PAGE_SIZE], 0).unwrap();
+    let touch_all = |map: &MapRegion| {
+        for i in 0..64 {
+            assert_eq!(map_bytes(map, i * PAGE_SIZE, 1), [7]);
+        }
+    };
+    let before = cache.stats().faults;
+    touch_all(&file.map(0, 64 * PAGE_SIZE, MapAccess::Read).unwrap());
+    assert_eq!(
+        cache.stats().faults,
+        before,
+        "read-only map of cached pages"
+    );
+    touch_all(&file.map(0, 64 * PAGE_SIZE, MapAccess::ReadWrite).unwrap());
+    assert_eq!(cache.stats().faults - before, 4, "16 pages per round trip");
+}

@@ -339,6 +339,7 @@ impl Mapping {
     /// left to the toucher's retry (which then finds the page, or gets `SIGBUS`).
     pub(crate) fn serve_fault(&self, addr: usize, thread: u32) {
         schedule::point();
+        stats::add(&self.cache.counters.faults, 1);
         let page_addr = addr & !(PAGE_SIZE - 1);
         let internal = self.store.page_at(addr);
         let user_view = match internal {

@@ -391,6 +391,7 @@ impl PageCache {
             writebacks: load(&counters.writebacks),
             writeback_errors: load(&counters.writeback_errors),
             budget_overruns: load(&counters.budget_overruns),
+            faults: load(&counters.faults),
             cached_bytes: shared.budget.used() * page,
             peak_cached_bytes: shared.budget.peak() * page,
             dirty_bytes: dirty_pages * page,

@@ -53,6 +53,7 @@ pub(crate) struct Counters {
     pub(crate) writeback_errors: AtomicU64,
     pub(crate) readahead_pages: AtomicU64,
     pub(crate) budget_overruns: AtomicU64,
+    pub(crate) faults: AtomicU64,
     /// Waits for a coherence mode, by [`Mode`] (in `Mode` declaration order).
     pub(crate) lock_waits: [AtomicU64; 5],
 }
@@ -109,6 +110,9 @@ pub struct CacheStats {
     pub hits: u64,
     /// Pages a buffered read did not find readable in the cache.
     pub misses: u64,
+    /// Page faults of memory maps (and of the cache's own views) served by
+    /// the mappings' handler threads: one per round trip, whatever it mapped.
+    pub faults: u64,
     /// Pages read from backends into the cache (misses, readahead, faults).
     pub fills: u64,
     /// Pages read ahead of a sequential reader, beyond what it asked for.
