@@ -2008,16 +2008,7 @@ impl Mapping {
             self.store.read(index, 0, &mut data);
             slot.update(|s| s.transition(WRITEBACK, LOCKED | DIRTY, false));
             schedule::point();
-            // A page at or past the end of file has nothing to write back.
-            let written = if index * PAGE < self.len() {
-                self.backend.write_pages(index, &data)
-            } else {
-                Ok(())
-            };
-            match &written {
-                Ok(()) => stats::add(&self.cache.counters.writebacks, 1),
-                Err(error) => self.record_wb_error(error),
-            }
+            let written = self.write_snapshot(index, &data);
             let failed = written.is_err();
             slot.update(|s| {
                 if failed {
@@ -2036,16 +2027,30 @@ impl Mapping {
         if !slot.load().has(DIRTY) {
             return Ok(());
         }
-        if index * PAGE < self.len() {
-            let mut data = vec![0; PAGE_SIZE];
-            self.store.read(index, 0, &mut data);
-            self.backend
-                .write_pages(index, &data)
-                .inspect_err(|error| self.record_wb_error(error))?;
-            stats::add(&self.cache.counters.writebacks, 1);
-        }
+        let mut data = vec![0; PAGE_SIZE];
+        self.store.read(index, 0, &mut data);
+        self.write_snapshot(index, &data)?;
         slot.update(|s| s.transition(0, DIRTY, false));
         Ok(())
+    }
+
+    /// Writes `snapshot`, the bytes of page `index`, to the backend, unless the
+    /// page lies at or past the end of file (it has nothing to write back). A
+    /// write is counted; a failure is recorded for every handle's next sync.
+    fn write_snapshot(&self, index: u64, snapshot: &[u8]) -> io::Result<()> {
+        if index * PAGE >= self.len() {
+            return Ok(());
+        }
+        match self.backend.write_pages(index, snapshot) {
+            Ok(()) => {
+                stats::add(&self.cache.counters.writebacks, 1);
+                Ok(())
+            }
+            Err(error) => {
+                self.record_wb_error(&error);
+                Err(error)
+            }
+        }
     }
 
     fn cache_full(&self) -> io::Error {
