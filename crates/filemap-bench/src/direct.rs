@@ -132,13 +132,17 @@ pub fn run(config: &DirectConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
                 let measured = match candidate {
                     Some(strategy) => {
                         let (_cache, mapping) = setup(config, *strategy)?;
-                        measure_mapping(&mapping, config, readers, duration)?
+                        measure(mapping.as_ref(), config, readers, duration)?
                     }
                     None => {
                         let host = HostFile::create(config.file_bytes)?;
                         match &host.direct {
                             Ok(direct) => {
-                                measure_kernel(&host.file, direct, config, readers, duration)?
+                                let files = KernelFiles {
+                                    buffered: &host.file,
+                                    direct,
+                                };
+                                measure(&files, config, readers, duration)?
                             }
                             Err(error) => {
                                 kernel_refused = Some(error.to_string());
@@ -220,38 +224,42 @@ fn direct_write_at(rng: &mut fastrand::Rng, file_pages: u64) -> (u64, usize) {
     (first * PAGE, (pages * PAGE) as usize)
 }
 
-/// One timed run of readers and direct writers on `mapping`.
-fn measure_mapping(
-    mapping: &Mapping,
-    config: &DirectConfig,
-    readers: usize,
-    duration: Duration,
-) -> io::Result<Vec<Measured>> {
-    let file_pages = config.file_bytes / PAGE;
-    measure_kinds(readers + config.writers, OPS.len(), duration, 1, |thread| {
-        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-        let data = AlignedBuf::from_slice(&pattern((MAX_WRITE_PAGES * PAGE) as usize), PAGE_SIZE);
-        let kind = usize::from(thread >= readers);
-        let op = move |rng: &mut fastrand::Rng| -> io::Result<Duration> {
-            if kind == 0 {
-                let offset = rng.u64(..file_pages) * PAGE;
-                mapping.read_exact_at(&mut buf.0, offset)?;
-                std::hint::black_box(&buf);
-            } else {
-                let (offset, len) = direct_write_at(rng, file_pages);
-                mapping.write_direct(&data[..len], offset)?;
-            }
-            Ok(Duration::ZERO)
-        };
-        (kind, op)
-    })
+/// The calls a run makes, on a filemap mapping or, for the kernel baseline,
+/// on a host file's buffered and `O_DIRECT` descriptors.
+trait DirectCalls: Sync {
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 }
 
-/// One timed run of the same calls on a host file: buffered `pread` and
-/// `O_DIRECT` `pwrite`.
-fn measure_kernel(
-    file: &std::fs::File,
-    direct: &std::fs::File,
+impl DirectCalls for Mapping {
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        Mapping::write_direct(self, buf, offset).map(drop)
+    }
+}
+
+/// A host file's buffered descriptor and its `O_DIRECT` one.
+struct KernelFiles<'a> {
+    buffered: &'a std::fs::File,
+    direct: &'a std::fs::File,
+}
+
+impl DirectCalls for KernelFiles<'_> {
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.buffered.read_exact_at(buf, offset)
+    }
+
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.direct.write_all_at(buf, offset)
+    }
+}
+
+/// One timed run of readers and direct writers making `calls`.
+fn measure(
+    calls: &impl DirectCalls,
     config: &DirectConfig,
     readers: usize,
     duration: Duration,
@@ -264,11 +272,11 @@ fn measure_kernel(
         let op = move |rng: &mut fastrand::Rng| -> io::Result<Duration> {
             if kind == 0 {
                 let offset = rng.u64(..file_pages) * PAGE;
-                file.read_exact_at(&mut buf.0, offset)?;
+                calls.read(&mut buf.0, offset)?;
                 std::hint::black_box(&buf);
             } else {
                 let (offset, len) = direct_write_at(rng, file_pages);
-                direct.write_all_at(&data[..len], offset)?;
+                calls.write_direct(&data[..len], offset)?;
             }
             Ok(Duration::ZERO)
         };
@@ -308,13 +316,7 @@ mod tests {
             threads: vec![1],
             ..DirectConfig::default()
         };
-        let mut steps_seen = 0;
-        let report = run(&config, |p| {
-            if let Progress::Step(_) = p {
-                steps_seen += 1
-            }
-        })
-        .unwrap();
+        let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
         let kernel = report.notes.is_empty();
         let candidates = Strategy::ALL.len() + usize::from(kernel);

@@ -270,13 +270,7 @@ mod tests {
             seconds_per_run: 0.01,
             ..HitConfig::default()
         };
-        let mut steps_seen = 0;
-        let report = run(&config, |p| {
-            if let Progress::Step(_) = p {
-                steps_seen += 1
-            }
-        })
-        .unwrap();
+        let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
         assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 2));
         for strategy in Strategy::ALL {

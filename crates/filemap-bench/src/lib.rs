@@ -527,6 +527,22 @@ pub fn check_common(
     Ok(())
 }
 
+/// Runs a benchmark through `run`, counting the measured steps it announces,
+/// for tests that hold them to the benchmark's `steps`.
+#[cfg(test)]
+pub(crate) fn run_counting_steps(
+    run: impl FnOnce(&mut dyn FnMut(Progress<'_>)) -> io::Result<Report>,
+) -> (Report, usize) {
+    let mut steps = 0;
+    let report = run(&mut |progress| {
+        if let Progress::Step(_) = progress {
+            steps += 1;
+        }
+    })
+    .expect("a tiny run succeeds");
+    (report, steps)
+}
+
 /// The coherent strategies of `strategies`: the ones ratios may name.
 pub fn coherent(strategies: &[Strategy]) -> impl Iterator<Item = Strategy> + '_ {
     strategies.iter().copied().filter(|s| s.is_coherent())

@@ -244,7 +244,7 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                             let (_dir, cache, mapping) = setup(config, layout, *strategy)?;
                             let before = cache.stats();
                             let measured =
-                                measure_mapping(&mapping, layout, punches, readers, duration)?;
+                                measure(mapping.as_ref(), layout, punches, readers, duration)?;
                             let after = cache.stats();
                             if run + 1 == config.runs {
                                 let misses = after.misses - before.misses;
@@ -256,7 +256,7 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                         }
                         None => {
                             let host = HostFile::create(layout.file)?;
-                            measure_kernel(&host, layout, punches, readers, duration)?
+                            measure(&host, layout, punches, readers, duration)?
                         }
                     };
                     for (o, m) in measured.into_iter().enumerate() {
@@ -358,56 +358,57 @@ fn setup(
     Ok((dir, cache, mapping))
 }
 
-/// One timed run of readers, a writer and a puncher on `mapping`.
-fn measure_mapping(
-    mapping: &Mapping,
-    layout: Layout,
-    punches: Punches,
-    readers: usize,
-    duration: Duration,
-) -> io::Result<Vec<Measured>> {
-    let (punch_start, punch_end) = layout.punch_range(punches);
-    let punch_slots = (punch_end - punch_start) / PUNCH_BYTES;
-    measure_kinds(readers + 2, OPS.len(), duration, 1, |thread| {
-        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-        let page = pattern(WRITE_BYTES as usize);
-        let kind = role(thread, readers);
-        let refill = pattern(PUNCH_BYTES as usize);
-        let op = move |rng: &mut fastrand::Rng| -> io::Result<Duration> {
-            let mut untimed = Duration::ZERO;
-            match kind {
-                0 => {
-                    let offset = rng.u64(..layout.readers / PAGE) * PAGE;
-                    mapping.read_exact_at(&mut buf.0, offset)?;
-                    std::hint::black_box(&buf);
-                }
-                1 => {
-                    let slots = layout.writer_bytes() / WRITE_BYTES;
-                    let offset = layout.readers + rng.u64(..slots) * WRITE_BYTES;
-                    mapping.write_all_at(&page, offset)?;
-                }
-                _ => {
-                    let offset = punch_start + rng.u64(..punch_slots) * PUNCH_BYTES;
-                    if punches == Punches::Disjoint {
-                        // Data for the punch to free, as if written long ago:
-                        // straight to the backend, which is coherent only
-                        // because the cache never holds a page of this region.
-                        let start = Instant::now();
-                        mapping.backend().write_pages(offset / PAGE, &refill)?;
-                        untimed = start.elapsed();
-                    }
-                    mapping.punch_hole(offset, PUNCH_BYTES)?;
-                }
-            }
-            Ok(untimed)
-        };
-        (kind, op)
-    })
+/// The calls a run makes, on a filemap mapping or, for the kernel baseline,
+/// on a host file.
+trait MixedCalls: Sync {
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes data for a punch to free, as if written long ago: for filemap,
+    /// straight to the backend, which is coherent only because the cache never
+    /// holds a page of the punch quarter.
+    fn refill(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
 }
 
-/// One timed run of the same calls on a host file.
-fn measure_kernel(
-    host: &HostFile,
+impl MixedCalls for Mapping {
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)
+    }
+
+    fn refill(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.backend().write_pages(offset / PAGE, buf)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
+}
+
+impl MixedCalls for HostFile {
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn refill(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
+}
+
+/// One timed run of readers, a writer and a puncher making `calls`.
+fn measure(
+    calls: &impl MixedCalls,
     layout: Layout,
     punches: Punches,
     readers: usize,
@@ -425,23 +426,23 @@ fn measure_kernel(
             match kind {
                 0 => {
                     let offset = rng.u64(..layout.readers / PAGE) * PAGE;
-                    host.file.read_exact_at(&mut buf.0, offset)?;
+                    calls.read(&mut buf.0, offset)?;
                     std::hint::black_box(&buf);
                 }
                 1 => {
                     let slots = layout.writer_bytes() / WRITE_BYTES;
                     let offset = layout.readers + rng.u64(..slots) * WRITE_BYTES;
-                    host.file.write_all_at(&page, offset)?;
+                    calls.write(&page, offset)?;
                 }
                 _ => {
                     let offset = punch_start + rng.u64(..punch_slots) * PUNCH_BYTES;
                     if punches == Punches::Disjoint {
-                        // As for filemap: data for the punch to free, untimed.
+                        // Data for the punch to free, untimed.
                         let start = Instant::now();
-                        host.file.write_all_at(&refill, offset)?;
+                        calls.refill(&refill, offset)?;
                         untimed = start.elapsed();
                     }
-                    host.punch_hole(offset, PUNCH_BYTES)?;
+                    calls.punch(offset, PUNCH_BYTES)?;
                 }
             }
             Ok(untimed)
@@ -498,13 +499,7 @@ mod tests {
             threads: vec![1],
             ..MixedConfig::default()
         };
-        let mut steps_seen = 0;
-        let report = run(&config, |p| {
-            if let Progress::Step(_) = p {
-                steps_seen += 1
-            }
-        })
-        .unwrap();
+        let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
         assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 1) * OPS.len());
         for punches in [Punches::Disjoint, Punches::Overlap] {

@@ -348,13 +348,7 @@ mod tests {
             threads: vec![2],
             ..StarveConfig::default()
         };
-        let mut steps_seen = 0;
-        let report = run(&config, |p| {
-            if let Progress::Step(_) = p {
-                steps_seen += 1
-            }
-        })
-        .unwrap();
+        let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
         // Per strategy: quiet punches; stormed punches, reads and map reads.
         assert_eq!(report.rows.len(), Strategy::ALL.len() * 4);
