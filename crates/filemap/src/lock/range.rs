@@ -717,6 +717,24 @@ mod loom_tests {
         })
     }
 
+    /// Takes `access` over `range` (and releases it) on a new thread, and
+    /// returns once that request is queued.
+    fn spawn_queued(
+        lock: &Arc<RawRangeLock>,
+        access: Access,
+        range: Range<u64>,
+    ) -> thread::JoinHandle<()> {
+        let queued = lock.queued();
+        let waiter = {
+            let lock = Arc::clone(lock);
+            thread::spawn(move || lock.unlock(lock.lock(access, range)))
+        };
+        while lock.queued() == queued {
+            thread::yield_now();
+        }
+        waiter
+    }
+
     /// A fill overlapping two punches that do not overlap each other: the fill
     /// excludes both, the punches may share, nobody deadlocks.
     #[test]
@@ -743,13 +761,7 @@ mod loom_tests {
         model(|| {
             let lock = Arc::new(RawRangeLock::new());
             let fill = lock.lock(FILL, 0..10);
-            let punch = {
-                let lock = Arc::clone(&lock);
-                thread::spawn(move || lock.unlock(lock.lock(PUNCH, 0..10)))
-            };
-            while lock.queued() == 0 {
-                thread::yield_now();
-            }
+            let punch = spawn_queued(&lock, PUNCH, 0..10);
             let far_fill = {
                 let lock = Arc::clone(&lock);
                 thread::spawn(move || lock.unlock(lock.lock(FILL, 20..30)))
@@ -817,13 +829,7 @@ mod loom_tests {
         model(|| {
             let lock = Arc::new(RawRangeLock::new());
             let outer = lock.lock(FILL, 0..10);
-            let punch = {
-                let lock = Arc::clone(&lock);
-                thread::spawn(move || lock.unlock(lock.lock(PUNCH, 0..30)))
-            };
-            while lock.queued() == 0 {
-                thread::yield_now();
-            }
+            let punch = spawn_queued(&lock, PUNCH, 0..30);
             let overlapping = lock.lock(FILL, 5..15);
             let disjoint = lock.lock(FILL, 20..30);
             lock.unlock(disjoint);
