@@ -29,8 +29,8 @@ use filemap::{AlignedBuf, Mapping, PageCache, Strategy, PAGE_SIZE};
 
 use crate::kernel::HostFile;
 use crate::{
-    check_common, figure, measure_kinds, pattern, temp_volume, timed_row, Histogram, Measured,
-    PageBuf, Progress, Ratio, Report, Row, RowKey, Target, KERNEL,
+    check_common, figure, measure_kinds, pattern, temp_direct_volume, timed_row, Histogram,
+    Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, Target, KERNEL,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -201,7 +201,7 @@ fn total(measured: &[Measured]) -> Measured {
 /// A fresh file for one step: written directly, then read ahead into the cache
 /// as far as the budget allows.
 fn setup(config: &DirectConfig, strategy: Strategy) -> io::Result<(PageCache, Arc<Mapping>)> {
-    let volume = temp_volume(config.file_bytes + (8 << 20))?;
+    let volume = temp_direct_volume(config.file_bytes + (8 << 20))?;
     let cache = PageCache::builder()
         .strategy(strategy)
         .budget_bytes(config.cache_bytes.unwrap_or(config.file_bytes))

@@ -421,6 +421,14 @@ pub fn temp_volume(bytes: u64) -> io::Result<Arc<Volume>> {
     Volume::format(Arc::new(FileDevice::from_file(file)?))
 }
 
+/// [`temp_volume`] on an image opened with `O_DIRECT`, so that the volume's
+/// reads and writes reach the disk, as direct I/O does.
+pub fn temp_direct_volume(bytes: u64) -> io::Result<Arc<Volume>> {
+    let file = tempfile::tempfile()?;
+    file.set_len(bytes.next_multiple_of(PAGE_SIZE as u64))?;
+    Volume::format(Arc::new(FileDevice::from_file(file)?.with_direct_io()?))
+}
+
 /// Fails unless all `pages` pages of the file are cached and clean: a variant
 /// meant to measure hits would otherwise measure fills.
 pub fn expect_all_cached(mapping: &Mapping, pages: u64) -> io::Result<()> {

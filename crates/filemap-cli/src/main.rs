@@ -114,8 +114,8 @@ enum StrategyArg {
     InvalidateLock,
     /// bcachefs's two-state lock: adds and direct I/O exclude each other.
     TwoState,
-    /// invalidate-lock's modes per byte range: only overlapping pages exclude
-    /// each other (the library's default).
+    /// The three modes per byte range: only overlapping pages exclude each
+    /// other (the library's default).
     Range,
 }
 

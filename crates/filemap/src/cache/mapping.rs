@@ -234,31 +234,32 @@ enum FillBudget {
 
 /// A buffer a fill reads the backend into, reused by its thread: a fill of up
 /// to 2 MiB would otherwise map fresh memory, fault on each of its pages and
-/// unmap it again every time.
-struct FillBuf(Vec<u8>);
+/// unmap it again every time. It starts at a page boundary, so that a device
+/// opened with `O_DIRECT` reads straight into it.
+struct FillBuf {
+    buf: AlignedBuf,
+    len: usize,
+}
 
 thread_local! {
-    static FILL_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static FILL_BUFS: std::cell::RefCell<Vec<AlignedBuf>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl FillBuf {
     /// A buffer of `len` bytes (not zeroed when reused: fills overwrite it).
     fn take(len: usize) -> FillBuf {
-        let mut buf = FILL_BUFS
+        let buf = FILL_BUFS
             .with(|bufs| bufs.borrow_mut().pop())
-            .unwrap_or_default();
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        buf.truncate(len);
-        FillBuf(buf)
+            .filter(|buf| buf.len() >= len)
+            .unwrap_or_else(|| AlignedBuf::new(len, PAGE_SIZE));
+        FillBuf { buf, len }
     }
 }
 
 impl Drop for FillBuf {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
-        if buf.capacity() <= (MAX_READAHEAD_PAGES as usize) * PAGE_SIZE {
+        let buf = std::mem::replace(&mut self.buf, AlignedBuf::new(0, 1));
+        if buf.len() <= (MAX_READAHEAD_PAGES as usize) * PAGE_SIZE {
             // A thread keeps two: a fill nests at most one inside another (a
             // read's bounce), and the pool must not grow without bound.
             FILL_BUFS.with(|bufs| {
@@ -275,13 +276,13 @@ impl std::ops::Deref for FillBuf {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.0
+        &self.buf[..self.len]
     }
 }
 
 impl std::ops::DerefMut for FillBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.0
+        &mut self.buf[..self.len]
     }
 }
 

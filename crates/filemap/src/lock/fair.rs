@@ -1,4 +1,4 @@
-//! A fair (FIFO) lock with classes of shared and exclusive access.
+//! A fair (phase-fair) lock with classes of shared and exclusive access.
 //!
 //! One primitive covers every file-wide coherence strategy: with class 0 shared
 //! and class 1 exclusive it is a reader-writer lock; with class 0 shared and
@@ -8,18 +8,27 @@
 //!
 //! # Algorithm
 //!
-//! A ticket lock over a mutex-protected state, in the spirit of a FIFO
-//! reader-writer lock (Mellor-Crummey and Scott's fair reader-writer lock, with
-//! the queue kept under a mutex instead of being lock-free):
+//! A ticket lock over a mutex-protected state that serves the queue in
+//! phases, in the spirit of Brandenburg and Anderson's phase-fair
+//! reader-writer locks (with the queue kept under a mutex instead of being
+//! lock-free):
 //!
 //! - A request is granted on arrival only if it is compatible with the current
 //!   holders **and** nobody is waiting. Otherwise it takes the next ticket, joins
 //!   the back of the queue and sleeps on the condition variable.
-//! - Only a release grants queued requests. The releasing thread grants the head
-//!   of the queue, and every request behind it while they stay compatible with
-//!   the holders, then wakes the sleepers. A granted request is a holder from the
-//!   moment it is granted, before its thread even wakes, so nobody can barge in
-//!   between the grant and the wake-up.
+//! - Only a release grants queued requests. Once the holders allow the head of
+//!   the queue in, the releasing thread grants it, and if it is shared, every
+//!   queued request of its access: one phase of that class, made of requests
+//!   that all arrived before the phase began. Then it wakes the sleepers. A
+//!   granted request is a holder from the moment it is granted, before its
+//!   thread even wakes, so nobody can barge in between the grant and the
+//!   wake-up.
+//!
+//! Strict FIFO would serve two classes that arrive interleaved (a fill, a
+//! direct write, a fill, ...) one request at a time, so that two direct
+//! writers never overlap however many queue; a phase lets every waiter of the
+//! class in at once, and costs the waiters of the other class at most one
+//! phase.
 //!
 //! # State
 //!
@@ -29,9 +38,8 @@
 //! |---|---|
 //! | `held` | the access every current holder has; `None` iff `count == 0` |
 //! | `count` | number of holders; `1` whenever `held` is exclusive |
-//! | `queue` | the accesses of waiting requests, oldest first; its head is *not* compatible with `held` (otherwise it would have been granted) |
-//! | `served` | number of tickets granted from the queue; tickets are granted strictly in order, so ticket `t` is granted iff `t < served` |
-//! | `next_ticket` | the ticket the next queued request gets; `next_ticket == served + queue.len()` |
+//! | `queue` | the tickets and accesses of waiting requests, oldest first; its head is *not* compatible with `held` (otherwise it would have been granted) |
+//! | `next_ticket` | the ticket the next queued request gets; a queued ticket is granted iff it has left the queue |
 //!
 //! All holders share one access because compatibility is "same class, both
 //! shared": a second holder is only ever admitted next to shared holders of its
@@ -40,16 +48,18 @@
 //! # Why no request starves
 //!
 //! Assume every holder eventually releases. Nothing joins the holders except
-//! the head of the queue (or, when the queue is empty, a new arrival), so while
-//! a request waits, the set of holders only shrinks, apart from grants of
-//! requests that are *ahead* of it in the queue. Once every holder that was
-//! present when the head of the queue became the head has released, `held` is
-//! `None`, and the release that emptied it grants the head. By induction over
-//! queue positions, a request with `k` tickets ahead of it is granted after at
-//! most `k + 1` rounds of releases. In particular a stream of Fill holders
-//! cannot starve an Invalidate (later Fills queue behind it), and a stream of
-//! Invalidates cannot starve Fills (each Invalidate queued before a Fill is
-//! served once, and the ones after it wait).
+//! the head of the queue and the phase granted with it (or, when the queue is
+//! empty, a new arrival), and a phase takes only requests already queued, so
+//! while a request waits, the set of holders only shrinks, apart from grants
+//! of phases whose head is *ahead* of it in the queue. Once every holder that
+//! was present when the head of the queue became the head has released,
+//! `held` is `None`, and the release that emptied it grants the head. Every
+//! phase removes the head, so by induction over queue positions a request
+//! with `k` tickets ahead of it is granted after at most `k + 1` phases. In
+//! particular a stream of Fill holders cannot starve an Invalidate (later
+//! Fills queue behind it), and a stream of Invalidates cannot starve Fills
+//! (each Invalidate queued before a Fill is served once, and the ones after it
+//! wait).
 //!
 //! # Cost
 //!
@@ -101,10 +111,11 @@ impl Access {
 
 /// A fair lock with shared and exclusive access in classes.
 ///
-/// Conflicting requests are served in arrival order: a request is granted only
-/// if it is compatible with every holder and no earlier request is still
-/// waiting, and consecutive compatible waiters are granted together. See the
-/// module documentation for the algorithm and why nobody starves.
+/// Conflicting requests are served in arrival order: a request is granted on
+/// arrival only if it is compatible with every holder and nobody waits, and a
+/// release grants the oldest waiter together with every waiter of its shared
+/// access (a phase). See the module documentation for the algorithm and why
+/// nobody starves.
 ///
 /// This is a raw lock: it does not know who holds it. [`RawFairLock::unlock`]
 /// checks that the access it releases is held, but cannot tell whether the
@@ -121,8 +132,7 @@ pub struct RawFairLock {
 struct State {
     held: Option<Access>,
     count: usize,
-    queue: VecDeque<Access>,
-    served: u64,
+    queue: VecDeque<(u64, Access)>,
     next_ticket: u64,
 }
 
@@ -168,30 +178,40 @@ impl State {
     fn enqueue(&mut self, access: Access) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.queue.push_back(access);
+        self.queue.push_back((ticket, access));
         ticket
     }
 
-    /// Whether `ticket` has been granted.
+    /// Whether `ticket` has been granted: only a grant takes it off the queue.
     fn is_served(&self, ticket: u64) -> bool {
-        ticket < self.served
+        !self.queue.iter().any(|&(queued, _)| queued == ticket)
     }
 
-    /// Grants the head of the queue and every request behind it while they
-    /// stay compatible with the holders. Returns how many were granted.
+    /// Grants the head of the queue if the holders admit it, and with it every
+    /// queued request they then admit: a phase of the head's class. Repeats
+    /// while the new head is admitted. Returns how many were granted.
     #[must_use = "granted waiters must be woken"]
     fn grant_queued(&mut self) -> usize {
-        let mut granted = 0;
-        while let Some(&head) = self.queue.front() {
+        let before = self.queue.len();
+        while let Some(&(_, head)) = self.queue.front() {
             if !self.admits_holder(head) {
                 break;
             }
             self.queue.pop_front();
             self.add_holder(head);
-            self.served += 1;
-            granted += 1;
+            let mut phase = Vec::new();
+            self.queue.retain(|&(_, access)| {
+                let joins = head.is_compatible_with(access);
+                if joins {
+                    phase.push(access);
+                }
+                !joins
+            });
+            for access in phase {
+                self.add_holder(access);
+            }
         }
-        granted
+        before - self.queue.len()
     }
 }
 
@@ -205,7 +225,8 @@ impl RawFairLock {
     }
 
     /// Takes `access`, sleeping until it is compatible with every holder and
-    /// every earlier conflicting request has been served.
+    /// every earlier conflicting request has been served (or it joins the
+    /// phase of an earlier request of its access).
     #[inline]
     pub fn lock(&self, access: Access) {
         let mut state = self.state.lock();
@@ -449,8 +470,8 @@ mod tests {
         assert_eq!(*log.lock(), ["writer", "reader"]);
     }
 
-    /// Consecutive compatible waiters at the head of the queue are granted
-    /// together, and the conflicting waiter behind them waits for both.
+    /// Compatible waiters at the head of the queue are granted together, and
+    /// the conflicting waiter behind them waits for both.
     #[test]
     fn compatible_waiters_are_granted_together() {
         let lock = Arc::new(RawFairLock::new());
@@ -488,6 +509,52 @@ mod tests {
         }
         writer.join().unwrap();
         assert_eq!(log.lock().last(), Some(&"writer"));
+    }
+
+    /// A phase: when the head of the queue is granted, so is every queued
+    /// request of its shared access, even one behind a conflicting request,
+    /// which then waits for the whole phase.
+    #[test]
+    fn a_phase_admits_every_queued_request_of_its_class() {
+        let lock = Arc::new(RawFairLock::new());
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let directs_inside = Arc::new(AtomicUsize::new(0));
+        lock.lock(Access::exclusive(1));
+        let mut threads = Vec::new();
+        for (name, access) in [
+            ("direct a", Access::shared(1)),
+            ("fill", Access::shared(0)),
+            ("direct b", Access::shared(1)),
+        ] {
+            let (held, log, directs_inside) = (
+                Arc::clone(&lock),
+                Arc::clone(&log),
+                Arc::clone(&directs_inside),
+            );
+            threads.push(thread::spawn(move || {
+                held.lock(access);
+                if access.class == 1 {
+                    // Passes only if both direct requests hold the lock at once.
+                    directs_inside.fetch_add(1, Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + PATIENCE;
+                    while directs_inside.load(Ordering::SeqCst) < 2 {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the second direct request was not let in with the first"
+                        );
+                        thread::yield_now();
+                    }
+                }
+                log.lock().push(name);
+                held.unlock(access);
+            }));
+            wait_queued(&lock, threads.len());
+        }
+        lock.unlock(Access::exclusive(1));
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(log.lock().last(), Some(&"fill"));
     }
 
     /// Overlapping readers that always keep the lock held would starve a writer
@@ -728,6 +795,38 @@ mod loom_tests {
             lock.unlock(access);
             for reader in readers {
                 reader.join().unwrap();
+            }
+            assert!(lock.try_lock(Access::exclusive(0)));
+            lock.unlock(Access::exclusive(0));
+        });
+    }
+
+    /// Two-state use: two shared classes. Holders of different classes never
+    /// overlap, whatever the order the three requests queue in behind an
+    /// exclusive holder, and every request is served.
+    #[test]
+    fn phases_of_two_shared_classes_exclude_each_other() {
+        model(|| {
+            let lock = Arc::new(RawFairLock::new());
+            // Holders of class c count in byte c.
+            let inside = Arc::new(AtomicUsize::new(0));
+            lock.lock(Access::exclusive(1));
+            let spawn = |class: u8| {
+                let (lock, inside) = (Arc::clone(&lock), Arc::clone(&inside));
+                thread::spawn(move || {
+                    let access = Access::shared(class);
+                    lock.lock(access);
+                    let mine = 1 << (8 * class);
+                    let before = inside.fetch_add(mine, Ordering::Relaxed);
+                    assert_eq!(before & !(0xff << (8 * class)), 0, "classes overlapped");
+                    inside.fetch_sub(mine, Ordering::Relaxed);
+                    lock.unlock(access);
+                })
+            };
+            let threads = [spawn(1), spawn(0), spawn(1)];
+            lock.unlock(Access::exclusive(1));
+            for thread in threads {
+                thread.join().unwrap();
             }
             assert!(lock.try_lock(Access::exclusive(0)));
             lock.unlock(Access::exclusive(0));

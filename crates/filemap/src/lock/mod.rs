@@ -17,7 +17,7 @@
 //! |---|---|---|---|---|---|
 //! | `none` | - | - | - | - | - |
 //! | `file-exclusive` | shared | shared | exclusive | shared | exclusive |
-//! | `invalidate-lock` | - | shared A | shared A | shared A | exclusive |
+//! | `invalidate-lock` | - | shared A | shared A | exclusive | exclusive |
 //! | `two-state` | - | shared A | shared A | shared B | exclusive B |
 //! | `range` (default) | - | shared A | shared A | shared B | exclusive |
 //!
@@ -31,10 +31,13 @@
 //!   reads and fills, hits included, are serialised against every buffered
 //!   writer and every invalidation of the file.
 //! - [`Strategy::InvalidateLock`]: Linux 5.15's `mapping->invalidate_lock`, a
-//!   reader-writer lock: Fill and Direct are shared (with each other too, as in the
-//!   kernel, where direct I/O does not take the lock), Invalidate is exclusive.
-//!   Direct writes stay coherent because they invalidate before and after the
-//!   write, and a fill claimed before the second invalidation cannot publish.
+//!   reader-writer lock: Fill is the shared side, Invalidate the exclusive one.
+//!   A reader-writer lock has no third mode, so Direct, which must not share
+//!   with Fill, takes the exclusive side too: direct writes serialise with each
+//!   other and with every fill of the file. (The kernel's direct I/O does not
+//!   take the lock at all and relies on invalidating before and after the write,
+//!   which leaves fills racing it to the page generation alone; DESIGN keeps the
+//!   generation as a second guard, not the first.)
 //! - [`Strategy::TwoState`]: bcachefs's `pagecache_add_lock`, a two-state shared
 //!   lock: an "add" state shared by fills and buffered writes, a "block" state
 //!   shared by direct I/O, the two mutually exclusive. Invalidations take the
@@ -94,7 +97,7 @@ pub enum Strategy {
     None,
     /// Reads serialised against writers and invalidations (XFS before 5.15).
     FileExclusive,
-    /// A file-wide reader-writer lock: Fill and Direct shared, Invalidate exclusive.
+    /// A file-wide reader-writer lock: Fill shared, Direct and Invalidate exclusive.
     InvalidateLock,
     /// bcachefs's two-state lock: adds and direct I/O exclude each other.
     TwoState,
@@ -146,7 +149,8 @@ impl Strategy {
             (Strategy::FileExclusive, Read | Fill | Direct) => Some(Access::shared(0)),
             (Strategy::FileExclusive, Write | Invalidate) => Some(Access::exclusive(1)),
             (Strategy::InvalidateLock | Strategy::TwoState | Strategy::Range, Read) => None,
-            (Strategy::InvalidateLock, Fill | Write | Direct) => Some(Access::shared(0)),
+            (Strategy::InvalidateLock, Fill | Write) => Some(Access::shared(0)),
+            (Strategy::InvalidateLock, Direct) => Some(Access::exclusive(1)),
             (Strategy::TwoState | Strategy::Range, Fill | Write) => Some(Access::shared(0)),
             (Strategy::TwoState | Strategy::Range, Direct) => Some(Access::shared(1)),
             (Strategy::InvalidateLock | Strategy::TwoState | Strategy::Range, Invalidate) => {
@@ -347,12 +351,17 @@ mod tests {
     }
 
     #[test]
-    fn invalidate_excludes_fill_and_direct_shares_with_fill() {
+    fn invalidate_lock_shares_fills_and_excludes_direct_and_invalidate() {
         let lock = CoherenceLock::new(Strategy::InvalidateLock);
         let fill = lock.lock(Mode::Fill, 0..10);
-        assert!(lock.try_lock(Mode::Direct, 0..10).is_some());
+        assert!(lock.try_lock(Mode::Fill, 100..200).is_some());
+        assert!(lock.try_lock(Mode::Direct, 100..200).is_none());
         assert!(lock.try_lock(Mode::Invalidate, 100..200).is_none());
         drop(fill);
+        let direct = lock.lock(Mode::Direct, 0..10);
+        assert!(lock.try_lock(Mode::Direct, 100..200).is_none());
+        assert!(lock.try_lock(Mode::Fill, 100..200).is_none());
+        drop(direct);
         let invalidate = lock.lock(Mode::Invalidate, 0..10);
         assert!(lock.try_lock(Mode::Fill, 0..10).is_none());
         drop(invalidate);
@@ -371,7 +380,8 @@ mod tests {
         assert!(ts.conflicts(Direct, Invalidate) && ts.conflicts(Invalidate, Invalidate));
         assert!(!ts.conflicts(Read, Invalidate), "hits take no lock");
         let il = Strategy::InvalidateLock;
-        assert!(!il.conflicts(Fill, Direct) && il.conflicts(Write, Invalidate));
+        assert!(il.conflicts(Fill, Direct) && il.conflicts(Write, Invalidate));
+        assert!(il.conflicts(Direct, Direct) && !il.conflicts(Fill, Write));
         let range = Strategy::Range;
         for mode in [Fill, Write, Direct] {
             assert_eq!(
