@@ -2,28 +2,23 @@
 //! a raw sequential read of the same device, in turns in one process.
 //!
 //! The device is a temporary image file on the host file system
-//! ([`FileDevice`]), opened twice: as is, and with `O_DIRECT`
-//! ([`FileDevice::with_direct_io`]), as a storage engine with its own cache
-//! opens its device. Before every run the image is synced and dropped from the
-//! host's page cache (`posix_fadvise(DONTNEED)`), so every variant reads the
-//! host's disk:
+//! ([`FileDevice`]). Before every run the image is synced and dropped from the
+//! host's page cache (`posix_fadvise(DONTNEED)`), so both variants read the
+//! host's disk, as a user-space storage engine reading its device would:
 //! - `device`: `Device::read_exact_at` of `chunk` bytes at a time, from the
 //!   first byte of the image to the file's size, the floor of reading it;
 //! - the library's default strategy: `read_exact_at` of `chunk` bytes at a time
 //!   through a fresh cache over a `Volume` on the image, whose sequential
 //!   readahead grows its window from the fill batch up to 2 MiB.
 //!
-//! Each runs on both descriptors: op `buffered` (the host's readahead, and a
-//! copy out of the host's cache) and `o-direct` (the disk straight into the
-//! caller's buffer). The target compares the cache on the `O_DIRECT` device with
-//! the faster of the two raw reads. Rows count chunks per second.
+//! Rows count chunks per second.
 
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use filemap::{AlignedBuf, Backend, Device, FileDevice, PageCache, Volume, PAGE_SIZE};
+use filemap::{Backend, Device, FileDevice, PageCache, Volume, PAGE_SIZE};
 
 use crate::{
     default_strategy, invalid, pattern, timed_row, Histogram, Measured, Progress, Ratio, Report,
@@ -76,53 +71,21 @@ pub fn check(config: &SeqReadConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// The measured steps: four variants per run.
+/// The measured steps: two variants per run.
 pub fn steps(config: &SeqReadConfig) -> usize {
-    VARIANTS.len() * config.runs
+    2 * config.runs
 }
 
-/// Who reads, and through which descriptor of the image: the raw device or
-/// the cache over a volume on it; buffered or `O_DIRECT`.
-const VARIANTS: [(Reader, Descriptor); 4] = [
-    (Reader::Device, Descriptor::Buffered),
-    (Reader::Device, Descriptor::Direct),
-    (Reader::Cache, Descriptor::Buffered),
-    (Reader::Cache, Descriptor::Direct),
-];
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Reader {
-    Device,
-    Cache,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Descriptor {
-    Buffered,
-    Direct,
-}
-
-impl Descriptor {
-    fn op(self) -> &'static str {
-        match self {
-            Descriptor::Buffered => "buffered",
-            Descriptor::Direct => "o-direct",
-        }
-    }
-}
-
-/// Runs the benchmark; `progress` is told what is being measured.
+/// Runs the benchmark.
 pub fn run(config: &SeqReadConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
     check(config)?;
     progress(Progress::Setup("seqread: writing the file"));
-    let image = tempfile::NamedTempFile::new()?;
+    let image = tempfile::tempfile()?;
     // Room for the volume's own blocks besides the file's.
-    image
-        .as_file()
-        .set_len(config.file_bytes + config.file_bytes / 8 + (16 << 20))?;
-    let buffered: Arc<dyn Device> = Arc::new(FileDevice::open(image.path())?);
-    let direct: Arc<dyn Device> = Arc::new(FileDevice::open(image.path())?.with_direct_io()?);
-    let file = Volume::format(buffered.clone())?.create_file("seq")?;
+    image.set_len(config.file_bytes + config.file_bytes / 8 + (16 << 20))?;
+    let device: Arc<dyn Device> = Arc::new(FileDevice::from_file(image.try_clone()?)?);
+    let volume = Volume::format(device.clone())?;
+    let file = volume.create_file("seq")?;
     let chunk = pattern(1 << 20);
     file.set_len(config.file_bytes)?;
     let mut offset = 0;
@@ -131,55 +94,39 @@ pub fn run(config: &SeqReadConfig, mut progress: impl FnMut(Progress<'_>)) -> io
         file.write_pages(offset / PAGE, &chunk[..len])?;
         offset += len as u64;
     }
-    file.sync()?;
-    drop(file);
+    let file: Arc<dyn Backend> = Arc::new(file);
     let strategy = default_strategy()?;
-    let name = |reader: Reader| match reader {
-        Reader::Device => "device",
-        Reader::Cache => strategy.name(),
-    };
-    let mut runs = vec![Vec::new(); VARIANTS.len()];
-    let mut buf = AlignedBuf::new(config.chunk, PAGE_SIZE);
+    let mut runs = [Vec::new(), Vec::new()];
+    let mut buf = vec![0u8; config.chunk];
     for run in 0..config.runs {
-        for (v, &(reader, descriptor)) in VARIANTS.iter().enumerate() {
+        for (v, variant) in ["device", strategy.name()].into_iter().enumerate() {
             progress(Progress::Step(&format!(
-                "seqread, run {}/{}: {}, {}",
+                "seqread, run {}/{}: {variant}",
                 run + 1,
-                config.runs,
-                name(reader),
-                descriptor.op()
+                config.runs
             )));
-            drop_host_cache(image.as_file())?;
-            let device = match descriptor {
-                Descriptor::Buffered => &buffered,
-                Descriptor::Direct => &direct,
-            };
+            drop_host_cache(&image)?;
             let mut latency = Histogram::new();
             let started = Instant::now();
             let mut offset = 0;
-            match reader {
-                Reader::Device => {
-                    while offset < config.file_bytes {
-                        let timed = Instant::now();
-                        device.read_exact_at(&mut buf, offset)?;
-                        latency.record(timed.elapsed().as_nanos() as u64);
-                        offset += config.chunk as u64;
-                    }
+            if v == 0 {
+                while offset < config.file_bytes {
+                    let timed = Instant::now();
+                    device.read_exact_at(&mut buf, offset)?;
+                    latency.record(timed.elapsed().as_nanos() as u64);
+                    offset += config.chunk as u64;
                 }
-                Reader::Cache => {
-                    let file: Arc<dyn Backend> =
-                        Arc::new(Volume::open(device.clone())?.open_file("seq")?);
-                    let cache = PageCache::builder()
-                        .strategy(strategy)
-                        .budget_bytes(config.file_bytes + (16 << 20))
-                        .build()?;
-                    let mapping = cache.open(file)?;
-                    while offset < config.file_bytes {
-                        let timed = Instant::now();
-                        mapping.read_exact_at(&mut buf, offset)?;
-                        latency.record(timed.elapsed().as_nanos() as u64);
-                        offset += config.chunk as u64;
-                    }
+            } else {
+                let cache = PageCache::builder()
+                    .strategy(strategy)
+                    .budget_bytes(config.file_bytes + (16 << 20))
+                    .build()?;
+                let mapping = cache.open(file.clone())?;
+                while offset < config.file_bytes {
+                    let timed = Instant::now();
+                    mapping.read_exact_at(&mut buf, offset)?;
+                    latency.record(timed.elapsed().as_nanos() as u64);
+                    offset += config.chunk as u64;
                 }
             }
             let chunks = (config.file_bytes / config.chunk as u64) as f64;
@@ -188,41 +135,26 @@ pub fn run(config: &SeqReadConfig, mut progress: impl FnMut(Progress<'_>)) -> io
         }
     }
     let mut report = Report::default();
-    for (v, &(reader, descriptor)) in VARIANTS.iter().enumerate() {
+    for (v, variant) in ["device", strategy.name()].into_iter().enumerate() {
         let key = RowKey {
             workload: WORKLOAD,
-            strategy: name(reader),
-            op: descriptor.op(),
+            strategy: variant,
+            op: "read",
             threads: 1,
         };
         report.rows.push(timed_row(key, &runs[v]));
     }
-    let rate = |v: usize| report.rows[v].ops_per_s;
-    let (raw, raw_op) = if rate(0) >= rate(1) {
-        (rate(0), "buffered")
-    } else {
-        (rate(1), "o-direct")
-    };
+    let rate = |v: usize| Ok(report.rows[v].ops_per_s);
     report.ratios.push(Ratio::between(
         WORKLOAD,
         format!(
-            "{} (o-direct) / device ({raw_op}, the faster), sequential read of an uncached file, {} KiB reads",
+            "{} / device, sequential read of an uncached file, {} KiB reads",
             strategy.name(),
             config.chunk >> 10
         ),
-        Ok(rate(3)),
-        Ok(raw),
+        rate(1),
+        rate(0),
         Some(Target::AtLeast(0.9)),
-    ));
-    report.ratios.push(Ratio::between(
-        WORKLOAD,
-        format!(
-            "{} / device, both buffered, sequential read of an uncached file",
-            strategy.name()
-        ),
-        Ok(rate(2)),
-        Ok(rate(0)),
-        None,
     ));
     report.notes.push(format!(
         "seqread: {} MiB read {} KiB at a time, the host's page cache dropped before each run",
@@ -245,20 +177,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tiny_run_reports_every_variant_and_the_ratios() {
+    fn a_tiny_run_reports_both_variants_and_the_ratio() {
         let config = SeqReadConfig {
             file_bytes: 4 << 20,
             chunk: 128 << 10,
             runs: 1,
         };
         let report = run(&config, |_| {}).unwrap();
-        assert_eq!(report.rows.len(), 4);
+        assert_eq!(report.rows.len(), 2);
         assert!(report.rows.iter().all(|r| r.ops_per_s > 0.0));
-        assert_eq!(report.ratios.len(), 2);
-        assert!(report
-            .ratios
-            .iter()
-            .all(|r| r.value.is_some_and(|v| v > 0.0)));
+        assert_eq!(report.ratios.len(), 1);
+        assert!(report.ratios[0].value.is_some_and(|v| v > 0.0));
     }
 
     #[test]
