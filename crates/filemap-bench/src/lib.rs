@@ -422,11 +422,20 @@ pub fn temp_volume(bytes: u64) -> io::Result<Arc<Volume>> {
 }
 
 /// [`temp_volume`] on an image opened with `O_DIRECT`, so that the volume's
-/// reads and writes reach the disk, as direct I/O does.
-pub fn temp_direct_volume(bytes: u64) -> io::Result<Arc<Volume>> {
+/// reads and writes reach the disk, as direct I/O does. Where the file system
+/// refuses `O_DIRECT`, the image is opened as is and the error is returned
+/// beside the volume, for a note.
+pub fn temp_direct_volume(bytes: u64) -> io::Result<(Arc<Volume>, Option<io::Error>)> {
     let file = tempfile::tempfile()?;
     file.set_len(bytes.next_multiple_of(PAGE_SIZE as u64))?;
-    Volume::format(Arc::new(FileDevice::from_file(file)?.with_direct_io()?))
+    let buffered = file.try_clone()?;
+    match FileDevice::from_file(file)?.with_direct_io() {
+        Ok(device) => Ok((Volume::format(Arc::new(device))?, None)),
+        Err(refused) => Ok((
+            Volume::format(Arc::new(FileDevice::from_file(buffered)?))?,
+            Some(refused),
+        )),
+    }
 }
 
 /// Fails unless all `pages` pages of the file are cached and clean: a variant
