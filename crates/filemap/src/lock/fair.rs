@@ -199,16 +199,13 @@ impl State {
             }
             self.queue.pop_front();
             self.add_holder(head);
-            let mut phase = Vec::new();
-            self.queue.retain(|&(_, access)| {
-                let joins = head.is_compatible_with(access);
-                if joins {
-                    phase.push(access);
-                }
-                !joins
-            });
-            for access in phase {
-                self.add_holder(access);
+            // The phase: every queued request compatible with the head, which
+            // has the head's very access (same class, shared).
+            let queued = self.queue.len();
+            self.queue
+                .retain(|&(_, access)| !head.is_compatible_with(access));
+            for _ in self.queue.len()..queued {
+                self.add_holder(head);
             }
         }
         before - self.queue.len()
