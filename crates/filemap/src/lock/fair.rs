@@ -85,8 +85,17 @@ pub struct Access {
 }
 
 impl Access {
+    /// Every access of classes 0 and 1, for the tests that take them at random.
+    #[cfg(test)]
+    pub(crate) const EVERY_OF_TWO_CLASSES: [Access; 4] = [
+        Access::shared(0),
+        Access::shared(1),
+        Access::exclusive(0),
+        Access::exclusive(1),
+    ];
+
     /// Shared access of `class`: coexists with other shared holders of `class`.
-    pub fn shared(class: u8) -> Self {
+    pub const fn shared(class: u8) -> Self {
         Access {
             class,
             exclusive: false,
@@ -94,7 +103,7 @@ impl Access {
     }
 
     /// Exclusive access of `class`: coexists with nobody.
-    pub fn exclusive(class: u8) -> Self {
+    pub const fn exclusive(class: u8) -> Self {
         Access {
             class,
             exclusive: true,
@@ -621,24 +630,7 @@ mod tests {
     fn stress_random_accesses() {
         const THREADS: u64 = 4;
         const ROUNDS: usize = 2_000;
-        const ACCESSES: [Access; 4] = [
-            Access {
-                class: 0,
-                exclusive: false,
-            },
-            Access {
-                class: 1,
-                exclusive: false,
-            },
-            Access {
-                class: 0,
-                exclusive: true,
-            },
-            Access {
-                class: 1,
-                exclusive: true,
-            },
-        ];
+        const ACCESSES: [Access; 4] = Access::EVERY_OF_TWO_CLASSES;
         let lock = Arc::new(RawFairLock::new());
         let holders = Arc::new(parking_lot::Mutex::new(Vec::<Access>::new()));
         let threads: Vec<_> = (0..THREADS)

@@ -300,14 +300,8 @@ pub(super) mod tests {
 
     /// Long enough that a healthy test never hits it, short enough to fail fast.
     const PATIENCE: Duration = Duration::from_secs(10);
-    const FILL: Access = Access {
-        class: 0,
-        exclusive: false,
-    };
-    const PUNCH: Access = Access {
-        class: 1,
-        exclusive: true,
-    };
+    const FILL: Access = Access::shared(0);
+    const PUNCH: Access = Access::exclusive(1);
 
     /// Waits until `done` holds, failing the test (rather than hanging it) if
     /// that takes longer than [`PATIENCE`].
@@ -559,18 +553,7 @@ pub(super) mod tests {
     fn stress_random_ranges() {
         const THREADS: u64 = 4;
         const ROUNDS: usize = 2_000;
-        const ACCESSES: [Access; 4] = [
-            FILL,
-            PUNCH,
-            Access {
-                class: 1,
-                exclusive: false,
-            },
-            Access {
-                class: 0,
-                exclusive: true,
-            },
-        ];
+        const ACCESSES: [Access; 4] = Access::EVERY_OF_TWO_CLASSES;
         let lock = Arc::new(RawRangeLock::new());
         let inside = Arc::new(parking_lot::Mutex::new(Vec::<(Access, Range<u64>)>::new()));
         let threads: Vec<_> = (0..THREADS)
@@ -647,14 +630,8 @@ mod loom_tests {
     use crate::sync::atomic::{AtomicUsize, Ordering};
     use crate::sync::{thread, Arc};
 
-    const FILL: Access = Access {
-        class: 0,
-        exclusive: false,
-    };
-    const PUNCH: Access = Access {
-        class: 1,
-        exclusive: true,
-    };
+    const FILL: Access = Access::shared(0);
+    const PUNCH: Access = Access::exclusive(1);
     /// Bit set in a cell while an exclusive holder is inside.
     const EXCLUSIVE: usize = 1 << 16;
     /// Bytes per cell of [`Cells`].
@@ -852,24 +829,7 @@ mod shuttle_tests {
     use crate::sync::atomic::{AtomicUsize, Ordering};
     use crate::sync::{thread, Arc, Mutex};
 
-    const ACCESSES: [Access; 4] = [
-        Access {
-            class: 0,
-            exclusive: false,
-        },
-        Access {
-            class: 1,
-            exclusive: false,
-        },
-        Access {
-            class: 0,
-            exclusive: true,
-        },
-        Access {
-            class: 1,
-            exclusive: true,
-        },
-    ];
+    const ACCESSES: [Access; 4] = Access::EVERY_OF_TWO_CLASSES;
     const FILL: Access = ACCESSES[0];
     /// Random ranges start below this.
     const SPAN: u64 = 12;
