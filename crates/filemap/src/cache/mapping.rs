@@ -863,25 +863,15 @@ impl Mapping {
     /// Reads up to `buf.len()` bytes at `offset`, like `pread`: returns how many,
     /// fewer only at the end of file (0 at or past it).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.check_live()?;
-        let end = end_of(offset, buf.len())?;
-        let size = self.len();
-        if offset >= size {
+        let Some((end, len)) = self.check_read(buf, offset)? else {
             return Ok(0);
-        }
-        let len = (end.min(size) - offset) as usize;
-        // Only `file-exclusive` locks whole reads; it then covers their fills too,
-        // and a buffer in a map is filled after the lock is gone (a fault on it
-        // under the lock could wait for a queued Invalidate that waits for us).
+        };
+        // Only `file-exclusive` locks whole reads; it then covers their fills too.
         let read = self.lock_mode(Mode::Read, offset..end);
-        if read.is_locking() && buffer_in_a_map(buf.as_ptr(), len) {
-            let mut bounce = vec![0; len];
-            let n = self.read_cached(&mut bounce, offset, true)?;
-            drop(read);
-            buf[..n].copy_from_slice(&bounce[..n]);
-            return Ok(n);
-        }
-        self.read_cached(&mut buf[..len], offset, read.is_locking())
+        let fill_held = read.is_locking();
+        copy_out_under(read, &mut buf[..len], |dst| {
+            self.read_cached(dst, offset, fill_held)
+        })
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`, failing with
@@ -930,26 +920,15 @@ impl Mapping {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.check_live()?;
-        let end = end_of(offset, buf.len())?;
-        let size = self.len();
-        if offset >= size {
+        let Some((end, len)) = self.check_read(buf, offset)? else {
             return Ok(0);
-        }
-        let len = (end.min(size) - offset) as usize;
+        };
         let Some(read) = self.lock.try_lock(Mode::Read, offset..end) else {
             return would_block();
         };
-        // As in `read_at`: a buffer in a map is written after the lock is gone.
-        let copied = if read.is_locking() && buffer_in_a_map(buf.as_ptr(), len) {
-            let mut bounce = vec![0; len];
-            let n = self.read_cached_nowait(&mut bounce, offset);
-            drop(read);
-            buf[..n].copy_from_slice(&bounce[..n]);
-            n
-        } else {
-            self.read_cached_nowait(&mut buf[..len], offset)
-        };
+        let copied = copy_out_under(read, &mut buf[..len], |dst| {
+            Ok(self.read_cached_nowait(dst, offset))
+        })?;
         if copied == 0 {
             return would_block();
         }
@@ -1427,6 +1406,19 @@ impl Mapping {
             return fail(libc::EFBIG);
         }
         Ok(Some(end))
+    }
+
+    /// The argument checks of a read of `buf.len()` bytes at `offset`: the end
+    /// of the range and how many of its bytes lie before the end of file, or
+    /// `None` if none do.
+    fn check_read(&self, buf: &[u8], offset: u64) -> io::Result<Option<(u64, usize)>> {
+        self.check_live()?;
+        let end = end_of(offset, buf.len())?;
+        let size = self.len();
+        if offset >= size {
+            return Ok(None);
+        }
+        Ok(Some((end, (end.min(size) - offset) as usize)))
     }
 
     fn check_live(&self) -> io::Result<()> {
@@ -2092,6 +2084,25 @@ impl fmt::Debug for Mapping {
 
 /// `offset + len`, or `EINVAL` if it overflows.
 /// The error of a `_nowait` call that would have to wait.
+/// Runs `copy` into `dst` under the read mode `read` and returns what it
+/// copied. A buffer in a map of a locked read is filled only after the lock is
+/// gone: a fault on it under the lock could wait for a queued Invalidate that
+/// waits for us. So `copy` then fills a bounce buffer, copied out afterwards.
+fn copy_out_under(
+    read: CoherenceGuard<'_>,
+    dst: &mut [u8],
+    copy: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    if !(read.is_locking() && buffer_in_a_map(dst.as_ptr(), dst.len())) {
+        return copy(dst);
+    }
+    let mut bounce = vec![0; dst.len()];
+    let n = copy(&mut bounce)?;
+    drop(read);
+    dst[..n].copy_from_slice(&bounce[..n]);
+    Ok(n)
+}
+
 fn would_block<T>() -> io::Result<T> {
     Err(io::Error::new(
         io::ErrorKind::WouldBlock,
