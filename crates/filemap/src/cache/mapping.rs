@@ -3,15 +3,18 @@
 //! Every path that changes what the backend maps under a range, or that adds
 //! pages to the cache, holds the coherence mode that makes it safe:
 //!
-//! - A miss takes [`Mode::Fill`], claims the absent pages (`FILLING`), reads the
-//!   backend and publishes each page with a compare-and-swap against the state it
-//!   claimed. An invalidation that ran meanwhile took the page from it, so the
-//!   publish fails and the possibly stale data is never cached.
-//! - Punch, zero, truncate and `invalidate_range` take [`Mode::Invalidate`] and
-//!   remove the cached pages before they change the backend, waiting for pages
-//!   under writeback so that no old snapshot reaches the backend afterwards.
-//! - Direct I/O takes [`Mode::Direct`], writes back and drops the range before the
-//!   I/O, and (for writes) drops it again afterwards, as the kernel does.
+//! - A miss takes [`Mode::Fill`] to claim the absent pages (`FILLING`), and lets
+//!   it go: it reads the backend and publishes each page with a compare-and-swap
+//!   against the state it claimed under the claims alone, as the kernel reads a
+//!   folio it added locked after dropping `invalidate_lock`.
+//! - Punch, zero, truncate, collapse, insert and `invalidate_range` take
+//!   [`Mode::Invalidate`], which keeps new claims out, and remove the cached
+//!   pages before they change the backend, waiting for the fills claimed before
+//!   (which read the backend as it was) and for pages under writeback (so that no
+//!   old snapshot reaches the backend afterwards).
+//! - Direct I/O takes [`Mode::Direct`], writes back and drops the range and waits
+//!   for its fills before the I/O, and (for writes) drops it again afterwards, as
+//!   the kernel does.
 //! - Hits take no lock and write nothing shared: they copy the page between two
 //!   loads of the page's state word and retry if it changed.
 //!
@@ -232,6 +235,16 @@ enum FillBudget {
     Force,
 }
 
+/// What claiming pages for a fill found.
+enum Claim {
+    /// These claims, of consecutive pages from the first: read them.
+    Pages(Vec<PageState>),
+    /// The first page is absent and the budget is used up: read it uncached.
+    Uncached,
+    /// Nothing to read, for this reason.
+    Nothing(Fill),
+}
+
 /// A buffer a fill reads the backend into, reused by its thread: a fill of up
 /// to 2 MiB would otherwise map fresh memory, fault on each of its pages and
 /// unmap it again every time. It starts at a page boundary, so that a device
@@ -288,8 +301,16 @@ impl std::ops::DerefMut for FillBuf {
 
 /// What a fill of absent pages achieved.
 enum Fill {
-    /// `pages` pages from the first one were read; `data` holds them.
-    Read { pages: u64, data: FillBuf },
+    /// `pages` pages from the first one were read into `data`; the first
+    /// `current` of them were still claimed when the read ended, so they hold
+    /// the backend's data as of a moment during the fill. (Every change waits
+    /// for claims, so none should be lost; if one is, the generation check
+    /// keeps its data out of the cache and out of the caller's buffer.)
+    Read {
+        pages: u64,
+        current: u64,
+        data: FillBuf,
+    },
     /// The first page is not absent (cached, or busy with another thread): look again.
     NotAbsent,
     /// The first page starts at or past the end of file.
@@ -785,9 +806,9 @@ impl Mapping {
                 return;
             }
             let want = self.cache.fill_batch_pages as u64;
-            let _fill = self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE);
+            let fill = self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE);
             // A fault cannot be refused: it evicts until its first page fits.
-            match self.fill_locked(index, want, FillBudget::Force) {
+            match self.fill(index, want, FillBudget::Force, Some(fill)) {
                 Ok(Fill::BeyondEof) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -1080,10 +1101,8 @@ impl Mapping {
                 continue;
             }
             let batch = (last - index + 1).min(self.cache.fill_batch_pages as u64);
-            let fill = {
-                let _fill = self.lock_mode(Mode::Fill, index * PAGE..(index + batch) * PAGE);
-                self.fill_locked(index, batch, FillBudget::Cache)?
-            };
+            let fill = self.lock_mode(Mode::Fill, index * PAGE..(index + batch) * PAGE);
+            let fill = self.fill(index, batch, FillBudget::Cache, Some(fill))?;
             match fill {
                 Fill::Read { pages, .. } => index += pages,
                 Fill::NotAbsent => index += 1,
@@ -1160,6 +1179,8 @@ impl Mapping {
         self.drop_pages_where(first, last, DirtyPages::WriteBack, |i| {
             !self.page_is_mapped(i)
         })?;
+        // Fills of mapped pages must not read the device while it is written.
+        self.settle_fills(first, last);
         self.extend_size(end)?;
         schedule::point();
         let written = self.backend.write_direct(offset, buf);
@@ -1263,6 +1284,8 @@ impl Mapping {
         // The backend shifts what it holds: dirty data must be there first.
         self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
         self.drop_pages(offset / PAGE, end / PAGE - 1, DirtyPages::WriteBack)?;
+        // Pages filled from the backend as it was move below.
+        self.settle_fills(end / PAGE, MAX_PAGES - 1);
         self.backend.collapse_range(offset, len)?;
         self.move_pages(end / PAGE, -((len / PAGE) as i64));
         self.set_size(size - len)
@@ -1288,6 +1311,8 @@ impl Mapping {
             return fail(libc::EFBIG);
         }
         self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
+        // Pages filled from the backend as it was move below.
+        self.settle_fills(offset / PAGE, MAX_PAGES - 1);
         self.backend.insert_range(offset, len)?;
         // Grow first: pages that move past the old end must be inside the file.
         self.set_size(size + len)?;
@@ -1515,23 +1540,15 @@ impl Mapping {
     }
 
     /// Locks the page of `slot` to change its bytes or its place, after waiting
-    /// for writeback. A page being filled is taken from its fill instead (the
-    /// fill's data predates the change and must not be installed) and, like an
-    /// absent page, yields `None`.
+    /// for its fill and its writeback. An absent page yields `None`.
     fn lock_for_change(&self, slot: &Slot) -> Option<PageState> {
         loop {
             let state = slot.load();
             if state.is_absent() {
                 return None;
             }
-            if state.has(FILLING) && !state.has(LOCKED) {
-                if slot.replace(state, state.emptied()).is_ok() {
-                    return None;
-                }
-                continue;
-            }
-            if state.has(LOCKED | WRITEBACK) {
-                slot.wait_while(LOCKED | WRITEBACK);
+            if state.has(LOCKED | FILLING | WRITEBACK) {
+                slot.wait_while(LOCKED | FILLING | WRITEBACK);
                 continue;
             }
             if slot.try_lock(state).is_ok() {
@@ -1562,18 +1579,20 @@ impl Mapping {
             let rest = &mut dst[done..];
             let asked = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
             let want = self.readahead_window(index).max(asked);
-            let fill = if fill_held {
-                self.fill_locked(index, want, FillBudget::Uncached)?
-            } else {
-                let _fill = self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE);
-                self.fill_locked(index, want, FillBudget::Uncached)?
-            };
-            match fill {
-                Fill::Read { data, pages } => {
+            let fill = (!fill_held)
+                .then(|| self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE));
+            match self.fill(index, want, FillBudget::Uncached, fill)? {
+                Fill::Read {
+                    data,
+                    pages,
+                    current,
+                } => {
                     self.readahead.lock().0 = index + pages;
                     let beyond = pages.saturating_sub(asked);
                     stats::add(&self.cache.counters.readahead_pages, beyond);
-                    let n = (data.len() - in_page).min(rest.len());
+                    // Pages whose claim was taken are read again (from the cache).
+                    let valid = (current as usize * PAGE_SIZE).saturating_sub(in_page);
+                    let n = valid.min(rest.len());
                     rest[..n].copy_from_slice(&data[in_page..in_page + n]);
                     done += n;
                 }
@@ -1629,18 +1648,59 @@ impl Mapping {
     }
 
     /// Reads up to `want` absent pages from `index` from the backend into the
-    /// cache. The caller holds Fill. `budget` says what to do when the budget
-    /// is used up.
-    ///
-    /// Each page is claimed (`FILLING`) before the backend is read; once the data
-    /// is in, the fill locks exactly the claimed state, installs the page and
-    /// publishes it. An invalidation that ran meanwhile emptied the claim, so the
-    /// lock fails and the possibly stale data is never installed; an invalidation
-    /// that comes later waits for the lock, so it never misses an install.
+    /// cache; the caller holds Fill for them and keeps holding it. `budget` says
+    /// what to do when the budget is used up.
     fn fill_locked(&self, index: u64, want: u64, budget: FillBudget) -> io::Result<Fill> {
+        self.fill(index, want, budget, None)
+    }
+
+    /// Reads up to `want` absent pages from `index` from the backend into the
+    /// cache. Fill for them is held by `fill` if it is given (and then let go
+    /// once the pages are claimed), else by the caller.
+    ///
+    /// Fill is needed only to claim pages (`FILLING`): the backend read and the
+    /// install run under the claims, as the kernel reads a folio it added to
+    /// the page cache locked, after letting go of `invalidate_lock`. Every path
+    /// that changes the backend under a range first waits for the claims there
+    /// to end ([`Mapping::settle_fills`], or dropping the pages), which it can do
+    /// because it holds a mode that keeps new claims out; so the data a claim
+    /// reads is the backend's data at some moment the claim was held. Once the
+    /// data is in, the fill locks exactly the claimed state, installs the page
+    /// and publishes it; a claim that changed meanwhile (the generation check,
+    /// a second guard) is not installed, and its data is not returned.
+    fn fill(
+        &self,
+        index: u64,
+        want: u64,
+        budget: FillBudget,
+        fill: Option<CoherenceGuard<'_>>,
+    ) -> io::Result<Fill> {
+        let claimed = match self.claim_pages(index, want, budget) {
+            Claim::Pages(claimed) => claimed,
+            Claim::Uncached => {
+                // The budget is used up: serve this page uncached, still under Fill,
+                // as nothing else keeps an invalidation from running under the read.
+                let mut data = FillBuf::take(PAGE_SIZE);
+                self.backend.read_pages(index, &mut data)?;
+                drop(fill);
+                return Ok(Fill::Read {
+                    pages: 1,
+                    current: 1,
+                    data,
+                });
+            }
+            Claim::Nothing(outcome) => return Ok(outcome),
+        };
+        drop(fill);
+        self.read_claimed(index, &claimed)
+    }
+
+    /// Claims up to `want` absent pages from `index`, each with its share of
+    /// the budget. The caller holds Fill.
+    fn claim_pages(&self, index: u64, want: u64, budget: FillBudget) -> Claim {
         let eof_pages = self.len().div_ceil(PAGE);
         if index >= eof_pages {
-            return Ok(Fill::BeyondEof);
+            return Claim::Nothing(Fill::BeyondEof);
         }
         let want = want.min(eof_pages - index).clamp(1, MAX_READAHEAD_PAGES);
         let mut claimed: Vec<PageState> = Vec::with_capacity(want as usize);
@@ -1666,20 +1726,23 @@ impl Mapping {
             }
             claimed.push(filling);
         }
-        if claimed.is_empty() {
-            let first = self.pages.get_or_create(index).load();
-            if !first.is_absent() {
-                return Ok(Fill::NotAbsent);
-            }
-            if budget != FillBudget::Uncached {
-                return Ok(Fill::CacheFull);
-            }
-            // The budget is used up: serve this page uncached, still under Fill.
-            let mut data = FillBuf::take(PAGE_SIZE);
-            self.backend.read_pages(index, &mut data)?;
-            return Ok(Fill::Read { pages: 1, data });
+        if !claimed.is_empty() {
+            return Claim::Pages(claimed);
         }
+        let first = self.pages.get_or_create(index).load();
+        if !first.is_absent() {
+            Claim::Nothing(Fill::NotAbsent)
+        } else if budget != FillBudget::Uncached {
+            Claim::Nothing(Fill::CacheFull)
+        } else {
+            Claim::Uncached
+        }
+    }
 
+    /// Reads the pages `claimed` from `index` from the backend, then locks each
+    /// claim that is still what it was, installs runs of them and publishes
+    /// them. A claim that changed gives its budget back.
+    fn read_claimed(&self, index: u64, claimed: &[PageState]) -> io::Result<Fill> {
         let mut data = FillBuf::take(claimed.len() * PAGE_SIZE);
         schedule::point();
         let read = self.backend.read_pages(index, &mut data);
@@ -1707,6 +1770,12 @@ impl Mapping {
                 self.cache.budget.release();
             }
         }
+        // The data of the leading pages whose claims held is the backend's.
+        let current = locked
+            .iter()
+            .enumerate()
+            .take_while(|&(n, &i)| n == i)
+            .count() as u64;
         // Install runs of consecutive locked pages, one copy each, then publish.
         let mut installed_all = Ok(());
         for run in locked.chunk_by(|a, b| *b == *a + 1) {
@@ -1734,8 +1803,21 @@ impl Mapping {
         installed_all?;
         Ok(Fill::Read {
             pages: claimed.len() as u64,
+            current,
             data,
         })
+    }
+
+    /// Waits until no fill claims a page of `first..=last`. The caller holds a
+    /// mode that keeps new claims out (Invalidate, or Direct), and calls this
+    /// before it changes the backend there: a fill that claimed a page before
+    /// then reads the backend as it was.
+    fn settle_fills(&self, first: u64, last: u64) {
+        self.pages.for_each(first, last, |_, slot| {
+            if slot.load().has(FILLING) {
+                slot.wait_while(FILLING);
+            }
+        });
     }
 
     /// Writes `src` into page `index` at `in_page`, the caller holding Fill.
@@ -1937,22 +2019,17 @@ impl Mapping {
     }
 
     /// Locks page `index` for dropping, writing it back first if `dirty` says
-    /// so. Returns whether a present page is now locked; a fill's claim is taken
-    /// from it instead (the fill gives the budget back when it finds out).
+    /// so. Returns whether a present page is now locked. A page being filled is
+    /// waited for, as the kernel waits for a locked folio: the fill read the
+    /// backend as it was, and the page it installs is dropped here.
     fn lock_for_drop(&self, index: u64, slot: &Slot, dirty: DirtyPages) -> io::Result<bool> {
         loop {
             let state = slot.load();
             if state.is_absent() {
                 return Ok(false);
             }
-            if state.has(FILLING) && !state.has(LOCKED) {
-                if slot.replace(state, state.emptied()).is_ok() {
-                    return Ok(false);
-                }
-                continue;
-            }
-            if state.has(LOCKED | WRITEBACK) {
-                slot.wait_while(LOCKED | WRITEBACK);
+            if state.has(LOCKED | FILLING | WRITEBACK) {
+                slot.wait_while(LOCKED | FILLING | WRITEBACK);
                 continue;
             }
             if state.has(DIRTY) && dirty == DirtyPages::WriteBack {
