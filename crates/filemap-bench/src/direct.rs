@@ -36,8 +36,8 @@ use filemap::{AlignedBuf, Mapping, PageCache, Strategy, PAGE_SIZE};
 
 use crate::kernel::HostFile;
 use crate::{
-    check_common, figure, measure_kinds, pattern, temp_direct_volume, timed_row, Histogram,
-    Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, Target, KERNEL,
+    figure, measure_kinds, pattern, temp_direct_volume, timed_row, Histogram, Measured, PageBuf,
+    Progress, Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -53,16 +53,10 @@ pub struct DirectConfig {
     pub file_bytes: u64,
     /// The cache budget in bytes; `None` for the file's size.
     pub cache_bytes: Option<u64>,
-    /// Reader thread counts to measure.
-    pub threads: Vec<usize>,
     /// Direct writer threads.
     pub writers: usize,
-    /// Timed runs of every configuration; the median is reported.
-    pub runs: usize,
-    /// Length of one timed run.
-    pub seconds_per_run: f64,
-    /// The coherence strategies to measure.
-    pub strategies: Vec<Strategy>,
+    /// The runs, the strategies and the reader thread counts to measure.
+    pub settings: RunSettings,
 }
 
 impl Default for DirectConfig {
@@ -70,11 +64,11 @@ impl Default for DirectConfig {
         DirectConfig {
             file_bytes: 64 << 20,
             cache_bytes: None,
-            threads: vec![2],
             writers: 2,
-            runs: 3,
-            seconds_per_run: 0.5,
-            strategies: Strategy::ALL.to_vec(),
+            settings: RunSettings {
+                threads: vec![2],
+                ..RunSettings::default()
+            },
         }
     }
 }
@@ -86,7 +80,8 @@ const ALL: &str = "all";
 
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &DirectConfig) -> usize {
-    config.runs * config.threads.len() * (config.strategies.len() + 1)
+    let settings = &config.settings;
+    settings.runs * settings.threads.len() * (settings.strategies.len() + 1)
 }
 
 /// Checks the settings without running anything.
@@ -102,19 +97,15 @@ pub fn check(config: &DirectConfig) -> io::Result<()> {
     if config.writers == 0 {
         return Err(crate::invalid("there must be at least one direct writer"));
     }
-    check_common(
-        config.runs,
-        config.seconds_per_run,
-        &config.threads,
-        &config.strategies,
-    )
+    config.settings.check()
 }
 
 /// Runs the benchmark; `progress` is told what is being measured.
 pub fn run(config: &DirectConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
     check(config)?;
-    let duration = Duration::from_secs_f64(config.seconds_per_run);
-    let candidates: Vec<Option<Strategy>> = config
+    let settings = &config.settings;
+    let duration = settings.duration();
+    let candidates: Vec<Option<Strategy>> = settings
         .strategies
         .iter()
         .copied()
@@ -126,15 +117,15 @@ pub fn run(config: &DirectConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
     let mut image_refused = None;
     // runs[threads][candidate][op], one Measured per run; op 2 is "all".
     let mut runs =
-        vec![vec![vec![Vec::new(); OPS.len() + 1]; candidates.len()]; config.threads.len()];
-    for run in 0..config.runs {
-        for (t, &readers) in config.threads.iter().enumerate() {
+        vec![vec![vec![Vec::new(); OPS.len() + 1]; candidates.len()]; settings.threads.len()];
+    for run in 0..settings.runs {
+        for (t, &readers) in settings.threads.iter().enumerate() {
             for (c, candidate) in candidates.iter().enumerate() {
                 let name = candidate.map_or(KERNEL, Strategy::name);
                 progress(Progress::Step(&format!(
                     "direct, run {}/{}: {name}, {readers} reader(s), {} direct writer(s)",
                     run + 1,
-                    config.runs,
+                    settings.runs,
                     config.writers
                 )));
                 let measured = match candidate {
@@ -168,7 +159,7 @@ pub fn run(config: &DirectConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
         }
     }
 
-    for (t, &readers) in config.threads.iter().enumerate() {
+    for (t, &readers) in settings.threads.iter().enumerate() {
         for (c, candidate) in candidates.iter().enumerate() {
             for (o, op) in OPS.iter().chain([&ALL]).enumerate() {
                 if runs[t][c][o].is_empty() {
@@ -328,9 +319,12 @@ mod tests {
     fn a_tiny_run_reports_every_row_and_ratio() {
         let config = DirectConfig {
             file_bytes: 4 << 20,
-            runs: 1,
-            seconds_per_run: 0.05,
-            threads: vec![1],
+            settings: RunSettings {
+                threads: vec![1],
+                runs: 1,
+                seconds_per_run: 0.05,
+                ..RunSettings::default()
+            },
             ..DirectConfig::default()
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
@@ -370,7 +364,10 @@ mod tests {
                 ..DirectConfig::default()
             },
             DirectConfig {
-                seconds_per_run: -1.0,
+                settings: RunSettings {
+                    seconds_per_run: -1.0,
+                    ..DirectConfig::default().settings
+                },
                 ..DirectConfig::default()
             },
         ] {

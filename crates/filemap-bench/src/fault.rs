@@ -32,11 +32,11 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use filemap::{MapAccess, MapRegion, Strategy, PAGE_SIZE};
+use filemap::{MapAccess, MapRegion, PAGE_SIZE};
 
 use crate::{
-    cached_file, check_common, expect_all_cached, figure, headline_strategy, measure_kinds,
-    timed_row, Histogram, Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, Target,
+    cached_file, expect_all_cached, figure, headline_strategy, measure_kinds, timed_row, Histogram,
+    Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, RunSettings, Target,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -50,13 +50,10 @@ const TIME_EVERY: usize = 16;
 pub struct FaultConfig {
     /// The file's size in bytes (a multiple of 4 KiB).
     pub file_bytes: u64,
-    /// Timed runs of every variant; the median is reported.
-    pub runs: usize,
-    /// Length of one run of a variant (wall clock; fault variants run whole
-    /// rounds, at least one).
-    pub seconds_per_run: f64,
-    /// The coherence strategies to measure.
-    pub strategies: Vec<Strategy>,
+    /// The runs of every variant and the strategies. A run of a fault variant
+    /// takes whole rounds, at least one, so it may outlast `seconds_per_run`.
+    /// The thread counts are ignored: every variant runs on one thread.
+    pub settings: RunSettings,
 }
 
 impl Default for FaultConfig {
@@ -64,9 +61,7 @@ impl Default for FaultConfig {
         FaultConfig {
             // As for `hit`: larger than a core's L2 cache, smaller than the L3.
             file_bytes: 16 << 20,
-            runs: 3,
-            seconds_per_run: 0.5,
-            strategies: Strategy::ALL.to_vec(),
+            settings: RunSettings::default(),
         }
     }
 }
@@ -83,7 +78,8 @@ const BASELINES: [(&str, &str); 2] = [("uffd-round-trip", "fault"), ("memory-rea
 
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &FaultConfig) -> usize {
-    config.runs * (config.strategies.len() * STRATEGY_VARIANTS.len() + BASELINES.len())
+    let settings = &config.settings;
+    settings.runs * (settings.strategies.len() * STRATEGY_VARIANTS.len() + BASELINES.len())
 }
 
 /// Checks the settings without running anything.
@@ -94,39 +90,35 @@ pub fn check(config: &FaultConfig) -> io::Result<()> {
         ));
     }
     usize::try_from(config.file_bytes).map_err(|_| crate::invalid("the file is too large"))?;
-    check_common(
-        config.runs,
-        config.seconds_per_run,
-        &[1],
-        &config.strategies,
-    )
+    config.settings.check_ignoring_threads()
 }
 
 /// Runs the benchmark; `progress` is told what is being measured.
 pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
     check(config)?;
+    let settings = &config.settings;
     let len = config.file_bytes as usize;
     let pages = len / PAGE_SIZE;
     progress(Progress::Setup("fault: filling the caches"));
-    let caches = config
+    let caches = settings
         .strategies
         .iter()
         .map(|&strategy| cached_file(config.file_bytes, strategy))
         .collect::<io::Result<Vec<_>>>()?;
 
-    let duration = Duration::from_secs_f64(config.seconds_per_run);
+    let duration = settings.duration();
     let mut strategy_runs =
-        vec![vec![Vec::new(); STRATEGY_VARIANTS.len()]; config.strategies.len()];
+        vec![vec![Vec::new(); STRATEGY_VARIANTS.len()]; settings.strategies.len()];
     let mut baseline_runs = vec![Vec::new(); BASELINES.len()];
-    for run in 0..config.runs {
+    for run in 0..settings.runs {
         let step = |progress: &mut dyn FnMut(Progress<'_>), what: &str| {
             progress(Progress::Step(&format!(
                 "fault, run {}/{}: {what}",
                 run + 1,
-                config.runs
+                settings.runs
             )))
         };
-        for (s, strategy) in config.strategies.iter().enumerate() {
+        for (s, strategy) in settings.strategies.iter().enumerate() {
             let mapping = &caches[s].1;
             for (v, variant) in STRATEGY_VARIANTS.iter().enumerate() {
                 step(&mut progress, &format!("{strategy}, {variant}"));
@@ -188,7 +180,7 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
     }
 
     let mut rows: Vec<Row> = Vec::new();
-    for (s, strategy) in config.strategies.iter().enumerate() {
+    for (s, strategy) in settings.strategies.iter().enumerate() {
         for (v, variant) in STRATEGY_VARIANTS.iter().enumerate() {
             let key = RowKey {
                 workload: WORKLOAD,
@@ -208,7 +200,7 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
         };
         rows.push(timed_row(key, &baseline_runs[b]));
     }
-    let ratios = ratios(&rows, config)?;
+    let ratios = ratios(&rows, settings)?;
     Ok(Report {
         rows,
         ratios,
@@ -324,8 +316,8 @@ fn memory_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
 
 /// The ratios the fault targets are set on, for the headline strategy, and the
 /// uncached one for information.
-fn ratios(rows: &[Row], config: &FaultConfig) -> io::Result<Vec<Ratio>> {
-    let Some(strategy) = headline_strategy(&config.strategies)? else {
+fn ratios(rows: &[Row], settings: &RunSettings) -> io::Result<Vec<Ratio>> {
+    let Some(strategy) = headline_strategy(&settings.strategies)? else {
         return Ok(Vec::new());
     };
     let ours = strategy.name();
@@ -375,14 +367,17 @@ fn ratios(rows: &[Row], config: &FaultConfig) -> io::Result<Vec<Ratio>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use filemap::Strategy;
 
     #[test]
     fn a_tiny_run_reports_every_variant_and_ratio() {
         let config = FaultConfig {
             file_bytes: 1 << 20,
-            runs: 1,
-            seconds_per_run: 0.01,
-            ..FaultConfig::default()
+            settings: RunSettings {
+                runs: 1,
+                seconds_per_run: 0.01,
+                ..RunSettings::default()
+            },
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
@@ -415,15 +410,30 @@ mod tests {
                 ..FaultConfig::default()
             },
             FaultConfig {
-                runs: 0,
+                settings: RunSettings {
+                    runs: 0,
+                    ..FaultConfig::default().settings
+                },
                 ..FaultConfig::default()
             },
             FaultConfig {
-                seconds_per_run: 0.0,
+                settings: RunSettings {
+                    seconds_per_run: 0.0,
+                    ..FaultConfig::default().settings
+                },
                 ..FaultConfig::default()
             },
         ] {
             assert!(run(&config, |_| {}).is_err());
         }
+        // The benchmark runs on one thread, whatever the thread counts say.
+        let threads_ignored = FaultConfig {
+            settings: RunSettings {
+                threads: vec![0],
+                ..FaultConfig::default().settings
+            },
+            ..FaultConfig::default()
+        };
+        assert!(check(&threads_ignored).is_ok());
     }
 }

@@ -14,12 +14,12 @@
 use std::io;
 use std::time::Duration;
 
-use filemap::{Strategy, PAGE_SIZE};
+use filemap::PAGE_SIZE;
 
 use crate::kernel::HostFile;
 use crate::{
-    cached_file, check_common, coherent, figure, headline_strategy, measure_kinds, timed_row,
-    PageBuf, Progress, Ratio, Report, Row, RowKey, Target, KERNEL,
+    cached_file, coherent, figure, headline_strategy, measure_kinds, timed_row, PageBuf, Progress,
+    Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -33,14 +33,8 @@ const TIME_EVERY: u32 = 16;
 pub struct HitConfig {
     /// The file's size in bytes (a multiple of 4 KiB).
     pub file_bytes: u64,
-    /// Thread counts to measure.
-    pub threads: Vec<usize>,
-    /// Timed runs of every configuration; the median is reported.
-    pub runs: usize,
-    /// Length of one timed run.
-    pub seconds_per_run: f64,
-    /// The coherence strategies to measure.
-    pub strategies: Vec<Strategy>,
+    /// The runs, the strategies and the reader thread counts to measure.
+    pub settings: RunSettings,
 }
 
 impl Default for HitConfig {
@@ -49,10 +43,10 @@ impl Default for HitConfig {
             // Larger than a core's L2 cache, smaller than the L3: at 64 MiB and
             // more, DRAM bandwidth bounds even a plain memcpy below 2x pread.
             file_bytes: 16 << 20,
-            threads: vec![1, 2],
-            runs: 3,
-            seconds_per_run: 0.5,
-            strategies: Strategy::ALL.to_vec(),
+            settings: RunSettings {
+                threads: vec![1, 2],
+                ..RunSettings::default()
+            },
         }
     }
 }
@@ -66,7 +60,7 @@ enum Variant {
 }
 
 fn variants(config: &HitConfig) -> Vec<Variant> {
-    (0..config.strategies.len())
+    (0..config.settings.strategies.len())
         .map(Variant::Strategy)
         .chain([Variant::Kernel, Variant::Memcpy])
         .collect()
@@ -74,7 +68,8 @@ fn variants(config: &HitConfig) -> Vec<Variant> {
 
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &HitConfig) -> usize {
-    config.runs * config.threads.len() * (config.strategies.len() + 2)
+    let settings = &config.settings;
+    settings.runs * settings.threads.len() * (settings.strategies.len() + 2)
 }
 
 /// Checks the settings without running anything.
@@ -84,43 +79,39 @@ pub fn check(config: &HitConfig) -> io::Result<()> {
             "the file size must be a positive multiple of 4096 bytes",
         ));
     }
-    check_common(
-        config.runs,
-        config.seconds_per_run,
-        &config.threads,
-        &config.strategies,
-    )
+    config.settings.check()
 }
 
 /// Runs the benchmark; `progress` is told what is being measured.
 pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
     check(config)?;
+    let settings = &config.settings;
     progress(Progress::Setup(
         "hit: filling the caches and the kernel's page cache",
     ));
     let pages = config.file_bytes / PAGE;
-    let caches = config
+    let caches = settings
         .strategies
         .iter()
         .map(|&strategy| cached_file(config.file_bytes, strategy))
         .collect::<io::Result<Vec<_>>>()?;
     let host = HostFile::create(config.file_bytes)?;
 
-    let duration = Duration::from_secs_f64(config.seconds_per_run);
+    let duration = settings.duration();
     let variants = variants(config);
-    let mut runs = vec![vec![Vec::new(); variants.len()]; config.threads.len()];
-    for run in 0..config.runs {
-        for (t, &threads) in config.threads.iter().enumerate() {
+    let mut runs = vec![vec![Vec::new(); variants.len()]; settings.threads.len()];
+    for run in 0..settings.runs {
+        for (t, &threads) in settings.threads.iter().enumerate() {
             for (v, variant) in variants.iter().enumerate() {
                 let name = match *variant {
-                    Variant::Strategy(s) => config.strategies[s].name(),
+                    Variant::Strategy(s) => settings.strategies[s].name(),
                     Variant::Kernel => KERNEL,
                     Variant::Memcpy => "memcpy",
                 };
                 progress(Progress::Step(&format!(
                     "hit, run {}/{}: {name}, {threads} thread(s)",
                     run + 1,
-                    config.runs
+                    settings.runs
                 )));
                 let measured = match *variant {
                     Variant::Strategy(s) => {
@@ -170,10 +161,10 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
     }
 
     let mut rows = Vec::new();
-    for (t, &threads) in config.threads.iter().enumerate() {
+    for (t, &threads) in settings.threads.iter().enumerate() {
         for (v, variant) in variants.iter().enumerate() {
             let strategy = match *variant {
-                Variant::Strategy(s) => config.strategies[s].name(),
+                Variant::Strategy(s) => settings.strategies[s].name(),
                 Variant::Kernel => KERNEL,
                 Variant::Memcpy => "memcpy",
             };
@@ -186,7 +177,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
             rows.push(timed_row(key, &runs[t][v]));
         }
     }
-    let ratios = ratios(&rows, config)?;
+    let ratios = ratios(&rows, settings)?;
     Ok(Report {
         rows,
         ratios,
@@ -195,17 +186,17 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
 }
 
 /// The ratios the hit targets are set on.
-fn ratios(rows: &[Row], config: &HitConfig) -> io::Result<Vec<Ratio>> {
+fn ratios(rows: &[Row], settings: &RunSettings) -> io::Result<Vec<Ratio>> {
     let per_thread = |name: &str, threads: usize| {
         figure(rows, WORKLOAD, name, "read", threads, |r| {
             r.per_thread_ops_per_s
         })
     };
-    let headline = headline_strategy(&config.strategies)?;
+    let headline = headline_strategy(&settings.strategies)?;
     let mut ratios = Vec::new();
-    for &threads in &config.threads {
+    for &threads in &settings.threads {
         // The lock must cost nothing on hits: `range` against the best.
-        let best = coherent(&config.strategies)
+        let best = coherent(&settings.strategies)
             .filter_map(|s| per_thread(s.name(), threads).ok().map(|v| (s.name(), v)))
             .max_by(|a, b| a.1.total_cmp(&b.1));
         let best_figure = best
@@ -244,7 +235,7 @@ fn ratios(rows: &[Row], config: &HitConfig) -> io::Result<Vec<Ratio>> {
     }
     if let Some(strategy) = headline {
         let ours = strategy.name();
-        if config.threads.contains(&1) && config.threads.contains(&2) {
+        if settings.threads.contains(&1) && settings.threads.contains(&2) {
             ratios.push(Ratio::between(
                 WORKLOAD,
                 format!("{ours}: 2 threads / 1 thread, total"),
@@ -260,15 +251,18 @@ fn ratios(rows: &[Row], config: &HitConfig) -> io::Result<Vec<Ratio>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use filemap::Strategy;
 
     #[test]
     fn a_tiny_run_reports_every_strategy_baseline_and_ratio() {
         let config = HitConfig {
             file_bytes: 1 << 20,
-            threads: vec![1, 2],
-            runs: 1,
-            seconds_per_run: 0.01,
-            ..HitConfig::default()
+            settings: RunSettings {
+                threads: vec![1, 2],
+                runs: 1,
+                seconds_per_run: 0.01,
+                ..RunSettings::default()
+            },
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
@@ -299,15 +293,24 @@ mod tests {
                 ..HitConfig::default()
             },
             HitConfig {
-                runs: 0,
+                settings: RunSettings {
+                    runs: 0,
+                    ..HitConfig::default().settings
+                },
                 ..HitConfig::default()
             },
             HitConfig {
-                threads: vec![0],
+                settings: RunSettings {
+                    threads: vec![0],
+                    ..HitConfig::default().settings
+                },
                 ..HitConfig::default()
             },
             HitConfig {
-                strategies: Vec::new(),
+                settings: RunSettings {
+                    strategies: Vec::new(),
+                    ..HitConfig::default().settings
+                },
                 ..HitConfig::default()
             },
         ] {

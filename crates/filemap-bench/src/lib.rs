@@ -517,31 +517,76 @@ pub fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message.into())
 }
 
-/// Checks the settings every workload shares.
-pub fn check_common(
-    runs: usize,
-    seconds_per_run: f64,
-    threads: &[usize],
-    strategies: &[Strategy],
-) -> io::Result<()> {
-    if runs == 0 {
-        return Err(invalid("runs must be at least 1"));
+/// The settings of a comparison of strategies over timed runs, which every
+/// workload but `evict` and `seqread` shares; each workload's config holds one,
+/// with its own default thread counts.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    /// Thread counts to measure, one configuration each; what the threads do is
+    /// the workload's (see its config). `fault` runs on one thread and ignores
+    /// them.
+    pub threads: Vec<usize>,
+    /// Timed runs of every configuration; the median is reported.
+    pub runs: usize,
+    /// Length of one timed run, in seconds.
+    pub seconds_per_run: f64,
+    /// The coherence strategies to measure.
+    pub strategies: Vec<Strategy>,
+}
+
+impl Default for RunSettings {
+    /// One thread, three runs of half a second, every strategy.
+    fn default() -> Self {
+        RunSettings {
+            threads: vec![1],
+            runs: 3,
+            seconds_per_run: 0.5,
+            strategies: Strategy::ALL.to_vec(),
+        }
     }
-    if !(seconds_per_run.is_finite() && seconds_per_run > 0.0 && seconds_per_run <= 3600.0) {
-        return Err(invalid(
-            "seconds per run must be positive (and at most an hour)",
-        ));
+}
+
+impl RunSettings {
+    /// Checks the settings, the thread counts included.
+    pub fn check(&self) -> io::Result<()> {
+        self.check_with(true)
     }
-    if threads.is_empty() || threads.contains(&0) {
-        return Err(invalid("thread counts must be at least 1"));
+
+    /// Checks the settings but the thread counts, for a workload that ignores
+    /// them.
+    pub fn check_ignoring_threads(&self) -> io::Result<()> {
+        self.check_with(false)
     }
-    if threads.iter().any(|&t| t > 256) {
-        return Err(invalid("thread counts must be at most 256"));
+
+    /// Checks the settings, the thread counts only if `threads`.
+    fn check_with(&self, threads: bool) -> io::Result<()> {
+        if self.runs == 0 {
+            return Err(invalid("runs must be at least 1"));
+        }
+        let seconds = self.seconds_per_run;
+        if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+            return Err(invalid(
+                "seconds per run must be positive (and at most an hour)",
+            ));
+        }
+        if threads {
+            if self.threads.is_empty() || self.threads.contains(&0) {
+                return Err(invalid("thread counts must be at least 1"));
+            }
+            if self.threads.iter().any(|&t| t > 256) {
+                return Err(invalid("thread counts must be at most 256"));
+            }
+        }
+        if self.strategies.is_empty() {
+            return Err(invalid("at least one strategy must be selected"));
+        }
+        Ok(())
     }
-    if strategies.is_empty() {
-        return Err(invalid("at least one strategy must be selected"));
+
+    /// The duration of one timed run.
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds_per_run)
     }
-    Ok(())
 }
 
 /// Runs a benchmark through `run`, counting the measured steps it announces,

@@ -63,8 +63,8 @@ use filemap::{AlignedBuf, FaultRule, Mapping, PageCache, Strategy, PAGE_SIZE};
 
 use crate::kernel::HostFile;
 use crate::{
-    check_common, figure, measure_kinds, pattern, timed_row, Measured, PageBuf, Progress, Ratio,
-    Report, Row, RowKey, Target, KERNEL,
+    figure, measure_kinds, pattern, timed_row, Measured, PageBuf, Progress, Ratio, Report, Row,
+    RowKey, RunSettings, Target, KERNEL,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -104,14 +104,9 @@ pub struct MixedConfig {
     /// The cache budget in bytes; `None` for the default, 31/32 of the
     /// readers' half.
     pub cache_bytes: Option<u64>,
-    /// Reader thread counts to measure (each beside one writer and one puncher).
-    pub threads: Vec<usize>,
-    /// Timed runs of every configuration; the median is reported.
-    pub runs: usize,
-    /// Length of one timed run.
-    pub seconds_per_run: f64,
-    /// The coherence strategies to measure.
-    pub strategies: Vec<Strategy>,
+    /// The runs, the strategies and the reader thread counts to measure (each
+    /// beside one writer and one puncher).
+    pub settings: RunSettings,
     /// The variants to run.
     pub variants: Vec<Punches>,
 }
@@ -121,10 +116,10 @@ impl Default for MixedConfig {
         MixedConfig {
             file_bytes: 64 << 20,
             cache_bytes: None,
-            threads: vec![2],
-            runs: 3,
-            seconds_per_run: 0.5,
-            strategies: Strategy::ALL.to_vec(),
+            settings: RunSettings {
+                threads: vec![2],
+                ..RunSettings::default()
+            },
             variants: vec![Punches::Disjoint, Punches::Overlap],
         }
     }
@@ -178,7 +173,8 @@ const OPS: [&str; 3] = ["read", "write", "punch"];
 
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &MixedConfig) -> usize {
-    config.runs * config.variants.len() * config.threads.len() * (config.strategies.len() + 1)
+    let settings = &config.settings;
+    settings.runs * config.variants.len() * settings.threads.len() * (settings.strategies.len() + 1)
 }
 
 /// Checks the settings without running anything.
@@ -200,20 +196,16 @@ pub fn check(config: &MixedConfig) -> io::Result<()> {
             "at least one mixed variant must be selected",
         ));
     }
-    check_common(
-        config.runs,
-        config.seconds_per_run,
-        &config.threads,
-        &config.strategies,
-    )
+    config.settings.check()
 }
 
 /// Runs the benchmark; `progress` is told what is being measured.
 pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
     check(config)?;
+    let settings = &config.settings;
     let layout = Layout::of(config.file_bytes);
-    let duration = Duration::from_secs_f64(config.seconds_per_run);
-    let candidates: Vec<Option<Strategy>> = config
+    let duration = settings.duration();
+    let candidates: Vec<Option<Strategy>> = settings
         .strategies
         .iter()
         .copied()
@@ -223,21 +215,21 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
     // runs[variant][threads][candidate]: one Vec<Measured> (per run) per op.
     let mut runs =
         vec![
-            vec![vec![vec![Vec::new(); OPS.len()]; candidates.len()]; config.threads.len()];
+            vec![vec![vec![Vec::new(); OPS.len()]; candidates.len()]; settings.threads.len()];
             config.variants.len()
         ];
     // The share of reads that missed, per (variant, strategy), in the last run.
     let mut missed: Vec<(&str, &str, f64)> = Vec::new();
-    for run in 0..config.runs {
+    for run in 0..settings.runs {
         for (v, &punches) in config.variants.iter().enumerate() {
-            for (t, &readers) in config.threads.iter().enumerate() {
+            for (t, &readers) in settings.threads.iter().enumerate() {
                 for (c, candidate) in candidates.iter().enumerate() {
                     let name = candidate.map_or(KERNEL, Strategy::name);
                     progress(Progress::Step(&format!(
                         "{}, run {}/{}: {name}, {readers} reader(s)",
                         punches.workload(),
                         run + 1,
-                        config.runs
+                        settings.runs
                     )));
                     let measured = match candidate {
                         Some(strategy) => {
@@ -246,7 +238,7 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                             let measured =
                                 measure(mapping.as_ref(), layout, punches, readers, duration)?;
                             let after = cache.stats();
-                            if run + 1 == config.runs {
+                            if run + 1 == settings.runs {
                                 let misses = after.misses - before.misses;
                                 let reads = misses + after.hits - before.hits;
                                 let share = misses as f64 / reads.max(1) as f64;
@@ -269,7 +261,7 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
 
     let mut report = Report::default();
     for (v, &punches) in config.variants.iter().enumerate() {
-        for (t, &readers) in config.threads.iter().enumerate() {
+        for (t, &readers) in settings.threads.iter().enumerate() {
             for (c, candidate) in candidates.iter().enumerate() {
                 for (o, op) in OPS.iter().enumerate() {
                     let key = RowKey {
@@ -494,9 +486,12 @@ mod tests {
     fn a_tiny_run_reports_every_row_and_ratio() {
         let config = MixedConfig {
             file_bytes: 8 << 20,
-            runs: 1,
-            seconds_per_run: 0.05,
-            threads: vec![1],
+            settings: RunSettings {
+                threads: vec![1],
+                runs: 1,
+                seconds_per_run: 0.05,
+                ..RunSettings::default()
+            },
             ..MixedConfig::default()
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
@@ -536,7 +531,10 @@ mod tests {
                 ..MixedConfig::default()
             },
             MixedConfig {
-                threads: vec![0],
+                settings: RunSettings {
+                    threads: vec![0],
+                    ..MixedConfig::default().settings
+                },
                 ..MixedConfig::default()
             },
             MixedConfig {

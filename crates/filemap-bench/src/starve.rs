@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use filemap::{AlignedBuf, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
 
 use crate::{
-    check_common, coherent, figure, pattern, temp_volume, timed_row, Histogram, Measured, PageBuf,
-    Progress, Ratio, Report, Row, RowKey, Target,
+    coherent, figure, pattern, temp_volume, timed_row, Histogram, Measured, PageBuf, Progress,
+    Ratio, Report, Row, RowKey, RunSettings, Target,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -49,14 +49,9 @@ pub struct StarveConfig {
     pub range_bytes: u64,
     /// The cache budget in bytes; `None` for the file's size.
     pub cache_bytes: Option<u64>,
-    /// Storm thread counts to measure.
-    pub threads: Vec<usize>,
-    /// Timed runs of every configuration; the median is reported.
-    pub runs: usize,
-    /// Length of one timed run.
-    pub seconds_per_run: f64,
-    /// The coherence strategies to measure.
-    pub strategies: Vec<Strategy>,
+    /// The runs, the strategies and the storm thread counts to measure (each
+    /// beside runs with no storm).
+    pub settings: RunSettings,
 }
 
 impl Default for StarveConfig {
@@ -64,10 +59,10 @@ impl Default for StarveConfig {
         StarveConfig {
             range_bytes: 1 << 20,
             cache_bytes: None,
-            threads: vec![default_storm_threads()],
-            runs: 3,
-            seconds_per_run: 0.5,
-            strategies: Strategy::ALL.to_vec(),
+            settings: RunSettings {
+                threads: vec![default_storm_threads()],
+                ..RunSettings::default()
+            },
         }
     }
 }
@@ -80,7 +75,8 @@ impl StarveConfig {
 
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &StarveConfig) -> usize {
-    config.runs * config.strategies.len() * (1 + config.threads.len())
+    let settings = &config.settings;
+    settings.runs * settings.strategies.len() * (1 + settings.threads.len())
 }
 
 /// Checks the settings without running anything.
@@ -99,27 +95,23 @@ pub fn check(config: &StarveConfig) -> io::Result<()> {
             config.range_bytes >> 10
         )));
     }
-    check_common(
-        config.runs,
-        config.seconds_per_run,
-        &config.threads,
-        &config.strategies,
-    )
+    config.settings.check()
 }
 
 /// Runs the benchmark; `progress` is told what is being measured.
 pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
     check(config)?;
-    let duration = Duration::from_secs_f64(config.seconds_per_run);
+    let settings = &config.settings;
+    let duration = settings.duration();
     // Storm settings: 0 (quiet) first, then each thread count.
     let storms: Vec<usize> = [0]
         .into_iter()
-        .chain(config.threads.iter().copied())
+        .chain(settings.threads.iter().copied())
         .collect();
     // runs[strategy][storm][op]: punch, read, map-read.
-    let mut runs = vec![vec![vec![Vec::new(); 3]; storms.len()]; config.strategies.len()];
-    for run in 0..config.runs {
-        for (s, &strategy) in config.strategies.iter().enumerate() {
+    let mut runs = vec![vec![vec![Vec::new(); 3]; storms.len()]; settings.strategies.len()];
+    for run in 0..settings.runs {
+        for (s, &strategy) in settings.strategies.iter().enumerate() {
             for (t, &storm) in storms.iter().enumerate() {
                 let what = if storm == 0 {
                     "no storm".to_owned()
@@ -129,7 +121,7 @@ pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
                 progress(Progress::Step(&format!(
                     "starve, run {}/{}: {strategy}, {what}",
                     run + 1,
-                    config.runs
+                    settings.runs
                 )));
                 let (_cache, mapping) = setup(config, strategy)?;
                 let measured = measure(&mapping, config.range_bytes, storm, duration)?;
@@ -141,7 +133,7 @@ pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
     }
 
     let mut report = Report::default();
-    for (s, strategy) in config.strategies.iter().enumerate() {
+    for (s, strategy) in settings.strategies.iter().enumerate() {
         for (t, &storm) in storms.iter().enumerate() {
             for (o, op) in ["punch", "read", "map-read"].into_iter().enumerate() {
                 let measured = &runs[s][t][o];
@@ -158,11 +150,11 @@ pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
             }
         }
     }
-    for &storm in &config.threads {
+    for &storm in &settings.threads {
         let rows = report.rows.clone();
         report
             .ratios
-            .extend(ratios(&rows, &config.strategies, storm));
+            .extend(ratios(&rows, &settings.strategies, storm));
     }
     Ok(report)
 }
@@ -343,9 +335,12 @@ mod tests {
     fn a_tiny_run_reports_every_row_and_ratio() {
         let config = StarveConfig {
             range_bytes: 256 << 10,
-            runs: 1,
-            seconds_per_run: 0.05,
-            threads: vec![2],
+            settings: RunSettings {
+                threads: vec![2],
+                runs: 1,
+                seconds_per_run: 0.05,
+                ..RunSettings::default()
+            },
             ..StarveConfig::default()
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
@@ -383,7 +378,10 @@ mod tests {
                 ..StarveConfig::default()
             },
             StarveConfig {
-                threads: Vec::new(),
+                settings: RunSettings {
+                    threads: Vec::new(),
+                    ..StarveConfig::default().settings
+                },
                 ..StarveConfig::default()
             },
         ] {

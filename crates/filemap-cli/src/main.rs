@@ -273,7 +273,17 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
             .ok_or_else(|| format!("--file-mib {mib} is too large"))?,
         None => 16 << 20,
     };
-    let threads = |default: &[usize]| args.threads.clone().unwrap_or_else(|| default.to_vec());
+    let settings = filemap_bench::RunSettings {
+        runs: args.runs,
+        seconds_per_run: args.seconds,
+        strategies,
+        ..Default::default()
+    };
+    // What a thread does differs by workload, and so does the default count.
+    let with_threads = |default: &[usize]| filemap_bench::RunSettings {
+        threads: args.threads.clone().unwrap_or_else(|| default.to_vec()),
+        ..settings.clone()
+    };
     let mut configs = Vec::new();
     for workload in WORKLOADS {
         if !all && !args.workloads.contains(&workload) {
@@ -282,40 +292,27 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
         configs.push(match workload {
             WorkloadArg::Hit => BenchConfig::Hit(filemap_bench::hit::HitConfig {
                 file_bytes,
-                threads: threads(&[1, 2]),
-                runs: args.runs,
-                seconds_per_run: args.seconds,
-                strategies: strategies.clone(),
+                settings: with_threads(&[1, 2]),
             }),
             WorkloadArg::Mixed => BenchConfig::Mixed(filemap_bench::mixed::MixedConfig {
                 cache_bytes: args.cache_bytes,
-                threads: threads(&[2]),
-                runs: args.runs,
-                seconds_per_run: args.seconds,
-                strategies: strategies.clone(),
+                settings: with_threads(&[2]),
                 ..Default::default()
             }),
             WorkloadArg::Direct => BenchConfig::Direct(filemap_bench::direct::DirectConfig {
                 cache_bytes: args.cache_bytes,
-                threads: threads(&[2]),
-                runs: args.runs,
-                seconds_per_run: args.seconds,
-                strategies: strategies.clone(),
+                settings: with_threads(&[2]),
                 ..Default::default()
             }),
             WorkloadArg::Starve => BenchConfig::Starve(filemap_bench::starve::StarveConfig {
                 cache_bytes: args.cache_bytes,
-                threads: threads(&[filemap_bench::starve::default_storm_threads()]),
-                runs: args.runs,
-                seconds_per_run: args.seconds,
-                strategies: strategies.clone(),
+                settings: with_threads(&[filemap_bench::starve::default_storm_threads()]),
                 ..Default::default()
             }),
             WorkloadArg::Fault => BenchConfig::Fault(filemap_bench::fault::FaultConfig {
                 file_bytes,
-                runs: args.runs,
-                seconds_per_run: args.seconds,
-                strategies: strategies.clone(),
+                // Fault runs on one thread: `--threads` is not for it.
+                settings: settings.clone(),
             }),
             WorkloadArg::Evict => BenchConfig::Evict(filemap_bench::evict::EvictConfig::default()),
             WorkloadArg::Seqread => BenchConfig::Seqread(filemap_bench::seqread::SeqReadConfig {
