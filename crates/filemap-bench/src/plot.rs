@@ -4,7 +4,7 @@
 use std::io;
 use std::path::Path;
 
-use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::ranged1d::{AsRangedCoord, SegmentValue, ValueFormatter};
 use plotters::prelude::*;
 
 use crate::{Report, Row};
@@ -131,6 +131,39 @@ fn draw_panel<DB: DrawingBackend>(
     let min = values.iter().copied().fold(f64::MAX, f64::min);
     let threads = rows[0].threads;
     let caption = format!("{} ({threads} {})", panel.workload, panel.threads);
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70);
+    if max / min > 10.0 {
+        // Bars span decades: a log axis keeps the small ones visible.
+        let low = min / 2.0;
+        let y = (low..max * 2.0).log_scale();
+        let y_desc = format!("{} (log)", panel.axis);
+        draw_bars(&mut builder, y, y_desc, low, rows, &values)
+    } else {
+        let y = 0.0..max * 1.15;
+        draw_bars(&mut builder, y, panel.axis, 0.0, rows, &values)
+    }
+}
+
+/// Draws the mesh and a bar per row, from `low` up to its value, on the y axis
+/// `y`: a linear range or a log scale, which plotters gives different types.
+fn draw_bars<DB, Y>(
+    builder: &mut ChartBuilder<'_, '_, DB>,
+    y: Y,
+    y_desc: impl Into<String>,
+    low: f64,
+    rows: &[&Row],
+    values: &[f64],
+) -> io::Result<()>
+where
+    DB: DrawingBackend,
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
     let names: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -141,19 +174,13 @@ fn draw_panel<DB: DrawingBackend>(
             }
         })
         .collect();
-    let mut builder = ChartBuilder::on(area);
-    builder
-        .caption(caption, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(70);
     let label = |x: &SegmentValue<usize>| match x {
         SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
             names.get(*i).cloned().unwrap_or_default()
         }
         SegmentValue::Last => String::new(),
     };
-    let bar = |i: usize, r: &Row, low: f64, value: f64| {
+    let bar = |i: usize, r: &Row, value: f64| {
         let color = if r.coherent {
             Palette99::pick(i).filled()
         } else {
@@ -172,51 +199,24 @@ fn draw_panel<DB: DrawingBackend>(
     };
     // A segmented range over `0..=n - 1`: one segment per bar.
     let x = (0..rows.len() - 1).into_segmented();
-    if max / min > 10.0 {
-        // Bars span decades: a log axis keeps the small ones visible.
-        let low = min / 2.0;
-        let mut chart = builder
-            .build_cartesian_2d(x, (low..max * 2.0).log_scale())
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_label_formatter(&label)
-            .x_label_style(("sans-serif", 11))
-            .y_desc(format!("{} (log)", panel.axis))
-            .y_label_formatter(&|v| short(*v))
-            .draw()
-            .map_err(plot_error)?;
-        chart
-            .draw_series(
-                rows.iter()
-                    .zip(&values)
-                    .enumerate()
-                    .map(|(i, (r, &v))| bar(i, r, low, v)),
-            )
-            .map_err(plot_error)?;
-    } else {
-        let mut chart = builder
-            .build_cartesian_2d(x, 0.0..max * 1.15)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_label_formatter(&label)
-            .x_label_style(("sans-serif", 11))
-            .y_desc(panel.axis)
-            .y_label_formatter(&|v| short(*v))
-            .draw()
-            .map_err(plot_error)?;
-        chart
-            .draw_series(
-                rows.iter()
-                    .zip(&values)
-                    .enumerate()
-                    .map(|(i, (r, &v))| bar(i, r, 0.0, v)),
-            )
-            .map_err(plot_error)?;
-    }
+    let mut chart = builder.build_cartesian_2d(x, y).map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&label)
+        .x_label_style(("sans-serif", 11))
+        .y_desc(y_desc)
+        .y_label_formatter(&|v| short(*v))
+        .draw()
+        .map_err(plot_error)?;
+    chart
+        .draw_series(
+            rows.iter()
+                .zip(values)
+                .enumerate()
+                .map(|(i, (r, &v))| bar(i, r, v)),
+        )
+        .map_err(plot_error)?;
     Ok(())
 }
 
