@@ -216,6 +216,8 @@ pub struct CacheReport {
     pub faults: u64,
     /// Pages read ahead of sequential readers.
     pub readahead_pages: u64,
+    /// Of those, pages read by the cache's readahead threads.
+    pub readahead_thread_pages: u64,
     /// Pages evicted under the budget.
     pub evictions: u64,
     /// Dirty pages written back.
@@ -245,6 +247,7 @@ impl From<filemap::CacheStats> for CacheReport {
             fills: stats.fills,
             faults: stats.faults,
             readahead_pages: stats.readahead_pages,
+            readahead_thread_pages: stats.readahead_thread_pages,
             evictions: stats.evictions,
             writebacks: stats.writebacks,
             writeback_errors: stats.writeback_errors,

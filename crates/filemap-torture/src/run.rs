@@ -572,11 +572,24 @@ impl Shared {
         let mut counts = [0u64; OP_KINDS.len()];
         let mut direct = AlignedBuf::new(MAX_OP_PAGES as usize * PAGE_SIZE, PAGE_SIZE);
         let mut buffer = vec![0u8; MAX_OP_PAGES as usize * PAGE_SIZE];
+        // Where this worker's last read ended: half its reads go on from there,
+        // so that sequential readahead (its windows, and the windows it hands to
+        // the readahead threads) races the other operations too.
+        let mut stream: Option<(usize, u64)> = None;
         while !self.stop.load(Ordering::Relaxed) {
             let op = Op::pick(&mut rng, config.map_writes);
-            let file = rng.usize(..config.files);
-            let first = rng.u64(..config.pages_per_file);
+            let (file, first) = match stream {
+                Some((file, next))
+                    if op == Op::Read && next < config.pages_per_file && rng.bool() =>
+                {
+                    (file, next)
+                }
+                _ => (rng.usize(..config.files), rng.u64(..config.pages_per_file)),
+            };
             let count = rng.u64(1..=MAX_OP_PAGES).min(config.pages_per_file - first);
+            if op == Op::Read {
+                stream = Some((file, first + count));
+            }
             let pages = first..first + count;
             let (offset, len) = (first * PAGE, count * PAGE);
             let mapping = &self.files[file];

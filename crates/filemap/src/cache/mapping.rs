@@ -26,11 +26,15 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
 use super::evict::Visit;
-use super::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, QUEUED, UPTODATE, WRITEBACK};
+use super::page::{
+    PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, QUEUED, REFERENCED, UPTODATE, WRITEBACK,
+};
+use super::readahead::{MissFill, Readahead, MAX_WINDOW_PAGES};
 use super::stats::{self, mode_slot};
 use super::store::PageStore;
 use super::tree::{PageTree, MAX_PAGES};
@@ -51,9 +55,6 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// cached pages after it, so a sequential first pass over cached pages costs a
 /// round trip to the handler per 16 pages, not per page.
 const FAULT_AROUND_PAGES: u64 = 16;
-
-/// The largest sequential readahead window, and the most pages one fill reads.
-const MAX_READAHEAD_PAGES: u64 = 512;
 
 /// The cached pages of one open file, with the `std::os::unix::fs::FileExt`
 /// calls and the range operations of `fallocate`, `ftruncate`, `O_DIRECT` and
@@ -108,9 +109,8 @@ pub struct Mapping {
     wb_err: AtomicU64,
     /// The errseq cursor of syncs called on the mapping itself.
     sync_seen: AtomicU64,
-    /// Sequential readahead of read misses: the page after the last fill of a
-    /// miss, and the window (0 after a random miss).
-    readahead: Mutex<(u64, u64)>,
+    /// Sequential readahead of read misses.
+    readahead: Readahead,
 }
 
 /// The errno of the latest writeback error, in the low bits of `wb_err`.
@@ -272,7 +272,7 @@ impl FillBuf {
 impl Drop for FillBuf {
     fn drop(&mut self) {
         let buf = std::mem::replace(&mut self.buf, AlignedBuf::new(0, 1));
-        if buf.len() <= (MAX_READAHEAD_PAGES as usize) * PAGE_SIZE {
+        if buf.len() <= (MAX_WINDOW_PAGES as usize) * PAGE_SIZE {
             // A thread keeps two: a fill nests at most one inside another (a
             // read's bounce), and the pool must not grow without bound.
             FILL_BUFS.with(|bufs| {
@@ -345,7 +345,7 @@ impl Mapping {
             removed: AtomicBool::new(false),
             wb_err: AtomicU64::new(0),
             sync_seen: AtomicU64::new(0),
-            readahead: Mutex::new((0, 0)),
+            readahead: Readahead::default(),
         });
         let handler = FaultHandler::start(uffd, Arc::downgrade(&mapping))?;
         *mapping.handler.lock() = Some(handler);
@@ -947,8 +947,9 @@ impl Mapping {
         let Some(read) = self.lock.try_lock(Mode::Read, offset..end) else {
             return would_block();
         };
+        let locked = read.is_locking();
         let copied = copy_out_under(read, &mut buf[..len], |dst| {
-            Ok(self.read_cached_nowait(dst, offset))
+            Ok(self.read_cached_nowait(dst, offset, locked))
         })?;
         if copied == 0 {
             return would_block();
@@ -956,16 +957,20 @@ impl Mapping {
         Ok(copied)
     }
 
-    /// Copies from cached pages into `dst` up to the first page that is not a hit.
-    fn read_cached_nowait(&self, dst: &mut [u8], offset: u64) -> usize {
+    /// Copies from cached pages into `dst` up to the first page that is not a
+    /// hit; `locked`: the caller holds a coherence mode (see
+    /// [`Mapping::read_hit_locked`]).
+    fn read_cached_nowait(&self, dst: &mut [u8], offset: u64, locked: bool) -> usize {
         let mut done = 0;
         while done < dst.len() {
             let pos = offset + done as u64;
             let (index, in_page) = (pos / PAGE, (pos % PAGE) as usize);
             let take = (PAGE_SIZE - in_page).min(dst.len() - done);
-            let hit = self.pages.get(index).is_some_and(|slot| {
-                self.read_hit(slot, index, in_page, &mut dst[done..done + take])
-            });
+            let page = &mut dst[done..done + take];
+            let hit = self
+                .pages
+                .get(index)
+                .is_some_and(|slot| self.hit(slot, index, in_page, page, locked));
             if !hit {
                 break;
             }
@@ -1089,8 +1094,19 @@ impl Mapping {
         if offset >= end {
             return Ok(());
         }
-        let last = (end - 1) / PAGE;
-        let mut index = offset / PAGE;
+        let batch = self.cache.fill_batch_pages as u64;
+        self.fill_absent(offset / PAGE, (end - 1) / PAGE, batch)?;
+        Ok(())
+    }
+
+    /// Fills the absent pages of `first..=last` (inside the file), at most
+    /// `batch` pages per backend read, skipping cached ones; stops quietly
+    /// when the budget is used up, or when it has read a quarter of the budget
+    /// (it would evict what it read ahead to read ahead more). Returns the
+    /// pages it read.
+    fn fill_absent(&self, first: u64, last: u64, batch: u64) -> io::Result<u64> {
+        let mut read = 0;
+        let mut index = first;
         while index <= last {
             if self
                 .pages
@@ -1100,22 +1116,23 @@ impl Mapping {
                 index += 1;
                 continue;
             }
-            let batch = (last - index + 1).min(self.cache.fill_batch_pages as u64);
+            let batch = (last - index + 1).min(batch);
             let fill = self.lock_mode(Mode::Fill, index * PAGE..(index + batch) * PAGE);
-            let fill = self.fill(index, batch, FillBudget::Cache, Some(fill))?;
-            match fill {
-                Fill::Read { pages, .. } => index += pages,
+            match self.fill(index, batch, FillBudget::Cache, Some(fill))? {
+                Fill::Read { pages, .. } => {
+                    index += pages;
+                    read += pages;
+                }
                 Fill::NotAbsent => index += 1,
-                // A budget already used up stops readahead quietly, as documented,
-                // rather than failing it with `OutOfMemory`.
+                // A budget already used up stops readahead quietly rather than
+                // failing it with `OutOfMemory`.
                 Fill::BeyondEof | Fill::CacheFull => break,
             }
-            // Never evict what this call read ahead to read ahead more.
-            if (index - offset / PAGE) * 4 >= self.cache.budget.capacity() {
+            if (index - first) * 4 >= self.cache.budget.capacity() {
                 break;
             }
         }
-        Ok(())
+        Ok(read)
     }
 
     /// A direct read, like `pread` on an `O_DIRECT` descriptor: dirty cached pages
@@ -1567,18 +1584,32 @@ impl Mapping {
             let index = pos / PAGE;
             let in_page = (pos % PAGE) as usize;
             let take = (PAGE_SIZE - in_page).min(dst.len() - done);
+            if self.readahead.is_mark(index) {
+                self.read_ahead_from(index);
+            }
             let slot = self.pages.get(index);
-            if slot.is_some_and(|slot| {
-                self.read_hit(slot, index, in_page, &mut dst[done..done + take])
-            }) {
+            let page = &mut dst[done..done + take];
+            let hit = slot.is_some_and(|slot| self.hit(slot, index, in_page, page, fill_held));
+            if hit {
                 done += take;
+                continue;
+            }
+            // A page being filled (read ahead, most often) or changed: wait for
+            // it and look again, rather than queue for Fill only to find it busy.
+            if let Some(slot) = slot.filter(|slot| slot.load().has(FILLING | LOCKED)) {
+                slot.wait_while(FILLING | LOCKED);
                 continue;
             }
             schedule::point();
             stats::add(&self.cache.counters.misses, 1);
             let rest = &mut dst[done..];
             let asked = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
-            let want = self.readahead_window(index).max(asked);
+            let batch = self.cache.fill_batch_pages as u64;
+            let miss = self.readahead.on_miss(index, batch);
+            let want = match miss {
+                MissFill::Stream(window) => window.max(asked),
+                MissFill::Ahead => asked,
+            };
             let fill = (!fill_held)
                 .then(|| self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE));
             match self.fill(index, want, FillBudget::Uncached, fill)? {
@@ -1587,7 +1618,9 @@ impl Mapping {
                     pages,
                     current,
                 } => {
-                    self.readahead.lock().0 = index + pages;
+                    if let MissFill::Stream(_) = miss {
+                        self.readahead.filled(index, pages, asked);
+                    }
                     let beyond = pages.saturating_sub(asked);
                     stats::add(&self.cache.counters.readahead_pages, beyond);
                     // Pages whose claim was taken are read again (from the cache).
@@ -1608,20 +1641,29 @@ impl Mapping {
         Ok(done)
     }
 
-    /// The pages a read miss at `index` fills: on a sequential miss (at the page
-    /// after the previous miss's fill, or at the start of the file) the window
-    /// starts at the fill batch and doubles up to [`MAX_READAHEAD_PAGES`]; a
-    /// random miss stops readahead (only the pages asked for are read).
-    fn readahead_window(&self, index: u64) -> u64 {
-        let mut readahead = self.readahead.lock();
-        let (next, window) = *readahead;
-        let batch = self.cache.fill_batch_pages as u64;
-        readahead.1 = if index == next {
-            (window * 2).clamp(batch, MAX_READAHEAD_PAGES.max(batch))
-        } else {
-            0
-        };
-        readahead.1
+    /// A read reached the readahead mark at `index`: hands the next window to
+    /// the cache's readahead thread.
+    fn read_ahead_from(&self, index: u64) {
+        let eof_pages = self.len().div_ceil(PAGE);
+        let threads = self.cache.readahead.is_served();
+        if let Some((first, pages)) = self.readahead.take_mark(index, eof_pages, threads) {
+            self.cache.readahead.submit(self.id, first, pages);
+        }
+    }
+
+    /// Reads the window of `pages` pages from `first` into the cache, for the
+    /// readahead thread: the absent pages from `first` on, as far as the budget
+    /// allows without evicting more than a miss would. Errors are dropped: the
+    /// pages stay absent, and the read that needs them fills them itself and
+    /// reports the error.
+    pub(super) fn fill_ahead(&self, first: u64, pages: u64) {
+        if self.removed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(read) = self.fill_absent(first, first + pages - 1, MAX_WINDOW_PAGES) {
+            stats::add(&self.cache.counters.readahead_pages, read);
+            stats::add(&self.cache.counters.readahead_thread_pages, read);
+        }
     }
 
     /// The hit path: copies from the stored page if it is up to date, validating
@@ -1645,6 +1687,38 @@ impl Mapping {
             }
         }
         false
+    }
+
+    /// A hit, by [`Mapping::read_hit_locked`] if the caller holds a coherence
+    /// mode, else by [`Mapping::read_hit`].
+    #[inline]
+    fn hit(&self, slot: &Slot, index: u64, in_page: usize, dst: &mut [u8], locked: bool) -> bool {
+        if locked {
+            self.read_hit_locked(slot, index, in_page, dst)
+        } else {
+            self.read_hit(slot, index, in_page, dst)
+        }
+    }
+
+    /// The hit path of a reader that holds a coherence mode (whole reads under
+    /// `file-exclusive`): copies the page under its page lock. An optimistic
+    /// copy could touch a page an eviction just punched from the memfd, and
+    /// the fault would need Fill from the handler thread, which a queued
+    /// exclusive request would hold back behind the mode this reader holds.
+    /// Eviction skips locked pages, so a locked copy never faults.
+    fn read_hit_locked(&self, slot: &Slot, index: u64, in_page: usize, dst: &mut [u8]) -> bool {
+        loop {
+            let state = slot.load();
+            if !state.is_readable() {
+                return false;
+            }
+            if slot.try_lock(state).is_ok() {
+                self.store.read(index, in_page, dst);
+                slot.update(|s| s.transition(REFERENCED, LOCKED, false));
+                self.cache.counters.hits.add();
+                return true;
+            }
+        }
     }
 
     /// Reads up to `want` absent pages from `index` from the backend into the
@@ -1702,7 +1776,7 @@ impl Mapping {
         if index >= eof_pages {
             return Claim::Nothing(Fill::BeyondEof);
         }
-        let want = want.min(eof_pages - index).clamp(1, MAX_READAHEAD_PAGES);
+        let want = want.min(eof_pages - index).clamp(1, MAX_WINDOW_PAGES);
         let mut claimed: Vec<PageState> = Vec::with_capacity(want as usize);
         for i in 0..want {
             let slot = self.pages.get_or_create(index + i);
@@ -1745,7 +1819,9 @@ impl Mapping {
     fn read_claimed(&self, index: u64, claimed: &[PageState]) -> io::Result<Fill> {
         let mut data = FillBuf::take(claimed.len() * PAGE_SIZE);
         schedule::point();
+        let started = Instant::now();
         let read = self.backend.read_pages(index, &mut data);
+        let read_time = started.elapsed();
         schedule::point();
         // Lock every claim that survived; an emptied claim gives its budget back.
         let mut locked = Vec::with_capacity(claimed.len());
@@ -1778,6 +1854,7 @@ impl Mapping {
             .count() as u64;
         // Install runs of consecutive locked pages, one copy each, then publish.
         let mut installed_all = Ok(());
+        let started = Instant::now();
         for run in locked.chunk_by(|a, b| *b == *a + 1) {
             let first = run[0];
             let bytes = &data[first * PAGE_SIZE..(first + run.len()) * PAGE_SIZE];
@@ -1788,7 +1865,10 @@ impl Mapping {
                     false
                 }
             };
-            for &i in run {
+            // Last page first: a reader waiting for the first page of the run
+            // (it overtook the readahead thread) wakes once, to a run it can read
+            // whole, not once per page.
+            for &i in run.iter().rev() {
                 let slot = self.pages.get_or_create(index + i as u64);
                 if installed {
                     self.publish(index + i as u64, slot, PRESENT | UPTODATE, FILLING | LOCKED);
@@ -1798,6 +1878,10 @@ impl Mapping {
                     self.cache.budget.release();
                 }
             }
+        }
+        if read.is_ok() {
+            self.readahead
+                .observe(claimed.len() as u64, read_time, started.elapsed());
         }
         read?;
         installed_all?;

@@ -14,6 +14,7 @@ use crate::lock::Strategy;
 pub(crate) mod evict;
 mod mapping;
 pub(crate) mod page;
+mod readahead;
 mod stats;
 mod store;
 mod tree;
@@ -24,6 +25,7 @@ pub use mapping::{FileHandle, Mapping};
 pub use stats::{CacheStats, LockWaits};
 
 use evict::{Key, Queue, Visit};
+use readahead::{readahead_queue, ReadaheadQueue, DEFAULT_READAHEAD_THREADS};
 use stats::Counters;
 use store::Budget;
 
@@ -52,6 +54,8 @@ pub(crate) struct CacheShared {
     dirtied: AtomicU64,
     dirty_background_pages: u64,
     writeback_interval: Duration,
+    /// Windows for the readahead thread.
+    pub(crate) readahead: ReadaheadQueue,
 }
 
 /// How hard [`CacheShared::acquire`] tries for a page of the budget.
@@ -63,6 +67,9 @@ pub(crate) enum Need {
     /// Keep evicting until a page is free (a fault, which cannot be refused).
     Required,
 }
+
+/// The most readahead threads a cache may have.
+const MAX_READAHEAD_THREADS: usize = 64;
 
 /// Pages one reclaim tries to free at once.
 const RECLAIM_BATCH: usize = 16;
@@ -169,6 +176,11 @@ impl CacheShared {
         self.dirtied.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The live mapping with this id, if any.
+    fn mapping(&self, id: u32) -> Option<Arc<Mapping>> {
+        self.mappings.lock().get(&id).and_then(Weak::upgrade)
+    }
+
     fn live_mappings(&self) -> Vec<Arc<Mapping>> {
         let mappings = self.mappings.lock();
         mappings.values().filter_map(Weak::upgrade).collect()
@@ -201,6 +213,7 @@ pub struct PageCacheBuilder {
     eviction: EvictionPolicy,
     writeback_interval: Duration,
     dirty_background_bytes: Option<u64>,
+    readahead_threads: usize,
 }
 
 impl Default for PageCacheBuilder {
@@ -212,6 +225,7 @@ impl Default for PageCacheBuilder {
             eviction: EvictionPolicy::Sieve,
             writeback_interval: Duration::from_secs(5),
             dirty_background_bytes: None,
+            readahead_threads: DEFAULT_READAHEAD_THREADS,
         }
     }
 }
@@ -290,8 +304,19 @@ impl PageCacheBuilder {
         self
     }
 
+    /// Threads that read sequential windows ahead of their readers (default
+    /// 2; 0 reads every window synchronously, in the reader's miss). They read
+    /// ahead only for a backend slower to read a window than the cache is to
+    /// install it, such as a device opened with `O_DIRECT`: there the next
+    /// window's read overlaps the reader's copies and the previous window's
+    /// install. A backend the host kernel caches is read synchronously anyway.
+    pub fn readahead_threads(mut self, threads: usize) -> Self {
+        self.readahead_threads = threads;
+        self
+    }
+
     /// Builds the cache. Fails with `EINVAL` for a budget under one page or over
-    /// 2^32 pages, or a zero batch.
+    /// 2^32 pages, a zero batch, or more than 64 readahead threads.
     pub fn build(self) -> io::Result<PageCache> {
         let pages = self.budget_bytes / PAGE_SIZE as u64;
         if pages == 0 || pages > u32::MAX as u64 || self.fill_batch_pages == 0 {
@@ -303,10 +328,20 @@ impl PageCacheBuilder {
                 ),
             ));
         }
+        if self.readahead_threads > MAX_READAHEAD_THREADS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "readahead threads must be at most {MAX_READAHEAD_THREADS} (got {})",
+                    self.readahead_threads
+                ),
+            ));
+        }
         let dirty_background_pages = match self.dirty_background_bytes {
             Some(bytes) => (bytes / PAGE_SIZE as u64).max(1),
             None => (pages / 10).max(1),
         };
+        let (readahead, requests) = readahead_queue(self.readahead_threads);
         let cache = PageCache {
             shared: Arc::new(CacheShared {
                 budget: Budget::new(pages),
@@ -320,8 +355,10 @@ impl PageCacheBuilder {
                 dirtied: AtomicU64::new(0),
                 dirty_background_pages,
                 writeback_interval: self.writeback_interval,
+                readahead,
             }),
         };
+        requests.serve(self.readahead_threads, Arc::downgrade(&cache.shared))?;
         let (shared, interval) = (Arc::downgrade(&cache.shared), self.writeback_interval);
         std::thread::Builder::new()
             .name("fm-writeback".into())
@@ -387,6 +424,7 @@ impl PageCache {
             misses: load(&counters.misses),
             fills: load(&counters.fills),
             readahead_pages: load(&counters.readahead_pages),
+            readahead_thread_pages: load(&counters.readahead_thread_pages),
             evictions: load(&counters.evictions),
             writebacks: load(&counters.writebacks),
             writeback_errors: load(&counters.writeback_errors),

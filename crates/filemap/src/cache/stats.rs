@@ -52,6 +52,7 @@ pub(crate) struct Counters {
     pub(crate) writebacks: AtomicU64,
     pub(crate) writeback_errors: AtomicU64,
     pub(crate) readahead_pages: AtomicU64,
+    pub(crate) readahead_thread_pages: AtomicU64,
     pub(crate) budget_overruns: AtomicU64,
     pub(crate) faults: AtomicU64,
     /// Waits for a coherence mode, by [`Mode`] (in `Mode` declaration order).
@@ -117,6 +118,9 @@ pub struct CacheStats {
     pub fills: u64,
     /// Pages read ahead of a sequential reader, beyond what it asked for.
     pub readahead_pages: u64,
+    /// Of `readahead_pages`, those read by the cache's readahead threads
+    /// (windows of a backend slower than the cache's install).
+    pub readahead_thread_pages: u64,
     /// Pages evicted to make room under the budget.
     pub evictions: u64,
     /// Dirty pages written to backends (syncs, eviction, background writeback).
