@@ -305,9 +305,14 @@ fn setup(
     let dir = tempfile::tempdir()?;
     let file = filemap::HostFile::create(dir.path().join("mixed"))?;
     let backend = Arc::new(FaultyBackend::new(Arc::new(file), 1));
+    // No readahead threads: the readers read at random, and the sequential
+    // warm-up below must leave the budget full of the readers' pages, which a
+    // window read ahead past their half (on a thread, after the warm-up
+    // returned) would not.
     let cache = PageCache::builder()
         .strategy(strategy)
         .budget_bytes(config.budget())
+        .readahead_threads(0)
         .build()?;
     let mapping = cache.open(backend.clone())?;
     let chunk = AlignedBuf::from_slice(&pattern(1 << 20), PAGE_SIZE);
