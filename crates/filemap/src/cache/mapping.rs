@@ -1642,7 +1642,7 @@ impl Mapping {
     }
 
     /// A read reached the readahead mark at `index`: hands the next window to
-    /// the cache's readahead thread.
+    /// the cache's readahead threads.
     fn read_ahead_from(&self, index: u64) {
         let eof_pages = self.len().div_ceil(PAGE);
         let threads = self.cache.readahead.is_served();
@@ -1652,7 +1652,7 @@ impl Mapping {
     }
 
     /// Reads the window of `pages` pages from `first` into the cache, for the
-    /// readahead thread: the absent pages from `first` on, as far as the budget
+    /// readahead threads: the absent pages from `first` on, as far as the budget
     /// allows without evicting more than a miss would. Errors are dropped: the
     /// pages stay absent, and the read that needs them fills them itself and
     /// reports the error.
@@ -1866,7 +1866,7 @@ impl Mapping {
                 }
             };
             // Last page first: a reader waiting for the first page of the run
-            // (it overtook the readahead thread) wakes once, to a run it can read
+            // (it overtook the readahead threads) wakes once, to a run it can read
             // whole, not once per page.
             for &i in run.iter().rev() {
                 let slot = self.pages.get_or_create(index + i as u64);

@@ -54,7 +54,7 @@ pub(crate) struct CacheShared {
     dirtied: AtomicU64,
     dirty_background_pages: u64,
     writeback_interval: Duration,
-    /// Windows for the readahead thread.
+    /// Windows for the readahead threads.
     pub(crate) readahead: ReadaheadQueue,
 }
 

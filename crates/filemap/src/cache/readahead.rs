@@ -7,11 +7,14 @@
 //! reads only what it asked for and ends the stream. A window read beyond what
 //! its miss asked for leaves a mark on its first page past the request (the
 //! kernel's `PG_readahead`): the read that reaches the mark hands the next
-//! window, twice as large, to the cache's readahead thread and moves the mark to
-//! that window's first page. So while the reader copies one window out of the
-//! cache, the next one is read from the backend and installed on another
+//! window, twice as large, to the cache's readahead threads and moves the mark
+//! to that window's first page. So while the reader copies one window out of
+//! the cache, the next one is read from the backend and installed on another
 //! thread, and a device that is slow to answer (one opened with `O_DIRECT` has
-//! no readahead of its own) keeps working while the reader does.
+//! no readahead of its own) keeps working while the reader does. That pays
+//! only while the backend is the slower part ([`Readahead::observe`]); where
+//! installing is slower, the mark ends the readahead instead and the stream's
+//! next miss reads the next window itself.
 //!
 //! The mark is one atomic word that a hit only loads, so hits still write
 //! nothing shared unless they reach it.
@@ -53,8 +56,8 @@ pub(super) enum MissFill {
     /// A miss of the stream: this window (0 after a random miss: what it asked
     /// for). Its fill is reported with [`Readahead::filled`].
     Stream(u64),
-    /// A miss inside the windows handed to the readahead thread (its reader
-    /// overtook the thread): what it asked for, leaving the stream alone.
+    /// A miss inside the windows handed to the readahead threads (its reader
+    /// overtook them): what it asked for, leaving the stream alone.
     Ahead,
 }
 
@@ -65,7 +68,7 @@ struct Stream {
     next: u64,
     /// The last window's size in pages (0 after a random miss).
     window: u64,
-    /// The first page of the windows handed to the readahead thread since the
+    /// The first page of the windows handed to the readahead threads since the
     /// last synchronous fill (they run up to `next`).
     ahead: u64,
 }
@@ -247,6 +250,17 @@ mod tests {
         }
     }
 
+    /// A stream whose first window, 32 pages read from a slow backend for a
+    /// request of 8, marked page 8.
+    fn marked_at_8() -> Readahead {
+        let readahead = Readahead::default();
+        assert_eq!(window(&readahead, 0), 32);
+        readahead.observe(32, SLOW, FAST);
+        readahead.filled(0, 32, 8);
+        assert!(readahead.is_mark(8));
+        readahead
+    }
+
     #[test]
     fn sequential_misses_double_the_window_and_a_random_miss_ends_the_stream() {
         let readahead = Readahead::default();
@@ -316,10 +330,7 @@ mod tests {
 
     #[test]
     fn without_threads_the_mark_only_ends_the_readahead() {
-        let readahead = Readahead::default();
-        assert_eq!(window(&readahead, 0), 32);
-        readahead.observe(32, SLOW, FAST);
-        readahead.filled(0, 32, 8);
+        let readahead = marked_at_8();
         assert_eq!(readahead.take_mark(8, 1 << 20, false), None);
         assert!(!readahead.is_mark(8));
         assert_eq!(
@@ -331,10 +342,7 @@ mod tests {
 
     #[test]
     fn misses_inside_the_windows_read_ahead_leave_the_stream_alone() {
-        let readahead = Readahead::default();
-        assert_eq!(window(&readahead, 0), 32);
-        readahead.observe(32, SLOW, FAST);
-        readahead.filled(0, 32, 8);
+        let readahead = marked_at_8();
         assert_eq!(readahead.take_mark(8, 1 << 20, true), Some((32, 64)));
         assert_eq!(readahead.take_mark(32, 1 << 20, true), Some((96, 128)));
         for index in [32, 60, 95, 96, 223] {
