@@ -19,7 +19,7 @@
 //! The mark is one atomic word that a hit only loads, so hits still write
 //! nothing shared unless they reach it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Weak};
 use std::time::Duration;
 
@@ -37,6 +37,10 @@ pub(crate) const DEFAULT_READAHEAD_THREADS: usize = 2;
 /// The smallest fill [`Readahead::observe`] learns from.
 const MIN_OBSERVED_PAGES: u64 = 32;
 
+/// The most [`Readahead::observe`]'s score counts up to: as many fills where
+/// installing is slower switch a stream back to synchronous windows.
+const BACKEND_BOUND_MAX: u32 = 4;
+
 /// No mark: no stream, or the file ends before the next window.
 const NO_MARK: u64 = u64::MAX;
 
@@ -45,10 +49,10 @@ pub(super) struct Readahead {
     stream: Mutex<Stream>,
     /// The page whose read starts the next window ([`NO_MARK`] for none).
     mark: AtomicU64,
-    /// Whether the backend took longer to read the last window than the cache
-    /// took to install it: only then does reading the next window on another
-    /// thread pay (see [`Readahead::observe`]).
-    backend_bound: AtomicBool,
+    /// How far the backend has been the slower part of recent fills, from 0
+    /// to [`BACKEND_BOUND_MAX`]: windows are read ahead on the threads while it
+    /// is above 0 (see [`Readahead::observe`]).
+    backend_bound: AtomicU32,
 }
 
 /// What a read miss fills, by [`Readahead::on_miss`].
@@ -78,7 +82,7 @@ impl Default for Readahead {
         Readahead {
             stream: Mutex::new(Stream::default()),
             mark: AtomicU64::new(NO_MARK),
-            backend_bound: AtomicBool::new(false),
+            backend_bound: AtomicU32::new(0),
         }
     }
 }
@@ -132,9 +136,19 @@ impl Readahead {
     /// synchronous: measured with `filemap bench seqread`, reading ahead on the
     /// thread there cost 10 to 30% against the synchronous windows.
     pub(super) fn observe(&self, pages: u64, read: Duration, install: Duration) {
-        // Single pages and small batches say little about streaming.
+        // Single pages and small batches say little about streaming. A score
+        // rather than the last fill alone, so that one noisy fill does not
+        // switch a stream back and forth.
         if pages >= MIN_OBSERVED_PAGES {
-            self.backend_bound.store(read > install, Ordering::Relaxed);
+            let _ =
+                self.backend_bound
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |score| {
+                        Some(if read > install {
+                            (score + 1).min(BACKEND_BOUND_MAX)
+                        } else {
+                            score.saturating_sub(1)
+                        })
+                    });
         }
     }
 
@@ -154,7 +168,7 @@ impl Readahead {
             return None;
         }
         let first = stream.next;
-        if first >= eof_pages || !threads || !self.backend_bound.load(Ordering::Relaxed) {
+        if first >= eof_pages || !threads || self.backend_bound.load(Ordering::Relaxed) == 0 {
             // The next miss, at `first`, reads the next window itself.
             self.mark.store(NO_MARK, Ordering::Relaxed);
             return None;
