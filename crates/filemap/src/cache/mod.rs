@@ -61,8 +61,10 @@ pub(crate) struct CacheShared {
 /// How hard [`CacheShared::acquire`] tries for a page of the budget.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Need {
-    /// Evict once if the budget is used up, then give up (misses are served
-    /// uncached, readahead stops, writes report `OutOfMemory`).
+    /// Evict if the budget is used up; give up when nothing could be evicted
+    /// (misses are served uncached, readahead stops, writes report
+    /// `OutOfMemory`), or after [`OPTIONAL_RECLAIMS`] reclaims whose pages
+    /// other threads took.
     Optional,
     /// Keep evicting until a page is free (a fault, which cannot be refused).
     Required,
@@ -70,6 +72,10 @@ pub(crate) enum Need {
 
 /// The most readahead threads a cache may have.
 const MAX_READAHEAD_THREADS: usize = 64;
+
+/// Reclaims an optional page of the budget may take while each frees pages
+/// that other threads take first.
+const OPTIONAL_RECLAIMS: u32 = 16;
 
 /// Pages one reclaim tries to free at once.
 const RECLAIM_BATCH: usize = 16;
@@ -81,13 +87,21 @@ impl CacheShared {
             return true;
         }
         let started = Instant::now();
+        let mut tries = 0;
         loop {
-            self.reclaim(RECLAIM_BATCH);
+            let freed = self.reclaim(RECLAIM_BATCH);
             if self.budget.try_acquire() {
                 return true;
             }
+            // Pages this reclaim freed may have gone to other threads first (fills
+            // claim many at once): that is no reason to fail a write or stop a
+            // fill while pages can still be evicted.
+            tries += 1;
             if need == Need::Optional {
-                return false;
+                if freed == 0 || tries >= OPTIONAL_RECLAIMS {
+                    return false;
+                }
+                continue;
             }
             // Every evictable page is busy (locked, filling, under writeback) or
             // dirty with a failing writeback. Busy pages come free soon.
