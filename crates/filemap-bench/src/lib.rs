@@ -22,6 +22,7 @@
 //!
 //! [`plot`] draws a report as an SVG chart, one panel per workload.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -416,9 +417,8 @@ pub fn cached_file(file_bytes: u64, strategy: Strategy) -> io::Result<(PageCache
 /// reads come from the host's page cache, so a fill costs a system call, not a
 /// disk access.
 pub fn temp_volume(bytes: u64) -> io::Result<Arc<Volume>> {
-    let file = tempfile::tempfile()?;
-    file.set_len(bytes)?;
-    Volume::format(Arc::new(FileDevice::from_file(file)?))
+    let (_, device, _) = temp_image(bytes, false)?;
+    Volume::format(Arc::new(device))
 }
 
 /// [`temp_volume`] on an image opened with `O_DIRECT`, so that the volume's
@@ -426,15 +426,28 @@ pub fn temp_volume(bytes: u64) -> io::Result<Arc<Volume>> {
 /// refuses `O_DIRECT`, the image is opened as is and the error is returned
 /// beside the volume, for a note.
 pub fn temp_direct_volume(bytes: u64) -> io::Result<(Arc<Volume>, Option<io::Error>)> {
+    let (_, device, refused) = temp_image(bytes, true)?;
+    Ok((Volume::format(Arc::new(device))?, refused))
+}
+
+/// A temporary image file of `bytes` bytes (rounded up to whole pages) and a
+/// device on it, opened with `O_DIRECT` if `direct`. Where the file system
+/// refuses `O_DIRECT`, the device is opened as is and the error is returned
+/// beside it, for a note. The file comes too, for a caller that drops it from
+/// the host's page cache; the image is gone when both are.
+pub fn temp_image(bytes: u64, direct: bool) -> io::Result<(File, FileDevice, Option<io::Error>)> {
     let file = tempfile::tempfile()?;
     file.set_len(bytes.next_multiple_of(PAGE_SIZE as u64))?;
-    let buffered = file.try_clone()?;
-    match FileDevice::from_file(file)?.with_direct_io() {
-        Ok(device) => Ok((Volume::format(Arc::new(device))?, None)),
-        Err(refused) => Ok((
-            Volume::format(Arc::new(FileDevice::from_file(buffered)?))?,
-            Some(refused),
-        )),
+    let device = FileDevice::from_file(file.try_clone()?)?;
+    if !direct {
+        return Ok((file, device, None));
+    }
+    match device.with_direct_io() {
+        Ok(device) => Ok((file, device, None)),
+        Err(refused) => {
+            let device = FileDevice::from_file(file.try_clone()?)?;
+            Ok((file, device, Some(refused)))
+        }
     }
 }
 

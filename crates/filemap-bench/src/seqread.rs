@@ -30,11 +30,11 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use filemap::{Backend, Device, FileDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::{Backend, Device, PageCache, Strategy, Volume, PAGE_SIZE};
 
 use crate::{
-    default_strategy, invalid, pattern, timed_row, Histogram, Measured, Progress, Ratio, Report,
-    RowKey, Target,
+    default_strategy, invalid, pattern, temp_image, timed_row, Histogram, Measured, Progress,
+    Ratio, Report, RowKey, Target,
 };
 
 /// The workload's name in reports.
@@ -159,22 +159,15 @@ fn measure(
     report: &mut Report,
 ) -> io::Result<[Vec<Measured>; 2]> {
     progress(Progress::Setup("seqread: writing the file"));
-    let file = tempfile::tempfile()?;
     // Room for the volume's own blocks besides the file's.
-    file.set_len(config.file_bytes + config.file_bytes / 8 + (16 << 20))?;
-    let opened = FileDevice::from_file(file.try_clone()?)?;
-    let device: Arc<dyn Device> = match image {
-        Image::HostCached => Arc::new(opened),
-        Image::Direct => match opened.with_direct_io() {
-            Ok(direct) => Arc::new(direct),
-            Err(refused) => {
-                report.notes.push(format!(
-                    "seqread: the file system refused O_DIRECT ({refused}): its target is measured through the host's page cache"
-                ));
-                Arc::new(FileDevice::from_file(file.try_clone()?)?)
-            }
-        },
-    };
+    let bytes = config.file_bytes + config.file_bytes / 8 + (16 << 20);
+    let (file, device, refused) = temp_image(bytes, image == Image::Direct)?;
+    if let Some(refused) = refused {
+        report.notes.push(format!(
+            "seqread: the file system refused O_DIRECT ({refused}): its target is measured through the host's page cache"
+        ));
+    }
+    let device: Arc<dyn Device> = Arc::new(device);
     let volume = Volume::format(device.clone())?;
     let written = volume.create_file("seq")?;
     let chunk = pattern(1 << 20);
@@ -197,35 +190,45 @@ fn measure(
                 config.runs
             )));
             drop_host_cache(&file)?;
-            let mut latency = Histogram::new();
             let started = Instant::now();
-            let mut offset = 0;
-            if v == 0 {
-                while offset < config.file_bytes {
-                    let timed = Instant::now();
-                    device.read_exact_at(&mut buf, offset)?;
-                    latency.record(timed.elapsed().as_nanos() as u64);
-                    offset += config.chunk as u64;
-                }
+            let latency = if v == 0 {
+                read_through(config.file_bytes, &mut buf, |buf, offset| {
+                    device.read_exact_at(buf, offset)
+                })?
             } else {
                 let cache = PageCache::builder()
                     .strategy(strategy)
                     .budget_bytes(config.file_bytes + (16 << 20))
                     .build()?;
                 let mapping = cache.open(backend.clone())?;
-                while offset < config.file_bytes {
-                    let timed = Instant::now();
-                    mapping.read_exact_at(&mut buf, offset)?;
-                    latency.record(timed.elapsed().as_nanos() as u64);
-                    offset += config.chunk as u64;
-                }
-            }
+                read_through(config.file_bytes, &mut buf, |buf, offset| {
+                    mapping.read_exact_at(buf, offset)
+                })?
+            };
             let chunks = (config.file_bytes / config.chunk as u64) as f64;
             let rate = chunks / started.elapsed().as_secs_f64().max(1e-9);
             runs[v].push(Measured::new(rate, latency, 1));
         }
     }
     Ok(runs)
+}
+
+/// Reads the first `bytes` bytes `buf.len()` at a time, in order, with `read`,
+/// and returns each call's latency.
+fn read_through(
+    bytes: u64,
+    buf: &mut [u8],
+    mut read: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+) -> io::Result<Histogram> {
+    let mut latency = Histogram::new();
+    let mut offset = 0;
+    while offset < bytes {
+        let timed = Instant::now();
+        read(buf, offset)?;
+        latency.record(timed.elapsed().as_nanos() as u64);
+        offset += buf.len() as u64;
+    }
+    Ok(latency)
 }
 
 /// Syncs `image` and drops it from the host's page cache, so the next reads

@@ -1657,7 +1657,7 @@ impl Mapping {
     /// pages stay absent, and the read that needs them fills them itself and
     /// reports the error.
     pub(super) fn fill_ahead(&self, first: u64, pages: u64) {
-        if self.removed.load(Ordering::Acquire) {
+        if self.check_live().is_err() {
             return;
         }
         if let Ok(read) = self.fill_absent(first, first + pages - 1, MAX_WINDOW_PAGES) {
@@ -1898,9 +1898,7 @@ impl Mapping {
     /// then reads the backend as it was.
     fn settle_fills(&self, first: u64, last: u64) {
         self.pages.for_each(first, last, |_, slot| {
-            if slot.load().has(FILLING) {
-                slot.wait_while(FILLING);
-            }
+            slot.wait_while(FILLING);
         });
     }
 
@@ -2243,8 +2241,6 @@ impl fmt::Debug for Mapping {
     }
 }
 
-/// `offset + len`, or `EINVAL` if it overflows.
-/// The error of a `_nowait` call that would have to wait.
 /// Runs `copy` into `dst` under the read mode `read` and returns what it
 /// copied. A buffer in a map of a locked read is filled only after the lock is
 /// gone: a fault on it under the lock could wait for a queued Invalidate that
@@ -2264,6 +2260,7 @@ fn copy_out_under(
     Ok(n)
 }
 
+/// The error of a `_nowait` call that would have to wait.
 fn would_block<T>() -> io::Result<T> {
     Err(io::Error::new(
         io::ErrorKind::WouldBlock,
@@ -2271,6 +2268,7 @@ fn would_block<T>() -> io::Result<T> {
     ))
 }
 
+/// `offset + len`, or `EINVAL` if it overflows.
 fn end_of(offset: u64, len: impl TryInto<u64>) -> io::Result<u64> {
     len.try_into()
         .ok()

@@ -372,7 +372,7 @@ impl PageCacheBuilder {
                 readahead,
             }),
         };
-        requests.serve(self.readahead_threads, Arc::downgrade(&cache.shared))?;
+        requests.serve(Arc::downgrade(&cache.shared))?;
         let (shared, interval) = (Arc::downgrade(&cache.shared), self.writeback_interval);
         std::thread::Builder::new()
             .name("fm-writeback".into())

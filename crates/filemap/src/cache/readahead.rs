@@ -129,12 +129,12 @@ impl Readahead {
     /// Records how long a fill of `pages` pages took to read from the backend
     /// and to install. Windows of a backend slower than the install (a device
     /// opened with `O_DIRECT`, a remote store) are read ahead on the readahead
-    /// thread, so that the install and the reader's copies overlap the next
+    /// threads, so that the install and the reader's copies overlap the next
     /// read. Where the install is the slower part (a backend the host kernel
-    /// caches and reads ahead itself), the thread would only add hand-offs and
+    /// caches and reads ahead itself), the threads would only add hand-offs and
     /// contend with the reader for the processors, and the stream stays
     /// synchronous: measured with `filemap bench seqread`, reading ahead on the
-    /// thread there cost 10 to 30% against the synchronous windows.
+    /// threads there cost 10 to 30% against the synchronous windows.
     pub(super) fn observe(&self, pages: u64, read: Duration, install: Duration) {
         // Single pages and small batches say little about streaming. A score
         // rather than the last fill alone, so that one noisy fill does not
@@ -190,19 +190,25 @@ type Request = (u32, u64, u64);
 /// the cache.
 pub(crate) struct ReadaheadQueue(Option<mpsc::Sender<Request>>);
 
-/// The readahead threads' side: the windows queued for them.
-pub(crate) struct ReadaheadRequests(Option<mpsc::Receiver<Request>>);
+/// The readahead threads' side: the windows queued for them, and how many
+/// threads [`ReadaheadRequests::serve`] starts.
+pub(crate) struct ReadaheadRequests {
+    requests: Option<mpsc::Receiver<Request>>,
+    threads: usize,
+}
 
-/// A queue of windows and its receiving end, for `threads` threads started by
-/// [`ReadaheadRequests::serve`].
+/// A queue of windows and its receiving end, for `threads` threads.
 pub(crate) fn readahead_queue(threads: usize) -> (ReadaheadQueue, ReadaheadRequests) {
-    if threads == 0 {
-        return (ReadaheadQueue(None), ReadaheadRequests(None));
-    }
-    let (queue, requests) = mpsc::channel();
+    let (queue, requests) = match threads {
+        0 => (None, None),
+        _ => {
+            let (queue, requests) = mpsc::channel();
+            (Some(queue), Some(requests))
+        }
+    };
     (
-        ReadaheadQueue(Some(queue)),
-        ReadaheadRequests(Some(requests)),
+        ReadaheadQueue(queue),
+        ReadaheadRequests { requests, threads },
     )
 }
 
@@ -222,14 +228,14 @@ impl ReadaheadQueue {
 }
 
 impl ReadaheadRequests {
-    /// Starts `threads` threads that read the queued windows of `cache`'s
-    /// mappings. Each holds the cache only while it reads a window.
-    pub(crate) fn serve(self, threads: usize, cache: Weak<CacheShared>) -> std::io::Result<()> {
-        let Some(requests) = self.0 else {
+    /// Starts the threads that read the queued windows of `cache`'s mappings.
+    /// Each holds the cache only while it reads a window.
+    pub(crate) fn serve(self, cache: Weak<CacheShared>) -> std::io::Result<()> {
+        let Some(requests) = self.requests else {
             return Ok(());
         };
         let requests = std::sync::Arc::new(Mutex::new(requests));
-        for _ in 0..threads {
+        for _ in 0..self.threads {
             let (requests, cache) = (requests.clone(), cache.clone());
             std::thread::Builder::new()
                 .name("fm-readahead".into())
