@@ -112,7 +112,8 @@ enum StrategyArg {
     FileExclusive,
     /// Linux 5.15's invalidate_lock: a file-wide reader-writer lock.
     InvalidateLock,
-    /// bcachefs's two-state lock: adds and direct I/O exclude each other.
+    /// bcachefs's two-state lock: adds and direct I/O exclude each other
+    /// (unfair, as in bcachefs).
     TwoState,
     /// The three modes per byte range: only overlapping pages exclude each
     /// other (the library's default).

@@ -1,9 +1,10 @@
 //! A fair (phase-fair) lock with classes of shared and exclusive access.
 //!
-//! One primitive covers every file-wide coherence strategy: with class 0 shared
-//! and class 1 exclusive it is a reader-writer lock; with class 0 shared and
-//! class 1 shared it is bcachefs's two-state lock; a single exclusive class is a
-//! mutex. Two accesses are compatible iff they have the same class and neither
+//! One primitive covers the fair file-wide coherence strategies: with class 0
+//! shared and class 1 exclusive it is a reader-writer lock; with class 0 shared
+//! and class 1 shared it is a fair two-state lock (the `two-state` strategy
+//! takes bcachefs's unfair one instead, [`super::RawTwoStateLock`]); a single
+//! exclusive class is a mutex. Two accesses are compatible iff they have the same class and neither
 //! is exclusive ([`Access::is_compatible_with`], the only place that rule lives).
 //!
 //! # Algorithm

@@ -41,7 +41,10 @@
 //! - [`Strategy::TwoState`]: bcachefs's `pagecache_add_lock`, a two-state shared
 //!   lock: an "add" state shared by fills and buffered writes, a "block" state
 //!   shared by direct I/O, the two mutually exclusive. Invalidations take the
-//!   block state exclusively (bcachefs serialises them with the inode lock).
+//!   block state exclusively (bcachefs serialises them with the inode lock,
+//!   which direct I/O takes to enter). Like bcachefs's, the lock is unfair
+//!   ([`RawTwoStateLock`]): a request joins holders of its state whoever waits
+//!   for the other, so a stream of either side starves the other.
 //! - [`Strategy::Range`] (the default): the founding design's three modes per
 //!   byte range, in the spirit of Jan Kara's mapping range lock: Fill (and
 //!   buffered writes) share with Fill, Direct with Direct, Invalidate with
@@ -52,14 +55,16 @@
 //!   away.
 //!
 //! The cache never takes a second mode of the same mapping while it holds one:
-//! the lock is fair, so the second request would queue behind a waiting
+//! under a fair lock the second request would queue behind a waiting
 //! Invalidate that waits for the first. (Under `range` a thread re-entering the
 //! mode it holds is let past waiters, but the rule stays: work handed to
 //! another thread, as a page fault is, gets no such pass.)
 //!
-//! The file-wide strategies take their raw lock through [`RawFairLock`], `range`
-//! through [`RawRangeLock`]; both serve conflicting requests in arrival order,
-//! so neither side can starve the other.
+//! `file-exclusive` and `invalidate-lock` take their raw lock through
+//! [`RawFairLock`], `range` through [`RawRangeLock`]; both serve conflicting
+//! requests in arrival order, so neither side can starve the other. `two-state`
+//! takes [`RawTwoStateLock`], which keeps bcachefs's unfairness so that the
+//! benchmarks show what it costs.
 
 use std::fmt;
 use std::ops::Range;
@@ -67,9 +72,11 @@ use std::str::FromStr;
 
 mod fair;
 mod range;
+mod two_state;
 
 pub use fair::{Access, RawFairLock};
 pub use range::{ranges_overlap, RangeGrant, RawRangeLock};
+pub use two_state::RawTwoStateLock;
 
 use crate::PAGE_SIZE;
 
@@ -99,7 +106,8 @@ pub enum Strategy {
     FileExclusive,
     /// A file-wide reader-writer lock: Fill shared, Direct and Invalidate exclusive.
     InvalidateLock,
-    /// bcachefs's two-state lock: adds and direct I/O exclude each other.
+    /// bcachefs's two-state lock: adds and direct I/O exclude each other, and
+    /// either may starve the other, as in bcachefs.
     TwoState,
     /// The three modes per byte range (whole pages): Fill with Fill, Direct
     /// with Direct; only overlapping holders exclude each other. The default.
@@ -229,8 +237,10 @@ pub struct CoherenceLock {
 /// The raw lock a strategy takes.
 #[derive(Debug)]
 enum RawLock {
-    /// File-wide strategies: modes ignore their range.
+    /// The fair file-wide strategies: modes ignore their range.
     File(RawFairLock),
+    /// `two-state`: bcachefs's lock, file-wide and unfair.
+    TwoState(RawTwoStateLock),
     /// `range`: modes lock the pages of their range.
     Range(RawRangeLock),
 }
@@ -268,10 +278,10 @@ impl CoherenceGuard<'_> {
 impl CoherenceLock {
     /// A lock enforcing `strategy`.
     pub fn new(strategy: Strategy) -> Self {
-        let raw = if strategy.is_range_granular() {
-            RawLock::Range(RawRangeLock::new())
-        } else {
-            RawLock::File(RawFairLock::new())
+        let raw = match strategy {
+            Strategy::Range => RawLock::Range(RawRangeLock::new()),
+            Strategy::TwoState => RawLock::TwoState(RawTwoStateLock::new()),
+            _ => RawLock::File(RawFairLock::new()),
         };
         CoherenceLock { strategy, raw }
     }
@@ -288,6 +298,10 @@ impl CoherenceLock {
     pub fn lock(&self, mode: Mode, range: Range<u64>) -> CoherenceGuard<'_> {
         let held = self.strategy.access(mode).map(|access| match &self.raw {
             RawLock::File(raw) => {
+                raw.lock(access);
+                Held::File(access)
+            }
+            RawLock::TwoState(raw) => {
                 raw.lock(access);
                 Held::File(access)
             }
@@ -311,6 +325,12 @@ impl CoherenceLock {
                 }
                 Some(Held::File(access))
             }
+            (Some(access), RawLock::TwoState(raw)) => {
+                if !raw.try_lock(access) {
+                    return None;
+                }
+                Some(Held::File(access))
+            }
             (Some(access), RawLock::Range(raw)) => {
                 Some(Held::Range(raw.try_lock(access, whole_pages(range))?))
             }
@@ -328,6 +348,7 @@ impl Drop for CoherenceGuard<'_> {
         match (self.held.take(), &self.lock.raw) {
             (None, _) => {}
             (Some(Held::File(access)), RawLock::File(raw)) => raw.unlock(access),
+            (Some(Held::File(access)), RawLock::TwoState(raw)) => raw.unlock(access),
             (Some(Held::Range(grant)), RawLock::Range(raw)) => raw.unlock(grant),
             (Some(held), raw) => unreachable!("{held:?} taken from {raw:?}"),
         }
