@@ -24,7 +24,8 @@
 //! The fault variants count pages touched per second, timing the touches only
 //! (creating and dropping maps, dropping pages and setting up the baseline are
 //! not timed), and time one touch in 16 for the latencies; the read variants
-//! count reads per second on one thread (one in 16 timed). The baseline round
+//! count reads per second on one thread (one in 16 timed), pinned to the first
+//! processor for both ([`crate::measure_pinned`]). The baseline round
 //! trip is timed in bulk, so its row has no latencies. Only `uncached-fault`
 //! takes the coherence lock (Fill, in the handler); the other variants are the
 //! same under every strategy, which the rows show.
@@ -35,8 +36,8 @@ use std::time::{Duration, Instant};
 use filemap::{MapAccess, MapRegion, PAGE_SIZE};
 
 use crate::{
-    cached_file, expect_all_cached, figure, headline_strategy, measure_kinds, timed_row, Histogram,
-    Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, RunSettings, Target,
+    cached_file, expect_all_cached, figure, headline_strategy, measure_pinned, timed_row,
+    Histogram, Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, RunSettings, Target,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -276,7 +277,7 @@ fn touch_every_page(map: &MapRegion) -> Touched {
 /// Random 4 KiB [`MapRegion::read`] calls per second, on one thread.
 fn map_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
     let pages = map.len() / PAGE_SIZE;
-    let measured = measure_kinds(1, 1, duration, TIME_EVERY as u32, |_| {
+    let measured = measure_pinned(1, 1, duration, TIME_EVERY as u32, |_| {
         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
         (0, move |rng: &mut fastrand::Rng| {
             let at = rng.usize(..pages) * PAGE_SIZE;
@@ -289,11 +290,11 @@ fn map_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
 }
 
 /// Plain copies per second of a random 4 KiB from the map's memory, on one
-/// thread, at the offsets [`map_reads`] reads (both use `measure_kinds`' seeded
+/// thread, at the offsets [`map_reads`] reads (both use `measure_pinned`'s seeded
 /// generator).
 fn memory_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
     let pages = map.len() / PAGE_SIZE;
-    let measured = measure_kinds(1, 1, duration, TIME_EVERY as u32, |_| {
+    let measured = measure_pinned(1, 1, duration, TIME_EVERY as u32, |_| {
         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
         (0, move |rng: &mut fastrand::Rng| {
             let at = rng.usize(..pages) * PAGE_SIZE;

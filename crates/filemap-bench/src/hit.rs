@@ -9,7 +9,8 @@
 //!   hits copy from, with no lookup or validation: the floor of the hit path.
 //!
 //! One read in 16 is timed for the latencies, so the clock costs a hit next to
-//! nothing.
+//! nothing. Reader `i` is pinned to the `i`-th processor, the same for every
+//! variant (see [`crate::measure_pinned`]).
 
 use std::io;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use filemap::PAGE_SIZE;
 
 use crate::kernel::HostFile;
 use crate::{
-    cached_file, coherent, figure, headline_strategy, measure_kinds, timed_row, PageBuf, Progress,
+    cached_file, coherent, figure, headline_strategy, measure_pinned, timed_row, PageBuf, Progress,
     Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
@@ -86,21 +87,24 @@ pub fn check(config: &HitConfig) -> io::Result<()> {
 pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Result<Report> {
     check(config)?;
     let settings = &config.settings;
-    progress(Progress::Setup(
-        "hit: filling the caches and the kernel's page cache",
-    ));
+    progress(Progress::Setup("hit: filling the kernel's page cache"));
     let pages = config.file_bytes / PAGE;
-    let caches = settings
-        .strategies
-        .iter()
-        .map(|&strategy| cached_file(config.file_bytes, strategy))
-        .collect::<io::Result<Vec<_>>>()?;
     let host = HostFile::create(config.file_bytes)?;
 
     let duration = settings.duration();
     let variants = variants(config);
     let mut runs = vec![vec![Vec::new(); variants.len()]; settings.threads.len()];
     for run in 0..settings.runs {
+        // Fresh caches every run: a cache's pages stay where they were first
+        // placed in physical memory, and two caches of one strategy, measured
+        // in turns, differed by up to 8% for the whole of an invocation. New
+        // pages each run let the median mix placements, so that no strategy
+        // keeps a lucky (or unlucky) one.
+        let caches = settings
+            .strategies
+            .iter()
+            .map(|&strategy| cached_file(config.file_bytes, strategy))
+            .collect::<io::Result<Vec<_>>>()?;
         for (t, &threads) in settings.threads.iter().enumerate() {
             for (v, variant) in variants.iter().enumerate() {
                 let name = match *variant {
@@ -116,7 +120,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                 let measured = match *variant {
                     Variant::Strategy(s) => {
                         let mapping = &caches[s].1;
-                        measure_kinds(threads, 1, duration, TIME_EVERY, |_| {
+                        measure_pinned(threads, 1, duration, TIME_EVERY, |_| {
                             let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
                             (0, move |rng: &mut fastrand::Rng| {
                                 let offset = rng.u64(..pages) * PAGE;
@@ -127,7 +131,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                             })
                         })?
                     }
-                    Variant::Kernel => measure_kinds(threads, 1, duration, TIME_EVERY, |_| {
+                    Variant::Kernel => measure_pinned(threads, 1, duration, TIME_EVERY, |_| {
                         let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
                         let file = &host.file;
                         (0, move |rng: &mut fastrand::Rng| {
@@ -140,7 +144,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                     })?,
                     Variant::Memcpy => {
                         let mapping = &caches[0].1;
-                        measure_kinds(threads, 1, duration, TIME_EVERY, |_| {
+                        measure_pinned(threads, 1, duration, TIME_EVERY, |_| {
                             let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
                             (0, move |rng: &mut fastrand::Rng| {
                                 let index = rng.u64(..pages);
