@@ -591,11 +591,11 @@ pub struct RunSettings {
 }
 
 impl Default for RunSettings {
-    /// One thread, three runs of half a second, every strategy.
+    /// One thread, five runs of half a second, every strategy.
     fn default() -> Self {
         RunSettings {
             threads: vec![1],
-            runs: 3,
+            runs: 5,
             seconds_per_run: 0.5,
             strategies: Strategy::ALL.to_vec(),
         }

@@ -47,7 +47,7 @@ struct BenchArgs {
     #[arg(value_enum)]
     workloads: Vec<WorkloadArg>,
     /// Timed runs of every configuration (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Seconds of one timed run.
     #[arg(long, visible_alias = "seconds-per-run", default_value_t = 0.5)]
@@ -466,6 +466,12 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
     println!();
     for ratio in &report.ratios {
         let value = match ratio.value {
+            // Two decimals, or three significant digits below 0.1, so that a
+            // strategy that starves an operation does not read as zero.
+            Some(value) if value != 0.0 && value.abs() < 0.1 => {
+                let decimals = (-value.abs().log10().floor()) as usize + 2;
+                format!("{value:>8.decimals$}x")
+            }
             Some(value) => format!("{value:>8.2}x"),
             None => format!("{:>9}", "n/a"),
         };
