@@ -4,8 +4,9 @@
 //! shared and class 1 exclusive it is a reader-writer lock; with class 0 shared
 //! and class 1 shared it is a fair two-state lock (the `two-state` strategy
 //! takes bcachefs's unfair one instead, [`super::RawTwoStateLock`]); a single
-//! exclusive class is a mutex. Two accesses are compatible iff they have the same class and neither
-//! is exclusive ([`Access::is_compatible_with`], the only place that rule lives).
+//! exclusive class is a mutex. Two accesses are compatible iff they have the
+//! same class and neither is exclusive ([`Access::is_compatible_with`], the
+//! only place that rule lives).
 //!
 //! # Algorithm
 //!

@@ -237,13 +237,36 @@ pub struct CoherenceLock {
 /// The raw lock a strategy takes.
 #[derive(Debug)]
 enum RawLock {
-    /// The fair file-wide strategies: modes ignore their range.
-    File(RawFairLock),
-    /// `two-state`: bcachefs's lock, file-wide and unfair.
-    TwoState(RawTwoStateLock),
+    /// The file-wide strategies: modes ignore their range.
+    File(Box<dyn FileWideLock>),
     /// `range`: modes lock the pages of their range.
     Range(RawRangeLock),
 }
+
+/// A file-wide raw lock: [`RawFairLock`], or `two-state`'s [`RawTwoStateLock`].
+trait FileWideLock: fmt::Debug + Send + Sync {
+    fn lock(&self, access: Access);
+    fn try_lock(&self, access: Access) -> bool;
+    fn unlock(&self, access: Access);
+}
+
+/// Implements [`FileWideLock`] by the lock's own methods of the same names.
+macro_rules! file_wide_lock {
+    ($($lock:ty),*) => {$(
+        impl FileWideLock for $lock {
+            fn lock(&self, access: Access) {
+                <$lock>::lock(self, access)
+            }
+            fn try_lock(&self, access: Access) -> bool {
+                <$lock>::try_lock(self, access)
+            }
+            fn unlock(&self, access: Access) {
+                <$lock>::unlock(self, access)
+            }
+        }
+    )*};
+}
+file_wide_lock!(RawFairLock, RawTwoStateLock);
 
 /// What a guard holds of its lock's [`RawLock`].
 #[derive(Debug)]
@@ -280,8 +303,8 @@ impl CoherenceLock {
     pub fn new(strategy: Strategy) -> Self {
         let raw = match strategy {
             Strategy::Range => RawLock::Range(RawRangeLock::new()),
-            Strategy::TwoState => RawLock::TwoState(RawTwoStateLock::new()),
-            _ => RawLock::File(RawFairLock::new()),
+            Strategy::TwoState => RawLock::File(Box::new(RawTwoStateLock::new())),
+            _ => RawLock::File(Box::new(RawFairLock::new())),
         };
         CoherenceLock { strategy, raw }
     }
@@ -298,10 +321,6 @@ impl CoherenceLock {
     pub fn lock(&self, mode: Mode, range: Range<u64>) -> CoherenceGuard<'_> {
         let held = self.strategy.access(mode).map(|access| match &self.raw {
             RawLock::File(raw) => {
-                raw.lock(access);
-                Held::File(access)
-            }
-            RawLock::TwoState(raw) => {
                 raw.lock(access);
                 Held::File(access)
             }
@@ -325,12 +344,6 @@ impl CoherenceLock {
                 }
                 Some(Held::File(access))
             }
-            (Some(access), RawLock::TwoState(raw)) => {
-                if !raw.try_lock(access) {
-                    return None;
-                }
-                Some(Held::File(access))
-            }
             (Some(access), RawLock::Range(raw)) => {
                 Some(Held::Range(raw.try_lock(access, whole_pages(range))?))
             }
@@ -348,7 +361,6 @@ impl Drop for CoherenceGuard<'_> {
         match (self.held.take(), &self.lock.raw) {
             (None, _) => {}
             (Some(Held::File(access)), RawLock::File(raw)) => raw.unlock(access),
-            (Some(Held::File(access)), RawLock::TwoState(raw)) => raw.unlock(access),
             (Some(Held::Range(grant)), RawLock::Range(raw)) => raw.unlock(grant),
             (Some(held), raw) => unreachable!("{held:?} taken from {raw:?}"),
         }
