@@ -25,7 +25,7 @@
 //! (creating and dropping maps, dropping pages and setting up the baseline are
 //! not timed), and time one touch in 16 for the latencies; the read variants
 //! count reads per second on one thread (one in 16 timed), pinned to the first
-//! processor for both ([`crate::measure_pinned`]). The baseline round
+//! processor for both ([`crate::pinned`]). The baseline round
 //! trip is timed in bulk, so its row has no latencies. Only `uncached-fault`
 //! takes the coherence lock (Fill, in the handler); the other variants are the
 //! same under every strategy, which the rows show.
@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use filemap::{MapAccess, MapRegion, PAGE_SIZE};
 
 use crate::{
-    cached_file, expect_all_cached, figure, headline_strategy, measure_pinned, timed_row,
-    Histogram, Measured, PageBuf, Progress, Ratio, Report, Row, RowKey, RunSettings, Target,
+    cached_file, expect_all_cached, figure, headline_strategy, page_reads, timed_row, Histogram,
+    Measured, Progress, Ratio, Report, Row, RowKey, RunSettings, Target,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -276,43 +276,29 @@ fn touch_every_page(map: &MapRegion) -> Touched {
 
 /// Random 4 KiB [`MapRegion::read`] calls per second, on one thread.
 fn map_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
-    let pages = map.len() / PAGE_SIZE;
-    let measured = measure_pinned(1, 1, duration, TIME_EVERY as u32, |_| {
-        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-        (0, move |rng: &mut fastrand::Rng| {
-            let at = rng.usize(..pages) * PAGE_SIZE;
-            map.read(at, &mut buf.0)?;
-            std::hint::black_box(&buf);
-            Ok(Duration::ZERO)
-        })
-    })?;
-    Ok(measured.into_iter().next().expect("one kind"))
+    let pages = (map.len() / PAGE_SIZE) as u64;
+    page_reads(1, duration, TIME_EVERY as u32, pages, |index, buf| {
+        map.read(index as usize * PAGE_SIZE, buf)
+    })
 }
 
 /// Plain copies per second of a random 4 KiB from the map's memory, on one
-/// thread, at the offsets [`map_reads`] reads (both use `measure_pinned`'s seeded
+/// thread, at the offsets [`map_reads`] reads (both use `measure_kinds`' seeded
 /// generator).
 fn memory_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
-    let pages = map.len() / PAGE_SIZE;
-    let measured = measure_pinned(1, 1, duration, TIME_EVERY as u32, |_| {
-        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-        (0, move |rng: &mut fastrand::Rng| {
-            let at = rng.usize(..pages) * PAGE_SIZE;
-            // SAFETY: `map` is borrowed for the whole measurement, so the source
-            // stays mapped; `at + PAGE_SIZE <= map.len()`, and the map covers the
-            // whole file, so the source lies inside the file. `buf` is our own
-            // allocation, not map memory, so the ranges do not overlap. Nothing
-            // writes the file during the benchmark (no write, invalidation or
-            // fill runs, and nothing stores through maps), so this plain copy races no
-            // store.
-            unsafe {
-                std::ptr::copy_nonoverlapping(map.as_ptr().add(at), buf.0.as_mut_ptr(), PAGE_SIZE)
-            };
-            std::hint::black_box(&buf);
-            Ok(Duration::ZERO)
-        })
-    })?;
-    Ok(measured.into_iter().next().expect("one kind"))
+    let pages = (map.len() / PAGE_SIZE) as u64;
+    page_reads(1, duration, TIME_EVERY as u32, pages, |index, buf| {
+        let at = index as usize * PAGE_SIZE;
+        // SAFETY: `map` is borrowed for the whole measurement, so the source
+        // stays mapped; `at + PAGE_SIZE <= map.len()`, and the map covers the
+        // whole file, so the source lies inside the file. `buf` is our own
+        // allocation, not map memory, so the ranges do not overlap. Nothing
+        // writes the file during the benchmark (no write, invalidation or
+        // fill runs, and nothing stores through maps), so this plain copy races
+        // no store.
+        unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(at), buf.as_mut_ptr(), PAGE_SIZE) };
+        Ok(())
+    })
 }
 
 /// The ratios the fault targets are set on, for the headline strategy, and the

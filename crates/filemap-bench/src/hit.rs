@@ -10,17 +10,16 @@
 //!
 //! One read in 16 is timed for the latencies, so the clock costs a hit next to
 //! nothing. Reader `i` is pinned to the `i`-th processor, the same for every
-//! variant (see [`crate::measure_pinned`]).
+//! variant (see [`crate::pinned`]).
 
 use std::io;
-use std::time::Duration;
 
 use filemap::PAGE_SIZE;
 
 use crate::kernel::HostFile;
 use crate::{
-    cached_file, coherent, figure, headline_strategy, measure_pinned, timed_row, PageBuf, Progress,
-    Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
+    cached_file, coherent, figure, headline_strategy, page_reads, timed_row, Progress, Ratio,
+    Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -120,46 +119,30 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                 let measured = match *variant {
                     Variant::Strategy(s) => {
                         let mapping = &caches[s].1;
-                        measure_pinned(threads, 1, duration, TIME_EVERY, |_| {
-                            let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                            (0, move |rng: &mut fastrand::Rng| {
-                                let offset = rng.u64(..pages) * PAGE;
-                                let n = mapping.read_at(&mut buf.0, offset)?;
-                                debug_assert_eq!(n, PAGE_SIZE);
-                                std::hint::black_box(&buf);
-                                Ok(Duration::ZERO)
-                            })
+                        page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                            let n = mapping.read_at(buf, index * PAGE)?;
+                            debug_assert_eq!(n, PAGE_SIZE);
+                            Ok(())
                         })?
                     }
-                    Variant::Kernel => measure_pinned(threads, 1, duration, TIME_EVERY, |_| {
-                        let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                        let file = &host.file;
-                        (0, move |rng: &mut fastrand::Rng| {
-                            use std::os::unix::fs::FileExt;
-                            let offset = rng.u64(..pages) * PAGE;
-                            file.read_exact_at(&mut buf.0, offset)?;
-                            std::hint::black_box(&buf);
-                            Ok(Duration::ZERO)
-                        })
-                    })?,
+                    Variant::Kernel => {
+                        use std::os::unix::fs::FileExt;
+                        page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                            host.file.read_exact_at(buf, index * PAGE)
+                        })?
+                    }
                     Variant::Memcpy => {
                         let mapping = &caches[0].1;
-                        measure_pinned(threads, 1, duration, TIME_EVERY, |_| {
-                            let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                            (0, move |rng: &mut fastrand::Rng| {
-                                let index = rng.u64(..pages);
-                                // SAFETY: only reads run during the benchmark:
-                                // nothing writes, fills or drops pages of this cache.
-                                let cached =
-                                    unsafe { mapping.memcpy_cached_page(index, &mut buf.0) };
-                                debug_assert!(cached);
-                                std::hint::black_box(&buf);
-                                Ok(Duration::ZERO)
-                            })
+                        page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                            // SAFETY: only reads run during the benchmark:
+                            // nothing writes, fills or drops pages of this cache.
+                            let cached = unsafe { mapping.memcpy_cached_page(index, buf) };
+                            debug_assert!(cached);
+                            Ok(())
                         })?
                     }
                 };
-                runs[t][v].extend(measured);
+                runs[t][v].push(measured);
             }
         }
     }

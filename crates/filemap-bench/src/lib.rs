@@ -284,28 +284,53 @@ impl Measured {
     }
 }
 
-/// [`measure_kinds`] with worker `i` pinned to the `i`-th processor the process
-/// may run on (round robin), for workloads that compare one thread's speed
-/// at copying from memory across variants (`hit`, `fault`'s reads). Left to the
-/// scheduler, a thread lands on either processor and may move: four caches of
-/// one strategy measured in turns came out up to 7% apart, alternating with
-/// the order they ran in, and within 1 to 3% once pinned. Where pinning is
-/// refused the workers run unpinned.
-pub fn measure_pinned<M, O>(
+/// One timed run of `threads` workers, each pinned ([`pinned`]), reading random
+/// pages of `pages` with `read(page index, buffer)` into a page-aligned buffer
+/// of its own; one read in `every` is timed. The hit and map-read workloads
+/// compare such runs across variants that differ in `read` alone.
+pub fn page_reads<R>(
     threads: usize,
-    kinds: usize,
     duration: Duration,
     every: u32,
-    make_op: M,
-) -> io::Result<Vec<Measured>>
+    pages: u64,
+    read: R,
+) -> io::Result<Measured>
+where
+    R: Fn(u64, &mut [u8; PAGE_SIZE]) -> io::Result<()> + Sync,
+{
+    let read = &read;
+    let measured = measure_kinds(
+        threads,
+        1,
+        duration,
+        every,
+        pinned(|_| {
+            let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
+            (0, move |rng: &mut fastrand::Rng| {
+                read(rng.u64(..pages), &mut buf.0)?;
+                std::hint::black_box(&buf);
+                Ok(Duration::ZERO)
+            })
+        }),
+    )?;
+    Ok(measured.into_iter().next().expect("one kind"))
+}
+
+/// `make_op` for [`measure_kinds`], with worker `i` first pinned to the `i`-th
+/// processor the process may run on (round robin), for workloads that compare
+/// one thread's speed at copying from memory across variants (`hit`, `fault`'s
+/// reads). Left to the scheduler, a thread lands on either processor and may
+/// move: four caches of one strategy measured in turns came out up to 7%
+/// apart, alternating with the order they ran in. Where pinning is refused the
+/// workers run unpinned.
+pub fn pinned<M, O>(make_op: M) -> impl Fn(usize) -> (usize, O) + Sync
 where
     M: Fn(usize) -> (usize, O) + Sync,
-    O: FnMut(&mut fastrand::Rng) -> io::Result<Duration>,
 {
-    measure_kinds(threads, kinds, duration, every, |thread| {
+    move |thread| {
         pin_to_processor(thread);
         make_op(thread)
-    })
+    }
 }
 
 /// Pins the calling thread to the `index`-th processor of its affinity mask
