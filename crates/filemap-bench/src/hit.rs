@@ -10,7 +10,9 @@
 //!
 //! One read in 16 is timed for the latencies, so the clock costs a hit next to
 //! nothing. Reader `i` is pinned to the `i`-th processor, the same for every
-//! variant (see [`crate::pinned`]).
+//! variant (see [`crate::pinned`]). Each run builds fresh caches and is cut
+//! into five slices that the variants measure in turns; the run's figure is
+//! the mean of its slices.
 
 use std::io;
 
@@ -18,8 +20,8 @@ use filemap::PAGE_SIZE;
 
 use crate::kernel::HostFile;
 use crate::{
-    cached_file, coherent, figure, headline_strategy, page_reads, timed_row, Progress, Ratio,
-    Report, Row, RowKey, RunSettings, Target, KERNEL,
+    cached_file, coherent, figure, headline_strategy, page_reads, timed_row, Measured, Progress,
+    Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -27,6 +29,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub const WORKLOAD: &str = "hit";
 /// One read in this many is timed.
 const TIME_EVERY: u32 = 16;
+/// Slices of a run, measured in turns by every variant.
+const SLICES: u32 = 5;
 
 /// Settings of the hit benchmark.
 #[derive(Clone, Debug)]
@@ -105,44 +109,55 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
             .map(|&strategy| cached_file(config.file_bytes, strategy))
             .collect::<io::Result<Vec<_>>>()?;
         for (t, &threads) in settings.threads.iter().enumerate() {
-            for (v, variant) in variants.iter().enumerate() {
-                let name = match *variant {
-                    Variant::Strategy(s) => settings.strategies[s].name(),
-                    Variant::Kernel => KERNEL,
-                    Variant::Memcpy => "memcpy",
-                };
-                progress(Progress::Step(&format!(
-                    "hit, run {}/{}: {name}, {threads} thread(s)",
-                    run + 1,
-                    settings.runs
-                )));
-                let measured = match *variant {
-                    Variant::Strategy(s) => {
-                        let mapping = &caches[s].1;
-                        page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
-                            let n = mapping.read_at(buf, index * PAGE)?;
-                            debug_assert_eq!(n, PAGE_SIZE);
-                            Ok(())
-                        })?
+            // The run's time is cut into slices, and every variant measures
+            // one slice in turn, so that a burst of noise on a shared machine
+            // lands on all of them rather than on whichever ran through it.
+            let mut slices = vec![Vec::new(); variants.len()];
+            for slice in 0..SLICES {
+                for (v, variant) in variants.iter().enumerate() {
+                    if slice == 0 {
+                        let name = match *variant {
+                            Variant::Strategy(s) => settings.strategies[s].name(),
+                            Variant::Kernel => KERNEL,
+                            Variant::Memcpy => "memcpy",
+                        };
+                        progress(Progress::Step(&format!(
+                            "hit, run {}/{}: {name}, {threads} thread(s)",
+                            run + 1,
+                            settings.runs
+                        )));
                     }
-                    Variant::Kernel => {
-                        use std::os::unix::fs::FileExt;
-                        page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
-                            host.file.read_exact_at(buf, index * PAGE)
-                        })?
-                    }
-                    Variant::Memcpy => {
-                        let mapping = &caches[0].1;
-                        page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
-                            // SAFETY: only reads run during the benchmark:
-                            // nothing writes, fills or drops pages of this cache.
-                            let cached = unsafe { mapping.memcpy_cached_page(index, buf) };
-                            debug_assert!(cached);
-                            Ok(())
-                        })?
-                    }
-                };
-                runs[t][v].push(measured);
+                    let duration = duration / SLICES;
+                    slices[v].push(match *variant {
+                        Variant::Strategy(s) => {
+                            let mapping = &caches[s].1;
+                            page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                                let n = mapping.read_at(buf, index * PAGE)?;
+                                debug_assert_eq!(n, PAGE_SIZE);
+                                Ok(())
+                            })?
+                        }
+                        Variant::Kernel => {
+                            use std::os::unix::fs::FileExt;
+                            page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                                host.file.read_exact_at(buf, index * PAGE)
+                            })?
+                        }
+                        Variant::Memcpy => {
+                            let mapping = &caches[0].1;
+                            page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                                // SAFETY: only reads run during the benchmark:
+                                // nothing writes, fills or drops pages of this cache.
+                                let cached = unsafe { mapping.memcpy_cached_page(index, buf) };
+                                debug_assert!(cached);
+                                Ok(())
+                            })?
+                        }
+                    });
+                }
+            }
+            for (v, slices) in slices.iter().enumerate() {
+                runs[t][v].push(Measured::of_slices(slices));
             }
         }
     }

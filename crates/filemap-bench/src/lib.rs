@@ -282,6 +282,24 @@ impl Measured {
             workers,
         }
     }
+
+    /// One measurement of several slices of equal length: the mean rate, all
+    /// the latencies.
+    ///
+    /// # Panics
+    /// If `slices` is empty.
+    pub fn of_slices(slices: &[Measured]) -> Self {
+        assert!(!slices.is_empty(), "a measurement needs a slice");
+        let mut latency = Histogram::new();
+        for slice in slices {
+            latency.merge(&slice.latency);
+        }
+        Measured::new(
+            slices.iter().map(|m| m.ops_per_s).sum::<f64>() / slices.len() as f64,
+            latency,
+            slices[0].workers,
+        )
+    }
 }
 
 /// One timed run of `threads` workers, each pinned ([`pinned`]), reading random
