@@ -10,9 +10,8 @@
 //!
 //! One read in 16 is timed for the latencies, so the clock costs a hit next to
 //! nothing. Reader `i` is pinned to the `i`-th processor, the same for every
-//! variant (see [`crate::pinned`]). Each run builds fresh caches and is cut
-//! into five slices that the variants measure in turns; the run's figure is
-//! the mean of its slices.
+//! variant (see [`crate::pinned`]). Each run builds fresh caches, and the
+//! variants measure its slices in turns ([`crate::interleaved`]).
 
 use std::io;
 
@@ -20,7 +19,7 @@ use filemap::PAGE_SIZE;
 
 use crate::kernel::HostFile;
 use crate::{
-    cached_file, coherent, figure, headline_strategy, page_reads, timed_row, Measured, Progress,
+    cached_file, coherent, figure, headline_strategy, interleaved, page_reads, timed_row, Progress,
     Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
@@ -29,8 +28,6 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub const WORKLOAD: &str = "hit";
 /// One read in this many is timed.
 const TIME_EVERY: u32 = 16;
-/// Slices of a run, measured in turns by every variant.
-const SLICES: u32 = 5;
 
 /// Settings of the hit benchmark.
 #[derive(Clone, Debug)]
@@ -109,26 +106,23 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
             .map(|&strategy| cached_file(config.file_bytes, strategy))
             .collect::<io::Result<Vec<_>>>()?;
         for (t, &threads) in settings.threads.iter().enumerate() {
-            // The run's time is cut into slices, and every variant measures
-            // one slice in turn, so that a burst of noise on a shared machine
-            // lands on all of them rather than on whichever ran through it.
-            let mut slices = vec![Vec::new(); variants.len()];
-            for slice in 0..SLICES {
-                for (v, variant) in variants.iter().enumerate() {
-                    if slice == 0 {
-                        let name = match *variant {
-                            Variant::Strategy(s) => settings.strategies[s].name(),
-                            Variant::Kernel => KERNEL,
-                            Variant::Memcpy => "memcpy",
-                        };
-                        progress(Progress::Step(&format!(
-                            "hit, run {}/{}: {name}, {threads} thread(s)",
-                            run + 1,
-                            settings.runs
-                        )));
-                    }
-                    let duration = duration / SLICES;
-                    slices[v].push(match *variant {
+            let measured = interleaved(
+                &variants,
+                duration,
+                |variant| {
+                    let name = match *variant {
+                        Variant::Strategy(s) => settings.strategies[s].name(),
+                        Variant::Kernel => KERNEL,
+                        Variant::Memcpy => "memcpy",
+                    };
+                    progress(Progress::Step(&format!(
+                        "hit, run {}/{}: {name}, {threads} thread(s)",
+                        run + 1,
+                        settings.runs
+                    )));
+                },
+                |variant, duration| {
+                    let measured = match *variant {
                         Variant::Strategy(s) => {
                             let mapping = &caches[s].1;
                             page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
@@ -153,11 +147,12 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                                 Ok(())
                             })?
                         }
-                    });
-                }
-            }
-            for (v, slices) in slices.iter().enumerate() {
-                runs[t][v].push(Measured::of_slices(slices));
+                    };
+                    Ok(vec![measured])
+                },
+            )?;
+            for (v, mut kinds) in measured.into_iter().enumerate() {
+                runs[t][v].push(kinds.remove(0));
             }
         }
     }

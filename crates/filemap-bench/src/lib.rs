@@ -302,6 +302,45 @@ impl Measured {
     }
 }
 
+/// How many slices [`interleaved`] cuts a run into.
+pub const SLICES: u32 = 5;
+
+/// One run of every candidate, cut into [`SLICES`] slices that the candidates
+/// measure in turns (`measure(candidate, slice length)` returns one
+/// [`Measured`] per kind of operation), so that a burst of noise on a shared
+/// machine, or a drift over the run, lands on all of them rather than on
+/// whichever ran through it. Returns, per candidate and kind, the mean of its
+/// slices ([`Measured::of_slices`]). `announce(candidate)` is called once per
+/// candidate, before its first slice.
+pub fn interleaved<C>(
+    candidates: &[C],
+    duration: Duration,
+    mut announce: impl FnMut(&C),
+    mut measure: impl FnMut(&C, Duration) -> io::Result<Vec<Measured>>,
+) -> io::Result<Vec<Vec<Measured>>> {
+    let mut slices: Vec<Vec<Vec<Measured>>> = vec![Vec::new(); candidates.len()];
+    for slice in 0..SLICES {
+        for (c, candidate) in candidates.iter().enumerate() {
+            if slice == 0 {
+                announce(candidate);
+            }
+            for (kind, m) in measure(candidate, duration / SLICES)?
+                .into_iter()
+                .enumerate()
+            {
+                if slices[c].len() <= kind {
+                    slices[c].push(Vec::new());
+                }
+                slices[c][kind].push(m);
+            }
+        }
+    }
+    Ok(slices
+        .iter()
+        .map(|kinds| kinds.iter().map(|k| Measured::of_slices(k)).collect())
+        .collect())
+}
+
 /// One timed run of `threads` workers, each pinned ([`pinned`]), reading random
 /// pages of `pages` with `read(page index, buffer)` into a page-aligned buffer
 /// of its own; one read in `every` is timed. The hit and map-read workloads
