@@ -752,6 +752,45 @@ pub fn coherent(strategies: &[Strategy]) -> impl Iterator<Item = Strategy> + '_ 
 mod tests {
     use super::*;
 
+    /// The candidates measure the slices in turns, each announced once before
+    /// its first slice, and each gets the mean of its slices per kind.
+    #[test]
+    fn interleaved_takes_turns_and_averages_the_slices() {
+        let log = std::cell::RefCell::new(Vec::new());
+        let measured = interleaved(
+            &["a", "b"],
+            Duration::from_millis(50),
+            |c| log.borrow_mut().push(format!("announce {c}")),
+            |c, slice| {
+                assert_eq!(slice, Duration::from_millis(10));
+                let n = log.borrow().len() as f64;
+                log.borrow_mut().push(format!("measure {c}"));
+                let mut latency = Histogram::new();
+                latency.record(1000);
+                // Two kinds: the call's position, and a constant.
+                Ok(vec![
+                    Measured::new(n, latency.clone(), 1),
+                    Measured::new(7.0, latency, 1),
+                ])
+            },
+        )
+        .unwrap();
+        let log = log.into_inner();
+        assert_eq!(
+            log[..4],
+            ["announce a", "measure a", "announce b", "measure b"]
+        );
+        assert_eq!(log.len(), 2 + 2 * SLICES as usize);
+        assert!(log[4..]
+            .chunks(2)
+            .all(|turn| turn == ["measure a", "measure b"]));
+        // "a" measured at log positions 1, 4, 6, 8, 10; "b" at 3, 5, 7, 9, 11.
+        assert_eq!(measured[0][0].ops_per_s, 29.0 / 5.0);
+        assert_eq!(measured[1][0].ops_per_s, 35.0 / 5.0);
+        assert!(measured.iter().all(|kinds| kinds[1].ops_per_s == 7.0));
+        assert_eq!(measured[0][0].latency.count(), SLICES as u64);
+    }
+
     #[test]
     fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
