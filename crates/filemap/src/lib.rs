@@ -49,6 +49,7 @@ pub use cache::{
     PAGE_SIZE,
 };
 pub use device::{Device, FaultyDevice, FileDevice, MemDevice};
+pub use errno::{errno, Error};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};
 pub use map::region::{MapAccess, MapRegion};

@@ -1,7 +1,9 @@
-//! Bad arguments get a clear error and change nothing (contract C8): ranges whose
-//! end overflows `u64` (`EINVAL`), sizes past `max_file_size` (`EFBIG`),
-//! misaligned direct I/O (`EINVAL`), calls on a removed file (`ENOENT`) and
-//! impossible cache settings (`InvalidInput`). After each rejected call the file's
+//! Bad arguments get a clear error and change nothing (contract C8), with the
+//! errno ext4 gives for the same call: ranges past 2^63 - 1 (`EINVAL`), empty
+//! `fallocate` ranges (`EINVAL`), sizes past `max_file_size` (`EFBIG`, or a
+//! write cut short there), misaligned direct I/O (`EINVAL`, filemap's own
+//! stricter rule), calls on a removed file (`ENOENT`) and cache settings out of
+//! range (`EINVAL` naming the setting). After each rejected call the file's
 //! content, size and cached/dirty page counts are checked to be as before.
 
 use std::io;
@@ -159,13 +161,11 @@ fn sizes_past_max_file_size_fail_with_efbig_and_change_nothing() {
         let (_volume, file, data) = fixture(strategy);
         let max = file.max_file_size();
         assert!(max > 0 && max % PAGE == 0, "max_file_size {max}");
-        let calls: [(&str, io::Result<()>); 7] = [
+        let calls: [(&str, io::Result<()>); 8] = [
             ("write_at at max", file.write_at(b"x", max).map(drop)),
-            (
-                "write_at across max",
-                file.write_at(b"xy", max - 1).map(drop),
-            ),
             ("write_all_at past max", file.write_all_at(b"x", max + 10)),
+            ("punch_hole across max", file.punch_hole(max - 1, 2)),
+            ("punch_hole past max", file.punch_hole(max, 1)),
             ("zero_range across max", file.zero_range(max - 1, 2)),
             ("zero_range past max", file.zero_range(max, 1)),
             ("set_len past max", file.set_len(max + 1)),
@@ -297,29 +297,214 @@ fn every_call_on_a_removed_file_fails_with_enoent() {
 }
 
 #[test]
-fn impossible_cache_settings_fail_with_invalid_input() {
-    for (budget, batch) in [
-        (0, 32),
-        (PAGE - 1, 32),
-        (PAGE, 0),
-        ((1 << 32) * PAGE + PAGE, 32),
-    ] {
-        let error = PageCache::builder()
-            .budget_bytes(budget)
-            .fill_batch_pages(batch)
-            .build()
-            .expect_err("an impossible setting");
+fn empty_fallocate_ranges_fail_with_einval_like_ext4() {
+    for strategy in STRATEGIES {
+        let (_volume, file, data) = fixture(strategy);
+        let calls: [(&str, io::Result<()>); 4] = [
+            ("punch_hole", file.punch_hole(PAGE, 0)),
+            ("zero_range", file.zero_range(100, 0)),
+            ("collapse_range", file.collapse_range(0, 0)),
+            ("insert_range", file.insert_range(PAGE, 0)),
+        ];
+        for (call, result) in calls {
+            assert_errno(result, libc::EINVAL, &format!("{strategy:?}: {call}"));
+            assert_unchanged(&file, &data, call);
+        }
+    }
+}
+
+#[test]
+fn empty_direct_io_returns_zero_whatever_its_alignment() {
+    for strategy in STRATEGIES {
+        let (_volume, file, data) = fixture(strategy);
+        let mut buf = Aligned::new(PAGE_SIZE, 3, 0xEE);
+        for offset in [0, 1, 513, PAGE + 7, 100 * PAGE + 1] {
+            let what = format!("{strategy:?} at {offset}");
+            assert_eq!(
+                file.read_direct(&mut buf.as_mut()[..0], offset).unwrap(),
+                0,
+                "{what}"
+            );
+            assert_eq!(
+                file.write_direct(&buf.as_ref()[..0], offset).unwrap(),
+                0,
+                "{what}"
+            );
+            assert_unchanged(&file, &data, &what);
+        }
+    }
+}
+
+#[test]
+fn offsets_past_2_63_fail_with_einval_like_ext4() {
+    for strategy in STRATEGIES {
+        let (_volume, file, data) = fixture(strategy);
+        let past = 1u64 << 63;
+        let mut buf = vec![0xAB; 16];
+        let mut direct = Aligned::new(PAGE_SIZE, 0, 0xCD);
+        let calls: [(&str, io::Result<()>); 10] = [
+            ("read_at", file.read_at(&mut buf, past).map(drop)),
+            ("empty read_at", file.read_at(&mut [], past).map(drop)),
+            (
+                "read_at ending past",
+                file.read_at(&mut buf, past - 8).map(drop),
+            ),
+            ("write_at", file.write_at(b"x", past).map(drop)),
+            ("empty write_at", file.write_at(&[], past).map(drop)),
+            (
+                "read_direct",
+                file.read_direct(direct.as_mut(), past).map(drop),
+            ),
+            (
+                "empty read_direct",
+                file.read_direct(&mut direct.as_mut()[..0], past).map(drop),
+            ),
+            (
+                "write_direct",
+                file.write_direct(direct.as_ref(), past).map(drop),
+            ),
+            ("set_len u64::MAX", file.set_len(u64::MAX)),
+            ("set_len 2^63", file.set_len(past)),
+        ];
+        for (call, result) in calls {
+            assert_errno(result, libc::EINVAL, &format!("{strategy:?}: {call}"));
+            assert_unchanged(&file, &data, call);
+        }
+        assert!(buf.iter().all(|&b| b == 0xAB), "a read filled the buffer");
+    }
+}
+
+#[test]
+fn fallocate_ranges_past_the_largest_size_fail_with_efbig_like_ext4() {
+    for strategy in STRATEGIES {
+        let (_volume, file, data) = fixture(strategy);
+        let max = file.max_file_size();
+        let huge = 1u64 << 62;
+        let calls: [(&str, io::Result<()>); 5] = [
+            ("punch_hole", file.punch_hole(PAGE, huge)),
+            ("zero_range", file.zero_range(0, huge)),
+            ("collapse_range, aligned", file.collapse_range(0, huge)),
+            ("collapse_range, misaligned", file.collapse_range(1, huge)),
+            ("insert_range", file.insert_range(0, huge)),
+        ];
+        for (call, result) in calls {
+            assert_errno(result, libc::EFBIG, &format!("{strategy:?}: {call}"));
+            assert_unchanged(&file, &data, call);
+        }
+        // The end past 2^63 - 1 (overflowing `loff_t`) is EFBIG too; an offset
+        // or length past it is EINVAL.
+        assert_errno(
+            file.punch_hole(max, i64::MAX as u64),
+            libc::EFBIG,
+            "punch_hole overflow",
+        );
+        assert_errno(
+            file.punch_hole(0, u64::MAX),
+            libc::EINVAL,
+            "punch_hole length",
+        );
+        assert_unchanged(&file, &data, "overflow");
+    }
+}
+
+#[test]
+fn a_write_across_the_largest_size_is_cut_short_there() {
+    for strategy in STRATEGIES {
+        let (_volume, file, _data) = fixture(strategy);
+        let max = file.max_file_size();
+        assert_eq!(file.write_at(b"xy", max - 1).unwrap(), 1, "{strategy:?}");
+        assert_eq!(file.len(), max);
+        let mut byte = [0];
+        file.read_exact_at(&mut byte, max - 1).unwrap();
+        assert_eq!(byte, *b"x");
+        let two_pages = Aligned::new(2 * PAGE_SIZE, 0, 7);
+        assert_eq!(
+            file.write_direct(two_pages.as_ref(), max - PAGE).unwrap(),
+            PAGE_SIZE,
+            "{strategy:?}"
+        );
+        file.read_exact_at(&mut byte, max - 1).unwrap();
+        assert_eq!(byte, [7]);
+        file.sync_all().unwrap();
+    }
+}
+
+#[test]
+fn every_cache_setting_out_of_range_fails_with_einval_naming_it() {
+    use std::time::Duration;
+    let cases = [
+        ("budget_bytes", PageCache::builder().budget_bytes(0)),
+        ("budget_bytes", PageCache::builder().budget_bytes(PAGE - 1)),
+        (
+            "budget_bytes",
+            PageCache::builder().budget_bytes((1 << 32) * PAGE + PAGE),
+        ),
+        ("fill_batch_pages", PageCache::builder().fill_batch_pages(0)),
+        (
+            "fill_batch_pages",
+            PageCache::builder().fill_batch_pages(513),
+        ),
+        (
+            "fill_batch_pages",
+            PageCache::builder().fill_batch_pages(usize::MAX),
+        ),
+        (
+            "readahead_threads",
+            PageCache::builder().readahead_threads(65),
+        ),
+        (
+            "readahead_threads",
+            PageCache::builder().readahead_threads(usize::MAX),
+        ),
+        (
+            "writeback_interval",
+            PageCache::builder().writeback_interval(Duration::from_millis(1)),
+        ),
+        (
+            "writeback_interval",
+            PageCache::builder().writeback_interval(Duration::MAX),
+        ),
+        (
+            "dirty_background_bytes",
+            PageCache::builder().dirty_background_bytes(0),
+        ),
+        (
+            "dirty_background_bytes",
+            PageCache::builder()
+                .budget_bytes(16 * PAGE)
+                .dirty_background_bytes(17 * PAGE),
+        ),
+    ];
+    for (setting, builder) in cases {
+        let error = builder.build().expect_err(setting);
         assert_eq!(
             error.kind(),
             io::ErrorKind::InvalidInput,
-            "budget {budget}, batch {batch}: {error}"
+            "{setting}: {error}"
+        );
+        assert_eq!(
+            filemap::errno(&error),
+            Some(libc::EINVAL),
+            "{setting}: {error}"
+        );
+        assert!(
+            error.to_string().contains(setting),
+            "the message does not name {setting}: {error}"
         );
     }
-    // The smallest valid cache works, and rounds its budget down to pages.
+    // The smallest valid cache works, and rounds its budget down to pages; so
+    // do the edges of every range.
     let cache = PageCache::builder()
         .budget_bytes(PAGE + 100)
         .fill_batch_pages(1)
         .build()
         .unwrap();
     assert_eq!(cache.budget_bytes(), PAGE);
+    PageCache::builder()
+        .fill_batch_pages(512)
+        .readahead_threads(64)
+        .writeback_interval(Duration::from_millis(10))
+        .dirty_background_bytes(PAGE)
+        .build()
+        .unwrap();
 }

@@ -403,6 +403,7 @@ fn a_cache_full_of_unwritable_dirty_pages_fails_new_writes_and_changes_nothing()
                 io::ErrorKind::OutOfMemory,
                 "{strategy:?}: {error}"
             );
+            assert_eq!(filemap::errno(&error), Some(libc::ENOMEM), "{error}");
             assert_eq!(fx.file.len(), data.len() as u64);
             assert_eq!(fx.file.cached_pages(), (2, 2), "{strategy:?}: still dirty");
             assert!(!fx.file.is_page_cached(offset / PAGE));

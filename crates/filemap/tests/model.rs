@@ -372,32 +372,41 @@ impl Model {
         self.bytes[at as usize..at as usize + data.len()].copy_from_slice(data);
     }
 
-    /// The result of `op`, applying it if it succeeds.
+    /// The result of `op`, applying it if it succeeds. The checks follow the
+    /// kernel's order: the range (`rw_verify_area`, `vfs_fallocate`), then the
+    /// largest file size, then alignment and the call's own rules.
     fn apply(&mut self, op: &Op) -> Outcome {
         match *op {
             Op::Write { at, len, seed } | Op::WriteAll { at, len, seed } => {
-                let Some(end) = at.checked_add(len as u64) else {
-                    return EINVAL;
-                };
-                let done = if matches!(op, Op::Write { .. }) {
-                    Outcome::Wrote(len)
-                } else {
-                    Outcome::Done
-                };
-                if len == 0 {
-                    return done;
+                let all = matches!(op, Op::WriteAll { .. });
+                // `write_all_at` of nothing calls nothing, as std's does.
+                if all && len == 0 {
+                    return Outcome::Done;
                 }
-                if end > self.max_file_size {
+                if io_end(at, len as u64).is_none() {
+                    return EINVAL;
+                }
+                if len == 0 {
+                    return Outcome::Wrote(0);
+                }
+                if at >= self.max_file_size {
                     return EFBIG;
                 }
-                self.write(at, &pattern(seed, len));
-                done
+                // Cut short at the largest size; `write_all_at` then tries the
+                // rest there and fails.
+                let n = len.min((self.max_file_size - at) as usize);
+                self.write(at, &pattern(seed, len)[..n]);
+                match (all, n == len) {
+                    (false, _) => Outcome::Wrote(n),
+                    (true, true) => Outcome::Done,
+                    (true, false) => EFBIG,
+                }
             }
-            Op::Read { at, len } => match at.checked_add(len as u64) {
+            Op::Read { at, len } => match io_end(at, len as u64) {
                 None => EINVAL,
                 Some(_) => Outcome::Bytes(self.read(at, len as u64)),
             },
-            Op::ReadExact { at, len } => match at.checked_add(len as u64) {
+            Op::ReadExact { at, len } => match io_end(at, len as u64) {
                 _ if len == 0 => Outcome::Bytes(Vec::new()),
                 None => EINVAL,
                 Some(end) if end > self.size() => Outcome::UnexpectedEof,
@@ -405,37 +414,49 @@ impl Model {
             },
             Op::Readahead { at, len }
             | Op::InvalidateRange { at, len }
-            | Op::SyncRange { at, len } => match at.checked_add(len) {
+            | Op::SyncRange { at, len } => match io_end(at, len) {
                 None => EINVAL,
                 Some(_) => Outcome::Done,
             },
-            Op::ReadDirect { at, len } => {
-                if at % PAGE != 0 || len as u64 % PAGE != 0 || at.checked_add(len as u64).is_none()
+            Op::ReadDirect { at, len } | Op::ReadDirectMisaligned { at, len, .. } => {
+                if io_end(at, len as u64).is_none() {
+                    return EINVAL;
+                }
+                if len == 0 {
+                    return Outcome::Bytes(Vec::new());
+                }
+                if matches!(op, Op::ReadDirectMisaligned { .. })
+                    || at % PAGE != 0
+                    || len as u64 % PAGE != 0
                 {
                     return EINVAL;
                 }
                 Outcome::Bytes(self.read(at, len as u64))
             }
-            Op::WriteDirect { at, len, seed } => {
-                if at % PAGE != 0 || len as u64 % PAGE != 0 {
+            Op::WriteDirect { at, len, seed } | Op::WriteDirectMisaligned { at, len, seed, .. } => {
+                if io_end(at, len as u64).is_none() {
                     return EINVAL;
                 }
-                let Some(end) = at.checked_add(len as u64) else {
-                    return EINVAL;
-                };
                 if len == 0 {
                     return Outcome::Wrote(0);
                 }
-                if end > self.max_file_size {
+                if at >= self.max_file_size {
                     return EFBIG;
                 }
-                self.write(at, &pattern(seed, len));
-                Outcome::Wrote(len)
-            }
-            Op::ReadDirectMisaligned { .. } | Op::WriteDirectMisaligned { .. } => EINVAL,
-            Op::PunchHole { at, len } => {
-                let Some(end) = at.checked_add(len) else {
+                let n = len.min((self.max_file_size - at) as usize);
+                if matches!(op, Op::WriteDirectMisaligned { .. })
+                    || at % PAGE != 0
+                    || n as u64 % PAGE != 0
+                {
                     return EINVAL;
+                }
+                self.write(at, &pattern(seed, len)[..n]);
+                Outcome::Wrote(n)
+            }
+            Op::PunchHole { at, len } => {
+                let end = match self.fallocate_end(at, len) {
+                    Ok(end) => end,
+                    Err(outcome) => return outcome,
                 };
                 let size = self.size();
                 if at < size {
@@ -444,20 +465,18 @@ impl Model {
                 Outcome::Done
             }
             Op::ZeroRange { at, len } => {
-                let Some(end) = at.checked_add(len) else {
-                    return EINVAL;
+                let end = match self.fallocate_end(at, len) {
+                    Ok(end) => end,
+                    Err(outcome) => return outcome,
                 };
-                if len == 0 {
-                    return Outcome::Done;
-                }
-                if end > self.max_file_size {
-                    return EFBIG;
-                }
                 self.extend(end);
                 self.bytes[at as usize..end as usize].fill(0);
                 Outcome::Done
             }
             Op::SetLen { len } => {
+                if len > MAX_OFFSET {
+                    return EINVAL;
+                }
                 if len > self.max_file_size {
                     return EFBIG;
                 }
@@ -465,10 +484,11 @@ impl Model {
                 Outcome::Done
             }
             Op::CollapseRange { at, len } => {
-                let Some(end) = at.checked_add(len) else {
-                    return EINVAL;
+                let end = match self.fallocate_end(at, len) {
+                    Ok(end) => end,
+                    Err(outcome) => return outcome,
                 };
-                if at % PAGE != 0 || len % PAGE != 0 || len == 0 || end >= self.size() {
+                if at % PAGE != 0 || len % PAGE != 0 || end >= self.size() {
                     return EINVAL;
                 }
                 if !self.shifts_ranges {
@@ -478,20 +498,17 @@ impl Model {
                 Outcome::Done
             }
             Op::InsertRange { at, len } => {
-                if at.checked_add(len).is_none()
-                    || at % PAGE != 0
-                    || len % PAGE != 0
-                    || len == 0
-                    || at >= self.size()
-                {
+                if let Err(outcome) = self.fallocate_end(at, len) {
+                    return outcome;
+                }
+                if at % PAGE != 0 || len % PAGE != 0 {
                     return EINVAL;
                 }
-                if self
-                    .size()
-                    .checked_add(len)
-                    .is_none_or(|size| size > self.max_file_size)
-                {
+                if self.size() + len > self.max_file_size {
                     return EFBIG;
+                }
+                if at >= self.size() {
+                    return EINVAL;
                 }
                 if !self.shifts_ranges {
                     return Outcome::Errno(libc::EOPNOTSUPP);
@@ -504,6 +521,26 @@ impl Model {
             Op::SyncAll => Outcome::Done,
         }
     }
+
+    /// The end of a `fallocate` range, or its error: `EINVAL` for an offset
+    /// or length past 2^63 - 1 or a length of 0, `EFBIG` for an end past the
+    /// largest file size.
+    fn fallocate_end(&self, at: u64, len: u64) -> Result<u64, Outcome> {
+        if at > MAX_OFFSET || len == 0 || len > MAX_OFFSET {
+            return Err(EINVAL);
+        }
+        at.checked_add(len)
+            .filter(|&end| end <= self.max_file_size)
+            .ok_or(EFBIG)
+    }
+}
+
+/// The largest file offset: the kernel's `loff_t` is signed.
+const MAX_OFFSET: u64 = i64::MAX as u64;
+
+/// The end of a read or write range, `None` past [`MAX_OFFSET`].
+fn io_end(at: u64, len: u64) -> Option<u64> {
+    at.checked_add(len).filter(|&end| end <= MAX_OFFSET)
 }
 
 // ---------------------------------------------------------------------------

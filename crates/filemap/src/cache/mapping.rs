@@ -38,10 +38,10 @@ use super::readahead::{MissFill, Readahead, MAX_WINDOW_PAGES};
 use super::stats::{self, mode_slot};
 use super::store::PageStore;
 use super::tree::{PageTree, MAX_PAGES};
-use super::{CacheShared, Need, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
+use super::{CacheShared, Eviction, Need, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
 use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
-use crate::errno::{err, fail};
+use crate::errno::{err, fail, with_message};
 use crate::lock::{CoherenceGuard, CoherenceLock, Mode, Strategy};
 use crate::map::handler::FaultHandler;
 use crate::map::memfd::{zap, View};
@@ -62,8 +62,36 @@ const FAULT_AROUND_PAGES: u64 = 16;
 ///
 /// [`crate::PageCache::open`] returns an `Arc<Mapping>`: share it between
 /// threads; every call takes `&self`.
-/// Errors carry the errno a file would give (`EINVAL`, `EFBIG`, `ENOENT`, ...),
-/// and a call that fails its argument checks changes nothing.
+///
+/// # Errors
+/// Errors carry the errno a file on Linux gives for the same call, checked in
+/// the kernel's order, and a call that fails its argument checks changes
+/// nothing. Read it with `raw_os_error()`, or with [`crate::errno`] for the
+/// few errors that carry a message too. `max` is [`Mapping::max_file_size`];
+/// offsets are file offsets, which the kernel takes as signed (`loff_t`).
+///
+/// | call | `EINVAL` | `EFBIG` | other |
+/// |---|---|---|---|
+/// | `read_at` | `offset + len` past 2^63 - 1 | | |
+/// | `write_at` | `offset + len` past 2^63 - 1 | `offset` at or past `max` (a write that crosses `max` is cut short there; an empty write returns 0) | `ENOMEM`: every cached page is dirty and its writeback fails |
+/// | `read_direct` | as `read_at`; misaligned (see below; an empty read returns 0) | | |
+/// | `write_direct` | as `write_at`; misaligned (an empty write returns 0) | as `write_at` | |
+/// | `punch_hole`, `zero_range` | `offset` or `len` past 2^63 - 1; `len` 0 | `offset + len` past `max` | |
+/// | `collapse_range` | as `punch_hole`; not page-aligned; `offset + len` at or past the end of file | as `punch_hole` | `EOPNOTSUPP` from a backend that cannot shift |
+/// | `insert_range` | as `punch_hole`; not page-aligned; `offset` at or past the end of file | as `punch_hole`; the size would pass `max` | as `collapse_range` |
+/// | `set_len` | `len` past 2^63 - 1 | `len` past `max` | |
+/// | `readahead`, `invalidate_range`, `sync_range` | `offset + len` past 2^63 - 1 | | |
+/// | `map` | not page-aligned, empty, or past 2^63 - 1 | | `EOVERFLOW` past `max`; `EOPNOTSUPP` for a read-write map the kernel cannot track |
+/// | `read_at_nowait`, `write_at_nowait` | as the blocking call | as the blocking call | `EAGAIN` (`ErrorKind::WouldBlock`) where it would wait |
+///
+/// Every call after [`Mapping::remove`] fails with `ENOENT`; errors of the
+/// backend (`EIO`, `ENOSPC`, ...) are passed on as they are. Where filemap
+/// differs from a file on purpose: direct I/O needs offsets and lengths in
+/// whole pages and a buffer at [`DIRECT_IO_MEMORY_ALIGN`] (the kernel asks only
+/// for the device's logical block size); `remove` is unlink and close at once
+/// (only memory maps outlive it); `invalidate_range` has no twin in the kernel,
+/// and `sync_range` of length 0 syncs nothing (`sync_file_range` would go to
+/// the end of file).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -104,6 +132,9 @@ pub struct Mapping {
     size_lock: Mutex<()>,
     max_size: u64,
     removed: AtomicBool,
+    /// Set once a removed file's pages were dropped and its backend removed
+    /// (see [`Mapping::remove`]).
+    storage_released: AtomicBool,
     /// Writeback errors, errseq style: how many were recorded, whether the
     /// latest was reported to anyone, and its errno (see [`Mapping::handle`]).
     wb_err: AtomicU64,
@@ -229,8 +260,11 @@ enum DirtyPages {
 enum FillBudget {
     /// Read the first page without caching it (a read miss).
     Uncached,
-    /// Report [`Fill::CacheFull`] (readahead, a write that must read its page).
+    /// Report [`Fill::CacheFull`] (readahead).
     Cache,
+    /// Wait for busy pages to come free for the first page; report
+    /// [`Fill::CacheFull`] only if none can (a write that must read its page).
+    Wait,
     /// Take the first page beyond the budget (a fault, which cannot be refused).
     Force,
 }
@@ -343,6 +377,7 @@ impl Mapping {
             size_lock: Mutex::new(()),
             max_size,
             removed: AtomicBool::new(false),
+            storage_released: AtomicBool::new(false),
             wb_err: AtomicU64::new(0),
             sync_seen: AtomicU64::new(0),
             readahead: Readahead::default(),
@@ -376,9 +411,16 @@ impl Mapping {
         let index = internal.or_else(|| user_view.and_then(|view| view.page_at(addr)));
         if let Some(index) = index {
             if index * PAGE < self.len() {
-                self.fault_in(index);
-                if let Some(view) = user_view.filter(|view| view.tracked) {
-                    self.map_into_view(&view, index, page_addr);
+                let filled = self.fault_in(index);
+                if filled.is_ok() {
+                    if let Some(view) = user_view.filter(|view| view.tracked) {
+                        self.map_into_view(&view, index, page_addr);
+                    }
+                } else if user_view.is_some() && thread != 0 {
+                    // The backend cannot give the page: the kernel's answer to a
+                    // map whose page cannot be read is SIGBUS, not a toucher that
+                    // faults again for ever.
+                    let _ = crate::map::uffd::send_sigbus(thread);
                 }
             } else if internal.is_some() {
                 // An optimistic reader that lost a race with a truncate.
@@ -433,34 +475,38 @@ impl Mapping {
     }
 
     /// Evicts page `index` if it is present and not busy: holds stores through
-    /// maps back, writes it back if dirty, and removes it. Returns whether it
-    /// was evicted. Never waits for a page or a coherence mode: eviction changes
-    /// no backend mapping, so it needs none.
-    pub(super) fn evict_page(&self, index: u64) -> bool {
+    /// maps back, writes it back if dirty, and removes it. Never waits for a
+    /// page or a coherence mode: eviction changes no backend mapping, so it
+    /// needs none.
+    pub(super) fn evict_page(&self, index: u64) -> Eviction {
         let Some(slot) = self.pages.get(index) else {
-            return false;
+            return Eviction::Absent;
         };
         let state = slot.load();
-        if !state.has(PRESENT) || state.has(LOCKED | FILLING | WRITEBACK) {
-            return false;
+        if !state.has(PRESENT) {
+            return if state.is_absent() {
+                Eviction::Absent
+            } else {
+                Eviction::Busy
+            };
         }
-        if slot.try_lock(state).is_err() {
-            return false;
+        if state.has(LOCKED | FILLING | WRITEBACK) || slot.try_lock(state).is_err() {
+            return Eviction::Busy;
         }
         self.trap_stores(&[index]);
         if self.write_back_locked(index, slot).is_err() {
             // It stays, dirty; the error is kept for the next sync.
             slot.update(|s| s.transition(0, LOCKED, false));
-            return false;
+            return Eviction::Failed;
         }
         if self.store.remove(index, 1).is_err() {
             slot.update(|s| s.transition(0, LOCKED, false));
-            return false;
+            return Eviction::Failed;
         }
         slot.update(PageState::emptied);
         self.cache.budget.release();
         stats::add(&self.cache.counters.evictions, 1);
-        true
+        Eviction::Evicted
     }
 
     /// Background writeback of every dirty page; failures are recorded for the
@@ -551,6 +597,10 @@ impl Mapping {
         if let Some(view) = view {
             let _scanning = self.scanning.lock();
             self.mark_stores_dirty(&view, 0, MAX_PAGES - 1);
+        }
+        // The last map of a removed file takes its storage with it.
+        if self.removed.load(Ordering::Acquire) && self.maps.read().is_empty() {
+            let _ = self.release_storage();
         }
     }
 
@@ -790,12 +840,13 @@ impl Mapping {
         }
     }
 
-    /// Makes page `index` present if it lies inside the file.
-    fn fault_in(&self, index: u64) {
+    /// Makes page `index` present if it lies inside the file; fails if the
+    /// backend could not be read.
+    fn fault_in(&self, index: u64) -> io::Result<()> {
         let slot = self.pages.get_or_create(index);
         loop {
             if index * PAGE >= self.len() {
-                return;
+                return Ok(());
             }
             let state = slot.load();
             if state.has(LOCKED | FILLING) {
@@ -803,14 +854,13 @@ impl Mapping {
                 continue;
             }
             if state.has(PRESENT) {
-                return;
+                return Ok(());
             }
             let want = self.cache.fill_batch_pages as u64;
             let fill = self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE);
             // A fault cannot be refused: it evicts until its first page fits.
-            match self.fill(index, want, FillBudget::Force, Some(fill)) {
-                Ok(Fill::BeyondEof) | Err(_) => return,
-                Ok(_) => {}
+            if let Fill::BeyondEof = self.fill(index, want, FillBudget::Force, Some(fill))? {
+                return Ok(());
             }
         }
     }
@@ -988,9 +1038,10 @@ impl Mapping {
     /// Returns the bytes written, or `ErrorKind::WouldBlock` if it wrote none
     /// (then nothing changed).
     pub fn write_at_nowait(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        let Some(end) = self.check_write(buf, offset)? else {
+        let Some(len) = self.check_write(buf.len(), offset)? else {
             return Ok(0);
         };
+        let (buf, end) = (&buf[..len], offset + len as u64);
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             let bounce: Vec<u8> = buf.to_vec();
             return self.write_at_nowait(&bounce, offset);
@@ -1034,12 +1085,14 @@ impl Mapping {
     /// file if it ends past the end of file. Returns `buf.len()`, or fewer if an
     /// error stopped it after some bytes were written; the file grows page by page
     /// as the bytes land, so a write that fails changes nothing and a short write
-    /// grows the file only as far as it wrote. `EFBIG` past
-    /// [`Mapping::max_file_size`].
+    /// grows the file only as far as it wrote. A write that crosses
+    /// [`Mapping::max_file_size`] is cut short there; one that starts at or past
+    /// it fails with `EFBIG`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        let Some(end) = self.check_write(buf, offset)? else {
+        let Some(len) = self.check_write(buf.len(), offset)? else {
             return Ok(0);
         };
+        let (buf, end) = (&buf[..len], offset + len as u64);
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             // Reading a map may fault into a handler that needs Fill: copy it
             // before taking Write, which a queued Invalidate would make it wait for.
@@ -1139,14 +1192,16 @@ impl Mapping {
     /// of the range are written back first (so completed buffered writes are
     /// seen), then the backend is read without caching. `offset` and `buf.len()`
     /// must be multiples of [`PAGE_SIZE`] and the buffer address a multiple of
-    /// [`DIRECT_IO_MEMORY_ALIGN`], else `EINVAL`. Returns the bytes up to the end
-    /// of file.
+    /// [`DIRECT_IO_MEMORY_ALIGN`], else `EINVAL` (an empty read returns 0
+    /// whatever its alignment, as the kernel's does). Returns the bytes up to
+    /// the end of file.
     pub fn read_direct(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.check_live()?;
-        let end = check_direct(offset, buf.len(), buf.as_ptr() as usize)?;
+        let end = end_of(offset, buf.len())?;
         if buf.is_empty() {
             return Ok(0);
         }
+        check_direct_alignment(offset, buf.len(), buf.as_ptr() as usize)?;
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             // The device would fault on the map while we hold Direct: read into
             // memory of our own, and copy out once the mode is released.
@@ -1170,18 +1225,15 @@ impl Mapping {
     /// A direct write, like `pwrite` on an `O_DIRECT` descriptor: the range's
     /// cached pages are written back and dropped before the write and dropped
     /// again after it, so no read that starts after it returns can see the data it
-    /// replaced. Alignment as for [`Mapping::read_direct`]. Extends the file
-    /// before the device write; if that write fails, the extension stays and
-    /// reads as zeroes.
+    /// replaced. Alignment as for [`Mapping::read_direct`]; the largest file
+    /// size as for [`Mapping::write_at`]. Extends the file before the device
+    /// write; if that write fails, the extension stays and reads as zeroes.
     pub fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        self.check_live()?;
-        let end = check_direct(offset, buf.len(), buf.as_ptr() as usize)?;
-        if buf.is_empty() {
+        let Some(len) = self.check_write(buf.len(), offset)? else {
             return Ok(0);
-        }
-        if end > self.max_size {
-            return fail(libc::EFBIG);
-        }
+        };
+        let (buf, end) = (&buf[..len], offset + len as u64);
+        check_direct_alignment(offset, buf.len(), buf.as_ptr() as usize)?;
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             // As for reads: take the data out of the map before taking Direct.
             let bounce = AlignedBuf::from_slice(buf, DIRECT_IO_MEMORY_ALIGN);
@@ -1214,7 +1266,7 @@ impl Mapping {
         };
         written?;
         dropped?;
-        Ok(buf.len())
+        Ok(len)
     }
 
     /// Deallocates `offset..offset + len`, like
@@ -1222,11 +1274,7 @@ impl Mapping {
     /// afterwards, the bytes of partial pages around it survive, and the size does
     /// not change. Cached data of the range, dirty or not, is dropped.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_live()?;
-        let end = end_of(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
+        let end = self.fallocate_end(offset, len)?;
         let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
         self.remove_cached_bytes(offset, end);
         schedule::point();
@@ -1236,14 +1284,7 @@ impl Mapping {
     /// Zeroes `offset..offset + len`, like `fallocate(FALLOC_FL_ZERO_RANGE)`:
     /// extends the file if the range ends past the end of file.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_live()?;
-        let end = end_of(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        if end > self.max_size {
-            return fail(libc::EFBIG);
-        }
+        let end = self.fallocate_end(offset, len)?;
         let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
         self.remove_cached_bytes(offset, end);
         schedule::point();
@@ -1255,6 +1296,9 @@ impl Mapping {
     /// past the new end and zeroes the rest of the last page; growing adds a hole.
     pub fn set_len(&self, len: u64) -> io::Result<()> {
         self.check_live()?;
+        if len > MAX_OFFSET {
+            return fail(libc::EINVAL);
+        }
         if len > self.max_size {
             return fail(libc::EFBIG);
         }
@@ -1288,9 +1332,8 @@ impl Mapping {
     /// file (`EINVAL` otherwise). Cached pages after the range move with their
     /// data; those inside it are dropped.
     pub fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_live()?;
-        let end = end_of(offset, len)?;
-        if offset % PAGE != 0 || len % PAGE != 0 || len == 0 {
+        let end = self.fallocate_end(offset, len)?;
+        if offset % PAGE != 0 || len % PAGE != 0 {
             return fail(libc::EINVAL);
         }
         let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
@@ -1314,18 +1357,17 @@ impl Mapping {
     /// otherwise); `EFBIG` if the file would outgrow
     /// [`Mapping::max_file_size`]. Cached pages move with their data.
     pub fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_live()?;
-        end_of(offset, len)?;
-        if offset % PAGE != 0 || len % PAGE != 0 || len == 0 {
+        self.fallocate_end(offset, len)?;
+        if offset % PAGE != 0 || len % PAGE != 0 {
             return fail(libc::EINVAL);
         }
         let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
         let size = self.len();
-        if offset >= size {
-            return fail(libc::EINVAL);
-        }
         if size.checked_add(len).is_none_or(|new| new > self.max_size) {
             return fail(libc::EFBIG);
+        }
+        if offset >= size {
+            return fail(libc::EINVAL);
         }
         self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
         // Pages filled from the backend as it was move below.
@@ -1426,28 +1468,69 @@ impl Mapping {
 
     /// Removes the file from its backend: its cached pages are dropped, its
     /// storage freed, and every later call on this mapping fails with `ENOENT`.
+    ///
+    /// As with a file unlinked on Linux, the maps of a removed file keep
+    /// working until they go: the pages they show stay cached, and the file's
+    /// storage (on a volume, its name too) stays until the last map is
+    /// dropped, so a map reads what it read before and its stores land.
     pub fn remove(&self) -> io::Result<()> {
         self.check_live()?;
         let _invalidate = self.lock_mode(Mode::Invalidate, 0..u64::MAX);
         if self.removed.swap(true, Ordering::AcqRel) {
             return fail(libc::ENOENT);
         }
+        self.drop_pages_where(0, MAX_PAGES - 1, DirtyPages::Discard, |index| {
+            !self.page_is_mapped(index)
+        })?;
+        // A map that goes after the check above finds `removed` set, and
+        // releases the storage itself.
+        if self.maps.read().is_empty() {
+            self.release_storage()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Drops every page of a removed file and removes it from the backend,
+    /// once: when it is removed with no map, or when its last map goes.
+    fn release_storage(&self) -> io::Result<()> {
+        if self.storage_released.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
         self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard)?;
         self.backend.remove()
     }
 
-    /// The checks of a buffered write of `buf` at `offset`: its end, or `None`
-    /// for an empty buffer.
-    fn check_write(&self, buf: &[u8], offset: u64) -> io::Result<Option<u64>> {
+    /// The checks of a write of `len` bytes at `offset`, as the kernel's
+    /// `rw_verify_area` and `generic_write_checks` make them: `EINVAL` for a
+    /// range past [`MAX_OFFSET`]; `None` for an empty write; `EFBIG` for one
+    /// that starts at or past [`Mapping::max_file_size`]; otherwise how many
+    /// bytes to write: a write that crosses the largest size is cut short there.
+    fn check_write(&self, len: usize, offset: u64) -> io::Result<Option<usize>> {
         self.check_live()?;
-        let end = end_of(offset, buf.len())?;
-        if buf.is_empty() {
+        end_of(offset, len)?;
+        if len == 0 {
             return Ok(None);
         }
-        if end > self.max_size {
+        if offset >= self.max_size {
             return fail(libc::EFBIG);
         }
-        Ok(Some(end))
+        Ok(Some(len.min((self.max_size - offset) as usize)))
+    }
+
+    /// The end of the range of a `fallocate`-like call, checked in the order
+    /// of the kernel's `vfs_fallocate`: `EINVAL` for an offset or length past
+    /// [`MAX_OFFSET`] or a length of 0, `EFBIG` for an end past
+    /// [`Mapping::max_file_size`].
+    fn fallocate_end(&self, offset: u64, len: u64) -> io::Result<u64> {
+        self.check_live()?;
+        if offset > MAX_OFFSET || len == 0 || len > MAX_OFFSET {
+            return fail(libc::EINVAL);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.max_size => Ok(end),
+            _ => fail(libc::EFBIG),
+        }
     }
 
     /// The argument checks of a read of `buf.len()` bytes at `offset`: the end
@@ -1776,7 +1859,10 @@ impl Mapping {
         if index >= eof_pages {
             return Claim::Nothing(Fill::BeyondEof);
         }
-        let want = want.min(eof_pages - index).clamp(1, MAX_WINDOW_PAGES);
+        // A fill takes at most a quarter of the budget, so that a batch or a
+        // window never evicts the pages the rest of the cache is working on.
+        let most = (self.cache.budget.capacity() / 4).clamp(1, MAX_WINDOW_PAGES);
+        let want = want.min(eof_pages - index).clamp(1, most);
         let mut claimed: Vec<PageState> = Vec::with_capacity(want as usize);
         for i in 0..want {
             let slot = self.pages.get_or_create(index + i);
@@ -1784,10 +1870,10 @@ impl Mapping {
             if !state.is_absent() {
                 break;
             }
-            let need = if budget == FillBudget::Force && i == 0 {
-                Need::Required
-            } else {
-                Need::Optional
+            let need = match budget {
+                FillBudget::Force if i == 0 => Need::Required,
+                FillBudget::Wait if i == 0 => Need::Wait,
+                _ => Need::Optional,
             };
             let budgeted = self.cache.acquire(need);
             if !budgeted {
@@ -1934,14 +2020,14 @@ impl Mapping {
             }
             if !whole && !zeroes_below {
                 // A partial write into data we do not have: read the page first.
-                match self.fill_locked(index, 1, FillBudget::Cache)? {
+                match self.fill_locked(index, 1, FillBudget::Wait)? {
                     Fill::BeyondEof => zeroes_below = true,
                     Fill::CacheFull => return Err(self.cache_full()),
                     Fill::Read { .. } | Fill::NotAbsent => {}
                 }
                 continue;
             }
-            if !self.cache.acquire(Need::Optional) {
+            if !self.cache.acquire(Need::Wait) {
                 return Err(self.cache_full());
             }
             if slot.replace(state, state.with_flags(LOCKED)).is_err() {
@@ -2206,10 +2292,10 @@ impl Mapping {
     }
 
     fn cache_full(&self) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::OutOfMemory,
+        with_message(
+            libc::ENOMEM,
             format!(
-                "page cache budget of {} bytes is used up",
+                "page cache budget of {} bytes is used up by dirty pages whose writeback fails",
                 self.cache.budget.capacity() * PAGE
             ),
         )
@@ -2221,7 +2307,9 @@ impl Drop for Mapping {
         // Dropping the mapping drops its pages: write back what is dirty (call
         // `sync_all` first to see errors), give the budget back, stop the handler.
         self.cache.unregister(self.id);
-        if !*self.removed.get_mut() {
+        if *self.removed.get_mut() {
+            let _ = self.release_storage();
+        } else {
             let _ = self.write_back_range(0, MAX_PAGES - 1);
         }
         let _ = self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard);
@@ -2262,24 +2350,32 @@ fn copy_out_under(
 
 /// The error of a `_nowait` call that would have to wait.
 fn would_block<T>() -> io::Result<T> {
-    Err(io::Error::new(
-        io::ErrorKind::WouldBlock,
+    Err(with_message(
+        libc::EAGAIN,
         "the call would wait for a lock, a busy page or a backend read",
     ))
 }
 
-/// `offset + len`, or `EINVAL` if it overflows.
+/// The largest byte offset a call takes: a file offset (`loff_t`) is signed.
+const MAX_OFFSET: u64 = i64::MAX as u64;
+
+/// `offset + len`, or `EINVAL` if the range reaches past [`MAX_OFFSET`], as
+/// the kernel's `rw_verify_area` answers a read or write.
 fn end_of(offset: u64, len: impl TryInto<u64>) -> io::Result<u64> {
     len.try_into()
         .ok()
         .and_then(|len| offset.checked_add(len))
+        .filter(|&end| end <= MAX_OFFSET)
         .ok_or_else(|| err(libc::EINVAL))
 }
 
-/// The end of a direct I/O, or `EINVAL` if it is misaligned or overflows.
-fn check_direct(offset: u64, len: usize, address: usize) -> io::Result<u64> {
+/// `EINVAL` unless a direct I/O of `len` bytes at `offset` from `address` is
+/// aligned: filemap's rule (offsets and lengths in whole pages, buffers at
+/// [`DIRECT_IO_MEMORY_ALIGN`]) is stricter than the kernel's, which asks only
+/// for the device's logical block size.
+fn check_direct_alignment(offset: u64, len: usize, address: usize) -> io::Result<()> {
     if offset % PAGE != 0 || len % PAGE_SIZE != 0 || address % DIRECT_IO_MEMORY_ALIGN != 0 {
         return fail(libc::EINVAL);
     }
-    end_of(offset, len)
+    Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::backend::Backend;
+use crate::errno::with_message;
 use crate::lock::Strategy;
 
 pub(crate) mod evict;
@@ -25,7 +26,7 @@ pub use mapping::{FileHandle, Mapping};
 pub use stats::{CacheStats, LockWaits};
 
 use evict::{Key, Queue, Visit};
-use readahead::{readahead_queue, ReadaheadQueue, DEFAULT_READAHEAD_THREADS};
+use readahead::{readahead_queue, ReadaheadQueue, DEFAULT_READAHEAD_THREADS, MAX_WINDOW_PAGES};
 use stats::Counters;
 use store::Budget;
 
@@ -62,16 +63,74 @@ pub(crate) struct CacheShared {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Need {
     /// Evict if the budget is used up; give up when nothing could be evicted
-    /// (misses are served uncached, readahead stops, writes report
-    /// `OutOfMemory`), or after [`OPTIONAL_RECLAIMS`] reclaims whose pages
-    /// other threads took.
+    /// (a fill's pages past its first, readahead), or after
+    /// [`OPTIONAL_RECLAIMS`] reclaims whose pages other threads took.
     Optional,
+    /// Evict, and wait for busy pages (locked, being filled, under writeback)
+    /// to come free: give up only when no page of the budget can be freed,
+    /// because every one is dirty and its writeback fails (a buffered write's
+    /// page, which then fails with `OutOfMemory`).
+    Wait,
     /// Keep evicting until a page is free (a fault, which cannot be refused).
     Required,
 }
 
+/// What one reclaim found.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Reclaimed {
+    /// Pages evicted.
+    pub(crate) freed: usize,
+    /// Candidates skipped because they were busy (locked, being filled, under
+    /// writeback): they come free soon.
+    pub(crate) busy: usize,
+    /// Candidates kept because they are dirty and their writeback failed.
+    pub(crate) failed: usize,
+}
+
+/// What evicting one page did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Eviction {
+    /// The page is gone and its budget given back.
+    Evicted,
+    /// The page is locked, being filled or under writeback: try later.
+    Busy,
+    /// The page stays, dirty: its writeback failed (or its removal from the
+    /// store did).
+    Failed,
+    /// There was no page to evict.
+    Absent,
+}
+
 /// The most readahead threads a cache may have.
 const MAX_READAHEAD_THREADS: usize = 64;
+
+/// The largest budget, in pages: page counts of the budget fit in 32 bits.
+const MAX_BUDGET_PAGES: u64 = u32::MAX as u64;
+
+/// The range of [`PageCacheBuilder::writeback_interval`].
+const MIN_WRITEBACK_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_WRITEBACK_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// `EINVAL` with a message naming the setting and its range unless `value`
+/// lies in `range`.
+fn check_setting(
+    name: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) -> io::Result<()> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(with_message(
+        libc::EINVAL,
+        format!(
+            "{name} must be {} to {} {unit} (got {value})",
+            range.start(),
+            range.end()
+        ),
+    ))
+}
 
 /// Reclaims an optional page of the budget may take while each frees pages
 /// that other threads take first.
@@ -79,6 +138,10 @@ const OPTIONAL_RECLAIMS: u32 = 16;
 
 /// Pages one reclaim tries to free at once.
 const RECLAIM_BATCH: usize = 16;
+
+/// How long [`Need::Wait`] waits for busy pages before it gives up, and
+/// [`Need::Required`] before it takes a page beyond the budget.
+const RECLAIM_PATIENCE: Duration = Duration::from_secs(60);
 
 impl CacheShared {
     /// Takes one page of the budget, evicting pages to make room if needed.
@@ -89,7 +152,7 @@ impl CacheShared {
         let started = Instant::now();
         let mut tries = 0;
         loop {
-            let freed = self.reclaim(RECLAIM_BATCH);
+            let reclaimed = self.reclaim(RECLAIM_BATCH);
             if self.budget.try_acquire() {
                 return true;
             }
@@ -97,15 +160,30 @@ impl CacheShared {
             // claim many at once): that is no reason to fail a write or stop a
             // fill while pages can still be evicted.
             tries += 1;
-            if need == Need::Optional {
-                if freed == 0 || tries >= OPTIONAL_RECLAIMS {
+            match need {
+                Need::Optional if reclaimed.freed == 0 || tries >= OPTIONAL_RECLAIMS => {
                     return false;
                 }
+                // Nothing freed, nothing busy, and writebacks failed: the pages
+                // left are dirty and cannot be written. (With no failure either,
+                // the budget is held by fills that have not queued their pages
+                // yet: they will soon.)
+                Need::Wait
+                    if reclaimed.freed == 0 && reclaimed.busy == 0 && reclaimed.failed > 0 =>
+                {
+                    return false;
+                }
+                _ => {}
+            }
+            if reclaimed.freed > 0 {
                 continue;
             }
             // Every evictable page is busy (locked, filling, under writeback) or
             // dirty with a failing writeback. Busy pages come free soon.
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > RECLAIM_PATIENCE {
+                if need != Need::Required {
+                    return false;
+                }
                 self.budget.force_acquire();
                 stats::add(&self.counters.budget_overruns, 1);
                 return true;
@@ -115,11 +193,11 @@ impl CacheShared {
     }
 
     /// Moves the eviction hand until `want` pages were evicted or it went twice
-    /// round the queue; returns how many were.
-    pub(crate) fn reclaim(&self, want: usize) -> usize {
+    /// round the queue; returns how many were, and how many were busy.
+    pub(crate) fn reclaim(&self, want: usize) -> Reclaimed {
         let mut visits_left = 2 * self.queue.lock().len() + 2 * want;
-        let mut freed = 0;
-        while freed < want && visits_left > 0 {
+        let mut reclaimed = Reclaimed::default();
+        while reclaimed.freed < want && visits_left > 0 {
             let mut visited = 0;
             // Mappings upgraded under the locks are dropped after them: the last
             // handle of a mapping going away unregisters it.
@@ -127,7 +205,8 @@ impl CacheShared {
             let candidates: Vec<(Arc<Mapping>, u64)> = {
                 let mut queue = self.queue.lock();
                 let mappings = self.mappings.lock();
-                let keys = queue.sweep(want - freed, visits_left.min(4 * RECLAIM_BATCH), |key| {
+                let wanted = want - reclaimed.freed;
+                let keys = queue.sweep(wanted, visits_left.min(4 * RECLAIM_BATCH), |key| {
                     visited += 1;
                     let Some(mapping) = mappings.get(&key.mapping()).and_then(Weak::upgrade) else {
                         return Visit::Stale;
@@ -149,12 +228,15 @@ impl CacheShared {
                 break;
             }
             for (mapping, index) in candidates {
-                if mapping.evict_page(index) {
-                    freed += 1;
+                match mapping.evict_page(index) {
+                    Eviction::Evicted => reclaimed.freed += 1,
+                    Eviction::Busy => reclaimed.busy += 1,
+                    Eviction::Failed => reclaimed.failed += 1,
+                    Eviction::Absent => {}
                 }
             }
         }
-        freed
+        reclaimed
     }
 
     /// Gives a page that just became present its queue entry.
@@ -270,25 +352,31 @@ fn background_writeback(cache: Weak<CacheShared>, interval: Duration) {
 }
 
 impl PageCacheBuilder {
-    /// The most frame memory the cache may hold, in bytes (rounded down to whole
-    /// pages; at least one page). Default 256 MiB. When it is used up, pages are
-    /// evicted (see [`PageCacheBuilder::eviction`]); if none can be (all busy or
-    /// dirty with failing writeback), a miss is served uncached and a buffered
-    /// write that needs a new page fails with `ErrorKind::OutOfMemory`.
+    /// The most frame memory the cache may hold, in bytes, rounded down to
+    /// whole pages: one page to 2^32 - 1 pages. Default 256 MiB. When it is used
+    /// up, pages are evicted (see [`PageCacheBuilder::eviction`]); a call that
+    /// needs a page waits for busy ones to come free, so every budget accepted
+    /// makes progress, even one page. A fill or readahead window reads at most
+    /// a quarter of the budget at once, so a budget below 128 pages (512 KiB)
+    /// also caps the fill batch. If no page can be evicted because every one
+    /// is dirty and its writeback fails, a miss is served uncached and a
+    /// buffered write that needs a new page fails with `ENOMEM`
+    /// (`ErrorKind::OutOfMemory`).
     pub fn budget_bytes(mut self, bytes: u64) -> Self {
         self.budget_bytes = bytes;
         self
     }
 
     /// How often background writeback writes every dirty page back (like
-    /// `dirty_writeback_centisecs`). Default 5 s; at least 10 ms.
+    /// `dirty_writeback_centisecs`): 10 ms to one day. Default 5 s.
     pub fn writeback_interval(mut self, interval: Duration) -> Self {
-        self.writeback_interval = interval.max(Duration::from_millis(10));
+        self.writeback_interval = interval;
         self
     }
 
     /// How many bytes dirtied since the last background flush start one
-    /// early (like `dirty_background_bytes`). Default a tenth of the budget.
+    /// early (like `dirty_background_bytes`): one page up to the budget.
+    /// Default a tenth of the budget.
     pub fn dirty_background_bytes(mut self, bytes: u64) -> Self {
         self.dirty_background_bytes = Some(bytes);
         self
@@ -310,7 +398,7 @@ impl PageCacheBuilder {
     }
 
     /// The pages a fault, an explicit readahead and the first sequential read
-    /// miss read from the backend at once (default 32, at least 1). Sequential
+    /// miss read from the backend at once: 1 to 512, default 32. Sequential
     /// read misses double it up to 512 pages; random ones read only what they
     /// ask for.
     pub fn fill_batch_pages(mut self, pages: usize) -> Self {
@@ -318,41 +406,60 @@ impl PageCacheBuilder {
         self
     }
 
-    /// Threads that read sequential windows ahead of their readers (default
-    /// 2; 0 reads every window synchronously, in the reader's miss). They read
-    /// ahead only for a backend slower to read a window than the cache is to
-    /// install it, such as a device opened with `O_DIRECT`: there the next
-    /// window's read overlaps the reader's copies and the previous window's
-    /// install. A backend the host kernel caches is read synchronously anyway.
+    /// Threads that read sequential windows ahead of their readers: 0 to 64,
+    /// default 2 (0 reads every window synchronously, in the reader's miss).
+    /// They read ahead only for a backend slower to read a window than the
+    /// cache is to install it, such as a device opened with `O_DIRECT`: there
+    /// the next window's read overlaps the reader's copies and the previous
+    /// window's install. A backend the host kernel caches is read
+    /// synchronously anyway.
     pub fn readahead_threads(mut self, threads: usize) -> Self {
         self.readahead_threads = threads;
         self
     }
 
-    /// Builds the cache. Fails with `EINVAL` for a budget under one page or over
-    /// 2^32 pages, a zero batch, or more than 64 readahead threads.
+    /// Builds the cache. A setting out of its range fails with `EINVAL`
+    /// (`ErrorKind::InvalidInput`, see [`crate::errno`]), with a message that
+    /// names the setting and its range.
     pub fn build(self) -> io::Result<PageCache> {
         let pages = self.budget_bytes / PAGE_SIZE as u64;
-        if pages == 0 || pages > u32::MAX as u64 || self.fill_batch_pages == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "page cache budget must be 1 to 2^32 pages of {PAGE_SIZE} bytes and the fill batch at least 1 (got {} bytes, batch {})",
-                    self.budget_bytes, self.fill_batch_pages
-                ),
-            ));
-        }
-        if self.readahead_threads > MAX_READAHEAD_THREADS {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "readahead threads must be at most {MAX_READAHEAD_THREADS} (got {})",
-                    self.readahead_threads
-                ),
-            ));
+        check_setting(
+            "budget_bytes",
+            self.budget_bytes,
+            PAGE_SIZE as u64..=MAX_BUDGET_PAGES * PAGE_SIZE as u64 + (PAGE_SIZE as u64 - 1),
+            "bytes (one page to 2^32 - 1 pages)",
+        )?;
+        check_setting(
+            "fill_batch_pages",
+            self.fill_batch_pages as u64,
+            1..=MAX_WINDOW_PAGES,
+            "pages",
+        )?;
+        check_setting(
+            "readahead_threads",
+            self.readahead_threads as u64,
+            0..=MAX_READAHEAD_THREADS as u64,
+            "threads",
+        )?;
+        check_setting(
+            "writeback_interval",
+            self.writeback_interval
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+            MIN_WRITEBACK_INTERVAL.as_millis() as u64..=MAX_WRITEBACK_INTERVAL.as_millis() as u64,
+            "ms",
+        )?;
+        if let Some(bytes) = self.dirty_background_bytes {
+            check_setting(
+                "dirty_background_bytes",
+                bytes,
+                PAGE_SIZE as u64..=pages * PAGE_SIZE as u64,
+                "bytes (one page up to the budget)",
+            )?;
         }
         let dirty_background_pages = match self.dirty_background_bytes {
-            Some(bytes) => (bytes / PAGE_SIZE as u64).max(1),
+            Some(bytes) => bytes / PAGE_SIZE as u64,
             None => (pages / 10).max(1),
         };
         let (readahead, requests) = readahead_queue(self.readahead_threads);
