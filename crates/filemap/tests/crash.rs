@@ -463,7 +463,13 @@ fn run(start: Option<&[u8]>, ops: &[Op], crash_at: Option<u64>, seed: u64) -> Cr
             }
             continue;
         }
-        let reopened = Volume::open(memory.clone()).unwrap_or_else(|error| {
+        // A restart finds only the device's bytes: the crashed volume, still
+        // alive here, holds the device's claim, so reopen a copy of them.
+        let mut image = vec![0; DEVICE_BYTES as usize];
+        memory.read_exact_at(&mut image, 0).unwrap();
+        let restarted = Arc::new(MemDevice::new(DEVICE_BYTES));
+        restarted.write_all_at(&image, 0).unwrap();
+        let reopened = Volume::open(restarted).unwrap_or_else(|error| {
             panic!("seed {seed} crash at write {crash_at:?} in step {step} {op:?}: open: {error}")
         });
         reopened.check_invariants();
@@ -477,8 +483,6 @@ fn run(start: Option<&[u8]>, ops: &[Op], crash_at: Option<u64>, seed: u64) -> Cr
         };
         return match outcome {
             Ok(new_commit) => {
-                let mut image = vec![0; DEVICE_BYTES as usize];
-                memory.read_exact_at(&mut image, 0).unwrap();
                 Crash::Survived {
                     new_commit,
                     during_commit: op.commits(),

@@ -30,13 +30,15 @@
 //!
 //! - A superblock (the first 56 bytes of its block): the magic `FMVOLUME`, the
 //!   format version (u32), the block size (u32), the device's size in blocks
-//!   (u64), `m` (u64), the generation (u64), the length of the metadata in bytes
-//!   (u64), the CRC-32 of the metadata (u32), and the CRC-32 of the 52 bytes
-//!   before it (u32).
+//!   (u64), `m` (u64), the generation (u64, from 1 to 2^63 - 1, even in slot
+//!   0 and odd in slot 1), the length of the metadata in bytes (u64), the
+//!   CRC-32 of the metadata (u32), and the CRC-32 of the 52 bytes before it
+//!   (u32).
 //! - The metadata (in the area of its generation): the next file id (u64), the
-//!   number of files (u64), then per file in id order its id (u64), size (u64),
-//!   name length (u16), name, number of runs (u64), and per run its first
-//!   logical block, first physical block and length (3 × u64).
+//!   number of files (u64), then per file in ascending id order its id (u64),
+//!   size (u64), name length (u16), name, number of runs (u64), and per run in
+//!   ascending logical order its first logical block, first physical block and
+//!   length (3 × u64).
 //! - The allocator is not stored: on open, every data block that no file maps
 //!   is free.
 //!
@@ -51,6 +53,46 @@
 //! a run per run of fresh blocks it takes; if writers racing on the same holes
 //! split its runs further than the area can take, it maps none of them),
 //! punch, collapse and insert (one run each).
+//!
+//! # Opening
+//!
+//! A volume is its device's only owner while it lives: [`Volume::format`] and
+//! [`Volume::open`] first take the device's [`DeviceClaim`], and fail with
+//! `EBUSY` ("volume in use") while another volume holds it, in this process
+//! or, on a [`FileDevice`](crate::FileDevice), in any (an exclusive `flock`).
+//! Two live volumes on one device would each run an allocator, hand out the
+//! same free block, and give one file the other's data. The claim goes when
+//! the volume does, and every [`VolumeFile`] (so every mapping of one) keeps
+//! its volume alive.
+//!
+//! The device could hold anything, so every field is range-checked before it
+//! is used, and a failed open writes nothing:
+//!
+//! - A superblock whose magic or checksum does not hold is not a commit (a
+//!   torn or rotten block): open falls back to the other slot, and to the
+//!   commit before when the newest metadata's checksum does not hold.
+//! - A superblock whose checksum holds is refused with `EINVAL` if this build
+//!   cannot read it (another format version or block size) or the device is
+//!   smaller than the volume, and with `EUCLEAN` if `m` is not the one the
+//!   volume's size gives (or leaves no data block), the generation is outside
+//!   1 to 2^63 - 1 or in the other parity's slot, or the metadata length is
+//!   outside 16 bytes to the area's size.
+//! - Metadata whose checksum holds is refused with `EUCLEAN` unless the next
+//!   id is positive; ids ascend and are below it; sizes are at most the
+//!   largest file size; names are 1 to 255 bytes of UTF-8 without `/` or NUL,
+//!   and unique; runs are non-empty, ascend without overlapping, end inside
+//!   their file and lie in the data blocks; no block is mapped twice; the
+//!   counts fit in the bytes that follow them; and nothing follows the last
+//!   file.
+//!
+//! The error's message names the field and its value. A crash never leaves a
+//! block whose checksum holds but whose fields do not, so such a block is
+//! corruption, not a torn commit, and open reports it instead of going back a
+//! commit in silence. Sums of values from the device are checked, and counts
+//! size no allocation before they are checked against the bytes that hold
+//! them; a volume at generation 2^63 - 1 takes no further commit
+//! (`EOVERFLOW`), and one whose next id is `u64::MAX` no further file
+//! (`ENOSPC`).
 //!
 //! # Commits
 //!
@@ -113,8 +155,8 @@ use parking_lot::Mutex;
 
 use super::extent::{Extent, ExtentMap};
 use super::Backend;
-use crate::device::Device;
-use crate::errno::{err, fail};
+use crate::device::{Device, DeviceClaim};
+use crate::errno::{err, errno, fail, with_message};
 
 /// The volume's block size in bytes, equal to the cache's page size so that a page
 /// is always exactly one block.
@@ -138,6 +180,11 @@ const FORMAT_VERSION: u32 = 1;
 
 /// Blocks 0 and 1 hold the superblock's two slots.
 const SUPERBLOCK_SLOTS: u64 = 2;
+
+/// The last generation: a commit a microsecond would take 290,000 years to
+/// reach it, so a larger one on the device is corruption, and `+ 1` of any
+/// accepted generation cannot overflow.
+const MAX_GENERATION: u64 = (1 << 63) - 1;
 
 /// The bytes of a superblock its own checksum covers.
 const SUPERBLOCK_BODY: usize = 52;
@@ -169,26 +216,28 @@ struct Layout {
 }
 
 impl Layout {
-    /// The layout `format` gives a device of `total_blocks` blocks.
+    /// The layout `format` gives a device of `total_blocks` blocks; `EINVAL` if
+    /// that leaves no data block.
     fn for_device(total_blocks: u64) -> io::Result<Layout> {
-        let meta_blocks =
-            (total_blocks / BLOCKS_PER_META_BLOCK).clamp(MIN_META_BLOCKS, MAX_META_BLOCKS);
-        let layout = Layout {
-            total_blocks,
-            meta_blocks,
-        };
-        layout.check()?;
+        let layout = Layout::of(total_blocks);
+        if !layout.has_data() {
+            return fail(libc::EINVAL);
+        }
         Ok(layout)
     }
 
-    /// `EINVAL` unless the areas are of a size `format` gives and at least one
-    /// data block remains.
-    fn check(self) -> io::Result<()> {
-        let sized = (MIN_META_BLOCKS..=MAX_META_BLOCKS).contains(&self.meta_blocks);
-        if !sized || self.data_start() >= self.total_blocks {
-            return fail(libc::EINVAL);
+    /// The layout of a volume of `total_blocks` blocks, data blocks or not.
+    fn of(total_blocks: u64) -> Layout {
+        Layout {
+            total_blocks,
+            meta_blocks: (total_blocks / BLOCKS_PER_META_BLOCK)
+                .clamp(MIN_META_BLOCKS, MAX_META_BLOCKS),
         }
-        Ok(())
+    }
+
+    /// Whether at least one data block remains.
+    fn has_data(self) -> bool {
+        self.data_start() < self.total_blocks
     }
 
     /// The first data block.
@@ -237,62 +286,142 @@ impl Superblock {
         block
     }
 
-    /// The superblock in `block`, if it holds a valid one of this format.
-    fn decode(block: &[u8]) -> Option<Superblock> {
-        let mut reader = Reader {
-            bytes: block.get(..SUPERBLOCK_BODY + 4)?,
+    /// The superblock in `block`, read from `slot` of a device of
+    /// `device_blocks` blocks. `None` if the block has no magic or its
+    /// checksum does not hold (no volume, or a torn or rotten block); an error
+    /// naming the field if the checksum holds but a field is out of range (see
+    /// "Opening" in the module documentation).
+    fn decode(block: &[u8], slot: u64, device_blocks: u64) -> io::Result<Option<Superblock>> {
+        let Some((body, crc)) = block
+            .get(..SUPERBLOCK_BODY + 4)
+            .map(|bytes| bytes.split_at(SUPERBLOCK_BODY))
+        else {
+            return Ok(None);
         };
-        let body = &block[..SUPERBLOCK_BODY];
-        if reader.take(MAGIC.len()).ok()? != MAGIC
-            || reader.u32().ok()? != FORMAT_VERSION
-            || reader.u32().ok()? != BLOCK_SIZE as u32
+        if body[..MAGIC.len()] != MAGIC
+            || Reader::new(crc).u32("the superblock checksum")? != crc32fast::hash(body)
         {
-            return None;
+            return Ok(None);
         }
-        let superblock = Superblock {
-            layout: Layout {
-                total_blocks: reader.u64().ok()?,
-                meta_blocks: reader.u64().ok()?,
-            },
-            generation: reader.u64().ok()?,
-            meta_len: reader.u64().ok()?,
-            meta_crc: reader.u32().ok()?,
+        let mut reader = Reader::new(&body[MAGIC.len()..]);
+        let version = reader.u32("the format version")?;
+        let block_size = reader.u32("the block size")?;
+        let total_blocks = reader.u64("the total blocks")?;
+        let meta_blocks = reader.u64("the metadata blocks")?;
+        let generation = reader.u64("the generation")?;
+        let meta_len = reader.u64("the metadata length")?;
+        let meta_crc = reader.u32("the metadata checksum")?;
+        let unreadable = |what: String| {
+            Err(with_message(
+                libc::EINVAL,
+                format!("volume not readable: superblock {slot}: {what}"),
+            ))
         };
-        (reader.u32().ok()? == crc32fast::hash(body)).then_some(superblock)
+        let corrupt = |what: String| Err(corrupt(format!("superblock {slot}: {what}")));
+        if version != FORMAT_VERSION {
+            return unreadable(format!(
+                "format version {version} (this build reads version {FORMAT_VERSION})"
+            ));
+        }
+        if block_size != BLOCK_SIZE as u32 {
+            return unreadable(format!(
+                "block size {block_size} (this build uses {BLOCK_SIZE})"
+            ));
+        }
+        if total_blocks > device_blocks {
+            return unreadable(format!(
+                "total blocks {total_blocks}, but the device holds {device_blocks}"
+            ));
+        }
+        let layout = Layout::of(total_blocks);
+        if !layout.has_data() {
+            return corrupt(format!("total blocks {total_blocks} leave no data block"));
+        }
+        if meta_blocks != layout.meta_blocks {
+            return corrupt(format!(
+                "metadata blocks {meta_blocks}, but a volume of {total_blocks} blocks has {}",
+                layout.meta_blocks
+            ));
+        }
+        if !(1..=MAX_GENERATION).contains(&generation) {
+            return corrupt(format!(
+                "generation {generation} out of range 1..={MAX_GENERATION}"
+            ));
+        }
+        if generation % SUPERBLOCK_SLOTS != slot {
+            return corrupt(format!(
+                "generation {generation} belongs in slot {}, not slot {slot}",
+                generation % SUPERBLOCK_SLOTS
+            ));
+        }
+        if !(META_HEADER..=layout.meta_capacity()).contains(&meta_len) {
+            return corrupt(format!(
+                "metadata length {meta_len} out of range {META_HEADER}..={}",
+                layout.meta_capacity()
+            ));
+        }
+        Ok(Some(Superblock {
+            layout,
+            generation,
+            meta_len,
+            meta_crc,
+        }))
     }
 }
 
-/// Reads little-endian fields from encoded metadata; running out is `EINVAL`.
+/// The `EUCLEAN` of a volume whose fields are out of range, saying which.
+fn corrupt(what: impl fmt::Display) -> io::Error {
+    with_message(libc::EUCLEAN, format!("corrupt volume: {what}"))
+}
+
+/// Reads little-endian fields from encoded metadata; running out is `EUCLEAN`
+/// naming the field.
 struct Reader<'a> {
     bytes: &'a [u8],
+    /// The bytes read so far.
+    offset: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, count: usize) -> io::Result<&'a [u8]> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, offset: 0 }
+    }
+
+    /// The bytes not read yet.
+    fn remaining(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn take(&mut self, count: usize, field: &str) -> io::Result<&'a [u8]> {
         if count > self.bytes.len() {
-            return fail(libc::EINVAL);
+            return Err(corrupt(format!(
+                "the metadata ends inside {field} (at byte {} of {})",
+                self.offset,
+                self.offset + self.bytes.len()
+            )));
         }
         let (head, rest) = self.bytes.split_at(count);
         self.bytes = rest;
+        self.offset += count;
         Ok(head)
     }
 
-    fn u16(&mut self) -> io::Result<u16> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+    fn array<const N: usize>(&mut self, field: &str) -> io::Result<[u8; N]> {
+        let mut array = [0; N];
+        array.copy_from_slice(self.take(N, field)?);
+        Ok(array)
     }
 
-    fn u32(&mut self) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+    fn u16(&mut self, field: &str) -> io::Result<u16> {
+        self.array(field).map(u16::from_le_bytes)
     }
 
-    fn u64(&mut self) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+    fn u32(&mut self, field: &str) -> io::Result<u32> {
+        self.array(field).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, field: &str) -> io::Result<u64> {
+        self.array(field).map(u64::from_le_bytes)
     }
 }
 
@@ -304,6 +433,9 @@ pub struct Volume {
     state: Mutex<State>,
     /// Serialises commits, and holds the generation of the newest durable one.
     generation: Mutex<u64>,
+    /// The device's claim: no other volume opens the device while this one
+    /// lives.
+    _claim: DeviceClaim,
 }
 
 /// Everything behind the volume's mutex.
@@ -388,59 +520,129 @@ impl Metadata {
         bytes
     }
 
-    /// Decodes and checks metadata: `EINVAL` unless it is well formed, names are
-    /// valid and unique, ids unique and below `next_id`, and every file maps
-    /// only data blocks of `layout` inside its size. (Blocks shared between
-    /// files are caught by [`Space::rebuild`].)
+    /// Decodes and checks metadata: `EUCLEAN` naming the field unless every
+    /// field is in range (see "Opening" in the module documentation) and every
+    /// file maps only data blocks of `layout` inside its size. (Blocks shared
+    /// between files are caught by [`Space::rebuild`].)
     fn decode(bytes: &[u8], layout: Layout) -> io::Result<Metadata> {
-        let mut reader = Reader { bytes };
+        let mut reader = Reader::new(bytes);
         let mut meta = Metadata::new();
-        meta.next_id = reader.u64()?;
-        let count = reader.u64()?;
+        meta.next_id = reader.u64("the next id")?;
+        if meta.next_id == 0 {
+            return Err(corrupt("next id 0 (ids start at 1)"));
+        }
+        let count = reader.u64("the file count")?;
+        // Each file takes its record and at least a byte of name.
+        let most = reader.remaining() / (FILE_RECORD + 1);
+        if count > most {
+            return Err(corrupt(format!(
+                "file count {count}, but the {} bytes after it hold at most {most} files",
+                reader.remaining()
+            )));
+        }
+        let mut previous = 0;
         for _ in 0..count {
-            let id = reader.u64()?;
-            let size = reader.u64()?;
-            let name_len = reader.u16()?;
-            let name = std::str::from_utf8(reader.take(name_len.into())?)
-                .map_err(|_| err(libc::EINVAL))?
-                .to_owned();
-            check_name(&name)?;
-            let run_count = reader.u64()?;
-            let mut runs = Vec::new();
+            let id = reader.u64("a file id")?;
+            if id == 0 {
+                return Err(corrupt("file id 0 (ids start at 1)"));
+            }
+            if id >= meta.next_id {
+                return Err(corrupt(format!(
+                    "file id {id} is not below the next id {}",
+                    meta.next_id
+                )));
+            }
+            if id <= previous {
+                return Err(corrupt(format!(
+                    "file id {id} after file id {previous} (ids ascend)"
+                )));
+            }
+            previous = id;
+            let size = reader.u64("a file size")?;
+            if size > MAX_FILE_SIZE {
+                return Err(corrupt(format!(
+                    "file {id}: size {size} past the largest file size {MAX_FILE_SIZE}"
+                )));
+            }
+            let name_len = reader.u16("a name length")?;
+            if name_len == 0 || usize::from(name_len) > MAX_NAME_LEN {
+                return Err(corrupt(format!(
+                    "file {id}: name length {name_len} out of range 1..={MAX_NAME_LEN}"
+                )));
+            }
+            let name = reader.take(name_len.into(), "a file name")?;
+            let name = std::str::from_utf8(name).map_err(|_| {
+                corrupt(format!(
+                    "file {id}: name {:?} is not UTF-8",
+                    String::from_utf8_lossy(name)
+                ))
+            })?;
+            if name.contains(['/', '\0']) {
+                return Err(corrupt(format!(
+                    "file {id}: name {name:?} holds '/' or NUL"
+                )));
+            }
+            let run_count = reader.u64("a run count")?;
+            let most = reader.remaining() / RUN_RECORD;
+            if run_count > most {
+                return Err(corrupt(format!(
+                    "file {id}: run count {run_count}, but the {} bytes after it hold at most {most} runs",
+                    reader.remaining()
+                )));
+            }
+            let blocks = size.div_ceil(BLOCK);
+            // At most `most`: checked against the bytes above.
+            let mut runs = Vec::with_capacity(run_count as usize);
             for _ in 0..run_count {
-                let lblk = reader.u64()?;
-                let phys = reader.u64()?;
-                let len = reader.u64()?;
-                let inside_file = lblk
-                    .checked_add(len)
-                    .is_some_and(|end| end <= size.div_ceil(BLOCK));
+                let lblk = reader.u64("a run's logical block")?;
+                let phys = reader.u64("a run's physical block")?;
+                let len = reader.u64("a run length")?;
+                if len == 0 {
+                    return Err(corrupt(format!(
+                        "file {id}: the run at logical block {lblk} has length 0"
+                    )));
+                }
+                let inside_file = lblk.checked_add(len).is_some_and(|end| end <= blocks);
+                if !inside_file {
+                    return Err(corrupt(format!(
+                        "file {id}: a run of {len} blocks at logical block {lblk} ends past the file's {blocks} blocks"
+                    )));
+                }
                 let inside_data = phys >= layout.data_start()
                     && phys
                         .checked_add(len)
                         .is_some_and(|end| end <= layout.total_blocks);
-                if !inside_file || !inside_data {
-                    return fail(libc::EINVAL);
+                if !inside_data {
+                    return Err(corrupt(format!(
+                        "file {id}: a run of {len} blocks at physical block {phys} is not inside the data blocks {}..{}",
+                        layout.data_start(),
+                        layout.total_blocks
+                    )));
                 }
                 runs.push((lblk, Extent { phys, len }));
             }
-            let extents = ExtentMap::from_runs(runs).ok_or_else(|| err(libc::EINVAL))?;
-            if size > MAX_FILE_SIZE || id >= meta.next_id || meta.files.contains_key(&id) {
-                return fail(libc::EINVAL);
-            }
-            if meta.names.insert(name.clone(), id).is_some() {
-                return fail(libc::EINVAL);
+            let extents = ExtentMap::from_runs(runs).ok_or_else(|| {
+                corrupt(format!("file {id}: its runs overlap or are out of order"))
+            })?;
+            if let Some(other) = meta.names.insert(name.to_owned(), id) {
+                return Err(corrupt(format!(
+                    "file {id}: name {name:?} is taken by file {other}"
+                )));
             }
             meta.files.insert(
                 id,
                 FileMeta {
-                    name,
+                    name: name.to_owned(),
                     size,
                     extents,
                 },
             );
         }
-        if !reader.bytes.is_empty() {
-            return fail(libc::EINVAL);
+        if reader.remaining() != 0 {
+            return Err(corrupt(format!(
+                "{} bytes follow the last file (file count {count})",
+                reader.remaining()
+            )));
         }
         Ok(meta)
     }
@@ -539,7 +741,7 @@ struct Space {
 
 impl Space {
     /// The space of a volume whose files are `meta`: every data block no file
-    /// maps is free, and every mapped one is committed. `EINVAL` if two files
+    /// maps is free, and every mapped one is committed. `EUCLEAN` if two runs
     /// map one block (metadata that was never written by a volume).
     fn rebuild(meta: &Metadata, layout: Layout) -> io::Result<Space> {
         let mut runs = meta.mapped_runs();
@@ -548,7 +750,7 @@ impl Space {
         let mut next = layout.data_start();
         for &(phys, len) in &runs {
             if phys < next {
-                return fail(libc::EINVAL);
+                return Err(corrupt(format!("physical block {phys} is mapped twice")));
             }
             if phys > next {
                 gaps.push((next, phys - next));
@@ -766,83 +968,98 @@ fn check_name(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Claims `device` for a volume: `EBUSY`, saying the volume is in use, while
+/// another owner holds it.
+fn claim(device: &dyn Device) -> io::Result<DeviceClaim> {
+    device.claim().map_err(|error| {
+        if errno(&error) == Some(libc::EBUSY) {
+            with_message(libc::EBUSY, format!("volume in use: {error}"))
+        } else {
+            error
+        }
+    })
+}
+
 impl Volume {
     /// Makes an empty volume on `device`, using every whole block of it, and
     /// commits it: [`Volume::open`] finds it from now on. Whatever the device
     /// held before is lost (a crash during `format` may leave no volume).
     ///
-    /// Fails with `EINVAL` if the device is too small to hold the superblocks,
-    /// the metadata areas and one data block (see the module documentation).
+    /// Fails with `EBUSY`, writing nothing, while a volume on the device is
+    /// alive (see "Opening" in the module documentation), and with `EINVAL` if
+    /// the device is too small to hold the superblocks, the metadata areas and
+    /// one data block.
     pub fn format(device: Arc<dyn Device>) -> io::Result<Arc<Volume>> {
+        let claim = claim(device.as_ref())?;
         let layout = Layout::for_device(device.len() / BLOCK)?;
         // No superblock of an older volume may survive beside the new one.
         device.write_all_at(&ZEROS[..(SUPERBLOCK_SLOTS * BLOCK) as usize], 0)?;
-        let volume = Volume::assemble(device, layout, Metadata::new(), 0)?;
+        let volume = Volume::assemble(device, claim, layout, Metadata::new(), 0)?;
         volume.state.lock().dirty = true;
         volume.commit()?;
         Ok(volume)
     }
 
-    /// Opens the volume on `device`, as of its newest durable commit.
+    /// Opens the volume on `device`, as of its newest durable commit, and
+    /// claims the device while the volume lives.
     ///
     /// Takes the superblock of the highest generation whose checksum and whose
     /// metadata's checksum hold, so a crash at any point of a commit opens the
-    /// commit before it or the new one. Fails with `EINVAL` if the device holds
-    /// no volume, both superblocks are corrupt, or the device is smaller than the
-    /// volume; device errors are returned as they are.
+    /// commit before it or the new one. Fails with `EBUSY` while another volume
+    /// on the device is alive; with `EINVAL` if the device holds no volume
+    /// (both superblocks lack the magic or a valid checksum), one this build
+    /// cannot read, or one larger than the device; and with `EUCLEAN` if a
+    /// superblock or the metadata has a valid checksum but a field out of
+    /// range. The error says which field and value; a failed open writes
+    /// nothing (see "Opening" in the module documentation). Device errors are
+    /// returned as they are.
     pub fn open(device: Arc<dyn Device>) -> io::Result<Arc<Volume>> {
-        if device.len() < SUPERBLOCK_SLOTS * BLOCK {
+        let claim = claim(device.as_ref())?;
+        let device_blocks = device.len() / BLOCK;
+        if device_blocks < SUPERBLOCK_SLOTS {
             return fail(libc::EINVAL);
         }
         let mut found = Vec::new();
         for slot in 0..SUPERBLOCK_SLOTS {
             let mut block = vec![0; BLOCK_SIZE];
             device.read_exact_at(&mut block, slot * BLOCK)?;
-            if let Some(superblock) = Superblock::decode(&block) {
-                if superblock.generation % SUPERBLOCK_SLOTS == slot {
-                    found.push(superblock);
-                }
-            }
+            found.extend(Superblock::decode(&block, slot, device_blocks)?);
         }
         found.sort_by_key(|superblock| Reverse(superblock.generation));
         for superblock in found {
-            match Self::load(device.as_ref(), &superblock) {
-                Ok(meta) => {
-                    return Volume::assemble(device, superblock.layout, meta, superblock.generation)
-                }
-                // Not a usable commit: try the one before.
-                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => continue,
-                Err(error) => return Err(error),
+            // `None`: the metadata's checksum does not hold, so the commit is
+            // torn: try the one before.
+            if let Some(meta) = Self::load(device.as_ref(), &superblock)? {
+                return Volume::assemble(
+                    device,
+                    claim,
+                    superblock.layout,
+                    meta,
+                    superblock.generation,
+                );
             }
         }
         fail(libc::EINVAL)
     }
 
-    /// Reads and checks the metadata `superblock` points at.
-    fn load(device: &dyn Device, superblock: &Superblock) -> io::Result<Metadata> {
-        let layout = superblock.layout;
-        layout.check()?;
-        let fits = layout
-            .total_blocks
-            .checked_mul(BLOCK)
-            .is_some_and(|len| len <= device.len());
-        if !fits
-            || superblock.meta_len > layout.meta_capacity()
-            || superblock.meta_len < META_HEADER
-        {
-            return fail(libc::EINVAL);
-        }
+    /// Reads and checks the metadata `superblock` points at; `None` if its
+    /// checksum does not hold.
+    fn load(device: &dyn Device, superblock: &Superblock) -> io::Result<Option<Metadata>> {
+        // At most an area (64 MiB): `Superblock::decode` checked it.
         let mut bytes = vec![0; superblock.meta_len as usize];
-        device.read_exact_at(&mut bytes, layout.area(superblock.generation) * BLOCK)?;
+        let area = superblock.layout.area(superblock.generation);
+        device.read_exact_at(&mut bytes, area * BLOCK)?;
         if crc32fast::hash(&bytes) != superblock.meta_crc {
-            return fail(libc::EINVAL);
+            return Ok(None);
         }
-        Metadata::decode(&bytes, layout)
+        Metadata::decode(&bytes, superblock.layout).map(Some)
     }
 
-    /// A volume of files `meta`, committed as `generation`, in memory.
+    /// A volume of files `meta`, committed as `generation`, in memory, holding
+    /// the device's `claim`.
     fn assemble(
         device: Arc<dyn Device>,
+        claim: DeviceClaim,
         layout: Layout,
         meta: Metadata,
         generation: u64,
@@ -861,6 +1078,7 @@ impl Volume {
                 handles: HashMap::new(),
             }),
             generation: Mutex::new(generation),
+            _claim: claim,
         }))
     }
 
@@ -879,6 +1097,19 @@ impl Volume {
             let mut guard = self.state.lock();
             let state = &mut *guard;
             if state.dirty {
+                // Refused before the snapshot changes anything.
+                let next = generation
+                    .checked_add(1)
+                    .filter(|&next| next <= MAX_GENERATION)
+                    .ok_or_else(|| {
+                        with_message(
+                            libc::EOVERFLOW,
+                            format!(
+                                "volume at its last generation {}: no further commit",
+                                *generation
+                            ),
+                        )
+                    })?;
                 let metadata = state.meta.encode();
                 debug_assert_eq!(metadata.len() as u64, state.meta_len);
                 let mapped = RunSet::from_runs(state.meta.mapped_runs());
@@ -887,15 +1118,14 @@ impl Volume {
                 let released = std::mem::take(&mut state.space.pending);
                 state.space.pending_count = 0;
                 state.dirty = false;
-                Some((metadata, mapped, released))
+                Some((next, metadata, mapped, released))
             } else {
                 None
             }
         };
-        let Some((metadata, mapped, released)) = snapshot else {
+        let Some((next, metadata, mapped, released)) = snapshot else {
             return self.device.flush();
         };
-        let next = *generation + 1;
         let written = self.write_commit(next, &metadata);
         let mut state = self.state.lock();
         match written {
@@ -953,7 +1183,7 @@ impl Volume {
     ///
     /// Fails with `EEXIST` if the name is taken, `EINVAL` if it is empty or holds
     /// `/` or NUL, `ENAMETOOLONG` if it is longer than 255 bytes, and `ENOSPC` if
-    /// the metadata area is full.
+    /// the metadata area is full or no file id is left.
     pub fn create_file(self: &Arc<Self>, name: &str) -> io::Result<VolumeFile> {
         check_name(name)?;
         let mut guard = self.state.lock();
@@ -966,12 +1196,16 @@ impl Volume {
             size: 0,
             extents: ExtentMap::new(),
         };
+        // The next id came from the device: it may be the last one.
+        let next_id = state.meta.next_id.checked_add(1).ok_or_else(|| {
+            with_message(libc::ENOSPC, "no file ids left: the next id is the last")
+        })?;
         state.reserve_meta(file.encoded_len())?;
         state.meta_reserved -= file.encoded_len();
         state.meta_len += file.encoded_len();
         state.dirty = true;
         let id = state.meta.next_id;
-        state.meta.next_id += 1;
+        state.meta.next_id = next_id;
         state.meta.names.insert(name.to_owned(), id);
         state.meta.files.insert(id, file);
         Ok(self.new_handle(state, id))
@@ -1621,7 +1855,18 @@ mod tests {
     }
 
     fn errno<T: fmt::Debug>(result: io::Result<T>) -> i32 {
-        result.unwrap_err().raw_os_error().expect("an errno")
+        crate::errno(&result.unwrap_err()).expect("an errno")
+    }
+
+    /// A new device holding the bytes of `device`: what a restart after a
+    /// crash finds, while the crashed volume (and its claim) is still alive
+    /// in the test.
+    fn after_crash(device: &dyn Device) -> Arc<dyn Device> {
+        let mut image = vec![0; device.len() as usize];
+        device.read_exact_at(&mut image, 0).unwrap();
+        let copy = MemDevice::new(device.len());
+        copy.write_all_at(&image, 0).unwrap();
+        Arc::new(copy)
     }
 
     /// A page whose every byte is `fill`.
@@ -2221,6 +2466,7 @@ mod tests {
         volume.sync().unwrap();
         let data = read(&c, 0, 3);
         drop(c);
+        drop(volume);
         let volume = Volume::open(device).unwrap();
         assert_eq!(read(&volume.open_file("c").unwrap(), 0, 3), data);
         volume.check_invariants();
@@ -2249,7 +2495,7 @@ mod tests {
         volume.create_file("new").unwrap();
         drop(a);
         volume.remove_file("a").unwrap();
-        let reopened = Volume::open(device).unwrap();
+        let reopened = Volume::open(after_crash(device.as_ref())).unwrap();
         assert_eq!(reopened.file_names(), ["a"]);
         let a = reopened.open_file("a").unwrap();
         assert_eq!(read(&a, 0, 2), [page(1), page(2)].concat());
@@ -2353,6 +2599,7 @@ mod tests {
         volume.check_invariants();
         a.sync().unwrap();
         assert_eq!(volume.pending_blocks(), 0);
+        drop((a, volume));
         let reopened = Volume::open(faulty.inner().clone()).unwrap();
         assert_eq!(reopened.open_file("a").unwrap().len().unwrap(), 0);
         reopened.check_invariants();
@@ -2478,6 +2725,7 @@ mod tests {
         assert!(volume.free_blocks() > 0, "the area ran out, not the blocks");
         volume.check_invariants();
         volume.sync().unwrap();
+        drop((f, volume));
         let reopened = Volume::open(device).unwrap();
         let f = reopened.open_file("f").unwrap();
         assert_eq!(f.allocated_blocks().unwrap(), mapped);

@@ -7,7 +7,7 @@
 
 use std::io;
 
-use super::{Device, DeviceOp};
+use super::{Device, DeviceClaim, DeviceOp};
 use crate::fault::{touched, Delivery, Faulty};
 
 /// Wraps a device and injects delays and errors into the calls chosen by its rules.
@@ -19,6 +19,10 @@ use crate::fault::{touched, Delivery, Faulty};
 /// forwarding, which simulates a crash: later writes never reach the device. A read or write touches the device bytes it transfers; a flush
 /// touches none. With a given seed the injections are deterministic for a given
 /// order of calls.
+///
+/// [`Device::claim`] claims the wrapped device (no rule applies to it): the
+/// wrapper and the device below it are one storage, which only one owner may
+/// allocate.
 pub type FaultyDevice = Faulty<dyn Device, DeviceOp>;
 
 impl Device for Faulty<dyn Device, DeviceOp> {
@@ -51,6 +55,10 @@ impl Device for Faulty<dyn Device, DeviceOp> {
             Delivery::Forward => self.inner.flush(),
             Delivery::Discard => Ok(()),
         }
+    }
+
+    fn claim(&self) -> io::Result<DeviceClaim> {
+        self.inner.claim()
     }
 }
 
@@ -213,6 +221,23 @@ mod tests {
         device.clear();
         device.write_all_at(b"x", 0).unwrap();
         assert_eq!(device.injected(), 1);
+    }
+
+    #[test]
+    fn a_claim_is_the_wrapped_devices() {
+        let memory: Arc<dyn Device> = Arc::new(MemDevice::new(4096));
+        let device = FaultyDevice::new(memory.clone(), 1);
+        let claim = device.claim().unwrap();
+        let busy = memory.claim().unwrap_err();
+        assert_eq!(crate::errno(&busy), Some(libc::EBUSY));
+        drop(claim);
+        let claim = memory.claim().unwrap();
+        assert_eq!(
+            crate::errno(&device.claim().unwrap_err()),
+            Some(libc::EBUSY)
+        );
+        drop(claim);
+        drop(device.claim().unwrap());
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! A device backed by a regular file or a block device.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use parking_lot::Mutex;
+use rustix::fs::{flock, FlockOperation};
+
 use super::block_locks::BlockLocks;
-use super::Device;
+use super::{Device, DeviceClaim};
 use crate::aligned::AlignedBuf;
-use crate::errno::fail;
+use crate::errno::{fail, with_message};
 
 /// The alignment of offsets, lengths and buffers that `O_DIRECT` I/O is given:
 /// a page, which is a multiple of every logical block size a disk reports.
@@ -27,6 +31,15 @@ const DIRECT_ALIGN: usize = 4096;
 /// go between the caller's buffer and the disk without passing through the
 /// host's page cache, as a storage engine with its own cache opens its device:
 /// no second copy of the data in the host's cache, no copy through it.
+///
+/// [`Device::claim`] takes a non-blocking exclusive `flock` on the file, which
+/// excludes every other process, and records the file's identity in the
+/// process: `flock` belongs to an open file description, so on its own it
+/// would not exclude a second claim through the same or a duplicated
+/// descriptor. Two devices on one file (opened twice, through a hard link, or
+/// from a duplicated descriptor) therefore exclude each other too, and in one
+/// process so do two device nodes of one block device. The lock is advisory:
+/// it binds only programs that take it.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
@@ -44,15 +57,22 @@ impl FileDevice {
 
     /// Creates (or truncates) a regular file of `len` bytes. The file is sparse:
     /// it takes no space until written.
+    ///
+    /// Fails with `EBUSY`, changing nothing, while the file is claimed (a
+    /// volume on it is open): truncating it would wipe that volume.
     pub fn create(path: impl AsRef<Path>, len: u64) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)?;
-        file.set_len(len)?;
-        Ok(Self::with_len(file, len))
+        let device = Self::with_len(file, len);
+        let claim = device.claim()?;
+        device.file.set_len(0)?;
+        device.file.set_len(len)?;
+        drop(claim);
+        Ok(device)
     }
 
     /// Wraps an open file, which must be readable and writable. Its size is
@@ -131,6 +151,17 @@ impl FileDevice {
         (start, AlignedBuf::new((end - start) as usize, DIRECT_ALIGN))
     }
 
+    /// The file's identity in this process's table of claims.
+    fn identity(&self) -> io::Result<Identity> {
+        let metadata = self.file.metadata()?;
+        Ok(if metadata.file_type().is_block_device() {
+            // Two device nodes of one disk are two inodes: key by the disk.
+            Identity::Disk(metadata.rdev())
+        } else {
+            Identity::Inode(metadata.dev(), metadata.ino())
+        })
+    }
+
     /// Fails unless `offset..offset + count` lies inside the device.
     fn check(&self, offset: u64, count: usize) -> io::Result<()> {
         match offset.checked_add(count as u64) {
@@ -179,6 +210,63 @@ impl Device for FileDevice {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn claim(&self) -> io::Result<DeviceClaim> {
+        let identity = self.identity()?;
+        let mut claimed = CLAIMED.lock();
+        if claimed.contains(&identity) {
+            return Err(in_use("another device of this process holds its claim"));
+        }
+        // The claim locks through a descriptor of its own (a duplicate: the
+        // lock is the open file description's), so it needs no borrow of the
+        // device and lasts exactly as long as the claim.
+        let lock = self.file.try_clone()?;
+        match flock(&lock, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(in_use("another open file holds an exclusive lock on it"))
+            }
+            Err(error) => return Err(error.into()),
+        }
+        claimed.insert(identity);
+        Ok(DeviceClaim::new(FileClaim { lock, identity }))
+    }
+}
+
+/// Which file a claim is on: the device and inode of a regular file, the
+/// device number of a block device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Identity {
+    Inode(u64, u64),
+    Disk(u64),
+}
+
+/// The files this process holds claims on.
+static CLAIMED: Mutex<BTreeSet<Identity>> = Mutex::new(BTreeSet::new());
+
+/// The hold of a claim on a [`FileDevice`]: its lock, and its entry in
+/// [`CLAIMED`].
+struct FileClaim {
+    lock: File,
+    identity: Identity,
+}
+
+impl Drop for FileClaim {
+    fn drop(&mut self) {
+        let mut claimed = CLAIMED.lock();
+        // Unlocked before the entry goes, so that no claim of this process can
+        // find the entry gone but the file still locked. Explicitly: the
+        // device's own descriptor shares the open file description, so
+        // closing this one would not release the lock. Unlocking a lock the
+        // description holds does not fail.
+        let _ = flock(&self.lock, FlockOperation::Unlock);
+        claimed.remove(&self.identity);
+    }
+}
+
+/// The `EBUSY` of a claimed file, saying why.
+fn in_use(why: &str) -> io::Error {
+    with_message(libc::EBUSY, format!("the device file is in use: {why}"))
 }
 
 #[cfg(test)]
@@ -286,6 +374,71 @@ mod tests {
             .with_direct_io()
             .unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    fn assert_busy(result: io::Result<DeviceClaim>) {
+        let error = result.unwrap_err();
+        assert_eq!(crate::errno(&error), Some(libc::EBUSY), "{error}");
+        assert!(error.to_string().contains("in use"), "{error}");
+    }
+
+    #[test]
+    fn claims_exclude_every_device_on_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device");
+        let device = FileDevice::create(&path, 1 << 20).unwrap();
+        let again = FileDevice::open(&path).unwrap();
+        let dup = FileDevice::from_file(device.file.try_clone().unwrap()).unwrap();
+        std::fs::hard_link(&path, dir.path().join("link")).unwrap();
+        let link = FileDevice::open(dir.path().join("link")).unwrap();
+        let claim = device.claim().unwrap();
+        for other in [&device, &again, &dup, &link] {
+            assert_busy(other.claim());
+        }
+        drop(claim);
+        let claim = link.claim().unwrap();
+        assert_busy(device.claim());
+        drop(claim);
+        drop(again.claim().unwrap());
+    }
+
+    /// Another open file description of the file (as another process would
+    /// hold) finds the file locked while a claim is held, and free after.
+    #[test]
+    fn a_claim_locks_the_file_for_other_open_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device");
+        let device = FileDevice::create(&path, 1 << 20).unwrap();
+        let other = File::open(&path).unwrap();
+        let claim = device.claim().unwrap();
+        let locked = flock(&other, FlockOperation::NonBlockingLockShared);
+        assert_eq!(locked, Err(rustix::io::Errno::WOULDBLOCK));
+        drop(claim);
+        flock(&other, FlockOperation::NonBlockingLockShared).unwrap();
+        // Now the other open file holds a lock: a claim fails.
+        assert_busy(device.claim());
+        drop(other);
+        drop(device.claim().unwrap());
+    }
+
+    #[test]
+    fn create_refuses_a_claimed_file_and_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device");
+        let device = FileDevice::create(&path, 1 << 20).unwrap();
+        device.write_all_at(b"volume", 0).unwrap();
+        let claim = device.claim().unwrap();
+        let error = FileDevice::create(&path, 4096).unwrap_err();
+        assert_eq!(crate::errno(&error), Some(libc::EBUSY));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        let mut buf = [0; 6];
+        device.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"volume");
+        drop(claim);
+        let device = FileDevice::create(&path, 4096).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
+        device.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 6], "create truncates");
     }
 
     #[test]

@@ -1,19 +1,35 @@
 //! A device in memory, for tests and the torture.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use super::Device;
-use crate::errno::fail;
+use super::{Device, DeviceClaim};
+use crate::errno::{fail, with_message};
 
 /// A zero-filled device held in memory.
 ///
 /// Reads share a reader lock and writes take the writer lock, so every call is
 /// atomic with respect to every other call: a read never sees half of a write.
+///
+/// [`Device::claim`] is a flag in the device: one claim at a time.
 pub struct MemDevice {
     bytes: RwLock<Vec<u8>>,
     len: u64,
+    /// Whether a [`DeviceClaim`] is held; shared with the claim, which clears
+    /// it when dropped.
+    claimed: Arc<AtomicBool>,
+}
+
+/// The hold of a claim on a [`MemDevice`].
+struct MemClaim(Arc<AtomicBool>);
+
+impl Drop for MemClaim {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl MemDevice {
@@ -29,6 +45,7 @@ impl MemDevice {
         Self {
             bytes: RwLock::new(vec![0; size]),
             len,
+            claimed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -69,6 +86,20 @@ impl Device for MemDevice {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+
+    fn claim(&self) -> io::Result<DeviceClaim> {
+        if self
+            .claimed
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(with_message(
+                libc::EBUSY,
+                "the memory device is in use: another owner holds its claim",
+            ));
+        }
+        Ok(DeviceClaim::new(MemClaim(self.claimed.clone())))
+    }
 }
 
 #[cfg(test)]
@@ -105,6 +136,19 @@ mod tests {
         assert_eq!(tail, [0; 6], "a failed write must not touch the device");
         // An empty transfer at the very end is in range.
         device.read_exact_at(&mut [], 4096).unwrap();
+    }
+
+    #[test]
+    fn one_claim_at_a_time() {
+        let device = MemDevice::new(4096);
+        let claim = device.claim().unwrap();
+        let error = device.claim().unwrap_err();
+        assert_eq!(crate::errno(&error), Some(libc::EBUSY));
+        assert!(error.to_string().contains("in use"), "{error}");
+        drop(claim);
+        drop(device.claim().unwrap());
+        // Released by the drop just above: free again.
+        let _claim = device.claim().unwrap();
     }
 
     #[test]

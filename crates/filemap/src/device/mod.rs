@@ -3,6 +3,10 @@
 //! [`FileDevice`] is a regular file or block device, [`MemDevice`] is memory (tests,
 //! the torture), and [`FaultyDevice`] wraps either to inject delays and I/O errors
 //! into chosen calls, which widens race windows and exercises error paths.
+//!
+//! A device has at most one owner that allocates its blocks at a time: the
+//! owner holds a [`DeviceClaim`] from [`Device::claim`], and a second claim
+//! fails with `EBUSY` until the first is dropped.
 
 use std::fmt;
 use std::io;
@@ -55,4 +59,36 @@ pub trait Device: Send + Sync + fmt::Debug {
 
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// Claims the device for one owner until the returned claim is dropped.
+    ///
+    /// An owner that allocates the device's blocks (a
+    /// [`Volume`](crate::Volume)) holds a claim while it lives: two owners
+    /// would each hand out the same free block, and one's file would read the
+    /// other's data. Fails with `EBUSY`, with a message, while another claim on
+    /// the same storage is held (by any device on it, wrapped or not, and for a
+    /// [`FileDevice`] by any process).
+    fn claim(&self) -> io::Result<DeviceClaim>;
+}
+
+/// An exclusive claim on a device's storage, from [`Device::claim`]: released
+/// when dropped.
+#[must_use = "the device is released when the claim is dropped"]
+pub struct DeviceClaim {
+    _hold: Box<dyn Send + Sync>,
+}
+
+impl DeviceClaim {
+    /// A claim that lasts as long as `hold`, whose `Drop` releases it.
+    pub fn new(hold: impl Send + Sync + 'static) -> Self {
+        Self {
+            _hold: Box::new(hold),
+        }
+    }
+}
+
+impl fmt::Debug for DeviceClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceClaim").finish_non_exhaustive()
+    }
 }
