@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use filemap::backend::{BackendOp, FaultyBackend, HostFile};
@@ -220,7 +220,7 @@ pub fn run(
     });
     let seconds = started.elapsed().as_secs_f64();
     let ops = by_kind.iter().sum();
-    Ok(TortureReport {
+    let report = TortureReport {
         strategy: config.strategy.name().to_owned(),
         backend: config.backend.name().to_owned(),
         scenario: config.scenario.name().to_owned(),
@@ -240,8 +240,20 @@ pub fn run(
             .collect(),
         injected: (files.injected)(),
         cache: cache.stats().into(),
-        examples: shared.examples.into_inner(),
-    })
+        examples: std::mem::take(&mut *shared.examples.lock()),
+    };
+    // A readahead thread may hold a mapping, and so the volume, a moment
+    // longer: wait for the volume to go, so that the next run can claim the
+    // same device.
+    let volume = files.volume.clone();
+    drop(shared);
+    drop(files);
+    drop(cache);
+    let until = Instant::now() + Duration::from_secs(10);
+    while volume.strong_count() > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(report)
 }
 
 fn check_config(config: &TortureConfig) -> io::Result<()> {
@@ -268,6 +280,8 @@ fn check_config(config: &TortureConfig) -> io::Result<()> {
 struct Files {
     backends: Vec<Arc<dyn Backend>>,
     injected: Box<dyn Fn() -> u64>,
+    /// The volume the files live in (none for host files).
+    volume: Weak<Volume>,
     /// Keeps a temporary directory of host files alive for the run.
     _dir: Option<tempfile::TempDir>,
 }
@@ -303,6 +317,7 @@ fn open_backends(config: &TortureConfig) -> io::Result<Files> {
             Ok(Files {
                 backends,
                 injected: Box::new(move || faulty.injected()),
+                volume: Arc::downgrade(&volume),
                 _dir: None,
             })
         }
@@ -343,6 +358,7 @@ fn open_backends(config: &TortureConfig) -> io::Result<Files> {
             Ok(Files {
                 backends,
                 injected: Box::new(move || faulty.iter().map(|backend| backend.injected()).sum()),
+                volume: Weak::new(),
                 _dir: dir,
             })
         }

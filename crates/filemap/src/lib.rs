@@ -48,7 +48,7 @@ pub use cache::{
     CacheStats, EvictionPolicy, FileHandle, LockWaits, Mapping, PageCache, PageCacheBuilder,
     PAGE_SIZE,
 };
-pub use device::{Device, FaultyDevice, FileDevice, MemDevice};
+pub use device::{Device, DeviceClaim, FaultyDevice, FileDevice, MemDevice};
 pub use errno::{errno, Error};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};
