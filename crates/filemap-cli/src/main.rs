@@ -25,7 +25,9 @@ struct Cli {
 enum Command {
     /// Race every cache operation over files sharing one volume and check every
     /// page read against the stale-data oracle. Exits 0 when every strategy but
-    /// `none` had no stale, foreign or torn page and no I/O error, 1 otherwise.
+    /// `none` had no stale, foreign or torn page and no I/O error, 1 otherwise
+    /// (`--scenario differential`: 0 when no sequence, under any strategy,
+    /// diverged from the kernel).
     Torture(TortureArgs),
     /// Measure every strategy (and a kernel or memory baseline where one makes
     /// sense) on the given workloads, all in one invocation, and print the
@@ -132,13 +134,21 @@ impl From<StrategyArg> for Strategy {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendArg {
-    /// Many files on one device with a block allocator that reuses freed blocks at once.
+    /// Many files on one device with a block allocator that reuses freed blocks
+    /// at once (differential: the volume on memory, on an image file, and on an
+    /// image file opened with O_DIRECT).
     Volume,
     /// One host file per mapping: pread/pwrite, fallocate, O_DIRECT.
     Hostfile,
-    /// Both, one after the other.
+    /// differential only: a volume on memory.
+    VolumeMem,
+    /// differential only: a volume on an image file.
+    VolumeFile,
+    /// differential only: a volume on an image file opened with O_DIRECT.
+    VolumeDirect,
+    /// Every backend, one after the other (the default of `differential`).
     All,
 }
 
@@ -147,15 +157,19 @@ struct TortureArgs {
     /// The strategy to run; every strategy in turn if omitted.
     #[arg(long, value_enum)]
     strategy: Option<StrategyArg>,
-    /// The backend the files live in.
-    #[arg(long, value_enum, default_value = "volume")]
-    backend: BackendArg,
+    /// The backend the files live in (default: `volume`; `all` for
+    /// `--scenario differential`).
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
     /// Volume: `mem` for memory, or the path of an image file or block device
     /// (its contents are overwritten). Host files: the directory to create them
     /// in. Default: a temporary image file or directory, removed afterwards.
+    /// `differential`: the directory of the kernel's files, host files and
+    /// images (its file system is the one compared with).
     #[arg(long, value_name = "mem|PATH")]
     device: Option<String>,
-    /// Seconds to run each strategy.
+    /// Seconds to run each strategy (`differential`: the whole run, shared
+    /// round-robin by every backend and strategy; shrinking comes on top).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
     /// Worker threads.
@@ -189,15 +203,23 @@ struct TortureArgs {
     no_map_writes: bool,
     /// `mixed`: every operation from every thread. `self-map-dio`: three threads
     /// do direct I/O through maps of each other's files while a fourth punches
-    /// (ignores --threads and --files).
+    /// (ignores --threads and --files). `differential`: random sequences of
+    /// every call on one thread, applied to filemap and to a file of the host
+    /// through the kernel, compared after every call; each divergence is shrunk
+    /// to a reproducer (uses --seconds, --seed, --backend, --strategy, --device,
+    /// --json, --shrink-seconds).
     #[arg(long, value_enum, default_value = "mixed")]
     scenario: ScenarioArg,
+    /// `differential`: the most seconds spent shrinking each divergence.
+    #[arg(long, default_value_t = 30.0)]
+    shrink_seconds: f64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ScenarioArg {
     Mixed,
     SelfMapDio,
+    Differential,
 }
 
 fn main() -> ExitCode {
@@ -504,10 +526,20 @@ fn micros(us: f64) -> String {
 }
 
 fn torture(args: TortureArgs) -> ExitCode {
-    let backends = match args.backend {
+    if args.scenario == ScenarioArg::Differential {
+        return differential(args);
+    }
+    let backends = match args.backend.unwrap_or(BackendArg::Volume) {
         BackendArg::Volume => vec![BackendKind::Volume],
         BackendArg::Hostfile => vec![BackendKind::HostFile],
         BackendArg::All => vec![BackendKind::Volume, BackendKind::HostFile],
+        BackendArg::VolumeMem | BackendArg::VolumeFile | BackendArg::VolumeDirect => {
+            eprintln!(
+                "filemap torture: --backend volume-mem, volume-file and volume-direct are for \
+                 --scenario differential (use --device mem for a volume in memory)"
+            );
+            return ExitCode::from(2);
+        }
     };
     let device = match args.device.as_deref() {
         None => DeviceSpec::TempFile,
@@ -541,6 +573,7 @@ fn torture(args: TortureArgs) -> ExitCode {
             scenario: match args.scenario {
                 ScenarioArg::Mixed => Scenario::Mixed,
                 ScenarioArg::SelfMapDio => Scenario::SelfMapDio,
+                ScenarioArg::Differential => unreachable!("handled by `differential`"),
             },
         };
         let bar = progress_bar(show_progress, backend, strategy, args.seconds);
@@ -655,6 +688,182 @@ fn print_table(reports: &[TortureReport]) {
         println!("\nfirst findings under {}/{}:", r.strategy, r.backend);
         for example in &r.examples {
             println!("  {example}");
+        }
+    }
+}
+
+/// `filemap torture --scenario differential`: filemap against the kernel,
+/// every backend and strategy chosen, round-robin for `--seconds`.
+fn differential(args: TortureArgs) -> ExitCode {
+    use filemap_torture::differential::{self, DiffBackend, DifferentialConfig};
+
+    let backends = match args.backend.unwrap_or(BackendArg::All) {
+        BackendArg::Volume => vec![
+            DiffBackend::VolumeMem,
+            DiffBackend::VolumeFile,
+            DiffBackend::VolumeDirect,
+        ],
+        BackendArg::Hostfile => vec![DiffBackend::HostFile],
+        BackendArg::VolumeMem => vec![DiffBackend::VolumeMem],
+        BackendArg::VolumeFile => vec![DiffBackend::VolumeFile],
+        BackendArg::VolumeDirect => vec![DiffBackend::VolumeDirect],
+        BackendArg::All => DiffBackend::ALL.to_vec(),
+    };
+    let dir = match args.device.as_deref() {
+        None => None,
+        Some(path) if std::path::Path::new(path).is_dir() => Some(PathBuf::from(path)),
+        Some(path) => {
+            eprintln!(
+                "filemap torture: --scenario differential needs --device to be a directory \
+                 of the file system to compare with (got {path})"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let strategies: Vec<Strategy> = match args.strategy {
+        Some(strategy) => vec![strategy.into()],
+        None => Strategy::ALL.to_vec(),
+    };
+    let config = DifferentialConfig {
+        seconds: args.seconds,
+        seed: args.seed,
+        backends,
+        strategies,
+        dir,
+        shrink_seconds: args.shrink_seconds,
+        ..DifferentialConfig::default()
+    };
+    let bar = differential_progress_bar(std::io::stderr().is_terminal(), args.seconds);
+    let result = differential::run(&config, |progress| {
+        bar.set_position(((progress.elapsed * 1000.0) as u64).min(bar.length().unwrap_or(0)));
+        bar.set_message(format!(
+            "{} calls, {} sequences, {} diverged; {}/{}{}",
+            progress.ops,
+            progress.sequences,
+            progress.divergences,
+            progress.backend.name(),
+            progress.strategy.name(),
+            if progress.shrinking {
+                " (shrinking)"
+            } else {
+                ""
+            }
+        ));
+    });
+    bar.finish_and_clear();
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("filemap torture: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        for row in &report.rows {
+            println!("{}", serde_json::to_string(row).expect("rows serialise"));
+        }
+        for divergence in &report.divergences {
+            println!(
+                "{}",
+                serde_json::to_string(divergence).expect("divergences serialise")
+            );
+        }
+    } else {
+        print_differential(&report);
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "filemap torture: {} sequences diverged from the kernel ({} distinct divergences)",
+            report.diverged_sequences(),
+            report.divergences.len()
+        );
+        ExitCode::from(1)
+    }
+}
+
+fn differential_progress_bar(show: bool, seconds: f64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new((seconds * 1000.0) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>25} [{bar:30}] {elapsed:>4} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("differential");
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn print_differential(report: &filemap_torture::differential::DifferentialReport) {
+    println!(
+        "{:<14} {:<16} {:>10} {:>10} {:>9} {:>10}",
+        "backend", "strategy", "sequences", "ops", "diverged", "ops/s"
+    );
+    for r in &report.rows {
+        println!(
+            "{:<14} {:<16} {:>10} {:>10} {:>9} {:>10.0}",
+            r.backend, r.strategy, r.sequences, r.ops, r.divergences, r.ops_per_s
+        );
+    }
+    println!(
+        "\n{} calls in {} sequences, {:.1} s ({:.0} calls/s), seed {}; {:.1} s shrinking",
+        report.ops,
+        report.sequences,
+        report.seconds,
+        report.ops_per_s,
+        report.seed,
+        report.shrink_seconds
+    );
+    println!(
+        "kernel: largest file size {}, direct I/O {}",
+        report.kernel.max_file_size,
+        if report.kernel.direct_io {
+            "O_DIRECT"
+        } else {
+            "buffered (O_DIRECT refused)"
+        }
+    );
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    for (i, d) in report.divergences.iter().enumerate() {
+        let under = match d.seen_under.len() {
+            n if n > 4 => format!("{}, and {} more", d.seen_under[..3].join(", "), n - 3),
+            _ => d.seen_under.join(", "),
+        };
+        println!(
+            "\ndivergence {} of {}: {} in {} (seen {} times, under {under})",
+            i + 1,
+            report.divergences.len(),
+            d.kind.name(),
+            d.op,
+            d.occurrences,
+        );
+        println!("  {}", d.summary);
+        println!(
+            "  first found after {} calls, {:.1} s; {}",
+            d.ops_before,
+            d.seconds_before,
+            if d.reproduced {
+                format!(
+                    "shrunk from {} to {} calls in {} runs",
+                    d.original_calls, d.shrunk_calls, d.shrink_runs
+                )
+            } else if d.shrink_runs > 0 {
+                format!(
+                    "did not diverge again in {} runs (timing-dependent?): the calls as first run",
+                    d.shrink_runs
+                )
+            } else {
+                "not shrunk".to_owned()
+            }
+        );
+        for line in d.reproducer.lines() {
+            println!("  {line}");
         }
     }
 }

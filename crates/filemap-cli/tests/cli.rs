@@ -292,3 +292,74 @@ fn bench_bad_usage_exits_two_and_says_why() {
         assert!(out.stdout.is_empty(), "{args:?} ran anyway");
     }
 }
+
+/// A short `--scenario differential` run: a JSON row per backend (all four by
+/// default) with the contract keys, a JSON line per divergence with its
+/// reproducer, and an exit code that says whether anything diverged.
+#[test]
+fn torture_differential_json_has_a_row_per_backend_and_exits_by_its_findings() {
+    let out = filemap(&[
+        "torture",
+        "--scenario",
+        "differential",
+        "--strategy",
+        "range",
+        "--seconds",
+        "2",
+        "--shrink-seconds",
+        "1",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let code = out.status.code();
+    assert!(matches!(code, Some(0 | 1)), "exit {code:?}: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is a JSON object"))
+        .collect();
+    let (rows, divergences): (Vec<_>, Vec<_>) =
+        lines.iter().partition(|l| l.get("sequences").is_some());
+    let backends: Vec<&str> = rows
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        backends,
+        ["volume-mem", "volume-file", "volume-direct", "hostfile"],
+        "{stdout}"
+    );
+    for row in &rows {
+        for key in ["strategy", "scenario", "ops", "divergences", "ops_per_s"] {
+            assert!(row.get(key).is_some(), "missing {key}: {row}");
+        }
+        assert_eq!(row["strategy"], "range");
+        assert_eq!(row["scenario"], "differential");
+        assert!(row["ops"].as_u64().unwrap() > 0, "{row}");
+    }
+    for divergence in &divergences {
+        for key in ["kind", "op", "signature", "summary", "reproducer"] {
+            assert!(divergence.get(key).is_some(), "missing {key}: {divergence}");
+        }
+        assert!(divergence["reproducer"].as_str().unwrap().contains("calls"));
+    }
+    let diverged: u64 = rows
+        .iter()
+        .map(|r| r["divergences"].as_u64().unwrap())
+        .sum();
+    assert_eq!(code == Some(0), diverged == 0, "{stdout}\n{stderr}");
+    assert_eq!(diverged == 0, divergences.is_empty(), "{stdout}");
+}
+
+#[test]
+fn torture_differential_bad_usage_exits_two() {
+    for args in [
+        &["torture", "--scenario", "differential", "--device", "mem"][..],
+        &["torture", "--scenario", "differential", "--seconds", "nan"][..],
+        &["torture", "--backend", "volume-mem", "--seconds", "0"][..],
+    ] {
+        let out = filemap(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} printed no reason");
+    }
+}

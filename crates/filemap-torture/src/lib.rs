@@ -25,6 +25,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+pub mod differential;
 pub mod oracle;
 mod run;
 

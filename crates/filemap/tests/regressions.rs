@@ -88,6 +88,31 @@ fn small_budget_buffered_write_after_fault_batch_writes_everything() {
     });
 }
 
+/// A read of a file twice the budget leaves its first pages evicted, each
+/// slot still holding its eviction queue entry. A write of one byte there
+/// then made room, and the eviction hand, unqueueing the page's absent slot,
+/// changed the very state the write was about to claim: the claim failed and
+/// the write reported `ENOMEM` with nothing dirty (ext4: 1 byte written).
+#[test]
+fn a_write_whose_slot_the_eviction_hand_unqueued_claims_it_instead_of_failing() {
+    let volume = Volume::format(Arc::new(MemDevice::new(8 << 20))).unwrap();
+    let cache = PageCache::builder()
+        .budget_bytes(16 * PAGE)
+        .build()
+        .unwrap();
+    let file = cache
+        .open(Arc::new(volume.create_file("f").unwrap()))
+        .unwrap();
+    file.set_len(32 * PAGE).unwrap();
+    let mut whole = vec![0; 32 * PAGE_SIZE];
+    assert_eq!(file.read_at(&mut whole, 0).unwrap(), whole.len());
+    assert_eq!(file.write_at(&[1], 0).unwrap(), 1);
+    assert_eq!(
+        file.write_all_at(&[2; 10], 4 * PAGE + 7).map(drop).unwrap(),
+        ()
+    );
+}
+
 /// Every budget from one page up, every fill batch up to 32, with and without
 /// readahead threads: a buffered write of many pages over a file larger than
 /// the budget is never short and never fails while clean or dirty pages can go.

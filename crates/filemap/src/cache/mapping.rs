@@ -74,14 +74,15 @@ const FAULT_AROUND_PAGES: u64 = 16;
 /// |---|---|---|---|
 /// | `read_at` | `offset + len` past 2^63 - 1 | | |
 /// | `write_at` | `offset + len` past 2^63 - 1 | `offset` at or past `max` (a write that crosses `max` is cut short there; an empty write returns 0) | `ENOMEM`: every cached page is dirty and its writeback fails |
-/// | `read_direct` | as `read_at`; misaligned (see below; an empty read returns 0) | | |
+/// | `read_direct` | as `read_at`; misaligned (see below; an empty read returns 0); from inside the file, `offset + len` past `max`, even where the file ends before (as ext4) | | |
 /// | `write_direct` | as `write_at`; misaligned (an empty write returns 0) | as `write_at` | |
 /// | `punch_hole`, `zero_range` | `offset` or `len` past 2^63 - 1; `len` 0 | `offset + len` past `max` | |
 /// | `collapse_range` | as `punch_hole`; not page-aligned; `offset + len` at or past the end of file | as `punch_hole` | `EOPNOTSUPP` from a backend that cannot shift |
 /// | `insert_range` | as `punch_hole`; not page-aligned; `offset` at or past the end of file | as `punch_hole`; the size would pass `max` | as `collapse_range` |
 /// | `set_len` | `len` past 2^63 - 1 | `len` past `max` | |
-/// | `readahead`, `invalidate_range`, `sync_range` | `offset + len` past 2^63 - 1 | | |
-/// | `map` | not page-aligned, empty, or past 2^63 - 1 | | `EOVERFLOW` past `max`; `EOPNOTSUPP` for a read-write map the kernel cannot track |
+/// | `invalidate_range`, `sync_range` | `offset + len` past 2^63 - 1 | | |
+/// | `readahead` | `len` past 2^63 - 1 (any offset, as `readahead(2)`) | | |
+/// | `map` | `offset` not page-aligned; `len` 0 (`len` is rounded up to whole pages) | | `EOVERFLOW` past 2^63 - 1; `EOPNOTSUPP` for a read-write map the kernel cannot track |
 /// | `read_at_nowait`, `write_at_nowait` | as the blocking call | as the blocking call | `EAGAIN` (`ErrorKind::WouldBlock`) where it would wait |
 ///
 /// Every call after [`Mapping::remove`] fails with `ENOENT`; errors of the
@@ -542,13 +543,15 @@ impl Mapping {
             .unwrap_or_default()
     }
 
-    /// Maps `len` bytes of the file from `offset`, both multiples of
-    /// [`PAGE_SIZE`], as a [`MapRegion`] shared with this cache (see its docs).
-    /// The range may reach past the end of file, as with `mmap`: touching a page
-    /// wholly past it raises `SIGBUS`. `EINVAL` for a misaligned or empty range;
-    /// `EOVERFLOW` past [`Mapping::max_file_size`]; `EOPNOTSUPP` for a
-    /// read-write map on a kernel that cannot track stores through it (without
-    /// userfaultfd's `MINOR_SHMEM` and `WP_ASYNC`).
+    /// Maps `len` bytes of the file from `offset` as a [`MapRegion`] shared
+    /// with this cache (see its docs), as `mmap(MAP_SHARED)` does: `offset`
+    /// must be a multiple of [`PAGE_SIZE`] and `len` is rounded up to one. The
+    /// range may reach past the end of file, and past
+    /// [`Mapping::max_file_size`]: touching a page wholly past the end of file
+    /// raises `SIGBUS`. `EINVAL` for a misaligned offset or a length of 0;
+    /// `EOVERFLOW` for a range past 2^63 - 1; `EOPNOTSUPP` for a read-write map
+    /// on a kernel that cannot track stores through it (without userfaultfd's
+    /// `MINOR_SHMEM` and `WP_ASYNC`).
     pub fn map(
         self: &Arc<Self>,
         offset: u64,
@@ -556,11 +559,17 @@ impl Mapping {
         access: MapAccess,
     ) -> io::Result<MapRegion> {
         self.check_live()?;
-        let end = end_of(offset, len)?;
-        if offset % PAGE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+        // As `mmap`: the offset must be page-aligned and the length not 0; the
+        // length is rounded up to whole pages, and the range must end by the
+        // largest offset of any file (`EOVERFLOW`), not this file's largest
+        // size: pages past it, as past the end of file, raise `SIGBUS`.
+        if offset % PAGE != 0 || len == 0 {
             return fail(libc::EINVAL);
         }
-        if end > self.max_size {
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or_else(|| err(libc::ENOMEM))?;
+        if end_of(offset, len).is_err() {
             return fail(libc::EOVERFLOW);
         }
         let tracked = access == MapAccess::ReadWrite;
@@ -1143,7 +1152,11 @@ impl Mapping {
     /// quietly when the cache budget is used up.
     pub fn readahead(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_live()?;
-        let end = end_of(offset, len)?.min(self.len());
+        // As `readahead(2)`: any offset, and only a length past 2^63 - 1 fails.
+        if len > MAX_OFFSET {
+            return fail(libc::EINVAL);
+        }
+        let end = offset.saturating_add(len).min(self.len());
         if offset >= end {
             return Ok(());
         }
@@ -1214,6 +1227,11 @@ impl Mapping {
         let size = self.len();
         if offset >= size {
             return Ok(0);
+        }
+        // As ext4 answers a direct read from inside the file that reaches past
+        // its largest size, even where the file ends before.
+        if end > self.max_size {
+            return fail(libc::EINVAL);
         }
         let whole = end.min(size.next_multiple_of(PAGE)) - offset;
         self.write_back_range(offset / PAGE, (offset + whole - 1) / PAGE)?;
@@ -1866,8 +1884,7 @@ impl Mapping {
         let mut claimed: Vec<PageState> = Vec::with_capacity(want as usize);
         for i in 0..want {
             let slot = self.pages.get_or_create(index + i);
-            let state = slot.load();
-            if !state.is_absent() {
+            if !slot.load().is_absent() {
                 break;
             }
             let need = match budget {
@@ -1875,16 +1892,19 @@ impl Mapping {
                 FillBudget::Wait if i == 0 => Need::Wait,
                 _ => Need::Optional,
             };
-            let budgeted = self.cache.acquire(need);
-            if !budgeted {
+            if !self.cache.acquire(need) {
                 break;
             }
-            let filling = state.with_flags(FILLING);
-            if slot.replace(state, filling).is_err() {
-                self.cache.budget.release();
-                break;
+            // The state is loaded again: the reclaim that made room may have
+            // changed it (the eviction hand unqueues absent pages), and a
+            // change of flags alone is no reason to give the claim up.
+            match slot.claim_absent(FILLING) {
+                Some(filling) => claimed.push(filling),
+                None => {
+                    self.cache.budget.release();
+                    break;
+                }
             }
-            claimed.push(filling);
         }
         if !claimed.is_empty() {
             return Claim::Pages(claimed);

@@ -159,6 +159,22 @@ impl Slot {
         }
     }
 
+    /// Sets `flag` (`FILLING` or `LOCKED`) on the slot if the page is absent,
+    /// whatever other flags it has or gains meanwhile; returns the state it
+    /// set, or `None` once the page is not absent.
+    pub(crate) fn claim_absent(&self, flag: u64) -> Option<PageState> {
+        loop {
+            let state = self.load();
+            if !state.is_absent() {
+                return None;
+            }
+            let claimed = state.with_flags(flag);
+            if self.replace(state, claimed).is_ok() {
+                return Some(claimed);
+            }
+        }
+    }
+
     /// Sets `LOCKED` on a state without it; the caller then owns the page's bytes.
     pub(crate) fn try_lock(&self, current: PageState) -> Result<(), PageState> {
         debug_assert!(!current.has(LOCKED));
