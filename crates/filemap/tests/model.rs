@@ -412,9 +412,10 @@ impl Model {
                 Some(end) if end > self.size() => Outcome::UnexpectedEof,
                 Some(_) => Outcome::Bytes(self.read(at, len as u64)),
             },
-            Op::Readahead { at, len }
-            | Op::InvalidateRange { at, len }
-            | Op::SyncRange { at, len } => match io_end(at, len) {
+            // As `readahead(2)`: any offset, and only a length past 2^63 - 1 fails.
+            Op::Readahead { len, .. } if len > MAX_OFFSET => EINVAL,
+            Op::Readahead { .. } => Outcome::Done,
+            Op::InvalidateRange { at, len } | Op::SyncRange { at, len } => match io_end(at, len) {
                 None => EINVAL,
                 Some(_) => Outcome::Done,
             },
