@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
-use crate::map::memfd::{Memfd, View, PAGE};
+use crate::map::memfd::{Memfd, View};
 use crate::map::uffd::{wait_readable, Event, EventFd, Readiness, Userfaultfd};
+use crate::page::PAGE_SIZE;
 
 /// Touches `pages` fresh pages one by one, each first touch a MISSING fault that
 /// a handler thread serves with a 4 KiB `UFFDIO_COPY` into an install view and a
@@ -36,7 +37,7 @@ pub fn bare_uffd_round_trips(pages: usize) -> io::Result<f64> {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let len = pages
-        .checked_mul(PAGE)
+        .checked_mul(PAGE_SIZE)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
     let memfd = Memfd::new("filemap-bench")?;
     memfd.set_len(len as u64)?;
@@ -53,13 +54,14 @@ pub fn bare_uffd_round_trips(pages: usize) -> io::Result<f64> {
     let mut sum = 0u64;
     for page in 0..pages {
         // SAFETY: `user` is mapped until the end of this function, and
-        // `user.addr() + page * PAGE` lies inside it and inside the memfd's size
+        // `user.addr() + page * PAGE_SIZE` lies inside it and inside the memfd's size
         // (no `SIGBUS`). The load blocks in a MISSING fault until the handler
         // installs the page (or, after a handler error, unregisters the view, so
         // the kernel maps a zero page). Nothing stores to the page once it is
         // mapped: the kernel fills it before mapping it, so the load races
         // nothing.
-        let byte = unsafe { std::ptr::read_volatile((user.addr() + page * PAGE) as *const u8) };
+        let byte =
+            unsafe { std::ptr::read_volatile((user.addr() + page * PAGE_SIZE) as *const u8) };
         sum += u64::from(byte);
     }
     let elapsed = start.elapsed();
@@ -137,7 +139,7 @@ fn serve(
     install: usize,
 ) -> io::Result<()> {
     // The content is irrelevant; a non-zero byte shows the page was installed.
-    let page = vec![1u8; PAGE];
+    let page = vec![1u8; PAGE_SIZE];
     let mut events = Vec::new();
     loop {
         match wait_readable(uffd.as_fd(), stop.as_fd(), None)? {
@@ -149,16 +151,16 @@ fn serve(
             let Event::Missing { addr, .. } = *event else {
                 continue;
             };
-            let addr = addr & !(PAGE - 1);
+            let addr = addr & !(PAGE_SIZE - 1);
             if !(user..user + len).contains(&addr) {
                 continue;
             }
             let dst = install + (addr - user);
-            // SAFETY: `page` is a live buffer of `PAGE` bytes that only this
+            // SAFETY: `page` is a live buffer of `PAGE_SIZE` bytes that only this
             // thread uses; the destination is the faulting page's place in the
             // install view, which is registered with `uffd` and mapped for as
             // long as the toucher runs (it is dropped after this thread joins).
-            let copied = unsafe { uffd.copy(dst, page.as_ptr(), PAGE, false, false) };
+            let copied = unsafe { uffd.copy(dst, page.as_ptr(), PAGE_SIZE, false, false) };
             match copied {
                 // EEXIST: the page is there already (a repeated fault); wake anyway.
                 Ok(_) => {}
@@ -166,7 +168,7 @@ fn serve(
                 Err(e) => return Err(e),
             }
             // A copy through the install view wakes only waiters on its own range.
-            uffd.wake(addr, PAGE)?;
+            uffd.wake(addr, PAGE_SIZE)?;
         }
     }
 }

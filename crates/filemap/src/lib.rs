@@ -37,6 +37,7 @@ mod errno;
 pub mod fault;
 pub mod lock;
 pub(crate) mod map;
+mod page;
 pub(crate) mod racy;
 #[doc(hidden)]
 pub mod schedule;
@@ -46,10 +47,10 @@ pub use aligned::AlignedBuf;
 pub use backend::{Backend, FaultyBackend, HostFile, Volume, VolumeFile};
 pub use cache::{
     CacheStats, EvictionPolicy, FileHandle, LockWaits, Mapping, PageCache, PageCacheBuilder,
-    PAGE_SIZE,
 };
 pub use device::{Device, DeviceClaim, FaultyDevice, FileDevice, MemDevice};
 pub use errno::{errno, Error};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};
 pub use map::region::{MapAccess, MapRegion};
+pub use page::PAGE_SIZE;

@@ -25,7 +25,7 @@ use std::ops::Range;
 
 use super::{Backend, BackendOp};
 use crate::fault::{touched, Delivery, Faulty};
-use crate::PAGE_SIZE;
+use crate::page::PAGE_SIZE;
 
 /// Wraps a backend and injects delays and errors into the calls chosen by its
 /// rules, a [`FaultPlan`](crate::fault::FaultPlan) of [`BackendOp`]s.

@@ -19,9 +19,7 @@ use super::Backend;
 use crate::aligned::AlignedBuf;
 use crate::device::block_locks::{BlockLocks, Stripes};
 use crate::errno::{err, fail};
-use crate::PAGE_SIZE;
-
-const PAGE: u64 = PAGE_SIZE as u64;
+use crate::page::{PAGE, PAGE_SIZE};
 
 /// The largest file size: `(2^32 - 1) * 4096` bytes, just under 16 TiB. That is
 /// ext4's limit for extent-mapped files with 4 KiB blocks (logical block numbers

@@ -113,12 +113,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// A direct read of `buf.len()` bytes at `offset`, both multiples of the page
     /// size, bypassing any cache of the backend's own.
     fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.read_pages(offset / crate::PAGE_SIZE as u64, buf)
+        self.read_pages(offset / crate::page::PAGE, buf)
     }
 
     /// A direct write of `buf` at `offset`, both multiples of the page size.
     fn write_direct(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.write_pages(offset / crate::PAGE_SIZE as u64, buf)
+        self.write_pages(offset / crate::page::PAGE, buf)
     }
 
     /// Makes every completed write durable.

@@ -161,7 +161,7 @@ use crate::errno::{err, errno, fail, with_message};
 /// The volume's block size in bytes, equal to the cache's page size so that a page
 /// is always exactly one block.
 pub const BLOCK_SIZE: usize = 4096;
-const _: () = assert!(BLOCK_SIZE == crate::PAGE_SIZE);
+const _: () = assert!(BLOCK_SIZE == crate::page::PAGE_SIZE);
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
 

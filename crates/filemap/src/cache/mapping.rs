@@ -38,7 +38,7 @@ use super::readahead::{MissFill, Readahead, MAX_WINDOW_PAGES};
 use super::stats::{self, mode_slot};
 use super::store::PageStore;
 use super::tree::{PageTree, MAX_PAGES};
-use super::{CacheShared, Eviction, Need, DIRECT_IO_MEMORY_ALIGN, PAGE_SIZE};
+use super::{CacheShared, Eviction, Need, DIRECT_IO_MEMORY_ALIGN};
 use crate::aligned::AlignedBuf;
 use crate::backend::Backend;
 use crate::errno::{err, fail, with_message};
@@ -47,9 +47,8 @@ use crate::map::handler::FaultHandler;
 use crate::map::memfd::{zap, View};
 use crate::map::region::{buffer_in_a_map, MapAccess, MapRegion};
 use crate::map::uffd::{scan_written, Userfaultfd};
+use crate::page::{PAGE, PAGE_SIZE};
 use crate::schedule;
-
-const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Pages a fault in a read-write map maps at once: the faulting page and the
 /// cached pages after it, so a sequential first pass over cached pages costs a

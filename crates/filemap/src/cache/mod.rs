@@ -30,8 +30,7 @@ use readahead::{readahead_queue, ReadaheadQueue, DEFAULT_READAHEAD_THREADS, MAX_
 use stats::Counters;
 use store::Budget;
 
-/// The size of a page: the unit of caching, filling and invalidation.
-pub const PAGE_SIZE: usize = 4096;
+pub use crate::page::PAGE_SIZE;
 
 /// The alignment of buffer addresses for direct I/O (a logical sector). Offsets
 /// and lengths of direct I/O must be multiples of [`PAGE_SIZE`].

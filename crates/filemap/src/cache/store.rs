@@ -36,12 +36,11 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use super::PAGE_SIZE;
 use crate::map::memfd::{Memfd, View};
 use crate::map::uffd::Userfaultfd;
+use crate::page::{PAGE, PAGE_SIZE};
 use crate::racy::copy_racy;
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// File bytes one cache view covers: address space only, until pages are present.
 const CHUNK_BYTES: u64 = 1 << 36;
 

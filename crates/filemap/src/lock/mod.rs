@@ -78,7 +78,7 @@ pub use fair::{Access, RawFairLock};
 pub use range::{ranges_overlap, RangeGrant, RawRangeLock};
 pub use two_state::RawTwoStateLock;
 
-use crate::PAGE_SIZE;
+use crate::page::PAGE;
 
 /// A coherence mode: what the holder is about to do to the page cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -219,7 +219,6 @@ impl FromStr for Strategy {
 /// 0..100 reads the page that a punch of bytes 200..300 zeroes). An empty range
 /// stays empty.
 fn whole_pages(range: Range<u64>) -> Range<u64> {
-    const PAGE: u64 = PAGE_SIZE as u64;
     if range.is_empty() {
         return range;
     }

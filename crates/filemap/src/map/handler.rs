@@ -13,7 +13,7 @@ use std::thread::{JoinHandle, ThreadId};
 
 use super::uffd::{wait_readable, Event, EventFd, Readiness, Userfaultfd};
 use crate::cache::Mapping;
-use crate::PAGE_SIZE;
+use crate::page::PAGE_SIZE;
 
 /// The handler thread and the means to stop it.
 pub(crate) struct FaultHandler {

@@ -21,8 +21,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, SeekFrom};
 
-/// The page size the views are aligned to (x86-64 base pages).
-pub(crate) const PAGE: usize = 4096;
+use crate::page::{PAGE, PAGE_SIZE};
 
 /// An anonymous shmem file (`memfd_create`), closed on drop.
 #[derive(Debug)]
@@ -130,7 +129,7 @@ impl View {
     /// `len` may reach past the memfd's size: a touch there is `SIGBUS`, as for a
     /// file. The mapping itself does not touch any page.
     pub fn new(memfd: &Memfd, offset: u64, len: usize, writable: bool) -> io::Result<Self> {
-        if len == 0 || len % PAGE != 0 || offset % PAGE as u64 != 0 || offset > i64::MAX as u64 {
+        if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE != 0 || offset > i64::MAX as u64 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };

@@ -35,7 +35,7 @@ use parking_lot::RwLock;
 use super::memfd::View;
 use crate::cache::Mapping;
 use crate::errno::fail;
-use crate::PAGE_SIZE;
+use crate::page::PAGE_SIZE;
 
 /// What a map may do to the pages it shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

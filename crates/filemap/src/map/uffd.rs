@@ -824,12 +824,13 @@ mod tests {
     //! destination of `UFFDIO_COPY`. Threads that may block in a fault run
     //! under a timeout, so a wrong assumption fails instead of hanging.
     use super::*;
-    use crate::map::memfd::{Memfd, View, PAGE};
+    use crate::map::memfd::{Memfd, View};
+    use crate::page::PAGE_SIZE;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{mpsc, Arc};
     use std::thread;
 
-    const P: usize = PAGE;
+    const P: usize = PAGE_SIZE;
 
     /// A page whose every word is `stamp`.
     fn page(stamp: u64) -> Vec<u8> {
