@@ -61,7 +61,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     threads: Option<Vec<usize>>,
     /// Strategies to measure, comma-separated (default: every strategy).
-    #[arg(long, value_delimiter = ',', value_parser = parse_strategy)]
+    #[arg(long, value_delimiter = ',', value_parser = strategy_parser())]
     strategy: Vec<Strategy>,
     /// hit and fault: the file's size in MiB (default 16).
     #[arg(long)]
@@ -102,36 +102,17 @@ const WORKLOADS: [WorkloadArg; 7] = [
     WorkloadArg::Seqread,
 ];
 
-fn parse_strategy(name: &str) -> Result<Strategy, String> {
-    name.parse::<Strategy>().map_err(|e| e.to_string())
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum StrategyArg {
-    /// No lock: the pre-5.15 kernel race (must be caught).
-    None,
-    /// Reads serialised against writers and invalidations (XFS before 5.15).
-    FileExclusive,
-    /// Linux 5.15's invalidate_lock: a file-wide reader-writer lock.
-    InvalidateLock,
-    /// bcachefs's two-state lock: adds and direct I/O exclude each other
-    /// (unfair, as in bcachefs).
-    TwoState,
-    /// The three modes per byte range: only overlapping pages exclude each
-    /// other (the library's default).
-    Range,
-}
-
-impl From<StrategyArg> for Strategy {
-    fn from(arg: StrategyArg) -> Strategy {
-        match arg {
-            StrategyArg::None => Strategy::None,
-            StrategyArg::FileExclusive => Strategy::FileExclusive,
-            StrategyArg::InvalidateLock => Strategy::InvalidateLock,
-            StrategyArg::TwoState => Strategy::TwoState,
-            StrategyArg::Range => Strategy::Range,
-        }
-    }
+/// Strategy names as the library parses them (`Strategy::from_str`), with
+/// the names `--help` and a bad value's error list.
+fn strategy_parser() -> impl clap::builder::TypedValueParser<Value = Strategy> {
+    use clap::builder::TypedValueParser;
+    let names = Strategy::ALL.map(|strategy| {
+        clap::builder::PossibleValue::new(strategy.name()).help(strategy.summary())
+    });
+    clap::builder::PossibleValuesParser::new(names).map(|name| {
+        name.parse::<Strategy>()
+            .expect("every possible value is a strategy's name")
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,8 +136,8 @@ enum BackendArg {
 #[derive(clap::Args)]
 struct TortureArgs {
     /// The strategy to run; every strategy in turn if omitted.
-    #[arg(long, value_enum)]
-    strategy: Option<StrategyArg>,
+    #[arg(long, value_parser = strategy_parser())]
+    strategy: Option<Strategy>,
     /// The backend the files live in (default: `volume`; `all` for
     /// `--scenario differential`).
     #[arg(long, value_enum)]
@@ -547,7 +528,7 @@ fn torture(args: TortureArgs) -> ExitCode {
         Some(path) => DeviceSpec::Path(PathBuf::from(path)),
     };
     let strategies: Vec<Strategy> = match args.strategy {
-        Some(strategy) => vec![strategy.into()],
+        Some(strategy) => vec![strategy],
         None => Strategy::ALL.to_vec(),
     };
     let show_progress = std::io::stderr().is_terminal();
@@ -721,7 +702,7 @@ fn differential(args: TortureArgs) -> ExitCode {
         }
     };
     let strategies: Vec<Strategy> = match args.strategy {
-        Some(strategy) => vec![strategy.into()],
+        Some(strategy) => vec![strategy],
         None => Strategy::ALL.to_vec(),
     };
     let config = DifferentialConfig {

@@ -138,6 +138,25 @@ impl Strategy {
         }
     }
 
+    /// What the strategy is, in one line (for `--help` and reports).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Strategy::None => "No lock: the pre-5.15 kernel race (must be caught)",
+            Strategy::FileExclusive => {
+                "Reads serialised against writers and invalidations (XFS before 5.15)"
+            }
+            Strategy::InvalidateLock => {
+                "Linux 5.15's invalidate_lock: a file-wide reader-writer lock"
+            }
+            Strategy::TwoState => {
+                "bcachefs's two-state lock: adds and direct I/O exclude each other (unfair)"
+            }
+            Strategy::Range => {
+                "The three modes per byte range: only overlapping pages exclude each other (the default)"
+            }
+        }
+    }
+
     /// Whether this strategy is meant to keep the cache coherent (all but `none`).
     pub fn is_coherent(self) -> bool {
         self != Strategy::None
