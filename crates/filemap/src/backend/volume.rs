@@ -577,11 +577,9 @@ impl Metadata {
                     String::from_utf8_lossy(name)
                 ))
             })?;
-            if name.contains(['/', '\0']) {
-                return Err(corrupt(format!(
-                    "file {id}: name {name:?} holds '/' or NUL"
-                )));
-            }
+            // The rules of a name are `create_file`'s; its length was checked above.
+            check_name(name)
+                .map_err(|_| corrupt(format!("file {id}: name {name:?} holds '/' or NUL")))?;
             let run_count = reader.u64("a run count")?;
             let most = reader.remaining() / RUN_RECORD;
             if run_count > most {
