@@ -1923,16 +1923,11 @@ impl FilemapSide {
         self.mapping = None;
         self.cache = None;
         if let Storage::Volume { volume, .. } = &self.storage {
-            let started = Instant::now();
-
-            while volume.strong_count() > 0 {
-                if started.elapsed() > VOLUME_RELEASE_TIMEOUT {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the volume was still referenced 10 s after its cache and mapping were dropped",
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(1));
+            if !crate::wait_until_dropped(volume, VOLUME_RELEASE_TIMEOUT) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the volume was still referenced 10 s after its cache and mapping were dropped",
+                ));
             }
         }
         Ok(())

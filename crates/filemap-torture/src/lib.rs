@@ -37,6 +37,24 @@ use serde::Serialize;
 
 pub use run::run;
 
+/// Waits until nothing holds `shared` any more, for at most `timeout`;
+/// returns whether it went. A volume outlives its cache by a moment when a
+/// readahead thread still holds one of its mappings, and the next volume on
+/// the same device can claim it only once it is gone.
+pub(crate) fn wait_until_dropped<T>(
+    shared: &std::sync::Weak<T>,
+    timeout: std::time::Duration,
+) -> bool {
+    let started = std::time::Instant::now();
+    while shared.strong_count() > 0 {
+        if started.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
 /// The kinds of operation the torture mixes, in report order.
 pub const OP_KINDS: [&str; 12] = [
     "read",

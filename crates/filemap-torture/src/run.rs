@@ -242,17 +242,13 @@ pub fn run(
         cache: cache.stats().into(),
         examples: std::mem::take(&mut *shared.examples.lock()),
     };
-    // A readahead thread may hold a mapping, and so the volume, a moment
-    // longer: wait for the volume to go, so that the next run can claim the
-    // same device.
+    // Wait for the volume to go, so that the next run can claim the same
+    // device (if it does not, that claim fails loudly with EBUSY).
     let volume = files.volume.clone();
     drop(shared);
     drop(files);
     drop(cache);
-    let until = Instant::now() + Duration::from_secs(10);
-    while volume.strong_count() > 0 && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    crate::wait_until_dropped(&volume, Duration::from_secs(10));
     Ok(report)
 }
 
