@@ -37,7 +37,7 @@ mod errno;
 pub mod fault;
 pub mod lock;
 pub(crate) mod map;
-mod page;
+pub mod page;
 pub(crate) mod racy;
 #[doc(hidden)]
 pub mod schedule;
