@@ -46,11 +46,11 @@ pub(crate) mod sync;
 pub use aligned::AlignedBuf;
 pub use backend::{Backend, FaultyBackend, HostFile, Volume, VolumeFile};
 pub use cache::{
-    CacheStats, EvictionPolicy, FileHandle, LockWaits, Mapping, PageCache, PageCacheBuilder,
+    CacheStats, EvictionPolicy, FileHandle, LockWaits, MapAccess, MapRegion, Mapping, PageCache,
+    PageCacheBuilder,
 };
 pub use device::{Device, DeviceClaim, FaultyDevice, FileDevice, MemDevice};
 pub use errno::{errno, Error};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};
-pub use map::region::{MapAccess, MapRegion};
 pub use page::PAGE_SIZE;

@@ -20,12 +20,10 @@
 //! nothing shared unless they reach it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{mpsc, Weak};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-
-use super::CacheShared;
 
 /// The largest readahead window, and the most pages one fill reads.
 pub(crate) const MAX_WINDOW_PAGES: u64 = 512;
@@ -228,15 +226,18 @@ impl ReadaheadQueue {
 }
 
 impl ReadaheadRequests {
-    /// Starts the threads that read the queued windows of `cache`'s mappings.
-    /// Each holds the cache only while it reads a window.
-    pub(crate) fn serve(self, cache: Weak<CacheShared>) -> std::io::Result<()> {
+    /// Starts the threads that read the queued windows: each window goes to
+    /// `read(id, first, pages)`, which should hold the cache only while it reads.
+    pub(crate) fn serve(
+        self,
+        read: impl Fn(u32, u64, u64) + Clone + Send + 'static,
+    ) -> std::io::Result<()> {
         let Some(requests) = self.requests else {
             return Ok(());
         };
         let requests = std::sync::Arc::new(Mutex::new(requests));
         for _ in 0..self.threads {
-            let (requests, cache) = (requests.clone(), cache.clone());
+            let (requests, read) = (requests.clone(), read.clone());
             std::thread::Builder::new()
                 .name("fm-readahead".into())
                 .stack_size(256 << 10)
@@ -244,10 +245,7 @@ impl ReadaheadRequests {
                     let Ok((id, first, pages)) = requests.lock().recv() else {
                         return;
                     };
-                    let mapping = cache.upgrade().and_then(|cache| cache.mapping(id));
-                    if let Some(mapping) = mapping {
-                        mapping.fill_ahead(first, pages);
-                    }
+                    read(id, first, pages);
                 })?;
         }
         Ok(())

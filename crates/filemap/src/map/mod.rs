@@ -117,7 +117,5 @@
 //! dominates, so fill in batches (fault-around) and keep the handler cheap.
 #![allow(dead_code)] // until the cache uses all of this layer
 
-pub(crate) mod handler;
 pub(crate) mod memfd;
-pub(crate) mod region;
 pub(crate) mod uffd;

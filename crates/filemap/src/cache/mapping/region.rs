@@ -32,10 +32,12 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use super::memfd::View;
-use crate::cache::Mapping;
-use crate::errno::fail;
-use crate::page::PAGE_SIZE;
+use super::{end_of, Mapping, UserView};
+use crate::cache::tree::MAX_PAGES;
+use crate::errno::{err, fail};
+use crate::map::memfd::View;
+use crate::map::uffd::scan_written;
+use crate::page::{PAGE, PAGE_SIZE};
 
 /// What a map may do to the pages it shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,7 +67,7 @@ static MAPS: RwLock<BTreeMap<usize, usize>> = RwLock::new(BTreeMap::new());
 static LIVE_MAPS: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether any byte of `ptr..ptr + len` lies in a filemap memory map.
-pub(crate) fn buffer_in_a_map(ptr: *const u8, len: usize) -> bool {
+pub(super) fn buffer_in_a_map(ptr: *const u8, len: usize) -> bool {
     if len == 0 || LIVE_MAPS.load(Ordering::Acquire) == 0 {
         return false;
     }
@@ -78,12 +80,7 @@ pub(crate) fn buffer_in_a_map(ptr: *const u8, len: usize) -> bool {
 }
 
 impl MapRegion {
-    pub(crate) fn new(
-        mapping: Arc<Mapping>,
-        view: View,
-        offset: u64,
-        access: MapAccess,
-    ) -> MapRegion {
+    fn new(mapping: Arc<Mapping>, view: View, offset: u64, access: MapAccess) -> MapRegion {
         MAPS.write().insert(view.addr(), view.addr() + view.len());
         LIVE_MAPS.fetch_add(1, Ordering::AcqRel);
         MapRegion {
@@ -221,7 +218,79 @@ impl fmt::Debug for MapRegion {
 
 impl MapRegion {
     /// The view's address range, for the mapping's bookkeeping.
-    pub(crate) fn addr_range(&self) -> std::ops::Range<usize> {
+    fn addr_range(&self) -> std::ops::Range<usize> {
         self.view.addr()..self.view.addr() + self.view.len()
+    }
+}
+
+impl Mapping {
+    /// Maps `len` bytes of the file from `offset` as a [`MapRegion`] shared
+    /// with this cache (see its docs), as `mmap(MAP_SHARED)` does: `offset`
+    /// must be a multiple of [`PAGE_SIZE`] and `len` is rounded up to one. The
+    /// range may reach past the end of file, and past
+    /// [`Mapping::max_file_size`]: touching a page wholly past the end of file
+    /// raises `SIGBUS`. `EINVAL` for a misaligned offset or a length of 0;
+    /// `EOVERFLOW` for a range past 2^63 - 1; `EOPNOTSUPP` for a read-write map
+    /// on a kernel that cannot track stores through it (without userfaultfd's
+    /// `MINOR_SHMEM` and `WP_ASYNC`).
+    pub fn map(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        access: MapAccess,
+    ) -> io::Result<MapRegion> {
+        self.check_live()?;
+        // As `mmap`: the offset must be page-aligned and the length not 0; the
+        // length is rounded up to whole pages, and the range must end by the
+        // largest offset of any file (`EOVERFLOW`), not this file's largest
+        // size: pages past it, as past the end of file, raise `SIGBUS`.
+        if offset % PAGE != 0 || len == 0 {
+            return fail(libc::EINVAL);
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or_else(|| err(libc::ENOMEM))?;
+        if end_of(offset, len).is_err() {
+            return fail(libc::EOVERFLOW);
+        }
+        let tracked = access == MapAccess::ReadWrite;
+        if tracked && !self.uffd.has_store_trap() {
+            // Stores could be neither tracked nor held back: they would be lost.
+            return fail(libc::EOPNOTSUPP);
+        }
+        let view = View::new(self.store.memfd(), offset, len, tracked)?;
+        if tracked {
+            self.uffd.register_store_trap(view.addr(), view.len())?;
+            // Arms write tracking over the whole view, pages present or not.
+            scan_written(view.addr(), view.len())?;
+        } else {
+            self.uffd.register(view.addr(), view.len(), false)?;
+        }
+        self.maps.write().push(UserView {
+            addr: view.addr(),
+            len: view.len(),
+            offset,
+            tracked,
+        });
+        Ok(MapRegion::new(self.clone(), view, offset, access))
+    }
+
+    /// Called as a map goes away: marks the pages it stored to dirty, and stops
+    /// tracking it.
+    fn forget_map(&self, map: &MapRegion) {
+        let range = map.addr_range();
+        let view = {
+            let mut maps = self.maps.write();
+            let position = maps.iter().position(|view| view.addr == range.start);
+            position.map(|at| maps.remove(at))
+        };
+        if let Some(view) = view {
+            let _scanning = self.scanning.lock();
+            self.mark_stores_dirty(&view, 0, MAX_PAGES - 1);
+        }
+        // The last map of a removed file takes its storage with it.
+        if self.removed.load(Ordering::Acquire) && self.maps.read().is_empty() {
+            let _ = self.release_storage();
+        }
     }
 }

@@ -3,20 +3,28 @@
 //!
 //! It holds the mapping only weakly, so the users' handles and maps decide how
 //! long the mapping lives; the mapping stops the thread when it goes away. A
-//! fault is served by [`Mapping::serve_fault`], which fills the page under the
-//! Fill mode of the coherence lock, exactly as a read miss does.
+//! fault is served by the mapping's [`ServesFaults::serve_fault`], which fills
+//! the page under the Fill mode of the coherence lock, exactly as a read miss
+//! does. The thread knows the mapping only by that trait, so this file needs
+//! nothing of the mapping's.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 
-use super::uffd::{wait_readable, Event, EventFd, Readiness, Userfaultfd};
-use crate::cache::Mapping;
+use crate::map::uffd::{wait_readable, Event, EventFd, Readiness, Userfaultfd};
 use crate::page::PAGE_SIZE;
 
+/// What serves the faults the handler reads.
+pub(super) trait ServesFaults: Send + Sync {
+    /// Serves a fault at `addr` by thread `thread` (0 if unknown), and wakes
+    /// the toucher.
+    fn serve_fault(&self, addr: usize, thread: u32);
+}
+
 /// The handler thread and the means to stop it.
-pub(crate) struct FaultHandler {
+pub(super) struct FaultHandler {
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
     thread_id: ThreadId,
@@ -28,7 +36,10 @@ static HANDLERS: AtomicU64 = AtomicU64::new(0);
 
 impl FaultHandler {
     /// Starts serving the faults of `uffd` for `mapping`.
-    pub(crate) fn start(uffd: Arc<Userfaultfd>, mapping: Weak<Mapping>) -> io::Result<Self> {
+    pub(super) fn start(
+        uffd: Arc<Userfaultfd>,
+        mapping: Weak<dyn ServesFaults>,
+    ) -> io::Result<Self> {
         let stop = Arc::new(EventFd::new()?);
         // Thread names are at most 15 bytes on Linux.
         let name = format!(
@@ -52,14 +63,14 @@ impl FaultHandler {
     }
 
     /// The handler thread's name.
-    pub(crate) fn thread_name(&self) -> &str {
+    pub(super) fn thread_name(&self) -> &str {
         &self.name
     }
 
     /// Stops the thread and waits for it, unless called on the thread itself (the
     /// last handle of the mapping was dropped while serving a fault): then the
     /// thread sees the signal and exits on its own.
-    pub(crate) fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         // Writing an eventfd only fails if its counter would overflow: it cannot here.
         let _ = self.stop.signal();
         if let Some(thread) = self.thread.take() {
@@ -76,7 +87,7 @@ impl Drop for FaultHandler {
     }
 }
 
-fn serve(uffd: &Userfaultfd, stop: &EventFd, mapping: &Weak<Mapping>) {
+fn serve(uffd: &Userfaultfd, stop: &EventFd, mapping: &Weak<dyn ServesFaults>) {
     let mut events = Vec::new();
     loop {
         match wait_readable(uffd.as_fd(), stop.as_fd(), None) {

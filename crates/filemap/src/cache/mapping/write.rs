@@ -1,0 +1,191 @@
+//! Buffered writes: into cached pages under Write, filling a partial page
+//! first; the file grows as the bytes land.
+
+use std::io;
+
+use super::fill::{Fill, FillBudget};
+use super::region::buffer_in_a_map;
+use super::{would_block, Mapping};
+use crate::cache::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, UPTODATE};
+use crate::cache::shared::Need;
+use crate::lock::Mode;
+use crate::page::{PAGE, PAGE_SIZE};
+
+impl Mapping {
+    /// [`Mapping::write_at`] that never waits, like `pwritev2` with
+    /// `RWF_NOWAIT`: it writes into cached pages from `offset` on and stops at
+    /// the first page that is not cached (writing part of it would need a
+    /// backend read, and a new page may need memory the budget does not have),
+    /// is busy, or lies past the end of file (growing the file changes the
+    /// backend), or if the coherence mode it needs is held by someone else.
+    /// Returns the bytes written, or `ErrorKind::WouldBlock` if it wrote none
+    /// (then nothing changed).
+    pub fn write_at_nowait(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let Some(len) = self.check_write(buf.len(), offset)? else {
+            return Ok(0);
+        };
+        let (buf, end) = (&buf[..len], offset + len as u64);
+        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+            let bounce: Vec<u8> = buf.to_vec();
+            return self.write_at_nowait(&bounce, offset);
+        }
+        let Some(_write) = self.lock.try_lock(Mode::Write, offset..end) else {
+            return would_block();
+        };
+        let size = self.len();
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (index, in_page) = (pos / PAGE, (pos % PAGE) as usize);
+            let take = (PAGE_SIZE - in_page).min(buf.len() - done);
+            if pos + take as u64 > size {
+                break;
+            }
+            let Some(slot) = self.pages.get(index) else {
+                break;
+            };
+            let state = slot.load();
+            if !state.has(PRESENT) || !state.is_readable() || slot.try_lock(state).is_err() {
+                break;
+            }
+            if let Err(error) =
+                self.write_locked_page(index, slot, in_page, &buf[done..done + take])
+            {
+                if done == 0 {
+                    return Err(error);
+                }
+                break;
+            }
+            done += take;
+        }
+        if done == 0 {
+            return would_block();
+        }
+        Ok(done)
+    }
+
+    /// Writes `buf` at `offset` into the cache, like `pwrite`, extending the
+    /// file if it ends past the end of file. Returns `buf.len()`, or fewer if an
+    /// error stopped it after some bytes were written; the file grows page by page
+    /// as the bytes land, so a write that fails changes nothing and a short write
+    /// grows the file only as far as it wrote. A write that crosses
+    /// [`Mapping::max_file_size`] is cut short there; one that starts at or past
+    /// it fails with `EFBIG`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let Some(len) = self.check_write(buf.len(), offset)? else {
+            return Ok(0);
+        };
+        let (buf, end) = (&buf[..len], offset + len as u64);
+        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+            // Reading a map may fault into a handler that needs Fill: copy it
+            // before taking Write, which a queued Invalidate would make it wait for.
+            let bounce: Vec<u8> = buf.to_vec();
+            return self.write_at(&bounce, offset);
+        }
+        let _write = self.lock_mode(Mode::Write, offset..end);
+        let old_size = self.len();
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let in_page = (pos % PAGE) as usize;
+            let take = (PAGE_SIZE - in_page).min(buf.len() - done);
+            if let Err(error) =
+                self.write_page(pos / PAGE, in_page, &buf[done..done + take], old_size)
+            {
+                if done == 0 {
+                    return Err(error);
+                }
+                break;
+            }
+            done += take;
+        }
+        Ok(done)
+    }
+
+    /// Writes `src` into page `index` at `in_page`, the caller holding Fill.
+    /// `old_size` is the size before this write: absent pages past it are zeroes
+    /// and need no read.
+    ///
+    /// The file grows to cover the bytes while the page is locked and before they
+    /// land, as the kernel's `write_end` does: a dirty page is never past the end
+    /// of file (writeback skips those), and a failure leaves the size alone. A
+    /// new page is built aside and installed whole, so no map ever sees it half
+    /// written.
+    fn write_page(&self, index: u64, in_page: usize, src: &[u8], old_size: u64) -> io::Result<()> {
+        let whole = src.len() == PAGE_SIZE;
+        let end = index * PAGE + (in_page + src.len()) as u64;
+        let mut zeroes_below = index * PAGE >= old_size;
+        let slot = self.pages.get_or_create(index);
+        loop {
+            let state = slot.load();
+            if state.has(LOCKED | FILLING) {
+                slot.wait_while(LOCKED | FILLING);
+                continue;
+            }
+            if state.has(PRESENT) {
+                if slot.try_lock(state).is_err() {
+                    continue;
+                }
+                if let Err(error) = self.extend_size(end) {
+                    slot.update(|s| s.transition(0, LOCKED, false));
+                    return Err(error);
+                }
+                return self.write_locked_page(index, slot, in_page, src);
+            }
+            if !whole && !zeroes_below {
+                // A partial write into data we do not have: read the page first.
+                match self.fill_locked(index, 1, FillBudget::Wait)? {
+                    Fill::BeyondEof => zeroes_below = true,
+                    Fill::CacheFull => return Err(self.cache_full()),
+                    Fill::Read { .. } | Fill::NotAbsent => {}
+                }
+                continue;
+            }
+            if !self.cache.acquire(Need::Wait) {
+                return Err(self.cache_full());
+            }
+            if slot.replace(state, state.with_flags(LOCKED)).is_err() {
+                self.cache.budget.release();
+                continue;
+            }
+            let mut page = vec![0; PAGE_SIZE];
+            page[in_page..in_page + src.len()].copy_from_slice(src);
+            let installed = self
+                .extend_size(end)
+                .and_then(|()| self.store.install(index, &page));
+            if let Err(error) = installed {
+                slot.update(PageState::emptied);
+                self.cache.budget.release();
+                return Err(error);
+            }
+            self.publish(index, slot, PRESENT | UPTODATE | DIRTY, LOCKED);
+            self.cache.dirtied();
+            return Ok(());
+        }
+    }
+
+    /// Writes `src` at `in_page` into cached page `index`, which the caller
+    /// locked, and unlocks it dirty.
+    fn write_locked_page(
+        &self,
+        index: u64,
+        slot: &Slot,
+        in_page: usize,
+        src: &[u8],
+    ) -> io::Result<()> {
+        self.cache.dirtied();
+        if !self.page_is_mapped(index) {
+            self.store.write(index, in_page, src);
+            slot.update(|s| s.transition(DIRTY, LOCKED, true));
+            return Ok(());
+        }
+        // A map shows this page: replace it whole, so that no map reader sees
+        // the write half done, with the stores made through maps so far and none
+        // lost in between.
+        self.trap_stores(&[index]);
+        let mut page = vec![0; PAGE_SIZE];
+        self.store.read(index, 0, &mut page);
+        page[in_page..in_page + src.len()].copy_from_slice(src);
+        self.replace_locked_page(index, slot, &page)
+    }
+}

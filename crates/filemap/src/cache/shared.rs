@@ -1,0 +1,310 @@
+//! What every mapping of one cache shares: the budget and the eviction hand
+//! that keeps it, the registry of open files, the readahead queue and the
+//! background writeback thread.
+//!
+//! This floor sits below [`super::Mapping`]: it reaches the open files only
+//! through [`CachedFile`], so the mapping uses the budget without the budget
+//! using the mapping.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::evict::{self, EvictionPolicy, Key, Queue, Visit};
+use super::readahead::ReadaheadQueue;
+use super::stats::{self, Counters};
+use super::store::Budget;
+use crate::lock::Strategy;
+
+/// What the cache-wide work (the eviction hand, background writeback, the
+/// readahead threads, the statistics) asks of one open file.
+pub(crate) trait CachedFile: Send + Sync {
+    /// What the eviction hand finds at page `index`.
+    fn eviction_visit(&self, index: u64) -> Visit;
+    /// Evicts page `index` if it is present and not busy.
+    fn evict_page(&self, index: u64) -> Eviction;
+    /// Writes back every dirty page; failures are kept for the next syncs.
+    fn write_back_in_background(&self);
+    /// Reads a readahead window of `pages` pages from `first` into the cache.
+    fn fill_ahead(&self, first: u64, pages: u64);
+    /// How many of the file's pages are dirty.
+    fn dirty_pages(&self) -> u64;
+    /// Bytes of the file's page index.
+    fn index_bytes(&self) -> usize;
+}
+
+/// The settings a [`CacheShared`] is made with (checked by the builder).
+pub(crate) struct Settings {
+    pub(crate) budget_pages: u64,
+    pub(crate) strategy: Strategy,
+    pub(crate) fill_batch_pages: usize,
+    pub(crate) eviction: EvictionPolicy,
+    pub(crate) dirty_background_pages: u64,
+    pub(crate) writeback_interval: Duration,
+}
+
+/// What every mapping of one cache shares.
+pub(crate) struct CacheShared {
+    pub(crate) budget: Budget,
+    pub(crate) strategy: Strategy,
+    pub(crate) fill_batch_pages: usize,
+    pub(crate) eviction: EvictionPolicy,
+    /// One entry per page that has been present, in the policy's order. Taken
+    /// before `mappings` when both are needed.
+    queue: Mutex<Queue>,
+    /// The live mappings by id, for the eviction hand.
+    mappings: Mutex<HashMap<u32, Weak<dyn CachedFile>>>,
+    next_mapping: AtomicU32,
+    pub(crate) counters: Counters,
+    /// Background writeback: pages dirtied since its last flush, the count that
+    /// starts one early, and its period.
+    dirtied: AtomicU64,
+    dirty_background_pages: u64,
+    writeback_interval: Duration,
+    /// Windows for the readahead threads.
+    pub(crate) readahead: ReadaheadQueue,
+}
+
+/// How hard [`CacheShared::acquire`] tries for a page of the budget.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Need {
+    /// Evict if the budget is used up; give up when nothing could be evicted
+    /// (a fill's pages past its first, readahead), or after
+    /// [`OPTIONAL_RECLAIMS`] reclaims whose pages other threads took.
+    Optional,
+    /// Evict, and wait for busy pages (locked, being filled, under writeback)
+    /// to come free: give up only when no page of the budget can be freed,
+    /// because every one is dirty and its writeback fails (a buffered write's
+    /// page, which then fails with `OutOfMemory`).
+    Wait,
+    /// Keep evicting until a page is free (a fault, which cannot be refused).
+    Required,
+}
+
+/// What one reclaim found.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Reclaimed {
+    /// Pages evicted.
+    pub(crate) freed: usize,
+    /// Candidates skipped because they were busy (locked, being filled, under
+    /// writeback): they come free soon.
+    pub(crate) busy: usize,
+    /// Candidates kept because they are dirty and their writeback failed.
+    pub(crate) failed: usize,
+}
+
+/// What evicting one page did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Eviction {
+    /// The page is gone and its budget given back.
+    Evicted,
+    /// The page is locked, being filled or under writeback: try later.
+    Busy,
+    /// The page stays, dirty: its writeback failed (or its removal from the
+    /// store did).
+    Failed,
+    /// There was no page to evict.
+    Absent,
+}
+
+/// that other threads take first.
+const OPTIONAL_RECLAIMS: u32 = 16;
+
+/// Pages one reclaim tries to free at once.
+const RECLAIM_BATCH: usize = 16;
+
+/// How long [`Need::Wait`] waits for busy pages before it gives up, and
+/// [`Need::Required`] before it takes a page beyond the budget.
+const RECLAIM_PATIENCE: Duration = Duration::from_secs(60);
+
+impl CacheShared {
+    /// A cache with nothing cached, its readahead windows going to `readahead`.
+    pub(crate) fn new(settings: Settings, readahead: ReadaheadQueue) -> CacheShared {
+        CacheShared {
+            budget: Budget::new(settings.budget_pages),
+            strategy: settings.strategy,
+            fill_batch_pages: settings.fill_batch_pages,
+            eviction: settings.eviction,
+            queue: Mutex::new(Queue::new(settings.eviction)),
+            mappings: Mutex::new(HashMap::new()),
+            next_mapping: AtomicU32::new(0),
+            counters: Counters::default(),
+            dirtied: AtomicU64::new(0),
+            dirty_background_pages: settings.dirty_background_pages,
+            writeback_interval: settings.writeback_interval,
+            readahead,
+        }
+    }
+
+    /// Takes one page of the budget, evicting pages to make room if needed.
+    pub(crate) fn acquire(&self, need: Need) -> bool {
+        if self.budget.try_acquire() {
+            return true;
+        }
+        let started = Instant::now();
+        let mut tries = 0;
+        loop {
+            let reclaimed = self.reclaim(RECLAIM_BATCH);
+            if self.budget.try_acquire() {
+                return true;
+            }
+            // Pages this reclaim freed may have gone to other threads first (fills
+            // claim many at once): that is no reason to fail a write or stop a
+            // fill while pages can still be evicted.
+            tries += 1;
+            match need {
+                Need::Optional if reclaimed.freed == 0 || tries >= OPTIONAL_RECLAIMS => {
+                    return false;
+                }
+                // Nothing freed, nothing busy, and writebacks failed: the pages
+                // left are dirty and cannot be written. (With no failure either,
+                // the budget is held by fills that have not queued their pages
+                // yet: they will soon.)
+                Need::Wait
+                    if reclaimed.freed == 0 && reclaimed.busy == 0 && reclaimed.failed > 0 =>
+                {
+                    return false;
+                }
+                _ => {}
+            }
+            if reclaimed.freed > 0 {
+                continue;
+            }
+            // Every evictable page is busy (locked, filling, under writeback) or
+            // dirty with a failing writeback. Busy pages come free soon.
+            if started.elapsed() > RECLAIM_PATIENCE {
+                if need != Need::Required {
+                    return false;
+                }
+                self.budget.force_acquire();
+                stats::add(&self.counters.budget_overruns, 1);
+                return true;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Moves the eviction hand until `want` pages were evicted or it went twice
+    /// round the queue; returns how many were, and how many were busy.
+    pub(crate) fn reclaim(&self, want: usize) -> Reclaimed {
+        let mut visits_left = 2 * self.queue.lock().len() + 2 * want;
+        let mut reclaimed = Reclaimed::default();
+        while reclaimed.freed < want && visits_left > 0 {
+            let mut visited = 0;
+            // Mappings upgraded under the locks are dropped after them: the last
+            // handle of a mapping going away unregisters it.
+            let mut alive: Vec<Arc<dyn CachedFile>> = Vec::new();
+            let candidates: Vec<(Arc<dyn CachedFile>, u64)> = {
+                let mut queue = self.queue.lock();
+                let mappings = self.mappings.lock();
+                let wanted = want - reclaimed.freed;
+                let keys = queue.sweep(wanted, visits_left.min(4 * RECLAIM_BATCH), |key| {
+                    visited += 1;
+                    let Some(mapping) = mappings.get(&key.mapping()).and_then(Weak::upgrade) else {
+                        return Visit::Stale;
+                    };
+                    let visit = mapping.eviction_visit(key.index());
+                    alive.push(mapping);
+                    visit
+                });
+                keys.into_iter()
+                    .filter_map(|key| {
+                        let mapping = mappings.get(&key.mapping()).and_then(Weak::upgrade)?;
+                        Some((mapping, key.index()))
+                    })
+                    .collect()
+            };
+            drop(alive);
+            visits_left = visits_left.saturating_sub(visited);
+            if visited == 0 {
+                break;
+            }
+            for (mapping, index) in candidates {
+                match mapping.evict_page(index) {
+                    Eviction::Evicted => reclaimed.freed += 1,
+                    Eviction::Busy => reclaimed.busy += 1,
+                    Eviction::Failed => reclaimed.failed += 1,
+                    Eviction::Absent => {}
+                }
+            }
+        }
+        reclaimed
+    }
+
+    /// Gives a page that just became present its queue entry.
+    pub(crate) fn enqueue(&self, mapping: u32, index: u64) {
+        self.queue.lock().push(Key::new(mapping, index));
+    }
+
+    /// An id for a new mapping: one no live mapping has (ids wrap at
+    /// 2^[`evict::MAPPING_BITS`]; stale queue entries of a dead mapping that
+    /// had it then point at the new one's pages, which only costs a visit).
+    pub(crate) fn new_mapping_id(&self) -> u32 {
+        let mappings = self.mappings.lock();
+        loop {
+            let id = self.next_mapping.fetch_add(1, Ordering::Relaxed) % (1 << evict::MAPPING_BITS);
+            if !mappings.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Registers mapping `id` for the eviction hand.
+    pub(crate) fn register(&self, id: u32, mapping: Weak<dyn CachedFile>) {
+        self.mappings.lock().insert(id, mapping);
+    }
+
+    /// Forgets a mapping that is going away (its entries go stale).
+    pub(crate) fn unregister(&self, id: u32) {
+        self.mappings.lock().remove(&id);
+    }
+
+    /// Counts a page made dirty, for background writeback's threshold.
+    pub(crate) fn dirtied(&self) {
+        self.dirtied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The live mapping with this id, if any.
+    pub(crate) fn mapping(&self, id: u32) -> Option<Arc<dyn CachedFile>> {
+        self.mappings.lock().get(&id).and_then(Weak::upgrade)
+    }
+
+    /// Bytes of the eviction queue.
+    pub(crate) fn queue_bytes(&self) -> usize {
+        self.queue.lock().allocated_bytes()
+    }
+
+    /// Every live mapping.
+    pub(crate) fn live_mappings(&self) -> Vec<Arc<dyn CachedFile>> {
+        let mappings = self.mappings.lock();
+        mappings.values().filter_map(Weak::upgrade).collect()
+    }
+}
+
+/// The background writeback thread of a cache: every `interval`, or at the
+/// next tick after `dirty_background_pages` pages were dirtied, writes back
+/// every dirty page of every mapping (failures are recorded for the mappings'
+/// next syncs). It holds the cache only while it works, so it ends within a
+/// tick of the cache.
+pub(crate) fn background_writeback(cache: Weak<CacheShared>, interval: Duration) {
+    let tick = interval.min(Duration::from_millis(100));
+    let mut last_flush = Instant::now();
+    loop {
+        std::thread::sleep(tick);
+        let Some(shared) = cache.upgrade() else {
+            return;
+        };
+        let due = last_flush.elapsed() >= shared.writeback_interval
+            || shared.dirtied.load(Ordering::Relaxed) >= shared.dirty_background_pages;
+        if due {
+            shared.dirtied.store(0, Ordering::Relaxed);
+            for mapping in shared.live_mappings() {
+                mapping.write_back_in_background();
+            }
+            last_flush = Instant::now();
+        }
+    }
+}
