@@ -1,11 +1,18 @@
-//! Memory maps: a mapping's mapped pages live in a memfd at their file offsets;
-//! user maps are `MAP_SHARED` views of it whose absent pages are filled on first
-//! touch through userfaultfd (MISSING), from the cache or the backend. Read-write
-//! maps are also registered MINOR, so that a drop can hold their stores back.
+//! The kernel interfaces of memory maps, on the ground floor below the cache:
+//! `memfd.rs` (the memfd a mapping's pages live in, and views of it) and
+//! `uffd.rs` (userfaultfd: registration, installs, wakes, write tracking).
 //!
-//! `memfd.rs` and `uffd.rs` are the kernel interfaces. What follows is why this
-//! design was chosen: the kernel behaviour it relies on, each point proved by a
-//! test in `uffd.rs` (named in parentheses) on Linux 6.18, x86-64.
+//! How the cache uses them: a mapping's pages live in a memfd at their file
+//! offsets; user maps ([`crate::MapRegion`], in `cache/mapping/region.rs`) are
+//! `MAP_SHARED` views of it whose absent pages are filled on first touch
+//! through userfaultfd (MISSING), from the cache or the backend, by the
+//! mapping's fault thread (`cache/mapping/handler.rs` and `fault.rs`).
+//! Read-write maps are also registered MINOR, so that a drop can hold their
+//! stores back.
+//!
+//! What follows is why this design was chosen: the kernel behaviour it relies
+//! on, each point proved by a test in `uffd.rs` (named in parentheses) on
+//! Linux 6.18, x86-64.
 //!
 //! # Faults and installs
 //! - A touch of a page absent from the memfd, through a view registered MISSING,

@@ -9,7 +9,7 @@ use super::{end_of, Mapping};
 use crate::aligned::AlignedBuf;
 use crate::errno::fail;
 use crate::lock::Mode;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, start_of, PAGE, PAGE_SIZE};
 use crate::schedule;
 
 /// The alignment of buffer addresses for direct I/O (a logical sector). Offsets
@@ -51,7 +51,7 @@ impl Mapping {
             if self.lock_for_change(slot).is_none() {
                 continue;
             }
-            let at = (index * PAGE - offset) as usize;
+            let at = (start_of(index) - offset) as usize;
             let replaced = self.replace_locked_page(index, slot, &data[at..at + PAGE_SIZE]);
             result = result.and(replaced);
         }
@@ -91,7 +91,7 @@ impl Mapping {
             return fail(libc::EINVAL);
         }
         let whole = end.min(size.next_multiple_of(PAGE)) - offset;
-        self.write_back_range(offset / PAGE, (offset + whole - 1) / PAGE)?;
+        self.write_back_range(index_of(offset), index_of(offset + whole - 1))?;
         self.backend
             .read_direct(offset, &mut buf[..whole as usize])?;
         Ok((end.min(size) - offset) as usize)
@@ -115,7 +115,7 @@ impl Mapping {
             return self.write_direct(&bounce, offset);
         }
         let _direct = self.lock_mode(Mode::Direct, offset..end);
-        let (first, last) = (offset / PAGE, (end - 1) / PAGE);
+        let (first, last) = (index_of(offset), index_of(end - 1));
         // Pages a map shows are written back but kept: dropping one could lose a
         // store through the map that lands between the scan for written pages
         // and the punch. After the write they are replaced with its data.

@@ -10,7 +10,7 @@ use crate::cache::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, QUEUE
 use crate::cache::shared::Eviction;
 use crate::cache::stats;
 use crate::cache::tree::MAX_PAGES;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, offset_in_page, PAGE, PAGE_SIZE};
 use crate::schedule;
 
 /// Whether a dropped dirty page is written back first or discarded.
@@ -111,9 +111,9 @@ impl Mapping {
     /// changes them: pages wholly inside are dropped, the covered part of partial
     /// pages at the edges is zeroed. Dirty data of the range is discarded.
     pub(super) fn remove_cached_bytes(&self, start: u64, end: u64) {
-        let (head, tail) = (start / PAGE, end / PAGE);
-        let head_offset = (start % PAGE) as usize;
-        let tail_offset = (end % PAGE) as usize;
+        let (head, tail) = (index_of(start), index_of(end));
+        let head_offset = offset_in_page(start);
+        let tail_offset = offset_in_page(end);
         if head == tail {
             self.zero_cached(head, head_offset, tail_offset);
             return;

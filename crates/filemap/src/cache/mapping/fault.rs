@@ -11,7 +11,7 @@ use crate::cache::page::{PageState, FILLING, LOCKED, PRESENT, UPTODATE};
 use crate::cache::shared::Need;
 use crate::cache::stats;
 use crate::lock::Mode;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, pages_to_cover, start_of, PAGE_SIZE};
 use crate::schedule;
 
 /// Pages a fault in a read-write map maps at once: the faulting page and the
@@ -42,7 +42,7 @@ impl ServesFaults for Mapping {
         };
         let index = internal.or_else(|| user_view.and_then(|view| view.page_at(addr)));
         if let Some(index) = index {
-            if index * PAGE < self.len() {
+            if start_of(index) < self.len() {
                 let filled = self.fault_in(index);
                 if filled.is_ok() {
                     if let Some(view) = user_view.filter(|view| view.tracked) {
@@ -75,11 +75,11 @@ impl Mapping {
     /// is busy or lies past the end of file. Nothing is mapped if page `index`
     /// is gone (the toucher's retry faults MISSING).
     fn map_into_view(&self, view: &UserView, index: u64, page_addr: usize) {
-        let view_last = view.offset / PAGE + (view.len / PAGE_SIZE) as u64 - 1;
+        let view_last = index_of(view.offset) + (view.len / PAGE_SIZE) as u64 - 1;
         if view.span(index, index).is_none() {
             return;
         }
-        let in_file = self.len().div_ceil(PAGE);
+        let in_file = pages_to_cover(self.len());
         let last = view_last
             .min(index + FAULT_AROUND_PAGES - 1)
             .min(in_file.saturating_sub(1));
@@ -155,7 +155,7 @@ impl Mapping {
     fn fault_in(&self, index: u64) -> io::Result<()> {
         let slot = self.pages.get_or_create(index);
         loop {
-            if index * PAGE >= self.len() {
+            if start_of(index) >= self.len() {
                 return Ok(());
             }
             let state = slot.load();
@@ -167,7 +167,7 @@ impl Mapping {
                 return Ok(());
             }
             let want = self.cache.fill_batch_pages as u64;
-            let fill = self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE);
+            let fill = self.lock_mode(Mode::Fill, start_of(index)..start_of(index + want));
             // A fault cannot be refused: it evicts until its first page fits.
             if let Fill::BeyondEof = self.fill(index, want, FillBudget::Force, Some(fill))? {
                 return Ok(());

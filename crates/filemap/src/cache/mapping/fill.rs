@@ -13,7 +13,7 @@ use crate::cache::shared::Need;
 use crate::cache::stats;
 use crate::errno::fail;
 use crate::lock::{CoherenceGuard, Mode};
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, pages_to_cover, start_of, PAGE_SIZE};
 use crate::schedule;
 
 /// What a fill does when the budget is used up.
@@ -130,7 +130,7 @@ impl Mapping {
             return Ok(());
         }
         let batch = self.cache.fill_batch_pages as u64;
-        self.fill_absent(offset / PAGE, (end - 1) / PAGE, batch)?;
+        self.fill_absent(index_of(offset), index_of(end - 1), batch)?;
         Ok(())
     }
 
@@ -152,7 +152,7 @@ impl Mapping {
                 continue;
             }
             let batch = (last - index + 1).min(batch);
-            let fill = self.lock_mode(Mode::Fill, index * PAGE..(index + batch) * PAGE);
+            let fill = self.lock_mode(Mode::Fill, start_of(index)..start_of(index + batch));
             match self.fill(index, batch, FillBudget::Cache, Some(fill))? {
                 Fill::Read { pages, .. } => {
                     index += pages;
@@ -173,7 +173,7 @@ impl Mapping {
     /// A read reached the readahead mark at `index`: hands the next window to
     /// the cache's readahead threads.
     pub(super) fn read_ahead_from(&self, index: u64) {
-        let eof_pages = self.len().div_ceil(PAGE);
+        let eof_pages = pages_to_cover(self.len());
         let threads = self.cache.readahead.is_served();
         if let Some((first, pages)) = self.readahead.take_mark(index, eof_pages, threads) {
             self.cache.readahead.submit(self.id, first, pages);
@@ -251,7 +251,7 @@ impl Mapping {
     /// Claims up to `want` absent pages from `index`, each with its share of
     /// the budget. The caller holds Fill.
     fn claim_pages(&self, index: u64, want: u64, budget: FillBudget) -> Claim {
-        let eof_pages = self.len().div_ceil(PAGE);
+        let eof_pages = pages_to_cover(self.len());
         if index >= eof_pages {
             return Claim::Nothing(Fill::BeyondEof);
         }

@@ -11,7 +11,7 @@ use crate::cache::page::{PageState, Slot, DIRTY, LOCKED, PRESENT, UPTODATE};
 use crate::cache::tree::MAX_PAGES;
 use crate::errno::fail;
 use crate::lock::Mode;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, PAGE, PAGE_SIZE};
 use crate::schedule;
 
 impl Mapping {
@@ -88,12 +88,12 @@ impl Mapping {
             return fail(libc::EINVAL);
         }
         // The backend shifts what it holds: dirty data must be there first.
-        self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
-        self.drop_pages(offset / PAGE, end / PAGE - 1, DirtyPages::WriteBack)?;
+        self.write_back_range(index_of(offset), MAX_PAGES - 1)?;
+        self.drop_pages(index_of(offset), index_of(end) - 1, DirtyPages::WriteBack)?;
         // Pages filled from the backend as it was move below.
-        self.settle_fills(end / PAGE, MAX_PAGES - 1);
+        self.settle_fills(index_of(end), MAX_PAGES - 1);
         self.backend.collapse_range(offset, len)?;
-        self.move_pages(end / PAGE, -((len / PAGE) as i64));
+        self.move_pages(index_of(end), -((len / PAGE) as i64));
         self.set_size(size - len)
     }
 
@@ -115,13 +115,13 @@ impl Mapping {
         if offset >= size {
             return fail(libc::EINVAL);
         }
-        self.write_back_range(offset / PAGE, MAX_PAGES - 1)?;
+        self.write_back_range(index_of(offset), MAX_PAGES - 1)?;
         // Pages filled from the backend as it was move below.
-        self.settle_fills(offset / PAGE, MAX_PAGES - 1);
+        self.settle_fills(index_of(offset), MAX_PAGES - 1);
         self.backend.insert_range(offset, len)?;
         // Grow first: pages that move past the old end must be inside the file.
         self.set_size(size + len)?;
-        self.move_pages(offset / PAGE, (len / PAGE) as i64);
+        self.move_pages(index_of(offset), (len / PAGE) as i64);
         Ok(())
     }
 
@@ -134,7 +134,7 @@ impl Mapping {
             return Ok(());
         }
         let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
-        self.drop_pages(offset / PAGE, (end - 1) / PAGE, DirtyPages::WriteBack)
+        self.drop_pages(index_of(offset), index_of(end - 1), DirtyPages::WriteBack)
     }
 
     /// Moves every cached page from index `first` on by `delta` pages, in the

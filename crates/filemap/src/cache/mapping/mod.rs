@@ -58,7 +58,7 @@ use crate::backend::Backend;
 use crate::errno::{err, fail, with_message};
 use crate::lock::{CoherenceGuard, CoherenceLock, Mode, Strategy};
 use crate::map::uffd::Userfaultfd;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, PAGE, PAGE_SIZE};
 
 pub(super) mod direct;
 mod drop;
@@ -181,13 +181,13 @@ impl UserView {
     /// The page index `addr` shows, if `addr` is in this view.
     fn page_at(&self, addr: usize) -> Option<u64> {
         let at = addr.checked_sub(self.addr).filter(|&at| at < self.len)?;
-        Some((self.offset + at as u64) / PAGE)
+        Some(index_of(self.offset + at as u64))
     }
 
     /// The part of pages `first..=last` this view shows: its first and last
     /// page, and its address range.
     fn span(&self, first: u64, last: u64) -> Option<(u64, u64, usize, usize)> {
-        let view_first = self.offset / PAGE;
+        let view_first = index_of(self.offset);
         let view_last = view_first + (self.len / PAGE_SIZE) as u64 - 1;
         let (first, last) = (first.max(view_first), last.min(view_last));
         if first > last {

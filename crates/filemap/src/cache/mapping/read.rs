@@ -11,7 +11,7 @@ use crate::cache::page::{Slot, FILLING, LOCKED, PRESENT, REFERENCED};
 use crate::cache::readahead::MissFill;
 use crate::cache::stats;
 use crate::lock::{CoherenceGuard, Mode};
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, offset_in_page, start_of, PAGE_SIZE};
 use crate::schedule;
 
 /// Runs `copy` into `dst` under the read mode `read` and returns what it
@@ -120,7 +120,7 @@ impl Mapping {
         let mut done = 0;
         while done < dst.len() {
             let pos = offset + done as u64;
-            let (index, in_page) = (pos / PAGE, (pos % PAGE) as usize);
+            let (index, in_page) = (index_of(pos), offset_in_page(pos));
             let take = (PAGE_SIZE - in_page).min(dst.len() - done);
             let page = &mut dst[done..done + take];
             let hit = self
@@ -142,8 +142,8 @@ impl Mapping {
         let mut done = 0;
         while done < dst.len() {
             let pos = offset + done as u64;
-            let index = pos / PAGE;
-            let in_page = (pos % PAGE) as usize;
+            let index = index_of(pos);
+            let in_page = offset_in_page(pos);
             let take = (PAGE_SIZE - in_page).min(dst.len() - done);
             if self.readahead.is_mark(index) {
                 self.read_ahead_from(index);
@@ -172,7 +172,7 @@ impl Mapping {
                 MissFill::Ahead => asked,
             };
             let fill = (!fill_held)
-                .then(|| self.lock_mode(Mode::Fill, index * PAGE..(index + want) * PAGE));
+                .then(|| self.lock_mode(Mode::Fill, start_of(index)..start_of(index + want)));
             match self.fill(index, want, FillBudget::Uncached, fill)? {
                 Fill::Read {
                     data,

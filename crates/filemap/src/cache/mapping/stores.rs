@@ -8,7 +8,7 @@ use super::{Mapping, UserView};
 use crate::cache::page::{PageState, Slot, DIRTY, LOCKED, PRESENT};
 use crate::map::memfd::zap;
 use crate::map::uffd::scan_written;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, PAGE_SIZE};
 
 impl Mapping {
     /// Replaces page `index`, which the caller locked, with `page` whole (punch,
@@ -43,7 +43,7 @@ impl Mapping {
     pub(super) fn page_is_mapped(&self, index: u64) -> bool {
         let maps = self.maps.read();
         maps.iter().any(|view| {
-            let first = view.offset / PAGE;
+            let first = index_of(view.offset);
             (first..first + (view.len / PAGE_SIZE) as u64).contains(&index)
         })
     }

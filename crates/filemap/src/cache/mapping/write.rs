@@ -9,7 +9,7 @@ use super::{would_block, Mapping};
 use crate::cache::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, UPTODATE};
 use crate::cache::shared::Need;
 use crate::lock::Mode;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, offset_in_page, start_of, PAGE_SIZE};
 
 impl Mapping {
     /// [`Mapping::write_at`] that never waits, like `pwritev2` with
@@ -36,7 +36,7 @@ impl Mapping {
         let mut done = 0;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let (index, in_page) = (pos / PAGE, (pos % PAGE) as usize);
+            let (index, in_page) = (index_of(pos), offset_in_page(pos));
             let take = (PAGE_SIZE - in_page).min(buf.len() - done);
             if pos + take as u64 > size {
                 break;
@@ -87,10 +87,10 @@ impl Mapping {
         let mut done = 0;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let in_page = (pos % PAGE) as usize;
+            let in_page = offset_in_page(pos);
             let take = (PAGE_SIZE - in_page).min(buf.len() - done);
             if let Err(error) =
-                self.write_page(pos / PAGE, in_page, &buf[done..done + take], old_size)
+                self.write_page(index_of(pos), in_page, &buf[done..done + take], old_size)
             {
                 if done == 0 {
                     return Err(error);
@@ -113,8 +113,8 @@ impl Mapping {
     /// written.
     fn write_page(&self, index: u64, in_page: usize, src: &[u8], old_size: u64) -> io::Result<()> {
         let whole = src.len() == PAGE_SIZE;
-        let end = index * PAGE + (in_page + src.len()) as u64;
-        let mut zeroes_below = index * PAGE >= old_size;
+        let end = start_of(index) + (in_page + src.len()) as u64;
+        let mut zeroes_below = start_of(index) >= old_size;
         let slot = self.pages.get_or_create(index);
         loop {
             let state = slot.load();

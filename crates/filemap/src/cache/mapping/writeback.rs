@@ -10,7 +10,7 @@ use super::{end_of, Mapping};
 use crate::cache::page::{Slot, DIRTY, LOCKED, WRITEBACK};
 use crate::cache::stats;
 use crate::cache::tree::MAX_PAGES;
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, start_of, PAGE_SIZE};
 use crate::schedule;
 
 /// The errno of the latest writeback error, in the low bits of `wb_err`.
@@ -128,7 +128,7 @@ impl Mapping {
             Some((offset, len)) => {
                 let end = end_of(offset, len)?;
                 if len > 0 {
-                    self.write_back_range(offset / PAGE, (end - 1) / PAGE)
+                    self.write_back_range(index_of(offset), index_of(end - 1))
                 } else {
                     Ok(())
                 }
@@ -232,7 +232,7 @@ impl Mapping {
     /// page lies at or past the end of file (it has nothing to write back). A
     /// write is counted; a failure is recorded for every handle's next sync.
     fn write_snapshot(&self, index: u64, snapshot: &[u8]) -> io::Result<()> {
-        if index * PAGE >= self.len() {
+        if start_of(index) >= self.len() {
             return Ok(());
         }
         match self.backend.write_pages(index, snapshot) {
