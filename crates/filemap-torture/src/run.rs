@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use filemap::backend::{BackendOp, FaultyBackend, HostFile};
 use filemap::device::DeviceOp;
 use filemap::fault::{Injection, Trigger};
+use filemap::page::{start_of, PAGE, PAGE_SIZE};
 use filemap::{
     AlignedBuf, Backend, Device, FaultRule, FaultyDevice, FileDevice, MapAccess, MapRegion,
-    Mapping, MemDevice, PageCache, Volume, PAGE_SIZE,
+    Mapping, MemDevice, PageCache, Volume,
 };
 use parking_lot::Mutex;
 
@@ -20,7 +21,6 @@ use crate::oracle::{
 };
 use crate::{BackendKind, DeviceSpec, Progress, Scenario, TortureConfig, TortureReport, OP_KINDS};
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The most pages one operation touches.
 const MAX_OP_PAGES: u64 = 4;
 /// Pages past the checked ones that the self-map scenario uses as buffers.
@@ -158,7 +158,7 @@ pub fn run(
             }
             // The scratch pages past the checked ones: the direct I/O buffers.
             Scenario::SelfMapDio => mapping.map(
-                config.pages_per_file * PAGE,
+                start_of(config.pages_per_file),
                 SCRATCH_PAGES as usize * PAGE_SIZE,
                 MapAccess::ReadWrite,
             ),
@@ -532,7 +532,7 @@ impl Shared {
             let first = rng.u64(..config.pages_per_file);
             let count = rng.u64(1..=MAX_OP_PAGES).min(config.pages_per_file - first);
             let pages = first..first + count;
-            let (offset, len) = (first * PAGE, (count * PAGE) as usize);
+            let (offset, len) = (start_of(first), (count * PAGE) as usize);
             let start = self.begin(worker);
             let (op, file, result) = if worker == 3 {
                 let file = rng.usize(..3);
@@ -603,7 +603,7 @@ impl Shared {
                 stream = Some((file, first + count));
             }
             let pages = first..first + count;
-            let (offset, len) = (first * PAGE, count * PAGE);
+            let (offset, len) = (start_of(first), count * PAGE);
             let mapping = &self.files[file];
             let kind = OP_KINDS[op as usize];
             let start = self.begin(worker);
@@ -663,7 +663,7 @@ impl Shared {
                     let half = config.pages_per_file / 2;
                     let first = first % half;
                     let count = count.min(half - first);
-                    let (offset, len) = ((first * PAGE) as usize, (count * PAGE) as usize);
+                    let (offset, len) = (start_of(first) as usize, (count * PAGE) as usize);
                     let map = &self.maps[file];
                     let buf = &mut buffer[..len];
                     if op == Op::MapRead {
