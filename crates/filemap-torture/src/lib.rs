@@ -30,7 +30,9 @@ pub mod oracle;
 mod run;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use filemap::Strategy;
 use serde::Serialize;
@@ -55,21 +57,95 @@ pub(crate) fn wait_until_dropped<T>(
     true
 }
 
-/// The kinds of operation the torture mixes, in report order.
-pub const OP_KINDS: [&str; 12] = [
-    "read",
-    "write",
-    "readahead",
-    "punch",
-    "zero",
-    "truncate",
-    "read_direct",
-    "write_direct",
-    "sync",
-    "invalidate",
-    "map_read",
-    "map_write",
-];
+/// A kind of operation the torture mixes: the keys of
+/// [`TortureReport::by_kind`] and the columns of the command line's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OpKind {
+    /// A buffered read, checked page by page.
+    Read,
+    /// A buffered write of whole stamped pages.
+    Write,
+    /// Readahead of a range.
+    Readahead,
+    /// A hole punched.
+    Punch,
+    /// A range zeroed.
+    Zero,
+    /// The file truncated to between half and all of its pages.
+    Truncate,
+    /// A direct read, checked page by page.
+    ReadDirect,
+    /// A direct write of whole stamped pages.
+    WriteDirect,
+    /// A sync of a range or of the whole file.
+    Sync,
+    /// A range written back and dropped from the cache.
+    Invalidate,
+    /// A read through a memory map, checked page by page.
+    MapRead,
+    /// Stores of whole stamped pages through a memory map.
+    MapWrite,
+}
+
+impl OpKind {
+    /// Every kind, in report order (the order of the declaration, so that
+    /// `kind as usize` indexes per-kind arrays).
+    pub const ALL: [OpKind; 12] = [
+        OpKind::Read,
+        OpKind::Write,
+        OpKind::Readahead,
+        OpKind::Punch,
+        OpKind::Zero,
+        OpKind::Truncate,
+        OpKind::ReadDirect,
+        OpKind::WriteDirect,
+        OpKind::Sync,
+        OpKind::Invalidate,
+        OpKind::MapRead,
+        OpKind::MapWrite,
+    ];
+
+    /// The kind's name in reports and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            OpKind::Read => "read",
+            OpKind::Write => "write",
+            OpKind::Readahead => "readahead",
+            OpKind::Punch => "punch",
+            OpKind::Zero => "zero",
+            OpKind::Truncate => "truncate",
+            OpKind::ReadDirect => "read_direct",
+            OpKind::WriteDirect => "write_direct",
+            OpKind::Sync => "sync",
+            OpKind::Invalidate => "invalidate",
+            OpKind::MapRead => "map_read",
+            OpKind::MapWrite => "map_write",
+        }
+    }
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so that tables can align it with a width.
+        f.pad(self.name())
+    }
+}
+
+/// The error of parsing an unknown operation kind name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown operation kind {0:?} (expected one of: {names})", names = OpKind::ALL.map(OpKind::name).join(", "))]
+pub struct UnknownOpKind(String);
+
+impl FromStr for OpKind {
+    type Err = UnknownOpKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        OpKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or_else(|| UnknownOpKind(s.to_owned()))
+    }
+}
 
 /// Which workload the torture runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -212,7 +288,7 @@ pub struct TortureReport {
     pub ops_per_s: f64,
     /// How long the run took.
     pub seconds: f64,
-    /// Operations completed, by kind.
+    /// Operations completed, by kind ([`OpKind::name`]).
     pub by_kind: BTreeMap<String, u64>,
     /// Delays and errors the device injected.
     pub injected: u64,
@@ -310,4 +386,19 @@ pub struct Progress {
     pub ops: u64,
     /// Violations found so far.
     pub violations: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_kinds_are_listed_in_declaration_order_and_parse_back_from_their_names() {
+        for (index, kind) in OpKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, index);
+            assert_eq!(kind.name().parse::<OpKind>().unwrap(), kind);
+            assert_eq!(format!("{kind:>12}"), format!("{:>12}", kind.name()));
+        }
+        assert!("read-direct".parse::<OpKind>().is_err());
+    }
 }
