@@ -34,7 +34,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use filemap::Strategy;
+use filemap::{CacheStats, Strategy};
 use serde::Serialize;
 
 pub use run::run;
@@ -293,76 +293,9 @@ pub struct TortureReport {
     /// Delays and errors the device injected.
     pub injected: u64,
     /// What the page cache counted during the run.
-    pub cache: CacheReport,
+    pub cache: CacheStats,
     /// The first few violations and errors, described.
     pub examples: Vec<String>,
-}
-
-/// The page cache's statistics at the end of a run ([`filemap::CacheStats`]).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CacheReport {
-    /// Pages copied from the cache without waiting.
-    pub hits: u64,
-    /// Pages buffered reads did not find in the cache.
-    pub misses: u64,
-    /// Pages read from the backend into the cache.
-    pub fills: u64,
-    /// Map faults served by the handler threads.
-    pub faults: u64,
-    /// Pages read ahead of sequential readers.
-    pub readahead_pages: u64,
-    /// Of those, pages read by the cache's readahead threads.
-    pub readahead_thread_pages: u64,
-    /// Pages evicted under the budget.
-    pub evictions: u64,
-    /// Dirty pages written back.
-    pub writebacks: u64,
-    /// Writebacks that failed.
-    pub writeback_errors: u64,
-    /// Faults that took a page beyond the budget (0 unless nothing could be evicted).
-    pub budget_overruns: u64,
-    /// The budget in bytes.
-    pub budget_bytes: u64,
-    /// The most bytes cached at once.
-    pub peak_cached_bytes: u64,
-    /// Bytes cached at the end.
-    pub cached_bytes: u64,
-    /// Dirty bytes at the end.
-    pub dirty_bytes: u64,
-    /// Waits for each coherence mode.
-    pub lock_waits: BTreeMap<String, u64>,
-}
-
-impl From<filemap::CacheStats> for CacheReport {
-    fn from(stats: filemap::CacheStats) -> Self {
-        let waits = stats.lock_waits;
-        CacheReport {
-            hits: stats.hits,
-            misses: stats.misses,
-            fills: stats.fills,
-            faults: stats.faults,
-            readahead_pages: stats.readahead_pages,
-            readahead_thread_pages: stats.readahead_thread_pages,
-            evictions: stats.evictions,
-            writebacks: stats.writebacks,
-            writeback_errors: stats.writeback_errors,
-            budget_overruns: stats.budget_overruns,
-            budget_bytes: stats.budget_bytes,
-            peak_cached_bytes: stats.peak_cached_bytes,
-            cached_bytes: stats.cached_bytes,
-            dirty_bytes: stats.dirty_bytes,
-            lock_waits: [
-                ("read", waits.read),
-                ("fill", waits.fill),
-                ("write", waits.write),
-                ("direct", waits.direct),
-                ("invalidate", waits.invalidate),
-            ]
-            .into_iter()
-            .map(|(mode, count)| (mode.to_owned(), count))
-            .collect(),
-        }
-    }
 }
 
 impl TortureReport {

@@ -218,7 +218,7 @@ pub fn run(
             .map(|(kind, count)| (kind.name().to_owned(), count))
             .collect(),
         injected: (files.injected)(),
-        cache: cache.stats().into(),
+        cache: cache.stats(),
         examples: std::mem::take(&mut *shared.examples.lock()),
     };
     // Wait for the volume to go, so that the next run can claim the same
