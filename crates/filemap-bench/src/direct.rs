@@ -36,7 +36,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use filemap::{AlignedBuf, Mapping, PageCache, Strategy, PAGE_SIZE};
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{AlignedBuf, Mapping, PageCache, Strategy};
 
 use crate::kernel::HostFile;
 use crate::{
@@ -44,7 +45,6 @@ use crate::{
     Progress, Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The workload's name in reports.
 pub const WORKLOAD: &str = "direct";
 /// The largest direct write, in pages.

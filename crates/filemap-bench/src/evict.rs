@@ -24,13 +24,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use filemap::cache::simulate_eviction;
-use filemap::{EvictionPolicy, MemDevice, PageCache, Volume, PAGE_SIZE};
+use filemap::page::{start_of, PAGE, PAGE_SIZE};
+use filemap::{EvictionPolicy, MemDevice, PageCache, Volume};
 
 use crate::{invalid, Histogram, Measured, PageBuf, Progress, Ratio, Report, RowKey, Target};
 
 /// The workload's name in reports.
 pub const WORKLOAD: &str = "evict";
-const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Settings of the eviction benchmark.
 #[derive(Clone, Debug)]
@@ -199,7 +199,7 @@ fn replay(
     let started = Instant::now();
     for (i, &page) in trace.iter().enumerate() {
         let timed = (i % 16 == 0).then(Instant::now);
-        mapping.read_exact_at(&mut buf.0, page * PAGE)?;
+        mapping.read_exact_at(&mut buf.0, start_of(page))?;
         if let Some(start) = timed {
             latency.record(start.elapsed().as_nanos() as u64);
         }

@@ -33,14 +33,14 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use filemap::{MapAccess, MapRegion, PAGE_SIZE};
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{MapAccess, MapRegion};
 
 use crate::{
     cached_file, expect_all_cached, figure, headline_strategy, page_reads, timed_row, Histogram,
     Measured, Progress, Ratio, Report, Row, RowKey, RunSettings, Target,
 };
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The workload's name in reports.
 pub const WORKLOAD: &str = "fault";
 /// One touch or read in this many is timed.

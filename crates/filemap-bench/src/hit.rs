@@ -15,7 +15,7 @@
 
 use std::io;
 
-use filemap::PAGE_SIZE;
+use filemap::page::{start_of, PAGE, PAGE_SIZE};
 
 use crate::kernel::HostFile;
 use crate::{
@@ -23,7 +23,6 @@ use crate::{
     Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The workload's name in reports.
 pub const WORKLOAD: &str = "hit";
 /// One read in this many is timed.
@@ -126,7 +125,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                         Variant::Strategy(s) => {
                             let mapping = &caches[s].1;
                             page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
-                                let n = mapping.read_at(buf, index * PAGE)?;
+                                let n = mapping.read_at(buf, start_of(index))?;
                                 debug_assert_eq!(n, PAGE_SIZE);
                                 Ok(())
                             })?
@@ -134,7 +133,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                         Variant::Kernel => {
                             use std::os::unix::fs::FileExt;
                             page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
-                                host.file.read_exact_at(buf, index * PAGE)
+                                host.file.read_exact_at(buf, start_of(index))
                             })?
                         }
                         Variant::Memcpy => {

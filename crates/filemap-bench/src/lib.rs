@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filemap::{FileDevice, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{FileDevice, Mapping, MemDevice, PageCache, Strategy, Volume};
 use serde::Serialize;
 
 pub mod direct;
@@ -232,10 +233,7 @@ fn is_baseline(name: &str) -> bool {
 /// The library's default strategy: the one the older single-strategy targets
 /// (`hit`, `fault`) are reported for when every strategy runs.
 pub fn default_strategy() -> io::Result<Strategy> {
-    Ok(PageCache::builder()
-        .budget_bytes(PAGE_SIZE as u64)
-        .build()?
-        .strategy())
+    Ok(PageCache::builder().budget_bytes(PAGE).build()?.strategy())
 }
 
 /// The strategy the single-strategy targets are reported for: the only one
@@ -529,7 +527,7 @@ pub fn cached_file(file_bytes: u64, strategy: Strategy) -> io::Result<(PageCache
         offset += len as u64;
     }
     mapping.sync_all()?;
-    expect_all_cached(&mapping, file_bytes / PAGE_SIZE as u64)?;
+    expect_all_cached(&mapping, file_bytes / PAGE)?;
     Ok((cache, mapping))
 }
 
@@ -562,7 +560,7 @@ pub fn temp_direct_volume(bytes: u64) -> io::Result<(Arc<Volume>, Option<io::Err
 /// the host's page cache; the image is gone when both are.
 pub fn temp_image(bytes: u64, direct: bool) -> io::Result<(File, FileDevice, Option<io::Error>)> {
     let file = tempfile::tempfile()?;
-    file.set_len(bytes.next_multiple_of(PAGE_SIZE as u64))?;
+    file.set_len(bytes.next_multiple_of(PAGE))?;
     let device = FileDevice::from_file(file.try_clone()?)?;
     if !direct {
         return Ok((file, device, None));

@@ -59,7 +59,8 @@ use std::time::{Duration, Instant};
 
 use filemap::backend::{BackendOp, FaultyBackend};
 use filemap::fault::{Injection, Trigger};
-use filemap::{AlignedBuf, FaultRule, Mapping, PageCache, Strategy, PAGE_SIZE};
+use filemap::page::{index_of, PAGE, PAGE_SIZE};
+use filemap::{AlignedBuf, FaultRule, Mapping, PageCache, Strategy};
 
 use crate::kernel::HostFile;
 use crate::{
@@ -67,7 +68,6 @@ use crate::{
     RowKey, RunSettings, Target, KERNEL,
 };
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The size of one punch.
 pub const PUNCH_BYTES: u64 = 64 << 10;
 /// What one punch spends in the backend besides the host file's own punch
@@ -377,7 +377,7 @@ impl MixedCalls for Mapping {
     }
 
     fn refill(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.backend().write_pages(offset / PAGE, buf)
+        self.backend().write_pages(index_of(offset), buf)
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {

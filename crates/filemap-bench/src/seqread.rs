@@ -30,7 +30,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use filemap::{Backend, Device, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::page::{index_of, PAGE_SIZE};
+use filemap::{Backend, Device, PageCache, Strategy, Volume};
 
 use crate::{
     default_strategy, invalid, pattern, temp_image, timed_row, Histogram, Measured, Progress,
@@ -39,7 +40,6 @@ use crate::{
 
 /// The workload's name in reports.
 pub const WORKLOAD: &str = "seqread";
-const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Settings of the sequential read benchmark.
 #[derive(Clone, Debug)]
@@ -175,7 +175,7 @@ fn measure(
     let mut offset = 0;
     while offset < config.file_bytes {
         let len = chunk.len().min((config.file_bytes - offset) as usize);
-        written.write_pages(offset / PAGE, &chunk[..len])?;
+        written.write_pages(index_of(offset), &chunk[..len])?;
         offset += len as u64;
     }
     let backend: Arc<dyn Backend> = Arc::new(written);

@@ -26,14 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use filemap::{AlignedBuf, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
+use filemap::page::{start_of, PAGE, PAGE_SIZE};
+use filemap::{AlignedBuf, MapAccess, MapRegion, Mapping, PageCache, Strategy};
 
 use crate::{
     coherent, figure, pattern, temp_volume, timed_row, Histogram, Measured, PageBuf, Progress,
     Ratio, Report, Row, RowKey, RunSettings, Target,
 };
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The workload's name in reports.
 pub const WORKLOAD: &str = "starve";
 /// The size of one punch.
@@ -221,10 +221,10 @@ fn measure(
                             let start = Instant::now();
                             // Reads and map reads in turns.
                             let kind = if (reads.0 + map_reads.0) % 2 == 0 {
-                                mapping.read_exact_at(&mut buf.0, page * PAGE)?;
+                                mapping.read_exact_at(&mut buf.0, start_of(page))?;
                                 &mut reads
                             } else {
-                                maps[thread].read((page * PAGE) as usize, &mut buf.0)?;
+                                maps[thread].read(start_of(page) as usize, &mut buf.0)?;
                                 &mut map_reads
                             };
                             kind.1.record(start.elapsed().as_nanos() as u64);

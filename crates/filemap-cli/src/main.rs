@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use filemap::Strategy;
-use filemap_torture::{BackendKind, DeviceSpec, Scenario, TortureConfig, TortureReport, OP_KINDS};
+use filemap_torture::{BackendKind, DeviceSpec, OpKind, Scenario, TortureConfig, TortureReport};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -635,14 +635,14 @@ fn print_table(reports: &[TortureReport]) {
     }
     println!();
     print!("{:<26}", "ops by kind");
-    for kind in OP_KINDS {
+    for kind in OpKind::ALL {
         print!(" {kind:>12}");
     }
     println!();
     for r in reports {
         print!("{:<26}", format!("{}/{}", r.strategy, r.backend));
-        for kind in OP_KINDS {
-            print!(" {:>12}", r.by_kind.get(kind).copied().unwrap_or(0));
+        for kind in OpKind::ALL {
+            print!(" {:>12}", r.by_kind.get(kind.name()).copied().unwrap_or(0));
         }
         println!();
     }

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use filemap_torture::OpKind;
+
 fn filemap(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_filemap"))
         .args(args)
@@ -43,24 +45,16 @@ fn torture_json_has_the_contract_keys_and_exits_zero_when_clean() {
         assert!(report.get(key).is_some(), "missing {key}: {report}");
     }
     assert_eq!(report["strategy"], "invalidate-lock");
-    for kind in [
-        "read",
-        "write",
-        "readahead",
-        "punch",
-        "zero",
-        "truncate",
-        "read_direct",
-        "write_direct",
-        "sync",
-        "invalidate",
-        "map_read",
-        "map_write",
-    ] {
+    for kind in OpKind::ALL {
         assert!(
-            report["by_kind"][kind].as_u64().unwrap() > 0,
+            report["by_kind"][kind.name()].as_u64().unwrap() > 0,
             "{kind}: {report}"
         );
+    }
+    for name in report["by_kind"].as_object().unwrap().keys() {
+        if let Err(unknown) = name.parse::<OpKind>() {
+            panic!("{unknown}: {report}");
+        }
     }
 }
 

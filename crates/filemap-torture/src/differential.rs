@@ -95,14 +95,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::time::{Duration, Instant};
 
+use filemap::page::{PAGE, PAGE_SIZE};
 use filemap::{
     AlignedBuf, Backend, Device, EvictionPolicy, FileDevice, HostFile, MapAccess, MapRegion,
-    Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE,
+    Mapping, MemDevice, PageCache, Strategy, Volume,
 };
 use parking_lot::Mutex;
 use serde::Serialize;
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// Memory maps alive at once, per side.
 const MAP_SLOTS: usize = 2;
 /// The size of every volume's device: far more than a sequence writes, so

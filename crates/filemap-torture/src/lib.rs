@@ -30,9 +30,11 @@ pub mod oracle;
 mod run;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
 
-use filemap::Strategy;
+use filemap::{CacheStats, Strategy};
 use serde::Serialize;
 
 pub use run::run;
@@ -55,21 +57,95 @@ pub(crate) fn wait_until_dropped<T>(
     true
 }
 
-/// The kinds of operation the torture mixes, in report order.
-pub const OP_KINDS: [&str; 12] = [
-    "read",
-    "write",
-    "readahead",
-    "punch",
-    "zero",
-    "truncate",
-    "read_direct",
-    "write_direct",
-    "sync",
-    "invalidate",
-    "map_read",
-    "map_write",
-];
+/// A kind of operation the torture mixes: the keys of
+/// [`TortureReport::by_kind`] and the columns of the command line's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OpKind {
+    /// A buffered read, checked page by page.
+    Read,
+    /// A buffered write of whole stamped pages.
+    Write,
+    /// Readahead of a range.
+    Readahead,
+    /// A hole punched.
+    Punch,
+    /// A range zeroed.
+    Zero,
+    /// The file truncated to between half and all of its pages.
+    Truncate,
+    /// A direct read, checked page by page.
+    ReadDirect,
+    /// A direct write of whole stamped pages.
+    WriteDirect,
+    /// A sync of a range or of the whole file.
+    Sync,
+    /// A range written back and dropped from the cache.
+    Invalidate,
+    /// A read through a memory map, checked page by page.
+    MapRead,
+    /// Stores of whole stamped pages through a memory map.
+    MapWrite,
+}
+
+impl OpKind {
+    /// Every kind, in report order (the order of the declaration, so that
+    /// `kind as usize` indexes per-kind arrays).
+    pub const ALL: [OpKind; 12] = [
+        OpKind::Read,
+        OpKind::Write,
+        OpKind::Readahead,
+        OpKind::Punch,
+        OpKind::Zero,
+        OpKind::Truncate,
+        OpKind::ReadDirect,
+        OpKind::WriteDirect,
+        OpKind::Sync,
+        OpKind::Invalidate,
+        OpKind::MapRead,
+        OpKind::MapWrite,
+    ];
+
+    /// The kind's name in reports and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            OpKind::Read => "read",
+            OpKind::Write => "write",
+            OpKind::Readahead => "readahead",
+            OpKind::Punch => "punch",
+            OpKind::Zero => "zero",
+            OpKind::Truncate => "truncate",
+            OpKind::ReadDirect => "read_direct",
+            OpKind::WriteDirect => "write_direct",
+            OpKind::Sync => "sync",
+            OpKind::Invalidate => "invalidate",
+            OpKind::MapRead => "map_read",
+            OpKind::MapWrite => "map_write",
+        }
+    }
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so that tables can align it with a width.
+        f.pad(self.name())
+    }
+}
+
+/// The error of parsing an unknown operation kind name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown operation kind {0:?} (expected one of: {names})", names = OpKind::ALL.map(OpKind::name).join(", "))]
+pub struct UnknownOpKind(String);
+
+impl FromStr for OpKind {
+    type Err = UnknownOpKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        OpKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or_else(|| UnknownOpKind(s.to_owned()))
+    }
+}
 
 /// Which workload the torture runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -212,81 +288,14 @@ pub struct TortureReport {
     pub ops_per_s: f64,
     /// How long the run took.
     pub seconds: f64,
-    /// Operations completed, by kind.
+    /// Operations completed, by kind ([`OpKind::name`]).
     pub by_kind: BTreeMap<String, u64>,
     /// Delays and errors the device injected.
     pub injected: u64,
     /// What the page cache counted during the run.
-    pub cache: CacheReport,
+    pub cache: CacheStats,
     /// The first few violations and errors, described.
     pub examples: Vec<String>,
-}
-
-/// The page cache's statistics at the end of a run ([`filemap::CacheStats`]).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CacheReport {
-    /// Pages copied from the cache without waiting.
-    pub hits: u64,
-    /// Pages buffered reads did not find in the cache.
-    pub misses: u64,
-    /// Pages read from the backend into the cache.
-    pub fills: u64,
-    /// Map faults served by the handler threads.
-    pub faults: u64,
-    /// Pages read ahead of sequential readers.
-    pub readahead_pages: u64,
-    /// Of those, pages read by the cache's readahead threads.
-    pub readahead_thread_pages: u64,
-    /// Pages evicted under the budget.
-    pub evictions: u64,
-    /// Dirty pages written back.
-    pub writebacks: u64,
-    /// Writebacks that failed.
-    pub writeback_errors: u64,
-    /// Faults that took a page beyond the budget (0 unless nothing could be evicted).
-    pub budget_overruns: u64,
-    /// The budget in bytes.
-    pub budget_bytes: u64,
-    /// The most bytes cached at once.
-    pub peak_cached_bytes: u64,
-    /// Bytes cached at the end.
-    pub cached_bytes: u64,
-    /// Dirty bytes at the end.
-    pub dirty_bytes: u64,
-    /// Waits for each coherence mode.
-    pub lock_waits: BTreeMap<String, u64>,
-}
-
-impl From<filemap::CacheStats> for CacheReport {
-    fn from(stats: filemap::CacheStats) -> Self {
-        let waits = stats.lock_waits;
-        CacheReport {
-            hits: stats.hits,
-            misses: stats.misses,
-            fills: stats.fills,
-            faults: stats.faults,
-            readahead_pages: stats.readahead_pages,
-            readahead_thread_pages: stats.readahead_thread_pages,
-            evictions: stats.evictions,
-            writebacks: stats.writebacks,
-            writeback_errors: stats.writeback_errors,
-            budget_overruns: stats.budget_overruns,
-            budget_bytes: stats.budget_bytes,
-            peak_cached_bytes: stats.peak_cached_bytes,
-            cached_bytes: stats.cached_bytes,
-            dirty_bytes: stats.dirty_bytes,
-            lock_waits: [
-                ("read", waits.read),
-                ("fill", waits.fill),
-                ("write", waits.write),
-                ("direct", waits.direct),
-                ("invalidate", waits.invalidate),
-            ]
-            .into_iter()
-            .map(|(mode, count)| (mode.to_owned(), count))
-            .collect(),
-        }
-    }
 }
 
 impl TortureReport {
@@ -310,4 +319,19 @@ pub struct Progress {
     pub ops: u64,
     /// Violations found so far.
     pub violations: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_kinds_are_listed_in_declaration_order_and_parse_back_from_their_names() {
+        for (index, kind) in OpKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, index);
+            assert_eq!(kind.name().parse::<OpKind>().unwrap(), kind);
+            assert_eq!(format!("{kind:>12}"), format!("{:>12}", kind.name()));
+        }
+        assert!("read-direct".parse::<OpKind>().is_err());
+    }
 }

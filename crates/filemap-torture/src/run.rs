@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use filemap::backend::{BackendOp, FaultyBackend, HostFile};
 use filemap::device::DeviceOp;
 use filemap::fault::{Injection, Trigger};
+use filemap::page::{start_of, PAGE, PAGE_SIZE};
 use filemap::{
     AlignedBuf, Backend, Device, FaultRule, FaultyDevice, FileDevice, MapAccess, MapRegion,
-    Mapping, MemDevice, PageCache, Volume, PAGE_SIZE,
+    Mapping, MemDevice, PageCache, Volume,
 };
 use parking_lot::Mutex;
 
@@ -18,9 +19,8 @@ use crate::oracle::{
     bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
     MAX_PAGES,
 };
-use crate::{BackendKind, DeviceSpec, Progress, Scenario, TortureConfig, TortureReport, OP_KINDS};
+use crate::{BackendKind, DeviceSpec, OpKind, Progress, Scenario, TortureConfig, TortureReport};
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The most pages one operation touches.
 const MAX_OP_PAGES: u64 = 4;
 /// Pages past the checked ones that the self-map scenario uses as buffers.
@@ -28,67 +28,46 @@ const SCRATCH_PAGES: u64 = 2 * MAX_OP_PAGES;
 /// How many violations and errors a report describes.
 const MAX_EXAMPLES: usize = 10;
 
-/// The operation mix: relative weights, in [`OP_KINDS`] order.
-const WEIGHTS: [u32; OP_KINDS.len()] = [24, 18, 5, 8, 6, 3, 9, 9, 8, 4, 14, 6];
+/// How many kinds of operation a worker counts.
+const KINDS: usize = OpKind::ALL.len();
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Read,
-    Write,
-    Readahead,
-    Punch,
-    Zero,
-    Truncate,
-    ReadDirect,
-    WriteDirect,
-    Sync,
-    Invalidate,
-    MapRead,
-    MapWrite,
+/// The operation mix: each kind's relative weight.
+const fn weight(kind: OpKind) -> u32 {
+    match kind {
+        OpKind::Read => 24,
+        OpKind::Write => 18,
+        OpKind::Readahead => 5,
+        OpKind::Punch => 8,
+        OpKind::Zero => 6,
+        OpKind::Truncate => 3,
+        OpKind::ReadDirect => 9,
+        OpKind::WriteDirect => 9,
+        OpKind::Sync => 8,
+        OpKind::Invalidate => 4,
+        OpKind::MapRead => 14,
+        OpKind::MapWrite => 6,
+    }
 }
 
-impl Op {
-    const ALL: [Op; OP_KINDS.len()] = [
-        Op::Read,
-        Op::Write,
-        Op::Readahead,
-        Op::Punch,
-        Op::Zero,
-        Op::Truncate,
-        Op::ReadDirect,
-        Op::WriteDirect,
-        Op::Sync,
-        Op::Invalidate,
-        Op::MapRead,
-        Op::MapWrite,
-    ];
-
-    fn pick(rng: &mut fastrand::Rng, map_writes: bool) -> Op {
-        let weight = |op: Op, weight: u32| {
-            if op == Op::MapWrite && !map_writes {
-                0
-            } else {
-                weight
-            }
-        };
-        let total: u32 = Op::ALL
-            .into_iter()
-            .zip(WEIGHTS)
-            .map(|(op, w)| weight(op, w))
-            .sum();
-        let mut roll = rng.u32(..total);
-        for (op, weight) in Op::ALL
-            .into_iter()
-            .zip(WEIGHTS)
-            .map(|(op, w)| (op, weight(op, w)))
-        {
-            if roll < weight {
-                return op;
-            }
-            roll -= weight;
+/// Picks an operation kind at random by [`weight`], `map_write` only if
+/// `map_writes`.
+fn pick(rng: &mut fastrand::Rng, map_writes: bool) -> OpKind {
+    let weight_here = |kind: OpKind| {
+        if kind == OpKind::MapWrite && !map_writes {
+            0
+        } else {
+            weight(kind)
         }
-        unreachable!("the roll is below the sum of the weights")
+    };
+    let total: u32 = OpKind::ALL.into_iter().map(weight_here).sum();
+    let mut roll = rng.u32(..total);
+    for kind in OpKind::ALL {
+        if roll < weight_here(kind) {
+            return kind;
+        }
+        roll -= weight_here(kind);
     }
+    unreachable!("the roll is below the sum of the weights")
 }
 
 /// What every worker shares.
@@ -158,7 +137,7 @@ pub fn run(
             }
             // The scratch pages past the checked ones: the direct I/O buffers.
             Scenario::SelfMapDio => mapping.map(
-                config.pages_per_file * PAGE,
+                start_of(config.pages_per_file),
                 SCRATCH_PAGES as usize * PAGE_SIZE,
                 MapAccess::ReadWrite,
             ),
@@ -209,7 +188,7 @@ pub fn run(
             });
         }
         shared.stop.store(true, Ordering::Relaxed);
-        let mut by_kind = [0u64; OP_KINDS.len()];
+        let mut by_kind = [0u64; KINDS];
         for worker in workers {
             let counts = worker.join().expect("torture workers do not panic");
             for (total, count) in by_kind.iter_mut().zip(counts) {
@@ -233,13 +212,13 @@ pub fn run(
         errors: shared.errors.load(Ordering::Relaxed),
         ops_per_s: ops as f64 / seconds,
         seconds,
-        by_kind: OP_KINDS
-            .iter()
+        by_kind: OpKind::ALL
+            .into_iter()
             .zip(by_kind)
-            .map(|(kind, count)| (kind.to_string(), count))
+            .map(|(kind, count)| (kind.name().to_owned(), count))
             .collect(),
         injected: (files.injected)(),
-        cache: cache.stats().into(),
+        cache: cache.stats(),
         examples: std::mem::take(&mut *shared.examples.lock()),
     };
     // Wait for the volume to go, so that the next run can claim the same
@@ -522,24 +501,24 @@ impl Shared {
     /// own file through a buffer that is the next file's map (its scratch pages,
     /// which only this worker touches and nothing punches); worker 3 punches
     /// holes in the checked pages of all three files.
-    fn work_self_map_dio(&self, worker: usize) -> [u64; OP_KINDS.len()] {
+    fn work_self_map_dio(&self, worker: usize) -> [u64; KINDS] {
         let config = &self.config;
         let mut rng = fastrand::Rng::with_seed(
             config.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ worker as u64,
         );
-        let mut counts = [0u64; OP_KINDS.len()];
+        let mut counts = [0u64; KINDS];
         while !self.stop.load(Ordering::Relaxed) {
             let first = rng.u64(..config.pages_per_file);
             let count = rng.u64(1..=MAX_OP_PAGES).min(config.pages_per_file - first);
             let pages = first..first + count;
-            let (offset, len) = (first * PAGE, (count * PAGE) as usize);
+            let (offset, len) = (start_of(first), (count * PAGE) as usize);
             let start = self.begin(worker);
             let (op, file, result) = if worker == 3 {
                 let file = rng.usize(..3);
                 self.begin_changes(file, pages.clone(), true, start);
                 let result = self.files[file].punch_hole(offset, len as u64);
                 self.end_changes(file, pages, start);
-                (Op::Punch, file, result)
+                (OpKind::Punch, file, result)
             } else {
                 let map = &self.maps[(worker + 1) % 3];
                 // SAFETY: the map outlives this loop (it lives in `self`); its
@@ -556,18 +535,18 @@ impl Shared {
                     self.begin_changes(worker, pages.clone(), false, start);
                     let result = mapping.write_direct(buf, offset).map(drop);
                     self.end_changes(worker, pages, start);
-                    (Op::WriteDirect, worker, result)
+                    (OpKind::WriteDirect, worker, result)
                 } else {
                     let result = mapping.read_direct(buf, offset).map(|n| {
                         let end = self.clock.tick();
                         self.check(worker, first, &buf[..n], start, end, "read_direct");
                     });
-                    (Op::ReadDirect, worker, result)
+                    (OpKind::ReadDirect, worker, result)
                 }
             };
             self.finish(worker);
             if let Err(error) = result {
-                self.error(OP_KINDS[op as usize], file, error);
+                self.error(op.name(), file, error);
             }
             counts[op as usize] += 1;
             self.ops.fetch_add(1, Ordering::Relaxed);
@@ -576,12 +555,12 @@ impl Shared {
     }
 
     /// One worker's loop; returns how many operations of each kind it completed.
-    fn work(&self, worker: usize) -> [u64; OP_KINDS.len()] {
+    fn work(&self, worker: usize) -> [u64; KINDS] {
         let config = &self.config;
         let mut rng = fastrand::Rng::with_seed(
             config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ worker as u64,
         );
-        let mut counts = [0u64; OP_KINDS.len()];
+        let mut counts = [0u64; KINDS];
         let mut direct = AlignedBuf::new(MAX_OP_PAGES as usize * PAGE_SIZE, PAGE_SIZE);
         let mut buffer = vec![0u8; MAX_OP_PAGES as usize * PAGE_SIZE];
         // Where this worker's last read ended: half its reads go on from there,
@@ -589,41 +568,41 @@ impl Shared {
         // the readahead threads) races the other operations too.
         let mut stream: Option<(usize, u64)> = None;
         while !self.stop.load(Ordering::Relaxed) {
-            let op = Op::pick(&mut rng, config.map_writes);
+            let op = pick(&mut rng, config.map_writes);
             let (file, first) = match stream {
                 Some((file, next))
-                    if op == Op::Read && next < config.pages_per_file && rng.bool() =>
+                    if op == OpKind::Read && next < config.pages_per_file && rng.bool() =>
                 {
                     (file, next)
                 }
                 _ => (rng.usize(..config.files), rng.u64(..config.pages_per_file)),
             };
             let count = rng.u64(1..=MAX_OP_PAGES).min(config.pages_per_file - first);
-            if op == Op::Read {
+            if op == OpKind::Read {
                 stream = Some((file, first + count));
             }
             let pages = first..first + count;
-            let (offset, len) = (first * PAGE, count * PAGE);
+            let (offset, len) = (start_of(first), count * PAGE);
             let mapping = &self.files[file];
-            let kind = OP_KINDS[op as usize];
+            let kind = op.name();
             let start = self.begin(worker);
             let result = match op {
-                Op::Read => {
+                OpKind::Read => {
                     let buf = &mut buffer[..len as usize];
                     mapping.read_at(buf, offset).map(|n| {
                         let end = self.clock.tick();
                         self.check(file, first, &buf[..n], start, end, kind);
                     })
                 }
-                Op::ReadDirect => {
+                OpKind::ReadDirect => {
                     let buf = &mut direct[..len as usize];
                     mapping.read_direct(buf, offset).map(|n| {
                         let end = self.clock.tick();
                         self.check(file, first, &buf[..n], start, end, kind);
                     })
                 }
-                Op::Write | Op::WriteDirect => {
-                    let buf = if op == Op::Write {
+                OpKind::Write | OpKind::WriteDirect => {
+                    let buf = if op == OpKind::Write {
                         &mut buffer[..len as usize]
                     } else {
                         &mut direct[..len as usize]
@@ -632,7 +611,7 @@ impl Shared {
                         fill_page(page, file, first + i as u64, start);
                     }
                     self.begin_changes(file, pages.clone(), false, start);
-                    let result = if op == Op::Write {
+                    let result = if op == OpKind::Write {
                         mapping.write_all_at(buf, offset)
                     } else {
                         mapping.write_direct(buf, offset).map(drop)
@@ -640,9 +619,9 @@ impl Shared {
                     self.end_changes(file, pages, start);
                     result
                 }
-                Op::Punch | Op::Zero => {
+                OpKind::Punch | OpKind::Zero => {
                     self.begin_changes(file, pages.clone(), true, start);
-                    let result = if op == Op::Punch {
+                    let result = if op == OpKind::Punch {
                         mapping.punch_hole(offset, len)
                     } else {
                         mapping.zero_range(offset, len)
@@ -650,7 +629,7 @@ impl Shared {
                     self.end_changes(file, pages, start);
                     result
                 }
-                Op::Truncate => {
+                OpKind::Truncate => {
                     let keep = rng.u64(config.pages_per_file / 2..=config.pages_per_file);
                     let gone = keep..config.pages_per_file;
                     self.begin_changes(file, gone.clone(), true, start);
@@ -658,15 +637,15 @@ impl Shared {
                     self.end_changes(file, gone, start);
                     result
                 }
-                Op::MapRead | Op::MapWrite => {
+                OpKind::MapRead | OpKind::MapWrite => {
                     // The maps cover the first half of each file.
                     let half = config.pages_per_file / 2;
                     let first = first % half;
                     let count = count.min(half - first);
-                    let (offset, len) = ((first * PAGE) as usize, (count * PAGE) as usize);
+                    let (offset, len) = (start_of(first) as usize, (count * PAGE) as usize);
                     let map = &self.maps[file];
                     let buf = &mut buffer[..len];
-                    if op == Op::MapRead {
+                    if op == OpKind::MapRead {
                         map.read(offset, buf).map(|()| {
                             let end = self.clock.tick();
                             self.check(file, first, buf, start, end, kind);
@@ -682,11 +661,11 @@ impl Shared {
                         result
                     }
                 }
-                Op::Readahead => mapping.readahead(offset, len),
+                OpKind::Readahead => mapping.readahead(offset, len),
                 // Writes back and drops: the content must not change, stores
                 // through maps racing it included.
-                Op::Invalidate => mapping.invalidate_range(offset, len),
-                Op::Sync => {
+                OpKind::Invalidate => mapping.invalidate_range(offset, len),
+                OpKind::Sync => {
                     if rng.u8(..4) == 0 {
                         mapping.sync_all()
                     } else {

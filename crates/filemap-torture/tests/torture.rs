@@ -3,7 +3,7 @@
 //! exercised.
 
 use filemap::Strategy;
-use filemap_torture::{run, BackendKind, DeviceSpec, TortureConfig, OP_KINDS};
+use filemap_torture::{run, BackendKind, DeviceSpec, OpKind, TortureConfig};
 
 const BACKENDS: [BackendKind; 2] = [BackendKind::Volume, BackendKind::HostFile];
 
@@ -42,9 +42,9 @@ fn every_locking_strategy_passes_on_both_backends() {
             let report = run(&config, |_| {}).unwrap();
             assert!(report.is_clean(), "{report:#?}");
             assert!(report.reads_checked > 1000, "{report:#?}");
-            for kind in OP_KINDS {
+            for kind in OpKind::ALL {
                 assert!(
-                    report.by_kind[kind] >= 100,
+                    report.by_kind[kind.name()] >= 100,
                     "{kind} ran too rarely: {report:#?}"
                 );
             }
@@ -110,9 +110,9 @@ fn direct_io_through_maps_of_each_others_files_is_clean_under_punches() {
         };
         let report = run(&config, |_| {}).unwrap();
         assert!(report.is_clean(), "{report:#?}");
-        for kind in ["read_direct", "write_direct", "punch"] {
+        for kind in [OpKind::ReadDirect, OpKind::WriteDirect, OpKind::Punch] {
             assert!(
-                report.by_kind[kind] >= 100,
+                report.by_kind[kind.name()] >= 100,
                 "{kind} ran too rarely: {report:#?}"
             );
         }

@@ -10,9 +10,9 @@ use std::io;
 use std::sync::Arc;
 
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
-use filemap::{Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{Mapping, MemDevice, PageCache, Strategy, Volume};
 
-const PAGE: u64 = PAGE_SIZE as u64;
 const STRATEGIES: [Strategy; 3] = [Strategy::None, Strategy::InvalidateLock, Strategy::Range];
 
 /// A file of three and a half pages: pages 0-1 synced and cached clean, pages

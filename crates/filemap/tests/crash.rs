@@ -30,9 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use filemap::device::{DeviceOp, Injection, Trigger};
-use filemap::{Backend, Device, FaultRule, FaultyDevice, MemDevice, Volume, VolumeFile, PAGE_SIZE};
+use filemap::page::{index_of, pages_to_cover, start_of, PAGE, PAGE_SIZE};
+use filemap::{Backend, Device, FaultRule, FaultyDevice, MemDevice, Volume, VolumeFile};
 
-const PAGE: u64 = PAGE_SIZE as u64;
 const DEVICE_BYTES: u64 = 4 << 20;
 const MAX_PAGES: u64 = 24;
 const NAMES: [&str; 4] = ["f0", "f1", "f2", "f3"];
@@ -86,7 +86,7 @@ fn generate(rng: &mut fastrand::Rng, initial: &[(usize, u64)]) -> Vec<Op> {
         }
         let file = live[rng.usize(..live.len())];
         let size = files[file].1.expect("live");
-        let pages = size.div_ceil(PAGE);
+        let pages = pages_to_cover(size);
         let op = match kind {
             0..=9 => Op::Remove { file },
             10..=44 if pages > 0 => {
@@ -117,7 +117,7 @@ fn generate(rng: &mut fastrand::Rng, initial: &[(usize, u64)]) -> Vec<Op> {
             69..=73 if pages >= 2 => {
                 // The range must end before the end of file.
                 let page = rng.u64(0..pages - 1);
-                let last = (size - 1) / PAGE;
+                let last = index_of(size - 1);
                 Op::Collapse {
                     file,
                     page,
@@ -166,8 +166,8 @@ struct ModelFile {
 impl ModelFile {
     /// Page `page` as the device holds it: zeroes past the end of file.
     fn image(&self, page: u64) -> Vec<u8> {
-        let start = ((page * PAGE) as usize).min(self.data.len());
-        let end = (((page + 1) * PAGE) as usize).min(self.data.len());
+        let start = (start_of(page) as usize).min(self.data.len());
+        let end = (start_of(page + 1) as usize).min(self.data.len());
         let mut image = self.data[start..end].to_vec();
         image.resize(PAGE_SIZE, 0);
         image
@@ -252,7 +252,7 @@ impl Model {
                     .collect();
                 let model = &mut self.files[file];
                 model.handle().write_pages(page, &buf).unwrap();
-                let start = (page * PAGE) as usize;
+                let start = start_of(page) as usize;
                 let end = (start + buf.len()).min(model.data.len());
                 model.data[start..end].copy_from_slice(&buf[..end - start]);
             }
@@ -276,19 +276,19 @@ impl Model {
                 let model = &mut self.files[file];
                 model
                     .handle()
-                    .collapse_range(page * PAGE, pages * PAGE)
+                    .collapse_range(start_of(page), pages * PAGE)
                     .unwrap();
                 model
                     .data
-                    .drain((page * PAGE) as usize..((page + pages) * PAGE) as usize);
+                    .drain(start_of(page) as usize..start_of(page + pages) as usize);
             }
             Op::Insert { file, page, pages } => {
                 let model = &mut self.files[file];
                 model
                     .handle()
-                    .insert_range(page * PAGE, pages * PAGE)
+                    .insert_range(start_of(page), pages * PAGE)
                     .unwrap();
-                let at = (page * PAGE) as usize;
+                let at = start_of(page) as usize;
                 model
                     .data
                     .splice(at..at, std::iter::repeat_n(0, (pages * PAGE) as usize));
@@ -300,7 +300,7 @@ impl Model {
         // pages: in-place overwrites and zeroing reach the committed blocks.
         for model in self.files.iter_mut().filter(|m| m.handle.is_some()) {
             if let Some(size) = model.committed_size {
-                for page in 0..size.div_ceil(PAGE) {
+                for page in 0..pages_to_cover(size) {
                     let image = model.image(page);
                     model.acceptable[page as usize].insert(image);
                 }
@@ -319,7 +319,7 @@ impl Model {
             }
             let size = model.data.len() as u64;
             model.committed_size = Some(size);
-            model.acceptable = (0..size.div_ceil(PAGE))
+            model.acceptable = (0..pages_to_cover(size))
                 .map(|page| HashSet::from([model.image(page)]))
                 .collect();
             self.committed_names.insert(model.name.clone(), index);
@@ -344,11 +344,11 @@ impl Model {
             if len != size {
                 return Err(format!("{name}: size {len}, committed {size}"));
             }
-            for page in 0..size.div_ceil(PAGE) {
+            for page in 0..pages_to_cover(size) {
                 let mut buf = vec![0xA5; PAGE_SIZE];
                 file.read_pages(page, &mut buf).unwrap();
                 // Bytes past the committed end of file read as zero.
-                let valid = (size - page * PAGE).min(PAGE) as usize;
+                let valid = (size - start_of(page)).min(PAGE) as usize;
                 let fits = model.acceptable[page as usize].iter().any(|image| {
                     image[..valid] == buf[..valid] && buf[valid..].iter().all(|&b| b == 0)
                 });
@@ -385,7 +385,7 @@ impl Model {
             if file.len().unwrap() != model.data.len() as u64 {
                 return Err(format!("{name}: size {}", file.len().unwrap()));
             }
-            for page in 0..(model.data.len() as u64).div_ceil(PAGE) {
+            for page in 0..pages_to_cover(model.data.len() as u64) {
                 let mut buf = vec![0xA5; PAGE_SIZE];
                 file.read_pages(page, &mut buf).unwrap();
                 if buf != model.image(page) {

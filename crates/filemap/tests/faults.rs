@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
 use filemap::device::{DeviceOp, Injection, Trigger};
+use filemap::page::{index_of, PAGE, PAGE_SIZE};
 use filemap::{
     AlignedBuf, Backend, FaultRule, FaultyDevice, Mapping, MemDevice, PageCache, Strategy, Volume,
-    VolumeFile, PAGE_SIZE,
+    VolumeFile,
 };
 
-const PAGE: u64 = PAGE_SIZE as u64;
 const STRATEGIES: [Strategy; 3] = [Strategy::None, Strategy::InvalidateLock, Strategy::Range];
 const NAME: &str = "file";
 
@@ -406,7 +406,7 @@ fn a_cache_full_of_unwritable_dirty_pages_fails_new_writes_and_changes_nothing()
             assert_eq!(filemap::errno(&error), Some(libc::ENOMEM), "{error}");
             assert_eq!(fx.file.len(), data.len() as u64);
             assert_eq!(fx.file.cached_pages(), (2, 2), "{strategy:?}: still dirty");
-            assert!(!fx.file.is_page_cached(offset / PAGE));
+            assert!(!fx.file.is_page_cached(index_of(offset)));
             assert_eq!(read_all(&fx.file), expected, "{strategy:?}: unchanged");
         }
         fx.device.clear();

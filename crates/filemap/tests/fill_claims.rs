@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use filemap::backend::{BackendOp, FaultyBackend};
 use filemap::fault::{Injection, Trigger};
-use filemap::{AlignedBuf, Backend, FaultRule, Mapping, PageCache, Strategy, PAGE_SIZE};
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{AlignedBuf, Backend, FaultRule, Mapping, PageCache, Strategy};
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The file's pages.
 const PAGES: u64 = 12;
 /// The page whose fill is slowed down (not page 0, so the miss reads no more

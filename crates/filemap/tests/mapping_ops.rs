@@ -9,9 +9,9 @@
 use std::sync::Arc;
 
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
-use filemap::{AlignedBuf, Backend, Mapping, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE};
+use filemap::page::{index_of, pages_to_cover, start_of, PAGE, PAGE_SIZE};
+use filemap::{AlignedBuf, Backend, Mapping, MemDevice, PageCache, Strategy, Volume};
 
-const PAGE: u64 = PAGE_SIZE as u64;
 const STRATEGIES: [Strategy; 3] = [Strategy::None, Strategy::InvalidateLock, Strategy::Range];
 const NAME: &str = "file";
 
@@ -743,15 +743,15 @@ fn run_model(strategy: Strategy, seed: u64, steps: usize) {
                 "sync_all".to_string()
             }
             73..=77 => {
-                let first = offset / PAGE;
-                let pages = len.div_ceil(PAGE) as usize;
+                let first = index_of(offset);
+                let pages = pages_to_cover(len) as usize;
                 let data = pattern(step as u8 ^ 0x55, pages * PAGE_SIZE);
                 file.write_direct(
                     AlignedBuf::from_slice(&data, DIRECT_IO_MEMORY_ALIGN).as_ref(),
-                    first * PAGE,
+                    start_of(first),
                 )
                 .unwrap();
-                let start = (first * PAGE) as usize;
+                let start = (start_of(first)) as usize;
                 if model.len() < start + data.len() {
                     model.resize(start + data.len(), 0);
                 }
@@ -759,11 +759,11 @@ fn run_model(strategy: Strategy, seed: u64, steps: usize) {
                 format!("write_direct page {first} x{pages}")
             }
             78..=82 => {
-                let first = offset / PAGE;
-                let pages = len.div_ceil(PAGE) as usize;
+                let first = index_of(offset);
+                let pages = pages_to_cover(len) as usize;
                 let mut buf = AlignedBuf::new(pages * PAGE_SIZE, DIRECT_IO_MEMORY_ALIGN);
-                let n = file.read_direct(buf.as_mut(), first * PAGE).unwrap();
-                let start = ((first * PAGE) as usize).min(model.len());
+                let n = file.read_direct(buf.as_mut(), start_of(first)).unwrap();
+                let start = ((start_of(first)) as usize).min(model.len());
                 let want = (model.len() - start).min(pages * PAGE_SIZE);
                 log.push(format!("read_direct page {first} x{pages}"));
                 assert_eq!(n, want, "{strategy:?} seed {seed}: {log:?}");

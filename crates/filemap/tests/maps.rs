@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use filemap::{AlignedBuf, Backend, MapAccess, MapRegion, Mapping, PageCache, Strategy, PAGE_SIZE};
-
-const PAGE: u64 = PAGE_SIZE as u64;
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{AlignedBuf, Backend, MapAccess, MapRegion, Mapping, PageCache, Strategy};
 
 /// Runs `body` on a thread of its own and fails if it takes more than 120 s:
 /// a test of concurrent faults and drops fails instead of hanging when a fault

@@ -30,11 +30,11 @@ use std::sync::{Arc, OnceLock};
 
 use filemap::backend::HostFile;
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
-use filemap::{Backend, Mapping, MemDevice, PageCache, Volume, PAGE_SIZE};
+use filemap::page::{start_of, PAGE};
+use filemap::{Backend, Mapping, MemDevice, PageCache, Volume};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// Most offsets and lengths fall below this.
 const SPAN: u64 = 80 * 1024;
 /// Cases per backend; `cargo test --workspace --release` runs both backends.
@@ -146,7 +146,7 @@ fn aligned(pages: u64) -> impl Strategy<Value = u64> {
 /// Within two bytes of a page boundary below `SPAN`.
 fn near_page_edge() -> impl Strategy<Value = u64> {
     (0..=SPAN / PAGE, -2i64..=2)
-        .prop_map(|(page, delta)| (page * PAGE).saturating_add_signed(delta))
+        .prop_map(|(page, delta)| start_of(page).saturating_add_signed(delta))
 }
 
 /// An offset: mostly small and unaligned, sometimes at or near a page boundary,

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use filemap::backend::{BackendOp, FaultyBackend};
 use filemap::fault::{Injection, Trigger};
-use filemap::{Backend, FaultRule, Mapping, Mode, PageCache, Strategy, PAGE_SIZE};
-
-const PAGE: u64 = PAGE_SIZE as u64;
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{Backend, FaultRule, Mapping, Mode, PageCache, Strategy};
 
 /// A file of `pages` pages, page `i` all bytes `i + 1`, all cached and clean.
 fn cached_file(backend: Arc<dyn Backend>, strategy: Strategy, pages: u64) -> Arc<Mapping> {

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use filemap::backend::{BackendOp, FaultyBackend};
 use filemap::fault::{Injection, Trigger};
-use filemap::{FaultRule, Mapping, PageCache, PAGE_SIZE};
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{FaultRule, Mapping, PageCache};
 
-const PAGE: u64 = PAGE_SIZE as u64;
 /// The file's pages.
 const PAGES: u64 = 1024;
 /// The reads' size: 32 pages, the default fill batch.

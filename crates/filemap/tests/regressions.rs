@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use filemap::device::{DeviceOp, Injection, Trigger};
+use filemap::page::{PAGE, PAGE_SIZE};
 use filemap::{
-    Backend, FaultRule, FaultyDevice, MapAccess, MemDevice, PageCache, Strategy, Volume, PAGE_SIZE,
+    Backend, FaultRule, FaultyDevice, MapAccess, MemDevice, PageCache, Strategy, Volume,
 };
-
-const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Runs `body` on a thread of its own and fails if it has not returned within
 /// `seconds`: a hang is a failure of the test, never a test that never ends.

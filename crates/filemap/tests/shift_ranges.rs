@@ -5,9 +5,8 @@
 
 mod common;
 
-use filemap::{Mapping, PageCache, Strategy, PAGE_SIZE};
-
-const PAGE: u64 = PAGE_SIZE as u64;
+use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::{Mapping, PageCache, Strategy};
 
 /// Page `index` of the test files: every byte says which page it came from.
 fn page(index: u64) -> Vec<u8> {

@@ -77,6 +77,7 @@ pub(crate) fn mode_slot(mode: Mode) -> usize {
 /// Waits for each coherence mode: how often a caller found the mode it needed
 /// held in a conflicting way and had to wait.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LockWaits {
     /// Whole reads (only `file-exclusive` locks them).
     pub read: u64,
@@ -106,6 +107,7 @@ impl LockWaits {
 /// A snapshot of what a [`crate::PageCache`] did and holds; see
 /// [`crate::PageCache::stats`]. Counts are since the cache was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CacheStats {
     /// Pages copied from the cache without waiting (buffered reads).
     pub hits: u64,
