@@ -27,12 +27,12 @@ use loom as model;
 use shuttle as model;
 
 #[cfg(not(any(loom, shuttle)))]
-pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
+pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 #[cfg(not(any(loom, shuttle)))]
 pub(crate) use std::sync::Arc;
 
 #[cfg(any(loom, shuttle))]
-pub(crate) use self::model_compat::{Condvar, Mutex, MutexGuard};
+pub(crate) use self::model_compat::{Condvar, Mutex, MutexGuard, RwLock};
 #[cfg(any(loom, shuttle))]
 pub(crate) use model::sync::Arc;
 
@@ -91,6 +91,33 @@ mod model_compat {
             // parking_lot has no poisoning; mirror that so tests behave alike.
             let inner = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             MutexGuard { inner: Some(inner) }
+        }
+
+        /// The value, through the only reference to the mutex.
+        pub(crate) fn get_mut(&mut self) -> &mut T {
+            self.0.get_mut().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    /// A reader-writer lock whose `read` and `write` return the guards
+    /// directly, like `parking_lot`'s.
+    #[derive(Debug, Default)]
+    pub(crate) struct RwLock<T>(model::sync::RwLock<T>);
+
+    impl<T> RwLock<T> {
+        /// A new unlocked lock holding `value`.
+        pub(crate) fn new(value: T) -> Self {
+            RwLock(model::sync::RwLock::new(value))
+        }
+
+        /// Blocks until shared access is granted.
+        pub(crate) fn read(&self) -> model::sync::RwLockReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        /// Blocks until exclusive access is granted.
+        pub(crate) fn write(&self) -> model::sync::RwLockWriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(PoisonError::into_inner)
         }
     }
 

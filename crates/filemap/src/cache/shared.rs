@@ -7,11 +7,11 @@
 //! using the mapping.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use super::evict::{self, EvictionPolicy, Key, Queue, Visit};
 use super::readahead::ReadaheadQueue;

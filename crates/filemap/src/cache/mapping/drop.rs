@@ -2,7 +2,7 @@
 //! before the backend changes), and eviction, which drops one page to make room.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use crate::sync::atomic::Ordering;
 
 use super::Mapping;
 use crate::cache::evict::Visit;

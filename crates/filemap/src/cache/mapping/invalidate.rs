@@ -3,7 +3,7 @@
 //! Each drops the range's cached pages before the backend changes.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use crate::sync::atomic::Ordering;
 
 use super::drop::DirtyPages;
 use super::{end_of, Mapping, MAX_OFFSET};

@@ -43,10 +43,10 @@
 
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use crate::sync::{Mutex, RwLock};
 
 use super::page::{PageState, Slot, DIRTY, QUEUED, UPTODATE};
 use super::readahead::Readahead;
@@ -141,7 +141,7 @@ pub struct Mapping {
     /// Serves the faults of every view of the store.
     handler: Mutex<Option<FaultHandler>>,
     /// The user's maps of this file, for faults and dirty scans.
-    maps: parking_lot::RwLock<Vec<UserView>>,
+    maps: RwLock<Vec<UserView>>,
     /// Held from a scan of written pages until they are marked dirty: the scan
     /// hands the kernel's "written" bit to one thread, and a writeback elsewhere
     /// must not look at `DIRTY` in between.

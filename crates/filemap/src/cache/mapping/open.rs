@@ -1,10 +1,10 @@
 //! The life of a mapping: opening it, removing its file, and dropping it.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use crate::sync::{Mutex, RwLock};
 
 use super::drop::DirtyPages;
 use super::handler::{FaultHandler, ServesFaults};
@@ -41,7 +41,7 @@ impl Mapping {
             store,
             uffd: uffd.clone(),
             handler: Mutex::new(None),
-            maps: parking_lot::RwLock::new(Vec::new()),
+            maps: RwLock::new(Vec::new()),
             scanning: Mutex::new(()),
             lock: CoherenceLock::new(strategy),
             size: AtomicU64::new(size),
@@ -103,7 +103,7 @@ impl Drop for Mapping {
         // Dropping the mapping drops its pages: write back what is dirty (call
         // `sync_all` first to see errors), give the budget back, stop the handler.
         self.cache.unregister(self.id);
-        if *self.removed.get_mut() {
+        if self.removed.load(Ordering::Acquire) {
             let _ = self.release_storage();
         } else {
             let _ = self.write_back_range(0, MAX_PAGES - 1);

@@ -2,7 +2,7 @@
 //! reads that never wait.
 
 use std::io;
-use std::sync::atomic::{fence, Ordering};
+use crate::sync::atomic::{fence, Ordering};
 
 use super::fill::{Fill, FillBudget};
 use super::region::buffer_in_a_map;
