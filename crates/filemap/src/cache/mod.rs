@@ -14,6 +14,8 @@ mod mapping;
 pub(crate) mod page;
 mod readahead;
 mod shared;
+#[cfg(all(test, shuttle, not(loom)))]
+mod shuttle_tests;
 mod stats;
 mod store;
 mod tree;
@@ -235,11 +237,16 @@ impl PageCacheBuilder {
                 mapping.fill_ahead(first, pages);
             }
         })?;
-        let (shared, interval) = (Arc::downgrade(&cache.shared), self.writeback_interval);
-        std::thread::Builder::new()
-            .name("fm-writeback".into())
-            .stack_size(256 << 10)
-            .spawn(move || background_writeback(shared, interval))?;
+        // Under a model checker the cache runs no thread of its own: the
+        // checker cannot schedule a thread it did not start.
+        #[cfg(not(any(loom, shuttle)))]
+        {
+            let (shared, interval) = (Arc::downgrade(&cache.shared), self.writeback_interval);
+            std::thread::Builder::new()
+                .name("fm-writeback".into())
+                .stack_size(256 << 10)
+                .spawn(move || background_writeback(shared, interval))?;
+        }
         Ok(cache)
     }
 }

@@ -183,7 +183,7 @@ impl CacheShared {
                 stats::add(&self.counters.budget_overruns, 1);
                 return true;
             }
-            std::thread::sleep(Duration::from_micros(100));
+            pause();
         }
     }
 
@@ -307,4 +307,13 @@ pub(crate) fn background_writeback(cache: Weak<CacheShared>, interval: Duration)
             last_flush = Instant::now();
         }
     }
+}
+
+/// Lets busy pages come free: a short sleep, or under a model checker a yield
+/// (a real sleep would stop every modelled thread with it).
+fn pause() {
+    #[cfg(not(any(loom, shuttle)))]
+    std::thread::sleep(Duration::from_micros(100));
+    #[cfg(any(loom, shuttle))]
+    crate::sync::thread::yield_now();
 }
