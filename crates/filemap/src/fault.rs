@@ -339,6 +339,21 @@ impl<T: ?Sized, Op: Copy + Eq + fmt::Debug> Faulty<T, Op> {
     pub fn inner(&self) -> &Arc<T> {
         &self.inner
     }
+
+    /// Judges a call of kind `op` touching `bytes` with [`FaultPlan::intercept`],
+    /// then lets `call` forward it to the wrapped object unless an error failed
+    /// it or a discard reports success without it.
+    pub(crate) fn forward(
+        &self,
+        op: Op,
+        bytes: Option<Range<u64>>,
+        call: impl FnOnce(&T) -> io::Result<()>,
+    ) -> io::Result<()> {
+        match self.plan.intercept(op, bytes)? {
+            Delivery::Forward => call(&self.inner),
+            Delivery::Discard => Ok(()),
+        }
+    }
 }
 
 impl<T: ?Sized + fmt::Debug, Op> fmt::Debug for Faulty<T, Op> {
@@ -354,6 +369,11 @@ impl<T: ?Sized + fmt::Debug, Op> fmt::Debug for Faulty<T, Op> {
 /// the address space (the wrapped layer rejects such calls anyway).
 pub(crate) fn touched(offset: u64, len: u64) -> Option<Range<u64>> {
     Some(offset..offset.saturating_add(len))
+}
+
+/// The bytes `buf` spans when it is read or written at `offset`, saturating.
+pub(crate) fn span(offset: u64, buf: &[u8]) -> Option<Range<u64>> {
+    touched(offset, buf.len() as u64)
 }
 
 #[cfg(test)]

@@ -19,13 +19,15 @@
 //! | `SetLen` | `len..`: whatever a shrink removes or a grow adds |
 //! | `CollapseRange`, `InsertRange` | `offset..`: every byte from `offset` on moves |
 //! | `Sync`, `Remove` | none: byte ranges are ignored |
+//!
+//! [`FaultRule::on_bytes`]: crate::fault::FaultRule::on_bytes
 
 use std::io;
 use std::ops::Range;
 
 use super::{Backend, BackendOp};
-use crate::fault::{touched, Delivery, Faulty};
-use crate::page::PAGE_SIZE;
+use crate::fault::{span, touched, Faulty};
+use crate::page::PAGE;
 
 /// Wraps a backend and injects delays and errors into the calls chosen by its
 /// rules, a [`FaultPlan`](crate::fault::FaultPlan) of [`BackendOp`]s.
@@ -40,7 +42,7 @@ pub type FaultyBackend = Faulty<dyn Backend, BackendOp>;
 
 /// The bytes of `len` bytes of pages starting at page `index`, saturating.
 fn pages(index: u64, len: usize) -> Option<Range<u64>> {
-    touched(index.saturating_mul(PAGE_SIZE as u64), len as u64)
+    touched(index.saturating_mul(PAGE), len as u64)
 }
 
 /// Every byte from `offset` on.
@@ -58,101 +60,63 @@ impl Backend for Faulty<dyn Backend, BackendOp> {
     }
 
     fn read_pages(&self, index: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(BackendOp::ReadPages, pages(index, buf.len()))?
-        {
-            Delivery::Forward => self.inner.read_pages(index, buf),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::ReadPages, pages(index, buf.len()), |inner| {
+            inner.read_pages(index, buf)
+        })
     }
 
     fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(BackendOp::WritePages, pages(index, buf.len()))?
-        {
-            Delivery::Forward => self.inner.write_pages(index, buf),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::WritePages, pages(index, buf.len()), |inner| {
+            inner.write_pages(index, buf)
+        })
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        match self.plan.intercept(BackendOp::SetLen, from(len))? {
-            Delivery::Forward => self.inner.set_len(len),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::SetLen, from(len), |inner| inner.set_len(len))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(BackendOp::PunchHole, touched(offset, len))?
-        {
-            Delivery::Forward => self.inner.punch_hole(offset, len),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::PunchHole, touched(offset, len), |inner| {
+            inner.punch_hole(offset, len)
+        })
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(BackendOp::ZeroRange, touched(offset, len))?
-        {
-            Delivery::Forward => self.inner.zero_range(offset, len),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::ZeroRange, touched(offset, len), |inner| {
+            inner.zero_range(offset, len)
+        })
     }
 
     fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(BackendOp::CollapseRange, from(offset))?
-        {
-            Delivery::Forward => self.inner.collapse_range(offset, len),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::CollapseRange, from(offset), |inner| {
+            inner.collapse_range(offset, len)
+        })
     }
 
     fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.plan.intercept(BackendOp::InsertRange, from(offset))? {
-            Delivery::Forward => self.inner.insert_range(offset, len),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::InsertRange, from(offset), |inner| {
+            inner.insert_range(offset, len)
+        })
     }
 
     fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(BackendOp::ReadDirect, touched(offset, buf.len() as u64))?
-        {
-            Delivery::Forward => self.inner.read_direct(offset, buf),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::ReadDirect, span(offset, buf), |inner| {
+            inner.read_direct(offset, buf)
+        })
     }
 
     fn write_direct(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(BackendOp::WriteDirect, touched(offset, buf.len() as u64))?
-        {
-            Delivery::Forward => self.inner.write_direct(offset, buf),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::WriteDirect, span(offset, buf), |inner| {
+            inner.write_direct(offset, buf)
+        })
     }
 
     fn sync(&self) -> io::Result<()> {
-        match self.plan.intercept(BackendOp::Sync, None)? {
-            Delivery::Forward => self.inner.sync(),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::Sync, None, |inner| inner.sync())
     }
 
     fn remove(&self) -> io::Result<()> {
-        match self.plan.intercept(BackendOp::Remove, None)? {
-            Delivery::Forward => self.inner.remove(),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(BackendOp::Remove, None, |inner| inner.remove())
     }
 }
 
@@ -164,24 +128,23 @@ mod tests {
     use crate::backend::{HostFile, Volume};
     use crate::device::MemDevice;
     use crate::fault::{FaultRule, Injection, Trigger};
+    use crate::page::PAGE_SIZE;
     use std::fmt;
     use std::sync::Arc;
-
-    const PAGE: usize = PAGE_SIZE;
 
     /// A faulty backend over a volume file of `pages` pages, page i filled with
     /// byte `i + 1`.
     fn backend(pages: u64) -> FaultyBackend {
-        let volume = Volume::format(Arc::new(MemDevice::new(64 * PAGE as u64))).unwrap();
+        let volume = Volume::format(Arc::new(MemDevice::new(64 * PAGE))).unwrap();
         let file = volume.create_file("a").unwrap();
-        file.set_len(pages * PAGE as u64).unwrap();
-        let data: Vec<u8> = (0..pages).flat_map(|i| [i as u8 + 1; PAGE]).collect();
+        file.set_len(pages * PAGE).unwrap();
+        let data: Vec<u8> = (0..pages).flat_map(|i| [i as u8 + 1; PAGE_SIZE]).collect();
         file.write_pages(0, &data).unwrap();
         FaultyBackend::new(Arc::new(file), 1)
     }
 
     fn read(backend: &dyn Backend, index: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0xAA; PAGE];
+        let mut buf = vec![0xAA; PAGE_SIZE];
         backend.read_pages(index, &mut buf).map(|()| buf)
     }
 
@@ -193,25 +156,21 @@ mod tests {
     fn an_error_fails_the_call_and_forwards_nothing() {
         let backend = backend(4);
         backend.fail_nth(BackendOp::PunchHole, 2, libc::EIO);
-        backend.punch_hole(0, PAGE as u64).unwrap();
-        assert_eq!(
-            errno(backend.punch_hole(PAGE as u64, PAGE as u64)),
-            libc::EIO
-        );
+        backend.punch_hole(0, PAGE).unwrap();
+        assert_eq!(errno(backend.punch_hole(PAGE, PAGE)), libc::EIO);
         assert_eq!(
             read(&backend, 1).unwrap(),
-            [2; PAGE],
+            [2; PAGE_SIZE],
             "the punch was forwarded"
         );
-        backend.punch_hole(PAGE as u64, PAGE as u64).unwrap();
-        assert_eq!(read(&backend, 1).unwrap(), [0; PAGE]);
+        backend.punch_hole(PAGE, PAGE).unwrap();
+        assert_eq!(read(&backend, 1).unwrap(), [0; PAGE_SIZE]);
         assert_eq!(backend.injected(), 1);
     }
 
     #[test]
     fn every_call_can_fail_without_changing_anything() {
         let backend = backend(4);
-        let page = PAGE as u64;
         let ops = [
             BackendOp::ReadPages,
             BackendOp::WritePages,
@@ -232,17 +191,17 @@ mod tests {
                 Injection::Error(libc::EROFS),
             ));
         }
-        let mut buf = vec![0; PAGE];
+        let mut buf = vec![0; PAGE_SIZE];
         let results = [
             backend.read_pages(0, &mut buf),
-            backend.write_pages(0, &[9; PAGE]),
+            backend.write_pages(0, &[9; PAGE_SIZE]),
             backend.set_len(0),
-            backend.punch_hole(0, page),
-            backend.zero_range(0, page),
-            backend.collapse_range(0, page),
-            backend.insert_range(0, page),
+            backend.punch_hole(0, PAGE),
+            backend.zero_range(0, PAGE),
+            backend.collapse_range(0, PAGE),
+            backend.insert_range(0, PAGE),
             backend.read_direct(0, &mut buf),
-            backend.write_direct(0, &[9; PAGE]),
+            backend.write_direct(0, &[9; PAGE_SIZE]),
             backend.sync(),
             backend.remove(),
         ];
@@ -250,20 +209,19 @@ mod tests {
             assert_eq!(errno(result), libc::EROFS, "{op:?}");
         }
         assert_eq!(backend.injected(), ops.len() as u64);
-        assert_eq!(buf, [0; PAGE], "a failed read leaves the buffer alone");
+        assert_eq!(buf, [0; PAGE_SIZE], "a failed read leaves the buffer alone");
         backend.clear();
-        assert_eq!(backend.len().unwrap(), 4 * page);
+        assert_eq!(backend.len().unwrap(), 4 * PAGE);
         for index in 0..4 {
-            assert_eq!(read(&backend, index).unwrap(), [index as u8 + 1; PAGE]);
+            assert_eq!(read(&backend, index).unwrap(), [index as u8 + 1; PAGE_SIZE]);
         }
     }
 
     #[test]
     fn byte_ranges_follow_each_call() {
         let backend = backend(4);
-        let page = PAGE as u64;
         let rule = |op| FaultRule::new(op, Trigger::Always, Injection::Error(libc::EIO));
-        let reads = backend.add_rule(rule(BackendOp::ReadPages).on_bytes(2 * page..3 * page));
+        let reads = backend.add_rule(rule(BackendOp::ReadPages).on_bytes(2 * PAGE..3 * PAGE));
         assert!(read(&backend, 1).is_ok());
         assert!(read(&backend, 3).is_ok());
         assert!(read(&backend, 2).is_err());
@@ -271,48 +229,45 @@ mod tests {
 
         // Growing adds bytes past page 3 and shrinking back removes them: no
         // match. A shrink into page 3 removes part of it: a match.
-        backend.add_rule(rule(BackendOp::SetLen).on_bytes(3 * page..4 * page));
-        assert!(backend.set_len(5 * page).is_ok());
-        assert!(backend.set_len(4 * page).is_ok());
-        assert!(backend.set_len(3 * page + 1).is_err());
+        backend.add_rule(rule(BackendOp::SetLen).on_bytes(3 * PAGE..4 * PAGE));
+        assert!(backend.set_len(5 * PAGE).is_ok());
+        assert!(backend.set_len(4 * PAGE).is_ok());
+        assert!(backend.set_len(3 * PAGE + 1).is_err());
         backend.clear();
 
         // A collapse moves every byte after its offset.
-        backend.add_rule(rule(BackendOp::CollapseRange).on_bytes(3 * page..4 * page));
-        assert!(backend.collapse_range(0, page).is_err());
-        backend.add_rule(rule(BackendOp::PunchHole).on_bytes(3 * page..4 * page));
-        assert!(backend.punch_hole(0, page).is_ok());
-        assert!(backend.punch_hole(0, 3 * page + 1).is_err());
+        backend.add_rule(rule(BackendOp::CollapseRange).on_bytes(3 * PAGE..4 * PAGE));
+        assert!(backend.collapse_range(0, PAGE).is_err());
+        backend.add_rule(rule(BackendOp::PunchHole).on_bytes(3 * PAGE..4 * PAGE));
+        assert!(backend.punch_hole(0, PAGE).is_ok());
+        assert!(backend.punch_hole(0, 3 * PAGE + 1).is_err());
 
         // Direct reads are their own kind of call.
         backend.add_rule(rule(BackendOp::ReadPages));
-        let mut buf = vec![0; PAGE];
-        backend.read_direct(page, &mut buf).unwrap();
-        assert_eq!(buf, [2; PAGE]);
+        let mut buf = vec![0; PAGE_SIZE];
+        backend.read_direct(PAGE, &mut buf).unwrap();
+        assert_eq!(buf, [2; PAGE_SIZE]);
     }
 
     #[test]
     fn a_delay_before_a_punch_holds_the_old_data_in_place() {
         let backend = backend(2);
         let delay = Duration::from_millis(100);
-        backend.add_rule(FaultRule::new(
-            BackendOp::PunchHole,
-            Trigger::Always,
-            Injection::Delay {
-                min: delay,
-                max: delay,
-            },
-        ));
+        let hold = Injection::Delay {
+            min: delay,
+            max: delay,
+        };
+        backend.add_rule(FaultRule::new(BackendOp::PunchHole, Trigger::Always, hold));
         let start = Instant::now();
         std::thread::scope(|scope| {
-            let punch = scope.spawn(|| backend.punch_hole(0, PAGE as u64));
+            let punch = scope.spawn(|| backend.punch_hole(0, PAGE));
             std::thread::sleep(delay / 4);
             // The window: the punch has been called, the backend still holds the data.
-            assert_eq!(read(backend.inner().as_ref(), 0).unwrap(), [1; PAGE]);
+            assert_eq!(read(backend.inner().as_ref(), 0).unwrap(), [1; PAGE_SIZE]);
             punch.join().unwrap().unwrap();
         });
         assert!(start.elapsed() >= delay);
-        assert_eq!(read(&backend, 0).unwrap(), [0; PAGE]);
+        assert_eq!(read(&backend, 0).unwrap(), [0; PAGE_SIZE]);
         assert_eq!(backend.injected(), 1);
     }
 
@@ -320,19 +275,18 @@ mod tests {
     fn wraps_a_host_file() {
         let file = HostFile::from_file(tempfile::tempfile().unwrap()).unwrap();
         let backend = FaultyBackend::new(Arc::new(file), 1);
-        let page = PAGE as u64;
-        backend.set_len(3 * page).unwrap();
+        backend.set_len(3 * PAGE).unwrap();
         for index in 0..3 {
             backend
-                .write_pages(index, &[index as u8 + 1; PAGE])
+                .write_pages(index, &[index as u8 + 1; PAGE_SIZE])
                 .unwrap();
         }
         backend.fail_nth(BackendOp::CollapseRange, 1, libc::EIO);
-        assert_eq!(errno(backend.collapse_range(0, page)), libc::EIO);
-        assert_eq!(backend.len().unwrap(), 3 * page);
-        backend.collapse_range(0, page).unwrap();
-        assert_eq!(backend.len().unwrap(), 2 * page);
-        assert_eq!(read(&backend, 0).unwrap(), [2; PAGE]);
+        assert_eq!(errno(backend.collapse_range(0, PAGE)), libc::EIO);
+        assert_eq!(backend.len().unwrap(), 3 * PAGE);
+        backend.collapse_range(0, PAGE).unwrap();
+        assert_eq!(backend.len().unwrap(), 2 * PAGE);
+        assert_eq!(read(&backend, 0).unwrap(), [2; PAGE_SIZE]);
         assert_eq!(backend.max_file_size(), backend.inner().max_file_size());
         assert!(format!("{backend:?}").contains("HostFile"));
     }

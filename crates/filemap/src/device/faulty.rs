@@ -8,7 +8,7 @@
 use std::io;
 
 use super::{Device, DeviceClaim, DeviceOp};
-use crate::fault::{touched, Delivery, Faulty};
+use crate::fault::{span, Faulty};
 
 /// Wraps a device and injects delays and errors into the calls chosen by its rules.
 ///
@@ -31,30 +31,19 @@ impl Device for Faulty<dyn Device, DeviceOp> {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(DeviceOp::Read, touched(offset, buf.len() as u64))?
-        {
-            Delivery::Forward => self.inner.read_exact_at(buf, offset),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(DeviceOp::Read, span(offset, buf), |inner| {
+            inner.read_exact_at(buf, offset)
+        })
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        match self
-            .plan
-            .intercept(DeviceOp::Write, touched(offset, buf.len() as u64))?
-        {
-            Delivery::Forward => self.inner.write_all_at(buf, offset),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(DeviceOp::Write, span(offset, buf), |inner| {
+            inner.write_all_at(buf, offset)
+        })
     }
 
     fn flush(&self) -> io::Result<()> {
-        match self.plan.intercept(DeviceOp::Flush, None)? {
-            Delivery::Forward => self.inner.flush(),
-            Delivery::Discard => Ok(()),
-        }
+        self.forward(DeviceOp::Flush, None, |inner| inner.flush())
     }
 
     fn claim(&self) -> io::Result<DeviceClaim> {

@@ -1,0 +1,591 @@
+//! A volume: many files on one device, with a block allocator and extent maps,
+//! kept on the device and safe against crashes.
+//!
+//! This is the realistic substrate for the cache: files share a device, and a
+//! freed block is handed to the next allocation at once, whichever file asks. A
+//! stale block mapping therefore exposes another file's data, exactly as in the
+//! kernel bug reports the cache's coherence lock exists to prevent.
+//!
+//! Metadata (file table, sizes, extent maps, allocator) lives in memory behind one
+//! mutex and reaches the device only when it is committed. Device I/O is always
+//! done outside that mutex: the backend deliberately does not serialise its I/O
+//! against block reuse, because preventing a read of a freed-and-reused block is
+//! the page cache's job, and a backend that hid such races would hide the bugs
+//! the torture looks for.
+//!
+//! # On-device format
+//!
+//! ```text
+//! block 0                 superblock slot 0 (even generations)
+//! block 1                 superblock slot 1 (odd generations)
+//! 2 .. 2 + m              metadata area 0 (even generations)
+//! 2 + m .. 2 + 2m         metadata area 1 (odd generations)
+//! 2 + 2m .. total         data blocks
+//! ```
+//!
+//! `m`, the size of each metadata area in blocks, is the device's size in blocks
+//! divided by 256, at least 2 and at most 16384 (64 MiB): 0.8% of the device
+//! for both areas, room for a run of extents every 43 blocks (files punched
+//! page by page fragment that much). All numbers are little-endian.
+//!
+//! - A superblock (the first 56 bytes of its block): the magic `FMVOLUME`, the
+//!   format version (u32), the block size (u32), the device's size in blocks
+//!   (u64), `m` (u64), the generation (u64, from 1 to 2^63 - 1, even in slot
+//!   0 and odd in slot 1), the length of the metadata in bytes (u64), the
+//!   CRC-32 of the metadata (u32), and the CRC-32 of the 52 bytes before it
+//!   (u32).
+//! - The metadata (in the area of its generation): the next file id (u64), the
+//!   number of files (u64), then per file in ascending id order its id (u64),
+//!   size (u64), name length (u16), name, number of runs (u64), and per run in
+//!   ascending logical order its first logical block, first physical block and
+//!   length (3 × u64).
+//! - The allocator is not stored: on open, every data block that no file maps
+//!   is free.
+//!
+//! **Limits.** An area holds `m × 4096` bytes: 16 bytes of header, then 26
+//! bytes plus the name per file and 24 bytes per run of the extent maps. A 16 MiB
+//! device (m = 16) holds about 2,700 runs, 1 GiB (m = 1024) about 175,000, and
+//! 16 GiB or more about 2.8 million; files with names of `n` bytes take `26 + n`
+//! each (a 16 MiB device holds about 1,560 empty files with 16-byte names). Encoding
+//! the snapshot at a commit takes time proportional to the metadata, under the
+//! volume's mutex. An operation that could need more fails with
+//! `ENOSPC` and changes nothing: `create_file`, a write into holes (it reserves
+//! a run per run of fresh blocks it takes; if writers racing on the same holes
+//! split its runs further than the area can take, it maps none of them),
+//! punch, collapse and insert (one run each).
+//!
+//! # Opening
+//!
+//! A volume is its device's only owner while it lives: [`Volume::format`] and
+//! [`Volume::open`] first take the device's [`DeviceClaim`], and fail with
+//! `EBUSY` ("volume in use") while another volume holds it, in this process
+//! or, on a [`FileDevice`](crate::FileDevice), in any (an exclusive `flock`).
+//! Two live volumes on one device would each run an allocator, hand out the
+//! same free block, and give one file the other's data. The claim goes when
+//! the volume does, and every [`VolumeFile`] (so every mapping of one) keeps
+//! its volume alive.
+//!
+//! The device could hold anything, so every field is range-checked before it
+//! is used, and a failed open writes nothing:
+//!
+//! - A superblock whose magic or checksum does not hold is not a commit (a
+//!   torn or rotten block): open falls back to the other slot, and to the
+//!   commit before when the newest metadata's checksum does not hold.
+//! - A superblock whose checksum holds is refused with `EINVAL` if this build
+//!   cannot read it (another format version or block size) or the device is
+//!   smaller than the volume, and with `EUCLEAN` if `m` is not the one the
+//!   volume's size gives (or leaves no data block), the generation is outside
+//!   1 to 2^63 - 1 or in the other parity's slot, or the metadata length is
+//!   outside 16 bytes to the area's size.
+//! - Metadata whose checksum holds is refused with `EUCLEAN` unless the next
+//!   id is positive; ids ascend and are below it; sizes are at most the
+//!   largest file size; names are 1 to 255 bytes of UTF-8 without `/` or NUL,
+//!   and unique; runs are non-empty, ascend without overlapping, end inside
+//!   their file and lie in the data blocks; no block is mapped twice; the
+//!   counts fit in the bytes that follow them; and nothing follows the last
+//!   file.
+//!
+//! The error's message names the field and its value. A crash never leaves a
+//! block whose checksum holds but whose fields do not, so such a block is
+//! corruption, not a torn commit, and open reports it instead of going back a
+//! commit in silence. Sums of values from the device are checked, and counts
+//! size no allocation before they are checked against the bytes that hold
+//! them; a volume at generation 2^63 - 1 takes no further commit
+//! (`EOVERFLOW`), and one whose next id is `u64::MAX` no further file
+//! (`ENOSPC`).
+//!
+//! # Commits
+//!
+//! A commit ([`Backend::sync`] of any file of the volume, [`Volume::sync`],
+//! `collapse_range`, `insert_range`, `format`) of generation `g + 1`:
+//!
+//! 1. encodes the metadata under the mutex (the snapshot), and adds the blocks it
+//!    maps to the *committed* blocks (below);
+//! 2. flushes the device: every data block the snapshot maps was written before
+//!    it was mapped, so its data is durable before any metadata points at it;
+//! 3. writes the snapshot into area `(g + 1) % 2`, which only generation `g - 1`
+//!    used, and flushes;
+//! 4. writes superblock `g + 1` into slot `(g + 1) % 2` (one aligned 4 KiB write,
+//!    atomic by the [`Device`] contract), and flushes;
+//! 5. gives the blocks freed before the snapshot back to the allocator.
+//!
+//! A crash at any write leaves either superblock `g` and its area untouched, or
+//! superblock `g + 1` with its area complete. [`Volume::open`] takes the
+//! superblock of the highest generation whose own checksum and whose metadata's
+//! checksum hold, so a torn area falls back to the generation before. A commit
+//! with nothing changed since the last one only flushes the device. Commits are
+//! serialised; a failed one is retried in the same slots by the next.
+//!
+//! # What is durable when
+//!
+//! - Metadata changes (create, remove, sizes, which blocks a file maps) are
+//!   durable at the next commit: a sync of *any* file of the volume commits them
+//!   all.
+//! - A write to a page that already has a block overwrites that block in place:
+//!   after a crash the page reads as of the last commit or as any later write of
+//!   it (never torn: block writes are atomic). A write into a hole goes to a fresh
+//!   block, which the file maps (durably) from the next commit on; punch, zero and
+//!   truncate zero partial blocks in place.
+//! - `collapse_range` and `insert_range` commit before they return. They move
+//!   blocks to other file offsets, and an in-place write of a moved block before
+//!   the move is durable would, after a crash, land at the block's old offset.
+//!   (If that commit fails, the error is returned and the move stays in memory.)
+//!
+//! # No foreign data across crashes (C3)
+//!
+//! The metadata a crash could bring back is the newest durable commit, or one
+//! in flight. A block either of them maps is *committed*; when a file frees a
+//! committed block (punch, truncate, collapse, remove), the block waits in a
+//! pending list and is reused only after a commit that no longer maps it is
+//! durable: reused earlier, another file's data would overwrite it while the
+//! durable metadata still gives it to the first file. A block that was mapped
+//! and freed between two commits was never durable anywhere and is reused at
+//! once (LIFO, as before), so the cache's tests still see immediate reuse. A
+//! fresh block is still mapped only after its data is written (a reader of the
+//! hole meanwhile reads zeroes), and step 2 of a commit makes that data durable
+//! before the metadata that maps it.
+//!
+//! [`Backend::sync`]: crate::Backend::sync
+
+use std::cmp::Reverse;
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::backend::extent::ExtentMap;
+use crate::device::{Device, DeviceClaim};
+use crate::errno::{err, errno, fail, with_message};
+
+mod commit;
+mod file;
+mod format;
+mod space;
+#[cfg(test)]
+mod tests;
+
+pub use file::VolumeFile;
+pub use format::BLOCK_SIZE;
+
+use format::{
+    check_name, FileMeta, Layout, Metadata, Superblock, BLOCK, MAX_FILE_SIZE, SUPERBLOCK_SLOTS,
+};
+use space::Space;
+
+/// Zeroes to write from, so zeroing a range allocates nothing.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Many files sharing one device in 4 KiB blocks, their metadata kept on the
+/// device (see the module documentation for the format and what is durable when).
+pub struct Volume {
+    device: Arc<dyn Device>,
+    layout: Layout,
+    state: Mutex<State>,
+    /// Serialises commits, and holds the generation of the newest durable one.
+    generation: Mutex<u64>,
+    /// The device's claim: no other volume opens the device while this one
+    /// lives.
+    _claim: DeviceClaim,
+}
+
+/// Everything behind the volume's mutex.
+struct State {
+    meta: Metadata,
+    space: Space,
+    /// The length of `meta` encoded, in bytes.
+    meta_len: u64,
+    /// Bytes of metadata area reserved by operations between planning a change
+    /// and making it (a write between taking fresh blocks and mapping them).
+    meta_reserved: u64,
+    /// The bytes a metadata area holds.
+    meta_capacity: u64,
+    /// Whether `meta` changed since the last commit took its snapshot.
+    dirty: bool,
+    /// Live [`VolumeFile`] handles per file id: runtime only, never persisted.
+    handles: HashMap<u64, u64>,
+}
+
+impl State {
+    /// Reserves `bytes` of metadata area; `ENOSPC` if they do not fit beside
+    /// what is used and reserved already.
+    fn reserve_meta(&mut self, bytes: u64) -> io::Result<()> {
+        if self.meta_len + self.meta_reserved + bytes > self.meta_capacity {
+            return fail(libc::ENOSPC);
+        }
+        self.meta_reserved += bytes;
+        Ok(())
+    }
+
+    /// The id of the file named `name`; `ENOENT` if there is none.
+    fn id_named(&self, name: &str) -> io::Result<u64> {
+        self.meta
+            .names
+            .get(name)
+            .copied()
+            .ok_or_else(|| err(libc::ENOENT))
+    }
+}
+
+/// Claims `device` for a volume: `EBUSY`, saying the volume is in use, while
+/// another owner holds it.
+fn claim(device: &dyn Device) -> io::Result<DeviceClaim> {
+    device.claim().map_err(|error| {
+        if errno(&error) == Some(libc::EBUSY) {
+            with_message(libc::EBUSY, format!("volume in use: {error}"))
+        } else {
+            error
+        }
+    })
+}
+
+impl Volume {
+    /// Makes an empty volume on `device`, using every whole block of it, and
+    /// commits it: [`Volume::open`] finds it from now on. Whatever the device
+    /// held before is lost (a crash during `format` may leave no volume).
+    ///
+    /// Fails with `EBUSY`, writing nothing, while a volume on the device is
+    /// alive (see "Opening" in the module documentation), and with `EINVAL` if
+    /// the device is too small to hold the superblocks, the metadata areas and
+    /// one data block.
+    pub fn format(device: Arc<dyn Device>) -> io::Result<Arc<Volume>> {
+        let claim = claim(device.as_ref())?;
+        let layout = Layout::for_device(device.len() / BLOCK)?;
+        // No superblock of an older volume may survive beside the new one.
+        device.write_all_at(&ZEROS[..(SUPERBLOCK_SLOTS * BLOCK) as usize], 0)?;
+        let volume = Volume::assemble(device, claim, layout, Metadata::new(), 0)?;
+        volume.state.lock().dirty = true;
+        volume.commit()?;
+        Ok(volume)
+    }
+
+    /// Opens the volume on `device`, as of its newest durable commit, and
+    /// claims the device while the volume lives.
+    ///
+    /// Takes the superblock of the highest generation whose checksum and whose
+    /// metadata's checksum hold, so a crash at any point of a commit opens the
+    /// commit before it or the new one. Fails with `EBUSY` while another volume
+    /// on the device is alive; with `EINVAL` if the device holds no volume
+    /// (both superblocks lack the magic or a valid checksum), one this build
+    /// cannot read, or one larger than the device; and with `EUCLEAN` if a
+    /// superblock or the metadata has a valid checksum but a field out of
+    /// range. The error says which field and value; a failed open writes
+    /// nothing (see "Opening" in the module documentation). Device errors are
+    /// returned as they are.
+    pub fn open(device: Arc<dyn Device>) -> io::Result<Arc<Volume>> {
+        let claim = claim(device.as_ref())?;
+        let device_blocks = device.len() / BLOCK;
+        if device_blocks < SUPERBLOCK_SLOTS {
+            return fail(libc::EINVAL);
+        }
+        let mut found = Vec::new();
+        for slot in 0..SUPERBLOCK_SLOTS {
+            let mut block = vec![0; BLOCK_SIZE];
+            device.read_exact_at(&mut block, slot * BLOCK)?;
+            found.extend(Superblock::decode(&block, slot, device_blocks)?);
+        }
+        found.sort_by_key(|superblock| Reverse(superblock.generation));
+        for superblock in found {
+            // `None`: the metadata's checksum does not hold, so the commit is
+            // torn: try the one before.
+            if let Some(meta) = Self::load(device.as_ref(), &superblock)? {
+                return Volume::assemble(
+                    device,
+                    claim,
+                    superblock.layout,
+                    meta,
+                    superblock.generation,
+                );
+            }
+        }
+        fail(libc::EINVAL)
+    }
+
+    /// Reads and checks the metadata `superblock` points at; `None` if its
+    /// checksum does not hold.
+    fn load(device: &dyn Device, superblock: &Superblock) -> io::Result<Option<Metadata>> {
+        // At most an area (64 MiB): `Superblock::decode` checked it.
+        let mut bytes = vec![0; superblock.meta_len as usize];
+        let area = superblock.layout.area(superblock.generation);
+        device.read_exact_at(&mut bytes, area * BLOCK)?;
+        if crc32fast::hash(&bytes) != superblock.meta_crc {
+            return Ok(None);
+        }
+        Metadata::decode(&bytes, superblock.layout).map(Some)
+    }
+
+    /// A volume of files `meta`, committed as `generation`, in memory, holding
+    /// the device's `claim`.
+    fn assemble(
+        device: Arc<dyn Device>,
+        claim: DeviceClaim,
+        layout: Layout,
+        meta: Metadata,
+        generation: u64,
+    ) -> io::Result<Arc<Volume>> {
+        let space = Space::rebuild(&meta, layout)?;
+        Ok(Arc::new(Volume {
+            device,
+            layout,
+            state: Mutex::new(State {
+                meta_len: meta.encoded_len(),
+                meta,
+                space,
+                meta_reserved: 0,
+                meta_capacity: layout.meta_capacity(),
+                dirty: false,
+                handles: HashMap::new(),
+            }),
+            generation: Mutex::new(generation),
+            _claim: claim,
+        }))
+    }
+
+    /// Creates an empty file and returns a handle to it. The file is durable
+    /// from the next commit on.
+    ///
+    /// Fails with `EEXIST` if the name is taken, `EINVAL` if it is empty or holds
+    /// `/` or NUL, `ENAMETOOLONG` if it is longer than 255 bytes, and `ENOSPC` if
+    /// the metadata area is full or no file id is left.
+    pub fn create_file(self: &Arc<Self>, name: &str) -> io::Result<VolumeFile> {
+        check_name(name)?;
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        if state.meta.names.contains_key(name) {
+            return fail(libc::EEXIST);
+        }
+        let file = FileMeta {
+            name: name.to_owned(),
+            size: 0,
+            extents: ExtentMap::new(),
+        };
+        // The next id came from the device: it may be the last one.
+        let next_id = state.meta.next_id.checked_add(1).ok_or_else(|| {
+            with_message(libc::ENOSPC, "no file ids left: the next id is the last")
+        })?;
+        state.reserve_meta(file.encoded_len())?;
+        state.meta_reserved -= file.encoded_len();
+        state.meta_len += file.encoded_len();
+        state.dirty = true;
+        let id = state.meta.next_id;
+        state.meta.next_id = next_id;
+        state.meta.names.insert(name.to_owned(), id);
+        state.meta.files.insert(id, file);
+        Ok(self.new_handle(state, id))
+    }
+
+    /// Opens an existing file; fails with `ENOENT` if there is none of that name.
+    pub fn open_file(self: &Arc<Self>, name: &str) -> io::Result<VolumeFile> {
+        let mut state = self.state.lock();
+        let id = state.id_named(name)?;
+        Ok(self.new_handle(&mut state, id))
+    }
+
+    /// Removes a file by name and frees its blocks. The removal is durable from
+    /// the next commit on; until then a crash brings the file back whole.
+    ///
+    /// Fails with `ENOENT` if there is no such file and `EBUSY` while any handle
+    /// of it is alive (use [`Backend::remove`] on a handle to remove it anyway).
+    ///
+    /// [`Backend::remove`]: crate::Backend::remove
+    pub fn remove_file(&self, name: &str) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let id = state.id_named(name)?;
+        if state.handles.get(&id).is_some_and(|&count| count > 0) {
+            return fail(libc::EBUSY);
+        }
+        Self::remove_locked(&mut state, id)
+    }
+
+    /// The names of every file, sorted.
+    pub fn file_names(&self) -> Vec<String> {
+        self.state.lock().meta.names.keys().cloned().collect()
+    }
+
+    /// The device's size in blocks, superblocks and metadata areas included.
+    pub fn total_blocks(&self) -> u64 {
+        self.layout.total_blocks
+    }
+
+    /// The number of blocks that can be allocated now.
+    pub fn free_blocks(&self) -> u64 {
+        self.state.lock().space.allocator.available()
+    }
+
+    /// The number of freed blocks that wait for the next commit before they can
+    /// be allocated (durable metadata still maps them).
+    pub fn pending_blocks(&self) -> u64 {
+        self.state.lock().space.pending_count
+    }
+
+    /// The device the volume lives on.
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.device
+    }
+
+    /// Asserts that every block below the allocator's high-water mark is exactly
+    /// one of: superblock or metadata area, free, pending, in flight, or
+    /// allocated to exactly one file; that every file's blocks lie inside the
+    /// device; that no free block is committed (a crash could give it back to a
+    /// file while another one reuses it); that no file maps blocks past its end
+    /// of file; and that the file table and the metadata size are consistent.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) {
+        let state = self.state.lock();
+        let meta = &state.meta;
+        let space = &state.space;
+        let alloc = &space.allocator;
+        let data_start = self.layout.data_start();
+        assert_eq!(meta.names.len(), meta.files.len(), "file table out of sync");
+        // (first block, length, owner) for every block below the high-water mark.
+        let mut claims: Vec<(u64, u64, String)> = vec![(0, data_start, "metadata".into())];
+        let mut free_count = 0;
+        for &(first, len) in &alloc.free {
+            assert!(len > 0, "empty free run at {first}");
+            claims.push((first, len, "free list".into()));
+            free_count += len;
+            space
+                .committed
+                .split(first, len, |first, len, is_committed| {
+                    assert!(
+                        !is_committed,
+                        "free blocks {first}+{len} are committed: a crash could give them back"
+                    );
+                });
+        }
+        assert_eq!(free_count, alloc.free_count, "free block count is off");
+        let mut pending_count = 0;
+        for &(first, len) in &space.pending {
+            assert!(len > 0, "empty pending run at {first}");
+            claims.push((first, len, "pending".into()));
+            pending_count += len;
+        }
+        assert_eq!(pending_count, space.pending_count, "pending count is off");
+        for (&id, file) in &meta.files {
+            assert_eq!(meta.names.get(&file.name), Some(&id), "name of file {id}");
+            assert!(id < meta.next_id, "file id {id} not below the next id");
+            assert!(file.size <= MAX_FILE_SIZE, "file {id} too large");
+            file.extents.check_invariants();
+            let blocks = file.size.div_ceil(BLOCK);
+            for (lblk, extent) in file.extents.iter() {
+                assert!(
+                    lblk + extent.len <= blocks,
+                    "file {} maps block {} past its end",
+                    file.name,
+                    lblk + extent.len - 1
+                );
+                assert!(
+                    extent.phys >= data_start && extent.phys + extent.len <= alloc.total,
+                    "file {} maps blocks {}+{} outside the data blocks",
+                    file.name,
+                    extent.phys,
+                    extent.len
+                );
+                claims.push((extent.phys, extent.len, format!("file {}", file.name)));
+            }
+        }
+        claims.sort();
+        let mut next = 0;
+        for (first, len, owner) in &claims {
+            assert!(
+                *first >= next,
+                "block {first} ({owner}) is claimed twice: {claims:?}"
+            );
+            next = first + len;
+        }
+        assert!(
+            next <= alloc.high_water,
+            "a claimed block is above the high-water mark"
+        );
+        let claimed: u64 = claims.iter().map(|(_, len, _)| len).sum();
+        assert_eq!(
+            claimed + alloc.in_flight,
+            alloc.high_water,
+            "blocks leaked below the high-water mark"
+        );
+        let mapped: u64 = meta.files.values().map(|f| f.extents.mapped_blocks()).sum();
+        assert_eq!(
+            mapped + free_count + pending_count + data_start + alloc.in_flight,
+            alloc.high_water
+        );
+        assert!(alloc.high_water <= self.layout.total_blocks);
+        assert_eq!(state.meta_len, meta.encoded_len(), "metadata size is off");
+        assert!(
+            state.meta_len + state.meta_reserved <= state.meta_capacity,
+            "metadata outgrew its area"
+        );
+    }
+
+    fn remove_locked(state: &mut State, id: u64) -> io::Result<()> {
+        let mut file = state
+            .meta
+            .files
+            .remove(&id)
+            .ok_or_else(|| err(libc::ENOENT))?;
+        state.meta.names.remove(&file.name);
+        state.meta_len -= file.encoded_len();
+        state.dirty = true;
+        for (phys, len) in file.extents.remove_range(0, u64::MAX) {
+            state.space.free(phys, len);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on file `id` under the mutex, to look; `ENOENT` if it was removed.
+    fn with_file<R>(&self, id: u64, f: impl FnOnce(&FileMeta) -> io::Result<R>) -> io::Result<R> {
+        let state = self.state.lock();
+        let file = state.meta.files.get(&id).ok_or_else(|| err(libc::ENOENT))?;
+        f(file)
+    }
+
+    /// Runs `f` on file `id` under the mutex, to change it: first gives back the
+    /// `held` bytes of metadata area this operation reserved earlier, then fails
+    /// with `ENOENT` if the file was removed or `ENOSPC` unless `need` more bytes
+    /// fit, and afterwards accounts for the runs `f` added or removed.
+    fn change_file<R>(
+        &self,
+        id: u64,
+        held: u64,
+        need: u64,
+        f: impl FnOnce(&mut FileMeta, &mut Space) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        state.meta_reserved -= held;
+        let file = state
+            .meta
+            .files
+            .get_mut(&id)
+            .ok_or_else(|| err(libc::ENOENT))?;
+        if state.meta_len + state.meta_reserved + need > state.meta_capacity {
+            return fail(libc::ENOSPC);
+        }
+        let before = file.encoded_len();
+        let result = f(file, &mut state.space);
+        state.meta_len = state.meta_len - before + file.encoded_len();
+        state.dirty = true;
+        result
+    }
+
+    /// Writes `len` zero bytes at device byte `offset`.
+    fn write_zeros(&self, mut offset: u64, mut len: u64) -> io::Result<()> {
+        while len > 0 {
+            let chunk = len.min(ZEROS.len() as u64);
+            self.device.write_all_at(&ZEROS[..chunk as usize], offset)?;
+            offset += chunk;
+            len -= chunk;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Volume {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Volume")
+            .field("device", &self.device)
+            .field("total_blocks", &self.layout.total_blocks)
+            .field("meta_blocks", &self.layout.meta_blocks)
+            .finish_non_exhaustive()
+    }
+}
