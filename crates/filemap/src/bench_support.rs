@@ -1,5 +1,6 @@
 //! Baselines for the benchmarks (the `filemap-bench` crate), built on the
-//! crate's private kernel wrappers. Not part of the library's interface.
+//! crate's private kernel wrappers. Not part of the library's interface: only
+//! the `bench` feature (and the crate's own tests) build it.
 //!
 //! [`bare_uffd_round_trips`] measures the floor of any fault that userfaultfd
 //! serves: one MISSING fault answered by a handler thread with a 4 KiB
