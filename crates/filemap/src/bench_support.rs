@@ -1,13 +1,14 @@
 //! Baselines for the benchmarks (the `filemap-bench` crate), built on the
-//! crate's private kernel wrappers. Not part of the library's interface.
+//! crate's private kernel wrappers. Not part of the library's interface: only
+//! the `bench` feature (and the crate's own tests) build it.
 //!
 //! [`bare_uffd_round_trips`] measures the floor of any fault that userfaultfd
 //! serves: one MISSING fault answered by a handler thread with a 4 KiB
 //! `UFFDIO_COPY` and nothing else (no lookup, no lock, no backend read). It is
 //! the round trip measured by the prototype test `fault_round_trip` in
-//! `map/uffd.rs`, in the shape the mappings use: the toucher faults in one view,
-//! the handler installs through a second view of the same memfd and wakes the
-//! faulting page.
+//! `map/uffd/tests.rs`, in the shape the mappings use: the toucher faults in
+//! one view, the handler installs through a second view of the same memfd and
+//! wakes the faulting page.
 //!
 //! # Safety
 //! The `unsafe` here is a `UFFDIO_COPY` from a buffer the handler owns, and the
@@ -19,6 +20,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
+
+use rustix::io::Errno;
 
 use crate::map::memfd::{Memfd, View};
 use crate::map::uffd::{wait_readable, Event, EventFd, Readiness, Userfaultfd};
@@ -34,11 +37,11 @@ use crate::page::PAGE_SIZE;
 /// part of a fault. `EINVAL` for zero pages.
 pub fn bare_uffd_round_trips(pages: usize) -> io::Result<f64> {
     if pages == 0 {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        return Err(Errno::INVAL.into());
     }
     let len = pages
         .checked_mul(PAGE_SIZE)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        .ok_or_else(|| io::Error::from(Errno::INVAL))?;
     let memfd = Memfd::new("filemap-bench")?;
     memfd.set_len(len as u64)?;
     let uffd = Arc::new(Userfaultfd::new()?);
@@ -164,7 +167,7 @@ fn serve(
             match copied {
                 // EEXIST: the page is there already (a repeated fault); wake anyway.
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) if Errno::from_io_error(&e) == Some(Errno::EXIST) => {}
                 Err(e) => return Err(e),
             }
             // A copy through the install view wakes only waiters on its own range.

@@ -32,6 +32,7 @@
 
 mod aligned;
 pub mod backend;
+#[cfg(any(feature = "bench", test))] // built for its own test too
 #[doc(hidden)]
 pub mod bench_support;
 pub mod cache;

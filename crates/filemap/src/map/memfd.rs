@@ -2,7 +2,7 @@
 //!
 //! A [`Memfd`] is anonymous shmem: its pages are the pages every [`View`] of it
 //! shows, so a store through one view is seen by every other view and by
-//! [`Memfd::read_at`]. Pages enter it only through `UFFDIO_COPY` (see `uffd.rs`);
+//! [`Memfd::read_at`]. Pages enter it only through `UFFDIO_COPY` (see `map/uffd`);
 //! [`Memfd::punch`] removes them from every view at once. See `map/mod.rs` for
 //! the kernel behaviour this relies on.
 //!
@@ -16,10 +16,13 @@
 //! never a `&[u8]`).
 #![allow(unsafe_code)]
 
+use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, SeekFrom};
+use rustix::io::Errno;
+use rustix::mm::{Advice, MapFlags, ProtFlags};
 
 use crate::page::{PAGE, PAGE_SIZE};
 
@@ -130,35 +133,35 @@ impl View {
     /// file. The mapping itself does not touch any page.
     pub fn new(memfd: &Memfd, offset: u64, len: usize, writable: bool) -> io::Result<Self> {
         if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE != 0 || offset > i64::MAX as u64 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            return Err(Errno::INVAL.into());
         }
-        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
         // SAFETY: a null hint without MAP_FIXED makes the kernel choose a free
         // range, so no existing mapping (no memory Rust owns) is replaced. The fd
         // is open for the duration of the call; the kernel takes its own file
         // reference.
         let addr = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 len,
                 prot,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&memfd.fd),
-                offset as libc::off_t,
+                MapFlags::SHARED,
+                &memfd.fd,
+                offset,
             )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        }?;
         let view = Self {
             addr: addr as usize,
             len,
         };
         // SAFETY: the range is the mapping just created and owned by `view`;
-        // MADV_DONTFORK only changes what a future fork copies.
-        if unsafe { libc::madvise(addr, len, libc::MADV_DONTFORK) } != 0 {
-            return Err(io::Error::last_os_error()); // `view` unmaps on drop
-        }
+        // MADV_DONTFORK only changes what a future fork copies. On failure
+        // `view` unmaps the range as it drops.
+        unsafe { rustix::mm::madvise(addr, len, Advice::LinuxDontFork) }?;
         Ok(view)
     }
 
@@ -188,11 +191,7 @@ pub(crate) unsafe fn zap(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: the range is part of a live view (caller's contract): a
     // MAP_SHARED mapping of a memfd, whose data stays in the file, so dropping
     // the entries loses nothing and nothing Rust owns is touched.
-    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(unsafe { rustix::mm::madvise(addr as *mut c_void, len, Advice::LinuxDontNeed) }?)
 }
 
 impl Drop for View {
@@ -203,7 +202,7 @@ impl Drop for View {
         // SAFETY: the range was mapped by `View::new`, is owned by this view
         // alone, and is unmapped only here, once. Nothing in Rust holds a
         // reference into it (views hand out addresses only).
-        let rc = unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-        debug_assert_eq!(rc, 0, "munmap of a view failed");
+        let unmapped = unsafe { rustix::mm::munmap(self.addr as *mut c_void, self.len) };
+        debug_assert!(unmapped.is_ok(), "munmap of a view failed: {unmapped:?}");
     }
 }
