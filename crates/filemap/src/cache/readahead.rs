@@ -19,13 +19,12 @@
 //! The mark is one atomic word that a hit only loads, so hits still write
 //! nothing shared unless they reach it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Weak};
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
 use super::CacheShared;
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::Mutex;
 
 /// The largest readahead window, and the most pages one fill reads.
 pub(crate) const MAX_WINDOW_PAGES: u64 = 512;
@@ -234,6 +233,7 @@ impl ReadaheadRequests {
         let Some(requests) = self.requests else {
             return Ok(());
         };
+        // Real threads and a `std` channel: the model checkers never start them.
         let requests = std::sync::Arc::new(Mutex::new(requests));
         for _ in 0..self.threads {
             let (requests, cache) = (requests.clone(), cache.clone());
