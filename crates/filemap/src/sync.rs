@@ -36,6 +36,16 @@ pub(crate) use self::model_compat::{Condvar, Mutex, MutexGuard, RwLock};
 #[cfg(any(loom, shuttle))]
 pub(crate) use model::sync::Arc;
 
+/// Statics a model checker creates afresh for every execution it explores.
+#[cfg(any(loom, shuttle))]
+pub(crate) use model::lazy_static;
+
+/// A cell written once, `std`'s in every build: neither checker has one. Its
+/// `get` is an acquire load and `get_or_init` serialises initialisers with a
+/// lock of its own, neither of which a model sees; the models drive page slots
+/// directly rather than through the page tree's cells.
+pub(crate) use std::sync::OnceLock;
+
 /// Atomic integers, flags and fences.
 pub(crate) mod atomic {
     #[cfg(any(loom, shuttle))]

@@ -22,11 +22,46 @@
 //! version and the `UPTODATE`/`LOCKED` bits did not change; a fill records the
 //! state when it claims the page and installs only after locking exactly that
 //! state, so a fill whose page was invalidated meanwhile never installs.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! As tokio's task state: [`PageState`] is a copy of the word with named
+//! predicates (`is_*`) and named transitions, each a pure function returning
+//! the next state; [`Slot`] applies them to the word atomically under the
+//! matching verb. Callers name what happens to the page and never build bits:
+//!
+//! | `PageState` | `Slot` | from | to | version |
+//! |---|---|---|---|---|
+//! | `claimed_for_fill` | `claim_for_fill` | absent | `FILLING` | bumped |
+//! | `locked_for_create` | `lock_for_create` | absent | `LOCKED` | bumped |
+//! | `locked` | `try_lock`, `lock_fill_claim` | not `LOCKED` | `+LOCKED` | kept |
+//! | `published(dirty)` | `publish` | `LOCKED` (a fill's: `FILLING`) | `+PRESENT +UPTODATE +QUEUED` (`+DIRTY`), `-LOCKED -FILLING` | bumped |
+//! | `unlocked` | `unlock` | `LOCKED` | `-LOCKED` | kept |
+//! | `unlocked_referenced` | `unlock_referenced` | `LOCKED` | `-LOCKED +REFERENCED` | kept |
+//! | `written` | `unlock_written` | `LOCKED` | `-LOCKED +DIRTY` | bumped |
+//! | `changed` | `unlock_changed` | `LOCKED` | `-LOCKED` | bumped |
+//! | `emptied` | `empty`, `abandon_fill` | `LOCKED`, or the fill's own claim | absent (`QUEUED` kept) | bumped |
+//! | `unqueued` | `unqueue_absent` | absent | `-QUEUED` | kept |
+//! | `writeback_started` | `start_writeback` | `LOCKED`, `DIRTY` | `-LOCKED -DIRTY +WRITEBACK` | kept |
+//! | `writeback_done` | `end_writeback(false)` | `WRITEBACK` | `-WRITEBACK` | kept |
+//! | `writeback_failed` | `end_writeback(true)` | `WRITEBACK` | `-WRITEBACK +DIRTY` | kept |
+//! | `cleaned` | `mark_clean` | `LOCKED`, `DIRTY` | `-DIRTY` | kept |
+//! | `dirtied` | `mark_dirty_by_store` | `PRESENT` or `LOCKED` | `+DIRTY` | kept |
+//! | `referenced` | `mark_referenced` | readable | `+REFERENCED` | kept |
+//!
+//! A [`Slot`] makes a transition by [`Slot::replace`], which wakes the threads
+//! parked on the slot (they re-check what they wait for), and the transitions
+//! drop `WAITERS` with it, but for `locked` and `unqueued`, which change one
+//! bit only. The plain compare-and-swaps of `try_lock` and `mark_referenced`
+//! wake no one, so they keep `WAITERS`.
+//!
+//! The protocol is model-checked: `page/model.rs` runs a fill racing an
+//! invalidation, a hit racing a rewrite and a writeback racing a write on a
+//! real [`Slot`] under loom and shuttle (see `.ci/run`).
 
 use super::wait;
+use crate::sync::atomic::{fence, AtomicU64, Ordering};
 
+// Crate-visible for the old raw forms (`has`, `transition`, `with_flags`,
+// `claim_absent`, `wait_while`) that `mapping.rs` still uses.
 pub(crate) const PRESENT: u64 = 1 << 0;
 pub(crate) const LOCKED: u64 = 1 << 1;
 pub(crate) const UPTODATE: u64 = 1 << 2;
@@ -42,8 +77,14 @@ const VERSION_MASK: u64 = !(VERSION_ONE - 1);
 /// The bits an optimistic reader re-checks: anything else changing (dirty,
 /// writeback, waiters, referenced, queued) leaves the bytes it copied valid.
 const READ_SIGNATURE: u64 = VERSION_MASK | PRESENT | UPTODATE | LOCKED;
+/// Marks a compare-and-swap on the slot tolerates: a waiter arriving or a hit
+/// marking the page referenced is no change of the page.
+const MARKS: u64 = WAITERS | REFERENCED;
 
-/// A copy of a slot's state word with named predicates.
+/// A copy of a slot's state word with named predicates and transitions.
+///
+/// The field and [`PageState::has`] are the old raw form, still used by
+/// `mapping.rs`: to be made private once it calls the named predicates.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PageState(pub(crate) u64);
 
@@ -67,15 +108,83 @@ impl std::fmt::Debug for PageState {
     }
 }
 
+// Predicates.
+// Named ones not called yet outside this module: `mapping.rs` moves to them
+// from `has` next (then this `allow` goes).
+#[allow(dead_code)]
 impl PageState {
+    /// Whether any of `bits` is set. Old raw form: callers use the named
+    /// predicates below.
     pub(crate) fn has(self, bits: u64) -> bool {
         self.0 & bits != 0
+    }
+
+    /// The page is in the page store.
+    pub(crate) fn is_present(self) -> bool {
+        self.has(PRESENT)
+    }
+
+    /// Someone holds the page's lock.
+    pub(crate) fn is_locked(self) -> bool {
+        self.has(LOCKED)
+    }
+
+    /// The stored page holds the page's current data.
+    pub(crate) fn is_uptodate(self) -> bool {
+        self.has(UPTODATE)
+    }
+
+    /// The stored page is newer than the backend.
+    pub(crate) fn is_dirty(self) -> bool {
+        self.has(DIRTY)
+    }
+
+    /// A snapshot of the page is being written to the backend.
+    pub(crate) fn is_under_writeback(self) -> bool {
+        self.has(WRITEBACK)
+    }
+
+    /// A fill claimed the page.
+    pub(crate) fn is_filling(self) -> bool {
+        self.has(FILLING)
+    }
+
+    /// Threads are parked on the slot.
+    pub(crate) fn has_waiters(self) -> bool {
+        self.has(WAITERS)
+    }
+
+    /// A hit read the page since the eviction hand last passed.
+    pub(crate) fn is_referenced(self) -> bool {
+        self.has(REFERENCED)
+    }
+
+    /// The slot has its entry in the eviction queue.
+    pub(crate) fn is_queued(self) -> bool {
+        self.has(QUEUED)
     }
 
     /// Neither stored, claimed by a fill, nor being created by a writer: the
     /// page is not cached.
     pub(crate) fn is_absent(self) -> bool {
         self.0 & (PRESENT | FILLING | LOCKED) == 0
+    }
+
+    /// Locked, being filled or under writeback: eviction skips the page, and a
+    /// change or a drop of it waits.
+    pub(crate) fn is_busy(self) -> bool {
+        self.has(LOCKED | FILLING | WRITEBACK)
+    }
+
+    /// Locked or being filled: its bytes or presence are about to change.
+    pub(crate) fn is_locked_or_filling(self) -> bool {
+        self.has(LOCKED | FILLING)
+    }
+
+    /// Present, or locked (a store through a map can land on a page a fill
+    /// installed before it publishes it): a page a store can have changed.
+    pub(crate) fn is_present_or_locked(self) -> bool {
+        self.has(PRESENT | LOCKED)
     }
 
     /// An optimistic reader may copy the stored page.
@@ -94,20 +203,156 @@ impl PageState {
         self.0 & READ_SIGNATURE == later.0 & READ_SIGNATURE
     }
 
+    /// Whether `later` differs from `self` only in marks (`WAITERS`,
+    /// `REFERENCED`), which are no change of the page.
+    fn same_but_marks(self, later: PageState) -> bool {
+        self.0 & !MARKS == later.0 & !MARKS
+    }
+}
+
+// Transitions: each returns the next state; `Slot` applies it.
+// Named ones not called yet outside this module: `mapping.rs` moves to them
+// from `transition` and `with_flags` next (then this `allow` goes).
+#[allow(dead_code)]
+impl PageState {
     /// The absent state that follows this one (version bumped, flags dropped
-    /// but `QUEUED`, which belongs to the eviction queue).
+    /// but `QUEUED`, which belongs to the eviction queue): a drop, an eviction,
+    /// a failed install, a fill giving its claim back.
+    #[must_use]
     pub(crate) fn emptied(self) -> PageState {
         PageState(self.0.wrapping_add(VERSION_ONE) & (VERSION_MASK | QUEUED))
     }
 
-    /// Only `flags` set (and `QUEUED` kept), version bumped.
+    /// An absent page claimed by a fill (`FILLING`), version bumped.
+    #[must_use]
+    pub(crate) fn claimed_for_fill(self) -> PageState {
+        self.fresh(FILLING)
+    }
+
+    /// An absent page locked by a writer that creates it, version bumped.
+    #[must_use]
+    pub(crate) fn locked_for_create(self) -> PageState {
+        self.fresh(LOCKED)
+    }
+
+    /// Locked, nothing else changed: a plain compare-and-swap takes it, so
+    /// `WAITERS` stays (no one is woken). A fill's claim never has `WAITERS`
+    /// (a claim is a fresh state), so locking it drops none either.
+    #[must_use]
+    pub(crate) fn locked(self) -> PageState {
+        PageState(self.0 | LOCKED)
+    }
+
+    /// The installed page made visible: present and up to date (and dirty if
+    /// `dirty`), unlocked and no longer being filled, queued for eviction,
+    /// version bumped.
+    #[must_use]
+    pub(crate) fn published(self, dirty: bool) -> PageState {
+        let dirty = if dirty { DIRTY } else { 0 };
+        self.next(PRESENT | UPTODATE | QUEUED | dirty, LOCKED | FILLING, true)
+    }
+
+    /// Unlocked by a holder that changed nothing.
+    #[must_use]
+    pub(crate) fn unlocked(self) -> PageState {
+        self.next(0, LOCKED, false)
+    }
+
+    /// Unlocked by a hit that copied the page under its lock: marked
+    /// referenced for the eviction hand.
+    #[must_use]
+    pub(crate) fn unlocked_referenced(self) -> PageState {
+        self.next(REFERENCED, LOCKED, false)
+    }
+
+    /// Unlocked by a holder that wrote the page: dirty, version bumped.
+    #[must_use]
+    pub(crate) fn written(self) -> PageState {
+        self.next(DIRTY, LOCKED, true)
+    }
+
+    /// Unlocked by a holder that changed the bytes to what the backend holds
+    /// (or is about to): version bumped, dirtiness unchanged.
+    #[must_use]
+    pub(crate) fn changed(self) -> PageState {
+        self.next(0, LOCKED, true)
+    }
+
+    /// The eviction queue's entry of an absent page gone: `QUEUED` cleared,
+    /// nothing else (waiters kept).
+    #[must_use]
+    pub(crate) fn unqueued(self) -> PageState {
+        PageState(self.0 & !QUEUED)
+    }
+
+    /// A locked dirty page whose snapshot was taken: clean and unlocked, its
+    /// snapshot under writeback. A write from now on dirties it again.
+    #[must_use]
+    pub(crate) fn writeback_started(self) -> PageState {
+        self.next(WRITEBACK, LOCKED | DIRTY, false)
+    }
+
+    /// The snapshot reached the backend: writeback over.
+    #[must_use]
+    pub(crate) fn writeback_done(self) -> PageState {
+        self.next(0, WRITEBACK, false)
+    }
+
+    /// The snapshot did not reach the backend: writeback over, dirty again.
+    #[must_use]
+    pub(crate) fn writeback_failed(self) -> PageState {
+        self.next(DIRTY, WRITEBACK, false)
+    }
+
+    /// A locked page written back by its holder: clean (still locked).
+    #[must_use]
+    pub(crate) fn cleaned(self) -> PageState {
+        self.next(0, DIRTY, false)
+    }
+
+    /// A page changed by a store through a map: dirty.
+    #[must_use]
+    pub(crate) fn dirtied(self) -> PageState {
+        self.next(DIRTY, 0, false)
+    }
+
+    /// Marked read for the eviction hand, nothing else changed (a plain
+    /// compare-and-swap takes it, `WAITERS` stays).
+    #[must_use]
+    pub(crate) fn referenced(self) -> PageState {
+        PageState(self.0 | REFERENCED)
+    }
+
+    /// Marked as having threads parked on it (a plain compare-and-swap).
+    #[must_use]
+    fn with_waiters(self) -> PageState {
+        PageState(self.0 | WAITERS)
+    }
+
+    /// Only `flags` set (and `QUEUED` kept), version bumped. Old raw form:
+    /// callers use [`PageState::claimed_for_fill`] or
+    /// [`PageState::locked_for_create`].
+    #[must_use]
     pub(crate) fn with_flags(self, flags: u64) -> PageState {
+        self.fresh(flags)
+    }
+
+    /// The same state with `set` set and `clear` cleared, version bumped when
+    /// `bump` (the data changed), waiters dropped. Old raw form: callers use
+    /// the named transitions.
+    #[must_use]
+    pub(crate) fn transition(self, set: u64, clear: u64, bump: bool) -> PageState {
+        self.next(set, clear, bump)
+    }
+
+    /// Only `flags` set (and `QUEUED` kept), version bumped.
+    fn fresh(self, flags: u64) -> PageState {
         PageState((self.0.wrapping_add(VERSION_ONE) & (VERSION_MASK | QUEUED)) | flags)
     }
 
-    /// The same state with `flags` set and `clear` cleared, version bumped when
-    /// `bump` (the data changed), waiters dropped.
-    pub(crate) fn transition(self, set: u64, clear: u64, bump: bool) -> PageState {
+    /// `set` set and `clear` cleared, version bumped when `bump`, waiters
+    /// dropped (the `Slot` wakes them).
+    fn next(self, set: u64, clear: u64, bump: bool) -> PageState {
         let word = if bump {
             self.0.wrapping_add(VERSION_ONE)
         } else {
@@ -115,6 +360,18 @@ impl PageState {
         };
         PageState((word | set) & !(clear | WAITERS))
     }
+}
+
+/// What one optimistic read of a page found ([`Slot::read_optimistic`]).
+#[allow(dead_code)] // `mapping.rs`'s hit path moves to it next
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OptimisticRead {
+    /// The page was not readable: nothing was copied.
+    NotReadable,
+    /// The page changed during the copy: the copy is void.
+    Changed,
+    /// The copy is the page's current data.
+    Copied,
 }
 
 /// One page index's slot.
@@ -144,16 +401,12 @@ impl Slot {
                 .compare_exchange(expected, new.0, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    if expected & WAITERS != 0 {
+                    if PageState(expected).has_waiters() {
                         wait::wake_all(self.key());
                     }
                     return Ok(());
                 }
-                Err(actual)
-                    if actual & !(WAITERS | REFERENCED) == current.0 & !(WAITERS | REFERENCED) =>
-                {
-                    expected = actual
-                }
+                Err(actual) if current.same_but_marks(PageState(actual)) => expected = actual,
                 Err(actual) => return Err(PageState(actual)),
             }
         }
@@ -161,27 +414,19 @@ impl Slot {
 
     /// Sets `flag` (`FILLING` or `LOCKED`) on the slot if the page is absent,
     /// whatever other flags it has or gains meanwhile; returns the state it
-    /// set, or `None` once the page is not absent.
+    /// set, or `None` once the page is not absent. Old raw form: callers use
+    /// [`Slot::claim_for_fill`].
     pub(crate) fn claim_absent(&self, flag: u64) -> Option<PageState> {
-        loop {
-            let state = self.load();
-            if !state.is_absent() {
-                return None;
-            }
-            let claimed = state.with_flags(flag);
-            if self.replace(state, claimed).is_ok() {
-                return Some(claimed);
-            }
-        }
+        self.claim_absent_as(|state| state.with_flags(flag))
     }
 
     /// Sets `LOCKED` on a state without it; the caller then owns the page's bytes.
     pub(crate) fn try_lock(&self, current: PageState) -> Result<(), PageState> {
-        debug_assert!(!current.has(LOCKED));
+        debug_assert!(!current.is_locked());
         self.0
             .compare_exchange(
                 current.0,
-                current.0 | LOCKED,
+                current.locked().0,
                 Ordering::Acquire,
                 Ordering::Acquire,
             )
@@ -190,15 +435,11 @@ impl Slot {
     }
 
     /// Applies `change` to the current state atomically (it must keep `LOCKED`
-    /// owners' rules), waking waiters if the old state had any.
-    pub(crate) fn update(&self, mut change: impl FnMut(PageState) -> PageState) -> PageState {
-        let mut current = self.load();
-        loop {
-            match self.replace(current, change(current)) {
-                Ok(()) => return current,
-                Err(actual) => current = actual,
-            }
-        }
+    /// owners' rules), waking waiters if the old state had any; returns the
+    /// state it replaced. Old raw form: callers use the named transitions
+    /// below.
+    pub(crate) fn update(&self, change: impl FnMut(PageState) -> PageState) -> PageState {
+        self.apply(change)
     }
 
     /// Marks the page referenced for the eviction hand, if `seen` (a state a
@@ -206,10 +447,10 @@ impl Slot {
     /// shared memory only for the first hit after the hand cleared the mark.
     #[inline]
     pub(crate) fn mark_referenced(&self, seen: PageState) {
-        if !seen.has(REFERENCED) {
+        if !seen.is_referenced() {
             let _ = self.0.compare_exchange(
                 seen.0,
-                seen.0 | REFERENCED,
+                seen.referenced().0,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
@@ -218,22 +459,30 @@ impl Slot {
 
     /// Clears the referenced mark; returns whether it was set.
     pub(crate) fn take_referenced(&self) -> bool {
-        self.0.fetch_and(!REFERENCED, Ordering::Relaxed) & REFERENCED != 0
+        PageState(self.0.fetch_and(!REFERENCED, Ordering::Relaxed)).is_referenced()
     }
 
-    /// Waits until none of `bits` is set, returning the state seen last.
+    /// Waits until none of `bits` is set, returning the state seen last. Old
+    /// raw form: callers use [`Slot::wait_while_state`].
     pub(crate) fn wait_while(&self, bits: u64) -> PageState {
+        self.wait_while_state(|state| state.has(bits))
+    }
+
+    /// Waits while `busy` holds for the slot's state (`PageState::is_busy`,
+    /// `PageState::is_locked_or_filling`, ...), returning the first state for
+    /// which it does not.
+    pub(crate) fn wait_while_state(&self, busy: impl Fn(PageState) -> bool) -> PageState {
         loop {
             let state = self.load();
-            if !state.has(bits) {
+            if !busy(state) {
                 return state;
             }
-            if !state.has(WAITERS)
+            if !state.has_waiters()
                 && self
                     .0
                     .compare_exchange(
                         state.0,
-                        state.0 | WAITERS,
+                        state.with_waiters().0,
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     )
@@ -243,7 +492,7 @@ impl Slot {
             }
             wait::park(self.key(), || {
                 let now = PageState(self.0.load(Ordering::Acquire));
-                now.has(bits) && now.has(WAITERS)
+                busy(now) && now.has_waiters()
             });
         }
     }
@@ -251,4 +500,172 @@ impl Slot {
     fn key(&self) -> usize {
         &self.0 as *const AtomicU64 as usize
     }
+
+    /// Applies `change` to the current state atomically by [`Slot::replace`];
+    /// returns the state it replaced.
+    fn apply(&self, mut change: impl FnMut(PageState) -> PageState) -> PageState {
+        let mut current = self.load();
+        loop {
+            match self.replace(current, change(current)) {
+                Ok(()) => return current,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Moves the slot from absent to `claimed(absent)`, whatever other flags it
+    /// has or gains meanwhile; returns the state it set, or `None` once the page
+    /// is not absent.
+    fn claim_absent_as(&self, claimed: impl Fn(PageState) -> PageState) -> Option<PageState> {
+        loop {
+            let state = self.load();
+            if !state.is_absent() {
+                return None;
+            }
+            let claimed = claimed(state);
+            if self.replace(state, claimed).is_ok() {
+                return Some(claimed);
+            }
+        }
+    }
 }
+
+// Named transitions of the slot.
+// Not called yet outside this module: `mapping.rs` moves to them from
+// `update`, `replace` and `claim_absent` next (then this `allow` goes).
+#[allow(dead_code)]
+impl Slot {
+    /// Claims the absent page for a fill (`FILLING`); returns the claim, which
+    /// the fill locks with [`Slot::lock_fill_claim`] once it has read the
+    /// backend, or `None` once the page is not absent.
+    pub(crate) fn claim_for_fill(&self) -> Option<PageState> {
+        self.claim_absent_as(PageState::claimed_for_fill)
+    }
+
+    /// Locks the claim `filling` to install the page, if it is still exactly
+    /// that claim: a fill whose page was invalidated (and perhaps claimed
+    /// again) since it claimed it fails here and installs nothing.
+    pub(crate) fn lock_fill_claim(&self, filling: PageState) -> Result<(), PageState> {
+        debug_assert!(filling.is_filling() && !filling.is_locked());
+        self.replace(filling, filling.locked())
+    }
+
+    /// Gives a fill's claim `filling` back (the page becomes absent) if it is
+    /// still that claim, whatever marks it gained; else leaves the slot alone.
+    pub(crate) fn abandon_fill(&self, filling: PageState) {
+        self.apply(|state| {
+            if filling.is_same_claim(state) {
+                state.emptied()
+            } else {
+                state
+            }
+        });
+    }
+
+    /// Locks the page `absent` (loaded just before) to create it; fails if the
+    /// state changed.
+    pub(crate) fn lock_for_create(&self, absent: PageState) -> Result<(), PageState> {
+        debug_assert!(absent.is_absent());
+        self.replace(absent, absent.locked_for_create())
+    }
+
+    /// Publishes the page the caller locked (or claimed and locked) and
+    /// installed: present and up to date, dirty if `dirty`. Returns the state
+    /// it replaced: if that was not queued, the caller gives the page its
+    /// eviction queue entry.
+    pub(crate) fn publish(&self, dirty: bool) -> PageState {
+        self.apply(|state| state.published(dirty))
+    }
+
+    /// Unlocks the page, unchanged.
+    pub(crate) fn unlock(&self) {
+        self.apply(PageState::unlocked);
+    }
+
+    /// Unlocks the page after a hit copied it under its lock.
+    pub(crate) fn unlock_referenced(&self) {
+        self.apply(PageState::unlocked_referenced);
+    }
+
+    /// Unlocks the page after writing it: dirty, new version.
+    pub(crate) fn unlock_written(&self) {
+        self.apply(PageState::written);
+    }
+
+    /// Unlocks the page after changing its bytes to the backend's: new version.
+    pub(crate) fn unlock_changed(&self) {
+        self.apply(PageState::changed);
+    }
+
+    /// Empties the page the caller holds (locked): absent, new version.
+    pub(crate) fn empty(&self) {
+        self.apply(PageState::emptied);
+    }
+
+    /// Drops the eviction queue's mark of the page `absent` (loaded just
+    /// before); fails if the state changed meanwhile (a fill took the page).
+    pub(crate) fn unqueue_absent(&self, absent: PageState) -> Result<(), PageState> {
+        debug_assert!(absent.is_absent());
+        self.replace(absent, absent.unqueued())
+    }
+
+    /// The page the caller locked was snapshotted for writeback: clean, under
+    /// writeback, unlocked.
+    pub(crate) fn start_writeback(&self) {
+        self.apply(PageState::writeback_started);
+    }
+
+    /// Ends the page's writeback; if it `failed`, the page is dirty again.
+    pub(crate) fn end_writeback(&self, failed: bool) {
+        self.apply(if failed {
+            PageState::writeback_failed
+        } else {
+            PageState::writeback_done
+        });
+    }
+
+    /// The page the caller locked was written back: clean.
+    pub(crate) fn mark_clean(&self) {
+        self.apply(PageState::cleaned);
+    }
+
+    /// Marks the page dirty after a store through a map changed it, if it is
+    /// present or locked (an unlocked fill's claim has nothing to store to);
+    /// returns whether this made it dirty.
+    pub(crate) fn mark_dirty_by_store(&self) -> bool {
+        let before = self.apply(|state| {
+            if state.is_present_or_locked() {
+                state.dirtied()
+            } else {
+                state
+            }
+        });
+        before.is_present_or_locked() && !before.is_dirty()
+    }
+
+    /// One optimistic read of the page (the seqlock's read side): if the page
+    /// is readable, `copy` copies it from the store, and the copy is kept only
+    /// if the version and the `UPTODATE`/`LOCKED` bits did not change
+    /// meanwhile; a kept copy marks the page referenced. Takes no lock and
+    /// writes nothing shared but the first mark after the eviction hand passed.
+    #[inline]
+    pub(crate) fn read_optimistic(&self, copy: impl FnOnce()) -> OptimisticRead {
+        let before = self.load();
+        if !before.is_readable() {
+            return OptimisticRead::NotReadable;
+        }
+        copy();
+        // Orders the copy before the re-check; pairs with the release fence
+        // of writers before their copy into the page (`PageStore::write`).
+        fence(Ordering::Acquire);
+        let after = self.load();
+        if !before.same_contents(after) {
+            return OptimisticRead::Changed;
+        }
+        self.mark_referenced(after);
+        OptimisticRead::Copied
+    }
+}
+
+#[cfg(all(test, any(loom, shuttle)))]
+mod model;

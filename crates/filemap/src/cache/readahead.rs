@@ -19,11 +19,11 @@
 //! The mark is one atomic word that a hit only loads, so hits still write
 //! nothing shared unless they reach it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::Mutex;
 
 /// The largest readahead window, and the most pages one fill reads.
 pub(crate) const MAX_WINDOW_PAGES: u64 = 512;
@@ -235,6 +235,7 @@ impl ReadaheadRequests {
         let Some(requests) = self.requests else {
             return Ok(());
         };
+        // Real threads and a `std` channel: the model checkers never start them.
         let requests = std::sync::Arc::new(Mutex::new(requests));
         for _ in 0..self.threads {
             let (requests, read) = (requests.clone(), read.clone());

@@ -31,15 +31,14 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-
-use parking_lot::Mutex;
+use std::sync::Arc;
 
 use crate::map::memfd::{Memfd, View};
 use crate::map::uffd::Userfaultfd;
 use crate::page::{PAGE, PAGE_SIZE};
 use crate::racy::copy_racy;
+use crate::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::{Mutex, OnceLock};
 
 /// File bytes one cache view covers: address space only, until pages are present.
 const CHUNK_BYTES: u64 = 1 << 36;

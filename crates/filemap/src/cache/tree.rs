@@ -7,9 +7,8 @@
 //! No crate offers a concurrent map with stable inline slots and allocation-free
 //! lock-free reads, which is why this one is written here.
 
-use std::sync::OnceLock;
-
 use super::page::Slot;
+use crate::sync::OnceLock;
 
 const FANOUT_BITS: u32 = 6;
 const FANOUT: usize = 1 << FANOUT_BITS;
@@ -144,7 +143,6 @@ impl PageTree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::page::UPTODATE;
 
     #[test]
     fn slots_are_stable_and_created_on_demand() {
@@ -162,11 +160,11 @@ mod tests {
         let tree = PageTree::default();
         for index in [0u64, 63, 64, 1000, 1 << 20, MAX_PAGES - 1] {
             let slot = tree.get_or_create(index);
-            slot.update(|s| crate::cache::page::PageState(s.0 | UPTODATE));
+            slot.publish(false);
         }
         let mut seen = Vec::new();
         tree.for_each(63, 1 << 20, |index, slot| {
-            if slot.load().has(UPTODATE) {
+            if slot.load().is_uptodate() {
                 seen.push(index)
             }
         });

@@ -1,0 +1,263 @@
+//! Models of the slot protocol, run on a real [`Slot`] by loom (every
+//! interleaving within a preemption bound, `--cfg loom`) or shuttle (random
+//! schedules, `--cfg shuttle`):
+//! a fill racing an invalidation, a hit racing a rewrite of the page, and a
+//! writeback racing a write. Each asserts the invariant its race could break.
+//!
+//! A page's bytes are two words, so that a torn copy shows as two different
+//! values. They are copied as the page store copies them: relaxed atomic
+//! accesses (what `crate::racy::copy_racy` does), with the release fence of
+//! `PageStore::write` before a write; the hit's acquire fence is the one in
+//! [`Slot::read_optimistic`]. The waits park in the checkers' parking lot
+//! (`cache/wait.rs`), so a waiter no transition wakes is reported as a
+//! deadlock.
+//!
+//! Each model fails when the protocol is broken. Checked by mutation: a
+//! `replace` that tolerates a changed version (a stale fill installs), a
+//! `written` that does not bump the version or a hit without its acquire
+//! fence (a torn copy is kept), a `writeback_done` that clears `DIRTY` or a
+//! `writeback_started` that does not set `WRITEBACK` (a page the backend does
+//! not hold is clean), and a `replace` that wakes no one (deadlock).
+
+use super::{OptimisticRead, PageState, Slot};
+use crate::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::{thread, Arc};
+
+/// A page's bytes, or the backend's copy of them.
+#[derive(Default)]
+struct Bytes([AtomicU64; 2]);
+
+impl Bytes {
+    /// Writes `value` into every word, as `PageStore::write` does a page.
+    fn write(&self, value: u64) {
+        fence(Ordering::Release);
+        for word in &self.0 {
+            word.store(value, Ordering::Relaxed);
+        }
+    }
+
+    /// Copies the words, as `PageStore::read` does a page (racing writers).
+    fn read(&self) -> [u64; 2] {
+        [
+            self.0[0].load(Ordering::Relaxed),
+            self.0[1].load(Ordering::Relaxed),
+        ]
+    }
+
+    /// Writes a snapshot, as a writeback writes the backend.
+    fn write_snapshot(&self, snapshot: [u64; 2]) {
+        for (word, value) in self.0.iter().zip(snapshot) {
+            word.store(value, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `scenario` under every interleaving loom explores, or under shuttle's
+/// random schedules.
+fn check(scenario: impl Fn() + Send + Sync + 'static) {
+    #[cfg(loom)]
+    {
+        // Four preemptions per execution, unless `LOOM_MAX_PREEMPTIONS` says
+        // otherwise: a fraction of a second, where the whole search takes over
+        // a minute. Each mutation listed in the module's docs fails with three.
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound.get_or_insert(4);
+        builder.check(scenario);
+    }
+    #[cfg(all(shuttle, not(loom)))]
+    {
+        shuttle::check_random(scenario, 2_000);
+    }
+}
+
+/// Locks a present page to change it, waiting while it is locked or being
+/// filled, as a buffered write does (`write_page`).
+fn lock_present(slot: &Slot) {
+    loop {
+        let state = slot.load();
+        assert!(state.is_present() || state.is_locked_or_filling());
+        if state.is_locked_or_filling() {
+            slot.wait_while_state(PageState::is_locked_or_filling);
+            continue;
+        }
+        if slot.try_lock(state).is_ok() {
+            return;
+        }
+    }
+}
+
+/// Creates the page with `value`, as a writer creating a page does.
+fn create(slot: &Slot, page: &Bytes, value: u64, dirty: bool) {
+    slot.lock_for_create(slot.load())
+        .expect("the slot is absent");
+    page.write(value);
+    let before = slot.publish(dirty);
+    assert!(!before.is_queued());
+}
+
+/// Ends the fill that made `claim` and read `value`, as `read_claimed` does:
+/// installs and publishes the page if the claim is still what it was, else
+/// gives the claim back.
+fn install_fill(slot: &Slot, page: &Bytes, claim: PageState, value: u64) {
+    if slot.lock_fill_claim(claim).is_ok() {
+        page.write(value);
+        slot.publish(false);
+    } else {
+        slot.abandon_fill(claim);
+    }
+}
+
+/// A fill claimed the page, then read the backend (value 1); meanwhile an
+/// invalidation changed the backend (to 2) and drops the page, taking the
+/// fill's claim if the fill has not locked it yet, after which a second fill
+/// reads the backend again. The first fill must install its stale bytes only
+/// if its claim survived, so that the page ends up holding 2.
+///
+/// The mapping's invalidations wait for the fills of their range instead of
+/// taking claims; the version check that this exercises is the second guard
+/// behind that wait (DESIGN.md, "Invalidation").
+#[test]
+fn a_fill_whose_claim_was_taken_never_installs() {
+    check(|| {
+        let slot = Arc::new(Slot::default());
+        let page = Arc::new(Bytes::default());
+        let filling = slot.claim_for_fill().expect("the slot is absent");
+
+        let fill = {
+            let (slot, page) = (slot.clone(), page.clone());
+            // 1: what it read before the invalidation changed the backend.
+            thread::spawn(move || install_fill(&slot, &page, filling, 1))
+        };
+
+        // The invalidation: drop whatever the slot holds.
+        loop {
+            let state = slot.load();
+            if state.is_absent() {
+                break;
+            }
+            if state.is_locked() {
+                slot.wait_while_state(PageState::is_locked);
+                continue;
+            }
+            if state.is_filling() {
+                // The claim is taken: the page becomes absent under the fill.
+                if slot.replace(state, state.emptied()).is_ok() {
+                    break;
+                }
+                continue;
+            }
+            if slot.try_lock(state).is_ok() {
+                page.write(0);
+                slot.empty();
+                break;
+            }
+        }
+        // The next fill, after the backend changed.
+        let claim = slot
+            .claim_for_fill()
+            .expect("the invalidation emptied the slot");
+        install_fill(&slot, &page, claim, 2);
+
+        fill.join().unwrap();
+        let state = slot.load();
+        assert!(
+            state.is_present() && state.is_readable() && !state.is_filling(),
+            "{state:?}"
+        );
+        assert_eq!(page.read(), [2, 2], "a stale fill installed: {state:?}");
+    });
+}
+
+/// A hit copies the page while a writer rewrites it in place (1 to 2) under
+/// its lock. A copy the hit keeps must be the page's bytes at one time: all 1
+/// or all 2, never torn. The version bump of the writer's unlock is what
+/// tells the hit that the bytes changed under it.
+#[test]
+fn a_hit_never_keeps_bytes_changed_under_it() {
+    check(|| {
+        let slot = Arc::new(Slot::default());
+        let page = Arc::new(Bytes::default());
+        create(&slot, &page, 1, false);
+
+        let writer = {
+            let (slot, page) = (slot.clone(), page.clone());
+            thread::spawn(move || {
+                lock_present(&slot);
+                page.write(2);
+                slot.unlock_written();
+            })
+        };
+
+        let mut copy = [0; 2];
+        let read = slot.read_optimistic(|| copy = page.read());
+        if read == OptimisticRead::Copied {
+            assert!(
+                copy == [1, 1] || copy == [2, 2],
+                "kept a torn copy {copy:?}"
+            );
+        }
+
+        writer.join().unwrap();
+        let state = slot.load();
+        assert!(state.is_readable() && state.is_dirty(), "{state:?}");
+        assert_eq!(page.read(), [2, 2]);
+    });
+}
+
+/// Writes back the page if it is dirty, as `write_back_page` does: one
+/// writeback at a time, the page locked only while its snapshot is taken.
+fn write_back(slot: &Slot, page: &Bytes, backend: &Bytes) {
+    loop {
+        let state = slot.load();
+        if !state.is_dirty() {
+            return;
+        }
+        if state.is_locked() || state.is_under_writeback() {
+            slot.wait_while_state(|s| s.is_locked() || s.is_under_writeback());
+            continue;
+        }
+        if slot.try_lock(state).is_err() {
+            continue;
+        }
+        let snapshot = page.read();
+        slot.start_writeback();
+        backend.write_snapshot(snapshot);
+        slot.end_writeback(false);
+        return;
+    }
+}
+
+/// Writebacks of a dirty page (1) race a write of it (2), one before it
+/// and one after. Whatever the order, a page whose bytes the backend does
+/// not hold must stay dirty: a write that lands after a writeback's snapshot
+/// dirties the page again, ending that writeback must not clean it, and the
+/// later writeback's newer snapshot must not be overtaken by the older one.
+#[test]
+fn a_page_written_during_writeback_stays_dirty() {
+    check(|| {
+        let slot = Arc::new(Slot::default());
+        let page = Arc::new(Bytes::default());
+        let backend = Arc::new(Bytes::default());
+        create(&slot, &page, 1, true);
+
+        let writeback = {
+            let (slot, page, backend) = (slot.clone(), page.clone(), backend.clone());
+            thread::spawn(move || write_back(&slot, &page, &backend))
+        };
+
+        lock_present(&slot);
+        page.write(2);
+        slot.unlock_written();
+        write_back(&slot, &page, &backend);
+
+        writeback.join().unwrap();
+        let state = slot.load();
+        assert!(!state.is_busy(), "{state:?}");
+        assert!(
+            state.is_dirty() || backend.read() == page.read(),
+            "a clean page the backend does not hold: page {:?}, backend {:?}, {state:?}",
+            page.read(),
+            backend.read()
+        );
+    });
+}
