@@ -60,17 +60,15 @@
 use super::wait;
 use crate::sync::atomic::{fence, AtomicU64, Ordering};
 
-// Crate-visible for the old raw forms (`has`, `transition`, `with_flags`,
-// `claim_absent`, `wait_while`) that `mapping.rs` still uses.
-pub(crate) const PRESENT: u64 = 1 << 0;
-pub(crate) const LOCKED: u64 = 1 << 1;
-pub(crate) const UPTODATE: u64 = 1 << 2;
-pub(crate) const DIRTY: u64 = 1 << 3;
-pub(crate) const WRITEBACK: u64 = 1 << 4;
-pub(crate) const FILLING: u64 = 1 << 5;
-pub(crate) const WAITERS: u64 = 1 << 6;
-pub(crate) const REFERENCED: u64 = 1 << 7;
-pub(crate) const QUEUED: u64 = 1 << 8;
+const PRESENT: u64 = 1 << 0;
+const LOCKED: u64 = 1 << 1;
+const UPTODATE: u64 = 1 << 2;
+const DIRTY: u64 = 1 << 3;
+const WRITEBACK: u64 = 1 << 4;
+const FILLING: u64 = 1 << 5;
+const WAITERS: u64 = 1 << 6;
+const REFERENCED: u64 = 1 << 7;
+const QUEUED: u64 = 1 << 8;
 const VERSION_SHIFT: u32 = 9;
 const VERSION_ONE: u64 = 1 << VERSION_SHIFT;
 const VERSION_MASK: u64 = !(VERSION_ONE - 1);
@@ -81,12 +79,10 @@ const READ_SIGNATURE: u64 = VERSION_MASK | PRESENT | UPTODATE | LOCKED;
 /// marking the page referenced is no change of the page.
 const MARKS: u64 = WAITERS | REFERENCED;
 
-/// A copy of a slot's state word with named predicates and transitions.
-///
-/// The field and [`PageState::has`] are the old raw form, still used by
-/// `mapping.rs`: to be made private once it calls the named predicates.
+/// A copy of a slot's state word with named predicates and transitions: the
+/// bits stay inside this file.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PageState(pub(crate) u64);
+pub(crate) struct PageState(u64);
 
 impl std::fmt::Debug for PageState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,13 +105,9 @@ impl std::fmt::Debug for PageState {
 }
 
 // Predicates.
-// Named ones not called yet outside this module: `mapping.rs` moves to them
-// from `has` next (then this `allow` goes).
-#[allow(dead_code)]
 impl PageState {
-    /// Whether any of `bits` is set. Old raw form: callers use the named
-    /// predicates below.
-    pub(crate) fn has(self, bits: u64) -> bool {
+    /// Whether any of `bits` is set.
+    fn has(self, bits: u64) -> bool {
         self.0 & bits != 0
     }
 
@@ -211,9 +203,6 @@ impl PageState {
 }
 
 // Transitions: each returns the next state; `Slot` applies it.
-// Named ones not called yet outside this module: `mapping.rs` moves to them
-// from `transition` and `with_flags` next (then this `allow` goes).
-#[allow(dead_code)]
 impl PageState {
     /// The absent state that follows this one (version bumped, flags dropped
     /// but `QUEUED`, which belongs to the eviction queue): a drop, an eviction,
@@ -329,22 +318,6 @@ impl PageState {
         PageState(self.0 | WAITERS)
     }
 
-    /// Only `flags` set (and `QUEUED` kept), version bumped. Old raw form:
-    /// callers use [`PageState::claimed_for_fill`] or
-    /// [`PageState::locked_for_create`].
-    #[must_use]
-    pub(crate) fn with_flags(self, flags: u64) -> PageState {
-        self.fresh(flags)
-    }
-
-    /// The same state with `set` set and `clear` cleared, version bumped when
-    /// `bump` (the data changed), waiters dropped. Old raw form: callers use
-    /// the named transitions.
-    #[must_use]
-    pub(crate) fn transition(self, set: u64, clear: u64, bump: bool) -> PageState {
-        self.next(set, clear, bump)
-    }
-
     /// Only `flags` set (and `QUEUED` kept), version bumped.
     fn fresh(self, flags: u64) -> PageState {
         PageState((self.0.wrapping_add(VERSION_ONE) & (VERSION_MASK | QUEUED)) | flags)
@@ -363,7 +336,6 @@ impl PageState {
 }
 
 /// What one optimistic read of a page found ([`Slot::read_optimistic`]).
-#[allow(dead_code)] // `mapping.rs`'s hit path moves to it next
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum OptimisticRead {
     /// The page was not readable: nothing was copied.
@@ -412,14 +384,6 @@ impl Slot {
         }
     }
 
-    /// Sets `flag` (`FILLING` or `LOCKED`) on the slot if the page is absent,
-    /// whatever other flags it has or gains meanwhile; returns the state it
-    /// set, or `None` once the page is not absent. Old raw form: callers use
-    /// [`Slot::claim_for_fill`].
-    pub(crate) fn claim_absent(&self, flag: u64) -> Option<PageState> {
-        self.claim_absent_as(|state| state.with_flags(flag))
-    }
-
     /// Sets `LOCKED` on a state without it; the caller then owns the page's bytes.
     pub(crate) fn try_lock(&self, current: PageState) -> Result<(), PageState> {
         debug_assert!(!current.is_locked());
@@ -432,14 +396,6 @@ impl Slot {
             )
             .map(drop)
             .map_err(PageState)
-    }
-
-    /// Applies `change` to the current state atomically (it must keep `LOCKED`
-    /// owners' rules), waking waiters if the old state had any; returns the
-    /// state it replaced. Old raw form: callers use the named transitions
-    /// below.
-    pub(crate) fn update(&self, change: impl FnMut(PageState) -> PageState) -> PageState {
-        self.apply(change)
     }
 
     /// Marks the page referenced for the eviction hand, if `seen` (a state a
@@ -460,12 +416,6 @@ impl Slot {
     /// Clears the referenced mark; returns whether it was set.
     pub(crate) fn take_referenced(&self) -> bool {
         PageState(self.0.fetch_and(!REFERENCED, Ordering::Relaxed)).is_referenced()
-    }
-
-    /// Waits until none of `bits` is set, returning the state seen last. Old
-    /// raw form: callers use [`Slot::wait_while_state`].
-    pub(crate) fn wait_while(&self, bits: u64) -> PageState {
-        self.wait_while_state(|state| state.has(bits))
     }
 
     /// Waits while `busy` holds for the slot's state (`PageState::is_busy`,
@@ -531,9 +481,6 @@ impl Slot {
 }
 
 // Named transitions of the slot.
-// Not called yet outside this module: `mapping.rs` moves to them from
-// `update`, `replace` and `claim_absent` next (then this `allow` goes).
-#[allow(dead_code)]
 impl Slot {
     /// Claims the absent page for a fill (`FILLING`); returns the claim, which
     /// the fill locks with [`Slot::lock_fill_claim`] once it has read the

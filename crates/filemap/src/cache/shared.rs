@@ -6,8 +6,8 @@
 //! through [`CachedFile`], so the mapping uses the budget without the budget
 //! using the mapping.
 
-use std::collections::HashMap;
 use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 

@@ -196,10 +196,8 @@ fn scenario(strategy: Strategy) {
                 match (value, thread_rng().gen_bool(0.5)) {
                     (0, _) => file.punch_hole(offset, PAGE).unwrap(),
                     (_, true) => {
-                        let page_data = AlignedBuf::from_slice(
-                            &[value; PAGE_SIZE],
-                            DIRECT_IO_MEMORY_ALIGN,
-                        );
+                        let page_data =
+                            AlignedBuf::from_slice(&[value; PAGE_SIZE], DIRECT_IO_MEMORY_ALIGN);
                         file.write_direct(&page_data, offset).unwrap();
                     }
                     (_, false) => file.write_all_at(&[value; PAGE_SIZE], offset).unwrap(),
@@ -218,7 +216,7 @@ fn scenario(strategy: Strategy) {
 
 #[test]
 fn a_small_cache_never_returns_a_torn_or_stale_page() {
-    shuttle::check_random(|| scenario(Strategy::Range), 2_000);
+    shuttle::check_random(|| scenario(Strategy::Range), 10_000);
 }
 
 /// The check can fail: without a coherence lock (the pre-5.15 kernel), a fill

@@ -174,6 +174,7 @@ impl PageStore {
     /// Copies `dst.len()` bytes from `offset` in page `index`. The bytes may be
     /// torn by a concurrent writer: callers validate them against the page state.
     #[inline]
+    #[cfg(not(any(loom, shuttle)))]
     pub(crate) fn read(&self, index: u64, offset: usize, dst: &mut [u8]) {
         let src = self.addr(index, offset, dst.len()) as *const u8;
         // SAFETY: `src..src + len` lies inside one page of a view that lives as long
@@ -181,6 +182,17 @@ impl PageStore {
         // of this store (callers copy through their own buffers). Racing writers
         // are sound: see the module's `# Safety`.
         unsafe { copy_racy(src, dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Under a model checker: the same copy by `pread`, which reads a page the
+    /// store lacks as zeroes instead of faulting. A fault would block the
+    /// thread in the kernel until the fault thread served it, and no fault
+    /// thread runs under a checker (which could not schedule it anyway). The
+    /// validation of the copy is the same.
+    #[cfg(any(loom, shuttle))]
+    pub(crate) fn read(&self, index: u64, offset: usize, dst: &mut [u8]) {
+        let at = crate::page::start_of(index) + offset as u64;
+        let _ = self.memfd.read_at(dst, at);
     }
 
     /// Copies `src` into page `index` at `offset`. The page must be present and

@@ -1,12 +1,12 @@
 //! Dropping cached pages: the first half of every invalidation (the pages go
 //! before the backend changes), and eviction, which drops one page to make room.
 
-use std::io;
 use crate::sync::atomic::Ordering;
+use std::io;
 
 use super::Mapping;
 use crate::cache::evict::Visit;
-use crate::cache::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, QUEUED, WRITEBACK};
+use crate::cache::page::{PageState, Slot};
 use crate::cache::shared::Eviction;
 use crate::cache::stats;
 use crate::cache::tree::MAX_PAGES;
@@ -31,8 +31,7 @@ impl Mapping {
         let state = slot.load();
         if state.is_absent() {
             // The entry leaves the queue, unless a fill takes the page meanwhile.
-            let unqueued = PageState(state.0 & !QUEUED);
-            return match slot.replace(state, unqueued) {
+            return match slot.unqueue_absent(state) {
                 Ok(()) => Visit::Stale,
                 Err(_) => Visit::Keep,
             };
@@ -53,27 +52,27 @@ impl Mapping {
             return Eviction::Absent;
         };
         let state = slot.load();
-        if !state.has(PRESENT) {
+        if !state.is_present() {
             return if state.is_absent() {
                 Eviction::Absent
             } else {
                 Eviction::Busy
             };
         }
-        if state.has(LOCKED | FILLING | WRITEBACK) || slot.try_lock(state).is_err() {
+        if state.is_busy() || slot.try_lock(state).is_err() {
             return Eviction::Busy;
         }
         self.trap_stores(&[index]);
         if self.write_back_locked(index, slot).is_err() {
             // It stays, dirty; the error is kept for the next sync.
-            slot.update(|s| s.transition(0, LOCKED, false));
+            slot.unlock();
             return Eviction::Failed;
         }
         if self.store.remove(index, 1).is_err() {
-            slot.update(|s| s.transition(0, LOCKED, false));
+            slot.unlock();
             return Eviction::Failed;
         }
-        slot.update(PageState::emptied);
+        slot.empty();
         self.cache.budget.release();
         stats::add(&self.cache.counters.evictions, 1);
         Eviction::Evicted
@@ -93,13 +92,9 @@ impl Mapping {
     /// for its fill and its writeback. An absent page yields `None`.
     pub(super) fn lock_for_change(&self, slot: &Slot) -> Option<PageState> {
         loop {
-            let state = slot.load();
+            let state = slot.wait_while_state(PageState::is_busy);
             if state.is_absent() {
                 return None;
-            }
-            if state.has(LOCKED | FILLING | WRITEBACK) {
-                slot.wait_while(LOCKED | FILLING | WRITEBACK);
-                continue;
             }
             if slot.try_lock(state).is_ok() {
                 return Some(state);
@@ -141,7 +136,7 @@ impl Mapping {
         };
         if self.lock_for_change(slot).is_some() {
             self.store.zero(index, from, to - from);
-            slot.update(|s| s.transition(0, LOCKED, true));
+            slot.unlock_changed();
         }
     }
 
@@ -189,7 +184,7 @@ impl Mapping {
                 match self.write_back_locked(index, slot) {
                     Ok(()) => true,
                     Err(error) => {
-                        slot.update(|s| s.transition(0, LOCKED, false));
+                        slot.unlock();
                         first_error.get_or_insert(error);
                         false
                     }
@@ -205,10 +200,10 @@ impl Mapping {
             for &index in run {
                 let slot = self.pages.get(index).expect("locked slots exist");
                 if removed.is_ok() {
-                    slot.update(PageState::emptied);
+                    slot.empty();
                     self.cache.budget.release();
                 } else {
-                    slot.update(|s| s.transition(0, LOCKED, false));
+                    slot.unlock();
                 }
             }
             if let Err(error) = removed {
@@ -224,15 +219,11 @@ impl Mapping {
     /// backend as it was, and the page it installs is dropped here.
     fn lock_for_drop(&self, index: u64, slot: &Slot, dirty: DirtyPages) -> io::Result<bool> {
         loop {
-            let state = slot.load();
+            let state = slot.wait_while_state(PageState::is_busy);
             if state.is_absent() {
                 return Ok(false);
             }
-            if state.has(LOCKED | FILLING | WRITEBACK) {
-                slot.wait_while(LOCKED | FILLING | WRITEBACK);
-                continue;
-            }
-            if state.has(DIRTY) && dirty == DirtyPages::WriteBack {
+            if state.is_dirty() && dirty == DirtyPages::WriteBack {
                 self.write_back_page(index, slot)?;
                 continue;
             }

@@ -7,7 +7,7 @@ use std::io;
 use super::fill::{Fill, FillBudget};
 use super::handler::ServesFaults;
 use super::{Mapping, UserView};
-use crate::cache::page::{PageState, FILLING, LOCKED, PRESENT, UPTODATE};
+use crate::cache::page::PageState;
 use crate::cache::shared::Need;
 use crate::cache::stats;
 use crate::lock::Mode;
@@ -90,14 +90,14 @@ impl Mapping {
             };
             loop {
                 let state = slot.load();
-                if !state.has(PRESENT) {
+                if !state.is_present() {
                     break 'pages;
                 }
-                if state.has(LOCKED) {
+                if state.is_locked() {
                     if i > index {
                         break 'pages;
                     }
-                    slot.wait_while(LOCKED);
+                    slot.wait_while_state(PageState::is_locked);
                     continue;
                 }
                 if slot.try_lock(state).is_ok() {
@@ -114,7 +114,7 @@ impl Mapping {
         }
         for i in locked {
             let slot = self.pages.get(i).expect("locked slots exist");
-            slot.update(|s| s.transition(0, LOCKED, false));
+            slot.unlock();
         }
     }
 
@@ -126,24 +126,20 @@ impl Mapping {
     fn install_zeroes_past_end(&self, index: u64) {
         let slot = self.pages.get_or_create(index);
         loop {
-            let state = slot.load();
-            if state.has(LOCKED | FILLING) {
-                slot.wait_while(LOCKED | FILLING);
-                continue;
-            }
-            if state.has(PRESENT) {
+            let state = slot.wait_while_state(PageState::is_locked_or_filling);
+            if state.is_present() {
                 return;
             }
             // A fault cannot be refused: it evicts until a page is free.
             self.cache.acquire(Need::Required);
-            if slot.replace(state, state.with_flags(LOCKED)).is_err() {
+            if slot.lock_for_create(state).is_err() {
                 self.cache.budget.release();
                 continue;
             }
             if self.store.install(index, &[0; PAGE_SIZE]).is_ok() {
-                self.publish(index, slot, PRESENT | UPTODATE, LOCKED);
+                self.publish(index, slot, false);
             } else {
-                slot.update(PageState::emptied);
+                slot.empty();
                 self.cache.budget.release();
             }
             return;
@@ -158,12 +154,8 @@ impl Mapping {
             if start_of(index) >= self.len() {
                 return Ok(());
             }
-            let state = slot.load();
-            if state.has(LOCKED | FILLING) {
-                slot.wait_while(LOCKED | FILLING);
-                continue;
-            }
-            if state.has(PRESENT) {
+            let state = slot.wait_while_state(PageState::is_locked_or_filling);
+            if state.is_present() {
                 return Ok(());
             }
             let want = self.cache.fill_batch_pages as u64;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Mapping, MAX_OFFSET};
 use crate::aligned::AlignedBuf;
-use crate::cache::page::{PageState, FILLING, LOCKED, PRESENT, UPTODATE};
+use crate::cache::page::PageState;
 use crate::cache::readahead::MAX_WINDOW_PAGES;
 use crate::cache::shared::Need;
 use crate::cache::stats;
@@ -276,7 +276,7 @@ impl Mapping {
             // The state is loaded again: the reclaim that made room may have
             // changed it (the eviction hand unqueues absent pages), and a
             // change of flags alone is no reason to give the claim up.
-            match slot.claim_absent(FILLING) {
+            match slot.claim_for_fill() {
                 Some(filling) => claimed.push(filling),
                 None => {
                     self.cache.budget.release();
@@ -311,22 +311,13 @@ impl Mapping {
         let mut locked = Vec::with_capacity(claimed.len());
         for (i, &filling) in claimed.iter().enumerate() {
             let slot = self.pages.get_or_create(index + i as u64);
-            let survived = read.is_ok()
-                && slot
-                    .replace(filling, filling.transition(LOCKED, 0, false))
-                    .is_ok();
+            let survived = read.is_ok() && slot.lock_fill_claim(filling).is_ok();
             if survived {
                 locked.push(i);
             } else {
                 // Nothing was read, or an invalidation took the page while we read.
                 // Give the claim back if it is still ours, whatever flags it gained.
-                slot.update(|s| {
-                    if filling.is_same_claim(s) {
-                        s.emptied()
-                    } else {
-                        s
-                    }
-                });
+                slot.abandon_fill(filling);
                 self.cache.budget.release();
             }
         }
@@ -355,10 +346,10 @@ impl Mapping {
             for &i in run.iter().rev() {
                 let slot = self.pages.get_or_create(index + i as u64);
                 if installed {
-                    self.publish(index + i as u64, slot, PRESENT | UPTODATE, FILLING | LOCKED);
+                    self.publish(index + i as u64, slot, false);
                     stats::add(&self.cache.counters.fills, 1);
                 } else {
-                    slot.update(PageState::emptied);
+                    slot.empty();
                     self.cache.budget.release();
                 }
             }
@@ -382,7 +373,7 @@ impl Mapping {
     /// then reads the backend as it was.
     pub(super) fn settle_fills(&self, first: u64, last: u64) {
         self.pages.for_each(first, last, |_, slot| {
-            slot.wait_while(FILLING);
+            slot.wait_while_state(PageState::is_filling);
         });
     }
 }

@@ -2,12 +2,12 @@
 //! Invalidate: punch, zero, truncate, collapse, insert and `invalidate_range`.
 //! Each drops the range's cached pages before the backend changes.
 
-use std::io;
 use crate::sync::atomic::Ordering;
+use std::io;
 
 use super::drop::DirtyPages;
 use super::{end_of, Mapping, MAX_OFFSET};
-use crate::cache::page::{PageState, Slot, DIRTY, LOCKED, PRESENT, UPTODATE};
+use crate::cache::page::Slot;
 use crate::cache::tree::MAX_PAGES;
 use crate::errno::fail;
 use crate::lock::Mode;
@@ -182,21 +182,21 @@ impl Mapping {
         let slot = self.pages.get_or_create(target);
         let empty = slot.load();
         let moved = empty.is_absent()
-            && slot.replace(empty, empty.with_flags(LOCKED)).is_ok()
+            && slot.lock_for_create(empty).is_ok()
             && match self.store.install(target, &data) {
                 Ok(()) => {
-                    self.publish(target, slot, PRESENT | UPTODATE | (state.0 & DIRTY), LOCKED);
+                    self.publish(target, slot, state.is_dirty());
                     true
                 }
                 Err(_) => {
-                    slot.update(PageState::emptied);
+                    slot.empty();
                     false
                 }
             };
         // The old page goes either way; if the move failed, so does its data,
         // which the caller wrote back first.
         let _ = self.store.remove(index, 1);
-        source.update(PageState::emptied);
+        source.empty();
         if !moved {
             self.cache.budget.release();
         }

@@ -41,14 +41,14 @@
 //! | `open.rs` | opening, removing and dropping a mapping |
 //! | `ext.rs` | `std::os::unix::fs::FileExt` |
 
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::fmt;
 use std::io;
-use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::sync::{Mutex, RwLock};
 
-use super::page::{PageState, Slot, DIRTY, QUEUED, UPTODATE};
+use super::page::{PageState, Slot};
 use super::readahead::Readahead;
 use super::shared::CacheShared;
 use super::stats::{self, mode_slot};
@@ -240,12 +240,12 @@ impl Mapping {
         self.lock.lock(mode, range)
     }
 
-    /// Sets `set` (which makes the page present) and clears `clear` on page
-    /// `index`, whose slot the caller holds locked or claimed, and gives the
-    /// page its eviction queue entry if it has none.
-    fn publish(&self, index: u64, slot: &Slot, set: u64, clear: u64) {
-        let before = slot.update(|s| s.transition(set | QUEUED, clear, true));
-        if !before.has(QUEUED) {
+    /// Publishes page `index`, whose slot the caller holds locked (and
+    /// perhaps claimed for a fill), as present and up to date (and `dirty`),
+    /// and gives it its eviction queue entry if it has none.
+    fn publish(&self, index: u64, slot: &Slot, dirty: bool) {
+        let before = slot.publish(dirty);
+        if !before.is_queued() {
             self.cache.enqueue(self.id, index);
         }
     }
@@ -259,7 +259,7 @@ impl Mapping {
     pub(super) fn dirty_pages(&self) -> u64 {
         let mut dirty = 0;
         self.pages.for_each(0, MAX_PAGES - 1, |_, slot| {
-            dirty += u64::from(slot.load().has(DIRTY));
+            dirty += u64::from(slot.load().is_dirty());
         });
         dirty
     }
@@ -299,7 +299,7 @@ impl Mapping {
     pub fn is_page_cached(&self, index: u64) -> bool {
         self.pages
             .get(index)
-            .is_some_and(|slot| slot.load().has(UPTODATE))
+            .is_some_and(|slot| slot.load().is_uptodate())
     }
 
     /// How many pages of this file are cached, and how many of those are dirty.
@@ -307,8 +307,8 @@ impl Mapping {
         let (mut cached, mut dirty) = (0, 0);
         self.pages.for_each(0, MAX_PAGES - 1, |_, slot| {
             let state = slot.load();
-            cached += state.has(UPTODATE) as u64;
-            dirty += state.has(DIRTY) as u64;
+            cached += state.is_uptodate() as u64;
+            dirty += state.is_dirty() as u64;
         });
         (cached, dirty)
     }

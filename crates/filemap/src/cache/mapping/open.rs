@@ -1,7 +1,7 @@
 //! The life of a mapping: opening it, removing its file, and dropping it.
 
-use std::io;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io;
 use std::sync::{Arc, Weak};
 
 use crate::sync::{Mutex, RwLock};

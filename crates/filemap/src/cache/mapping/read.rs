@@ -2,12 +2,11 @@
 //! reads that never wait.
 
 use std::io;
-use crate::sync::atomic::{fence, Ordering};
 
 use super::fill::{Fill, FillBudget};
 use super::region::buffer_in_a_map;
 use super::{would_block, Mapping};
-use crate::cache::page::{Slot, FILLING, LOCKED, PRESENT, REFERENCED};
+use crate::cache::page::{OptimisticRead, PageState, Slot};
 use crate::cache::readahead::MissFill;
 use crate::cache::stats;
 use crate::lock::{CoherenceGuard, Mode};
@@ -47,7 +46,7 @@ impl Mapping {
         if !self
             .pages
             .get(index)
-            .is_some_and(|slot| slot.load().has(PRESENT))
+            .is_some_and(|slot| slot.load().is_present())
         {
             return false;
         }
@@ -157,8 +156,8 @@ impl Mapping {
             }
             // A page being filled (read ahead, most often) or changed: wait for
             // it and look again, rather than queue for Fill only to find it busy.
-            if let Some(slot) = slot.filter(|slot| slot.load().has(FILLING | LOCKED)) {
-                slot.wait_while(FILLING | LOCKED);
+            if let Some(slot) = slot.filter(|slot| slot.load().is_locked_or_filling()) {
+                slot.wait_while_state(PageState::is_locked_or_filling);
                 continue;
             }
             schedule::point();
@@ -192,7 +191,7 @@ impl Mapping {
                 }
                 Fill::NotAbsent => {
                     if let Some(slot) = self.pages.get(index) {
-                        slot.wait_while(LOCKED | FILLING);
+                        slot.wait_while_state(PageState::is_locked_or_filling);
                     }
                 }
                 Fill::BeyondEof => break,
@@ -208,18 +207,13 @@ impl Mapping {
     fn read_hit(&self, slot: &Slot, index: u64, in_page: usize, dst: &mut [u8]) -> bool {
         // A few retries ride out a writer that changed the page mid-copy.
         for _ in 0..4 {
-            let before = slot.load();
-            if !before.is_readable() {
-                return false;
-            }
-            self.store.read(index, in_page, dst);
-            // Orders the copy before the re-check (the seqlock read side).
-            fence(Ordering::Acquire);
-            let after = slot.load();
-            if before.same_contents(after) {
-                slot.mark_referenced(after);
-                self.cache.counters.hits.add();
-                return true;
+            match slot.read_optimistic(|| self.store.read(index, in_page, &mut *dst)) {
+                OptimisticRead::Copied => {
+                    self.cache.counters.hits.add();
+                    return true;
+                }
+                OptimisticRead::NotReadable => return false,
+                OptimisticRead::Changed => {}
             }
         }
         false
@@ -250,7 +244,7 @@ impl Mapping {
             }
             if slot.try_lock(state).is_ok() {
                 self.store.read(index, in_page, dst);
-                slot.update(|s| s.transition(REFERENCED, LOCKED, false));
+                slot.unlock_referenced();
                 self.cache.counters.hits.add();
                 return true;
             }

@@ -5,7 +5,7 @@
 use std::io;
 
 use super::{Mapping, UserView};
-use crate::cache::page::{PageState, Slot, DIRTY, LOCKED, PRESENT};
+use crate::cache::page::Slot;
 use crate::map::memfd::zap;
 use crate::map::uffd::scan_written;
 use crate::page::{index_of, PAGE_SIZE};
@@ -27,12 +27,12 @@ impl Mapping {
             .and_then(|()| self.store.install(index, page));
         match replaced {
             Ok(()) => {
-                slot.update(|s| s.transition(DIRTY, LOCKED, true));
+                slot.unlock_written();
                 Ok(())
             }
             Err(error) => {
                 let _ = self.store.remove(index, 1);
-                slot.update(PageState::emptied);
+                slot.empty();
                 self.cache.budget.release();
                 Err(error)
             }
@@ -87,14 +87,7 @@ impl Mapping {
                 // unlocked claim: nothing is installed there to be stored to (the
                 // report is of a page written, then removed).
                 if let Some(slot) = self.pages.get(index) {
-                    let before = slot.update(|s| {
-                        if s.has(PRESENT | LOCKED) {
-                            s.transition(DIRTY, 0, false)
-                        } else {
-                            s
-                        }
-                    });
-                    if before.has(PRESENT | LOCKED) && !before.has(DIRTY) {
+                    if slot.mark_dirty_by_store() {
                         self.cache.dirtied();
                     }
                 }

@@ -6,7 +6,7 @@ use std::io;
 use super::fill::{Fill, FillBudget};
 use super::region::buffer_in_a_map;
 use super::{would_block, Mapping};
-use crate::cache::page::{PageState, Slot, DIRTY, FILLING, LOCKED, PRESENT, UPTODATE};
+use crate::cache::page::{PageState, Slot};
 use crate::cache::shared::Need;
 use crate::lock::Mode;
 use crate::page::{index_of, offset_in_page, start_of, PAGE_SIZE};
@@ -45,7 +45,7 @@ impl Mapping {
                 break;
             };
             let state = slot.load();
-            if !state.has(PRESENT) || !state.is_readable() || slot.try_lock(state).is_err() {
+            if !state.is_present() || !state.is_readable() || slot.try_lock(state).is_err() {
                 break;
             }
             if let Err(error) =
@@ -117,17 +117,13 @@ impl Mapping {
         let mut zeroes_below = start_of(index) >= old_size;
         let slot = self.pages.get_or_create(index);
         loop {
-            let state = slot.load();
-            if state.has(LOCKED | FILLING) {
-                slot.wait_while(LOCKED | FILLING);
-                continue;
-            }
-            if state.has(PRESENT) {
+            let state = slot.wait_while_state(PageState::is_locked_or_filling);
+            if state.is_present() {
                 if slot.try_lock(state).is_err() {
                     continue;
                 }
                 if let Err(error) = self.extend_size(end) {
-                    slot.update(|s| s.transition(0, LOCKED, false));
+                    slot.unlock();
                     return Err(error);
                 }
                 return self.write_locked_page(index, slot, in_page, src);
@@ -144,7 +140,7 @@ impl Mapping {
             if !self.cache.acquire(Need::Wait) {
                 return Err(self.cache_full());
             }
-            if slot.replace(state, state.with_flags(LOCKED)).is_err() {
+            if slot.lock_for_create(state).is_err() {
                 self.cache.budget.release();
                 continue;
             }
@@ -154,11 +150,11 @@ impl Mapping {
                 .extend_size(end)
                 .and_then(|()| self.store.install(index, &page));
             if let Err(error) = installed {
-                slot.update(PageState::emptied);
+                slot.empty();
                 self.cache.budget.release();
                 return Err(error);
             }
-            self.publish(index, slot, PRESENT | UPTODATE | DIRTY, LOCKED);
+            self.publish(index, slot, true);
             self.cache.dirtied();
             return Ok(());
         }
@@ -176,7 +172,7 @@ impl Mapping {
         self.cache.dirtied();
         if !self.page_is_mapped(index) {
             self.store.write(index, in_page, src);
-            slot.update(|s| s.transition(DIRTY, LOCKED, true));
+            slot.unlock_written();
             return Ok(());
         }
         // A map shows this page: replace it whole, so that no map reader sees

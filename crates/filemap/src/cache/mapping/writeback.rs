@@ -1,13 +1,13 @@
 //! Writeback: dirty pages to the backend, syncs, and the errseq cursor that
 //! reports a writeback error to every [`FileHandle`] once.
 
+use crate::sync::atomic::{AtomicU64, Ordering};
 use std::fmt;
 use std::io;
-use crate::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{end_of, Mapping};
-use crate::cache::page::{Slot, DIRTY, LOCKED, WRITEBACK};
+use crate::cache::page::{PageState, Slot};
 use crate::cache::stats;
 use crate::cache::tree::MAX_PAGES;
 use crate::page::{index_of, start_of, PAGE_SIZE};
@@ -174,7 +174,7 @@ impl Mapping {
         let mut first_error = None;
         self.pages.for_each(first, last, |index, slot| {
             let written = self.write_back_page(index, slot);
-            slot.wait_while(WRITEBACK);
+            slot.wait_while_state(PageState::is_under_writeback);
             if let Err(error) = written {
                 first_error.get_or_insert(error);
             }
@@ -186,13 +186,13 @@ impl Mapping {
     pub(super) fn write_back_page(&self, index: u64, slot: &Slot) -> io::Result<()> {
         loop {
             let state = slot.load();
-            if !state.has(DIRTY) {
+            if !state.is_dirty() {
                 return Ok(());
             }
             // One writeback at a time per page, so an older snapshot never lands
             // after a newer one.
-            if state.has(LOCKED | WRITEBACK) {
-                slot.wait_while(LOCKED | WRITEBACK);
+            if state.is_locked() || state.is_under_writeback() {
+                slot.wait_while_state(|s| s.is_locked() || s.is_under_writeback());
                 continue;
             }
             if slot.try_lock(state).is_err() {
@@ -200,17 +200,11 @@ impl Mapping {
             }
             let mut data = vec![0; PAGE_SIZE];
             self.store.read(index, 0, &mut data);
-            slot.update(|s| s.transition(WRITEBACK, LOCKED | DIRTY, false));
+            slot.start_writeback();
             schedule::point();
             let written = self.write_snapshot(index, &data);
             let failed = written.is_err();
-            slot.update(|s| {
-                if failed {
-                    s.transition(DIRTY, WRITEBACK, false)
-                } else {
-                    s.transition(0, WRITEBACK, false)
-                }
-            });
+            slot.end_writeback(failed);
             return written;
         }
     }
@@ -218,13 +212,13 @@ impl Mapping {
     /// Writes page `index`, which the caller locked, to the backend if it is
     /// dirty, and marks it clean.
     pub(super) fn write_back_locked(&self, index: u64, slot: &Slot) -> io::Result<()> {
-        if !slot.load().has(DIRTY) {
+        if !slot.load().is_dirty() {
             return Ok(());
         }
         let mut data = vec![0; PAGE_SIZE];
         self.store.read(index, 0, &mut data);
         self.write_snapshot(index, &data)?;
-        slot.update(|s| s.transition(0, DIRTY, false));
+        slot.mark_clean();
         Ok(())
     }
 
