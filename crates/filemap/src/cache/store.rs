@@ -248,6 +248,7 @@ impl PageStore {
     ///
     /// # Safety
     /// The page must be present, and no thread may write it during the call.
+    #[cfg(feature = "bench")]
     pub(crate) unsafe fn memcpy_page(&self, index: u64, dst: &mut [u8; PAGE_SIZE]) {
         let src = self.addr(index, 0, PAGE_SIZE) as *const u8;
         // SAFETY: the page lies inside a live view (`addr`), `dst` is a distinct

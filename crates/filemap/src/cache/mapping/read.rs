@@ -40,6 +40,7 @@ impl Mapping {
     /// # Safety
     /// Nothing may change this cache's pages during the call: no write, fill,
     /// invalidation or writeback on any mapping of the cache.
+    #[cfg(feature = "bench")]
     #[doc(hidden)]
     #[allow(unsafe_code)]
     pub unsafe fn memcpy_cached_page(&self, index: u64, dst: &mut [u8; PAGE_SIZE]) -> bool {
