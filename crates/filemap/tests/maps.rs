@@ -430,20 +430,28 @@ fn thread_alive(name: &str) -> bool {
 }
 
 #[test]
-fn a_map_keeps_its_mapping_alive_and_the_handler_goes_with_the_last_handle() {
+fn fault_threads_start_with_the_first_map_and_go_with_the_last_handle() {
     let (_, backend, _keep) = common::backends().remove(0);
     let file = file_on(backend, Strategy::DEFAULT, 2);
-    let thread = file.fault_thread_name();
+    assert!(
+        file.fault_thread_names().is_empty(),
+        "a cache that was never mapped runs no fault thread"
+    );
+    let map = file.map(0, 2 * PAGE_SIZE, MapAccess::Read).unwrap();
+    let threads = file.fault_thread_names();
+    assert!(
+        !threads.is_empty(),
+        "the first map starts the fault threads"
+    );
     // A thread names itself once it runs: give it a moment to appear.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !thread_alive(&thread) && std::time::Instant::now() < deadline {
+    while !threads.iter().all(|t| thread_alive(t)) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert!(
-        thread_alive(&thread),
-        "{thread} serves the mapping's faults"
+        threads.iter().all(|t| thread_alive(t)),
+        "{threads:?} serve the cache's faults"
     );
-    let map = file.map(0, 2 * PAGE_SIZE, MapAccess::Read).unwrap();
     drop(file);
     assert_eq!(
         map_bytes(&map, PAGE_SIZE, 1),
@@ -452,18 +460,21 @@ fn a_map_keeps_its_mapping_alive_and_the_handler_goes_with_the_last_handle() {
     );
     assert_eq!(map.mapping().len(), 2 * PAGE);
     assert!(
-        thread_alive(&thread),
-        "the map keeps the mapping and its handler"
+        threads.iter().all(|t| thread_alive(t)),
+        "the map keeps the mapping, its cache and the fault threads"
     );
     drop(map);
-    // The mapping stops its handler as it goes. The handler may itself hold the
+    // The cache stops its threads as it goes. A thread may itself hold the
     // last reference for a moment (it wakes a faulting thread before letting go
     // of the mapping); then it exits on its own, so allow it a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while thread_alive(&thread) && std::time::Instant::now() < deadline {
+    while threads.iter().any(|t| thread_alive(t)) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    assert!(!thread_alive(&thread), "the handler thread did not exit");
+    assert!(
+        !threads.iter().any(|t| thread_alive(t)),
+        "the fault threads did not exit"
+    );
 }
 
 #[test]

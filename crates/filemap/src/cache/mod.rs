@@ -10,6 +10,7 @@ use crate::errno::with_message;
 use crate::lock::Strategy;
 
 pub(crate) mod evict;
+mod faults;
 mod mapping;
 pub(crate) mod page;
 mod readahead;
@@ -32,6 +33,12 @@ use readahead::{readahead_queue, DEFAULT_READAHEAD_THREADS, MAX_WINDOW_PAGES};
 use shared::{background_writeback, CacheShared, Settings};
 
 pub use crate::page::PAGE_SIZE;
+
+/// Fault threads per cache by default.
+const DEFAULT_FAULT_THREADS: usize = 2;
+
+/// The most fault threads a cache may have.
+const MAX_FAULT_THREADS: usize = 64;
 
 /// The most readahead threads a cache may have.
 const MAX_READAHEAD_THREADS: usize = 64;
@@ -91,6 +98,7 @@ pub struct PageCacheBuilder {
     writeback_interval: Duration,
     dirty_background_bytes: Option<u64>,
     readahead_threads: usize,
+    fault_threads: usize,
 }
 
 impl Default for PageCacheBuilder {
@@ -103,6 +111,7 @@ impl Default for PageCacheBuilder {
             writeback_interval: Duration::from_secs(5),
             dirty_background_bytes: None,
             readahead_threads: DEFAULT_READAHEAD_THREADS,
+            fault_threads: DEFAULT_FAULT_THREADS,
         }
     }
 }
@@ -174,6 +183,27 @@ impl PageCacheBuilder {
         self
     }
 
+    /// Threads that serve the page faults of memory maps, for every mapping
+    /// of the cache together: 1 to 64, default 2. They start with the cache's
+    /// first map, as does its userfaultfd; a cache that is never mapped runs
+    /// none and needs no privilege.
+    ///
+    /// ```
+    /// use filemap::PageCache;
+    ///
+    /// let cache = PageCache::builder()
+    ///     .budget_bytes(64 << 20)
+    ///     .readahead_threads(0)
+    ///     .fault_threads(1)
+    ///     .build()?;
+    /// assert_eq!(cache.budget_bytes(), 64 << 20);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn fault_threads(mut self, threads: usize) -> Self {
+        self.fault_threads = threads;
+        self
+    }
+
     /// Builds the cache. A setting out of its range fails with `EINVAL`
     /// (`ErrorKind::InvalidInput`, see [`crate::errno`]), with a message that
     /// names the setting and its range.
@@ -195,6 +225,12 @@ impl PageCacheBuilder {
             "readahead_threads",
             self.readahead_threads as u64,
             0..=MAX_READAHEAD_THREADS as u64,
+            "threads",
+        )?;
+        check_setting(
+            "fault_threads",
+            self.fault_threads as u64,
+            1..=MAX_FAULT_THREADS as u64,
             "threads",
         )?;
         check_setting(
@@ -226,6 +262,7 @@ impl PageCacheBuilder {
             eviction: self.eviction,
             dirty_background_pages,
             writeback_interval: self.writeback_interval,
+            fault_threads: self.fault_threads,
         };
         let cache = PageCache {
             shared: Arc::new(CacheShared::new(settings, readahead)),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::sync::Mutex;
 
 use super::evict::{self, EvictionPolicy, Key, Queue, Visit};
+use super::faults::FaultService;
 use super::readahead::ReadaheadQueue;
 use super::stats::{self, Counters};
 use super::store::Budget;
@@ -44,6 +45,7 @@ pub(crate) struct Settings {
     pub(crate) eviction: EvictionPolicy,
     pub(crate) dirty_background_pages: u64,
     pub(crate) writeback_interval: Duration,
+    pub(crate) fault_threads: usize,
 }
 
 /// What every mapping of one cache shares.
@@ -66,6 +68,8 @@ pub(crate) struct CacheShared {
     writeback_interval: Duration,
     /// Windows for the readahead threads.
     pub(crate) readahead: ReadaheadQueue,
+    /// The userfaultfd and fault threads of every mapping, from the first map.
+    pub(crate) faults: Arc<FaultService>,
 }
 
 /// How hard [`CacheShared::acquire`] tries for a page of the budget.
@@ -136,6 +140,7 @@ impl CacheShared {
             dirty_background_pages: settings.dirty_background_pages,
             writeback_interval: settings.writeback_interval,
             readahead,
+            faults: Arc::new(FaultService::new(settings.fault_threads)),
         }
     }
 

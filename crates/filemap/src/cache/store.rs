@@ -7,14 +7,22 @@
 //! memfd zaps it from every map at once (the kernel's `unmap_mapping_range`).
 //!
 //! The cache reads and writes the memfd through views of its own, one per chunk
-//! of file offsets, created on first use. Every view, the cache's included, is
-//! registered with the mapping's userfaultfd for MISSING faults: touching an
-//! absent page never allocates a zero page behind the cache's back (which would
-//! hide the page from MISSING faults for good); it faults into the mapping's
-//! handler, which fills the page under the coherence lock. An optimistic reader
-//! that races a punch therefore waits for a fill instead of reading a page that
-//! nobody can see. Pages enter the memfd only by `UFFDIO_COPY`, which installs a
-//! whole page atomically, never by a store into an absent page.
+//! of file offsets, created on first use.
+//!
+//! Until the file is first mapped, no userfaultfd is involved: pages enter the
+//! memfd by `pwrite` (no map can see one half written, and optimistic readers
+//! read only published pages). An optimistic reader that races a punch may
+//! then touch the hole through the cache's view, which allocates a zero page
+//! there; its copy is discarded by validation, and the reader gives the stray
+//! page back (see `Mapping::read_hit`); a later install overwrites it anyway.
+//!
+//! From the first map on ([`PageStore::trap_faults`]), every view, the cache's
+//! included, is registered with the cache's userfaultfd for MISSING faults:
+//! touching an absent page never allocates a zero page behind the cache's back
+//! (which would hide the page from MISSING faults, and a map would read zeroes
+//! for data); it faults into the cache's fault service, which fills the page
+//! under the coherence lock. Pages then enter the memfd only by `UFFDIO_COPY`,
+//! which installs a whole page atomically, so no map sees one half written.
 //!
 //! The memfd is sized to the file's largest possible size once and never shrunk,
 //! so the cache's views can never raise `SIGBUS`: an optimistic reader that
@@ -33,12 +41,14 @@
 use std::io;
 use std::sync::Arc;
 
+use super::faults::{FaultService, ServesFaults};
 use crate::map::memfd::{Memfd, View};
 use crate::map::uffd::Userfaultfd;
 use crate::page::{PAGE, PAGE_SIZE};
 use crate::racy::copy_racy;
 use crate::sync::atomic::{fence, AtomicU64, Ordering};
 use crate::sync::{Mutex, OnceLock};
+use std::sync::Weak;
 
 /// File bytes one cache view covers: address space only, until pages are present.
 const CHUNK_BYTES: u64 = 1 << 36;
@@ -105,26 +115,83 @@ impl Budget {
 /// One mapping's pages: a memfd and the cache's views of it.
 pub(crate) struct PageStore {
     memfd: Memfd,
-    uffd: Arc<Userfaultfd>,
     chunks: Box<[OnceLock<View>]>,
-    /// Serialises the creation of views (creation is rare; reads take no lock).
+    /// Set from the file's first map on: its views fault into the service.
+    faults: OnceLock<TrappedFaults>,
+    /// Serialises the creation of views and the start of fault trapping (both
+    /// rare; reads take no lock).
     creating: Mutex<()>,
 }
 
+/// Where the faults of a store's views go.
+struct TrappedFaults {
+    uffd: Arc<Userfaultfd>,
+    service: Arc<FaultService>,
+    owner: Weak<dyn ServesFaults>,
+}
+
+impl TrappedFaults {
+    /// Registers `view` MISSING and routes its faults to the owner.
+    fn trap(&self, view: &View) -> io::Result<()> {
+        self.uffd.register(view.addr(), view.len(), false)?;
+        self.service
+            .route(view.addr(), view.len(), self.owner.clone());
+        Ok(())
+    }
+}
+
 impl PageStore {
-    /// A store for a file that may grow to `max_size` bytes, whose views fault
-    /// into `uffd`.
-    pub(crate) fn new(max_size: u64, uffd: Arc<Userfaultfd>) -> io::Result<Self> {
+    /// A store for a file that may grow to `max_size` bytes.
+    pub(crate) fn new(max_size: u64) -> io::Result<Self> {
         let chunks = max_size.div_ceil(CHUNK_BYTES).max(1);
         let memfd = Memfd::new("filemap")?;
         // Sparse: a size costs nothing until pages are present.
         memfd.set_len(max_size)?;
         Ok(PageStore {
             memfd,
-            uffd,
             chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
+            faults: OnceLock::new(),
             creating: Mutex::new(()),
         })
+    }
+
+    /// From now on, the store's views fault into `service` (whose userfaultfd
+    /// is `uffd`), which sends the faults to `owner`. The caller keeps pages
+    /// from being installed meanwhile (it holds Invalidate over the whole file
+    /// and waited for fills), then gives back the zero pages that optimistic
+    /// readers left in holes before ([`PageStore::stray_pages`]).
+    pub(crate) fn trap_faults(
+        &self,
+        uffd: &Arc<Userfaultfd>,
+        service: &Arc<FaultService>,
+        owner: Weak<dyn ServesFaults>,
+    ) -> io::Result<()> {
+        let _creating = self.creating.lock();
+        if self.faults.get().is_some() {
+            return Ok(());
+        }
+        let faults = TrappedFaults {
+            uffd: uffd.clone(),
+            service: service.clone(),
+            owner,
+        };
+        for view in self.chunks.iter().filter_map(OnceLock::get) {
+            faults.trap(view)?;
+        }
+        let _ = self.faults.set(faults);
+        Ok(())
+    }
+
+    /// Whether the store's views fault into a fault service.
+    pub(crate) fn traps_faults(&self) -> bool {
+        self.faults.get().is_some()
+    }
+
+    /// Whether the memfd holds page `index` (`SEEK_DATA`): after
+    /// [`PageStore::trap_faults`], a held page the cache does not count present
+    /// is a zero page a reader left in a hole, to be removed.
+    pub(crate) fn holds(&self, index: u64) -> io::Result<bool> {
+        self.memfd.page_present(index * PAGE)
     }
 
     /// The memfd the pages live in (user maps are views of it).
@@ -151,7 +218,9 @@ impl PageStore {
         if cell.get().is_none() {
             let start = index * PAGE / CHUNK_BYTES * CHUNK_BYTES;
             let view = View::new(&self.memfd, start, CHUNK_BYTES as usize, true)?;
-            self.uffd.register(view.addr(), view.len(), false)?;
+            if let Some(faults) = self.faults.get() {
+                faults.trap(&view)?;
+            }
             let _ = cell.set(view);
         }
         Ok(cell.get().expect("just created"))
@@ -214,10 +283,17 @@ impl PageStore {
         self.write(index, offset, &ZEROES[..len]);
     }
 
-    /// Installs whole pages `data` from page `index` on, atomically per page, where
-    /// they are absent. The caller holds them (claimed and locked).
+    /// Installs whole pages `data` from page `index` on, atomically per page for
+    /// maps, where they are absent. The caller holds them (claimed and locked).
     pub(crate) fn install(&self, index: u64, data: &[u8]) -> io::Result<()> {
         debug_assert!(data.len() % PAGE_SIZE == 0);
+        let Some(faults) = self.faults.get() else {
+            // No map can see the page yet: a plain write, which also replaces
+            // a zero page a reader may have left in the hole.
+            self.view(index + (data.len() / PAGE_SIZE) as u64 - 1)?;
+            self.view(index)?;
+            return self.memfd.write_all_at(data, index * PAGE);
+        };
         let mut done = 0;
         while done < data.len() {
             let page = index + (done / PAGE_SIZE) as u64;
@@ -226,7 +302,11 @@ impl PageStore {
             let len = (data.len() - done).min((chunk_end - page * PAGE) as usize);
             let dst = self.view(page)?.addr() + (page * PAGE % CHUNK_BYTES) as usize;
             // SAFETY: `data[done..done + len]` is readable for the whole call.
-            let copied = unsafe { self.uffd.copy(dst, data[done..].as_ptr(), len, false, true) };
+            let copied = unsafe {
+                faults
+                    .uffd
+                    .copy(dst, data[done..].as_ptr(), len, false, true)
+            };
             match copied {
                 Ok(n) => done += n,
                 // A pending event (a fork or remap elsewhere): try again.
@@ -255,6 +335,18 @@ impl PageStore {
         // exclusive buffer of a page, and the caller guarantees no concurrent
         // writer, so this plain copy races with nothing.
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) }
+    }
+}
+
+impl Drop for PageStore {
+    fn drop(&mut self) {
+        // Before the views are unmapped: a new view at one of their addresses
+        // must not be sent to this store's owner.
+        if let Some(faults) = self.faults.get() {
+            for view in self.chunks.iter().filter_map(OnceLock::get) {
+                faults.service.unroute(view.addr());
+            }
+        }
     }
 }
 

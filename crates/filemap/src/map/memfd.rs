@@ -86,6 +86,20 @@ impl Memfd {
         Ok(rustix::io::pread(&self.fd, buf, offset)?)
     }
 
+    /// `pwrite(fd, buf, offset)` until all of `buf` is written. Writing into a
+    /// hole allocates the pages, and replaces a page that is there.
+    pub fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = rustix::io::pwrite(&self.fd, buf, offset)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
     /// `lseek(fd, offset, SEEK_DATA) == offset`: whether the page at `offset`
     /// (page-aligned) holds data, rather than being a hole or past the end.
     /// shmem answers per page, exactly.

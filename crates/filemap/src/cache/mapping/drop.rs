@@ -140,6 +140,17 @@ impl Mapping {
         }
     }
 
+    /// Gives back a zero page that an optimistic reader may have left in the
+    /// hole of page `index` (see `cache/store.rs`), if the page is still absent:
+    /// claims it, punches it and leaves it absent again.
+    pub(super) fn remove_stray(&self, index: u64, slot: &Slot) {
+        let state = slot.load();
+        if state.is_absent() && slot.lock_for_create(state).is_ok() {
+            let _ = self.store.remove(index, 1);
+            slot.empty();
+        }
+    }
+
     /// Drops pages `first..=last` from the cache. Pages being filled are taken
     /// from their fill; pages locked or under writeback are waited for. The
     /// pages are locked, removed from the store with one punch (which zaps them

@@ -5,8 +5,8 @@
 use std::io;
 
 use super::fill::{Fill, FillBudget};
-use super::handler::ServesFaults;
 use super::{Mapping, UserView};
+use crate::cache::faults::ServesFaults;
 use crate::cache::page::PageState;
 use crate::cache::shared::Need;
 use crate::cache::stats;
@@ -62,7 +62,7 @@ impl ServesFaults for Mapping {
                 let _ = crate::map::uffd::send_sigbus(thread);
             }
         }
-        let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+        let _ = self.uffd().wake(page_addr, PAGE_SIZE);
     }
 }
 
@@ -109,7 +109,7 @@ impl Mapping {
         if !locked.is_empty() {
             // EEXIST (mapped already) or a short count leave the rest to faults.
             let _ = self
-                .uffd
+                .uffd()
                 .continue_pages(page_addr, locked.len() * PAGE_SIZE);
         }
         for i in locked {

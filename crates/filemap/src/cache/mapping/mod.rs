@@ -37,7 +37,6 @@
 //! | `stores.rs` | stores through read-write maps: tracking and holding them back |
 //! | `fault.rs` | serving page faults |
 //! | `region.rs` | [`MapRegion`](crate::MapRegion): the user's memory maps |
-//! | `handler.rs` | the thread that reads a mapping's userfaultfd |
 //! | `open.rs` | opening, removing and dropping a mapping |
 //! | `ext.rs` | `std::os::unix::fs::FileExt` |
 
@@ -65,7 +64,6 @@ mod drop;
 mod ext;
 mod fault;
 mod fill;
-mod handler;
 mod invalidate;
 mod open;
 mod read;
@@ -73,8 +71,6 @@ pub(super) mod region;
 mod stores;
 mod write;
 pub(super) mod writeback;
-
-use handler::FaultHandler;
 
 /// The cached pages of one open file, with the `std::os::unix::fs::FileExt`
 /// calls and the range operations of `fallocate`, `ftruncate`, `O_DIRECT` and
@@ -137,9 +133,6 @@ pub struct Mapping {
     pages: PageTree,
     /// Where the pages live: the mapping's memfd.
     store: PageStore,
-    uffd: Arc<Userfaultfd>,
-    /// Serves the faults of every view of the store.
-    handler: Mutex<Option<FaultHandler>>,
     /// The user's maps of this file, for faults and dirty scans.
     maps: RwLock<Vec<UserView>>,
     /// Held from a scan of written pages until they are marked dirty: the scan
@@ -238,6 +231,15 @@ impl Mapping {
         }
         stats::add(&self.cache.counters.lock_waits[mode_slot(mode)], 1);
         self.lock.lock(mode, range)
+    }
+
+    /// The cache's userfaultfd, for the work of maps (serving faults,
+    /// trapping stores): it exists once any file of the cache was mapped.
+    fn uffd(&self) -> &Arc<Userfaultfd> {
+        self.cache
+            .faults
+            .uffd()
+            .expect("maps exist only once the cache has a userfaultfd")
     }
 
     /// Publishes page `index`, whose slot the caller holds locked (and

@@ -7,7 +7,6 @@ use std::sync::{Arc, Weak};
 use crate::sync::{Mutex, RwLock};
 
 use super::drop::DirtyPages;
-use super::handler::{FaultHandler, ServesFaults};
 use super::Mapping;
 use crate::backend::Backend;
 use crate::cache::evict::Visit;
@@ -17,7 +16,6 @@ use crate::cache::store::PageStore;
 use crate::cache::tree::{PageTree, MAX_PAGES};
 use crate::errno::fail;
 use crate::lock::{CoherenceLock, Mode};
-use crate::map::uffd::Userfaultfd;
 use crate::page::PAGE;
 
 impl Mapping {
@@ -30,8 +28,7 @@ impl Mapping {
         let size = backend.len()?;
         let max_size = backend.max_file_size().min(MAX_PAGES * PAGE);
         let strategy = cache.strategy;
-        let uffd = Arc::new(Userfaultfd::new()?);
-        let store = PageStore::new(max_size, uffd.clone())?;
+        let store = PageStore::new(max_size)?;
         let id = cache.new_mapping_id();
         let mapping = Arc::new(Mapping {
             cache,
@@ -39,8 +36,6 @@ impl Mapping {
             backend,
             pages: PageTree::default(),
             store,
-            uffd: uffd.clone(),
-            handler: Mutex::new(None),
             maps: RwLock::new(Vec::new()),
             scanning: Mutex::new(()),
             lock: CoherenceLock::new(strategy),
@@ -53,28 +48,16 @@ impl Mapping {
             sync_seen: AtomicU64::new(0),
             readahead: Readahead::default(),
         });
-        // Under a model checker no fault thread runs (it would block in the
-        // kernel, out of the checker's reach), and nothing maps the store.
-        #[cfg(not(any(loom, shuttle)))]
-        {
-            let serves_faults: Weak<dyn ServesFaults> = Arc::downgrade(&mapping) as _;
-            let handler = FaultHandler::start(uffd, serves_faults)?;
-            *mapping.handler.lock() = Some(handler);
-        }
         let cached_file: Weak<dyn CachedFile> = Arc::downgrade(&mapping) as _;
         mapping.cache.register(id, cached_file);
         Ok(mapping)
     }
 
-    /// The name of the thread that serves this mapping's page faults (tests
-    /// watch it go away with the mapping).
+    /// The names of the threads that serve the faults of this mapping's cache
+    /// (none before its first map; tests watch them come and go).
     #[doc(hidden)]
-    pub fn fault_thread_name(&self) -> String {
-        let handler = self.handler.lock();
-        handler
-            .as_ref()
-            .map(|h| h.thread_name().to_owned())
-            .unwrap_or_default()
+    pub fn fault_thread_names(&self) -> Vec<String> {
+        self.cache.faults.thread_names()
     }
 
     /// Removes the file from its backend: its cached pages are dropped, its
@@ -106,7 +89,7 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // Dropping the mapping drops its pages: write back what is dirty (call
-        // `sync_all` first to see errors), give the budget back, stop the handler.
+        // `sync_all` first to see errors), and give the budget back.
         self.cache.unregister(self.id);
         if self.removed.load(Ordering::Acquire) {
             let _ = self.release_storage();
@@ -114,9 +97,6 @@ impl Drop for Mapping {
             let _ = self.write_back_range(0, MAX_PAGES - 1);
         }
         let _ = self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard);
-        if let Some(mut handler) = self.handler.get_mut().take() {
-            handler.stop();
-        }
     }
 }
 

@@ -214,7 +214,13 @@ impl Mapping {
                     return true;
                 }
                 OptimisticRead::NotReadable => return false,
-                OptimisticRead::Changed => {}
+                OptimisticRead::Changed => {
+                    // Dropped during the copy: without a map, the copy may
+                    // have left a zero page in the hole.
+                    if !self.store.traps_faults() && slot.load().is_absent() {
+                        self.remove_stray(index, slot);
+                    }
+                }
             }
         }
         false

@@ -28,15 +28,17 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
 use super::{end_of, Mapping, UserView};
+use crate::cache::faults::ServesFaults;
 use crate::cache::tree::MAX_PAGES;
 use crate::errno::{err, fail};
+use crate::lock::Mode;
 use crate::map::memfd::View;
-use crate::map::uffd::scan_written;
+use crate::map::uffd::{scan_written, Userfaultfd};
 use crate::page::{PAGE, PAGE_SIZE};
 
 /// What a map may do to the pages it shows.
@@ -254,18 +256,22 @@ impl Mapping {
             return fail(libc::EOVERFLOW);
         }
         let tracked = access == MapAccess::ReadWrite;
-        if tracked && !self.uffd.has_store_trap() {
+        let uffd = self.cache.faults.start()?;
+        if tracked && !uffd.has_store_trap() {
             // Stores could be neither tracked nor held back: they would be lost.
             return fail(libc::EOPNOTSUPP);
         }
+        self.trap_faults(uffd)?;
         let view = View::new(self.store.memfd(), offset, len, tracked)?;
         if tracked {
-            self.uffd.register_store_trap(view.addr(), view.len())?;
+            uffd.register_store_trap(view.addr(), view.len())?;
             // Arms write tracking over the whole view, pages present or not.
             scan_written(view.addr(), view.len())?;
         } else {
-            self.uffd.register(view.addr(), view.len(), false)?;
+            uffd.register(view.addr(), view.len(), false)?;
         }
+        let owner: Weak<dyn ServesFaults> = Arc::downgrade(self) as _;
+        self.cache.faults.route(view.addr(), view.len(), owner);
         self.maps.write().push(UserView {
             addr: view.addr(),
             len: view.len(),
@@ -275,10 +281,40 @@ impl Mapping {
         Ok(MapRegion::new(self.clone(), view, offset, access))
     }
 
+    /// On the file's first map: from now on every view of its store faults
+    /// into the cache's fault service, and pages enter the store only by
+    /// `UFFDIO_COPY`. Under Invalidate over the whole file, with fills
+    /// settled, no page is installed meanwhile; the zero pages optimistic
+    /// readers left in holes before (see `cache/store.rs`) are given back, as a
+    /// map touching one would read zeroes instead of faulting.
+    fn trap_faults(self: &Arc<Self>, uffd: &Arc<Userfaultfd>) -> io::Result<()> {
+        if self.store.traps_faults() {
+            return Ok(());
+        }
+        let _invalidate = self.lock_mode(Mode::Invalidate, 0..u64::MAX);
+        self.settle_fills(0, MAX_PAGES - 1);
+        let owner: Weak<dyn ServesFaults> = Arc::downgrade(self) as _;
+        self.store.trap_faults(uffd, &self.cache.faults, owner)?;
+        let mut absent = Vec::new();
+        self.pages.for_each(0, MAX_PAGES - 1, |index, slot| {
+            if slot.load().is_absent() {
+                absent.push(index);
+            }
+        });
+        for index in absent {
+            if self.store.holds(index)? {
+                let slot = self.pages.get(index).expect("visited slots exist");
+                self.remove_stray(index, slot);
+            }
+        }
+        Ok(())
+    }
+
     /// Called as a map goes away: marks the pages it stored to dirty, and stops
     /// tracking it.
     fn forget_map(&self, map: &MapRegion) {
         let range = map.addr_range();
+        self.cache.faults.unroute(range.start);
         let view = {
             let mut maps = self.maps.write();
             let position = maps.iter().position(|view| view.addr == range.start);
