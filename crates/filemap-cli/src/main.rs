@@ -1,14 +1,17 @@
 //! The `filemap` command: proves the page cache coherent under torture.
 
-use std::io::{IsTerminal, Write};
+mod progress;
+
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::str::FromStr;
+use std::time::Instant;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use filemap::Strategy;
 use filemap_torture::{BackendKind, DeviceSpec, OpKind, Scenario, TortureConfig, TortureReport};
-use indicatif::{ProgressBar, ProgressStyle};
+use progress::{Length, Progress};
 
 #[derive(Parser)]
 #[command(
@@ -49,27 +52,27 @@ struct BenchArgs {
     #[arg(value_enum)]
     workloads: Vec<WorkloadArg>,
     /// Timed runs of every configuration (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = whole_number::<usize>)]
     runs: usize,
     /// Seconds of one timed run.
-    #[arg(long, visible_alias = "seconds-per-run", default_value_t = 0.5)]
+    #[arg(long, visible_alias = "seconds-per-run", default_value_t = 0.5, value_parser = positive_seconds)]
     seconds: f64,
     /// Thread counts to measure, comma-separated: hit readers (default 1,2),
     /// mixed and direct reader threads (default 2, beside their writers and
     /// puncher), starve storm threads (default one per processor but the
     /// puncher's). Not used by fault, evict and seqread.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = whole_number::<usize>)]
     threads: Option<Vec<usize>>,
     /// Strategies to measure, comma-separated (default: every strategy).
     #[arg(long, value_delimiter = ',', value_parser = strategy_parser())]
     strategy: Vec<Strategy>,
     /// hit and fault: the file's size in MiB (default 16).
-    #[arg(long)]
+    #[arg(long, value_parser = whole_number::<u64>)]
     file_mib: Option<u64>,
     /// mixed, direct and starve: the page cache budget in bytes (default: mixed
     /// is 31/32 of its readers' region; direct and starve
     /// their whole file). hit and fault always cache their whole file.
-    #[arg(long)]
+    #[arg(long, value_parser = whole_number::<u64>)]
     cache_bytes: Option<u64>,
     /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
@@ -151,30 +154,32 @@ struct TortureArgs {
     device: Option<String>,
     /// Seconds to run each strategy (`differential`: the whole run, shared
     /// round-robin by every backend and strategy; shrinking comes on top).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     seconds: f64,
     /// Worker threads.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = whole_number::<usize>)]
     threads: usize,
     /// Files sharing the volume.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = whole_number::<usize>)]
     files: usize,
     /// Pages of each file (by default 4 files of 2048 pages: 32 MiB, four
-    /// times a budget of `--cache-bytes 8388608`, so eviction can be tortured).
-    #[arg(long, default_value_t = 2048)]
+    /// times the default budget, so that pages are evicted all the time).
+    #[arg(long, default_value_t = 2048, value_parser = whole_number::<u64>)]
     pages: u64,
     /// Seed of every random choice.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = whole_number::<u64>)]
     seed: u64,
     /// Percentage of device reads and writes delayed to widen race windows
     /// (0 turns delays off).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = whole_number::<u32>)]
     delay_percent: u32,
     /// The longest injected delay, in microseconds (the shortest is a tenth of it).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = whole_number::<u64>)]
     max_delay_us: u64,
-    /// The page cache budget in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
+    /// The page cache budget in bytes: by default a quarter of the files, so
+    /// that eviction races every operation too. At least 16 KiB per thread
+    /// (room for each thread's largest operation).
+    #[arg(long, default_value_t = DEFAULT_TORTURE_CACHE_BYTES, value_parser = whole_number::<u64>)]
     cache_bytes: u64,
     /// Print one JSON object per strategy, one per line, instead of the table.
     #[arg(long)]
@@ -192,7 +197,7 @@ struct TortureArgs {
     #[arg(long, value_enum, default_value = "mixed")]
     scenario: ScenarioArg,
     /// `differential`: the most seconds spent shrinking each divergence.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, value_parser = seconds_or_zero)]
     shrink_seconds: f64,
 }
 
@@ -203,8 +208,61 @@ enum ScenarioArg {
     Differential,
 }
 
+/// The torture's default budget: a quarter of its default files (4 of 2048
+/// pages), so that the default run evicts.
+const DEFAULT_TORTURE_CACHE_BYTES: u64 = 8 << 20;
+
+/// A number of seconds above zero.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err("must be a positive number of seconds, such as 10 or 0.5".to_owned()),
+    }
+}
+
+/// A number of seconds, zero included.
+fn seconds_or_zero(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
+        _ => Err("must be a number of seconds, 0 or more".to_owned()),
+    }
+}
+
+/// A whole number, with a message that says so.
+fn whole_number<T: FromStr>(text: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| "must be a whole number, 0 or more".to_owned())
+}
+
+/// Rust ignores SIGPIPE, so that a write to a pipe whose reader has gone
+/// fails with `EPIPE`, on which `println!` panics. A Unix tool is killed by
+/// the signal instead, quietly (exit status 141 in a shell), as `cat` and
+/// `seq` are under `| head -1`: restore the default action.
+fn die_quietly_on_closed_pipes() {
+    // SAFETY: `signal` only sets the process's disposition of SIGPIPE to the
+    // default (terminate): no handler is installed, so no code of ours ever
+    // runs in signal context, and nothing in this program relies on SIGPIPE
+    // being ignored (it writes to no pipe or socket but stdout and stderr).
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// The command line, where a negative number is the value of the option
+/// before it: `--seconds -1` is refused by the option's parser, with a
+/// message that says what it takes, rather than taken for an unknown option.
+fn command_line() -> clap::Command {
+    Cli::command().mut_subcommands(|subcommand| {
+        subcommand.mut_args(|arg| {
+            let takes_values = arg.get_action().takes_values();
+            arg.allow_negative_numbers(takes_values)
+        })
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    die_quietly_on_closed_pipes();
+    let cli = Cli::from_arg_matches(&command_line().get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Torture(args) => torture(args),
         Command::Bench(args) => bench(args),
@@ -350,28 +408,31 @@ fn bench(args: BenchArgs) -> ExitCode {
         }
     };
     let total: usize = configs.iter().map(BenchConfig::steps).sum();
-    let bar = bench_progress_bar(total);
+    let began = Instant::now();
+    let mut shown = Progress::new("filemap bench", "", Length::Steps(total as u64));
     let mut started = 0u64;
     let mut report = filemap_bench::Report::default();
     for config in &configs {
         let result = config.run(&mut |progress| match progress {
-            filemap_bench::Progress::Setup(what) => bar.set_message(what.to_owned()),
+            filemap_bench::Progress::Setup(what) => shown.update(started as f64, what),
             filemap_bench::Progress::Step(what) => {
-                bar.set_position(started);
+                shown.update(started as f64, what);
                 started += 1;
-                bar.set_message(what.to_owned());
             }
         });
         match result {
             Ok(part) => report.append(part),
             Err(error) => {
-                bar.finish_and_clear();
+                shown.abandon();
                 eprintln!("filemap bench: {error}");
                 return ExitCode::from(1);
             }
         }
     }
-    bar.finish_and_clear();
+    shown.finish(&format!(
+        "done, {total} steps in {:.1} s",
+        began.elapsed().as_secs_f64()
+    ));
     print_bench_report(&report, args.json, args.runs, args.seconds);
     if let Some(path) = &args.plot {
         if let Err(error) = filemap_bench::plot::write_svg(&report, path) {
@@ -383,22 +444,6 @@ fn bench(args: BenchArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
-}
-
-/// A bar over every measured step, on stderr when it is a terminal; hidden
-/// otherwise.
-fn bench_progress_bar(steps: usize) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("[{bar:30}] {pos}/{len} {elapsed:>4} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
 }
 
 /// Prints a report's rows, ratios and notes: tables, or one JSON object per line.
@@ -531,13 +576,10 @@ fn torture(args: TortureArgs) -> ExitCode {
         Some(strategy) => vec![strategy],
         None => Strategy::ALL.to_vec(),
     };
-    let show_progress = std::io::stderr().is_terminal();
-    let mut reports = Vec::new();
-    for (backend, strategy) in backends
+    let configs: Vec<TortureConfig> = backends
         .iter()
         .flat_map(|&backend| strategies.iter().map(move |&strategy| (backend, strategy)))
-    {
-        let config = TortureConfig {
+        .map(|(backend, strategy)| TortureConfig {
             strategy,
             backend,
             device: device.clone(),
@@ -556,23 +598,36 @@ fn torture(args: TortureArgs) -> ExitCode {
                 ScenarioArg::SelfMapDio => Scenario::SelfMapDio,
                 ScenarioArg::Differential => unreachable!("handled by `differential`"),
             },
-        };
-        let bar = progress_bar(show_progress, backend, strategy, args.seconds);
-        let result = filemap_torture::run(&config, |progress| {
-            bar.set_position((progress.elapsed * 1000.0) as u64);
-            bar.set_message(format!(
-                "{} ops, {} violations",
-                progress.ops, progress.violations
-            ));
+        })
+        .collect();
+    // Settings that cannot work are bad usage, refused before anything runs.
+    if let Some(error) = configs.iter().find_map(|config| config.check().err()) {
+        eprintln!("filemap torture: {error}");
+        return ExitCode::from(2);
+    }
+    let mut reports = Vec::new();
+    for config in &configs {
+        let label = format!("{}/{}", config.backend.name(), config.strategy.name());
+        let mut shown = Progress::new("filemap torture", label, Length::Seconds(args.seconds));
+        let result = filemap_torture::run(config, |progress| {
+            let message = format!("{} ops, {} violations", progress.ops, progress.violations);
+            shown.update(progress.elapsed, &message);
         });
-        bar.finish_and_clear();
         let report = match result {
             Ok(report) => report,
             Err(error) => {
+                shown.abandon();
                 eprintln!("filemap torture: {error}");
                 return ExitCode::from(2);
             }
         };
+        shown.finish(&format!(
+            "done in {:.1} s, {} ops, {} violations, {} errors",
+            report.seconds,
+            report.ops,
+            report.violations(),
+            report.errors
+        ));
         if args.json {
             let line = serde_json::to_string(&report).expect("reports serialise");
             println!("{line}");
@@ -597,21 +652,6 @@ fn torture(args: TortureArgs) -> ExitCode {
         );
         ExitCode::from(1)
     }
-}
-
-fn progress_bar(show: bool, backend: BackendKind, strategy: Strategy, seconds: f64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new((seconds * 1000.0) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>25} [{bar:30}] {elapsed:>4} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{}/{}", backend.name(), strategy.name()));
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
 }
 
 fn print_table(reports: &[TortureReport]) {
@@ -714,10 +754,13 @@ fn differential(args: TortureArgs) -> ExitCode {
         shrink_seconds: args.shrink_seconds,
         ..DifferentialConfig::default()
     };
-    let bar = differential_progress_bar(std::io::stderr().is_terminal(), args.seconds);
+    let mut shown = Progress::new(
+        "filemap torture",
+        "differential",
+        Length::Seconds(args.seconds),
+    );
     let result = differential::run(&config, |progress| {
-        bar.set_position(((progress.elapsed * 1000.0) as u64).min(bar.length().unwrap_or(0)));
-        bar.set_message(format!(
+        let message = format!(
             "{} calls, {} sequences, {} diverged; {}/{}{}",
             progress.ops,
             progress.sequences,
@@ -729,16 +772,24 @@ fn differential(args: TortureArgs) -> ExitCode {
             } else {
                 ""
             }
-        ));
+        );
+        shown.update(progress.elapsed, &message);
     });
-    bar.finish_and_clear();
     let report = match result {
         Ok(report) => report,
         Err(error) => {
+            shown.abandon();
             eprintln!("filemap torture: {error}");
             return ExitCode::from(2);
         }
     };
+    shown.finish(&format!(
+        "done in {:.1} s, {} calls in {} sequences, {} diverged",
+        report.seconds,
+        report.ops,
+        report.sequences,
+        report.diverged_sequences()
+    ));
     if args.json {
         for row in &report.rows {
             println!("{}", serde_json::to_string(row).expect("rows serialise"));
@@ -762,21 +813,6 @@ fn differential(args: TortureArgs) -> ExitCode {
         );
         ExitCode::from(1)
     }
-}
-
-fn differential_progress_bar(show: bool, seconds: f64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new((seconds * 1000.0) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>25} [{bar:30}] {elapsed:>4} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix("differential");
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
 }
 
 fn print_differential(report: &filemap_torture::differential::DifferentialReport) {

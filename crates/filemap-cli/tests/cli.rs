@@ -255,11 +255,22 @@ fn bench_prints_a_table_and_writes_a_chart() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // No terminal: no progress bar on stderr.
+    // No terminal: no progress bar on stderr, status lines instead, the last
+    // when every step is done.
+    let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr
+            .lines()
+            .all(|line| line.starts_with("filemap bench: ")),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("filemap bench: done, "),
+        "{stderr}"
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("none*"), "{stdout}");

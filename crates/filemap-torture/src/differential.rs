@@ -3110,14 +3110,17 @@ pub fn run(
     }
     let temp = match &config.dir {
         Some(_) => None,
-        None => Some(tempfile::tempdir()?),
+        None => Some(tempfile::tempdir().map_err(crate::naming(format!(
+            "a temporary directory in {}",
+            std::env::temp_dir().display()
+        )))?),
     };
     let dir = match (&config.dir, &temp) {
         (Some(dir), _) => dir.clone(),
         (None, Some(temp)) => temp.path().to_owned(),
         (None, None) => unreachable!("a temporary directory is made when none is given"),
     };
-    let kernel = probe_kernel(&dir)?;
+    let kernel = probe_kernel(&dir).map_err(crate::naming(dir.display()))?;
     let mut notes = Vec::new();
     if !kernel.direct_io {
         notes.push(

@@ -57,6 +57,12 @@ pub(crate) fn wait_until_dropped<T>(
     true
 }
 
+/// Prefixes an error's message with what it concerns, a path or a setting,
+/// keeping its kind: `/dev/sdz: No such file or directory (os error 2)`.
+pub(crate) fn naming(what: impl fmt::Display) -> impl FnOnce(std::io::Error) -> std::io::Error {
+    move |error| std::io::Error::new(error.kind(), format!("{what}: {error}"))
+}
+
 /// A kind of operation the torture mixes: the keys of
 /// [`TortureReport::by_kind`] and the columns of the command line's table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -19,7 +19,9 @@ use crate::oracle::{
     bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
     MAX_PAGES,
 };
-use crate::{BackendKind, DeviceSpec, OpKind, Progress, Scenario, TortureConfig, TortureReport};
+use crate::{
+    naming, BackendKind, DeviceSpec, OpKind, Progress, Scenario, TortureConfig, TortureReport,
+};
 
 /// The most pages one operation touches.
 const MAX_OP_PAGES: u64 = 4;
@@ -100,20 +102,14 @@ pub fn run(
     config: &TortureConfig,
     mut progress: impl FnMut(&Progress),
 ) -> io::Result<TortureReport> {
-    check_config(config)?;
-    let config = &match config.scenario {
-        Scenario::Mixed => config.clone(),
-        Scenario::SelfMapDio => TortureConfig {
-            files: 3,
-            threads: 4,
-            ..config.clone()
-        },
-    };
+    config.check()?;
+    let config = &config.effective();
     let files = open_backends(config)?;
     let cache = PageCache::builder()
         .strategy(config.strategy)
         .budget_bytes(config.cache_bytes)
-        .build()?;
+        .build()
+        .map_err(naming(format!("--cache-bytes {}", config.cache_bytes)))?;
     let mappings = files
         .backends
         .iter()
@@ -231,24 +227,69 @@ pub fn run(
     Ok(report)
 }
 
-fn check_config(config: &TortureConfig) -> io::Result<()> {
-    let invalid = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
-    if config.threads == 0 {
-        return invalid("--threads must be at least 1".into());
+/// The threads and files of the self-map scenario, whatever the settings say.
+const SELF_MAP_DIO_THREADS: usize = 4;
+const SELF_MAP_DIO_FILES: usize = 3;
+
+impl TortureConfig {
+    /// The settings the scenario runs with: the self-map scenario has its own
+    /// threads and files.
+    fn effective(&self) -> TortureConfig {
+        match self.scenario {
+            Scenario::Mixed => self.clone(),
+            Scenario::SelfMapDio => TortureConfig {
+                files: SELF_MAP_DIO_FILES,
+                threads: SELF_MAP_DIO_THREADS,
+                ..self.clone()
+            },
+        }
     }
-    if config.files == 0 || config.files > MAX_FILES {
-        return invalid(format!("--files must be 1 to {MAX_FILES}"));
+
+    /// The smallest page cache budget the torture runs on: room for the pages
+    /// of every worker's largest operation ([`MAX_OP_PAGES`]) at once. The
+    /// cache makes progress on a single page, but below this its operations
+    /// queue for pages of the budget instead of racing each other, which is
+    /// what the torture is there for.
+    pub fn min_cache_bytes(&self) -> u64 {
+        (self.effective().threads as u64).saturating_mul(MAX_OP_PAGES * PAGE)
     }
-    if config.pages_per_file < 2 || config.pages_per_file > MAX_PAGES {
-        return invalid(format!("--pages must be 2 to {MAX_PAGES}"));
+
+    /// Checks the settings without running anything; [`run`] checks them
+    /// first too. The error (`InvalidInput`) names the setting as the command
+    /// line spells it, and what it accepts.
+    pub fn check(&self) -> io::Result<()> {
+        let invalid = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+        if self.threads == 0 {
+            return invalid("--threads must be at least 1".into());
+        }
+        if self.files == 0 || self.files > MAX_FILES {
+            return invalid(format!("--files must be 1 to {MAX_FILES}"));
+        }
+        if self.pages_per_file < 2 || self.pages_per_file > MAX_PAGES {
+            return invalid(format!("--pages must be 2 to {MAX_PAGES}"));
+        }
+        if !(self.seconds.is_finite() && self.seconds >= 0.0) {
+            return invalid("--seconds must be a number of seconds".into());
+        }
+        if self.delay_percent > 100 {
+            return invalid("--delay-percent must be 0 to 100".into());
+        }
+        let min_cache_bytes = self.min_cache_bytes();
+        if self.cache_bytes < min_cache_bytes {
+            return invalid(format!(
+                "--cache-bytes must be at least {min_cache_bytes} with {threads} threads \
+                 (room for {MAX_OP_PAGES} pages, the largest operation, per thread); got {}",
+                self.cache_bytes,
+                threads = self.effective().threads,
+            ));
+        }
+        if self.backend == BackendKind::HostFile && self.device == DeviceSpec::Mem {
+            return invalid(
+                "--device mem is for the volume backend; host files need a directory".into(),
+            );
+        }
+        Ok(())
     }
-    if !(config.seconds.is_finite() && config.seconds >= 0.0) {
-        return invalid("--seconds must be a number of seconds".into());
-    }
-    if config.delay_percent > 100 {
-        return invalid("--delay-percent must be 0 to 100".into());
-    }
-    Ok(())
 }
 
 /// The files of a run, and how to count what was injected into them.
@@ -276,13 +317,15 @@ fn open_backends(config: &TortureConfig) -> io::Result<Files> {
     let (trigger, injection) = delay(config);
     match config.backend {
         BackendKind::Volume => {
-            let faulty = Arc::new(FaultyDevice::new(open_device(config)?, config.seed));
+            let device = open_device(config).map_err(naming(device_name(&config.device)))?;
+            let faulty = Arc::new(FaultyDevice::new(device, config.seed));
             if config.delay_percent > 0 {
                 for op in [DeviceOp::Read, DeviceOp::Write] {
                     faulty.add_rule(FaultRule::new(op, trigger, injection));
                 }
             }
-            let volume = Volume::format(faulty.clone())?;
+            let volume =
+                Volume::format(faulty.clone()).map_err(naming(device_name(&config.device)))?;
             let backends = (0..config.files)
                 .map(|i| {
                     let file = volume.create_file(&format!("file{i}"))?;
@@ -299,21 +342,17 @@ fn open_backends(config: &TortureConfig) -> io::Result<Files> {
         BackendKind::HostFile => {
             let (dir, path) = match &config.device {
                 DeviceSpec::TempFile => {
-                    let dir = tempfile::tempdir()?;
+                    let dir = tempfile::tempdir().map_err(naming(device_name(&config.device)))?;
                     let path = dir.path().to_owned();
                     (Some(dir), path)
                 }
                 DeviceSpec::Path(path) => (None, path.clone()),
-                DeviceSpec::Mem => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "--device mem is for the volume backend; host files need a directory",
-                    ))
-                }
+                DeviceSpec::Mem => unreachable!("refused by TortureConfig::check"),
             };
             let mut faulty = Vec::new();
             for i in 0..config.files {
-                let file = HostFile::create(path.join(format!("file{i}")))?;
+                let path = path.join(format!("file{i}"));
+                let file = HostFile::create(&path).map_err(naming(path.display()))?;
                 let backend = Arc::new(FaultyBackend::new(Arc::new(file), config.seed ^ i as u64));
                 if config.delay_percent > 0 {
                     for op in [
@@ -340,6 +379,15 @@ fn open_backends(config: &TortureConfig) -> io::Result<Files> {
     }
 }
 
+/// What an error in setting up `device` names: its path, or what stands for it.
+fn device_name(device: &DeviceSpec) -> String {
+    match device {
+        DeviceSpec::Path(path) => path.display().to_string(),
+        DeviceSpec::TempFile => format!("a temporary file in {}", std::env::temp_dir().display()),
+        DeviceSpec::Mem => "a volume in memory".to_owned(),
+    }
+}
+
 fn open_device(config: &TortureConfig) -> io::Result<Arc<dyn Device>> {
     // Room for every page of every file twice over, plus the reserved block.
     let len = (config.files as u64 * config.pages_per_file * PAGE * 2 + (1 << 20)).max(16 << 20);
@@ -360,11 +408,7 @@ fn open_device(config: &TortureConfig) -> io::Result<Arc<dyn Device>> {
                 if device.len() < len {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
-                        format!(
-                            "{} holds {} bytes; the torture needs {len}",
-                            path.display(),
-                            device.len()
-                        ),
+                        format!("it holds {} bytes; the torture needs {len}", device.len()),
                     ));
                 }
                 Arc::new(device)
@@ -681,5 +725,40 @@ impl Shared {
             self.ops.fetch_add(1, Ordering::Relaxed);
         }
         counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_must_hold_the_largest_operation_of_every_worker() {
+        let config = TortureConfig {
+            threads: 3,
+            cache_bytes: 3 * MAX_OP_PAGES * PAGE,
+            ..TortureConfig::default()
+        };
+        assert_eq!(config.min_cache_bytes(), 49152);
+        config.check().unwrap();
+        let too_small = TortureConfig {
+            cache_bytes: 49151,
+            ..config.clone()
+        };
+        let error = too_small.check().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            error
+                .to_string()
+                .contains("--cache-bytes must be at least 49152"),
+            "{error}"
+        );
+        // The self-map scenario runs its own four threads, whatever the setting.
+        let self_map = TortureConfig {
+            scenario: Scenario::SelfMapDio,
+            threads: 100,
+            ..config
+        };
+        assert_eq!(self_map.min_cache_bytes(), 4 * MAX_OP_PAGES * PAGE);
     }
 }
