@@ -43,8 +43,12 @@ pub mod lock;
 pub(crate) mod map;
 pub mod page;
 pub(crate) mod racy;
+// The noise switch is a test hook: public only with the `testing` feature.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod schedule;
+#[cfg(not(feature = "testing"))]
+mod schedule;
 pub(crate) mod sync;
 
 pub use aligned::AlignedBuf;

@@ -146,6 +146,8 @@ impl VolumeFile {
 
     /// The physical block that page `page` of the file maps to, if any (tests use
     /// it to watch block reuse).
+    /// (A test hook: only with the `testing` feature.)
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn physical_block(&self, page: u64) -> Option<u64> {
         self.volume

@@ -169,10 +169,11 @@ mod tests;
 pub use file::VolumeFile;
 pub use format::BLOCK_SIZE;
 
-use format::{
-    check_name, FileMeta, Layout, Metadata, Superblock, BLOCK, MAX_FILE_SIZE, SUPERBLOCK_SLOTS,
-};
+use format::{check_name, FileMeta, Layout, Metadata, Superblock, BLOCK, SUPERBLOCK_SLOTS};
 use space::Space;
+// Only `check_invariants` (and the tests) bound sizes by it here.
+#[cfg(any(test, feature = "testing"))]
+use format::MAX_FILE_SIZE;
 
 /// Zeroes to write from, so zeroing a range allocates nothing.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -430,6 +431,8 @@ impl Volume {
     /// device; that no free block is committed (a crash could give it back to a
     /// file while another one reuses it); that no file maps blocks past its end
     /// of file; and that the file table and the metadata size are consistent.
+    /// (A test hook: only with the `testing` feature.)
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn check_invariants(&self) {
         let state = self.state.lock();
