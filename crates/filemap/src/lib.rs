@@ -62,3 +62,8 @@ pub use errno::{errno, Error};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};
 pub use page::PAGE_SIZE;
+
+// The README's Rust examples run as doctests, so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
