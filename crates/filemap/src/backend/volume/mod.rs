@@ -180,6 +180,32 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Many files sharing one device in 4 KiB blocks, their metadata kept on the
 /// device (see the module documentation for the format and what is durable when).
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{Backend, FileDevice, Volume};
+///
+/// let dir = tempfile::tempdir()?;
+/// let image = dir.path().join("volume.img");
+/// let volume = Volume::format(Arc::new(FileDevice::create(&image, 16 << 20)?))?;
+/// let file = volume.create_file("a")?;
+/// file.set_len(4096)?;
+/// file.write_pages(0, &[9; 4096])?;
+/// volume.sync()?; // names, sizes, block maps and data are durable now
+///
+/// // One volume per device at a time, in any process.
+/// let second = Volume::open(Arc::new(FileDevice::open(&image)?));
+/// let busy = second.err().and_then(|error| filemap::errno(&error));
+/// assert_eq!(busy, Some(libc::EBUSY));
+///
+/// drop((file, volume)); // the device's claim goes with the volume
+/// let volume = Volume::open(Arc::new(FileDevice::open(&image)?))?;
+/// assert_eq!(volume.file_names(), ["a"]);
+/// let mut page = [0; 4096];
+/// volume.open_file("a")?.read_pages(0, &mut page)?;
+/// assert_eq!(page, [9; 4096]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Volume {
     device: Arc<dyn Device>,
     layout: Layout,
