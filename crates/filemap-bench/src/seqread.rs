@@ -1,7 +1,7 @@
 //! `seqread`: a sequential buffered read of a file that is not cached, against
 //! a raw sequential read of the same device, in turns in one process.
 //!
-//! The device is a temporary image file ([`FileDevice`]), read two ways:
+//! The device is a temporary image file ([`FileDevice`](filemap::FileDevice)), read two ways:
 //! - `device`: `Device::read_exact_at` of `chunk` bytes at a time, from the
 //!   first byte of the image to the file's size, the floor of reading it;
 //! - the library's default strategy: `read_exact_at` of `chunk` bytes at a time
@@ -9,7 +9,7 @@
 //!   readahead grows its window from the fill batch up to 2 MiB.
 //!
 //! The target is set on an image opened with `O_DIRECT`
-//! ([`FileDevice::with_direct_io`]), so that "raw" means the disk itself: a
+//! ([`FileDevice::with_direct_io`](filemap::FileDevice::with_direct_io)), so that "raw" means the disk itself: a
 //! storage engine with a cache of its own opens its device that way, and the
 //! readahead it gets is the cache's. Where the file system refuses `O_DIRECT`
 //! the image is opened as is, and a note says so.

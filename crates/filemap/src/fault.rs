@@ -22,6 +22,17 @@ use parking_lot::Mutex;
 use crate::errno::err;
 
 /// When a rule fires, counted over the calls the rule matches.
+///
+/// ```
+/// use filemap::device::DeviceOp;
+/// use filemap::fault::{FaultPlan, FaultRule, Injection, Trigger};
+///
+/// let plan = FaultPlan::new(1);
+/// plan.add_rule(FaultRule::new(DeviceOp::Write, Trigger::EveryNth(3), Injection::Error(libc::EIO)));
+/// let failed: Vec<bool> = (0..6).map(|_| plan.intercept(DeviceOp::Write, None).is_err()).collect();
+/// assert_eq!(failed, [false, false, true, false, false, true]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Trigger {
     /// On every matching call.
@@ -40,6 +51,20 @@ pub enum Trigger {
 }
 
 /// What a rule does when it fires.
+///
+/// ```
+/// use filemap::device::DeviceOp;
+/// use filemap::fault::{Delivery, FaultPlan, FaultRule, Injection, Trigger};
+///
+/// let plan = FaultPlan::new(1);
+/// plan.add_rule(FaultRule::new(DeviceOp::Write, Trigger::FromNth(2), Injection::Discard));
+/// plan.add_rule(FaultRule::new(DeviceOp::Read, Trigger::Nth(1), Injection::Error(libc::EIO)));
+/// assert_eq!(plan.intercept(DeviceOp::Write, None)?, Delivery::Forward);
+/// assert_eq!(plan.intercept(DeviceOp::Write, None)?, Delivery::Discard);
+/// assert_eq!(plan.intercept(DeviceOp::Read, None).unwrap_err().raw_os_error(), Some(libc::EIO));
+/// assert_eq!(plan.injected(), 2);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Injection {
     /// Sleeps for a duration drawn uniformly from `min..=max`, then forwards the call.
@@ -59,6 +84,40 @@ pub enum Injection {
 }
 
 /// What a wrapper does with a call its plan did not fail.
+///
+/// ```
+/// use std::io;
+/// use filemap::fault::{Delivery, FaultPlan, FaultRule, Injection, Trigger};
+///
+/// /// The calls of a store of one's own, and a wrapper that injects faults into them.
+/// #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// enum StoreOp {
+///     Put,
+/// }
+///
+/// struct FaultyStore {
+///     plan: FaultPlan<StoreOp>,
+///     puts: Vec<u32>,
+/// }
+///
+/// impl FaultyStore {
+///     fn put(&mut self, value: u32) -> io::Result<()> {
+///         match self.plan.intercept(StoreOp::Put, None)? {
+///             Delivery::Forward => self.puts.push(value),
+///             Delivery::Discard => {} // lost on the way, reported done
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// let mut store = FaultyStore { plan: FaultPlan::new(1), puts: Vec::new() };
+/// store.plan.add_rule(FaultRule::new(StoreOp::Put, Trigger::Nth(2), Injection::Discard));
+/// for value in 1..=3 {
+///     store.put(value)?;
+/// }
+/// assert_eq!(store.puts, [1, 3]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
 pub enum Delivery {
@@ -72,6 +131,22 @@ pub enum Delivery {
 ///
 /// `Op` is the kind of call of the layer the rule is for, such as
 /// [`crate::device::DeviceOp`] or [`crate::backend::BackendOp`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::device::{DeviceOp, Injection, Trigger};
+/// use filemap::{Device, FaultRule, FaultyDevice, MemDevice};
+///
+/// let device = FaultyDevice::new(Arc::new(MemDevice::new(1 << 20)), 1);
+/// // Only writes that touch the second 4 KiB block fail.
+/// device.add_rule(
+///     FaultRule::new(DeviceOp::Write, Trigger::Always, Injection::Error(libc::EIO)).on_bytes(4096..8192),
+/// );
+/// device.write_all_at(&[1; 4096], 0)?;
+/// assert!(device.write_all_at(&[1; 10], 8190).is_err()); // overlaps 4096..8192
+/// device.write_all_at(&[1; 4096], 8192)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct FaultRule<Op> {
     /// The kind of call the rule matches.
@@ -106,6 +181,20 @@ impl<Op> FaultRule<Op> {
 }
 
 /// Identifies a rule added to a [`FaultPlan`], for [`FaultPlan::remove_rule`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::device::{DeviceOp, Injection, Trigger};
+/// use filemap::{Device, FaultRule, FaultyDevice, MemDevice};
+///
+/// let device = FaultyDevice::new(Arc::new(MemDevice::new(1 << 20)), 1);
+/// let id = device.add_rule(FaultRule::new(DeviceOp::Read, Trigger::Always, Injection::Error(libc::EIO)));
+/// let mut buf = [0; 8];
+/// assert!(device.read_exact_at(&mut buf, 0).is_err());
+/// device.remove_rule(id);
+/// device.read_exact_at(&mut buf, 0)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleId(u64);
 
@@ -117,6 +206,32 @@ pub struct RuleId(u64);
 /// forwarded; if any error fires, the first one is returned after the delays and
 /// the call must not be forwarded. With a given seed the injections are
 /// deterministic for a given order of calls.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use filemap::fault::{FaultPlan, FaultRule, Injection, Trigger};
+///
+/// // A plan judges calls of any kind that is `Copy + Eq + Debug`.
+/// #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// enum Op {
+///     Get,
+///     Put,
+/// }
+///
+/// let plan = FaultPlan::new(42);
+/// let pause = Duration::from_millis(2);
+/// plan.add_rule(FaultRule::new(Op::Put, Trigger::Always, Injection::Delay { min: pause, max: pause }));
+/// plan.add_rule(FaultRule::new(Op::Put, Trigger::Nth(1), Injection::Error(libc::ENOSPC)));
+/// plan.add_rule(FaultRule::new(Op::Put, Trigger::Nth(1), Injection::Error(libc::EIO)));
+/// let start = Instant::now();
+/// // The delay is applied, then the first error that fired is returned.
+/// let error = plan.intercept(Op::Put, None).unwrap_err();
+/// assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
+/// assert!(start.elapsed() >= pause);
+/// plan.intercept(Op::Get, None)?; // no rule for gets
+/// assert_eq!(plan.rule_count(), 3);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct FaultPlan<Op> {
     /// Whether any rule exists: lets calls skip the mutex when there are none.
     any_rules: AtomicBool,
@@ -295,6 +410,24 @@ impl<Op> fmt::Debug for FaultPlan<Op> {
 /// A wrapper that forwards every call to `inner` after injecting what its plan
 /// of rules chooses. [`crate::FaultyDevice`] and [`crate::FaultyBackend`] are
 /// this wrapper around a device and around a backend.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::device::{DeviceOp, Injection, Trigger};
+/// use filemap::{Device, FaultRule, FaultyDevice, MemDevice};
+///
+/// let memory = Arc::new(MemDevice::new(1 << 20));
+/// let device: FaultyDevice = FaultyDevice::new(memory.clone(), 1);
+/// device.add_rule(FaultRule::new(DeviceOp::Write, Trigger::Always, Injection::Discard));
+/// device.write_all_at(b"dropped", 0)?;
+/// device.clear(); // no rules from now on
+/// device.write_all_at(b"kept", 8)?;
+/// assert_eq!(device.injected(), 1);
+/// let mut buf = [0; 12];
+/// device.inner().read_exact_at(&mut buf, 0)?; // the device below, unwrapped
+/// assert_eq!(&buf, b"\0\0\0\0\0\0\0\0kept");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Faulty<T: ?Sized, Op> {
     pub(crate) inner: Arc<T>,
     pub(crate) plan: FaultPlan<Op>,

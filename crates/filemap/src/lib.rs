@@ -43,8 +43,12 @@ pub mod lock;
 pub(crate) mod map;
 pub mod page;
 pub(crate) mod racy;
+// The noise switch is a test hook: public only with the `testing` feature.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod schedule;
+#[cfg(not(feature = "testing"))]
+mod schedule;
 pub(crate) mod sync;
 
 pub use aligned::AlignedBuf;
@@ -58,3 +62,8 @@ pub use errno::{errno, Error};
 pub use fault::FaultRule;
 pub use lock::{Mode, Strategy};
 pub use page::PAGE_SIZE;
+
+// The README's Rust examples run as doctests, so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

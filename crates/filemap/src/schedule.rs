@@ -1,8 +1,9 @@
 //! Schedule noise: seeded random yields, spins and sleeps at the cache's
-//! interleaving points, off unless a test turns it on.
+//! interleaving points, off unless a test turns it on (with the `testing`
+//! feature, which makes `set_noise` public).
 //!
 //! The cache's slow paths (claiming, filling and publishing pages, dropping
-//! them, changing the backend, writing back) call [`point`] between their
+//! them, changing the backend, writing back) call `point` between their
 //! steps. With noise on, each call may yield, spin or sleep for a few
 //! microseconds, drawn from a per-thread generator seeded from the process-wide
 //! seed, so that each seed drives the threads through other interleavings. The
@@ -72,6 +73,7 @@ fn perturb(seed: u64) {
 
 /// Turns schedule noise on for the whole process with `seed` (`Some(0)` is
 /// taken as 1), or off with `None`. For randomized-schedule tests only.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub fn set_noise(seed: Option<u64>) {
     SEED.store(seed.map_or(0, |seed| seed.max(1)), Ordering::Relaxed);

@@ -10,8 +10,8 @@
 //! `lock()` returns the guard, `Condvar::wait(&mut guard)`). Under a checker the
 //! same API is provided by thin newtypes over its `std`-like types, so call sites
 //! compile unchanged every way. Only the API the crate uses is mirrored. Loom wins
-//! if both cfgs are set. Shuttle is a dev-dependency: `--cfg shuttle` is meant for
-//! `cargo test --lib` (see `.ci/run`).
+//! if both cfgs are set. Each checker is a dependency only under its cfg, which
+//! is meant for `cargo test --lib` (see `.ci/run`).
 //!
 //! [loom]: https://docs.rs/loom
 //! [shuttle]: https://docs.rs/shuttle

@@ -305,6 +305,7 @@ impl ExtentMap {
 
     /// Asserts the map's structural invariants: runs are non-empty, disjoint,
     /// maximal, and their lengths add up to [`ExtentMap::mapped_blocks`].
+    #[cfg(any(test, feature = "testing"))]
     pub fn check_invariants(&self) {
         let mut total = 0u64;
         let mut previous: Option<(u64, Extent)> = None;

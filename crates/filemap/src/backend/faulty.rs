@@ -38,6 +38,33 @@ use crate::page::PAGE;
 /// changes; a discard that fires (and no error) reports success without
 /// forwarding (a read then leaves its buffer as it was). With a given seed the injections are deterministic for a given order
 /// of calls.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::{Duration, Instant};
+/// use filemap::backend::BackendOp;
+/// use filemap::fault::{Injection, Trigger};
+/// use filemap::{FaultRule, FaultyBackend, HostFile, PageCache};
+///
+/// // Widen the window between the cache dropping a range and the backend
+/// // punching it, where an incoherent cache would let a fill in.
+/// let host = HostFile::from_file(tempfile::tempfile()?)?;
+/// let backend = Arc::new(FaultyBackend::new(Arc::new(host), 7));
+/// let delay = Duration::from_millis(5);
+/// backend.add_rule(FaultRule::new(
+///     BackendOp::PunchHole,
+///     Trigger::Always,
+///     Injection::Delay { min: delay, max: delay },
+/// ));
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(backend.clone())?;
+/// file.write_all_at(&[1; 8192], 0)?;
+/// let start = Instant::now();
+/// file.punch_hole(0, 4096)?;
+/// assert!(start.elapsed() >= delay);
+/// assert_eq!(backend.injected(), 1);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub type FaultyBackend = Faulty<dyn Backend, BackendOp>;
 
 /// The bytes of `len` bytes of pages starting at page `index`, saturating.

@@ -45,6 +45,22 @@ const DEFAULT_DIO_MEM_ALIGN: usize = 512;
 /// that zeroes part of a block in place; whole pages are then read and written
 /// atomically, which page atomicity (C4) rests on. Calls that change the size
 /// exclude writes, so a write never extends the file.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{HostFile, PageCache};
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("data");
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(HostFile::create(&path)?))?;
+/// file.write_all_at(b"on the host file system", 0)?;
+/// file.sync_all()?; // the cache's dirty pages reach the file, and fsync
+/// assert_eq!(std::fs::read(&path)?, b"on the host file system");
+/// file.punch_hole(0, 4096)?; // fallocate(PUNCH_HOLE | KEEP_SIZE)
+/// assert_eq!(std::fs::read(&path)?, [0; 23]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct HostFile {
     /// The buffered descriptor.
     file: File,

@@ -20,6 +20,19 @@ pub use volume::{Volume, VolumeFile, BLOCK_SIZE};
 /// The kind of a backend call, as fault rules of a [`FaultyBackend`] select them.
 ///
 /// [`Backend::len`] and [`Backend::max_file_size`] are never faulted.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::backend::BackendOp;
+/// use filemap::{Backend, FaultyBackend, HostFile};
+///
+/// let backend = FaultyBackend::new(Arc::new(HostFile::from_file(tempfile::tempfile()?)?), 1);
+/// backend.set_len(8192)?;
+/// backend.fail_nth(BackendOp::PunchHole, 1, libc::EIO); // the next punch fails
+/// assert_eq!(backend.punch_hole(0, 4096).unwrap_err().raw_os_error(), Some(libc::EIO));
+/// backend.punch_hole(0, 4096)?; // the rule fired once
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BackendOp {
     /// [`Backend::read_pages`].
@@ -57,6 +70,84 @@ pub enum BackendOp {
 ///   the end of file.
 /// - Bytes of the last page past the end of file read as zero.
 /// - Calls on a removed file fail with `ENOENT`.
+///
+/// A backend of your own, here a file in memory, is all a storage engine
+/// writes to put the cache over its storage:
+///
+/// ```
+/// use std::io;
+/// use std::sync::{Arc, Mutex};
+/// use filemap::{Backend, PageCache, PAGE_SIZE};
+///
+/// /// A file in memory: its bytes, `None` once removed.
+/// #[derive(Debug)]
+/// struct MemFile(Mutex<Option<Vec<u8>>>);
+///
+/// impl MemFile {
+///     fn with<T>(&self, f: impl FnOnce(&mut Vec<u8>) -> T) -> io::Result<T> {
+///         let mut bytes = self.0.lock().unwrap();
+///         let bytes = bytes.as_mut().ok_or(io::Error::from_raw_os_error(libc::ENOENT))?;
+///         Ok(f(bytes))
+///     }
+/// }
+///
+/// impl Backend for MemFile {
+///     fn len(&self) -> io::Result<u64> {
+///         self.with(|bytes| bytes.len() as u64)
+///     }
+///     fn max_file_size(&self) -> u64 {
+///         1 << 30
+///     }
+///     fn read_pages(&self, index: u64, buf: &mut [u8]) -> io::Result<()> {
+///         self.with(|bytes| {
+///             let start = index as usize * PAGE_SIZE;
+///             let end = (start + buf.len()).min(bytes.len()).max(start);
+///             buf.fill(0); // holes and bytes past the end of file read as zero
+///             buf[..end - start].copy_from_slice(&bytes[start..end]);
+///         })
+///     }
+///     fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
+///         // Writes never change the size: bytes past the end of file go nowhere.
+///         self.with(|bytes| {
+///             let start = index as usize * PAGE_SIZE;
+///             let end = (start + buf.len()).min(bytes.len()).max(start);
+///             bytes[start..end].copy_from_slice(&buf[..end - start]);
+///         })
+///     }
+///     fn set_len(&self, len: u64) -> io::Result<()> {
+///         self.with(|bytes| bytes.resize(len as usize, 0))
+///     }
+///     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+///         self.zero_range(offset, len) // no storage to give back
+///     }
+///     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+///         self.with(|bytes| {
+///             let end = offset.saturating_add(len).min(bytes.len() as u64) as usize;
+///             let start = (offset as usize).min(end);
+///             bytes[start..end].fill(0);
+///         })
+///     }
+///     fn sync(&self) -> io::Result<()> {
+///         self.with(|_| ()) // memory is as durable as it gets
+///     }
+///     fn remove(&self) -> io::Result<()> {
+///         let removed = self.0.lock().unwrap().take();
+///         removed.map(drop).ok_or(io::Error::from_raw_os_error(libc::ENOENT))
+///     }
+/// }
+///
+/// // The cache keeps it coherent: it calls the backend under the right mode.
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(MemFile(Mutex::new(Some(Vec::new())))))?;
+/// file.write_all_at(b"hello", 4090)?;
+/// file.punch_hole(4092, 2)?;
+/// let mut buf = [0; 5];
+/// file.read_exact_at(&mut buf, 4090)?;
+/// assert_eq!(&buf, b"he\0\0o");
+/// file.sync_all()?;
+/// assert_eq!(file.backend().len()?, 4095);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub trait Backend: Send + Sync + fmt::Debug {
     /// The file's size in bytes.
     fn len(&self) -> io::Result<u64>;

@@ -76,6 +76,20 @@ pub(crate) fn mode_slot(mode: Mode) -> usize {
 
 /// Waits for each coherence mode: how often a caller found the mode it needed
 /// held in a conflicting way and had to wait.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use filemap::{MemDevice, PageCache, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(volume.create_file("a")?))?;
+/// file.write_all_at(b"alone", 0)?;
+/// let waits = cache.stats().lock_waits;
+/// assert_eq!(waits.fill + waits.write + waits.direct + waits.invalidate, 0); // no one to wait for
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LockWaits {
@@ -106,6 +120,30 @@ impl LockWaits {
 
 /// A snapshot of what a [`crate::PageCache`] did and holds; see
 /// [`crate::PageCache::stats`]. Counts are since the cache was built.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use filemap::{MemDevice, PageCache, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let cache = PageCache::builder()
+///     .budget_bytes(1 << 20)
+///     .writeback_interval(Duration::from_secs(3600)) // only syncs write back here
+///     .build()?;
+/// let file = cache.open(Arc::new(volume.create_file("a")?))?;
+/// file.write_all_at(&[1; 8192], 0)?;
+/// let mut buf = [0; 8192];
+/// file.read_exact_at(&mut buf, 0)?;
+/// let stats = cache.stats();
+/// assert_eq!(stats.hits, 2); // both pages were cached by the write
+/// assert_eq!(stats.dirty_bytes, 8192);
+/// file.sync_all()?;
+/// let stats = cache.stats();
+/// assert_eq!((stats.dirty_bytes, stats.writebacks), (0, 2));
+/// assert_eq!(stats.budget_bytes, 1 << 20);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CacheStats {

@@ -23,6 +23,26 @@ use crate::fault::{span, Faulty};
 /// [`Device::claim`] claims the wrapped device (no rule applies to it): the
 /// wrapper and the device below it are one storage, which only one owner may
 /// allocate.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::device::{DeviceOp, Injection, Trigger};
+/// use filemap::{Device, FaultRule, FaultyDevice, MemDevice};
+///
+/// // A crash after the first write: the second never reaches the memory below.
+/// let memory = Arc::new(MemDevice::new(1 << 20));
+/// let device = FaultyDevice::new(memory.clone(), 1);
+/// device.add_rule(FaultRule::new(DeviceOp::Write, Trigger::FromNth(2), Injection::Discard));
+/// device.write_all_at(b"first", 0)?;
+/// device.write_all_at(b"second", 4096)?; // reports success, but is lost
+/// let mut buf = [0; 6];
+/// memory.read_exact_at(&mut buf[..5], 0)?;
+/// assert_eq!(&buf[..5], b"first");
+/// memory.read_exact_at(&mut buf, 4096)?;
+/// assert_eq!(buf, [0; 6]);
+/// assert_eq!(device.injected(), 1);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub type FaultyDevice = Faulty<dyn Device, DeviceOp>;
 
 impl Device for Faulty<dyn Device, DeviceOp> {

@@ -40,6 +40,23 @@ const DIRECT_ALIGN: usize = 4096;
 /// from a duplicated descriptor) therefore exclude each other too, and in one
 /// process so do two device nodes of one block device. The lock is advisory:
 /// it binds only programs that take it.
+///
+/// ```
+/// use filemap::{Device, FileDevice};
+///
+/// let dir = tempfile::tempdir()?;
+/// let image = dir.path().join("disk.img");
+/// let device = FileDevice::create(&image, 1 << 30)?; // sparse: takes no space yet
+/// device.write_all_at(b"persistent", 0)?;
+/// device.flush()?; // fdatasync
+/// drop(device);
+/// let device = FileDevice::open(&image)?;
+/// assert_eq!(device.len(), 1 << 30);
+/// let mut buf = [0; 10];
+/// device.read_exact_at(&mut buf, 0)?;
+/// assert_eq!(&buf, b"persistent");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,

@@ -15,6 +15,19 @@ use crate::errno::{fail, with_message};
 /// atomic with respect to every other call: a read never sees half of a write.
 ///
 /// [`Device::claim`] is a flag in the device: one claim at a time.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{MemDevice, PageCache, Volume};
+///
+/// // A volume in memory: for tests, and for anything that needs no durability.
+/// let volume = Volume::format(Arc::new(MemDevice::new(16 << 20)))?;
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(volume.create_file("scratch")?))?;
+/// file.write_all_at(b"in memory", 0)?;
+/// assert_eq!(file.len(), 9);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct MemDevice {
     bytes: RwLock<Vec<u8>>,
     len: u64,

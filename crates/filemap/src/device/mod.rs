@@ -22,6 +22,19 @@ pub use file::FileDevice;
 pub use mem::MemDevice;
 
 /// The kind of a device call, as fault rules select them.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::device::DeviceOp;
+/// use filemap::{Device, FaultyDevice, MemDevice};
+///
+/// let device = FaultyDevice::new(Arc::new(MemDevice::new(1 << 20)), 1);
+/// device.fail_nth(DeviceOp::Flush, 1, libc::EIO);
+/// device.write_all_at(b"data", 0)?; // writes are not selected
+/// assert_eq!(device.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+/// device.flush()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceOp {
     /// [`Device::read_exact_at`].
@@ -42,6 +55,22 @@ pub const ATOMIC_BLOCK: usize = 4096;
 /// atomically: a read returns a block as it was before or after a concurrent
 /// write of it, never a mix (page atomicity, C4, rests on this). A call on a range
 /// outside `0..len()` fails with `EIO` and transfers nothing.
+///
+/// ```
+/// use filemap::{Device, MemDevice};
+///
+/// let device = MemDevice::new(1 << 20);
+/// assert_eq!(device.len(), 1 << 20);
+/// device.write_all_at(b"block", 4096)?;
+/// let mut buf = [0; 5];
+/// device.read_exact_at(&mut buf, 4096)?;
+/// assert_eq!(&buf, b"block");
+/// device.flush()?;
+/// // Outside the device: EIO, and nothing is transferred.
+/// let error = device.write_all_at(b"past the end", (1 << 20) - 4).unwrap_err();
+/// assert_eq!(error.raw_os_error(), Some(libc::EIO));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub trait Device: Send + Sync + fmt::Debug {
     /// The device's size in bytes.
     fn len(&self) -> u64;
@@ -73,6 +102,18 @@ pub trait Device: Send + Sync + fmt::Debug {
 
 /// An exclusive claim on a device's storage, from [`Device::claim`]: released
 /// when dropped.
+///
+/// ```
+/// use filemap::{Device, MemDevice};
+///
+/// let device = MemDevice::new(1 << 20);
+/// let claim = device.claim()?;
+/// let error = device.claim().unwrap_err();
+/// assert_eq!(filemap::errno(&error), Some(libc::EBUSY));
+/// drop(claim);
+/// let _claim = device.claim()?; // free again
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[must_use = "the device is released when the claim is dropped"]
 pub struct DeviceClaim {
     _hold: Box<dyn Send + Sync>,

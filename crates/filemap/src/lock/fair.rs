@@ -78,6 +78,15 @@ use std::collections::VecDeque;
 use crate::sync::{Condvar, Mutex};
 
 /// One kind of access to a [`RawFairLock`]: a class, shared or exclusive.
+///
+/// ```
+/// use filemap::lock::Access;
+///
+/// assert!(Access::shared(0).is_compatible_with(Access::shared(0)));
+/// assert!(!Access::shared(0).is_compatible_with(Access::shared(1)));
+/// assert!(!Access::exclusive(1).is_compatible_with(Access::exclusive(1)));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Access {
     /// The class of the access. Shared holders coexist only within one class.
@@ -131,6 +140,20 @@ impl Access {
 /// This is a raw lock: it does not know who holds it. [`RawFairLock::unlock`]
 /// checks that the access it releases is held, but cannot tell whether the
 /// caller is the thread that took it; the guard API on top keeps that straight.
+///
+/// ```
+/// use filemap::lock::{Access, RawFairLock};
+///
+/// let lock = RawFairLock::new();
+/// lock.lock(Access::shared(0));
+/// assert!(lock.try_lock(Access::shared(0))); // the same class shares
+/// assert!(!lock.try_lock(Access::exclusive(1)));
+/// lock.unlock(Access::shared(0));
+/// lock.unlock(Access::shared(0));
+/// assert!(lock.try_lock(Access::exclusive(1)));
+/// lock.unlock(Access::exclusive(1));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, Default)]
 pub struct RawFairLock {
     state: Mutex<State>,

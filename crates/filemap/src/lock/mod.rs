@@ -81,6 +81,21 @@ pub use two_state::RawTwoStateLock;
 use crate::page::PAGE;
 
 /// A coherence mode: what the holder is about to do to the page cache.
+///
+/// ```
+/// use filemap::{Mode, Strategy};
+///
+/// // Under `range`, fills share with fills, direct I/O with direct I/O...
+/// assert!(!Strategy::Range.conflicts(Mode::Fill, Mode::Fill));
+/// assert!(Strategy::Range.conflicts(Mode::Fill, Mode::Direct));
+/// // ...and only holders of overlapping pages exclude each other.
+/// assert!(!Strategy::Range.conflicts_over(Mode::Fill, 0..4096, Mode::Invalidate, 4096..8192));
+/// assert!(Strategy::InvalidateLock.conflicts_over(Mode::Fill, 0..4096, Mode::Invalidate, 4096..8192));
+/// // Cache hits take no lock but under `file-exclusive`.
+/// assert!(!Strategy::Range.conflicts(Mode::Read, Mode::Invalidate));
+/// assert!(Strategy::FileExclusive.conflicts(Mode::Read, Mode::Invalidate));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// A whole buffered read, hits included. Only `file-exclusive` locks it; the
@@ -98,6 +113,18 @@ pub enum Mode {
 }
 
 /// How the coherence modes are enforced. Chosen when the cache is built.
+///
+/// ```
+/// use filemap::{PageCache, Strategy};
+///
+/// let strategy: Strategy = "invalidate-lock".parse().expect("a strategy's name");
+/// assert_eq!(strategy, Strategy::InvalidateLock);
+/// assert_eq!(Strategy::DEFAULT.name(), "range");
+/// assert!(!Strategy::None.is_coherent());
+/// let cache = PageCache::builder().strategy(strategy).build()?;
+/// assert_eq!(cache.strategy(), Strategy::InvalidateLock);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
     /// No lock at all (the pre-5.15 kernel race; incorrect on purpose).
@@ -218,6 +245,17 @@ impl fmt::Display for Strategy {
 }
 
 /// The error of parsing an unknown strategy name.
+///
+/// ```
+/// use filemap::Strategy;
+///
+/// let error = "bogus".parse::<Strategy>().unwrap_err();
+/// assert_eq!(
+///     error.to_string(),
+///     r#"unknown strategy "bogus" (expected one of: none, file-exclusive, invalidate-lock, two-state, range)"#
+/// );
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error("unknown strategy {0:?} (expected one of: {names})", names = Strategy::ALL.map(Strategy::name).join(", "))]
 pub struct UnknownStrategy(String);
@@ -246,6 +284,19 @@ fn whole_pages(range: Range<u64>) -> Range<u64> {
 }
 
 /// The coherence lock of one mapping.
+///
+/// ```
+/// use filemap::lock::CoherenceLock;
+/// use filemap::{Mode, Strategy};
+///
+/// let lock = CoherenceLock::new(Strategy::Range);
+/// let punch = lock.lock(Mode::Invalidate, 0..4096);
+/// assert!(lock.try_lock(Mode::Fill, 100..200).is_none()); // same page: waits
+/// let fill = lock.try_lock(Mode::Fill, 4096..8192).expect("another page");
+/// drop((punch, fill));
+/// assert!(lock.try_lock(Mode::Fill, 100..200).is_some());
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct CoherenceLock {
     strategy: Strategy,
@@ -294,6 +345,19 @@ enum Held {
 }
 
 /// Proof that a coherence mode is held; released on drop.
+///
+/// ```
+/// use filemap::lock::CoherenceLock;
+/// use filemap::{Mode, Strategy};
+///
+/// let lock = CoherenceLock::new(Strategy::Range);
+/// let read = lock.lock(Mode::Read, 0..4096);
+/// assert_eq!(read.mode(), Mode::Read);
+/// assert!(!read.is_locking()); // hits take no lock under `range`
+/// let direct = lock.lock(Mode::Direct, 0..4096);
+/// assert!(direct.is_locking());
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[must_use = "the mode is released as soon as the guard is dropped"]
 #[derive(Debug)]
 pub struct CoherenceGuard<'a> {

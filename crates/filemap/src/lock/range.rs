@@ -95,6 +95,15 @@ pub fn ranges_overlap(a: &Range<u64>, b: &Range<u64>) -> bool {
 
 /// Proof that a request of a [`RawRangeLock`] was granted; hand it back to
 /// [`RawRangeLock::unlock`] to release it.
+///
+/// ```
+/// use filemap::lock::{Access, RawRangeLock};
+///
+/// let lock = RawRangeLock::new();
+/// let grant = lock.lock(Access::exclusive(1), 0..10);
+/// lock.unlock(grant); // the grant is the only way to release it
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[must_use = "the range stays locked until the grant is given back to unlock"]
 #[derive(Debug, PartialEq, Eq)]
 pub struct RangeGrant {
@@ -108,6 +117,18 @@ pub struct RangeGrant {
 /// served in arrival order; others never wait for each other; a thread that
 /// holds an access re-enters it without queueing. See the module documentation
 /// for the algorithm and why nobody starves.
+///
+/// ```
+/// use filemap::lock::{Access, RawRangeLock};
+///
+/// let lock = RawRangeLock::new();
+/// let punch = lock.lock(Access::exclusive(1), 0..10);
+/// assert!(lock.try_lock(Access::shared(0), 5..15).is_none()); // overlaps
+/// let fill = lock.try_lock(Access::shared(0), 10..20).expect("disjoint");
+/// lock.unlock(punch);
+/// lock.unlock(fill);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, Default)]
 pub struct RawRangeLock {
     state: Mutex<State>,

@@ -42,6 +42,20 @@ use super::Access;
 
 /// bcachefs's two-state lock, unfair, with the inode lock that orders its
 /// block side. See the module documentation.
+///
+/// ```
+/// use filemap::lock::{Access, RawTwoStateLock};
+///
+/// let lock = RawTwoStateLock::new();
+/// lock.lock(Access::shared(0)); // an add (fill, buffered write)
+/// assert!(lock.try_lock(Access::shared(0)));
+/// assert!(!lock.try_lock(Access::shared(1))); // a block (direct I/O) waits
+/// lock.unlock(Access::shared(0));
+/// lock.unlock(Access::shared(0));
+/// assert!(lock.try_lock(Access::shared(1)));
+/// lock.unlock(Access::shared(1));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, Default)]
 pub struct RawTwoStateLock {
     state: Mutex<State>,

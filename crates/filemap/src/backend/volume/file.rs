@@ -127,6 +127,24 @@ impl Volume {
 
 /// A handle to one file of a [`Volume`]: cheap to clone, and each clone counts
 /// as a handle for [`Volume::remove_file`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{Backend, MemDevice, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(4 << 20)))?;
+/// let file = volume.create_file("a")?;
+/// file.set_len(3 * 4096)?;
+/// file.write_pages(1, &[5; 4096])?;
+/// assert_eq!(file.allocated_blocks()?, 1); // pages 0 and 2 are holes
+/// file.punch_hole(4096, 4096)?;
+/// assert_eq!(file.allocated_blocks()?, 0);
+/// let error = volume.remove_file("a").unwrap_err(); // a handle is open
+/// assert_eq!(filemap::errno(&error), Some(libc::EBUSY));
+/// drop(file);
+/// volume.remove_file("a")?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct VolumeFile {
     volume: Arc<Volume>,
     pub(super) id: u64,
@@ -146,6 +164,8 @@ impl VolumeFile {
 
     /// The physical block that page `page` of the file maps to, if any (tests use
     /// it to watch block reuse).
+    /// (A test hook: only with the `testing` feature.)
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn physical_block(&self, page: u64) -> Option<u64> {
         self.volume

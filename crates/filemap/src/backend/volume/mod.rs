@@ -169,16 +169,43 @@ mod tests;
 pub use file::VolumeFile;
 pub use format::BLOCK_SIZE;
 
-use format::{
-    check_name, FileMeta, Layout, Metadata, Superblock, BLOCK, MAX_FILE_SIZE, SUPERBLOCK_SLOTS,
-};
+use format::{check_name, FileMeta, Layout, Metadata, Superblock, BLOCK, SUPERBLOCK_SLOTS};
 use space::Space;
+// Only `check_invariants` (and the tests) bound sizes by it here.
+#[cfg(any(test, feature = "testing"))]
+use format::MAX_FILE_SIZE;
 
 /// Zeroes to write from, so zeroing a range allocates nothing.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Many files sharing one device in 4 KiB blocks, their metadata kept on the
 /// device (see the module documentation for the format and what is durable when).
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{Backend, FileDevice, Volume};
+///
+/// let dir = tempfile::tempdir()?;
+/// let image = dir.path().join("volume.img");
+/// let volume = Volume::format(Arc::new(FileDevice::create(&image, 16 << 20)?))?;
+/// let file = volume.create_file("a")?;
+/// file.set_len(4096)?;
+/// file.write_pages(0, &[9; 4096])?;
+/// volume.sync()?; // names, sizes, block maps and data are durable now
+///
+/// // One volume per device at a time, in any process.
+/// let second = Volume::open(Arc::new(FileDevice::open(&image)?));
+/// let busy = second.err().and_then(|error| filemap::errno(&error));
+/// assert_eq!(busy, Some(libc::EBUSY));
+///
+/// drop((file, volume)); // the device's claim goes with the volume
+/// let volume = Volume::open(Arc::new(FileDevice::open(&image)?))?;
+/// assert_eq!(volume.file_names(), ["a"]);
+/// let mut page = [0; 4096];
+/// volume.open_file("a")?.read_pages(0, &mut page)?;
+/// assert_eq!(page, [9; 4096]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Volume {
     device: Arc<dyn Device>,
     layout: Layout,
@@ -430,6 +457,8 @@ impl Volume {
     /// device; that no free block is committed (a crash could give it back to a
     /// file while another one reuses it); that no file maps blocks past its end
     /// of file; and that the file table and the metadata size are consistent.
+    /// (A test hook: only with the `testing` feature.)
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn check_invariants(&self) {
         let state = self.state.lock();

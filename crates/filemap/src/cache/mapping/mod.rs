@@ -82,7 +82,7 @@ pub(super) mod writeback;
 /// # Errors
 /// Errors carry the errno a file on Linux gives for the same call, checked in
 /// the kernel's order, and a call that fails its argument checks changes
-/// nothing. Read it with `raw_os_error()`, or with [`crate::errno`] for the
+/// nothing. Read it with `raw_os_error()`, or with [`crate::errno()`] for the
 /// few errors that carry a message too. `max` is [`Mapping::max_file_size`];
 /// offsets are file offsets, which the kernel takes as signed (`loff_t`).
 ///

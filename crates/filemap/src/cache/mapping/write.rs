@@ -20,6 +20,25 @@ impl Mapping {
     /// backend), or if the coherence mode it needs is held by someone else.
     /// Returns the bytes written, or `ErrorKind::WouldBlock` if it wrote none
     /// (then nothing changed).
+    ///
+    /// ```
+    /// use std::io::ErrorKind;
+    /// use std::sync::Arc;
+    /// use filemap::{MemDevice, PageCache, Volume};
+    ///
+    /// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+    /// let cache = PageCache::builder().build()?;
+    /// let file = cache.open(Arc::new(volume.create_file("log")?))?;
+    /// file.write_all_at(&[7; 8192], 0)?;
+    /// file.invalidate_range(4096, 4096)?; // page 1 now needs a backend read
+    /// assert_eq!(file.write_at_nowait(b"cached", 0)?, 6);
+    /// let error = file.write_at_nowait(b"not cached", 4096).unwrap_err();
+    /// assert_eq!(error.kind(), ErrorKind::WouldBlock);
+    /// let error = file.write_at_nowait(b"grows the file", 8192).unwrap_err();
+    /// assert_eq!(error.kind(), ErrorKind::WouldBlock);
+    /// assert_eq!(file.write_at(b"not cached", 4096)?, 10); // this one may wait
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn write_at_nowait(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         let Some(len) = self.check_write(buf.len(), offset)? else {
             return Ok(0);
