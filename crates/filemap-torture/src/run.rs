@@ -246,7 +246,7 @@ impl TortureConfig {
     }
 
     /// The smallest page cache budget the torture runs on: room for the pages
-    /// of every worker's largest operation ([`MAX_OP_PAGES`]) at once. The
+    /// of every worker's largest operation (`MAX_OP_PAGES`) at once. The
     /// cache makes progress on a single page, but below this its operations
     /// queue for pages of the budget instead of racing each other, which is
     /// what the torture is there for.

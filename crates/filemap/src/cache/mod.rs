@@ -298,9 +298,10 @@ impl PageCache {
     /// lock and size. Open each file once and share the returned `Arc`; two
     /// mappings of one file would be two caches that do not see each other.
     ///
-    /// Each mapping keeps its pages in a memfd of its own and runs one thread
-    /// that serves the page faults of its views; both go when the last handle
-    /// (or memory map) of the mapping does.
+    /// Each mapping keeps its pages in a memfd of its own, which goes when the
+    /// last handle (or memory map) of the mapping does. No userfaultfd or
+    /// thread is involved until the cache's first map (see
+    /// [`PageCacheBuilder::fault_threads`]).
     pub fn open(&self, backend: Arc<dyn Backend>) -> io::Result<Arc<Mapping>> {
         Mapping::new(self.shared.clone(), backend)
     }
