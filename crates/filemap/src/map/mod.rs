@@ -6,7 +6,7 @@
 //! offsets; user maps ([`crate::MapRegion`], in `cache/mapping/region.rs`) are
 //! `MAP_SHARED` views of it whose absent pages are filled on first touch
 //! through userfaultfd (MISSING), from the cache or the backend, by the
-//! mapping's fault thread (`cache/mapping/handler.rs` and `fault.rs`).
+//! cache's fault threads (`cache/faults.rs`, `cache/mapping/fault.rs`).
 //! Read-write maps are also registered MINOR, so that a drop can hold their
 //! stores back.
 //!

@@ -2,8 +2,8 @@
 //! cache.
 //!
 //! A map is a `MAP_SHARED` view of the mapping's memfd, registered with the
-//! mapping's userfaultfd: the first touch of a page faults into the mapping's
-//! handler, which fills the page under Fill (from the cache or the backend) and
+//! cache's userfaultfd: the first touch of a page faults into the cache's fault
+//! service, which routes it to the mapping, which fills the page under Fill (from the cache or the backend) and
 //! installs it; later touches cost nothing. Every invalidation punches the
 //! memfd, which zaps the page from every map at once, so the next touch faults
 //! and sees the new content (C1, C2). Stores through a read-write map land in
