@@ -28,8 +28,27 @@ pub(crate) trait ServesFaults: Send + Sync {
     fn serve_fault(&self, addr: usize, thread: u32);
 }
 
-/// Start address of a view -> its end and whom its faults go to.
-type Routes = RwLock<BTreeMap<usize, (usize, Weak<dyn ServesFaults>)>>;
+/// Where faults go.
+#[derive(Default)]
+struct RouteTable {
+    /// Start address of a view or region -> its end and whom its faults go to.
+    owners: BTreeMap<usize, (usize, Weak<dyn ServesFaults>)>,
+    /// The page store's own views (start -> end). A fault there that no owner
+    /// takes is an optimistic reader's late touch of a region given back: it
+    /// gets a page of zeroes, which the next owner's region is cleared of
+    /// (see [`FaultService::route_cleared`]).
+    store_views: BTreeMap<usize, usize>,
+}
+
+type Routes = RwLock<RouteTable>;
+
+/// The entry of `map` whose range holds `addr`.
+fn lookup<T>(map: &BTreeMap<usize, (usize, T)>, addr: usize) -> Option<&T> {
+    map.range(..=addr)
+        .next_back()
+        .filter(|(_, (end, _))| addr < *end)
+        .map(|(_, (_, value))| value)
+}
 
 /// The fault service of one cache (see the module docs).
 pub(crate) struct FaultService {
@@ -120,13 +139,35 @@ impl FaultService {
 
     /// Sends the faults of `addr..addr + len` to `owner`.
     pub(crate) fn route(&self, addr: usize, len: usize, owner: Weak<dyn ServesFaults>) {
-        self.routes.write().insert(addr, (addr + len, owner));
+        self.routes.write().owners.insert(addr, (addr + len, owner));
     }
 
-    /// Forgets the view at `addr` (before it is unmapped, so that a new view
-    /// at the same address is not sent to the old owner).
+    /// As [`FaultService::route`], for a region of the page store's views that
+    /// `clear` empties first: no zero page a late touch of the region's old
+    /// owner got (see [`RouteTable::store_views`]) can land between the clear
+    /// and the route.
+    pub(crate) fn route_cleared(
+        &self,
+        addr: usize,
+        len: usize,
+        owner: Weak<dyn ServesFaults>,
+        clear: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut routes = self.routes.write();
+        clear()?;
+        routes.owners.insert(addr, (addr + len, owner));
+        Ok(())
+    }
+
+    /// Forgets the view or region at `addr` (before it is unmapped or given
+    /// to another owner).
     pub(crate) fn unroute(&self, addr: usize) {
-        self.routes.write().remove(&addr);
+        self.routes.write().owners.remove(&addr);
+    }
+
+    /// Enters one of the page store's own views (see [`RouteTable::store_views`]).
+    pub(crate) fn add_store_view(&self, addr: usize, len: usize) {
+        self.routes.write().store_views.insert(addr, addr + len);
     }
 
     /// The names of the fault threads (none before the first map).
@@ -173,19 +214,22 @@ fn serve(uffd: &Userfaultfd, stop: &EventFd, routes: &Routes) {
         for event in &events {
             match *event {
                 Event::Missing { addr, thread, .. } | Event::Minor { addr, thread, .. } => {
+                    let page = addr & !(PAGE_SIZE - 1);
                     let owner = {
                         let routes = routes.read();
-                        routes
-                            .range(..=addr)
-                            .next_back()
-                            .filter(|(_, (end, _))| addr < *end)
-                            .and_then(|(_, (_, owner))| owner.upgrade())
+                        let owner = lookup(&routes.owners, addr).and_then(Weak::upgrade);
+                        if owner.is_none() && in_store_view(&routes.store_views, addr) {
+                            // Under the read lock, so that no region is
+                            // cleared and given out in between.
+                            let _ = install_zeroes(uffd, page);
+                        }
+                        owner
                     };
                     match owner {
                         Some(owner) => owner.serve_fault(addr, thread),
-                        // The mapping is going away: let the toucher retry.
+                        // Zeroes, or a user map going away: let the toucher retry.
                         None => {
-                            let _ = uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE);
+                            let _ = uffd.wake(page, PAGE_SIZE);
                         }
                     }
                 }
@@ -196,4 +240,20 @@ fn serve(uffd: &Userfaultfd, stop: &EventFd, routes: &Routes) {
             }
         }
     }
+}
+
+/// Whether `addr` lies in one of the page store's own views.
+fn in_store_view(views: &BTreeMap<usize, usize>, addr: usize) -> bool {
+    views
+        .range(..=addr)
+        .next_back()
+        .is_some_and(|(_, &end)| addr < end)
+}
+
+/// Installs a page of zeroes at `page` (absent there: it faulted MISSING).
+#[allow(unsafe_code)] // the copy reads a static buffer of a page
+fn install_zeroes(uffd: &Userfaultfd, page: usize) -> io::Result<usize> {
+    static ZEROES: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    // SAFETY: the source is a static page, readable for the whole call.
+    unsafe { uffd.copy(page, ZEROES.as_ptr(), PAGE_SIZE, false, true) }
 }

@@ -357,6 +357,7 @@ impl PageCache {
             budget_bytes: shared.budget.capacity() * page,
             lock_waits: LockWaits::from_counters(&counters.lock_waits),
             metadata_bytes: metadata_bytes as u64,
+            store_views: shared.arena.views() as u64,
         }
     }
 }

@@ -17,7 +17,7 @@ use super::evict::{self, EvictionPolicy, Key, Queue, Visit};
 use super::faults::FaultService;
 use super::readahead::ReadaheadQueue;
 use super::stats::{self, Counters};
-use super::store::Budget;
+use super::store::{Arena, Budget};
 use crate::lock::Strategy;
 
 /// What the cache-wide work (the eviction hand, background writeback, the
@@ -70,6 +70,8 @@ pub(crate) struct CacheShared {
     pub(crate) readahead: ReadaheadQueue,
     /// The userfaultfd and fault threads of every mapping, from the first map.
     pub(crate) faults: Arc<FaultService>,
+    /// The memfd every cached page lives in.
+    pub(crate) arena: Arc<Arena>,
 }
 
 /// How hard [`CacheShared::acquire`] tries for a page of the budget.
@@ -127,6 +129,7 @@ const RECLAIM_PATIENCE: Duration = Duration::from_secs(60);
 impl CacheShared {
     /// A cache with nothing cached, its readahead windows going to `readahead`.
     pub(crate) fn new(settings: Settings, readahead: ReadaheadQueue) -> CacheShared {
+        let faults = Arc::new(FaultService::new(settings.fault_threads));
         CacheShared {
             budget: Budget::new(settings.budget_pages),
             strategy: settings.strategy,
@@ -140,7 +143,8 @@ impl CacheShared {
             dirty_background_pages: settings.dirty_background_pages,
             writeback_interval: settings.writeback_interval,
             readahead,
-            faults: Arc::new(FaultService::new(settings.fault_threads)),
+            arena: Arc::new(Arena::new(faults.clone())),
+            faults,
         }
     }
 

@@ -185,4 +185,8 @@ pub struct CacheStats {
     /// eviction queue (not the kernel's, which keeps its own descriptor for
     /// every page of every memfd, as for any page cache).
     pub metadata_bytes: u64,
+    /// Views of the memory the cached pages live in that the cache holds (one
+    /// per gigabyte of it, and one per region over a gigabyte): the cache's
+    /// share of the process's memory maps, whatever the number of open files.
+    pub store_views: u64,
 }

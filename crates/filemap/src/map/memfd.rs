@@ -18,6 +18,7 @@
 
 use std::ffi::c_void;
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, SeekFrom};
@@ -112,6 +113,26 @@ impl Memfd {
     }
 
     /// The file descriptor.
+    /// The parts of `within` that hold pages (`SEEK_DATA`, `SEEK_HOLE`).
+    pub fn data_ranges(&self, within: Range<u64>) -> io::Result<Vec<Range<u64>>> {
+        let mut ranges = Vec::new();
+        let mut at = within.start;
+        while at < within.end {
+            let data = match rustix::fs::seek(&self.fd, SeekFrom::Data(at)) {
+                Ok(data) => data,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            if data >= within.end {
+                break;
+            }
+            let hole = rustix::fs::seek(&self.fd, SeekFrom::Hole(data))?.min(within.end);
+            ranges.push(data..hole);
+            at = hole;
+        }
+        Ok(ranges)
+    }
+
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -175,6 +196,68 @@ impl View {
         // SAFETY: the range is the mapping just created and owned by `view`;
         // MADV_DONTFORK only changes what a future fork copies. On failure
         // `view` unmaps the range as it drops.
+        unsafe { rustix::mm::madvise(addr, len, Advice::LinuxDontFork) }?;
+        Ok(view)
+    }
+
+    /// One view of several page-aligned `(offset, len)` parts of the memfd,
+    /// laid side by side in the order given: a `PROT_NONE` reservation of
+    /// their total length, then each part mapped over its place in it with
+    /// `MAP_FIXED`. Each part is a mapping of its own for the kernel (a
+    /// userfaultfd copy or continue stays inside one); registration, scans and
+    /// `madvise` cover them all. As [`View::new`] otherwise.
+    pub fn of_parts(memfd: &Memfd, parts: &[(u64, usize)], writable: bool) -> io::Result<Self> {
+        let misaligned = |&(offset, len): &(u64, usize)| {
+            len == 0 || len % PAGE_SIZE != 0 || offset % PAGE != 0 || offset > i64::MAX as u64
+        };
+        if parts.is_empty() || parts.iter().any(misaligned) {
+            return Err(Errno::INVAL.into());
+        }
+        if let [(offset, len)] = parts {
+            return View::new(memfd, *offset, *len, writable);
+        }
+        let len = parts
+            .iter()
+            .try_fold(0usize, |total, (_, len)| total.checked_add(*len))
+            .ok_or(Errno::NOMEM)?;
+        // SAFETY: a null hint without MAP_FIXED makes the kernel choose a free
+        // range, replacing nothing; the anonymous reservation is owned by
+        // `view` below, which unmaps it (with whatever is mapped over it) once.
+        let addr = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }?;
+        let view = Self {
+            addr: addr as usize,
+            len,
+        };
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        let mut at = view.addr;
+        for &(offset, part) in parts {
+            // SAFETY: `at..at + part` lies inside the reservation just made and
+            // owned by `view` (the parts add up to its length), so MAP_FIXED
+            // replaces only that reservation, never memory Rust uses.
+            unsafe {
+                rustix::mm::mmap(
+                    at as *mut c_void,
+                    part,
+                    prot,
+                    MapFlags::SHARED | MapFlags::FIXED,
+                    &memfd.fd,
+                    offset,
+                )
+            }?;
+            at += part;
+        }
+        // SAFETY: as in `new`: the range is owned by `view`.
         unsafe { rustix::mm::madvise(addr, len, Advice::LinuxDontFork) }?;
         Ok(view)
     }

@@ -73,7 +73,7 @@ impl Mapping {
             return Eviction::Failed;
         }
         slot.empty();
-        self.cache.budget.release();
+        self.give_page();
         stats::add(&self.cache.counters.evictions, 1);
         Eviction::Evicted
     }
@@ -212,7 +212,7 @@ impl Mapping {
                 let slot = self.pages.get(index).expect("locked slots exist");
                 if removed.is_ok() {
                     slot.empty();
-                    self.cache.budget.release();
+                    self.give_page();
                 } else {
                     slot.unlock();
                 }

@@ -10,6 +10,7 @@ use crate::cache::faults::ServesFaults;
 use crate::cache::page::PageState;
 use crate::cache::shared::Need;
 use crate::cache::stats;
+use crate::cache::store::chunk_last;
 use crate::lock::Mode;
 use crate::page::{index_of, pages_to_cover, start_of, PAGE_SIZE};
 use crate::schedule;
@@ -80,9 +81,11 @@ impl Mapping {
             return;
         }
         let in_file = pages_to_cover(self.len());
+        // One `UFFDIO_CONTINUE` maps pages of one region only.
         let last = view_last
             .min(index + FAULT_AROUND_PAGES - 1)
-            .min(in_file.saturating_sub(1));
+            .min(in_file.saturating_sub(1))
+            .min(chunk_last(index));
         let mut locked = Vec::new();
         'pages: for i in index..=last {
             let Some(slot) = self.pages.get(i) else {
@@ -131,16 +134,16 @@ impl Mapping {
                 return;
             }
             // A fault cannot be refused: it evicts until a page is free.
-            self.cache.acquire(Need::Required);
+            self.take_page(Need::Required);
             if slot.lock_for_create(state).is_err() {
-                self.cache.budget.release();
+                self.give_page();
                 continue;
             }
             if self.store.install(index, &[0; PAGE_SIZE]).is_ok() {
                 self.publish(index, slot, false);
             } else {
                 slot.empty();
-                self.cache.budget.release();
+                self.give_page();
             }
             return;
         }

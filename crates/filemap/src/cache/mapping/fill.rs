@@ -270,7 +270,7 @@ impl Mapping {
                 FillBudget::Wait if i == 0 => Need::Wait,
                 _ => Need::Optional,
             };
-            if !self.cache.acquire(need) {
+            if !self.take_page(need) {
                 break;
             }
             // The state is loaded again: the reclaim that made room may have
@@ -279,7 +279,7 @@ impl Mapping {
             match slot.claim_for_fill() {
                 Some(filling) => claimed.push(filling),
                 None => {
-                    self.cache.budget.release();
+                    self.give_page();
                     break;
                 }
             }
@@ -318,7 +318,7 @@ impl Mapping {
                 // Nothing was read, or an invalidation took the page while we read.
                 // Give the claim back if it is still ours, whatever flags it gained.
                 slot.abandon_fill(filling);
-                self.cache.budget.release();
+                self.give_page();
             }
         }
         // The data of the leading pages whose claims held is the backend's.
@@ -350,7 +350,7 @@ impl Mapping {
                     stats::add(&self.cache.counters.fills, 1);
                 } else {
                     slot.empty();
-                    self.cache.budget.release();
+                    self.give_page();
                 }
             }
         }

@@ -198,7 +198,7 @@ impl Mapping {
         let _ = self.store.remove(index, 1);
         source.empty();
         if !moved {
-            self.cache.budget.release();
+            self.give_page();
         }
     }
 }

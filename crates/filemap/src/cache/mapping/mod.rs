@@ -49,7 +49,7 @@ use crate::sync::{Mutex, RwLock};
 
 use super::page::{PageState, Slot};
 use super::readahead::Readahead;
-use super::shared::CacheShared;
+use super::shared::{CacheShared, Need};
 use super::stats::{self, mode_slot};
 use super::store::PageStore;
 use super::tree::{PageTree, MAX_PAGES};
@@ -156,6 +156,9 @@ pub struct Mapping {
     sync_seen: AtomicU64,
     /// Sequential readahead of read misses.
     readahead: Readahead,
+    /// Pages of the budget this mapping holds: one per page present, claimed
+    /// or being created. At 0, with no map, the store gives its regions back.
+    held: AtomicU64,
 }
 
 /// One of the user's maps, as the mapping tracks it.
@@ -250,6 +253,32 @@ impl Mapping {
         if !before.is_queued() {
             self.cache.enqueue(self.id, index);
         }
+    }
+
+    /// Takes one page of the cache's budget for this mapping (see
+    /// [`CacheShared::acquire`]).
+    fn take_page(&self, need: Need) -> bool {
+        let taken = self.cache.acquire(need);
+        if taken {
+            self.held.fetch_add(1, Ordering::AcqRel);
+        }
+        taken
+    }
+
+    /// Gives back a page [`Mapping::take_page`] took, whose slot is absent
+    /// again; the last one gives the store's regions back if no map exists.
+    fn give_page(&self) {
+        self.cache.budget.release();
+        if self.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.release_store_if_idle();
+        }
+    }
+
+    /// Gives the store's regions back if the mapping holds no page and no map.
+    pub(super) fn release_store_if_idle(&self) {
+        self.store.release_if_empty(|| {
+            self.held.load(Ordering::Acquire) == 0 && self.maps.read().is_empty()
+        });
     }
 
     /// Bytes of this mapping's page index.

@@ -10,6 +10,7 @@ use super::drop::DirtyPages;
 use super::Mapping;
 use crate::backend::Backend;
 use crate::cache::evict::Visit;
+use crate::cache::faults::ServesFaults;
 use crate::cache::readahead::Readahead;
 use crate::cache::shared::{CacheShared, CachedFile, Eviction};
 use crate::cache::store::PageStore;
@@ -28,14 +29,13 @@ impl Mapping {
         let size = backend.len()?;
         let max_size = backend.max_file_size().min(MAX_PAGES * PAGE);
         let strategy = cache.strategy;
-        let store = PageStore::new(max_size)?;
         let id = cache.new_mapping_id();
-        let mapping = Arc::new(Mapping {
+        let mapping = Arc::new_cyclic(|me| Mapping {
+            store: PageStore::new(cache.arena.clone(), me.clone() as Weak<dyn ServesFaults>),
             cache,
             id,
             backend,
             pages: PageTree::default(),
-            store,
             maps: RwLock::new(Vec::new()),
             scanning: Mutex::new(()),
             lock: CoherenceLock::new(strategy),
@@ -47,6 +47,7 @@ impl Mapping {
             wb_err: AtomicU64::new(0),
             sync_seen: AtomicU64::new(0),
             readahead: Readahead::default(),
+            held: AtomicU64::new(0),
         });
         let cached_file: Weak<dyn CachedFile> = Arc::downgrade(&mapping) as _;
         mapping.cache.register(id, cached_file);
@@ -125,5 +126,87 @@ impl CachedFile for Mapping {
 
     fn index_bytes(&self) -> usize {
         Mapping::index_bytes(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::page::{PAGE, PAGE_SIZE};
+    use crate::{MapAccess, Mapping, MemDevice, PageCache, Volume};
+
+    /// A cache and a synced file of `pages` pages, page `i` filled with `i + 1`.
+    fn cached_file(pages: u64) -> (PageCache, Arc<Mapping>) {
+        let volume = Volume::format(Arc::new(MemDevice::new(16 << 20))).expect("format");
+        let cache = PageCache::builder().build().expect("cache");
+        let file = cache
+            .open(Arc::new(volume.create_file("f").expect("create")))
+            .expect("open");
+        for i in 0..pages {
+            file.write_all_at(&[i as u8 + 1; PAGE_SIZE], i * PAGE)
+                .expect("write");
+        }
+        file.sync_all().expect("sync");
+        (cache, file)
+    }
+
+    fn page(file: &Mapping, index: u64) -> Vec<u8> {
+        let mut buf = vec![0; PAGE_SIZE];
+        file.read_exact_at(&mut buf, index * PAGE).expect("read");
+        buf
+    }
+
+    /// An idle open file costs no region; one whose pages all went gives its
+    /// regions back, unless a map still shows them.
+    #[test]
+    fn regions_go_with_the_last_page_and_the_last_map() {
+        let (cache, file) = cached_file(8);
+        let views = cache.stats().store_views;
+        assert_eq!(file.store.regions(), 1);
+        file.invalidate_range(0, 8 * PAGE).expect("invalidate");
+        assert_eq!(file.store.regions(), 0, "no page left, no map: regions go");
+        assert_eq!(page(&file, 3), vec![4; PAGE_SIZE], "filled again afresh");
+        assert_eq!(file.store.regions(), 1);
+
+        let map = file.map(0, 8 * PAGE_SIZE, MapAccess::Read).expect("map");
+        file.invalidate_range(0, 8 * PAGE).expect("invalidate");
+        assert_eq!(file.store.regions(), 1, "a map keeps its regions");
+        let mut buf = vec![0; PAGE_SIZE];
+        map.read(5 * PAGE_SIZE, &mut buf).expect("map read");
+        assert_eq!(buf, vec![6; PAGE_SIZE]);
+        drop(map);
+        file.invalidate_range(0, 8 * PAGE).expect("invalidate");
+        assert_eq!(file.store.regions(), 0, "the last map gone: regions go");
+        assert_eq!(
+            cache.stats().store_views,
+            views,
+            "regions reused, no new view"
+        );
+
+        let idle = cache.open(file.backend().clone()).expect("second mapping");
+        assert_eq!(idle.store.regions(), 0, "opening takes no region");
+    }
+
+    /// A page the arena holds in a hole of the file before its first map (a
+    /// zero page an optimistic reader's touch left there) must go at the first
+    /// map: otherwise the map would read it instead of faulting the file's data.
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_page_left_in_a_hole_before_the_first_map_is_removed() {
+        let (_cache, file) = cached_file(8);
+        file.invalidate_range(2 * PAGE, 2 * PAGE)
+            .expect("invalidate");
+        file.store
+            .plant(3, &[0xee; PAGE_SIZE])
+            .expect("plant a stray page");
+        let map = file.map(0, 8 * PAGE_SIZE, MapAccess::Read).expect("map");
+        // A plain load, as a program reads its map (`MapRegion::read` would
+        // wait for ever for the page the stray hides from faults).
+        // SAFETY: page 3 lies inside the live map, inside the file; a touch of
+        // an absent page faults into the cache, which fills it.
+        let byte = unsafe { std::ptr::read_volatile(map.as_ptr().add(3 * PAGE_SIZE)) };
+        assert_eq!(byte, 4, "the map read the stray page");
+        assert_eq!(page(&file, 3), vec![4; PAGE_SIZE]);
     }
 }

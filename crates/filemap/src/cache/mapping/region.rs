@@ -27,6 +27,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -34,12 +35,13 @@ use parking_lot::RwLock;
 
 use super::{end_of, Mapping, UserView};
 use crate::cache::faults::ServesFaults;
+use crate::cache::store::{chunks_end, ARENA_BYTES};
 use crate::cache::tree::MAX_PAGES;
 use crate::errno::{err, fail};
 use crate::lock::Mode;
 use crate::map::memfd::View;
 use crate::map::uffd::{scan_written, Userfaultfd};
-use crate::page::{PAGE, PAGE_SIZE};
+use crate::page::{index_of, pages_to_cover, PAGE, PAGE_SIZE};
 
 /// What a map may do to the pages it shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +60,8 @@ pub enum MapAccess {
 /// contract of [`MapRegion::as_ptr`].
 pub struct MapRegion {
     mapping: Arc<Mapping>,
-    view: View,
+    /// Unmapped in `drop`, before the regions it shows may be given back.
+    view: ManuallyDrop<View>,
     offset: u64,
     access: MapAccess,
 }
@@ -87,7 +90,7 @@ impl MapRegion {
         LIVE_MAPS.fetch_add(1, Ordering::AcqRel);
         MapRegion {
             mapping,
-            view,
+            view: ManuallyDrop::new(view),
             offset,
             access,
         }
@@ -205,6 +208,11 @@ impl Drop for MapRegion {
         self.mapping.forget_map(self);
         MAPS.write().remove(&self.view.addr());
         LIVE_MAPS.fetch_sub(1, Ordering::AcqRel);
+        // SAFETY: `drop` runs once, and nothing uses the view after this line.
+        unsafe { ManuallyDrop::drop(&mut self.view) };
+        // Unmapped: if this was the last map and no page is cached, the
+        // regions it showed can go to another file.
+        self.mapping.release_store_if_idle();
     }
 }
 
@@ -262,7 +270,9 @@ impl Mapping {
             return fail(libc::EOPNOTSUPP);
         }
         self.trap_faults(uffd)?;
-        let view = View::new(self.store.memfd(), offset, len, tracked)?;
+        // The regions stay this mapping's from here until the map is entered.
+        let _regions = self.store.keep_regions();
+        let view = self.view_of(offset, len, tracked)?;
         if tracked {
             uffd.register_store_trap(view.addr(), view.len())?;
             // Arms write tracking over the whole view, pages present or not.
@@ -288,26 +298,40 @@ impl Mapping {
     /// readers left in holes before (see `cache/store.rs`) are given back, as a
     /// map touching one would read zeroes instead of faulting.
     fn trap_faults(self: &Arc<Self>, uffd: &Arc<Userfaultfd>) -> io::Result<()> {
+        self.store.arena().trap_faults(uffd)?;
         if self.store.traps_faults() {
             return Ok(());
         }
         let _invalidate = self.lock_mode(Mode::Invalidate, 0..u64::MAX);
         self.settle_fills(0, MAX_PAGES - 1);
-        let owner: Weak<dyn ServesFaults> = Arc::downgrade(self) as _;
-        self.store.trap_faults(uffd, &self.cache.faults, owner)?;
-        let mut absent = Vec::new();
-        self.pages.for_each(0, MAX_PAGES - 1, |index, slot| {
+        self.store.trap_faults();
+        // No page is being installed, and no new zero page can appear in a
+        // hole (the arena traps faults): every page the arena holds for this
+        // file that is not cached is one an optimistic reader left.
+        for index in self.store.held_pages()? {
+            let slot = self.pages.get_or_create(index);
             if slot.load().is_absent() {
-                absent.push(index);
-            }
-        });
-        for index in absent {
-            if self.store.holds(index)? {
-                let slot = self.pages.get(index).expect("visited slots exist");
                 self.remove_stray(index, slot);
             }
         }
         Ok(())
+    }
+
+    /// A view of pages `offset..offset + len` of the file: of their regions of
+    /// the arena, and past the largest file, of the arena past its end (where
+    /// a touch raises `SIGBUS`). The caller keeps the regions
+    /// ([`PageStore::keep_regions`](crate::cache::store::PageStore::keep_regions)).
+    fn view_of(&self, offset: u64, len: usize, writable: bool) -> io::Result<View> {
+        let first = index_of(offset);
+        let pages = (len / PAGE_SIZE) as u64;
+        let stored = chunks_end(pages_to_cover(self.max_size))
+            .saturating_sub(first)
+            .min(pages);
+        let mut parts = self.store.arena_ranges(first, stored)?;
+        if stored < pages {
+            parts.push((ARENA_BYTES, ((pages - stored) * PAGE) as usize));
+        }
+        View::of_parts(self.store.arena().memfd()?, &parts, writable)
     }
 
     /// Called as a map goes away: marks the pages it stored to dirty, and stops

@@ -33,7 +33,7 @@ impl Mapping {
             Err(error) => {
                 let _ = self.store.remove(index, 1);
                 slot.empty();
-                self.cache.budget.release();
+                self.give_page();
                 Err(error)
             }
         }

@@ -156,11 +156,11 @@ impl Mapping {
                 }
                 continue;
             }
-            if !self.cache.acquire(Need::Wait) {
+            if !self.take_page(Need::Wait) {
                 return Err(self.cache_full());
             }
             if slot.lock_for_create(state).is_err() {
-                self.cache.budget.release();
+                self.give_page();
                 continue;
             }
             let mut page = vec![0; PAGE_SIZE];
@@ -170,7 +170,7 @@ impl Mapping {
                 .and_then(|()| self.store.install(index, &page));
             if let Err(error) = installed {
                 slot.empty();
-                self.cache.budget.release();
+                self.give_page();
                 return Err(error);
             }
             self.publish(index, slot, true);
