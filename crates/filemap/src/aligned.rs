@@ -7,11 +7,27 @@ use std::ops::{Deref, DerefMut};
 /// aligned to the logical sector, [`crate::cache::DIRECT_IO_MEMORY_ALIGN`].
 ///
 /// ```
-/// use filemap::{AlignedBuf, PAGE_SIZE};
-/// let mut buf = AlignedBuf::new(2 * PAGE_SIZE, PAGE_SIZE);
-/// assert_eq!(buf.as_ptr() as usize % PAGE_SIZE, 0);
-/// buf[0] = 7;
+/// use std::sync::Arc;
+/// use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
+/// use filemap::{AlignedBuf, MemDevice, PageCache, Volume, PAGE_SIZE};
+///
+/// let mut buf = AlignedBuf::new(2 * PAGE_SIZE, DIRECT_IO_MEMORY_ALIGN);
+/// assert_eq!(buf.as_ptr() as usize % DIRECT_IO_MEMORY_ALIGN, 0);
 /// assert_eq!(buf.len(), 2 * PAGE_SIZE);
+/// buf[..5].copy_from_slice(b"block");
+///
+/// # let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// # let cache = PageCache::builder().build()?;
+/// # let file = cache.open(Arc::new(volume.create_file("data")?))?;
+/// assert_eq!(file.write_direct(&buf, 0)?, 2 * PAGE_SIZE);
+/// let mut back = AlignedBuf::new(PAGE_SIZE, DIRECT_IO_MEMORY_ALIGN);
+/// assert_eq!(file.read_direct(&mut back, 0)?, PAGE_SIZE);
+/// assert_eq!(&back[..5], b"block");
+/// // One byte off the alignment, the same read is refused.
+/// let mut unaligned = AlignedBuf::new(PAGE_SIZE + 1, DIRECT_IO_MEMORY_ALIGN);
+/// let error = file.read_direct(&mut unaligned[1..], 0).unwrap_err();
+/// assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+/// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct AlignedBuf {
     bytes: Vec<u8>,

@@ -35,6 +35,25 @@ impl Error {
 /// The errno of `error`: its raw OS error, or the errno of the [`Error`] it
 /// carries. `None` only for errors made outside filemap without an errno
 /// (such as `read_exact_at`'s `UnexpectedEof`, as `std` makes it).
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{errno, MemDevice, PageCache, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(volume.create_file("a")?))?;
+/// // A bare errno, as `std::fs` gives it: `raw_os_error` reads it too.
+/// let error = file.punch_hole(0, 0).unwrap_err();
+/// assert_eq!((errno(&error), error.raw_os_error()), (Some(libc::EINVAL), Some(libc::EINVAL)));
+/// // An errno with a message: only `errno` reads it.
+/// let error = PageCache::builder().budget_bytes(0).build().unwrap_err();
+/// assert_eq!((errno(&error), error.raw_os_error()), (Some(libc::EINVAL), None));
+/// // No errno: `std`'s own error of a read past the end of file.
+/// let error = file.read_exact_at(&mut [0; 8], 0).unwrap_err();
+/// assert_eq!(errno(&error), None);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub fn errno(error: &io::Error) -> Option<i32> {
     error.raw_os_error().or_else(|| {
         error

@@ -239,6 +239,17 @@ impl Queue {
 /// Runs `policy` over `trace` (page numbers) in a cache of `capacity` pages,
 /// with the cache's rules (one entry per page, kept while the page is away;
 /// a hit marks the page referenced), and returns the hit ratio.
+///
+/// ```
+/// use filemap::cache::{simulate_eviction, EvictionPolicy};
+///
+/// // A working set that fits: only the first touch of each page misses.
+/// let hot: Vec<u64> = (0..10).flat_map(|_| 0..4).collect();
+/// assert_eq!(simulate_eviction(EvictionPolicy::Sieve, 8, &hot), 0.9);
+/// // A scan that never comes back never hits, whatever the policy.
+/// let scan: Vec<u64> = (0..100).collect();
+/// assert_eq!(simulate_eviction(EvictionPolicy::Clock, 8, &scan), 0.0);
+/// ```
 pub fn simulate(policy: EvictionPolicy, capacity: usize, trace: &[u64]) -> f64 {
     #[derive(Default)]
     struct Page {

@@ -71,8 +71,36 @@ fn check_setting(
     ))
 }
 
-/// Reclaims an optional page of the budget may take while each frees pages
+/// A page cache: frame memory under a byte budget, shared by the [`Mapping`]s
 /// opened from it. Cloning is cheap and shares the cache.
+///
+/// When the budget is used up, pages are evicted to make room (see
+/// [`PageCacheBuilder::budget_bytes`]), so a file of any size is read through
+/// a cache of any budget:
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{Backend, MemDevice, PageCache, Volume, PAGE_SIZE};
+///
+/// // A file of 64 pages, and a cache that holds 16 of them.
+/// let volume = Volume::format(Arc::new(MemDevice::new(4 << 20)))?;
+/// let table = volume.create_file("table")?;
+/// table.set_len(64 * PAGE_SIZE as u64)?;
+/// table.write_pages(0, &vec![3; 64 * PAGE_SIZE])?;
+/// let cache = PageCache::builder().budget_bytes(16 * PAGE_SIZE as u64).build()?;
+/// let file = cache.open(Arc::new(table))?;
+///
+/// let mut page = [0; PAGE_SIZE];
+/// for offset in (0..64).map(|index| index * PAGE_SIZE as u64) {
+///     file.read_exact_at(&mut page, offset)?;
+///     assert_eq!(page, [3; PAGE_SIZE]);
+/// }
+/// let stats = cache.stats();
+/// assert!(stats.fills >= 64); // every page was read into the cache...
+/// assert!(stats.evictions >= 48); // ...and most were evicted again
+/// assert!(cache.cached_bytes() <= cache.budget_bytes());
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct PageCache {
     shared: Arc<CacheShared>,
@@ -89,6 +117,36 @@ impl std::fmt::Debug for PageCache {
 }
 
 /// Settings of a [`PageCache`]; see [`PageCache::builder`].
+///
+/// Every setting has a default; [`PageCacheBuilder::build`] checks them all
+/// and refuses one out of its range with `EINVAL`.
+///
+/// ```
+/// use std::io::ErrorKind;
+/// use std::time::Duration;
+/// use filemap::{EvictionPolicy, PageCache, Strategy};
+///
+/// let cache = PageCache::builder()
+///     .budget_bytes(64 << 20) // frame memory, in bytes
+///     .strategy(Strategy::Range) // how the coherence lock is enforced
+///     .eviction(EvictionPolicy::Sieve) // which pages go when the budget is used up
+///     .fill_batch_pages(64) // pages per backend read of a miss or a fault
+///     .readahead_threads(2)
+///     .fault_threads(1) // serve the faults of memory maps
+///     .writeback_interval(Duration::from_secs(1))
+///     .dirty_background_bytes(8 << 20) // dirtied bytes that start writeback early
+///     .build()?;
+/// assert_eq!(cache.budget_bytes(), 64 << 20);
+/// assert_eq!(cache.strategy(), Strategy::Range);
+/// assert_eq!(cache.eviction(), EvictionPolicy::Sieve);
+///
+/// // A setting out of its range is refused when the cache is built.
+/// let error = PageCache::builder().fill_batch_pages(0).build().unwrap_err();
+/// assert_eq!(error.kind(), ErrorKind::InvalidInput);
+/// assert_eq!(filemap::errno(&error), Some(libc::EINVAL));
+/// assert_eq!(error.to_string(), "fill_batch_pages must be 1 to 512 pages (got 0)");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct PageCacheBuilder {
     budget_bytes: u64,

@@ -79,7 +79,6 @@ pub(crate) fn mode_slot(mode: Mode) -> usize {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use std::time::Duration;
 /// use filemap::{MemDevice, PageCache, Volume};
 ///
 /// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;

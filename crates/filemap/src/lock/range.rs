@@ -88,6 +88,14 @@ use crate::sync::thread::{self, ThreadId};
 use crate::sync::{Condvar, Mutex};
 
 /// Whether two half-open byte ranges share a byte (empty ranges share none).
+///
+/// ```
+/// use filemap::lock::ranges_overlap;
+///
+/// assert!(ranges_overlap(&(0..4096), &(4095..8192)));
+/// assert!(!ranges_overlap(&(0..4096), &(4096..8192))); // they only touch
+/// assert!(!ranges_overlap(&(100..100), &(0..4096))); // empty
+/// ```
 #[inline]
 pub fn ranges_overlap(a: &Range<u64>, b: &Range<u64>) -> bool {
     a.start.max(b.start) < a.end.min(b.end)
@@ -101,7 +109,10 @@ pub fn ranges_overlap(a: &Range<u64>, b: &Range<u64>) -> bool {
 ///
 /// let lock = RawRangeLock::new();
 /// let grant = lock.lock(Access::exclusive(1), 0..10);
+/// assert!(lock.try_lock(Access::exclusive(1), 5..6).is_none());
 /// lock.unlock(grant); // the grant is the only way to release it
+/// let grant = lock.try_lock(Access::exclusive(1), 5..6).expect("released");
+/// lock.unlock(grant);
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[must_use = "the range stays locked until the grant is given back to unlock"]

@@ -91,9 +91,22 @@ impl Mapping {
     /// file.invalidate_range(4096, 4096)?; // page 1 now needs a backend read
     /// let mut buf = [0u8; 8192];
     /// assert_eq!(file.read_at_nowait(&mut buf, 0)?, 4096); // page 0 only
-    /// let error = file.read_at_nowait(&mut buf, 4096).unwrap_err();
+    /// let error = file.read_at_nowait(&mut buf[4096..], 4096).unwrap_err();
     /// assert_eq!(error.kind(), ErrorKind::WouldBlock);
-    /// assert_eq!(file.read_at(&mut buf, 4096)?, 4096); // this one may wait
+    ///
+    /// // Try without waiting; on `WouldBlock`, hand the read to a thread that may
+    /// // wait (here, the blocking call itself).
+    /// let mut waited = 0;
+    /// let n = match file.read_at_nowait(&mut buf[4096..], 4096) {
+    ///     Err(error) if error.kind() == ErrorKind::WouldBlock => {
+    ///         waited += 1;
+    ///         file.read_at(&mut buf[4096..], 4096)?
+    ///     }
+    ///     result => result?,
+    /// };
+    /// assert_eq!((n, waited), (4096, 1));
+    /// assert_eq!(buf, [7; 8192]);
+    /// assert_eq!(file.read_at_nowait(&mut buf, 0)?, 8192); // both pages cached now
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {

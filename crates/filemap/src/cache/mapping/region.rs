@@ -44,6 +44,24 @@ use crate::map::uffd::{scan_written, Userfaultfd};
 use crate::page::{index_of, pages_to_cover, PAGE, PAGE_SIZE};
 
 /// What a map may do to the pages it shows.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{MapAccess, MemDevice, PageCache, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(volume.create_file("index")?))?;
+/// file.write_all_at(b"read me", 0)?;
+/// let map = file.map(0, 4096, MapAccess::Read)?;
+/// assert_eq!(map.access(), MapAccess::Read);
+/// let mut buf = [0; 7];
+/// map.read(0, &mut buf)?;
+/// assert_eq!(&buf, b"read me");
+/// let error = map.write(0, b"no").unwrap_err(); // stores need `ReadWrite`
+/// assert_eq!(error.raw_os_error(), Some(libc::EACCES));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapAccess {
     /// Loads only (`PROT_READ`).
@@ -57,7 +75,34 @@ pub enum MapAccess {
 /// It keeps its [`Mapping`] alive. Its memory may change under any access (other
 /// threads, other maps, invalidations), so it is never handed out as `&[u8]`:
 /// use [`MapRegion::read`] and [`MapRegion::write`], or the raw pointer under the
-/// contract of [`MapRegion::as_ptr`].
+/// contract of [`MapRegion::as_ptr`]. See [`Mapping::map`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{MapAccess, MemDevice, PageCache, Volume, PAGE_SIZE};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let cache = PageCache::builder().build()?;
+/// let file = cache.open(Arc::new(volume.create_file("pages")?))?;
+/// file.write_all_at(&[1; 2 * PAGE_SIZE], 0)?;
+/// let map = file.map(0, 2 * PAGE_SIZE, MapAccess::ReadWrite)?;
+/// let mut buf = [0; 4];
+/// map.read(PAGE_SIZE, &mut buf)?; // faults the page in from the cache
+/// assert_eq!(buf, [1; 4]);
+///
+/// map.write(PAGE_SIZE, b"page")?; // lands in the cache's own page...
+/// file.read_exact_at(&mut buf, PAGE_SIZE as u64)?;
+/// assert_eq!(&buf, b"page"); // ...so reads see it at once
+/// map.flush()?; // written back and durable, like `msync(MS_SYNC)`
+/// let mut page = [0; PAGE_SIZE];
+/// file.backend().read_pages(1, &mut page)?;
+/// assert_eq!(&page[..4], b"page");
+///
+/// file.punch_hole(PAGE_SIZE as u64, PAGE_SIZE as u64)?;
+/// map.read(PAGE_SIZE, &mut buf)?; // the map shows the hole
+/// assert_eq!(buf, [0; 4]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct MapRegion {
     mapping: Arc<Mapping>,
     /// Unmapped in `drop`, before the regions it shows may be given back.

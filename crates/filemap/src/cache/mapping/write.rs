@@ -36,7 +36,19 @@ impl Mapping {
     /// assert_eq!(error.kind(), ErrorKind::WouldBlock);
     /// let error = file.write_at_nowait(b"grows the file", 8192).unwrap_err();
     /// assert_eq!(error.kind(), ErrorKind::WouldBlock);
-    /// assert_eq!(file.write_at(b"not cached", 4096)?, 10); // this one may wait
+    ///
+    /// // Try without waiting; on `WouldBlock`, hand the write to a thread that
+    /// // may wait (here, the blocking call itself).
+    /// let mut waited = 0;
+    /// let n = match file.write_at_nowait(b"not cached", 4096) {
+    ///     Err(error) if error.kind() == ErrorKind::WouldBlock => {
+    ///         waited += 1;
+    ///         file.write_at(b"not cached", 4096)?
+    ///     }
+    ///     result => result?,
+    /// };
+    /// assert_eq!((n, waited), (10, 1));
+    /// assert_eq!(file.write_at_nowait(b"now cached", 4096)?, 10);
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn write_at_nowait(&self, buf: &[u8], offset: u64) -> io::Result<usize> {

@@ -31,15 +31,25 @@ const WB_COUNT_ONE: u64 = 1 << 17;
 ///
 /// ```
 /// use std::sync::Arc;
-/// use filemap::{MemDevice, PageCache, Volume};
+/// use filemap::backend::BackendOp;
+/// use filemap::{FaultyBackend, MemDevice, PageCache, Volume};
 ///
 /// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+/// let backend = Arc::new(FaultyBackend::new(Arc::new(volume.create_file("db")?), 1));
 /// let cache = PageCache::builder().build()?;
-/// let file = cache.open(Arc::new(volume.create_file("db")?))?;
+/// let file = cache.open(backend.clone())?;
 /// let (wal, checkpointer) = (file.handle(), file.handle());
+/// backend.fail_nth(BackendOp::WritePages, 1, libc::EIO); // the next writeback fails
 /// wal.write_all_at(b"record", 0)?;
-/// wal.sync_all()?;          // each handle learns of failures on its own
+/// let error = wal.sync_all().unwrap_err();
+/// assert_eq!(error.raw_os_error(), Some(libc::EIO));
+/// // The checkpointer learns of the failure too, once, though it wrote nothing...
+/// let error = checkpointer.sync_all().unwrap_err();
+/// assert_eq!(error.raw_os_error(), Some(libc::EIO));
 /// checkpointer.sync_all()?;
+/// // ...and the page stayed dirty: the next sync writes it back.
+/// wal.sync_all()?;
+/// assert_eq!(file.cached_pages(), (1, 0)); // one page cached, none dirty
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct FileHandle {
