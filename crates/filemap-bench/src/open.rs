@@ -568,8 +568,8 @@ fn resources(
         report.notes.push(format!(
             "open: {what}: {} threads, {} descriptors, {} VMAs, {:.1} MiB resident",
             held.threads,
-            held.descriptors,
-            held.vmas,
+            thousands(held.descriptors as usize),
+            thousands(held.vmas as usize),
             held.resident_bytes as f64 / f64::from(1 << 20)
         ));
     }
