@@ -157,14 +157,13 @@ pub fn run(config: &EvictConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
             ));
         }
     }
-    report.ratios.push(Ratio::between(
+    report.ratios.push(Ratio::absolute(
         WORKLOAD,
         format!(
             "bookkeeping bytes per cached page ({}, uniform)",
             default.name()
         ),
         metadata.ok_or_else(|| "no uniform run".to_owned()),
-        Ok(1.0),
         Some(Target::AtMost(64.0)),
     ));
     for (name, policy, simulated, replayed) in &hit_ratios {

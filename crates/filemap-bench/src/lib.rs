@@ -19,6 +19,13 @@
 //! - [`fault`]: first touches of a memory map's pages, cached and not, against
 //!   a bare userfaultfd round trip; and reads through a map against a plain
 //!   copy of the same memory.
+//! - [`evict`]: the eviction policies' hit ratios on the same traces, simulated
+//!   and on a real cache, and the cache's bookkeeping per cached page.
+//! - [`seqread`]: a sequential read of an uncached file, against a raw read of
+//!   its device.
+//! - [`open`]: open, first 4 KiB read and close of many small files, against
+//!   the same on host files; and the threads, descriptors, memory map areas
+//!   and resident bytes of 100,000 open mappings, 1,000 of them read.
 //!
 //! [`plot`] draws a report as an SVG chart, one panel per workload.
 
@@ -39,6 +46,7 @@ mod histogram;
 pub mod hit;
 pub mod kernel;
 pub mod mixed;
+pub mod open;
 pub mod plot;
 pub mod seqread;
 pub mod starve;
@@ -115,6 +123,9 @@ pub struct Ratio {
     pub met: Option<bool>,
     /// Why the value is missing.
     pub note: Option<String>,
+    /// True for a figure that is no ratio (a count, bytes), made by
+    /// [`Ratio::absolute`]: it is printed without the `x`.
+    pub absolute: bool,
 }
 
 impl Ratio {
@@ -148,6 +159,21 @@ impl Ratio {
             comparison,
             met,
             note,
+            absolute: false,
+        }
+    }
+
+    /// A figure that is no ratio (a count, bytes per something), held to a
+    /// target like a ratio; `value` is the figure or why it is missing.
+    pub fn absolute(
+        workload: &str,
+        name: String,
+        value: Result<f64, String>,
+        target: Option<Target>,
+    ) -> Ratio {
+        Ratio {
+            absolute: true,
+            ..Ratio::between(workload, name, value, Ok(1.0), target)
         }
     }
 

@@ -23,7 +23,7 @@ struct Panel {
 }
 
 /// The panels, in the order drawn; a workload not in the report is skipped.
-const PANELS: [Panel; 6] = [
+const PANELS: [Panel; 7] = [
     Panel {
         workload: "hit",
         op: "read",
@@ -70,6 +70,14 @@ const PANELS: [Panel; 6] = [
         largest_threads: false,
         figure: |r| r.ops_per_s,
         axis: "uncached pages faulted in/s",
+        threads: "thread",
+    },
+    Panel {
+        workload: "open",
+        op: "open-read-close",
+        largest_threads: false,
+        figure: |r| r.ops_per_s,
+        axis: "small files opened, read, closed/s",
         threads: "thread",
     },
 ];

@@ -48,7 +48,9 @@ struct BenchArgs {
     /// its range, against no storm. fault: memory map faults and map reads.
     /// evict: the eviction policies' hit ratios on the same traces, and the
     /// bookkeeping per cached page. seqread: a sequential read of an uncached
-    /// file against a raw read of its device.
+    /// file against a raw read of its device. open: open, first 4 KiB read and
+    /// close of small files, against the kernel; and the threads, descriptors,
+    /// VMAs and resident bytes of 100,000 open mappings, 1,000 of them read.
     #[arg(value_enum)]
     workloads: Vec<WorkloadArg>,
     /// Timed runs of every configuration (the median is reported).
@@ -60,7 +62,7 @@ struct BenchArgs {
     /// Thread counts to measure, comma-separated: hit readers (default 1,2),
     /// mixed and direct reader threads (default 2, beside their writers and
     /// puncher), starve storm threads (default one per processor but the
-    /// puncher's). Not used by fault, evict and seqread.
+    /// puncher's). Not used by fault, evict, seqread and open.
     #[arg(long, value_delimiter = ',', value_parser = whole_number::<usize>)]
     threads: Option<Vec<usize>>,
     /// Strategies to measure, comma-separated (default: every strategy).
@@ -74,6 +76,13 @@ struct BenchArgs {
     /// their whole file). hit and fault always cache their whole file.
     #[arg(long, value_parser = whole_number::<u64>)]
     cache_bytes: Option<u64>,
+    /// open: the small files opened, read and closed in turns (default 2000).
+    #[arg(long, value_parser = whole_number::<usize>)]
+    files: Option<usize>,
+    /// open: the mappings held open at once in the resource count (default
+    /// 100000; every 100th is read).
+    #[arg(long, value_parser = whole_number::<usize>)]
+    mappings: Option<usize>,
     /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
     json: bool,
@@ -91,11 +100,12 @@ enum WorkloadArg {
     Fault,
     Evict,
     Seqread,
+    Open,
     All,
 }
 
 /// The workloads, in the order `all` runs them.
-const WORKLOADS: [WorkloadArg; 7] = [
+const WORKLOADS: [WorkloadArg; 8] = [
     WorkloadArg::Hit,
     WorkloadArg::Mixed,
     WorkloadArg::Direct,
@@ -103,6 +113,7 @@ const WORKLOADS: [WorkloadArg; 7] = [
     WorkloadArg::Fault,
     WorkloadArg::Evict,
     WorkloadArg::Seqread,
+    WorkloadArg::Open,
 ];
 
 /// Strategy names as the library parses them (`Strategy::from_str`), with
@@ -278,6 +289,7 @@ enum BenchConfig {
     Fault(filemap_bench::fault::FaultConfig),
     Evict(filemap_bench::evict::EvictConfig),
     Seqread(filemap_bench::seqread::SeqReadConfig),
+    Open(filemap_bench::open::OpenConfig),
 }
 
 impl BenchConfig {
@@ -290,6 +302,7 @@ impl BenchConfig {
             BenchConfig::Fault(c) => filemap_bench::fault::check(c),
             BenchConfig::Evict(c) => filemap_bench::evict::check(c),
             BenchConfig::Seqread(c) => filemap_bench::seqread::check(c),
+            BenchConfig::Open(c) => filemap_bench::open::check(c),
         }
     }
 
@@ -302,6 +315,7 @@ impl BenchConfig {
             BenchConfig::Fault(c) => filemap_bench::fault::steps(c),
             BenchConfig::Evict(c) => filemap_bench::evict::steps(c),
             BenchConfig::Seqread(c) => filemap_bench::seqread::steps(c),
+            BenchConfig::Open(c) => filemap_bench::open::steps(c),
         }
     }
 
@@ -317,6 +331,7 @@ impl BenchConfig {
             BenchConfig::Fault(c) => filemap_bench::fault::run(c, progress),
             BenchConfig::Evict(c) => filemap_bench::evict::run(c, progress),
             BenchConfig::Seqread(c) => filemap_bench::seqread::run(c, progress),
+            BenchConfig::Open(c) => filemap_bench::open::run(c, progress),
         }
     }
 }
@@ -381,6 +396,15 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                 runs: args.runs,
                 ..Default::default()
             }),
+            WorkloadArg::Open => {
+                let defaults = filemap_bench::open::OpenConfig::default();
+                BenchConfig::Open(filemap_bench::open::OpenConfig {
+                    files: args.files.unwrap_or(defaults.files),
+                    mappings: args.mappings.unwrap_or(defaults.mappings),
+                    // One thread opens: `--threads` is not for it.
+                    settings: settings.clone(),
+                })
+            }
             WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),
         });
     }
@@ -513,14 +537,18 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
     }
     println!();
     for ratio in &report.ratios {
+        // A count or a size, not a ratio, has no `x`, and a whole count no
+        // decimals.
+        let unit = if ratio.absolute { " " } else { "x" };
         let value = match ratio.value {
+            Some(value) if ratio.absolute && value.fract() == 0.0 => format!("{value:>8.0}{unit}"),
             // Two decimals, or three significant digits below 0.1, so that a
             // strategy that starves an operation does not read as zero.
             Some(value) if value != 0.0 && value.abs() < 0.1 => {
                 let decimals = (-value.abs().log10().floor()) as usize + 2;
-                format!("{value:>8.decimals$}x")
+                format!("{value:>8.decimals$}{unit}")
             }
-            Some(value) => format!("{value:>8.2}x"),
+            Some(value) => format!("{value:>8.2}{unit}"),
             None => format!("{:>9}", "n/a"),
         };
         let note = ratio

@@ -280,6 +280,64 @@ fn bench_prints_a_table_and_writes_a_chart() {
 }
 
 #[test]
+fn bench_open_prints_the_kernel_ratio_and_the_resource_figures() {
+    let out = filemap(&[
+        "bench",
+        "open",
+        "--strategy",
+        "range",
+        "--runs",
+        "1",
+        "--seconds",
+        "0.05",
+        "--files",
+        "100",
+        "--mappings",
+        "2000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for strategy in ["range", "kernel"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("open") && l.contains(strategy)),
+            "no {strategy} row: {stdout}"
+        );
+    }
+    let ratio = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with("open") && l.contains(name))
+            .unwrap_or_else(|| panic!("no {name} figure: {stdout}"))
+    };
+    assert!(ratio("range / kernel, open-read-close ops/s").contains("x (target >= 1:"));
+    // The resource figures are counts and sizes: no `x` after them. (Where
+    // descriptors run out before 2,000, fewer mappings are measured.)
+    for (name, target) in [
+        ("threads added per 10,000 idle mappings", "(target <= 1:"),
+        (
+            "descriptors added per 10,000 idle mappings",
+            "(target <= 1:",
+        ),
+        ("process VMAs", "(target <= 2000:"),
+        ("resident bytes per idle open mapping", "(target <= 1024:"),
+    ] {
+        let line = ratio(name);
+        assert!(line.contains(&format!("  {target}")), "{line}");
+    }
+    assert!(
+        stdout.contains("note: open: (a) no mapping open: "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("descriptor limit"), "{stdout}");
+}
+
+#[test]
 fn bench_bad_usage_exits_two_and_says_why() {
     for args in [
         &["bench", "nonsense"][..],
@@ -290,6 +348,8 @@ fn bench_bad_usage_exits_two_and_says_why() {
         &["bench", "mixed", "--cache-bytes", "4096"][..],
         &["bench", "hit", "--file-mib", "0"][..],
         &["bench", "hit", "--plot", "/nonexistent-dir/chart.svg"][..],
+        &["bench", "open", "--files", "0"][..],
+        &["bench", "open", "--mappings", "10"][..],
     ] {
         let out = filemap(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
