@@ -32,17 +32,11 @@ impl Node {
     }
 }
 
-/// Slots by page index, created on first use.
+/// Slots by page index, created on first use. The root too: a file never
+/// read costs a word here.
+#[derive(Default)]
 pub(crate) struct PageTree {
-    root: Node,
-}
-
-impl Default for PageTree {
-    fn default() -> Self {
-        PageTree {
-            root: Node::new(INTERIOR_LEVELS),
-        }
-    }
+    root: OnceLock<Node>,
 }
 
 #[inline]
@@ -57,7 +51,7 @@ impl PageTree {
         if index >= MAX_PAGES {
             return None;
         }
-        let mut node = &self.root;
+        let mut node = self.root.get()?;
         let mut level = INTERIOR_LEVELS;
         loop {
             match node {
@@ -73,7 +67,7 @@ impl PageTree {
     /// The slot of `index`, created (absent) if needed.
     pub(crate) fn get_or_create(&self, index: u64) -> &Slot {
         assert!(index < MAX_PAGES, "page index {index} beyond the tree");
-        let mut node = &self.root;
+        let mut node = self.root.get_or_init(|| Node::new(INTERIOR_LEVELS));
         let mut level = INTERIOR_LEVELS;
         loop {
             match node {
@@ -94,7 +88,9 @@ impl PageTree {
             return;
         }
         let last = last.min(MAX_PAGES - 1);
-        Self::walk(&self.root, INTERIOR_LEVELS, 0, first, last, &mut visit);
+        if let Some(root) = self.root.get() {
+            Self::walk(root, INTERIOR_LEVELS, 0, first, last, &mut visit);
+        }
     }
 
     /// Bytes the tree has allocated: its nodes, leaves included.
@@ -112,7 +108,7 @@ impl PageTree {
                 Node::Leaf(_) => std::mem::size_of::<[Slot; FANOUT]>(),
             }
         }
-        std::mem::size_of::<PageTree>() + node_bytes(&self.root)
+        std::mem::size_of::<PageTree>() + self.root.get().map_or(0, node_bytes)
     }
 
     fn walk(
