@@ -356,8 +356,9 @@ impl PageCache {
     /// lock and size. Open each file once and share the returned `Arc`; two
     /// mappings of one file would be two caches that do not see each other.
     ///
-    /// Each mapping keeps its pages in a memfd of its own, which goes when the
-    /// last handle (or memory map) of the mapping does. No userfaultfd or
+    /// Opening costs no descriptor, view or thread: a mapping takes room in the
+    /// cache's one memfd with its first cached page, and gives it back when its
+    /// last page goes and no memory map of it exists. No userfaultfd or
     /// thread is involved until the cache's first map (see
     /// [`PageCacheBuilder::fault_threads`]).
     pub fn open(&self, backend: Arc<dyn Backend>) -> io::Result<Arc<Mapping>> {

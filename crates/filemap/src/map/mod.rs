@@ -1,5 +1,5 @@
 //! The kernel interfaces of memory maps, on the ground floor below the cache:
-//! `memfd.rs` (the memfd a mapping's pages live in, and views of it) and
+//! `memfd.rs` (the memfd a cache's pages live in, and views of it) and
 //! `uffd.rs` (userfaultfd: registration, installs, wakes, write tracking).
 //!
 //! How the cache uses them: a mapping's pages live in a memfd at their file

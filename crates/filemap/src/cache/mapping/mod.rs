@@ -131,7 +131,7 @@ pub struct Mapping {
     id: u32,
     backend: Arc<dyn Backend>,
     pages: PageTree,
-    /// Where the pages live: the mapping's memfd.
+    /// Where the pages live: the mapping's regions of the cache's arena.
     store: PageStore,
     /// The user's maps of this file, for faults and dirty scans.
     maps: RwLock<Vec<UserView>>,

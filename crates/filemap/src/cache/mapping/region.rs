@@ -1,7 +1,8 @@
 //! [`MapRegion`]: a memory map of part of a file, served from its mapping's
 //! cache.
 //!
-//! A map is a `MAP_SHARED` view of the mapping's memfd, registered with the
+//! A map is a `MAP_SHARED` view of the file's regions of the cache's arena
+//! (see `cache/store.rs`), laid side by side in file order, registered with the
 //! cache's userfaultfd: the first touch of a page faults into the cache's fault
 //! service, which routes it to the mapping, which fills the page under Fill (from the cache or the backend) and
 //! installs it; later touches cost nothing. Every invalidation punches the
