@@ -42,12 +42,13 @@ struct RouteTable {
 
 type Routes = RwLock<RouteTable>;
 
-/// The entry of `map` whose range holds `addr`.
-fn lookup<T>(map: &BTreeMap<usize, (usize, T)>, addr: usize) -> Option<&T> {
+/// The entry of `map` (start -> entry) whose range holds `addr`, given each
+/// entry's end.
+fn holding<V>(map: &BTreeMap<usize, V>, addr: usize, end: impl Fn(&V) -> usize) -> Option<&V> {
     map.range(..=addr)
         .next_back()
-        .filter(|(_, (end, _))| addr < *end)
-        .map(|(_, (_, value))| value)
+        .map(|(_, value)| value)
+        .filter(|value| addr < end(value))
 }
 
 /// The fault service of one cache (see the module docs).
@@ -217,8 +218,11 @@ fn serve(uffd: &Userfaultfd, stop: &EventFd, routes: &Routes) {
                     let page = addr & !(PAGE_SIZE - 1);
                     let owner = {
                         let routes = routes.read();
-                        let owner = lookup(&routes.owners, addr).and_then(Weak::upgrade);
-                        if owner.is_none() && in_store_view(&routes.store_views, addr) {
+                        let owner = holding(&routes.owners, addr, |(end, _)| *end)
+                            .and_then(|(_, owner)| owner.upgrade());
+                        if owner.is_none()
+                            && holding(&routes.store_views, addr, |end| *end).is_some()
+                        {
                             // Under the read lock, so that no region is
                             // cleared and given out in between.
                             let _ = install_zeroes(uffd, page);
@@ -240,14 +244,6 @@ fn serve(uffd: &Userfaultfd, stop: &EventFd, routes: &Routes) {
             }
         }
     }
-}
-
-/// Whether `addr` lies in one of the page store's own views.
-fn in_store_view(views: &BTreeMap<usize, usize>, addr: usize) -> bool {
-    views
-        .range(..=addr)
-        .next_back()
-        .is_some_and(|(_, &end)| addr < end)
 }
 
 /// Installs a page of zeroes at `page` (absent there: it faulted MISSING).

@@ -97,6 +97,12 @@ const fn chunk_order(chunk: usize) -> u32 {
     chunk.saturating_sub(1) as u32
 }
 
+/// Bytes from the start of its chunk's region to page `index`.
+#[inline]
+const fn offset_in_chunk(index: u64) -> u64 {
+    (index - chunk_first(chunk_of(index))) * PAGE
+}
+
 /// The pages of chunk `chunk`.
 const fn chunk_pages(chunk: usize) -> u64 {
     FIRST_CHUNK_PAGES << chunk_order(chunk)
@@ -223,8 +229,9 @@ struct ArenaInner {
     free: Vec<BTreeSet<(u64, usize)>>,
     /// The arena offset of the next larger region.
     next_large: u64,
-    /// Set from the cache's first map on: every view is registered with it.
-    uffd: Option<Arc<Userfaultfd>>,
+    /// Set from the cache's first map on: every view is registered with the
+    /// fault service's userfaultfd.
+    trapped: bool,
 }
 
 impl Arena {
@@ -383,7 +390,8 @@ impl Arena {
         len: u64,
     ) -> io::Result<View> {
         let view = View::new(memfd, offset, len as usize, true)?;
-        if let Some(uffd) = &inner.uffd {
+        if inner.trapped {
+            let uffd = self.faults.uffd().expect("trapping started the service");
             uffd.register(view.addr(), view.len(), false)?;
         }
         self.faults.add_store_view(view.addr(), view.len());
@@ -392,15 +400,15 @@ impl Arena {
 
     /// From now on, every view of the arena faults into the cache's fault
     /// service, whose userfaultfd is `uffd` (the cache's first map).
-    pub(crate) fn trap_faults(&self, uffd: &Arc<Userfaultfd>) -> io::Result<()> {
+    pub(crate) fn trap_faults(&self, uffd: &Userfaultfd) -> io::Result<()> {
         let mut inner = self.inner.lock();
-        if inner.uffd.is_some() {
+        if inner.trapped {
             return Ok(());
         }
         for view in inner.slabs.iter().chain(&inner.large) {
             uffd.register(view.addr(), view.len(), false)?;
         }
-        inner.uffd = Some(uffd.clone());
+        inner.trapped = true;
         Ok(())
     }
 }
@@ -440,12 +448,12 @@ struct Part {
 impl Part {
     /// Where the part's first page lies in the arena.
     fn offset(&self) -> u64 {
-        self.region.offset + (self.first - chunk_first(chunk_of(self.first))) * PAGE
+        self.region.offset + offset_in_chunk(self.first)
     }
 
     /// The address of the part's first page in the cache's views.
     fn addr(&self) -> usize {
-        self.region.addr + ((self.first - chunk_first(chunk_of(self.first))) * PAGE) as usize
+        self.region.addr + offset_in_chunk(self.first) as usize
     }
 
     fn len(&self) -> usize {
@@ -613,12 +621,11 @@ impl PageStore {
             offset <= PAGE_SIZE && len <= PAGE_SIZE - offset,
             "access outside a page"
         );
-        let chunk = chunk_of(index);
-        let base = self.addrs[chunk].load(Ordering::Relaxed);
+        let base = self.addrs[chunk_of(index)].load(Ordering::Relaxed);
         if base == 0 {
             return 0;
         }
-        base + ((index - chunk_first(chunk)) * PAGE) as usize + offset
+        base + offset_in_chunk(index) as usize + offset
     }
 
     /// Copies `dst.len()` bytes from `offset` in page `index`. The bytes may be
@@ -691,15 +698,14 @@ impl PageStore {
             .arena
             .memfd_if_created()
             .expect("taking a region made it");
-        let uffd = if self.traps_faults() {
-            self.arena.inner.lock().uffd.clone()
-        } else {
-            None
-        };
+        let uffd = self.traps_faults().then(|| {
+            let uffd = self.arena.faults.uffd();
+            uffd.expect("the file's first map started the fault service")
+        });
         for part in parts {
             let from = ((part.first - index) * PAGE) as usize;
             let bytes = &data[from..from + part.len()];
-            match &uffd {
+            match uffd {
                 // No map can see the page yet: a plain write, which also
                 // replaces a zero page a reader may have left in the hole.
                 None => memfd.write_all_at(bytes, part.offset())?,
@@ -852,6 +858,12 @@ mod tests {
             }
         }
         assert_eq!(arena.views(), views, "churn took new views");
+        // The small regions merged back into their whole slab: two slabs'
+        // worth fit in the two slabs there are.
+        for order in [SLAB_ORDER, SLAB_ORDER, 10] {
+            taken.push(arena.take(order, &owner).expect("a region"));
+        }
+        assert_eq!(arena.views(), views, "given-back regions did not merge");
     }
 
     struct Nobody;
