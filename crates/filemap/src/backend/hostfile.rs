@@ -31,6 +31,20 @@ const MAX_FILE_SIZE: u64 = (1 << 44) - PAGE;
 /// report one (the sector size of common block devices).
 const DEFAULT_DIO_MEM_ALIGN: usize = 512;
 
+/// `FS_IOC_GETVERSION`, `_IOR('v', 1, long)`.
+const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
+
+/// The inode's generation (`FS_IOC_GETVERSION`), which file systems change
+/// when they reuse an inode number; `None` where the file system has none.
+#[allow(unsafe_code)]
+fn inode_generation(file: &File) -> Option<u64> {
+    let mut generation: libc::c_long = 0;
+    // SAFETY: the ioctl writes at most one `long` (file systems write an
+    // `int`) through the pointer, which points to a live local of that type.
+    let done = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETVERSION, &mut generation) };
+    (done == 0).then_some(generation as u64)
+}
+
 /// One regular file of the host file system as a [`Backend`].
 ///
 /// Buffered calls (`read_pages`, `write_pages`) use `pread`/`pwrite` on one
@@ -415,6 +429,41 @@ impl Backend for HostFile {
     fn sync(&self) -> io::Result<()> {
         self.check_live()?;
         self.file.sync_data()
+    }
+
+    /// The host's device and inode number; the version from the inode's
+    /// change and modification times, size, creation time and generation, so
+    /// a change by another process while the file is closed in the cache, or
+    /// a new file that reuses the inode number, is seen at the next open
+    /// (close-to-open consistency). A change made while the cache has the file
+    /// open is not seen: the host file must then change only through it.
+    fn identity(&self) -> io::Result<Option<crate::FileIdentity>> {
+        self.check_live()?;
+        let stat = rustix::fs::statx(
+            &self.file,
+            "",
+            AtFlags::EMPTY_PATH,
+            StatxFlags::BASIC_STATS | StatxFlags::BTIME,
+        )?;
+        let nanos = |t: rustix::fs::StatxTimestamp| {
+            (t.tv_sec as u64).wrapping_mul(1_000_000_000) ^ u64::from(t.tv_nsec)
+        };
+        let device = u64::from(stat.stx_dev_major) << 32 | u64::from(stat.stx_dev_minor);
+        let mut rest = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(
+            &(
+                nanos(stat.stx_mtime),
+                stat.stx_size,
+                nanos(stat.stx_btime),
+                inode_generation(&self.file),
+            ),
+            &mut rest,
+        );
+        Ok(Some(crate::FileIdentity {
+            file: u128::from(device) << 64 | u128::from(stat.stx_ino),
+            version: u128::from(nanos(stat.stx_ctime)) << 64
+                | u128::from(std::hash::Hasher::finish(&rest)),
+        }))
     }
 
     /// Unlinks the path the file was opened by (a symbolic link, not its

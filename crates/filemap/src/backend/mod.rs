@@ -217,4 +217,54 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Removes the file and frees its storage; every later call fails with `ENOENT`.
     fn remove(&self) -> io::Result<()>;
+
+    /// Which file this is, and which version of its content: see
+    /// [`FileIdentity`]. Default: `None`, a file with no identity, whose
+    /// mapping is its own and whose pages go when it is dropped.
+    fn identity(&self) -> io::Result<Option<FileIdentity>> {
+        Ok(None)
+    }
+}
+
+/// Who a backend's file is, for the cache: what lets two opens of one file
+/// share one [`crate::Mapping`], and a file's pages outlive its last handle
+/// (as the kernel's page cache outlives a `close`).
+///
+/// - `file` is the same for every backend of the same file, in this process
+///   and for as long as any of them lives, and differs between files (a
+///   volume's number and the file's id; a host file's device and inode).
+/// - `version` changes whenever the file's bytes or size change, through
+///   this backend or any other, by the time the call that changed them
+///   returns; equal versions promise equal contents.
+///
+/// When the last handle of a mapping goes, its dirty pages are written back
+/// and its clean pages stay cached under `file`, with `version` read then.
+/// The next [`crate::PageCache::open`] of a backend with that `file` finds
+/// them, if `version` is still the same (close-to-open consistency, as NFS
+/// gives); otherwise they are dropped. They are evicted like any other page.
+///
+/// ```
+/// use std::sync::Arc;
+/// use filemap::{Backend, MemDevice, PageCache, Volume};
+///
+/// let volume = Volume::format(Arc::new(MemDevice::new(4 << 20)))?;
+/// let a = volume.create_file("a")?;
+/// let before = a.identity()?.expect("volume files have one");
+/// a.set_len(4096)?;
+/// let after = volume.open_file("a")?.identity()?.expect("volume files have one");
+/// assert_eq!(after.file, before.file, "the same file");
+/// assert_ne!(after.version, before.version, "whose size changed");
+///
+/// let cache = PageCache::builder().build()?;
+/// let first = cache.open(Arc::new(a))?;
+/// let second = cache.open(Arc::new(volume.open_file("a")?))?;
+/// assert!(Arc::ptr_eq(&first, &second), "two opens share one mapping");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    /// Which file.
+    pub file: u128,
+    /// Which version of its content.
+    pub version: u128,
 }

@@ -29,6 +29,7 @@ pub use mapping::writeback::FileHandle;
 pub use mapping::Mapping;
 pub use stats::{CacheStats, LockWaits};
 
+use mapping::closed::OpenFiles;
 use readahead::{readahead_queue, DEFAULT_READAHEAD_THREADS, MAX_WINDOW_PAGES};
 use shared::{background_writeback, CacheShared, Settings};
 
@@ -104,6 +105,8 @@ fn check_setting(
 #[derive(Clone)]
 pub struct PageCache {
     shared: Arc<CacheShared>,
+    /// The files with an identity, open and closed.
+    files: Arc<OpenFiles>,
 }
 
 impl std::fmt::Debug for PageCache {
@@ -324,6 +327,7 @@ impl PageCacheBuilder {
         };
         let cache = PageCache {
             shared: Arc::new(CacheShared::new(settings, readahead)),
+            files: Arc::default(),
         };
         let shared = Arc::downgrade(&cache.shared);
         requests.serve(move |id, first, pages| {
@@ -353,8 +357,17 @@ impl PageCache {
     }
 
     /// Opens a mapping of the file behind `backend`: its cached pages, coherence
-    /// lock and size. Open each file once and share the returned `Arc`; two
-    /// mappings of one file would be two caches that do not see each other.
+    /// lock and size.
+    ///
+    /// A backend with a [`FileIdentity`](crate::FileIdentity) (volume files
+    /// and host files have one) gets the mapping its file already has in this
+    /// cache, if it is open: every open of one file shares one mapping, and
+    /// the first backend serves them all. If the file was open before and its
+    /// pages are still cached, and it has not changed since (its version is
+    /// the same), the new mapping starts with them: reopening a file costs no
+    /// read. A backend without one gets a mapping of its own, whose pages go
+    /// when it does: open such a file once and share the returned `Arc`, since
+    /// two mappings of one file would be two caches that do not see each other.
     ///
     /// Opening costs no descriptor, view or thread: a mapping takes room in the
     /// cache's one memfd with its first cached page, and gives it back when its
@@ -362,7 +375,7 @@ impl PageCache {
     /// thread is involved until the cache's first map (see
     /// [`PageCacheBuilder::fault_threads`]).
     pub fn open(&self, backend: Arc<dyn Backend>) -> io::Result<Arc<Mapping>> {
-        Mapping::new(self.shared.clone(), backend)
+        self.files.open(&self.shared, backend)
     }
 
     /// The strategy of every mapping of this cache.
@@ -417,6 +430,8 @@ impl PageCache {
             lock_waits: LockWaits::from_counters(&counters.lock_waits),
             metadata_bytes: metadata_bytes as u64,
             store_views: shared.arena.views() as u64,
+            closed_files: self.files.closed_files(),
+            reopened: load(&counters.reopened),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! using the mapping.
 
 use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -136,7 +136,7 @@ impl CacheShared {
             fill_batch_pages: settings.fill_batch_pages,
             eviction: settings.eviction,
             queue: Mutex::new(Queue::new(settings.eviction)),
-            mappings: Mutex::new(HashMap::new()),
+            mappings: Mutex::new(HashMap::default()),
             next_mapping: AtomicU32::new(0),
             counters: Counters::default(),
             dirtied: AtomicU64::new(0),
@@ -212,8 +212,13 @@ impl CacheShared {
                 let wanted = want - reclaimed.freed;
                 let keys = queue.sweep(wanted, visits_left.min(4 * RECLAIM_BATCH), |key| {
                     visited += 1;
-                    let Some(mapping) = mappings.get(&key.mapping()).and_then(Weak::upgrade) else {
+                    let Some(mapping) = mappings.get(&key.mapping()) else {
                         return Visit::Stale;
+                    };
+                    // A mapping whose last handle is going: it unregisters, or
+                    // hands its pages to a closed file under its id.
+                    let Some(mapping) = mapping.upgrade() else {
+                        return Visit::Keep;
                     };
                     let visit = mapping.eviction_visit(key.index());
                     alive.push(mapping);

@@ -55,6 +55,7 @@ pub(crate) struct Counters {
     pub(crate) readahead_thread_pages: AtomicU64,
     pub(crate) budget_overruns: AtomicU64,
     pub(crate) faults: AtomicU64,
+    pub(crate) reopened: AtomicU64,
     /// Waits for a coherence mode, by [`Mode`] (in `Mode` declaration order).
     pub(crate) lock_waits: [AtomicU64; 5],
 }
@@ -188,4 +189,9 @@ pub struct CacheStats {
     /// per gigabyte of it, and one per region over a gigabyte): the cache's
     /// share of the process's memory maps, whatever the number of open files.
     pub store_views: u64,
+    /// Closed files whose clean pages the cache keeps for their next open
+    /// (see [`FileIdentity`](crate::FileIdentity)).
+    pub closed_files: u64,
+    /// Opens that found the pages their file kept when it was last closed.
+    pub reopened: u64,
 }

@@ -474,6 +474,29 @@ impl PageStore {
         }
     }
 
+    /// Sends the faults of the store's regions to `owner` from now on: the
+    /// mapping that takes over a closed file's pages. Until the file is
+    /// mapped, the routes of the regions it has are left to its first map
+    /// ([`PageStore::trap_faults`]): a fault there until then comes from an
+    /// optimistic reader's touch, whose copy validation discards, and the zero
+    /// page the fault service leaves for it is removed at the first map.
+    pub(crate) fn set_owner(&mut self, owner: Weak<dyn ServesFaults>) {
+        self.owner = owner;
+        if self.traps_faults() {
+            self.route_regions();
+        }
+    }
+
+    /// Routes the faults of every region to the owner.
+    fn route_regions(&self) {
+        for (_, region) in self.regions.lock().iter() {
+            let len = region.len() as usize;
+            self.arena
+                .faults
+                .route(region.addr, len, self.owner.clone());
+        }
+    }
+
     /// The arena the pages live in.
     pub(crate) fn arena(&self) -> &Arc<Arena> {
         &self.arena
@@ -574,6 +597,7 @@ impl PageStore {
     /// and waited for fills), then gives back the zero pages that optimistic
     /// readers left in holes before ([`PageStore::held_pages`]).
     pub(crate) fn trap_faults(&self) {
+        self.route_regions();
         self.mapped.store(true, Ordering::Release);
     }
 

@@ -8,6 +8,7 @@
 //! lock-free reads, which is why this one is written here.
 
 use super::page::Slot;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::OnceLock;
 
 const FANOUT_BITS: u32 = 6;
@@ -17,15 +18,21 @@ const INTERIOR_LEVELS: u32 = 5;
 /// Page indexes the tree can hold: 2^36 pages, 256 TiB of 4 KiB pages.
 pub(crate) const MAX_PAGES: u64 = 1 << (FANOUT_BITS * (INTERIOR_LEVELS + 1));
 
+type Leaf = Box<[Slot; FANOUT]>;
+
 enum Node {
     Interior(Box<[OnceLock<Node>; FANOUT]>),
-    Leaf(Box<[Slot; FANOUT]>),
+    Leaf(Leaf),
+}
+
+fn new_leaf() -> Leaf {
+    Box::new(std::array::from_fn(|_| Slot::default()))
 }
 
 impl Node {
     fn new(level: u32) -> Node {
         if level == 0 {
-            Node::Leaf(Box::new(std::array::from_fn(|_| Slot::default())))
+            Node::Leaf(new_leaf())
         } else {
             Node::Interior(Box::new(std::array::from_fn(|_| OnceLock::new())))
         }
@@ -33,10 +40,18 @@ impl Node {
 }
 
 /// Slots by page index, created on first use. The root too: a file never
-/// read costs a word here.
+/// read costs two words here.
 #[derive(Default)]
 pub(crate) struct PageTree {
+    /// The slots of the first [`FANOUT`] pages, outside the tree: a small
+    /// file's whole index is one leaf, one hop away (the tree's path to its
+    /// first leaf would be six nodes, 8 KiB).
+    head: OnceLock<Leaf>,
     root: OnceLock<Node>,
+    /// One past the last slot of the highest leaf created: walks stop there,
+    /// so walking a small file's tree costs a few visits, not one per child
+    /// of every level.
+    end: AtomicU64,
 }
 
 #[inline]
@@ -48,6 +63,9 @@ impl PageTree {
     /// The slot of `index` if it was ever created.
     #[inline]
     pub(crate) fn get(&self, index: u64) -> Option<&Slot> {
+        if index < FANOUT as u64 {
+            return self.head.get().map(|head| &head[index as usize]);
+        }
         if index >= MAX_PAGES {
             return None;
         }
@@ -66,13 +84,28 @@ impl PageTree {
 
     /// The slot of `index`, created (absent) if needed.
     pub(crate) fn get_or_create(&self, index: u64) -> &Slot {
+        if index < FANOUT as u64 {
+            let head = self.head.get_or_init(|| {
+                self.end.fetch_max(FANOUT as u64, Ordering::Release);
+                new_leaf()
+            });
+            return &head[index as usize];
+        }
         assert!(index < MAX_PAGES, "page index {index} beyond the tree");
         let mut node = self.root.get_or_init(|| Node::new(INTERIOR_LEVELS));
         let mut level = INTERIOR_LEVELS;
         loop {
             match node {
                 Node::Interior(children) => {
-                    node = children[child_index(index, level)].get_or_init(|| Node::new(level - 1));
+                    node = children[child_index(index, level)].get_or_init(|| {
+                        if level == 1 {
+                            let leaf_end = (index | (FANOUT as u64 - 1)) + 1;
+                            // Before the leaf is published: a walk that can see
+                            // the leaf sees this too.
+                            self.end.fetch_max(leaf_end, Ordering::Release);
+                        }
+                        Node::new(level - 1)
+                    });
                     level -= 1;
                 }
                 Node::Leaf(slots) => return &slots[child_index(index, 0)],
@@ -84,12 +117,22 @@ impl PageTree {
     /// order. Subtrees never created are skipped whole, so the cost follows the
     /// pages ever cached in the range, not its length.
     pub(crate) fn for_each(&self, first: u64, last: u64, mut visit: impl FnMut(u64, &Slot)) {
-        if first > last || first >= MAX_PAGES {
+        let end = self.end.load(Ordering::Acquire);
+        if first > last || first >= end {
             return;
         }
-        let last = last.min(MAX_PAGES - 1);
-        if let Some(root) = self.root.get() {
-            Self::walk(root, INTERIOR_LEVELS, 0, first, last, &mut visit);
+        let last = last.min(end - 1);
+        if let Some(head) = self.head.get().filter(|_| first < FANOUT as u64) {
+            for index in first..=last.min(FANOUT as u64 - 1) {
+                visit(index, &head[index as usize]);
+            }
+        }
+        let first = first.max(FANOUT as u64);
+        match self.root.get() {
+            Some(root) if first <= last => {
+                Self::walk(root, INTERIOR_LEVELS, 0, first, last, &mut visit);
+            }
+            _ => {}
         }
     }
 
@@ -108,7 +151,11 @@ impl PageTree {
                 Node::Leaf(_) => std::mem::size_of::<[Slot; FANOUT]>(),
             }
         }
-        std::mem::size_of::<PageTree>() + self.root.get().map_or(0, node_bytes)
+        let head = self
+            .head
+            .get()
+            .map_or(0, |_| std::mem::size_of::<[Slot; FANOUT]>());
+        std::mem::size_of::<PageTree>() + head + self.root.get().map_or(0, node_bytes)
     }
 
     fn walk(
@@ -167,7 +214,8 @@ mod tests {
         assert_eq!(seen, vec![63, 64, 1000, 1 << 20]);
         let mut all = 0;
         tree.for_each(0, u64::MAX, |_, _| all += 1);
-        // Leaves hold 64 slots each: the six indexes live in five leaves.
+        // Leaves hold 64 slots each: the six indexes live in five leaves
+        // (the first in the head).
         assert_eq!(all, 5 * FANOUT);
     }
 }

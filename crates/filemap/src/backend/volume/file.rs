@@ -2,10 +2,13 @@
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::format::{FileMeta, BLOCK, BLOCK_SIZE, MAX_FILE_SIZE, RUN_RECORD};
-use super::{State, Volume};
+#[cfg(doc)]
+use super::Runtime;
+use super::{State, Volume, REMOVED};
 use crate::backend::Backend;
 use crate::errno::{err, fail};
 
@@ -115,12 +118,15 @@ fn runs(plan: &[Option<u64>]) -> Vec<(usize, usize, Option<u64>)> {
 }
 
 impl Volume {
-    /// A new handle of file `id`, counted in `state.handles` until it drops.
+    /// A new handle of file `id`, counted in its runtime's handles until it
+    /// drops.
     pub(super) fn new_handle(self: &Arc<Self>, state: &mut State, id: u64) -> VolumeFile {
-        *state.handles.entry(id).or_insert(0) += 1;
+        let runtime = state.runtime.entry(id).or_default();
+        runtime.handles += 1;
         VolumeFile {
             volume: Arc::clone(self),
             id,
+            changes: runtime.changes.clone(),
         }
     }
 }
@@ -148,6 +154,19 @@ impl Volume {
 pub struct VolumeFile {
     volume: Arc<Volume>,
     pub(super) id: u64,
+    /// The file's change count, shared by its handles (see [`Runtime`]).
+    changes: Arc<AtomicU64>,
+}
+
+/// Counts a change of the file when it drops: at the end of every call that
+/// may change its bytes or size, whatever the outcome (a failed call may have
+/// changed some).
+struct Changes<'a>(&'a AtomicU64);
+
+impl Drop for Changes<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl VolumeFile {
@@ -217,11 +236,8 @@ impl Clone for VolumeFile {
 impl Drop for VolumeFile {
     fn drop(&mut self) {
         let mut state = self.volume.state.lock();
-        if let Some(count) = state.handles.get_mut(&self.id) {
-            *count -= 1;
-            if *count == 0 {
-                state.handles.remove(&self.id);
-            }
+        if let Some(runtime) = state.runtime.get_mut(&self.id) {
+            runtime.handles -= 1;
         }
     }
 }
@@ -269,6 +285,7 @@ impl Backend for VolumeFile {
     }
 
     fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
+        let _changes = Changes(&self.changes);
         let (start, end) = page_span(index, buf.len())?;
         let pages = buf.len() / BLOCK_SIZE;
         // Look up under the mutex, and take fresh blocks for holes without mapping
@@ -387,6 +404,7 @@ impl Backend for VolumeFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        let _changes = Changes(&self.changes);
         if len > MAX_FILE_SIZE {
             return fail(libc::EFBIG);
         }
@@ -424,6 +442,7 @@ impl Backend for VolumeFile {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _changes = Changes(&self.changes);
         let end = offset.checked_add(len).ok_or_else(|| err(libc::EINVAL))?;
         // Punching inside a run splits it in two: reserve room for one more run
         // before zeroing anything, so ENOSPC changes nothing.
@@ -460,6 +479,7 @@ impl Backend for VolumeFile {
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _changes = Changes(&self.changes);
         let end = offset.checked_add(len).ok_or_else(|| err(libc::EINVAL))?;
         // Holes already read zero, so only allocated blocks are written.
         let plan = self.volume.with_file(self.id, |file| {
@@ -471,14 +491,17 @@ impl Backend for VolumeFile {
         let Some((plan, whole)) = plan else {
             return Ok(());
         };
-        for &(phys, from, to) in &plan.edges {
-            self.volume.write_zeros(phys * BLOCK + from, to - from)?;
-        }
-        for (_, extent) in whole {
-            self.volume
-                .write_zeros(extent.phys * BLOCK, extent.len * BLOCK)?;
-        }
-        Ok(())
+        let edges = plan
+            .edges
+            .iter()
+            .map(|&(phys, from, to)| (phys * BLOCK + from, to - from));
+        let runs = whole
+            .into_iter()
+            .map(|(_, extent)| (extent.phys * BLOCK, extent.len * BLOCK));
+        let zeroed = edges
+            .chain(runs)
+            .try_for_each(|(offset, len)| self.volume.write_zeros(offset, len));
+        zeroed
     }
 
     /// Frees the blocks of the range (most recently freed first, as a punch does)
@@ -489,6 +512,7 @@ impl Backend for VolumeFile {
     /// is positive and the range ends before the end of file (the kernel's rule:
     /// a collapse may not reach the end of file).
     fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _changes = Changes(&self.changes);
         let end = aligned_range(offset, len)?;
         self.volume
             .change_file(self.id, 0, RUN_RECORD, |file, space| {
@@ -514,6 +538,7 @@ impl Backend for VolumeFile {
     /// is positive and `offset` is before the end of file; `EFBIG` if the file
     /// would outgrow [`Backend::max_file_size`].
     fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _changes = Changes(&self.changes);
         aligned_range(offset, len)?;
         self.volume.change_file(self.id, 0, RUN_RECORD, |file, _| {
             if offset >= file.size {
@@ -540,5 +565,18 @@ impl Backend for VolumeFile {
     fn remove(&self) -> io::Result<()> {
         let mut state = self.volume.state.lock();
         Volume::remove_locked(&mut state, self.id)
+    }
+
+    /// The volume's number in this process and the file's id; the version
+    /// counts the file's changes since the volume was opened.
+    fn identity(&self) -> io::Result<Option<crate::FileIdentity>> {
+        let changes = self.changes.load(Ordering::Acquire);
+        if changes & REMOVED != 0 {
+            return fail(libc::ENOENT);
+        }
+        Ok(Some(crate::FileIdentity {
+            file: u128::from(self.volume.serial) << 64 | u128::from(self.id),
+            version: changes.into(),
+        }))
     }
 }

@@ -147,10 +147,11 @@
 //!
 //! [`Backend::sync`]: crate::Backend::sync
 
+use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -215,7 +216,27 @@ pub struct Volume {
     /// The device's claim: no other volume opens the device while this one
     /// lives.
     _claim: DeviceClaim,
+    /// This volume's number in the process: the first half of its files'
+    /// [`FileIdentity`](crate::FileIdentity).
+    serial: u64,
 }
+
+/// What the volume knows of a file while it runs.
+#[derive(Default)]
+struct Runtime {
+    /// Live [`VolumeFile`] handles.
+    handles: u64,
+    /// How many times the file was changed through its handles, shared with
+    /// them: the version of its [`FileIdentity`](crate::FileIdentity); with
+    /// [`REMOVED`] set once the file is removed.
+    changes: Arc<AtomicU64>,
+}
+
+/// Set in [`Runtime::changes`] when the file is removed.
+const REMOVED: u64 = 1 << 63;
+
+/// The number of the next volume opened or formatted in this process.
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// Everything behind the volume's mutex.
 struct State {
@@ -230,8 +251,9 @@ struct State {
     meta_capacity: u64,
     /// Whether `meta` changed since the last commit took its snapshot.
     dirty: bool,
-    /// Live [`VolumeFile`] handles per file id: runtime only, never persisted.
-    handles: HashMap<u64, u64>,
+    /// What the volume knows of each file opened since it was opened, by
+    /// file id: runtime only, never persisted.
+    runtime: HashMap<u64, Runtime>,
 }
 
 impl State {
@@ -362,9 +384,10 @@ impl Volume {
                 meta_reserved: 0,
                 meta_capacity: layout.meta_capacity(),
                 dirty: false,
-                handles: HashMap::new(),
+                runtime: HashMap::default(),
             }),
             generation: Mutex::new(generation),
+            serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
             _claim: claim,
         }))
     }
@@ -419,7 +442,7 @@ impl Volume {
     pub fn remove_file(&self, name: &str) -> io::Result<()> {
         let mut state = self.state.lock();
         let id = state.id_named(name)?;
-        if state.handles.get(&id).is_some_and(|&count| count > 0) {
+        if state.runtime.get(&id).is_some_and(|file| file.handles > 0) {
             return fail(libc::EBUSY);
         }
         Self::remove_locked(&mut state, id)
@@ -553,6 +576,9 @@ impl Volume {
             .remove(&id)
             .ok_or_else(|| err(libc::ENOENT))?;
         state.meta.names.remove(&file.name);
+        if let Some(runtime) = state.runtime.remove(&id) {
+            runtime.changes.fetch_or(REMOVED, Ordering::Release);
+        }
         state.meta_len -= file.encoded_len();
         state.dirty = true;
         for (phys, len) in file.extents.remove_range(0, u64::MAX) {

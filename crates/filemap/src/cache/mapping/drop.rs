@@ -9,9 +9,30 @@ use crate::cache::evict::Visit;
 use crate::cache::page::{PageState, Slot};
 use crate::cache::shared::Eviction;
 use crate::cache::stats;
-use crate::cache::tree::MAX_PAGES;
+use crate::cache::tree::{PageTree, MAX_PAGES};
 use crate::page::{index_of, offset_in_page, PAGE, PAGE_SIZE};
 use crate::schedule;
+
+/// What the eviction hand finds at page `index` of `pages` (of a mapping, or
+/// of a closed file).
+pub(super) fn visit_page(pages: &PageTree, index: u64) -> Visit {
+    let Some(slot) = pages.get(index) else {
+        return Visit::Stale;
+    };
+    let state = slot.load();
+    if state.is_absent() {
+        // The entry leaves the queue, unless a fill takes the page meanwhile.
+        return match slot.unqueue_absent(state) {
+            Ok(()) => Visit::Stale,
+            Err(_) => Visit::Keep,
+        };
+    }
+    if slot.take_referenced() {
+        Visit::Keep
+    } else {
+        Visit::Candidate
+    }
+}
 
 /// Whether a dropped dirty page is written back first or discarded.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -25,22 +46,7 @@ pub(super) enum DirtyPages {
 impl Mapping {
     /// What the eviction hand finds at page `index`.
     pub(super) fn eviction_visit(&self, index: u64) -> Visit {
-        let Some(slot) = self.pages.get(index) else {
-            return Visit::Stale;
-        };
-        let state = slot.load();
-        if state.is_absent() {
-            // The entry leaves the queue, unless a fill takes the page meanwhile.
-            return match slot.unqueue_absent(state) {
-                Ok(()) => Visit::Stale,
-                Err(_) => Visit::Keep,
-            };
-        }
-        if slot.take_referenced() {
-            Visit::Keep
-        } else {
-            Visit::Candidate
-        }
+        visit_page(&self.pages, index)
     }
 
     /// Evicts page `index` if it is present and not busy: holds stores through

@@ -38,6 +38,7 @@
 //! | `fault.rs` | serving page faults |
 //! | `region.rs` | [`MapRegion`](crate::MapRegion): the user's memory maps |
 //! | `open.rs` | opening, removing and dropping a mapping |
+//! | `closed.rs` | files by identity: one mapping per open file, the pages of closed ones |
 //! | `ext.rs` | `std::os::unix::fs::FileExt` |
 
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +48,7 @@ use std::sync::Arc;
 
 use crate::sync::{Mutex, RwLock};
 
+use self::closed::OpenFiles;
 use super::page::{PageState, Slot};
 use super::readahead::Readahead;
 use super::shared::{CacheShared, Need};
@@ -59,6 +61,7 @@ use crate::lock::{CoherenceGuard, CoherenceLock, Mode, Strategy};
 use crate::map::uffd::Userfaultfd;
 use crate::page::{index_of, PAGE, PAGE_SIZE};
 
+pub(super) mod closed;
 pub(super) mod direct;
 mod drop;
 mod ext;
@@ -130,6 +133,10 @@ pub struct Mapping {
     /// This mapping's id in the cache's eviction queue.
     id: u32,
     backend: Arc<dyn Backend>,
+    /// The `file` of the backend's identity, if it has one; then the mapping
+    /// is entered in `files`.
+    file: Option<u128>,
+    files: Arc<OpenFiles>,
     pages: PageTree,
     /// Where the pages live: the mapping's regions of the cache's arena.
     store: PageStore,

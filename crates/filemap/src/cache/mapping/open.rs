@@ -6,6 +6,7 @@ use std::sync::{Arc, Weak};
 
 use crate::sync::{Mutex, RwLock};
 
+use super::closed::{ClosedFile, Kept, OpenFiles};
 use super::drop::DirtyPages;
 use super::Mapping;
 use crate::backend::Backend;
@@ -20,38 +21,56 @@ use crate::lock::{CoherenceLock, Mode};
 use crate::page::PAGE;
 
 impl Mapping {
-    /// Opens a mapping of `backend`'s file in `cache` (see
-    /// [`crate::PageCache::open`]).
-    pub(in crate::cache) fn new(
-        cache: Arc<CacheShared>,
+    /// A mapping of `backend`'s file, of `size` bytes, in `cache`, entered in
+    /// `files` by the caller if the file has an identity (`file`), starting
+    /// with the pages `kept` when it was last closed.
+    pub(super) fn new(
+        cache: &Arc<CacheShared>,
+        files: &Arc<OpenFiles>,
         backend: Arc<dyn Backend>,
-    ) -> io::Result<Arc<Self>> {
-        let size = backend.len()?;
+        size: u64,
+        file: Option<u128>,
+        kept: Option<Kept>,
+    ) -> Arc<Self> {
         let max_size = backend.max_file_size().min(MAX_PAGES * PAGE);
         let strategy = cache.strategy;
-        let id = cache.new_mapping_id();
-        let mapping = Arc::new_cyclic(|me| Mapping {
-            store: PageStore::new(cache.arena.clone(), me.clone() as Weak<dyn ServesFaults>),
-            cache,
-            id,
-            backend,
-            pages: PageTree::default(),
-            maps: RwLock::new(Vec::new()),
-            scanning: Mutex::new(()),
-            lock: CoherenceLock::new(strategy),
-            size: AtomicU64::new(size),
-            size_lock: Mutex::new(()),
-            max_size,
-            removed: AtomicBool::new(false),
-            storage_released: AtomicBool::new(false),
-            wb_err: AtomicU64::new(0),
-            sync_seen: AtomicU64::new(0),
-            readahead: Readahead::default(),
-            held: AtomicU64::new(0),
+        let (id, pages, store, held) = match kept {
+            Some(kept) => (kept.id, kept.pages, Some(kept.store), kept.held),
+            None => (cache.new_mapping_id(), PageTree::default(), None, 0),
+        };
+        let mapping = Arc::new_cyclic(|me| {
+            let owner = me.clone() as Weak<dyn ServesFaults>;
+            Mapping {
+                store: match store {
+                    Some(mut store) => {
+                        store.set_owner(owner);
+                        store
+                    }
+                    None => PageStore::new(cache.arena.clone(), owner),
+                },
+                cache: cache.clone(),
+                id,
+                backend,
+                file,
+                files: files.clone(),
+                pages,
+                maps: RwLock::new(Vec::new()),
+                scanning: Mutex::new(()),
+                lock: CoherenceLock::new(strategy),
+                size: AtomicU64::new(size),
+                size_lock: Mutex::new(()),
+                max_size,
+                removed: AtomicBool::new(false),
+                storage_released: AtomicBool::new(false),
+                wb_err: AtomicU64::new(0),
+                sync_seen: AtomicU64::new(0),
+                readahead: Readahead::default(),
+                held: AtomicU64::new(held),
+            }
         });
         let cached_file: Weak<dyn CachedFile> = Arc::downgrade(&mapping) as _;
         mapping.cache.register(id, cached_file);
-        Ok(mapping)
+        mapping
     }
 
     /// The names of the threads that serve the faults of this mapping's cache
@@ -77,6 +96,10 @@ impl Mapping {
         self.drop_pages_where(0, MAX_PAGES - 1, DirtyPages::Discard, |index| {
             !self.page_is_mapped(index)
         })?;
+        // Later opens of the file get a mapping of their own.
+        if let Some(file) = self.file {
+            self.files.closed(file, self, None);
+        }
         // A map that goes after the check above finds `removed` set, and
         // releases the storage itself.
         if self.maps.read().is_empty() {
@@ -89,15 +112,57 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // Dropping the mapping drops its pages: write back what is dirty (call
-        // `sync_all` first to see errors), and give the budget back.
-        self.cache.unregister(self.id);
-        if self.removed.load(Ordering::Acquire) {
+        // The last handle is going: write back what is dirty (call `sync_all`
+        // first to see errors), then keep the clean pages for the file's next
+        // open if it has an identity, or drop them and give the budget back.
+        // Until the eviction queue's entry changes, the eviction hand keeps
+        // this mapping's pages in the queue (see `CacheShared::reclaim`).
+        let closed = if self.removed.load(Ordering::Acquire) {
             let _ = self.release_storage();
+            None
         } else {
-            let _ = self.write_back_range(0, MAX_PAGES - 1);
+            let written = self.write_back_range(0, MAX_PAGES - 1);
+            written.ok().and_then(|()| self.keep_pages())
+        };
+        if closed.is_none() {
+            self.cache.unregister(self.id);
+            let _ = self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard);
         }
-        let _ = self.drop_pages(0, MAX_PAGES - 1, DirtyPages::Discard);
+        if let Some(file) = self.file {
+            self.files.closed(file, self, closed);
+        }
+    }
+}
+
+impl Mapping {
+    /// Hands the pages to a closed file of the backend's file (registered
+    /// under this mapping's id), if it has an identity, pages are cached and
+    /// all of them were written back. Only while the mapping drops: no other
+    /// thread can reach it.
+    fn keep_pages(&mut self) -> Option<Arc<ClosedFile>> {
+        let file = self.file?;
+        let held = *self.held.get_mut();
+        if held == 0 {
+            return None;
+        }
+        // No map is left to dirty a page since the writeback.
+        debug_assert_eq!(self.dirty_pages(), 0, "written back");
+        // Read after the writeback: the version the pages match.
+        let identity = self.backend.identity().ok().flatten()?;
+        if identity.file != file {
+            return None;
+        }
+        let detached = PageStore::new(self.cache.arena.clone(), Weak::<Mapping>::new());
+        *self.held.get_mut() = 0;
+        let kept = Kept {
+            id: self.id,
+            size: *self.size.get_mut(),
+            pages: std::mem::take(&mut self.pages),
+            store: std::mem::replace(&mut self.store, detached),
+            held,
+            version: identity.version,
+        };
+        Some(ClosedFile::new(&self.cache, &self.files, file, kept))
     }
 }
 

@@ -183,6 +183,10 @@ impl Mapping {
         self.scan_maps(first, last);
         let mut first_error = None;
         self.pages.for_each(first, last, |index, slot| {
+            let state = slot.load();
+            if !state.is_dirty() && !state.is_under_writeback() {
+                return;
+            }
             let written = self.write_back_page(index, slot);
             slot.wait_while_state(PageState::is_under_writeback);
             if let Err(error) = written {
