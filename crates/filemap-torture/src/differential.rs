@@ -44,7 +44,9 @@
 //! file (the kernel raises `SIGBUS` past it), and where a map reaches past the
 //! end of file filemap's own `EFAULT` is checked alone. `reopen` syncs, drops
 //! the cache, the mapping, every map and (on a volume) the [`Volume`], opens
-//! it again from its device, and builds a cache with new settings.
+//! it again from its device, and builds a cache with new settings. `close and
+//! open` drops every map and the mapping without a sync and opens the file
+//! again in the same cache, which finds the pages the close kept.
 //!
 //! **Known, deliberate difference.** Direct I/O in filemap needs offsets and
 //! lengths that are multiples of 4096 and a buffer at a multiple of 512; the
@@ -721,6 +723,7 @@ enum Op {
     Reopen {
         settings: CacheSettings,
     },
+    CloseOpen,
     Compare,
 }
 
@@ -749,6 +752,7 @@ impl Op {
             Op::MapWrite { .. } => "map write",
             Op::MapFlush { .. } => "map flush",
             Op::Reopen { .. } => "reopen",
+            Op::CloseOpen => "close and open",
             Op::Compare => "compare",
         }
     }
@@ -926,7 +930,11 @@ impl Op {
                         .map(|settings| Op::Reopen { settings }),
                 );
             }
-            Op::SyncAll | Op::DropMap { .. } | Op::MapFlush { .. } | Op::Compare => {}
+            Op::SyncAll
+            | Op::DropMap { .. }
+            | Op::MapFlush { .. }
+            | Op::CloseOpen
+            | Op::Compare => {}
         }
         out.retain(|op| op != self);
         out
@@ -985,6 +993,10 @@ impl fmt::Display for Op {
             Op::Reopen { settings } => write!(
                 f,
                 "reopen: sync_all, drop every map, the mapping, the cache (and the volume), open again with {settings}"
+            ),
+            Op::CloseOpen => write!(
+                f,
+                "close and open: drop every map and the mapping (no sync), open the file again in the same cache"
             ),
             Op::Compare => write!(f, "compare the whole file"),
         }
@@ -1238,6 +1250,7 @@ impl Generator {
             (5, 18),
             (1, 19),
             (1, 20),
+            (2, 21),
         ]) {
             0 => {
                 let (at, len) = self.buffer_range();
@@ -1321,6 +1334,7 @@ impl Generator {
                 past_eof: self.rng.u32(..8) == 0,
             },
             19 => Op::MapFlush { slot },
+            21 => Op::CloseOpen,
             _ => Op::Reopen {
                 settings: self.settings(strategy),
             },
@@ -1896,23 +1910,52 @@ impl FilemapSide {
 
     /// Opens the file through a new cache of `settings`.
     fn open(&mut self, settings: &CacheSettings, env: &Env) -> io::Result<()> {
-        let backend: Arc<dyn Backend> = match &mut self.storage {
+        let volume = match &mut self.storage {
             Storage::Volume { device, volume, .. } => {
                 let opened = Volume::open(device.clone())?;
                 *volume = Arc::downgrade(&opened);
-                Arc::new(opened.open_file(FILE_NAME)?)
+                Some(opened)
             }
-            Storage::Host { path } => Arc::new(HostFile::open(path)?),
+            Storage::Host { .. } => None,
         };
-        let backend = match &env.wrap {
-            Some(wrap) => wrap(backend),
-            None => backend,
-        };
+        let backend = self.backend(volume.as_ref(), env)?;
         let cache = settings.build()?;
         let mapping = cache.open(backend)?;
         self.max = mapping.max_file_size();
         self.mapping = Some(mapping);
         self.cache = Some(cache);
+        Ok(())
+    }
+
+    /// A backend of the file: on `volume` if it is on one, wrapped as `env`
+    /// says.
+    fn backend(&self, volume: Option<&Arc<Volume>>, env: &Env) -> io::Result<Arc<dyn Backend>> {
+        let backend: Arc<dyn Backend> = match (&self.storage, volume) {
+            (Storage::Volume { .. }, Some(volume)) => Arc::new(volume.open_file(FILE_NAME)?),
+            (Storage::Host { path }, _) => Arc::new(HostFile::open(path)?),
+            (Storage::Volume { .. }, None) => {
+                return Err(io::Error::other("the volume is not open"));
+            }
+        };
+        Ok(match &env.wrap {
+            Some(wrap) => wrap(backend),
+            None => backend,
+        })
+    }
+
+    /// Drops every map and the mapping, without syncing (the close writes
+    /// back), and opens the file again in the same cache, which may have
+    /// kept its pages (on the same volume, which the drop must not take).
+    fn close_and_open(&mut self, env: &Env) -> io::Result<()> {
+        self.maps = Default::default();
+        let volume = match &self.storage {
+            Storage::Volume { volume, .. } => volume.upgrade(),
+            Storage::Host { .. } => None,
+        };
+        self.mapping = None;
+        let backend = self.backend(volume.as_ref(), env)?;
+        let cache = self.cache.as_ref().expect("the file is open");
+        self.mapping = Some(cache.open(backend)?);
         Ok(())
     }
 
@@ -2710,6 +2753,20 @@ impl Harness<'_> {
                     ..settings
                 };
                 self.reopen(name, &call, &settings)?;
+                self.compare_all(name)?;
+            }
+            Op::CloseOpen => {
+                self.record(format!("{:>4}. {call}", self.step + 1));
+                self.k.maps = Default::default();
+                if let Err(error) = self.fm.close_and_open(self.env) {
+                    let fm = Outcome::of_error(&error);
+                    return Err(self.found(
+                        DivergenceKind::ErrnoMismatch,
+                        name,
+                        format!("opening the file again in its cache failed: {error}"),
+                        format!("filemap {} vs kernel Ok(())", fm.class()),
+                    ));
+                }
                 self.compare_all(name)?;
             }
             Op::Compare => {

@@ -3,7 +3,10 @@
 //! pages of a six-page file, on a budget of four pages so that fills, evictions
 //! and writebacks run among them. Every read must see a page whole (one value
 //! in all its bytes) and no older than the last change completed before the
-//! read began (C1, C2). Run with `--cfg shuttle`.
+//! read began (C1, C2). A second scenario opens and closes the file around
+//! every call, so that those reads meet closes that write back and keep
+//! pages, reopens that take them, and evictions of a closed file's pages.
+//! Run with `--cfg shuttle`.
 //!
 //! Under a checker no thread may block in the kernel, where the checker could
 //! not run the others: the cache then starts no fault thread and no background
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use shuttle::rand::{thread_rng, Rng};
 
 use crate::aligned::AlignedBuf;
-use crate::backend::Backend;
+use crate::backend::{Backend, FileIdentity};
 use crate::cache::{PageCache, DIRECT_IO_MEMORY_ALIGN};
 use crate::lock::Strategy;
 use crate::page::{start_of, PAGE, PAGE_SIZE};
@@ -29,13 +32,30 @@ const READS: usize = 6;
 const CHANGES: usize = 6;
 
 /// A file in memory whose every call is a scheduling point (its lock), as a
-/// device's I/O would be.
+/// device's I/O would be; with an identity if `named`, whose version counts
+/// its changes.
 #[derive(Debug, Default)]
-struct MemFile(Mutex<Vec<u8>>);
+struct MemFile {
+    data: Mutex<Vec<u8>>,
+    named: bool,
+    changes: AtomicUsize,
+}
 
 impl MemFile {
+    fn named() -> MemFile {
+        MemFile {
+            named: true,
+            ..MemFile::default()
+        }
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn zero(&self, offset: u64, len: u64) {
-        let mut data = self.0.lock();
+        self.changed();
+        let mut data = self.data.lock();
         let end = (offset + len).min(data.len() as u64) as usize;
         let start = (offset as usize).min(end);
         data[start..end].fill(0);
@@ -44,7 +64,7 @@ impl MemFile {
 
 impl Backend for MemFile {
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.lock().len() as u64)
+        Ok(self.data.lock().len() as u64)
     }
 
     fn max_file_size(&self) -> u64 {
@@ -52,7 +72,7 @@ impl Backend for MemFile {
     }
 
     fn read_pages(&self, index: u64, buf: &mut [u8]) -> io::Result<()> {
-        let data = self.0.lock();
+        let data = self.data.lock();
         let start = (start_of(index) as usize).min(data.len());
         let end = (start + buf.len()).min(data.len());
         buf[..end - start].copy_from_slice(&data[start..end]);
@@ -61,7 +81,8 @@ impl Backend for MemFile {
     }
 
     fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
-        let mut data = self.0.lock();
+        self.changed();
+        let mut data = self.data.lock();
         let start = start_of(index) as usize;
         let end = start + buf.len();
         if data.len() < end {
@@ -72,7 +93,8 @@ impl Backend for MemFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.lock().resize(len as usize, 0);
+        self.changed();
+        self.data.lock().resize(len as usize, 0);
         Ok(())
     }
 
@@ -92,6 +114,13 @@ impl Backend for MemFile {
 
     fn remove(&self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn identity(&self) -> io::Result<Option<FileIdentity>> {
+        Ok(self.named.then(|| FileIdentity {
+            file: 1,
+            version: self.changes.load(Ordering::SeqCst) as u128,
+        }))
     }
 }
 
@@ -150,10 +179,14 @@ fn read_and_check(file: &crate::Mapping, history: &History, page: usize) {
     );
 }
 
-/// One random schedule of the scenario under `strategy`.
-fn scenario(strategy: Strategy) {
-    let initial: Vec<u8> = (1..=PAGES as u8).collect();
-    let backend = Arc::new(MemFile::default());
+/// A file of [`PAGES`] pages, page `i` holding `initial[i]`, and a small
+/// cache under `strategy`.
+fn file_and_cache(
+    strategy: Strategy,
+    backend: MemFile,
+    initial: &[u8],
+) -> (Arc<MemFile>, PageCache) {
+    let backend = Arc::new(backend);
     for (page, &value) in initial.iter().enumerate() {
         backend
             .write_pages(page as u64, &[value; PAGE_SIZE])
@@ -166,6 +199,13 @@ fn scenario(strategy: Strategy) {
         .strategy(strategy)
         .build()
         .unwrap();
+    (backend, cache)
+}
+
+/// One random schedule of the scenario under `strategy`.
+fn scenario(strategy: Strategy) {
+    let initial: Vec<u8> = (1..=PAGES as u8).collect();
+    let (backend, cache) = file_and_cache(strategy, MemFile::default(), &initial);
     let file = cache.open(backend).unwrap();
     let history = Arc::new(History::new(&initial));
     let mut threads = Vec::new();
@@ -212,6 +252,69 @@ fn scenario(strategy: Strategy) {
     for page in 0..PAGES as usize {
         read_and_check(&file, &history, page);
     }
+}
+
+/// One random schedule of the open and close scenario: a reader and a writer
+/// each open the file for every call and close it after, a third thread
+/// fills another file (whose pages evict the first's, closed or not); at
+/// the end nothing is dirty and the budget was kept.
+fn open_close_scenario() {
+    let initial: Vec<u8> = (1..=PAGES as u8).collect();
+    let (backend, cache) = file_and_cache(Strategy::Range, MemFile::named(), &initial);
+    let cache = Arc::new(cache);
+    let history = Arc::new(History::new(&initial));
+    let mut threads = Vec::new();
+    {
+        let (cache, backend, history) = (cache.clone(), backend.clone(), history.clone());
+        threads.push(thread::spawn(move || {
+            for _ in 0..READS {
+                let page = thread_rng().gen_range(0..PAGES as usize);
+                let file = cache.open(backend.clone()).unwrap();
+                read_and_check(&file, &history, page);
+            }
+        }));
+    }
+    {
+        let (cache, backend, history) = (cache.clone(), backend.clone(), history.clone());
+        threads.push(thread::spawn(move || {
+            for value in PAGES as u8 + 1..PAGES as u8 + 1 + CHANGES as u8 {
+                let page = thread_rng().gen_range(0..PAGES as usize);
+                history.start(page, value);
+                let file = cache.open(backend.clone()).unwrap();
+                file.write_all_at(&[value; PAGE_SIZE], start_of(page as u64))
+                    .unwrap();
+                drop(file);
+                history.complete(page);
+            }
+        }));
+    }
+    {
+        let cache = cache.clone();
+        threads.push(thread::spawn(move || {
+            let other = cache.open(Arc::new(MemFile::default())).unwrap();
+            other.set_len(PAGES * PAGE).unwrap();
+            let mut buf = vec![0; PAGE_SIZE];
+            for page in 0..PAGES {
+                other.read_exact_at(&mut buf, start_of(page)).unwrap();
+            }
+        }));
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let file = cache.open(backend).unwrap();
+    for page in 0..PAGES as usize {
+        read_and_check(&file, &history, page);
+    }
+    drop(file);
+    let stats = cache.stats();
+    assert!(stats.cached_bytes <= BUDGET_PAGES * PAGE, "{stats:?}");
+    assert_eq!(stats.dirty_bytes, 0, "closes write back: {stats:?}");
+}
+
+#[test]
+fn closes_and_reopens_never_return_a_torn_or_stale_page() {
+    shuttle::check_random(open_close_scenario, 5_000);
 }
 
 #[test]

@@ -85,10 +85,8 @@ impl PageTree {
     /// The slot of `index`, created (absent) if needed.
     pub(crate) fn get_or_create(&self, index: u64) -> &Slot {
         if index < FANOUT as u64 {
-            let head = self.head.get_or_init(|| {
-                self.end.fetch_max(FANOUT as u64, Ordering::Release);
-                new_leaf()
-            });
+            let head = self.head.get_or_init(new_leaf);
+            self.cover(FANOUT as u64);
             return &head[index as usize];
         }
         assert!(index < MAX_PAGES, "page index {index} beyond the tree");
@@ -97,19 +95,26 @@ impl PageTree {
         loop {
             match node {
                 Node::Interior(children) => {
-                    node = children[child_index(index, level)].get_or_init(|| {
-                        if level == 1 {
-                            let leaf_end = (index | (FANOUT as u64 - 1)) + 1;
-                            // Before the leaf is published: a walk that can see
-                            // the leaf sees this too.
-                            self.end.fetch_max(leaf_end, Ordering::Release);
-                        }
-                        Node::new(level - 1)
-                    });
+                    node = children[child_index(index, level)].get_or_init(|| Node::new(level - 1));
                     level -= 1;
                 }
-                Node::Leaf(slots) => return &slots[child_index(index, 0)],
+                Node::Leaf(slots) => {
+                    self.cover((index | (FANOUT as u64 - 1)) + 1);
+                    return &slots[child_index(index, 0)];
+                }
             }
+        }
+    }
+
+    /// Makes walks reach index `end - 1`: after a slot below it was created,
+    /// before the creator claims it (every walk that must see the slot comes
+    /// after the claim, under the coherence lock or through the slot's state).
+    /// Outside the `OnceLock`'s initialiser: under a model checker an atomic
+    /// is a scheduling point, and the initialiser must not yield.
+    #[inline]
+    fn cover(&self, end: u64) {
+        if self.end.load(Ordering::Relaxed) < end {
+            self.end.fetch_max(end, Ordering::Release);
         }
     }
 

@@ -491,17 +491,14 @@ impl Backend for VolumeFile {
         let Some((plan, whole)) = plan else {
             return Ok(());
         };
-        let edges = plan
-            .edges
-            .iter()
-            .map(|&(phys, from, to)| (phys * BLOCK + from, to - from));
-        let runs = whole
-            .into_iter()
-            .map(|(_, extent)| (extent.phys * BLOCK, extent.len * BLOCK));
-        let zeroed = edges
-            .chain(runs)
-            .try_for_each(|(offset, len)| self.volume.write_zeros(offset, len));
-        zeroed
+        for &(phys, from, to) in &plan.edges {
+            self.volume.write_zeros(phys * BLOCK + from, to - from)?;
+        }
+        for (_, extent) in whole {
+            self.volume
+                .write_zeros(extent.phys * BLOCK, extent.len * BLOCK)?;
+        }
+        Ok(())
     }
 
     /// Frees the blocks of the range (most recently freed first, as a punch does)

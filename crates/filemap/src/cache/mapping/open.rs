@@ -249,7 +249,9 @@ mod tests {
             "regions reused, no new view"
         );
 
-        let idle = cache.open(file.backend().clone()).expect("second mapping");
+        // A mapping of its own: a backend with no identity shares none.
+        let own = crate::FaultyBackend::new(file.backend().clone(), 1);
+        let idle = cache.open(Arc::new(own)).expect("second mapping");
         assert_eq!(idle.store.regions(), 0, "opening takes no region");
     }
 
@@ -273,5 +275,50 @@ mod tests {
         let byte = unsafe { std::ptr::read_volatile(map.as_ptr().add(3 * PAGE_SIZE)) };
         assert_eq!(byte, 4, "the map read the stray page");
         assert_eq!(page(&file, 3), vec![4; PAGE_SIZE]);
+    }
+
+    /// The regions a reopened file takes over from its closed self must send
+    /// their faults to the new mapping: a touch of a hole through the cache's
+    /// own view (as an optimistic reader's) then fills the page. Sent to the
+    /// closed mapping, it would get a zero page, which a map reads as data.
+    /// Two ways in: a file mapped before its close (its regions are routed
+    /// when it is reopened), and one first mapped after its reopen, in a cache
+    /// whose faults are trapped already (routed at that first map).
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_reopened_files_regions_fault_into_the_new_mapping() {
+        let volume = Volume::format(Arc::new(MemDevice::new(16 << 20))).expect("format");
+        let cache = PageCache::builder().build().expect("cache");
+        let open = |name: &str| {
+            let file = volume.open_file(name).expect("open file");
+            cache.open(Arc::new(file)).expect("open")
+        };
+        for name in ["mapped before", "mapped after"] {
+            let file = cache
+                .open(Arc::new(volume.create_file(name).expect("create")))
+                .expect("open");
+            for i in 0..8 {
+                file.write_all_at(&[i as u8 + 1; PAGE_SIZE], i * PAGE)
+                    .expect("write");
+            }
+        }
+        let file = open("mapped before");
+        drop(file.map(0, 8 * PAGE_SIZE, MapAccess::Read).expect("map"));
+        drop(file);
+        let file = open("mapped after");
+        drop(file);
+        for name in ["mapped before", "mapped after"] {
+            let reopened = cache.stats().reopened;
+            let file = open(name);
+            assert_eq!(cache.stats().reopened, reopened + 1, "{name}: pages kept");
+            let map = file.map(0, 8 * PAGE_SIZE, MapAccess::Read).expect("map");
+            file.invalidate_range(6 * PAGE, PAGE).expect("invalidate");
+            let mut touched = vec![0; PAGE_SIZE];
+            file.store.read(6, 0, &mut touched);
+            // SAFETY: page 6 lies inside the live map, inside the file; a
+            // touch of an absent page faults into the cache, which fills it.
+            let byte = unsafe { std::ptr::read_volatile(map.as_ptr().add(6 * PAGE_SIZE)) };
+            assert_eq!(byte, 7, "{name}: the map read a zero page the touch left");
+        }
     }
 }
