@@ -446,11 +446,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         });
         match result {
             Ok(part) => report.append(part),
-            Err(error) => {
-                shown.abandon();
-                eprintln!("filemap bench: {error}");
-                return ExitCode::from(1);
-            }
+            Err(error) => return shown.failed(&error, 1),
         }
     }
     shown.finish(&format!(
@@ -643,11 +639,7 @@ fn torture(args: TortureArgs) -> ExitCode {
         });
         let report = match result {
             Ok(report) => report,
-            Err(error) => {
-                shown.abandon();
-                eprintln!("filemap torture: {error}");
-                return ExitCode::from(2);
-            }
+            Err(error) => return shown.failed(&error, 2),
         };
         shown.finish(&format!(
             "done in {:.1} s, {} ops, {} violations, {} errors",
@@ -805,11 +797,7 @@ fn differential(args: TortureArgs) -> ExitCode {
     });
     let report = match result {
         Ok(report) => report,
-        Err(error) => {
-            shown.abandon();
-            eprintln!("filemap torture: {error}");
-            return ExitCode::from(2);
-        }
+        Err(error) => return shown.failed(&error, 2),
     };
     shown.finish(&format!(
         "done in {:.1} s, {} calls in {} sequences, {} diverged",

@@ -103,6 +103,15 @@ impl Progress {
         }
     }
 
+    /// Ends the display for a run that failed with `error`: prints
+    /// `command: error` and gives the exit code `code` to return.
+    pub fn failed(self, error: &dyn std::fmt::Display, code: u8) -> std::process::ExitCode {
+        let command = self.command;
+        self.abandon();
+        eprintln!("{command}: {error}");
+        std::process::ExitCode::from(code)
+    }
+
     fn line(&self, text: &str) {
         if self.label.is_empty() {
             eprintln!("{}: {text}", self.command);

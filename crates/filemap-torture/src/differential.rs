@@ -2759,12 +2759,10 @@ impl Harness<'_> {
                 self.record(format!("{:>4}. {call}", self.step + 1));
                 self.k.maps = Default::default();
                 if let Err(error) = self.fm.close_and_open(self.env) {
-                    let fm = Outcome::of_error(&error);
-                    return Err(self.found(
-                        DivergenceKind::ErrnoMismatch,
+                    return Err(self.open_failed(
                         name,
-                        format!("opening the file again in its cache failed: {error}"),
-                        format!("filemap {} vs kernel Ok(())", fm.class()),
+                        "opening the file again in its cache",
+                        &error,
                     ));
                 }
                 self.compare_all(name)?;
@@ -2898,15 +2896,21 @@ impl Harness<'_> {
             .close()
             .and_then(|()| self.fm.open(settings, self.env));
         if let Err(error) = reopened {
-            let fm = Outcome::of_error(&error);
-            return Err(self.found(
-                DivergenceKind::ErrnoMismatch,
-                name,
-                format!("opening the file again failed: {error}"),
-                format!("filemap {} vs kernel Ok(())", fm.class()),
-            ));
+            return Err(self.open_failed(name, "opening the file again", &error));
         }
         Ok(())
+    }
+
+    /// The divergence of an open of filemap's file that failed (`what`),
+    /// where the kernel's file stays open.
+    fn open_failed(&mut self, name: &str, what: &str, error: &io::Error) -> Found {
+        let fm = Outcome::of_error(error);
+        self.found(
+            DivergenceKind::ErrnoMismatch,
+            name,
+            format!("{what} failed: {error}"),
+            format!("filemap {} vs kernel Ok(())", fm.class()),
+        )
     }
 
     /// The end of every sequence: the whole file, then the same after syncing

@@ -50,6 +50,18 @@ fn uniform(buf: &[u8]) -> Result<u8, String> {
     }
 }
 
+/// File `name`, created on `volume` with 4 pages tagged 10 through `cache`,
+/// closed: its pages kept.
+fn closed_file(volume: &Arc<Volume>, cache: &PageCache, name: &str) {
+    let file = cache
+        .open(Arc::new(volume.create_file(name).expect("create")))
+        .expect("open");
+    // Dirty at the close: written back by it, and kept.
+    fill(&file, 4, 10);
+    drop(file);
+    assert_eq!(cache.stats().closed_files, 1);
+}
+
 fn expect_pages(file: &Mapping, pages: u64, tag: u8, what: &str) {
     for i in 0..pages {
         assert_eq!(
@@ -95,14 +107,8 @@ fn two_opens_of_one_file_share_one_mapping() {
 fn a_closed_file_keeps_its_pages_for_its_next_open() {
     let volume = volume();
     let cache = cache(1024);
-    let file = cache
-        .open(Arc::new(volume.create_file("a").expect("create")))
-        .expect("open");
-    // Dirty at the close: written back by it, and kept.
-    fill(&file, 4, 10);
-    drop(file);
+    closed_file(&volume, &cache, "a");
     let stats = cache.stats();
-    assert_eq!(stats.closed_files, 1);
     assert_eq!(stats.dirty_bytes, 0);
     assert_eq!(stats.cached_bytes, 4 * PAGE, "the pages stay cached");
     let raw = volume.open_file("a").expect("open file");
@@ -124,12 +130,7 @@ fn a_closed_file_keeps_its_pages_for_its_next_open() {
 fn a_volume_file_changed_while_closed_is_read_afresh() {
     let volume = volume();
     let cache = cache(1024);
-    let file = cache
-        .open(Arc::new(volume.create_file("a").expect("create")))
-        .expect("open");
-    fill(&file, 4, 10);
-    drop(file);
-    assert_eq!(cache.stats().closed_files, 1);
+    closed_file(&volume, &cache, "a");
 
     // Changed through a handle of its own, outside the cache.
     let raw = volume.open_file("a").expect("open file");
