@@ -141,7 +141,7 @@ impl Mapping {
     /// thread can reach it.
     fn keep_pages(&mut self) -> Option<Arc<ClosedFile>> {
         let file = self.file?;
-        let held = *self.held.get_mut();
+        let held = self.held.load(Ordering::Relaxed);
         if held == 0 {
             return None;
         }
@@ -153,10 +153,10 @@ impl Mapping {
             return None;
         }
         let detached = PageStore::new(self.cache.arena.clone(), Weak::<Mapping>::new());
-        *self.held.get_mut() = 0;
+        self.held.store(0, Ordering::Relaxed);
         let kept = Kept {
             id: self.id,
-            size: *self.size.get_mut(),
+            size: self.size.load(Ordering::Relaxed),
             pages: std::mem::take(&mut self.pages),
             store: std::mem::replace(&mut self.store, detached),
             held,
