@@ -13,6 +13,8 @@ use filemap::Strategy;
 use filemap_torture::{BackendKind, DeviceSpec, OpKind, Scenario, TortureConfig, TortureReport};
 use progress::{Length, Progress};
 
+mod mount;
+
 #[derive(Parser)]
 #[command(
     name = "filemap",
@@ -36,6 +38,13 @@ enum Command {
     /// sense) on the given workloads, all in one invocation, and print the
     /// ratios the project's targets are set on (medians of several runs).
     Bench(BenchArgs),
+    /// Create a volume image, to mount with `filemap mount`.
+    Format(mount::FormatArgs),
+    /// Serve a volume image as a file system (FUSE) whose every file is a
+    /// mapping of one coherent cache, in the foreground until Ctrl-C, SIGTERM
+    /// or `umount`, which sync everything first. Exits 0 then, 2 if it cannot
+    /// mount.
+    Mount(mount::MountArgs),
 }
 
 #[derive(clap::Args)]
@@ -277,6 +286,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Torture(args) => torture(args),
         Command::Bench(args) => bench(args),
+        Command::Format(args) => mount::format(args),
+        Command::Mount(args) => mount::mount(args),
     }
 }
 

@@ -1,0 +1,136 @@
+//! `filemap format` and `filemap mount`: a volume image as a file system.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use filemap::Strategy;
+use filemap_fuse::MountOptions;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::{strategy_parser, whole_number};
+
+/// The size of the image `filemap mount` makes when given none.
+const DEFAULT_IMAGE_BYTES: u64 = 1 << 30;
+
+#[derive(clap::Args)]
+pub struct FormatArgs {
+    /// The image file to create (it must not exist).
+    image: PathBuf,
+    /// Its size: bytes, or with a suffix K, M, G or T (powers of 1024).
+    #[arg(long, value_parser = size)]
+    size: u64,
+}
+
+#[derive(clap::Args)]
+pub struct MountArgs {
+    /// The volume image (made by `filemap format`); a temporary 1 GiB image,
+    /// removed at the end, if omitted.
+    image: Option<PathBuf>,
+    /// The directory to mount it on; a temporary one, printed, if omitted.
+    mountpoint: Option<PathBuf>,
+    /// The cache's budget: bytes, or with a suffix K, M, G or T.
+    #[arg(long, default_value = "256M", value_parser = size)]
+    budget: u64,
+    /// The cache's coherence strategy.
+    #[arg(long, default_value = "range", value_parser = strategy_parser())]
+    strategy: Strategy,
+    /// The cache's readahead threads.
+    #[arg(long, default_value_t = 2, value_parser = whole_number::<usize>)]
+    readahead_threads: usize,
+    /// Threads serving the kernel's requests.
+    #[arg(long, default_value_t = 4, value_parser = whole_number::<usize>)]
+    threads: usize,
+}
+
+/// A size: a whole number of bytes, or with a suffix K, M, G or T.
+fn size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, 'K' | 'k')) => (&text[..at], 10),
+        Some((at, 'M' | 'm')) => (&text[..at], 20),
+        Some((at, 'G' | 'g')) => (&text[..at], 30),
+        Some((at, 'T' | 't')) => (&text[..at], 40),
+        _ => (text, 0),
+    };
+    u64::from_str(digits)
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| "must be a whole number of bytes, with an optional K, M, G or T".to_owned())
+}
+
+pub fn format(args: FormatArgs) -> ExitCode {
+    match filemap_fuse::format(&args.image, args.size) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("filemap format: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Serves the volume in the foreground until it is unmounted: by Ctrl-C,
+/// SIGTERM or `umount` from outside. Everything is synced first.
+pub fn mount(args: MountArgs) -> ExitCode {
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("filemap mount: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: MountArgs) -> std::io::Result<()> {
+    // Temporary image and mount point, if not given: gone at the end.
+    let scratch = tempfile::Builder::new()
+        .prefix("filemap-mount-")
+        .tempdir()?;
+    let image = match args.image {
+        Some(image) => image,
+        None => {
+            let image = scratch.path().join("volume.img");
+            filemap_fuse::format(&image, DEFAULT_IMAGE_BYTES)?;
+            image
+        }
+    };
+    let mountpoint = match args.mountpoint {
+        Some(mountpoint) => mountpoint,
+        None => {
+            let mountpoint = scratch.path().join("mnt");
+            std::fs::create_dir(&mountpoint)?;
+            mountpoint
+        }
+    };
+    let options = MountOptions {
+        budget_bytes: args.budget,
+        strategy: args.strategy,
+        readahead_threads: args.readahead_threads,
+        threads: args.threads,
+    };
+    let mut session = filemap_fuse::session(&image, &mountpoint, &options)?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let signals_handle = signals.handle();
+    // Runs until `close` below: ending at the first signal would close the
+    // signals' socket, and `close` writing to it would then raise SIGPIPE.
+    let waiter = std::thread::spawn(move || {
+        for _ in signals.forever() {
+            let _ = unmounter.unmount();
+        }
+    });
+    eprintln!(
+        "filemap mount: {} mounted at {} (Ctrl-C or `umount {}` ends it)",
+        image.display(),
+        mountpoint.display(),
+        mountpoint.display()
+    );
+    let _ = std::io::stderr().flush();
+    let served = session.run();
+    signals_handle.close();
+    let _ = waiter.join();
+    served?;
+    eprintln!("filemap mount: unmounted, everything synced");
+    Ok(())
+}

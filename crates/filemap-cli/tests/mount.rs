@@ -1,0 +1,357 @@
+//! `filemap mount`: unmodified programs on a mounted volume image. Each test
+//! formats an image, mounts it with the `filemap` binary, runs programs on
+//! it, unmounts it (SIGTERM or `umount`) and mounts it again to check what
+//! was synced. A test that cannot mount fails with the server's words.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn filemap() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_filemap"))
+}
+
+/// Runs `program` with `args`; panics with its output unless it succeeds.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("{program} cannot run here: {error}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn is_mounted(mountpoint: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let wanted = mountpoint.to_str().expect("a UTF-8 path");
+    mounts
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(wanted))
+}
+
+/// A formatted image and a mount point in a temporary directory.
+struct Image {
+    dir: tempfile::TempDir,
+}
+
+impl Image {
+    fn new(size: &str) -> Image {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
+        let image = dir.path().join("volume.img");
+        let out = filemap()
+            .args(["format", image.to_str().unwrap(), "--size", size])
+            .output()
+            .expect("filemap runs");
+        assert!(
+            out.status.success(),
+            "format: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Image { dir }
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("volume.img")
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn at(&self, name: &str) -> String {
+        self.mnt().join(name).to_str().unwrap().to_owned()
+    }
+
+    /// Mounts the image; the server runs until [`Server::stop`].
+    fn mount(&self) -> Server {
+        let child = filemap()
+            .args([
+                "mount",
+                self.image().to_str().unwrap(),
+                self.mnt().to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("filemap runs");
+        let mut server = Server {
+            child,
+            mnt: self.mnt(),
+        };
+        let started = Instant::now();
+        while !is_mounted(&server.mnt) {
+            if let Some(status) = server.child.try_wait().expect("wait") {
+                let mut stderr = String::new();
+                use std::io::Read;
+                let _ = server
+                    .child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr);
+                panic!("filemap mount could not mount ({status}): {stderr}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "not mounted after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+struct Server {
+    child: Child,
+    mnt: PathBuf,
+}
+
+impl Server {
+    /// Ends the server by `signal` (or by `umount` if `None`) and checks that
+    /// it exits 0, unmounted.
+    fn stop(self, signal: Option<&str>) {
+        match signal {
+            Some(signal) => {
+                run(
+                    "kill",
+                    &[&format!("-{signal}"), &self.child.id().to_string()],
+                );
+            }
+            None => {
+                run("umount", &[self.mnt.to_str().unwrap()]);
+            }
+        }
+        let out = self.child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "the server exited {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !is_mounted(&self.mnt),
+            "still mounted after the server ended"
+        );
+    }
+}
+
+#[test]
+fn cp_and_dd_direct_copies_compare_equal_after_a_remount() {
+    let image = Image::new("512M");
+    let source = image.dir.path().join("source");
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", source.display()),
+            "bs=1M",
+            "count=64",
+            "status=none",
+        ],
+    );
+    let server = image.mount();
+    run("cp", &[source.to_str().unwrap(), &image.at("copy")]);
+    run("cmp", &[source.to_str().unwrap(), &image.at("copy")]);
+    run(
+        "dd",
+        &[
+            &format!("if={}", source.display()),
+            &format!("of={}", image.at("direct")),
+            "bs=1M",
+            "count=16",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    let back = image.dir.path().join("back");
+    run(
+        "dd",
+        &[
+            &format!("if={}", image.at("direct")),
+            &format!("of={}", back.display()),
+            "bs=1M",
+            "iflag=direct",
+            "status=none",
+        ],
+    );
+    run(
+        "cmp",
+        &[
+            "-n",
+            "16777216",
+            source.to_str().unwrap(),
+            back.to_str().unwrap(),
+        ],
+    );
+    server.stop(Some("TERM"));
+
+    let server = image.mount();
+    run("cmp", &[source.to_str().unwrap(), &image.at("copy")]);
+    run(
+        "cmp",
+        &[
+            "-n",
+            "16777216",
+            source.to_str().unwrap(),
+            &image.at("direct"),
+        ],
+    );
+    server.stop(None);
+}
+
+#[test]
+fn fallocate_punch_and_zero_read_back_as_zeroes() {
+    let image = Image::new("64M");
+    let server = image.mount();
+    let file = image.at("f");
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={file}"),
+            "bs=64K",
+            "count=4",
+            "status=none",
+        ],
+    );
+    run(
+        "fallocate",
+        &[
+            "--punch-hole",
+            "--offset",
+            "4096",
+            "--length",
+            "8192",
+            &file,
+        ],
+    );
+    run(
+        "fallocate",
+        &[
+            "--zero-range",
+            "--offset",
+            "65536",
+            "--length",
+            "4096",
+            &file,
+        ],
+    );
+    let bytes = std::fs::read(&file).expect("read");
+    assert_eq!(bytes.len(), 256 << 10, "the size stays");
+    assert!(bytes[4096..12288].iter().all(|&b| b == 0), "punched");
+    assert!(bytes[65536..69632].iter().all(|&b| b == 0), "zeroed");
+    assert!(
+        bytes[12288..65536].iter().any(|&b| b != 0),
+        "the rest stays"
+    );
+    server.stop(Some("INT"));
+}
+
+#[test]
+fn sqlite_writes_and_passes_its_integrity_check() {
+    let image = Image::new("128M");
+    let server = image.mount();
+    let db = image.at("t.db");
+    let script = format!(
+        "import sqlite3\n\
+         c = sqlite3.connect({db:?})\n\
+         c.execute('create table t(x integer, y text)')\n\
+         for i in range(50):\n    \
+             c.executemany('insert into t values(?, ?)', [(i * 100 + j, 'row %d' % j) for j in range(100)])\n    \
+             c.commit()\n\
+         print(c.execute('select count(*) from t').fetchone()[0], c.execute('pragma integrity_check').fetchone()[0])\n"
+    );
+    assert_eq!(run("python3", &["-c", &script]).trim(), "5000 ok");
+    server.stop(Some("TERM"));
+    let server = image.mount();
+    let check = format!(
+        "import sqlite3\nc = sqlite3.connect({db:?})\nprint(c.execute('select count(*) from t').fetchone()[0], c.execute('pragma integrity_check').fetchone()[0])\n"
+    );
+    assert_eq!(run("python3", &["-c", &check]).trim(), "5000 ok");
+    server.stop(None);
+}
+
+#[test]
+fn bad_input_names_the_path_and_exits_2_writing_nothing() {
+    let image = Image::new("16M");
+    let before = std::fs::read(image.image()).expect("image");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "mount".into(),
+                image.image().display().to_string(),
+                "/nonexistent/mnt".into(),
+            ],
+            "/nonexistent/mnt",
+        ),
+        (
+            vec![
+                "mount".into(),
+                "/nonexistent/img".into(),
+                image.mnt().display().to_string(),
+            ],
+            "/nonexistent/img",
+        ),
+        (
+            vec![
+                "format".into(),
+                image.image().display().to_string(),
+                "--size".into(),
+                "16M".into(),
+            ],
+            "volume.img",
+        ),
+    ];
+    for (args, named) in cases {
+        let out = filemap().args(&args).output().expect("filemap runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "{args:?} does not name {named}: {stderr}"
+        );
+    }
+    // Not a volume: the message says how to make one.
+    let junk = image.dir.path().join("junk");
+    std::fs::write(&junk, vec![7; 1 << 20]).expect("junk");
+    let out = filemap()
+        .args([
+            "mount",
+            junk.to_str().unwrap(),
+            image.mnt().to_str().unwrap(),
+        ])
+        .output()
+        .expect("filemap runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("filemap format"));
+    assert_eq!(
+        std::fs::read(&junk).expect("junk"),
+        vec![7; 1 << 20],
+        "junk untouched"
+    );
+    assert!(
+        std::fs::read(image.image()).expect("image") == before,
+        "a refused call wrote to the image"
+    );
+    // Mounted already: the second server is refused (EBUSY), the first serves on.
+    let server = image.mount();
+    let second = image.dir.path().join("mnt2");
+    std::fs::create_dir(&second).expect("second mount point");
+    let out = filemap()
+        .args([
+            "mount",
+            image.image().to_str().unwrap(),
+            second.to_str().unwrap(),
+        ])
+        .output()
+        .expect("filemap runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    server.stop(None);
+}
