@@ -282,6 +282,17 @@ fn a_removed_file_is_not_shared_with_later_opens() {
     assert_eq!(page(&new, 0), Ok(9));
 }
 
+/// Drops `file`'s handle and waits until no other holds it: a fault thread
+/// that served the file's map may hold it a moment longer, and an open
+/// meanwhile shares the live mapping instead of reopening the file.
+fn close(file: Arc<Mapping>) {
+    let weak = Arc::downgrade(&file);
+    drop(file);
+    while weak.strong_count() > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Reads page `index` of `file` through a new map of its first `pages`.
 fn map_read(file: &Arc<Mapping>, pages: u64, index: u64) -> Result<u8, String> {
     let map = file
@@ -317,17 +328,17 @@ fn maps_of_a_reopened_file_fault_its_data() {
     // A file mapped before its close: its pages enter by the fault path.
     let file = reopen("mapped");
     assert_eq!(map_read(&file, 8, 1), Ok(21));
-    drop(file);
+    close(file);
     let file = reopen("mapped");
     assert_eq!(cache.stats().reopened, 1);
     assert_eq!(map_read(&file, 8, 1), Ok(21), "kept");
     assert_eq!(map_read(&file, 8, 6), Ok(26), "faulted");
-    drop(file);
+    close(file);
 
     // A file first mapped after its reopen, in a cache mapped already.
     let file = reopen("other");
     assert_eq!(page(&file, 0), Ok(20));
-    drop(file);
+    close(file);
     let file = reopen("other");
     assert_eq!(cache.stats().reopened, 2);
     assert_eq!(map_read(&file, 8, 0), Ok(20), "kept");

@@ -304,7 +304,13 @@ mod tests {
         }
         let file = open("mapped before");
         drop(file.map(0, 8 * PAGE_SIZE, MapAccess::Read).expect("map"));
+        // A fault thread may hold the mapping a moment longer: wait, so that
+        // the next open reopens it.
+        let weak = Arc::downgrade(&file);
         drop(file);
+        while weak.strong_count() > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let file = open("mapped after");
         drop(file);
         for name in ["mapped before", "mapped after"] {
