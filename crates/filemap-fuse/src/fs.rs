@@ -93,7 +93,7 @@ impl VolumeFs {
     fn mapping(&self, ino: u64) -> io::Result<(VolumeFile, Arc<Mapping>)> {
         let name = self.names.lock().get(&ino).cloned();
         let name = name.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-        let (_, file) = self.open_named(&name)?;
+        let file = self.volume.open_file(&name)?;
         let mapping = self.cache.open(Arc::new(file.clone()))?;
         Ok((file, mapping))
     }

@@ -191,8 +191,13 @@ impl Budget {
 
     /// Gives one page back.
     pub(crate) fn release(&self) {
-        let before = self.used.fetch_sub(1, Ordering::Relaxed);
-        debug_assert!(before > 0, "budget released more often than taken");
+        self.release_pages(1);
+    }
+
+    /// Gives `pages` pages back at once.
+    pub(crate) fn release_pages(&self, pages: u64) {
+        let before = self.used.fetch_sub(pages, Ordering::Relaxed);
+        debug_assert!(before >= pages, "budget released more often than taken");
     }
 }
 

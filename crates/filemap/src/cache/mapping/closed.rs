@@ -183,9 +183,7 @@ impl ClosedFile {
 
     /// Gives `kept`'s pages and regions back, and its id.
     fn discard(&self, kept: Kept) {
-        for _ in 0..kept.held {
-            self.cache.budget.release();
-        }
+        self.cache.budget.release_pages(kept.held);
         self.cache.unregister(kept.id);
         // Its store gives the regions back as it drops.
     }
