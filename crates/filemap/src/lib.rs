@@ -52,7 +52,10 @@ mod schedule;
 pub(crate) mod sync;
 
 pub use aligned::AlignedBuf;
-pub use backend::{Backend, FaultyBackend, FileIdentity, HostFile, Volume, VolumeFile};
+pub use backend::{
+    Attr, Backend, DirEntry, FaultyBackend, FileIdentity, FileKind, HostFile, RenameFlags, SetAttr,
+    StatFs, Timestamp, Volume, VolumeFile,
+};
 pub use cache::{
     CacheStats, EvictionPolicy, FileHandle, LockWaits, MapAccess, MapRegion, Mapping, PageCache,
     PageCacheBuilder,

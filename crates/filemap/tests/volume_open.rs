@@ -338,98 +338,272 @@ fn write_metadata(device: &dyn Device, bytes: &[u8]) {
     sb.write(device, slot);
 }
 
-/// One file of the metadata, every field as stored.
+/// A regular file's fields after the inode's, as stored.
 #[derive(Clone, Debug)]
-struct FileRecord {
-    id: u64,
+struct FileBody {
     size: u64,
-    name_len: u16,
-    name: Vec<u8>,
     run_count: u64,
     /// `(first logical block, first physical block, length)`.
     runs: Vec<(u64, u64, u64)>,
+}
+
+/// One directory entry, as stored.
+#[derive(Clone, Debug)]
+struct EntryRecord {
+    cookie: u64,
+    ino: u64,
+    name_len: u16,
+    name: Vec<u8>,
+}
+
+/// A directory's fields after the inode's, as stored.
+#[derive(Clone, Debug)]
+struct DirBody {
+    next_cookie: u64,
+    entry_count: u64,
+    entries: Vec<EntryRecord>,
+}
+
+/// What follows an inode's common fields, by its kind.
+#[derive(Clone, Debug)]
+enum Body {
+    File(FileBody),
+    Dir(DirBody),
+    Symlink { target_len: u16, target: Vec<u8> },
+}
+
+/// One inode of the metadata, every field as stored.
+#[derive(Clone, Debug)]
+struct InodeRecord {
+    ino: u64,
+    kind: u8,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    /// Access, modification and change times: seconds and nanoseconds.
+    times: [(i64, u32); 3],
+    body: Body,
 }
 
 /// The metadata, every field as stored.
 #[derive(Clone, Debug)]
 struct Metadata {
     next_id: u64,
-    file_count: u64,
-    files: Vec<FileRecord>,
-    /// Bytes after the last file.
+    inode_count: u64,
+    inodes: Vec<InodeRecord>,
+    /// Bytes after the last inode.
     trailing: Vec<u8>,
+}
+
+/// Reads the fields of encoded metadata in order.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Fields<'_> {
+    fn take(&mut self, len: usize) -> &[u8] {
+        self.at += len;
+        &self.bytes[self.at - len..self.at]
+    }
+    fn u8(&mut self) -> u8 {
+        self.take(1)[0]
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take(2).try_into().unwrap())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().unwrap())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take(8).try_into().unwrap())
+    }
 }
 
 impl Metadata {
     fn parse(bytes: &[u8]) -> Metadata {
-        let mut at = 0;
-        let mut u64_field = |bytes: &[u8]| {
-            at += 8;
-            u64_at(bytes, at - 8)
-        };
-        let next_id = u64_field(bytes);
-        let file_count = u64_field(bytes);
-        let mut files = Vec::new();
-        for _ in 0..file_count {
-            let id = u64_at(bytes, at);
-            let size = u64_at(bytes, at + 8);
-            let name_len = u16::from_le_bytes(bytes[at + 16..at + 18].try_into().unwrap());
-            at += 18;
-            let name = bytes[at..at + name_len as usize].to_vec();
-            at += name_len as usize;
-            let run_count = u64_at(bytes, at);
-            at += 8;
-            let runs = (0..run_count)
-                .map(|i| {
-                    let run = at + 24 * i as usize;
-                    (
-                        u64_at(bytes, run),
-                        u64_at(bytes, run + 8),
-                        u64_at(bytes, run + 16),
-                    )
-                })
-                .collect();
-            at += 24 * run_count as usize;
-            files.push(FileRecord {
-                id,
-                size,
-                name_len,
-                name,
-                run_count,
-                runs,
+        let mut fields = Fields { bytes, at: 0 };
+        let next_id = fields.u64();
+        let inode_count = fields.u64();
+        let mut inodes = Vec::new();
+        for _ in 0..inode_count {
+            let ino = fields.u64();
+            let kind = fields.u8();
+            let perm = fields.u32();
+            let uid = fields.u32();
+            let gid = fields.u32();
+            let nlink = fields.u32();
+            let times = [(); 3].map(|()| (fields.u64() as i64, fields.u32()));
+            let body = match kind {
+                1 => {
+                    let size = fields.u64();
+                    let run_count = fields.u64();
+                    let runs = (0..run_count)
+                        .map(|_| (fields.u64(), fields.u64(), fields.u64()))
+                        .collect();
+                    Body::File(FileBody {
+                        size,
+                        run_count,
+                        runs,
+                    })
+                }
+                2 => {
+                    let next_cookie = fields.u64();
+                    let entry_count = fields.u64();
+                    let entries = (0..entry_count)
+                        .map(|_| {
+                            let cookie = fields.u64();
+                            let ino = fields.u64();
+                            let name_len = fields.u16();
+                            let name = fields.take(name_len.into()).to_vec();
+                            EntryRecord {
+                                cookie,
+                                ino,
+                                name_len,
+                                name,
+                            }
+                        })
+                        .collect();
+                    Body::Dir(DirBody {
+                        next_cookie,
+                        entry_count,
+                        entries,
+                    })
+                }
+                3 => {
+                    let target_len = fields.u16();
+                    let target = fields.take(target_len.into()).to_vec();
+                    Body::Symlink { target_len, target }
+                }
+                other => panic!("kind {other}"),
+            };
+            inodes.push(InodeRecord {
+                ino,
+                kind,
+                perm,
+                uid,
+                gid,
+                nlink,
+                times,
+                body,
             });
         }
         Metadata {
             next_id,
-            file_count,
-            files,
-            trailing: bytes[at..].to_vec(),
+            inode_count,
+            inodes,
+            trailing: bytes[fields.at..].to_vec(),
         }
     }
 
     fn encode(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&self.next_id.to_le_bytes());
-        bytes.extend_from_slice(&self.file_count.to_le_bytes());
-        for file in &self.files {
-            bytes.extend_from_slice(&file.id.to_le_bytes());
-            bytes.extend_from_slice(&file.size.to_le_bytes());
-            bytes.extend_from_slice(&file.name_len.to_le_bytes());
-            bytes.extend_from_slice(&file.name);
-            bytes.extend_from_slice(&file.run_count.to_le_bytes());
-            for &(lblk, phys, len) in &file.runs {
-                for field in [lblk, phys, len] {
-                    bytes.extend_from_slice(&field.to_le_bytes());
+        bytes.extend_from_slice(&self.inode_count.to_le_bytes());
+        for inode in &self.inodes {
+            bytes.extend_from_slice(&inode.ino.to_le_bytes());
+            bytes.push(inode.kind);
+            for field in [inode.perm, inode.uid, inode.gid, inode.nlink] {
+                bytes.extend_from_slice(&field.to_le_bytes());
+            }
+            for (secs, nanos) in inode.times {
+                bytes.extend_from_slice(&secs.to_le_bytes());
+                bytes.extend_from_slice(&nanos.to_le_bytes());
+            }
+            match &inode.body {
+                Body::File(file) => {
+                    bytes.extend_from_slice(&file.size.to_le_bytes());
+                    bytes.extend_from_slice(&file.run_count.to_le_bytes());
+                    for &(lblk, phys, len) in &file.runs {
+                        for field in [lblk, phys, len] {
+                            bytes.extend_from_slice(&field.to_le_bytes());
+                        }
+                    }
+                }
+                Body::Dir(dir) => {
+                    bytes.extend_from_slice(&dir.next_cookie.to_le_bytes());
+                    bytes.extend_from_slice(&dir.entry_count.to_le_bytes());
+                    for entry in &dir.entries {
+                        bytes.extend_from_slice(&entry.cookie.to_le_bytes());
+                        bytes.extend_from_slice(&entry.ino.to_le_bytes());
+                        bytes.extend_from_slice(&entry.name_len.to_le_bytes());
+                        bytes.extend_from_slice(&entry.name);
+                    }
+                }
+                Body::Symlink { target_len, target } => {
+                    bytes.extend_from_slice(&target_len.to_le_bytes());
+                    bytes.extend_from_slice(target);
                 }
             }
         }
         bytes.extend_from_slice(&self.trailing);
         bytes
     }
+
+    /// The record of inode `ino`.
+    fn inode(&mut self, ino: u64) -> &mut InodeRecord {
+        self.inodes
+            .iter_mut()
+            .find(|i| i.ino == ino)
+            .expect("an inode")
+    }
+
+    /// The file fields of inode `ino`.
+    fn file(&mut self, ino: u64) -> &mut FileBody {
+        match &mut self.inode(ino).body {
+            Body::File(file) => file,
+            body => panic!("inode {ino} is {body:?}"),
+        }
+    }
+
+    /// The directory fields of inode `ino`.
+    fn dir(&mut self, ino: u64) -> &mut DirBody {
+        match &mut self.inode(ino).body {
+            Body::Dir(dir) => dir,
+            body => panic!("inode {ino} is {body:?}"),
+        }
+    }
+
+    /// Entry `index` of directory `ino`.
+    fn entry(&mut self, ino: u64, index: usize) -> &mut EntryRecord {
+        &mut self.dir(ino).entries[index]
+    }
+
+    /// Sets the name of entry `index` of directory `ino`, length included.
+    fn rename_entry(&mut self, ino: u64, index: usize, name: &[u8]) {
+        let entry = self.entry(ino, index);
+        entry.name = name.to_vec();
+        entry.name_len = name.len() as u16;
+    }
+
+    /// Appends an entry naming `target` to directory `ino` under the next
+    /// cookie.
+    fn add_entry(&mut self, ino: u64, name: &[u8], target: u64) {
+        let dir = self.dir(ino);
+        dir.entries.push(EntryRecord {
+            cookie: dir.next_cookie,
+            ino: target,
+            name_len: name.len() as u16,
+            name: name.to_vec(),
+        });
+        dir.next_cookie += 1;
+        dir.entry_count += 1;
+    }
 }
 
-/// A synced volume, dropped: file `a` of 3 blocks in one run, `b` of 2 blocks
-/// and 100 bytes, `empty`. Generation 2 (slot 0) is the newest.
+/// The sample's inodes.
+const ROOT: u64 = 1;
+const A: u64 = 2;
+const B: u64 = 3;
+const EMPTY: u64 = 4;
+const D: u64 = 5;
+const LINK: u64 = 6;
+
+/// A synced volume, dropped: in the root, file `a` of 3 blocks in one run,
+/// `b` of 2 blocks and 100 bytes, `empty`, and directory `d` holding a
+/// symbolic link `l` to `../a` and a hard link `a2` of `a`. Inodes 1 to 6 in
+/// that order (root, a, b, empty, d, l); generation 2 (slot 0) is the newest.
 fn sample_image() -> Vec<u8> {
     static IMAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     IMAGE
@@ -443,14 +617,21 @@ fn sample_image() -> Vec<u8> {
             b.set_len(2 * BLOCK + 100).unwrap();
             b.write_pages(0, &[2; 3 * BLOCK as usize]).unwrap();
             volume.create_file("empty").unwrap();
+            let d = volume.mkdir(Volume::ROOT, "d", 0o755, 0, 0).unwrap();
+            volume.symlink(d.ino, "l", "../a", 0, 0).unwrap();
+            let a_ino = volume.lookup(Volume::ROOT, "a").unwrap().ino;
+            volume.link(a_ino, d.ino, "a2").unwrap();
             volume.sync().unwrap();
             drop((a, b, volume));
             let image = image(device.as_ref());
             let sample = device_with(&image);
             assert_eq!(newest(sample.as_ref()).1.generation, 2);
-            let meta = Metadata::parse(&newest_metadata(sample.as_ref()));
-            assert_eq!(meta.files.len(), 3);
-            assert_eq!(meta.files[0].runs.len(), 1);
+            let mut meta = Metadata::parse(&newest_metadata(sample.as_ref()));
+            let inos: Vec<u64> = meta.inodes.iter().map(|i| i.ino).collect();
+            assert_eq!(inos, [ROOT, A, B, EMPTY, D, LINK]);
+            assert_eq!(meta.file(A).runs.len(), 1);
+            assert_eq!(meta.dir(ROOT).entries.len(), 4);
+            assert_eq!(meta.dir(D).entries.len(), 2);
             assert_eq!(meta.encode(), newest_metadata(sample.as_ref()));
             image
         })
@@ -528,10 +709,10 @@ fn every_out_of_range_superblock_field_fails_open_cleanly() {
     let max = u64::MAX.to_string();
     let rows: Vec<(&str, SuperblockEdit, i32, Vec<&str>)> = vec![
         (
-            "version 2",
-            |sb| sb.version = 2,
+            "version 3",
+            |sb| sb.version = 3,
             libc::EINVAL,
-            vec!["format version", "2"],
+            vec!["format version", "3"],
         ),
         (
             "version 0",
@@ -662,159 +843,390 @@ fn every_out_of_range_metadata_field_fails_open_cleanly() {
     let max = u64::MAX.to_string();
     let too_big = (MAX_FILE_SIZE + 1).to_string();
     let rows: Vec<(&str, MetadataEdit, Vec<&str>)> = vec![
-        ("next id zero", |m| m.next_id = 0, vec!["next id", "0"]),
         (
-            "next id not above every id",
+            "next id zero",
+            |m| m.next_id = 0,
+            vec!["next inode number", "0"],
+        ),
+        (
+            "next id the root's",
+            |m| m.next_id = 1,
+            vec!["next inode number", "1"],
+        ),
+        (
+            "next id not above every inode",
             |m| m.next_id = 3,
-            vec!["file id", "3"],
+            vec!["inode number", "3"],
         ),
         (
-            "file count max",
-            |m| m.file_count = u64::MAX,
-            vec!["file count", &max],
+            "inode count max",
+            |m| m.inode_count = u64::MAX,
+            vec!["inode count", &max],
         ),
         (
-            "file count past the files",
-            |m| m.file_count = 4,
-            vec!["file", "ends"],
+            "entry count past the metadata",
+            // 106 bytes follow it: at most 5 entries of 19 bytes.
+            |m| m.dir(D).entry_count = 6,
+            vec!["directory 5", "entry count 6"],
         ),
         (
-            "file count short of the files",
-            |m| m.file_count = 2,
-            vec!["file count", "2", "bytes"],
-        ),
-        ("file id zero", |m| m.files[0].id = 0, vec!["file id", "0"]),
-        (
-            "file id max",
-            |m| m.files[2].id = u64::MAX,
-            vec!["file id", &max],
+            "inode count past the inodes",
+            |m| m.inode_count = 7,
+            vec!["inode", "ends"],
         ),
         (
-            "file ids out of order",
-            |m| m.files.swap(0, 1),
-            vec!["file id", "1"],
+            "inode count short of the inodes",
+            |m| m.inode_count = 5,
+            vec!["inode count", "5", "bytes"],
         ),
         (
-            "file ids repeated",
-            |m| m.files[1].id = 1,
-            vec!["file id", "1"],
+            "inode number zero",
+            |m| m.inodes[0].ino = 0,
+            vec!["inode number", "0"],
+        ),
+        (
+            "inode number max",
+            |m| m.inodes[5].ino = u64::MAX,
+            vec!["inode number", &max],
+        ),
+        (
+            "inode numbers out of order",
+            |m| m.inodes.swap(1, 2),
+            vec!["inode number", "2"],
+        ),
+        (
+            "inode numbers repeated",
+            |m| m.inodes[2].ino = A,
+            vec!["inode number", "2"],
+        ),
+        ("kind zero", |m| m.inode(B).kind = 0, vec!["kind", "0"]),
+        (
+            "kind max",
+            |m| m.inode(B).kind = u8::MAX,
+            vec!["kind", "255"],
+        ),
+        (
+            "permission past 0o7777",
+            |m| m.inode(A).perm = 0o10000,
+            vec!["permission", "0o10000"],
+        ),
+        (
+            "permission max",
+            |m| m.inode(ROOT).perm = u32::MAX,
+            vec!["permission", "0o37777777777"],
+        ),
+        (
+            "access time nanoseconds",
+            |m| m.inode(A).times[0].1 = 1_000_000_000,
+            vec!["access time", "1000000000"],
+        ),
+        (
+            "modification time nanoseconds max",
+            |m| m.inode(D).times[1].1 = u32::MAX,
+            vec!["modification time", "4294967295"],
+        ),
+        (
+            "change time nanoseconds",
+            |m| m.inode(LINK).times[2].1 = 1_000_000_000,
+            vec!["change time", "1000000000"],
+        ),
+        (
+            "file link count short of its names",
+            |m| m.inode(A).nlink = 1,
+            vec!["inode 2", "link count 1", "2"],
+        ),
+        (
+            "file link count zero",
+            |m| m.inode(B).nlink = 0,
+            vec!["inode 3", "link count 0"],
+        ),
+        (
+            "file link count max",
+            |m| m.inode(EMPTY).nlink = u32::MAX,
+            vec!["inode 4", "link count 4294967295"],
+        ),
+        (
+            "directory link count without its subdirectory",
+            |m| m.inode(ROOT).nlink = 2,
+            vec!["inode 1", "link count 2", "3"],
+        ),
+        (
+            "symbolic link count",
+            |m| m.inode(LINK).nlink = 2,
+            vec!["inode 6", "link count 2"],
         ),
         (
             "size past the largest file",
-            |m| m.files[2].size = MAX_FILE_SIZE + 1,
+            |m| m.file(EMPTY).size = MAX_FILE_SIZE + 1,
             vec!["size", &too_big],
         ),
         (
             "size max",
-            |m| m.files[2].size = u64::MAX,
+            |m| m.file(EMPTY).size = u64::MAX,
             vec!["size", &max],
         ),
         (
             "size short of the runs",
-            |m| m.files[0].size = BLOCK,
+            |m| m.file(A).size = BLOCK,
             vec!["logical block", "3"],
         ),
         (
+            "a file read as a directory",
+            |m| m.inode(EMPTY).kind = 2,
+            vec!["next cookie", "0"],
+        ),
+        (
             "name length zero",
-            |m| {
-                m.files[0].name_len = 0;
-                m.files[0].name.clear();
-            },
+            |m| m.rename_entry(ROOT, 0, b""),
             vec!["name length", "0"],
         ),
         (
             "name length 256",
-            |m| {
-                m.files[0].name_len = 256;
-                m.files[0].name = vec![b'n'; 256];
-            },
+            |m| m.rename_entry(ROOT, 0, &[b'n'; 256]),
             vec!["name length", "256"],
         ),
         (
             "name length max",
-            |m| m.files[2].name_len = u16::MAX,
+            |m| m.entry(D, 1).name_len = u16::MAX,
             vec!["name length", "65535"],
         ),
         (
             "name with a slash",
-            |m| m.files[0].name = b"/".to_vec(),
+            |m| m.rename_entry(ROOT, 0, b"/"),
             vec!["name", "/"],
         ),
         (
             "name with a NUL",
-            |m| m.files[0].name = b"\0".to_vec(),
+            |m| m.rename_entry(ROOT, 0, b"\0"),
             vec!["name"],
         ),
         (
+            "name dot",
+            |m| m.rename_entry(ROOT, 0, b"."),
+            vec!["name", "\".\""],
+        ),
+        (
+            "name dot dot",
+            |m| m.rename_entry(D, 0, b".."),
+            vec!["name", "\"..\""],
+        ),
+        (
             "name not UTF-8",
-            |m| m.files[0].name = vec![0xFF],
+            |m| m.rename_entry(ROOT, 0, &[0xFF]),
             vec!["name", "UTF-8"],
         ),
         (
             "name taken",
-            |m| m.files[1].name = b"a".to_vec(),
+            |m| m.rename_entry(ROOT, 1, b"a"),
             vec!["name", "\"a\""],
         ),
         (
+            "entry count max",
+            |m| m.dir(D).entry_count = u64::MAX,
+            vec!["entry count", &max],
+        ),
+        (
+            "entry count past the entries",
+            // The next inode's number reads as a third cookie.
+            |m| m.dir(D).entry_count = 3,
+            vec!["directory 5", "entry cookie 6"],
+        ),
+        (
+            "next cookie zero",
+            |m| m.dir(D).next_cookie = 0,
+            vec!["next cookie", "0"],
+        ),
+        (
+            "next cookie past an off_t",
+            |m| m.dir(D).next_cookie = u64::MAX,
+            vec!["next cookie", &max],
+        ),
+        (
+            "next cookie not above every cookie",
+            |m| m.dir(ROOT).next_cookie = 4,
+            vec!["cookie 4", "next cookie 4"],
+        ),
+        (
+            "cookie zero",
+            |m| m.entry(ROOT, 0).cookie = 0,
+            vec!["cookie 0"],
+        ),
+        (
+            "cookies out of order",
+            |m| m.dir(D).entries.swap(0, 1),
+            vec!["cookie 1", "after cookie 2"],
+        ),
+        (
+            "cookies repeated",
+            |m| m.entry(ROOT, 1).cookie = 1,
+            vec!["cookie 1", "after cookie 1"],
+        ),
+        (
+            "an entry of a missing inode",
+            |m| m.entry(ROOT, 1).ino = 99,
+            vec!["\"b\"", "inode 99", "not there"],
+        ),
+        (
+            "an entry of the root",
+            |m| m.entry(D, 0).ino = ROOT,
+            vec!["\"l\"", "root"],
+        ),
+        (
+            "a directory named twice",
+            |m| m.add_entry(ROOT, b"d2", D),
+            vec!["directory 5", "named twice"],
+        ),
+        (
+            "an inode named by no directory",
+            |m| {
+                m.dir(ROOT).entries.remove(2);
+                m.dir(ROOT).entry_count = 3;
+            },
+            vec!["inode 4", "named by no directory"],
+        ),
+        (
+            "a cycle cut off from the root",
+            |m| {
+                // d leaves the root and names itself.
+                m.dir(ROOT).entries.remove(3);
+                m.dir(ROOT).entry_count = 3;
+                m.inode(ROOT).nlink = 2;
+                m.add_entry(D, b"self", D);
+                m.inode(D).nlink = 3;
+            },
+            vec!["directory 5", "not reachable"],
+        ),
+        (
+            "no root",
+            |m| {
+                m.inodes.remove(0);
+                m.inode_count -= 1;
+            },
+            vec!["no root directory"],
+        ),
+        (
+            "a root that is not a directory",
+            |m| {
+                m.inodes[0].kind = 3;
+                m.inodes[0].body = Body::Symlink {
+                    target_len: 1,
+                    target: b"x".to_vec(),
+                };
+            },
+            vec!["root", "not a directory"],
+        ),
+        (
+            "target length zero",
+            |m| {
+                m.inode(LINK).body = Body::Symlink {
+                    target_len: 0,
+                    target: Vec::new(),
+                }
+            },
+            vec!["target length", "0"],
+        ),
+        (
+            "target length 4096",
+            |m| {
+                m.inode(LINK).body = Body::Symlink {
+                    target_len: 4096,
+                    target: vec![b'x'; 4096],
+                }
+            },
+            vec!["target length", "4096"],
+        ),
+        (
+            "target length max",
+            |m| {
+                m.inode(LINK).body = Body::Symlink {
+                    target_len: u16::MAX,
+                    target: b"../a".to_vec(),
+                }
+            },
+            vec!["target length", "65535"],
+        ),
+        (
+            "target not UTF-8",
+            |m| {
+                m.inode(LINK).body = Body::Symlink {
+                    target_len: 1,
+                    target: vec![0xFF],
+                }
+            },
+            vec!["target", "UTF-8"],
+        ),
+        (
+            "target with a NUL",
+            |m| {
+                m.inode(LINK).body = Body::Symlink {
+                    target_len: 2,
+                    target: b"a\0".to_vec(),
+                }
+            },
+            vec!["target", "NUL"],
+        ),
+        (
             "run count max",
-            |m| m.files[0].run_count = u64::MAX,
+            |m| m.file(A).run_count = u64::MAX,
             vec!["run count", &max],
         ),
         (
             "run count past the runs",
-            |m| m.files[2].run_count = 1,
-            vec!["run count", "1"],
+            // 183 bytes follow it: at most 7 runs.
+            |m| m.file(EMPTY).run_count = 8,
+            vec!["file 4", "run count 8"],
         ),
         (
             "run length zero",
-            |m| m.files[0].runs[0].2 = 0,
+            |m| m.file(A).runs[0].2 = 0,
             vec!["length", "0"],
         ),
         (
             "run length max",
-            |m| m.files[0].runs[0].2 = u64::MAX,
+            |m| m.file(A).runs[0].2 = u64::MAX,
             vec!["logical block", &max],
         ),
         (
             "run logical block max",
-            |m| m.files[0].runs[0].0 = u64::MAX,
+            |m| m.file(A).runs[0].0 = u64::MAX,
             vec!["logical block", &max],
         ),
         (
             "run in the superblocks",
-            |m| m.files[0].runs[0].1 = 0,
+            |m| m.file(A).runs[0].1 = 0,
             vec!["physical block", "0"],
         ),
         (
             "run in a metadata area",
-            |m| m.files[0].runs[0].1 = DATA_START - 1,
+            |m| m.file(A).runs[0].1 = DATA_START - 1,
             vec!["physical block", "5"],
         ),
         (
             "run past the device",
-            |m| m.files[0].runs[0].1 = DEVICE_BLOCKS - 2,
+            |m| m.file(A).runs[0].1 = DEVICE_BLOCKS - 2,
             vec!["physical block", "254"],
         ),
         (
             "run physical block max",
-            |m| m.files[0].runs[0].1 = u64::MAX,
+            |m| m.file(A).runs[0].1 = u64::MAX,
             vec!["physical block", &max],
         ),
         (
             "runs overlapping",
             |m| {
-                m.files[0].run_count = 2;
-                m.files[0].runs.push((1, 100, 1));
+                let a = m.file(A);
+                a.run_count = 2;
+                a.runs.push((1, 100, 1));
             },
             vec!["runs", "overlap"],
         ),
         (
             "a block mapped twice",
-            |m| m.files[1].runs[0].1 = m.files[0].runs[0].1 + 2,
+            |m| m.file(B).runs[0].1 = m.file(A).runs[0].1 + 2,
             vec!["physical block", "twice"],
         ),
         (
-            "bytes after the last file",
+            "bytes after the last inode",
             |m| m.trailing = vec![0; 8],
             vec!["8", "bytes"],
         ),
@@ -827,6 +1239,25 @@ fn every_out_of_range_metadata_field_fails_open_cleanly() {
         write_metadata(device.as_ref(), &meta.encode());
         assert_open_fails(device, libc::EUCLEAN, &words, what);
     }
+}
+
+/// A volume of format version 1 (a flat file table) is refused, saying so.
+#[test]
+fn a_volume_of_format_version_1_is_refused_as_predating_directories() {
+    let device = device_with(&sample_image());
+    let (slot, mut sb) = newest(device.as_ref());
+    sb.version = 1;
+    sb.write(device.as_ref(), slot);
+    // The older slot too, or open would fall back to it.
+    let mut older = Superblock::read(device.as_ref(), 1 - slot).unwrap();
+    older.version = 1;
+    older.write(device.as_ref(), 1 - slot);
+    assert_open_fails(
+        device,
+        libc::EINVAL,
+        &["format version 1", "directories", "version 2"],
+        "version 1",
+    );
 }
 
 #[test]

@@ -15,7 +15,10 @@ mod volume;
 
 pub use faulty::FaultyBackend;
 pub use hostfile::HostFile;
-pub use volume::{Volume, VolumeFile, BLOCK_SIZE};
+pub use volume::{
+    Attr, DirEntry, FileKind, RenameFlags, SetAttr, StatFs, Timestamp, Volume, VolumeFile,
+    BLOCK_SIZE,
+};
 
 /// The kind of a backend call, as fault rules of a [`FaultyBackend`] select them.
 ///

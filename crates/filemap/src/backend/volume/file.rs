@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::format::{FileMeta, BLOCK, BLOCK_SIZE, MAX_FILE_SIZE, RUN_RECORD};
+use super::namespace::Timestamp;
 #[cfg(doc)]
 use super::Runtime;
 use super::{State, Volume, REMOVED};
@@ -234,10 +235,16 @@ impl Clone for VolumeFile {
 }
 
 impl Drop for VolumeFile {
+    /// The last handle of a file unlinked while open frees it.
     fn drop(&mut self) {
         let mut state = self.volume.state.lock();
-        if let Some(runtime) = state.runtime.get_mut(&self.id) {
-            runtime.handles -= 1;
+        let Some(runtime) = state.runtime.get_mut(&self.id) else {
+            return;
+        };
+        runtime.handles -= 1;
+        let last = runtime.handles == 0;
+        if last && state.inode(self.id).is_ok_and(|inode| inode.is_orphan()) {
+            state.free_inode(self.id);
         }
     }
 }
@@ -295,11 +302,7 @@ impl Backend for VolumeFile {
         let (size, plan, fresh, held) = {
             let mut guard = self.volume.state.lock();
             let state = &mut *guard;
-            let file = state
-                .meta
-                .files
-                .get(&self.id)
-                .ok_or_else(|| err(libc::ENOENT))?;
+            let file = state.meta.file(self.id).ok_or_else(|| err(libc::ENOENT))?;
             if pages > 0 && end - BLOCK >= file.size {
                 return fail(libc::EINVAL);
             }
@@ -347,12 +350,19 @@ impl Backend for VolumeFile {
             state.meta_reserved -= held;
             let allocator = &mut state.space.allocator;
             allocator.in_flight -= fresh.len() as u64;
-            let mut file = state
+            let mut inode = state
                 .meta
-                .files
+                .inodes
                 .get_mut(&self.id)
                 .filter(|_| written.is_ok());
-            let before = file.as_ref().map(|file| file.encoded_len());
+            let before = inode.as_ref().map(|inode| inode.encoded_len());
+            if let Some(inode) = inode.as_deref_mut() {
+                let now = Timestamp::now();
+                inode.mtime = now;
+                inode.ctime = now;
+                state.dirty = true;
+            }
+            let mut file = inode.as_deref_mut().and_then(|inode| inode.file_mut());
             let mut inserted = Vec::with_capacity(fresh.len());
             for &(page, phys) in &fresh {
                 match file.as_deref_mut() {
@@ -369,9 +379,10 @@ impl Backend for VolumeFile {
                 }
                 allocator.free(phys, 1);
             }
-            match (file, before) {
-                (Some(file), Some(before)) => {
-                    let after = state.meta_len - before + file.encoded_len();
+            match (inode, before) {
+                (Some(inode), Some(before)) => {
+                    let after = state.meta_len - before + inode.encoded_len();
+                    let file = inode.file_mut().expect("a file");
                     // Pages another writer filled meanwhile can split this
                     // write's runs into more than it reserved. If the area
                     // cannot take them, unmap the fresh blocks again: nothing
@@ -382,7 +393,7 @@ impl Backend for VolumeFile {
                                 allocator.free(phys, len);
                             }
                         }
-                        debug_assert_eq!(file.encoded_len(), before);
+                        debug_assert_eq!(inode.encoded_len(), before);
                         Err(err(libc::ENOSPC))
                     } else {
                         state.meta_len = after;
@@ -448,11 +459,7 @@ impl Backend for VolumeFile {
         // before zeroing anything, so ENOSPC changes nothing.
         let plan = {
             let mut state = self.volume.state.lock();
-            let file = state
-                .meta
-                .files
-                .get(&self.id)
-                .ok_or_else(|| err(libc::ENOENT))?;
+            let file = state.meta.file(self.id).ok_or_else(|| err(libc::ENOENT))?;
             let plan = plan_range(file, offset, end);
             if plan.is_some() {
                 state.reserve_meta(RUN_RECORD)?;
@@ -498,6 +505,7 @@ impl Backend for VolumeFile {
             self.volume
                 .write_zeros(extent.phys * BLOCK, extent.len * BLOCK)?;
         }
+        self.volume.touch_data(self.id);
         Ok(())
     }
 

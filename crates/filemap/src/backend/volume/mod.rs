@@ -156,21 +156,23 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::backend::extent::ExtentMap;
 use crate::device::{Device, DeviceClaim};
 use crate::errno::{err, errno, fail, with_message};
 
 mod commit;
 mod file;
 mod format;
+mod namespace;
 mod space;
 #[cfg(test)]
 mod tests;
 
 pub use file::VolumeFile;
 pub use format::BLOCK_SIZE;
+pub use namespace::{Attr, DirEntry, FileKind, RenameFlags, SetAttr, StatFs, Timestamp};
 
-use format::{check_name, FileMeta, Layout, Metadata, Superblock, BLOCK, SUPERBLOCK_SLOTS};
+use format::{FileMeta, Layout, Metadata, Superblock, BLOCK, SUPERBLOCK_SLOTS};
+use namespace::ROOT;
 use space::Space;
 // Only `check_invariants` (and the tests) bound sizes by it here.
 #[cfg(any(test, feature = "testing"))]
@@ -265,15 +267,6 @@ impl State {
         }
         self.meta_reserved += bytes;
         Ok(())
-    }
-
-    /// The id of the file named `name`; `ENOENT` if there is none.
-    fn id_named(&self, name: &str) -> io::Result<u64> {
-        self.meta
-            .names
-            .get(name)
-            .copied()
-            .ok_or_else(|| err(libc::ENOENT))
     }
 }
 
@@ -392,65 +385,61 @@ impl Volume {
         }))
     }
 
-    /// Creates an empty file and returns a handle to it. The file is durable
-    /// from the next commit on.
+    /// Creates an empty regular file `name` in the root directory, with
+    /// permissions 0644 and owner 0:0, and returns a handle to it: as
+    /// [`Volume::create`] of [`Volume::ROOT`]. The file is durable from the
+    /// next commit on.
     ///
-    /// Fails with `EEXIST` if the name is taken, `EINVAL` if it is empty or holds
-    /// `/` or NUL, `ENAMETOOLONG` if it is longer than 255 bytes, and `ENOSPC` if
-    /// the metadata area is full or no file id is left.
+    /// Fails with `EEXIST` if the name is taken, `EINVAL` if it is empty, `.`,
+    /// `..`, or holds `/` or NUL, `ENAMETOOLONG` if it is longer than 255
+    /// bytes, and `ENOSPC` if the metadata area is full or no inode number is
+    /// left.
     pub fn create_file(self: &Arc<Self>, name: &str) -> io::Result<VolumeFile> {
-        check_name(name)?;
-        let mut guard = self.state.lock();
-        let state = &mut *guard;
-        if state.meta.names.contains_key(name) {
-            return fail(libc::EEXIST);
-        }
-        let file = FileMeta {
-            name: name.to_owned(),
-            size: 0,
-            extents: ExtentMap::new(),
-        };
-        // The next id came from the device: it may be the last one.
-        let next_id = state.meta.next_id.checked_add(1).ok_or_else(|| {
-            with_message(libc::ENOSPC, "no file ids left: the next id is the last")
-        })?;
-        state.reserve_meta(file.encoded_len())?;
-        state.meta_reserved -= file.encoded_len();
-        state.meta_len += file.encoded_len();
-        state.dirty = true;
-        let id = state.meta.next_id;
-        state.meta.next_id = next_id;
-        state.meta.names.insert(name.to_owned(), id);
-        state.meta.files.insert(id, file);
-        Ok(self.new_handle(state, id))
+        self.create(ROOT, name, 0o644, 0, 0).map(|(_, file)| file)
     }
 
-    /// Opens an existing file; fails with `ENOENT` if there is none of that name.
+    /// Opens the regular file `name` of the root directory; fails with
+    /// `ENOENT` if there is none of that name, `EISDIR` if it is a directory
+    /// and `ELOOP` if it is a symbolic link.
     pub fn open_file(self: &Arc<Self>, name: &str) -> io::Result<VolumeFile> {
-        let mut state = self.state.lock();
-        let id = state.id_named(name)?;
-        Ok(self.new_handle(&mut state, id))
+        let ino = self.state.lock().child(ROOT, name)?;
+        self.open_ino(ino)
     }
 
-    /// Removes a file by name and frees its blocks. The removal is durable from
-    /// the next commit on; until then a crash brings the file back whole.
+    /// Removes the name `name` from the root directory, as [`Volume::unlink`]
+    /// does, but only while the file has no handle: its blocks are freed
+    /// unless it has other names. The removal is durable from the next commit
+    /// on; until then a crash brings the file back whole.
     ///
-    /// Fails with `ENOENT` if there is no such file and `EBUSY` while any handle
-    /// of it is alive (use [`Backend::remove`] on a handle to remove it anyway).
+    /// Fails with `ENOENT` if there is no such name, `EISDIR` if it names a
+    /// directory, and `EBUSY` while any handle of the file is alive (use
+    /// [`Volume::unlink`] to make it an orphan, or [`Backend::remove`] on a
+    /// handle to remove it anyway).
     ///
     /// [`Backend::remove`]: crate::Backend::remove
     pub fn remove_file(&self, name: &str) -> io::Result<()> {
         let mut state = self.state.lock();
-        let id = state.id_named(name)?;
-        if state.runtime.get(&id).is_some_and(|file| file.handles > 0) {
+        let ino = state.child(ROOT, name)?;
+        if state.inode(ino)?.dir().is_some() {
+            return fail(libc::EISDIR);
+        }
+        if state.runtime.get(&ino).is_some_and(|file| file.handles > 0) {
             return fail(libc::EBUSY);
         }
-        Self::remove_locked(&mut state, id)
+        state.unlink_name(ROOT, name)
     }
 
-    /// The names of every file, sorted.
+    /// The names of the regular files of the root directory, sorted.
     pub fn file_names(&self) -> Vec<String> {
-        self.state.lock().meta.names.keys().cloned().collect()
+        let state = self.state.lock();
+        let root = state.meta.inodes[&ROOT]
+            .dir()
+            .expect("the root is a directory");
+        root.entries
+            .iter()
+            .filter(|(_, entry)| state.meta.file(entry.ino).is_some())
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// The device's size in blocks, superblocks and metadata areas included.
@@ -489,7 +478,6 @@ impl Volume {
         let space = &state.space;
         let alloc = &space.allocator;
         let data_start = self.layout.data_start();
-        assert_eq!(meta.names.len(), meta.files.len(), "file table out of sync");
         // (first block, length, owner) for every block below the high-water mark.
         let mut claims: Vec<(u64, u64, String)> = vec![(0, data_start, "metadata".into())];
         let mut free_count = 0;
@@ -514,27 +502,29 @@ impl Volume {
             pending_count += len;
         }
         assert_eq!(pending_count, space.pending_count, "pending count is off");
-        for (&id, file) in &meta.files {
-            assert_eq!(meta.names.get(&file.name), Some(&id), "name of file {id}");
-            assert!(id < meta.next_id, "file id {id} not below the next id");
+        for (&id, inode) in &meta.inodes {
+            assert!(id < meta.next_id, "inode {id} not below the next id");
+            if inode.is_orphan() {
+                let open = state.runtime.get(&id).is_some_and(|file| file.handles > 0);
+                assert!(open, "orphan {id} has no handle left to free it");
+            }
+            let Some(file) = inode.file() else { continue };
             assert!(file.size <= MAX_FILE_SIZE, "file {id} too large");
             file.extents.check_invariants();
             let blocks = file.size.div_ceil(BLOCK);
             for (lblk, extent) in file.extents.iter() {
                 assert!(
                     lblk + extent.len <= blocks,
-                    "file {} maps block {} past its end",
-                    file.name,
+                    "file {id} maps block {} past its end",
                     lblk + extent.len - 1
                 );
                 assert!(
                     extent.phys >= data_start && extent.phys + extent.len <= alloc.total,
-                    "file {} maps blocks {}+{} outside the data blocks",
-                    file.name,
+                    "file {id} maps blocks {}+{} outside the data blocks",
                     extent.phys,
                     extent.len
                 );
-                claims.push((extent.phys, extent.len, format!("file {}", file.name)));
+                claims.push((extent.phys, extent.len, format!("file {id}")));
             }
         }
         claims.sort();
@@ -556,48 +546,52 @@ impl Volume {
             alloc.high_water,
             "blocks leaked below the high-water mark"
         );
-        let mapped: u64 = meta.files.values().map(|f| f.extents.mapped_blocks()).sum();
+        let mapped: u64 = meta
+            .inodes
+            .values()
+            .filter_map(|inode| inode.file())
+            .map(|file| file.extents.mapped_blocks())
+            .sum();
         assert_eq!(
             mapped + free_count + pending_count + data_start + alloc.in_flight,
             alloc.high_water
         );
         assert!(alloc.high_water <= self.layout.total_blocks);
         assert_eq!(state.meta_len, meta.encoded_len(), "metadata size is off");
+        // The namespace as committed would be: it decodes, with the parents
+        // and subdirectory counts kept in memory.
+        let decoded = Metadata::decode(&meta.encode(), self.layout)
+            .unwrap_or_else(|error| panic!("the namespace does not decode: {error}"));
+        for (ino, inode) in &meta.inodes {
+            if let Some(dir) = inode.dir() {
+                let on_disk = decoded.inodes[ino].dir().expect("a directory");
+                assert_eq!(dir.parent, on_disk.parent, "parent of directory {ino}");
+                assert_eq!(dir.subdirs, on_disk.subdirs, "subdirectories of {ino}");
+            }
+        }
         assert!(
             state.meta_len + state.meta_reserved <= state.meta_capacity,
             "metadata outgrew its area"
         );
     }
 
+    /// Removes file `id` whatever its names and handles.
     fn remove_locked(state: &mut State, id: u64) -> io::Result<()> {
-        let mut file = state
-            .meta
-            .files
-            .remove(&id)
-            .ok_or_else(|| err(libc::ENOENT))?;
-        state.meta.names.remove(&file.name);
-        if let Some(runtime) = state.runtime.remove(&id) {
-            runtime.changes.fetch_or(REMOVED, Ordering::Release);
-        }
-        state.meta_len -= file.encoded_len();
-        state.dirty = true;
-        for (phys, len) in file.extents.remove_range(0, u64::MAX) {
-            state.space.free(phys, len);
-        }
-        Ok(())
+        state.remove_everywhere(id)
     }
 
     /// Runs `f` on file `id` under the mutex, to look; `ENOENT` if it was removed.
     fn with_file<R>(&self, id: u64, f: impl FnOnce(&FileMeta) -> io::Result<R>) -> io::Result<R> {
         let state = self.state.lock();
-        let file = state.meta.files.get(&id).ok_or_else(|| err(libc::ENOENT))?;
+        let file = state.meta.file(id).ok_or_else(|| err(libc::ENOENT))?;
         f(file)
     }
 
     /// Runs `f` on file `id` under the mutex, to change it: first gives back the
     /// `held` bytes of metadata area this operation reserved earlier, then fails
     /// with `ENOENT` if the file was removed or `ENOSPC` unless `need` more bytes
-    /// fit, and afterwards accounts for the runs `f` added or removed.
+    /// fit, and afterwards accounts for the runs `f` added or removed and moves
+    /// the file's modification and change times.
     fn change_file<R>(
         &self,
         id: u64,
@@ -608,19 +602,31 @@ impl Volume {
         let mut guard = self.state.lock();
         let state = &mut *guard;
         state.meta_reserved -= held;
-        let file = state
-            .meta
-            .files
-            .get_mut(&id)
-            .ok_or_else(|| err(libc::ENOENT))?;
+        state.meta.file(id).ok_or_else(|| err(libc::ENOENT))?;
         if state.meta_len + state.meta_reserved + need > state.meta_capacity {
             return fail(libc::ENOSPC);
         }
-        let before = file.encoded_len();
-        let result = f(file, &mut state.space);
-        state.meta_len = state.meta_len - before + file.encoded_len();
+        let inode = state.meta.inodes.get_mut(&id).expect("checked above");
+        let before = inode.encoded_len();
+        let result = f(inode.file_mut().expect("checked above"), &mut state.space);
+        let now = Timestamp::now();
+        inode.mtime = now;
+        inode.ctime = now;
+        state.meta_len = state.meta_len - before + inode.encoded_len();
         state.dirty = true;
         result
+    }
+
+    /// Moves the modification and change times of file `id`, if it is
+    /// still there, after a change of its data.
+    fn touch_data(&self, id: u64) {
+        let mut state = self.state.lock();
+        if let Some(inode) = state.meta.inodes.get_mut(&id) {
+            let now = Timestamp::now();
+            inode.mtime = now;
+            inode.ctime = now;
+            state.dirty = true;
+        }
     }
 
     /// Writes `len` zero bytes at device byte `offset`.

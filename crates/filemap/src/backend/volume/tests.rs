@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::format::{FILE_RECORD, MAX_NAME_LEN, META_HEADER, RUN_RECORD};
+use super::format::{DIR_RECORD, ENTRY_RECORD, FILE_RECORD, MAX_NAME_LEN, META_HEADER, RUN_RECORD};
 use super::*;
 use crate::backend::Backend;
 use crate::device::{Device, DeviceOp, FaultyDevice, MemDevice};
@@ -590,7 +590,10 @@ fn populate(volume: &Arc<Volume>) -> Vec<(String, Vec<u8>)> {
 }
 
 fn file_name(volume: &Volume, file: &VolumeFile) -> String {
-    volume.state.lock().meta.files[&file.id].name.clone()
+    let state = volume.state.lock();
+    let root = state.meta.inodes[&ROOT].dir().unwrap();
+    let (name, _) = root.entries.iter().find(|(_, e)| e.ino == file.id).unwrap();
+    name.clone()
 }
 
 fn assert_same_files(volume: &Arc<Volume>, expected: &[(String, Vec<u8>)]) {
@@ -610,7 +613,14 @@ fn a_synced_volume_reopens_with_the_same_files_and_bytes() {
     let volume = Volume::format(device.clone()).unwrap();
     let expected = populate(&volume);
     let a = volume.open_file("a").unwrap();
-    let runs = volume.state.lock().meta.files[&a.id].extents.run_count();
+    let runs = volume
+        .state
+        .lock()
+        .meta
+        .file(a.id)
+        .unwrap()
+        .extents
+        .run_count();
     assert!(runs >= 2, "the test wants several runs");
     let sizes: Vec<u64> = ["a", "b"]
         .iter()
@@ -781,17 +791,18 @@ fn fill_metadata(volume: &Arc<Volume>, room: u64) {
         let state = volume.state.lock();
         state.meta_capacity - state.meta_len - state.meta_reserved
     };
+    // A file in the root takes its record, its entry and its name.
+    let per_file = FILE_RECORD + ENTRY_RECORD;
     let mut serial = 0;
     while left(volume) > room {
         let consume = left(volume) - room;
-        assert!(
-            consume > FILE_RECORD + 8,
-            "cannot leave exactly {room} bytes"
-        );
-        let mut len = (consume - FILE_RECORD).min(MAX_NAME_LEN as u64);
-        if (1..=FILE_RECORD + 8).contains(&(consume - FILE_RECORD - len)) {
-            len = 200; // leave enough for one more file
-        }
+        assert!(consume > per_file, "cannot leave exactly {room} bytes");
+        let len = if consume - per_file <= MAX_NAME_LEN as u64 {
+            consume - per_file
+        } else {
+            // Leave enough for one more file with a name of at least 9 bytes.
+            (consume - 2 * per_file - 9).min(MAX_NAME_LEN as u64)
+        };
         serial += 1;
         volume
             .create_file(&format!("{serial:0>width$}", width = len as usize))
@@ -873,7 +884,7 @@ fn a_full_metadata_area_fails_with_enospc_and_changes_nothing() {
     assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
     assert_eq!(
         created as u64,
-        (capacity - META_HEADER) / (FILE_RECORD + 200)
+        (capacity - META_HEADER - DIR_RECORD) / (FILE_RECORD + ENTRY_RECORD + 200)
     );
     assert_eq!(volume.file_names().len(), created);
     volume.check_invariants();
