@@ -1,12 +1,13 @@
-//! A volume: many files on one device, with a block allocator and extent maps,
-//! kept on the device and safe against crashes.
+//! A volume: a tree of directories, files and symbolic links on one device,
+//! with a block allocator and extent maps, kept on the device and safe against
+//! crashes.
 //!
 //! This is the realistic substrate for the cache: files share a device, and a
 //! freed block is handed to the next allocation at once, whichever file asks. A
 //! stale block mapping therefore exposes another file's data, exactly as in the
 //! kernel bug reports the cache's coherence lock exists to prevent.
 //!
-//! Metadata (file table, sizes, extent maps, allocator) lives in memory behind one
+//! Metadata (inodes, directories, sizes, extent maps, allocator) lives in memory behind one
 //! mutex and reaches the device only when it is committed. Device I/O is always
 //! done outside that mutex: the backend deliberately does not serialise its I/O
 //! against block reuse, because preventing a read of a freed-and-reused block is
@@ -34,25 +35,62 @@
 //!   0 and odd in slot 1), the length of the metadata in bytes (u64), the
 //!   CRC-32 of the metadata (u32), and the CRC-32 of the 52 bytes before it
 //!   (u32).
-//! - The metadata (in the area of its generation): the next file id (u64), the
-//!   number of files (u64), then per file in ascending id order its id (u64),
-//!   size (u64), name length (u16), name, number of runs (u64), and per run in
-//!   ascending logical order its first logical block, first physical block and
-//!   length (3 × u64).
+//! - The metadata (in the area of its generation), format version 2: the next
+//!   inode number (u64), the number of inodes (u64), then per inode in
+//!   ascending number order (61 bytes): its number (u64), kind (u8: 1 regular
+//!   file, 2 directory, 3 symbolic link), permission bits (u32), uid, gid and
+//!   link count (3 × u32), and access, modification and change times (each
+//!   seconds as i64 and nanoseconds as u32); then by kind:
+//!   - a file: its size (u64), number of runs (u64), and per run in ascending
+//!     logical order its first logical block, first physical block and length
+//!     (3 × u64);
+//!   - a directory: its next cookie (u64), number of entries (u64), and per
+//!     entry in ascending cookie order its cookie (u64), inode number (u64),
+//!     name length (u16) and name;
+//!   - a symbolic link: its target's length (u16) and target.
 //! - The allocator is not stored: on open, every data block that no file maps
-//!   is free.
+//!   is free. Nor are files unlinked while open (orphans): a crash frees them.
+//! - Version 1 (a flat file table) is not read: `open` refuses it with
+//!   `EINVAL`, saying so.
 //!
-//! **Limits.** An area holds `m × 4096` bytes: 16 bytes of header, then 26
-//! bytes plus the name per file and 24 bytes per run of the extent maps. A 16 MiB
-//! device (m = 16) holds about 2,700 runs, 1 GiB (m = 1024) about 175,000, and
-//! 16 GiB or more about 2.8 million; files with names of `n` bytes take `26 + n`
-//! each (a 16 MiB device holds about 1,560 empty files with 16-byte names). Encoding
-//! the snapshot at a commit takes time proportional to the metadata, under the
-//! volume's mutex. An operation that could need more fails with
-//! `ENOSPC` and changes nothing: `create_file`, a write into holes (it reserves
-//! a run per run of fresh blocks it takes; if writers racing on the same holes
-//! split its runs further than the area can take, it maps none of them),
-//! punch, collapse and insert (one run each).
+//! **Limits.** An area holds `m × 4096` bytes: 16 bytes of header, then 77
+//! bytes per file or directory, 63 plus the target per symbolic link, 18 plus
+//! the name per directory entry, and 24 bytes per run of the extent maps. A
+//! 16 MiB device (m = 16) holds about 2,700 runs, 1 GiB (m = 1024) about
+//! 175,000, and 16 GiB or more about 2.8 million; an empty file with a name of
+//! `n` bytes takes `95 + n` (a 16 MiB device holds about 590 with 16-byte
+//! names). Encoding the snapshot at a commit takes time proportional to the
+//! metadata, under the volume's mutex. An operation that could need more fails
+//! with `ENOSPC` and changes nothing: `create`, `mkdir`, `symlink`, `link`, a
+//! rename to a longer name, a write into holes (it reserves a run per run of
+//! fresh blocks it takes; if writers racing on the same holes split its runs
+//! further than the area can take, it maps none of them), punch, collapse and
+//! insert (one run each).
+//!
+//! # Namespace
+//!
+//! Every file, directory and symbolic link is an inode with a number that is
+//! never reused; the root directory is [`Volume::ROOT`] (1), and a
+//! [`VolumeFile`]'s identity is its file's inode. [`Volume::lookup`],
+//! [`Volume::create`], [`Volume::mkdir`], [`Volume::symlink`],
+//! [`Volume::link`], [`Volume::unlink`], [`Volume::rmdir`],
+//! [`Volume::rename`] (with `renameat2`'s flags), [`Volume::read_dir`],
+//! [`Volume::attr`] and [`Volume::set_attr`] answer as Linux does, errno for
+//! errno (each call's documentation has its table). The flat calls
+//! (`create_file`, `open_file`, `remove_file`, `file_names`) act on the root.
+//!
+//! - Each directory entry carries a *cookie* from a per-directory counter,
+//!   given when the entry is linked and stored with it: a listing resumed
+//!   after a cookie neither skips nor repeats an entry that stayed, whatever
+//!   came and went meanwhile (POSIX `readdir`).
+//! - A file whose last name goes while a handle of it lives is an orphan: its
+//!   handles read and write it, and the last to drop frees it. Orphans are
+//!   never encoded, so after a crash `open` finds their blocks free.
+//!   [`Backend::remove`] of a handle unlinks every name of the file and frees
+//!   it at once.
+//! - Data changes through a handle move the file's modification and change
+//!   times; attribute and link changes the change time; reads no time
+//!   (`noatime`). Times, like everything else, are durable at the next commit.
 //!
 //! # Opening
 //!
@@ -78,12 +116,20 @@
 //!   1 to 2^63 - 1 or in the other parity's slot, or the metadata length is
 //!   outside 16 bytes to the area's size.
 //! - Metadata whose checksum holds is refused with `EUCLEAN` unless the next
-//!   id is positive; ids ascend and are below it; sizes are at most the
-//!   largest file size; names are 1 to 255 bytes of UTF-8 without `/` or NUL,
-//!   and unique; runs are non-empty, ascend without overlapping, end inside
-//!   their file and lie in the data blocks; no block is mapped twice; the
-//!   counts fit in the bytes that follow them; and nothing follows the last
-//!   file.
+//!   inode number is above the root's; numbers ascend and are below it; kinds
+//!   are known; permissions are at most `0o7777`; nanoseconds are below 10^9;
+//!   sizes are at most the largest file size; runs are non-empty, ascend
+//!   without overlapping, end inside their file and lie in the data blocks; no
+//!   block is mapped twice; cookies ascend from 1 below their directory's next
+//!   cookie, which is at most 2^63; names are 1 to 255 bytes of UTF-8 without
+//!   `/` or NUL, neither `.` nor `..`, and unique in their directory; symbolic
+//!   link targets are 1 to 4095 bytes of UTF-8 without NUL; the counts fit in
+//!   the bytes that follow them; nothing follows the last inode; and the
+//!   entries make one tree: the root is a directory no entry names, every
+//!   entry names an inode that is there, every other directory is named once
+//!   and reached from the root, and every link count is what the entries make
+//!   it (the names of a file or link, at least one; 2 plus the subdirectories
+//!   of a directory).
 //!
 //! The error's message names the field and its value. A crash never leaves a
 //! block whose checksum holds but whose fields do not, so such a block is
@@ -91,7 +137,8 @@
 //! commit in silence. Sums of values from the device are checked, and counts
 //! size no allocation before they are checked against the bytes that hold
 //! them; a volume at generation 2^63 - 1 takes no further commit
-//! (`EOVERFLOW`), and one whose next id is `u64::MAX` no further file
+//! (`EOVERFLOW`), one whose next inode number is `u64::MAX` no further inode
+//! (`ENOSPC`), and a directory whose next cookie is 2^63 no further entry
 //! (`ENOSPC`).
 //!
 //! # Commits
@@ -118,9 +165,10 @@
 //!
 //! # What is durable when
 //!
-//! - Metadata changes (create, remove, sizes, which blocks a file maps) are
-//!   durable at the next commit: a sync of *any* file of the volume commits them
-//!   all.
+//! - Metadata changes (the namespace, attributes and times, sizes, which blocks
+//!   a file maps) are durable at the next commit: a sync of *any* file of the
+//!   volume, or [`Volume::sync`] (what a directory's `fsync` calls), commits
+//!   them all.
 //! - A write to a page that already has a block overwrites that block in place:
 //!   after a crash the page reads as of the last commit or as any later write of
 //!   it (never torn: block writes are atomic). A write into a hole goes to a fresh
@@ -181,8 +229,9 @@ use format::MAX_FILE_SIZE;
 /// Zeroes to write from, so zeroing a range allocates nothing.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// Many files sharing one device in 4 KiB blocks, their metadata kept on the
-/// device (see the module documentation for the format and what is durable when).
+/// A tree of files, directories and symbolic links sharing one device in 4 KiB
+/// blocks, their metadata kept on the device (see the module documentation for
+/// the format, the namespace and what is durable when).
 ///
 /// ```
 /// use std::sync::Arc;
