@@ -527,7 +527,7 @@ fn walk(volume: &Volume) -> BTreeMap<String, (FileKind, u64, String)> {
     let mut paths = BTreeMap::new();
     let mut stack = vec![(String::new(), Volume::ROOT)];
     while let Some((dir_path, dir)) = stack.pop() {
-        for entry in volume.read_dir(dir, 0).unwrap() {
+        for entry in volume.read_dir(dir, 0, usize::MAX).unwrap() {
             let path = join(&dir_path, &entry.name);
             let target = match entry.kind {
                 FileKind::Symlink => volume.readlink(entry.ino).unwrap(),

@@ -62,7 +62,7 @@ fn first_byte(file: &VolumeFile, page: u64) -> u8 {
 
 /// The names of directory `dir`, in listing order.
 fn names(volume: &Volume, dir: u64) -> Vec<String> {
-    let entries = volume.read_dir(dir, 0).unwrap();
+    let entries = volume.read_dir(dir, 0, usize::MAX).unwrap();
     entries.into_iter().map(|entry| entry.name).collect()
 }
 
@@ -73,7 +73,7 @@ fn dump(volume: &Volume) -> BTreeMap<String, String> {
     let mut paths = BTreeMap::new();
     let mut stack = vec![(String::new(), ROOT)];
     while let Some((path, dir)) = stack.pop() {
-        for entry in volume.read_dir(dir, 0).unwrap() {
+        for entry in volume.read_dir(dir, 0, usize::MAX).unwrap() {
             let path = format!("{path}/{}", entry.name);
             let attr = volume.attr(entry.ino).unwrap();
             assert_eq!(attr.kind, entry.kind, "{path}");
@@ -175,8 +175,8 @@ fn create_mkdir_and_symlink_refuse_what_linux_refuses() {
     assert_eq!(errno(volume.open_ino(d)), libc::EISDIR);
     assert_eq!(errno(volume.open_ino(long.ino)), libc::ELOOP);
     assert_eq!(errno(volume.open_ino(999)), libc::ENOENT);
-    assert_eq!(errno(volume.read_dir(f.ino, 0)), libc::ENOTDIR);
-    assert_eq!(errno(volume.read_dir(999, 0)), libc::ENOENT);
+    assert_eq!(errno(volume.read_dir(f.ino, 0, 1)), libc::ENOTDIR);
+    assert_eq!(errno(volume.read_dir(999, 0, 1)), libc::ENOENT);
     assert_eq!(errno(volume.parent(f.ino)), libc::ENOTDIR);
     assert_eq!(volume.parent(ROOT).unwrap(), ROOT);
     assert_eq!(volume.parent(d).unwrap(), ROOT);
@@ -496,7 +496,7 @@ fn rename_no_replace_and_exchange_follow_renameat2() {
     );
     // An exchange keeps both entries and their cookies, and swaps inodes.
     let cookies = |dir| -> BTreeMap<String, u64> {
-        let entries = volume.read_dir(dir, 0).unwrap();
+        let entries = volume.read_dir(dir, 0, usize::MAX).unwrap();
         entries.into_iter().map(|e| (e.name, e.cookie)).collect()
     };
     let (root_cookies, d_cookies) = (cookies(ROOT), cookies(d));
@@ -559,7 +559,7 @@ fn read_dir_cookies_stay_stable_while_entries_come_and_go() {
         let mut seen: Vec<String> = Vec::new();
         let mut after = 0;
         loop {
-            let page = volume.read_dir(dir, after).unwrap();
+            let page = volume.read_dir(dir, after, rng.usize(1..=8)).unwrap();
             let cookies: Vec<u64> = page.iter().map(|e| e.cookie).collect();
             assert!(
                 cookies.windows(2).all(|w| w[0] < w[1]),
@@ -765,7 +765,12 @@ fn a_reopened_volume_finds_the_namespace_as_committed() {
         .unwrap();
     a.sync().unwrap(); // a file's sync commits the namespace too
     let before = dump(&volume);
-    let last_cookie = volume.read_dir(d, 0).unwrap().last().unwrap().cookie;
+    let last_cookie = volume
+        .read_dir(d, 0, usize::MAX)
+        .unwrap()
+        .last()
+        .unwrap()
+        .cookie;
     drop((a, volume));
     let volume = Volume::open(device).unwrap();
     assert_eq!(dump(&volume), before);
@@ -773,7 +778,7 @@ fn a_reopened_volume_finds_the_namespace_as_committed() {
     assert_eq!(first_byte(&volume.open_ino(a_ino).unwrap(), 2), 5);
     // Cookies go on from where they were, past the removed entries'.
     drop(file(&volume, d, "new", 0, 0));
-    let new = volume.read_dir(d, last_cookie).unwrap();
+    let new = volume.read_dir(d, last_cookie, usize::MAX).unwrap();
     assert_eq!(new.len(), 1);
     assert_eq!(new[0].name, "new");
     assert!(new[0].cookie > last_cookie);

@@ -861,9 +861,9 @@ impl Volume {
         Ok(())
     }
 
-    /// The entries of directory `ino` whose cookie is above `after`, in
-    /// cookie order: pass 0 for the whole listing, and the last cookie seen
-    /// to carry on. An entry that stays in the directory is listed exactly
+    /// At most `max` entries of directory `ino` whose cookie is above
+    /// `after`, in cookie order: pass 0 to start the listing, and the last
+    /// cookie seen to carry on (an empty answer is the end). An entry that stays in the directory is listed exactly
     /// once by a reader that carries on so, whatever is linked or unlinked
     /// meanwhile; entries linked meanwhile may or may not be listed (POSIX
     /// `readdir`). `.` and `..` are not entries: the caller adds them (the
@@ -873,12 +873,13 @@ impl Volume {
     /// |---|---|
     /// | `ENOENT` | no inode `ino` |
     /// | `ENOTDIR` | `ino` is not a directory |
-    pub fn read_dir(&self, ino: u64, after: u64) -> io::Result<Vec<DirEntry>> {
+    pub fn read_dir(&self, ino: u64, after: u64, max: usize) -> io::Result<Vec<DirEntry>> {
         let state = self.state.lock();
         let dir = state.dir(ino)?;
         Ok(dir
             .by_cookie
             .range((Bound::Excluded(after), Bound::Unbounded))
+            .take(max)
             .map(|(&cookie, name)| {
                 let entry = dir.entries[name];
                 DirEntry {
