@@ -355,3 +355,278 @@ fn bad_input_names_the_path_and_exits_2_writing_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
     server.stop(None);
 }
+
+#[test]
+fn a_source_tree_extracted_by_tar_diffs_equal_after_a_remount() {
+    let image = Image::new("256M");
+    let tree = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let archive = image.dir.path().join("tree.tar");
+    run(
+        "tar",
+        &[
+            "-C",
+            tree,
+            "-cf",
+            archive.to_str().unwrap(),
+            "--exclude=target",
+            "filemap",
+            "filemap-cli",
+        ],
+    );
+    let server = image.mount();
+    run(
+        "tar",
+        &[
+            "-C",
+            image.mnt().to_str().unwrap(),
+            "-xf",
+            archive.to_str().unwrap(),
+        ],
+    );
+    for dir in ["filemap", "filemap-cli"] {
+        run(
+            "diff",
+            &[
+                "-r",
+                "--no-dereference",
+                &format!("{tree}/{dir}"),
+                &image.at(dir),
+            ],
+        );
+    }
+    server.stop(Some("TERM"));
+    let server = image.mount();
+    for dir in ["filemap", "filemap-cli"] {
+        run(
+            "diff",
+            &[
+                "-r",
+                "--no-dereference",
+                &format!("{tree}/{dir}"),
+                &image.at(dir),
+            ],
+        );
+    }
+    // The archive made from the mount holds the same tree.
+    let again = image.dir.path().join("again.tar");
+    run(
+        "tar",
+        &[
+            "-C",
+            image.mnt().to_str().unwrap(),
+            "-cf",
+            again.to_str().unwrap(),
+            "filemap",
+        ],
+    );
+    let listed = |archive: &Path| {
+        let mut names: Vec<String> = run("tar", &["-tf", archive.to_str().unwrap()])
+            .lines()
+            .filter(|name| name.starts_with("filemap/"))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listed(&again), listed(&archive));
+    server.stop(None);
+}
+
+#[test]
+fn sqlite_writers_in_several_processes_keep_the_database_intact() {
+    let image = Image::new("128M");
+    let server = image.mount();
+    let db = image.at("shared.db");
+    let setup = format!(
+        "import sqlite3\nc = sqlite3.connect({db:?})\nc.execute('create table t(writer integer, i integer)')\nc.commit()\n"
+    );
+    run("python3", &["-c", &setup]);
+    // Each writer commits 200 single-row transactions, waiting for the
+    // database lock as long as it takes.
+    let writer = format!(
+        "import sqlite3, sys\n\
+         w = int(sys.argv[1])\n\
+         c = sqlite3.connect({db:?}, timeout=60)\n\
+         for i in range(200):\n    \
+             c.execute('insert into t values(?, ?)', (w, i))\n    \
+             c.commit()\n"
+    );
+    let writers: Vec<Child> = (0..4)
+        .map(|w| {
+            Command::new("python3")
+                .args(["-c", &writer, &w.to_string()])
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("python3 runs")
+        })
+        .collect();
+    for child in writers {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "a writer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let check = format!(
+        "import sqlite3\nc = sqlite3.connect({db:?})\n\
+         print(c.execute('select count(*), count(distinct writer * 1000 + i) from t').fetchone(), c.execute('pragma integrity_check').fetchone()[0])\n"
+    );
+    assert_eq!(run("python3", &["-c", &check]).trim(), "(800, 800) ok");
+    server.stop(Some("TERM"));
+    let server = image.mount();
+    assert_eq!(run("python3", &["-c", &check]).trim(), "(800, 800) ok");
+    server.stop(None);
+}
+
+/// `stat -c FORMAT` of `path`, trimmed.
+fn stat(format: &str, path: &str) -> String {
+    run("stat", &["-c", format, path]).trim().to_owned()
+}
+
+/// `renameat2(2)` with `flags`: the error number, or 0.
+fn renameat2(from: &str, to: &str, flags: libc::c_uint) -> i32 {
+    let from = std::ffi::CString::new(from).unwrap();
+    let to = std::ffi::CString::new(to).unwrap();
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let done = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    match done {
+        0 => 0,
+        _ => std::io::Error::last_os_error().raw_os_error().unwrap(),
+    }
+}
+
+#[test]
+fn directories_links_renames_and_attributes_survive_a_remount() {
+    let image = Image::new("64M");
+    let server = image.mount();
+    run("mkdir", &["-p", &image.at("a/b/c")]);
+    std::fs::write(image.at("a/b/c/f"), "first").unwrap();
+    std::fs::write(image.at("a/g"), "second").unwrap();
+    run("ln", &[&image.at("a/b/c/f"), &image.at("a/hard")]);
+    run("ln", &["-s", "b/c/f", &image.at("a/sym")]);
+    assert_eq!(std::fs::read_to_string(image.at("a/sym")).unwrap(), "first");
+    run("mv", &[&image.at("a/b"), &image.at("a/moved")]);
+    run("chmod", &["640", &image.at("a/g")]);
+    run("chown", &["123:456", &image.at("a/g")]);
+    run(
+        "touch",
+        &["-m", "-d", "2001-02-03 04:05:06", &image.at("a/g")],
+    );
+    // Exchange swaps the two names; no-replace refuses an existing target.
+    assert_eq!(
+        renameat2(&image.at("a/g"), &image.at("a/hard"), libc::RENAME_EXCHANGE),
+        0
+    );
+    assert_eq!(
+        renameat2(
+            &image.at("a/g"),
+            &image.at("a/hard"),
+            libc::RENAME_NOREPLACE
+        ),
+        libc::EEXIST
+    );
+    // A directory cannot move below itself, nor replace a file, and a full
+    // one cannot be removed.
+    assert!(std::fs::rename(image.at("a"), image.at("a/moved/inside")).is_err());
+    assert_eq!(
+        std::fs::remove_dir(image.at("a/moved"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    let check = |image: &Image| {
+        assert_eq!(std::fs::read_to_string(image.at("a/g")).unwrap(), "first");
+        assert_eq!(
+            std::fs::read_to_string(image.at("a/hard")).unwrap(),
+            "second"
+        );
+        assert_eq!(stat("%a %u %g", &image.at("a/hard")), "640 123 456");
+        assert_eq!(
+            stat("%y", &image.at("a/hard")),
+            "2001-02-03 04:05:06.000000000 +0000"
+        );
+        assert_eq!(stat("%h", &image.at("a/moved/c/f")), "2");
+        assert_eq!(stat("%h", &image.at("a")), "3", "a holds one directory");
+        assert_eq!(
+            std::fs::read_link(image.at("a/sym")).unwrap(),
+            Path::new("b/c/f")
+        );
+        assert!(
+            std::fs::metadata(image.at("a/sym")).is_err(),
+            "the link's target moved away"
+        );
+        let mut names: Vec<String> = std::fs::read_dir(image.at("a"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["g", "hard", "moved", "sym"]);
+    };
+    check(&image);
+    server.stop(Some("TERM"));
+    let server = image.mount();
+    check(&image);
+    server.stop(None);
+}
+
+#[test]
+fn a_file_unlinked_while_open_lives_until_its_last_close() {
+    let image = Image::new("64M");
+    let server = image.mount();
+    let path = image.at("doomed");
+    let free_before = stat("%f", image.mnt().to_str().unwrap());
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    use std::io::{Read, Seek, Write};
+    file.write_all(&vec![9; 8 << 20]).unwrap();
+    file.sync_all().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(!Path::new(&path).exists());
+    // Still readable and writable through the open descriptor.
+    file.write_all(b"tail").unwrap();
+    file.seek(std::io::SeekFrom::Start(0)).unwrap();
+    let mut back = Vec::new();
+    file.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), (8 << 20) + 4);
+    assert!(back[..8 << 20].iter().all(|&b| b == 9));
+    drop(file);
+    // Its blocks are free once it is closed (the volume frees them at once;
+    // the count of free blocks is settled by the next commit).
+    run("sync", &["-f", image.mnt().to_str().unwrap()]);
+    assert_eq!(stat("%f", image.mnt().to_str().unwrap()), free_before);
+    server.stop(None);
+}
+
+#[test]
+fn seek_data_and_seek_hole_find_the_written_pages() {
+    let image = Image::new("64M");
+    let server = image.mount();
+    let path = image.at("sparse");
+    let script = format!(
+        "import os\n\
+         fd = os.open({path:?}, os.O_CREAT | os.O_RDWR)\n\
+         os.ftruncate(fd, 1 << 20)\n\
+         os.pwrite(fd, b'x' * 5000, 300000)\n\
+         print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 300000, os.SEEK_HOLE), os.lseek(fd, 400000, os.SEEK_HOLE))\n\
+         try:\n    os.lseek(fd, 400000, os.SEEK_DATA)\nexcept OSError as e:\n    print(e.errno)\n"
+    );
+    // Data is in whole pages: 299008..307200 (pages 73 and 74).
+    assert_eq!(
+        run("python3", &["-c", &script]).trim(),
+        format!("299008 0 307200 400000\n{}", libc::ENXIO)
+    );
+    server.stop(None);
+}

@@ -1,24 +1,28 @@
 //! [`VolumeFs`]: the kernel's FUSE requests served by a volume and a cache.
 //!
-//! Inode numbers: the root directory is 1; a file with volume id `id` is
-//! `id + 1` (volume ids start at 1). Every open file is a [`FileHandle`] of
-//! the file's one mapping ([`PageCache::open`] shares it between opens, and
-//! keeps its pages after the last close), so each opener has its own
+//! Inode numbers are the volume's: the root directory is 1 for both. The
+//! namespace (lookups, directories, links, renames, attributes) is the
+//! volume's own, under its lock; the data of every regular file goes through
+//! the file's one mapping of the cache ([`PageCache::open`] shares it between
+//! opens, and keeps its pages after the last close). Every open is a
+//! [`FileHandle`] of that mapping, so each opener has its own
 //! writeback-error cursor, as with `errseq`.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
-use filemap::{AlignedBuf, Backend, FileHandle, Mapping, PageCache, Volume, VolumeFile};
+use filemap::{AlignedBuf, FileHandle, Mapping, PageCache, Volume};
+use filemap::{Attr, FileKind, RenameFlags, SetAttr, Timestamp};
 use fuser::{
     Errno, FileAttr, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, OpenFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -29,19 +33,17 @@ const TTL: Duration = Duration::ZERO;
 /// The volume's block size, reported to `stat` and `statfs`.
 const BLOCK: u32 = 4096;
 
+/// Entries a `readdir` reply takes from the volume at a time: the kernel's
+/// buffer (a page) holds about this many entries of short names.
+const DIR_BATCH: usize = 128;
+
 /// The volume's files as a file system.
 pub struct VolumeFs {
     volume: Arc<Volume>,
     cache: PageCache,
-    /// Every file's name by inode, as looked up, listed or created.
-    names: Mutex<HashMap<u64, String>>,
     /// The open files by FUSE file handle.
     open: Mutex<HashMap<u64, OpenFile>>,
     next_handle: AtomicU64,
-    /// Owner and times reported for every file (not stored yet).
-    uid: u32,
-    gid: u32,
-    mounted_at: SystemTime,
 }
 
 struct OpenFile {
@@ -55,86 +57,89 @@ fn errno(error: &io::Error) -> Errno {
     Errno::from_i32(filemap::errno(error).unwrap_or(libc::EIO))
 }
 
+/// `done`'s error as the kernel's errno.
+fn or_errno<T>(done: io::Result<T>) -> Result<T, Errno> {
+    done.map_err(|error| errno(&error))
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+/// The kernel's view of `attr`.
+fn fuse_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.blocks,
+        atime: attr.atime.into(),
+        mtime: attr.mtime.into(),
+        ctime: attr.ctime.into(),
+        crtime: attr.ctime.into(),
+        kind: file_type(attr.kind),
+        // At most 0o7777, checked by the volume.
+        perm: attr.perm as u16,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: 0,
+        blksize: BLOCK,
+        flags: 0,
+    }
+}
+
+fn timestamp(time: TimeOrNow) -> Timestamp {
+    match time {
+        TimeOrNow::SpecificTime(time) => time.into(),
+        TimeOrNow::Now => Timestamp::now(),
+    }
+}
+
+/// A name the volume can hold: UTF-8.
+fn name_of(name: &OsStr) -> Result<&str, Errno> {
+    name.to_str().ok_or(Errno::EINVAL)
+}
+
+/// The permission bits a new inode gets: those asked for, less the umask.
+fn perm_of(mode: u32, umask: u32) -> u32 {
+    mode & !umask & 0o7777
+}
+
 impl VolumeFs {
     /// A file system of `volume`'s files, cached by `cache`.
     pub fn new(volume: Arc<Volume>, cache: PageCache) -> io::Result<VolumeFs> {
-        // SAFETY: `geteuid` and `getegid` only read the process's credentials.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         Ok(VolumeFs {
             volume,
             cache,
-            names: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            uid,
-            gid,
-            mounted_at: SystemTime::now(),
         })
     }
 
-    /// The inode of a volume file.
-    fn ino_of(file: &VolumeFile) -> io::Result<u64> {
-        let identity = file
-            .identity()?
-            .ok_or_else(|| io::Error::other("no identity"))?;
-        // The low half of a volume file's identity is its id.
-        Ok((identity.file as u64) + 1)
+    /// The attributes of inode `ino`; a regular file's size as its open
+    /// mapping sees it, which writes not yet written back have moved.
+    fn attr(&self, ino: u64) -> io::Result<Attr> {
+        self.live_size(self.volume.attr(ino)?)
     }
 
-    /// The file named `name`, entered under its inode.
-    fn open_named(&self, name: &str) -> io::Result<(u64, VolumeFile)> {
-        let file = self.volume.open_file(name)?;
-        let ino = Self::ino_of(&file)?;
-        self.names.lock().insert(ino, name.to_owned());
-        Ok((ino, file))
-    }
-
-    /// The file of inode `ino`, and its mapping.
-    fn mapping(&self, ino: u64) -> io::Result<(VolumeFile, Arc<Mapping>)> {
-        let name = self.names.lock().get(&ino).cloned();
-        let name = name.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-        let file = self.volume.open_file(&name)?;
-        let mapping = self.cache.open(Arc::new(file.clone()))?;
-        Ok((file, mapping))
-    }
-
-    fn root_attr(&self) -> FileAttr {
-        self.attr(INodeNo::ROOT.0, FileType::Directory, 0, 0, 0o755, 2)
-    }
-
-    fn attr(
-        &self,
-        ino: u64,
-        kind: FileType,
-        size: u64,
-        blocks: u64,
-        perm: u16,
-        nlink: u32,
-    ) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks,
-            atime: self.mounted_at,
-            mtime: self.mounted_at,
-            ctime: self.mounted_at,
-            crtime: self.mounted_at,
-            kind,
-            perm,
-            nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: BLOCK,
-            flags: 0,
+    /// `attr`, with a regular file's size as its open mapping sees it.
+    fn live_size(&self, mut attr: Attr) -> io::Result<Attr> {
+        if attr.kind == FileKind::File {
+            let file = self.volume.open_ino(attr.ino)?;
+            if let Some(mapping) = self.cache.find(&file)? {
+                attr.size = mapping.len();
+            }
         }
+        Ok(attr)
     }
 
-    /// The attributes of file `ino`, its size as its mapping sees it.
-    fn file_attr(&self, ino: u64) -> io::Result<FileAttr> {
-        let (file, mapping) = self.mapping(ino)?;
-        let blocks = file.allocated_blocks()? * u64::from(BLOCK / 512);
-        Ok(self.attr(ino, FileType::RegularFile, mapping.len(), blocks, 0o644, 1))
+    /// The mapping of regular file `ino`.
+    fn mapping(&self, ino: u64) -> io::Result<Arc<Mapping>> {
+        self.cache.open(Arc::new(self.volume.open_ino(ino)?))
     }
 
     /// A new FUSE handle for an opener of `mapping`.
@@ -148,24 +153,30 @@ impl VolumeFs {
         fh
     }
 
-    fn opened(&self, fh: u64) -> Result<(Arc<Mapping>, Arc<FileHandle>, bool), Errno> {
+    fn opened(&self, fh: fuser::FileHandle) -> Result<(Arc<FileHandle>, bool), Errno> {
         let open = self.open.lock();
-        let file = open.get(&fh).ok_or(Errno::EBADF)?;
-        Ok((
-            file.handle.mapping().clone(),
-            file.handle.clone(),
-            file.direct,
-        ))
+        let file = open.get(&fh.0).ok_or(Errno::EBADF)?;
+        Ok((file.handle.clone(), file.direct))
+    }
+
+    fn mapping_of(&self, fh: fuser::FileHandle) -> Result<Arc<Mapping>, Errno> {
+        Ok(self.opened(fh)?.0.mapping().clone())
     }
 }
 
-/// A name the volume can hold: UTF-8.
-fn name_of(name: &OsStr) -> Result<&str, Errno> {
-    name.to_str().ok_or(Errno::EINVAL)
+/// Replies to a request that made or found inode `attr`.
+fn entry(reply: ReplyEntry, attr: Result<Attr, Errno>) {
+    match attr {
+        Ok(attr) => reply.entry(&TTL, &fuse_attr(&attr), Generation(0)),
+        Err(error) => reply.error(error),
+    }
 }
 
-fn is_root(ino: INodeNo) -> bool {
-    ino == INodeNo::ROOT
+fn empty(reply: ReplyEmpty, done: Result<(), Errno>) {
+    match done {
+        Ok(()) => reply.ok(),
+        Err(error) => reply.error(error),
+    }
 }
 
 impl fuser::Filesystem for VolumeFs {
@@ -185,17 +196,13 @@ impl fuser::Filesystem for VolumeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if !is_root(parent) {
-            return reply.error(Errno::ENOENT);
-        }
-        let found = name_of(name).and_then(|name| {
-            let (ino, _) = self.open_named(name).map_err(|e| errno(&e))?;
-            self.file_attr(ino).map_err(|e| errno(&e))
-        });
-        match found {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(error) => reply.error(error),
-        }
+        entry(
+            reply,
+            name_of(name).and_then(|name| {
+                let found = or_errno(self.volume.lookup(parent.0, name))?;
+                or_errno(self.live_size(found))
+            }),
+        );
     }
 
     fn getattr(
@@ -205,11 +212,8 @@ impl fuser::Filesystem for VolumeFs {
         _fh: Option<fuser::FileHandle>,
         reply: ReplyAttr,
     ) {
-        if is_root(ino) {
-            return reply.attr(&TTL, &self.root_attr());
-        }
-        match self.file_attr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+        match self.attr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &fuse_attr(&attr)),
             Err(error) => reply.error(errno(&error)),
         }
     }
@@ -232,46 +236,140 @@ impl fuser::Filesystem for VolumeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        if is_root(ino) {
-            return reply.error(Errno::EPERM);
-        }
-        // Not stored yet: refused rather than silently ignored.
-        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
-            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
-        }
         let changed = (|| {
             if let Some(size) = size {
-                self.mapping(ino.0)?.1.set_len(size)?;
+                self.mapping(ino.0)?.set_len(size)?;
             }
-            self.file_attr(ino.0)
+            let change = SetAttr {
+                perm: mode.map(|mode| mode & 0o7777),
+                uid,
+                gid,
+                atime: atime.map(timestamp),
+                mtime: mtime.map(timestamp),
+            };
+            if change != SetAttr::default() {
+                self.volume.set_attr(ino.0, &change)?;
+            }
+            self.attr(ino.0)
         })();
         match changed {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&TTL, &fuse_attr(&attr)),
             Err(error) => reply.error(errno(&error)),
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if !is_root(parent) {
-            return reply.error(Errno::ENOENT);
-        }
-        let removed = name_of(name).and_then(|name| {
-            self.volume.remove_file(name).map_err(|e| errno(&e))?;
-            self.names.lock().retain(|_, known| known != name);
-            Ok(())
-        });
-        match removed {
-            Ok(()) => reply.ok(),
-            Err(error) => reply.error(error),
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.volume.readlink(ino.0) {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(error) => reply.error(errno(&error)),
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if is_root(ino) {
-            return reply.error(Errno::EISDIR);
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        entry(
+            reply,
+            name_of(name).and_then(|name| {
+                let perm = perm_of(mode, umask);
+                or_errno(
+                    self.volume
+                        .mkdir(parent.0, name, perm, req.uid(), req.gid()),
+                )
+            }),
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(
+            reply,
+            name_of(name).and_then(|name| or_errno(self.volume.unlink(parent.0, name))),
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(
+            reply,
+            name_of(name).and_then(|name| or_errno(self.volume.rmdir(parent.0, name))),
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        entry(
+            reply,
+            name_of(link_name).and_then(|name| {
+                let target = target.to_str().ok_or(Errno::EINVAL)?;
+                or_errno(
+                    self.volume
+                        .symlink(parent.0, name, target, req.uid(), req.gid()),
+                )
+            }),
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let known = fuser::RenameFlags::RENAME_NOREPLACE | fuser::RenameFlags::RENAME_EXCHANGE;
+        if !known.contains(flags) {
+            return reply.error(Errno::EINVAL);
         }
+        let flags = RenameFlags {
+            no_replace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
+        };
+        empty(
+            reply,
+            name_of(name).and_then(|name| {
+                let newname = name_of(newname)?;
+                or_errno(
+                    self.volume
+                        .rename(parent.0, name, newparent.0, newname, flags),
+                )
+            }),
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        entry(
+            reply,
+            name_of(newname).and_then(|name| {
+                let linked = or_errno(self.volume.link(ino.0, newparent.0, name))?;
+                or_errno(self.live_size(linked))
+            }),
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.mapping(ino.0) {
-            Ok((_, mapping)) => {
+            Ok(mapping) => {
                 let fh = self.new_handle(&mapping, flags.0);
                 reply.opened(fuser::FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
@@ -281,30 +379,28 @@ impl fuser::Filesystem for VolumeFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        if !is_root(parent) {
-            return reply.error(Errno::ENOENT);
-        }
         let created = name_of(name).and_then(|name| {
-            let file = self.volume.create_file(name).map_err(|e| errno(&e))?;
-            let ino = Self::ino_of(&file).map_err(|e| errno(&e))?;
-            self.names.lock().insert(ino, name.to_owned());
-            let mapping = self.cache.open(Arc::new(file)).map_err(|e| errno(&e))?;
-            let fh = self.new_handle(&mapping, flags);
-            let attr = self.file_attr(ino).map_err(|e| errno(&e))?;
-            Ok((attr, fh))
+            let perm = perm_of(mode, umask);
+            let (attr, file) =
+                or_errno(
+                    self.volume
+                        .create(parent.0, name, perm, req.uid(), req.gid()),
+                )?;
+            let mapping = or_errno(self.cache.open(Arc::new(file)))?;
+            Ok((attr, self.new_handle(&mapping, flags)))
         });
         match created {
             Ok((attr, fh)) => reply.created(
                 &TTL,
-                &attr,
+                &fuse_attr(&attr),
                 Generation(0),
                 fuser::FileHandle(fh),
                 FopenFlags::FOPEN_DIRECT_IO,
@@ -324,17 +420,18 @@ impl fuser::Filesystem for VolumeFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let (mapping, _, direct) = match self.opened(fh.0) {
+        let (handle, direct) = match self.opened(fh) {
             Ok(opened) => opened,
             Err(error) => return reply.error(error),
         };
+        let mapping = handle.mapping();
         let read = if direct {
             let mut buf = AlignedBuf::new(size as usize, DIRECT_IO_MEMORY_ALIGN);
             mapping
                 .read_direct(&mut buf, offset)
                 .map(|n| buf[..n].to_vec())
         } else {
-            read_fully(&mapping, offset, size as usize)
+            read_fully(mapping, offset, size as usize)
         };
         match read {
             Ok(data) => reply.data(&data),
@@ -354,10 +451,11 @@ impl fuser::Filesystem for VolumeFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let (mapping, _, direct) = match self.opened(fh.0) {
+        let (handle, direct) = match self.opened(fh) {
             Ok(opened) => opened,
             Err(error) => return reply.error(error),
         };
+        let mapping = handle.mapping();
         let written = if direct {
             let buf = AlignedBuf::from_slice(data, DIRECT_IO_MEMORY_ALIGN);
             mapping.write_direct(&buf, offset)
@@ -405,13 +503,13 @@ impl fuser::Filesystem for VolumeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let synced = self
-            .opened(fh.0)
-            .and_then(|(_, handle, _)| handle.sync_all().map_err(|e| errno(&e)));
-        match synced {
-            Ok(()) => reply.ok(),
-            Err(error) => reply.error(error),
-        }
+        // The file's data, then the volume's metadata (its size, its blocks
+        // and its names), as an fsync of a new file must make its name last.
+        empty(
+            reply,
+            self.opened(fh)
+                .and_then(|(handle, _)| or_errno(handle.sync_all())),
+        );
     }
 
     fn fsyncdir(
@@ -422,10 +520,7 @@ impl fuser::Filesystem for VolumeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.volume.sync() {
-            Ok(()) => reply.ok(),
-            Err(error) => reply.error(errno(&error)),
-        }
+        empty(reply, or_errno(self.volume.sync()));
     }
 
     fn readdir(
@@ -436,39 +531,55 @@ impl fuser::Filesystem for VolumeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if !is_root(ino) {
-            return reply.error(Errno::ENOTDIR);
+        // Offsets: `.` is 1, `..` is 2, an entry its cookie plus 2, so a
+        // listing carries on after the last entry the kernel took, whatever
+        // was linked or unlinked meanwhile.
+        let parent = match self.volume.parent(ino.0) {
+            Ok(parent) => parent,
+            Err(error) => return reply.error(errno(&error)),
+        };
+        if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
+            return reply.ok();
         }
-        let mut entries = vec![
-            (INodeNo::ROOT.0, FileType::Directory, ".".to_owned()),
-            (INodeNo::ROOT.0, FileType::Directory, "..".to_owned()),
-        ];
-        for name in self.volume.file_names() {
-            if let Ok((ino, _)) = self.open_named(&name) {
-                entries.push((ino, FileType::RegularFile, name));
-            }
+        if offset < 2 && reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
+            return reply.ok();
         }
-        // The offset of an entry is its place in the list plus one.
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
+        let mut after = offset.saturating_sub(2);
+        loop {
+            let entries = match self.volume.read_dir(ino.0, after, DIR_BATCH) {
+                Ok(entries) => entries,
+                Err(error) => return reply.error(errno(&error)),
+            };
+            if entries.is_empty() {
                 break;
+            }
+            for entry in entries {
+                let full = reply.add(
+                    INodeNo(entry.ino),
+                    entry.cookie + 2,
+                    file_type(entry.kind),
+                    &entry.name,
+                );
+                if full {
+                    return reply.ok();
+                }
+                after = entry.cookie;
             }
         }
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let files = self.volume.file_names().len() as u64;
-        let free = self.volume.free_blocks();
+        let stat = self.volume.statfs();
         reply.statfs(
-            self.volume.total_blocks(),
-            free,
-            free,
-            files,
-            0,
-            BLOCK,
-            255,
-            BLOCK,
+            stat.blocks,
+            stat.free_blocks,
+            stat.free_blocks,
+            stat.files,
+            stat.free_files,
+            stat.block_size,
+            stat.name_max,
+            stat.block_size,
         );
     }
 
@@ -482,29 +593,57 @@ impl fuser::Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let mapping = match self.opened(fh.0) {
-            Ok((mapping, _, _)) => mapping,
+        let mapping = match self.mapping_of(fh) {
+            Ok(mapping) => mapping,
             Err(error) => return reply.error(error),
         };
-        let end = offset.saturating_add(length);
-        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-        let grow = |mapping: &Mapping| match keep_size || end <= mapping.len() {
-            true => Ok(()),
-            false => mapping.set_len(end),
+        empty(reply, or_errno(fallocate(&mapping, offset, length, mode)));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let mapping = match self.mapping_of(fh) {
+            Ok(mapping) => mapping,
+            Err(error) => return reply.error(error),
         };
-        let done = match mode & !libc::FALLOC_FL_KEEP_SIZE {
-            // Blocks are allocated when written: this only sets the size.
-            0 => grow(&mapping),
-            libc::FALLOC_FL_PUNCH_HOLE if keep_size => mapping.punch_hole(offset, length),
-            libc::FALLOC_FL_ZERO_RANGE => {
-                grow(&mapping).and_then(|()| mapping.zero_range(offset, length))
-            }
-            _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        let Ok(from) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
         };
-        match done {
-            Ok(()) => reply.ok(),
+        let found = match whence {
+            libc::SEEK_DATA => mapping.seek_data(from),
+            libc::SEEK_HOLE => mapping.seek_hole(from),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match found {
+            Ok(Some(at)) => reply.offset(at as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
             Err(error) => reply.error(errno(&error)),
         }
+    }
+}
+
+/// `fallocate(2)` of `mapping` with the modes FUSE passes on (the kernel
+/// refuses collapse and insert itself).
+fn fallocate(mapping: &Mapping, offset: u64, length: u64, mode: i32) -> io::Result<()> {
+    let end = offset.saturating_add(length);
+    let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    let grow = || match keep_size || end <= mapping.len() {
+        true => Ok(()),
+        false => mapping.set_len(end),
+    };
+    match mode & !libc::FALLOC_FL_KEEP_SIZE {
+        // Blocks are allocated when written: this only sets the size.
+        0 => grow(),
+        libc::FALLOC_FL_PUNCH_HOLE if keep_size => mapping.punch_hole(offset, length),
+        libc::FALLOC_FL_ZERO_RANGE => grow().and_then(|()| mapping.zero_range(offset, length)),
+        _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
     }
 }
 

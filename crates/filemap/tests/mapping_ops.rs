@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
 use filemap::page::{index_of, pages_to_cover, start_of, PAGE, PAGE_SIZE};
 use filemap::{AlignedBuf, Backend, Mapping, MemDevice, PageCache, Strategy, Volume};
@@ -824,5 +826,39 @@ fn random_operations_match_a_reference_model() {
         for seed in [1, 0x9E37_79B9, 42, 2024] {
             run_model(strategy, seed, 2500);
         }
+    }
+}
+
+#[test]
+fn seek_data_and_seek_hole_count_dirty_pages_not_yet_written_back() {
+    for (name, backend, _dir) in common::backends() {
+        let cache = PageCache::builder().build().unwrap();
+        let file = cache.open(backend).unwrap();
+        file.set_len(64 * PAGE).unwrap();
+        // Dirty in the cache only: pages 10 and 11, and 40.
+        file.write_all_at(&[1; 5000], 10 * PAGE + 100).unwrap();
+        file.write_all_at(&[2], 40 * PAGE).unwrap();
+        let at = |page: u64| Some(page * PAGE);
+        assert_eq!(file.seek_data(0).unwrap(), at(10), "{name}");
+        assert_eq!(
+            file.seek_data(10 * PAGE + 7).unwrap(),
+            Some(10 * PAGE + 7),
+            "{name}"
+        );
+        assert_eq!(file.seek_hole(10 * PAGE).unwrap(), at(12), "{name}");
+        assert_eq!(file.seek_data(12 * PAGE).unwrap(), at(40), "{name}");
+        assert_eq!(file.seek_hole(40 * PAGE).unwrap(), at(41), "{name}");
+        // No data after page 40, and the end of file is a hole.
+        assert_eq!(file.seek_data(41 * PAGE).unwrap(), None, "{name}");
+        assert_eq!(
+            file.seek_hole(63 * PAGE).unwrap(),
+            Some(63 * PAGE),
+            "{name}"
+        );
+        assert_eq!(file.seek_hole(64 * PAGE).unwrap(), None, "{name}");
+        assert_eq!(file.seek_data(64 * PAGE).unwrap(), None, "{name}");
+        // A punched page is a hole again.
+        file.punch_hole(40 * PAGE, PAGE).unwrap();
+        assert_eq!(file.seek_data(12 * PAGE).unwrap(), None, "{name}");
     }
 }

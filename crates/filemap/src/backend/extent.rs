@@ -40,6 +40,27 @@ impl ExtentMap {
         (offset < extent.len).then(|| extent.phys + offset)
     }
 
+    /// The first mapped block at or after `lblk` (`SEEK_DATA`), if any.
+    pub fn next_mapped(&self, lblk: u64) -> Option<u64> {
+        if self.lookup(lblk).is_some() {
+            return Some(lblk);
+        }
+        self.extents.range(lblk..).next().map(|(&start, _)| start)
+    }
+
+    /// The first unmapped block at or after `lblk` (`SEEK_HOLE`). Runs that
+    /// touch logically but not physically are walked across.
+    pub fn next_unmapped(&self, lblk: u64) -> u64 {
+        let mut at = lblk;
+        while let Some((&start, extent)) = self.extents.range(..=at).next_back() {
+            if start + extent.len <= at {
+                break;
+            }
+            at = start + extent.len;
+        }
+        at
+    }
+
     /// Maps `lblk` to `phys`, merging with the neighbouring runs when they are
     /// contiguous. Returns the physical block `lblk` mapped to before, if any.
     ///
@@ -372,6 +393,25 @@ mod tests {
         );
         assert_eq!(map.mapped_blocks(), 4);
         map.check_invariants();
+    }
+
+    #[test]
+    fn next_mapped_and_unmapped_walk_runs_and_holes() {
+        let mut map = ExtentMap::new();
+        // Blocks 2..4 (physically 10, 11) and 4..6 (physically 50, 51): two
+        // runs that touch logically; then 9.
+        for (lblk, phys) in [(2, 10), (3, 11), (4, 50), (5, 51), (9, 7)] {
+            map.insert(lblk, phys);
+        }
+        assert_eq!(map.run_count(), 3);
+        assert_eq!(map.next_mapped(0), Some(2));
+        assert_eq!(map.next_mapped(3), Some(3));
+        assert_eq!(map.next_mapped(6), Some(9));
+        assert_eq!(map.next_mapped(10), None);
+        assert_eq!(map.next_unmapped(0), 0);
+        assert_eq!(map.next_unmapped(2), 6);
+        assert_eq!(map.next_unmapped(5), 6);
+        assert_eq!(map.next_unmapped(9), 10);
     }
 
     #[test]

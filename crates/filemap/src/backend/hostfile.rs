@@ -160,6 +160,16 @@ impl HostFile {
         Ok(self.file.metadata()?.len())
     }
 
+    /// `lseek` to data or a hole; `ENXIO` (none there) is `None`.
+    fn seek(&self, to: rustix::fs::SeekFrom) -> io::Result<Option<u64>> {
+        self.check_live()?;
+        match rustix::fs::seek(&self.file, to) {
+            Ok(at) => Ok(Some(at)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     /// Writes `buf` at `start` through `file`, but only the bytes before the end
     /// of file: a write never extends the file. `EINVAL` if the last page of
     /// `buf` starts at or past the end of file, as for a volume file.
@@ -353,6 +363,17 @@ impl Backend for HostFile {
     fn len(&self) -> io::Result<u64> {
         self.check_live()?;
         self.size()
+    }
+
+    /// The host's `lseek(SEEK_DATA)`. (The descriptor's offset moves, but no
+    /// call here reads or writes at it.)
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.seek(rustix::fs::SeekFrom::Data(offset))
+    }
+
+    /// The host's `lseek(SEEK_HOLE)`.
+    fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.seek(rustix::fs::SeekFrom::Hole(offset))
     }
 
     /// `(2^32 - 1) * 4096` bytes: ext4's limit with 4 KiB blocks.

@@ -215,6 +215,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
         self.write_pages(offset / crate::page::PAGE, buf)
     }
 
+    /// The first byte at or after `offset` that holds data, as
+    /// `lseek(SEEK_DATA)` finds it: `None` if there is none before the end of
+    /// file (`ENXIO` there). Default: every byte of the file is data.
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok((offset < self.len()?).then_some(offset))
+    }
+
+    /// The first byte at or after `offset` in a hole, as `lseek(SEEK_HOLE)`
+    /// finds it (the end of file is one): `None` if `offset` is at or past
+    /// the end of file. Default: the only hole is the end of file.
+    fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
+        let len = self.len()?;
+        Ok((offset < len).then_some(len))
+    }
+
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
 

@@ -378,6 +378,15 @@ impl PageCache {
         self.files.open(&self.shared, backend)
     }
 
+    /// The mapping `backend`'s file has in this cache while it is open (see
+    /// [`PageCache::open`]), without opening it: `None` if the file is not
+    /// open or the backend has no [`FileIdentity`](crate::FileIdentity). A
+    /// file system asks it for a file's size, which an open mapping knows
+    /// before its backend does.
+    pub fn find(&self, backend: &dyn Backend) -> io::Result<Option<Arc<Mapping>>> {
+        self.files.find(backend)
+    }
+
     /// The strategy of every mapping of this cache.
     pub fn strategy(&self) -> Strategy {
         self.shared.strategy

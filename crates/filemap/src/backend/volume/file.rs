@@ -264,6 +264,24 @@ impl Backend for VolumeFile {
         MAX_FILE_SIZE
     }
 
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.volume.with_file(self.id, |file| {
+            let data = file.extents.next_mapped(offset / BLOCK);
+            let at = data.map(|block| (block * BLOCK).max(offset));
+            Ok(at.filter(|&at| at < file.size))
+        })
+    }
+
+    fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.volume.with_file(self.id, |file| {
+            if offset >= file.size {
+                return Ok(None);
+            }
+            let hole = file.extents.next_unmapped(offset / BLOCK) * BLOCK;
+            Ok(Some(hole.max(offset).min(file.size)))
+        })
+    }
+
     fn read_pages(&self, index: u64, buf: &mut [u8]) -> io::Result<()> {
         let (start, end) = page_span(index, buf.len())?;
         let pages = buf.len() / BLOCK_SIZE;

@@ -111,6 +111,18 @@ impl OpenFiles {
         }
     }
 
+    /// The mapping of `backend`'s file while it is open (see
+    /// [`crate::PageCache::find`]).
+    pub(in crate::cache) fn find(&self, backend: &dyn Backend) -> io::Result<Option<Arc<Mapping>>> {
+        let Some(identity) = backend.identity()? else {
+            return Ok(None);
+        };
+        Ok(match self.table.lock().get(&identity.file) {
+            Some(Entry::Open(mapping)) => mapping.upgrade(),
+            _ => None,
+        })
+    }
+
     /// Called by `mapping`, going away or removed: its entry goes, or becomes
     /// `closed` if its pages are kept.
     pub(super) fn closed(

@@ -71,6 +71,7 @@ mod invalidate;
 mod open;
 mod read;
 pub(super) mod region;
+mod seek;
 mod stores;
 mod write;
 pub(super) mod writeback;
