@@ -630,3 +630,42 @@ fn seek_data_and_seek_hole_find_the_written_pages() {
     );
     server.stop(None);
 }
+
+#[test]
+fn a_busy_or_dead_mount_point_is_refused_naming_it() {
+    let image = Image::new("16M");
+    let other = Image::new("16M");
+    let server = image.mount();
+    // Busy: something is mounted there already.
+    let out = filemap()
+        .args([
+            "mount",
+            other.image().to_str().unwrap(),
+            image.mnt().to_str().unwrap(),
+        ])
+        .output()
+        .expect("filemap runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(image.mnt().to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains("mounted there already"), "{stderr}");
+    // Dead: the server was killed, and the mount is left without one.
+    let mut child = server.child;
+    run("kill", &["-KILL", &child.id().to_string()]);
+    child.wait().expect("wait");
+    let out = filemap()
+        .args([
+            "mount",
+            other.image().to_str().unwrap(),
+            image.mnt().to_str().unwrap(),
+        ])
+        .output()
+        .expect("filemap runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("dead mount"), "{stderr}");
+    run("umount", &[image.mnt().to_str().unwrap()]);
+    // Cleared, the mount point takes the image again (it recovers from the
+    // kill as from a crash).
+    image.mount().stop(None);
+}

@@ -26,6 +26,8 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+use crate::notify::serving_kernel;
+
 /// How long the kernel may trust a reply: never, since the library may change
 /// the files behind its back (and the cache makes asking cheap).
 const TTL: Duration = Duration::ZERO;
@@ -40,7 +42,7 @@ const DIR_BATCH: usize = 128;
 /// The volume's files as a file system.
 pub struct VolumeFs {
     volume: Arc<Volume>,
-    cache: PageCache,
+    cache: Arc<PageCache>,
     /// The open files by FUSE file handle.
     open: Mutex<HashMap<u64, OpenFile>>,
     next_handle: AtomicU64,
@@ -111,13 +113,13 @@ fn perm_of(mode: u32, umask: u32) -> u32 {
 
 impl VolumeFs {
     /// A file system of `volume`'s files, cached by `cache`.
-    pub fn new(volume: Arc<Volume>, cache: PageCache) -> io::Result<VolumeFs> {
-        Ok(VolumeFs {
+    pub fn new(volume: Arc<Volume>, cache: Arc<PageCache>) -> VolumeFs {
+        VolumeFs {
             volume,
             cache,
             open: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-        })
+        }
     }
 
     /// The attributes of inode `ino`; a regular file's size as its open
@@ -236,6 +238,7 @@ impl fuser::Filesystem for VolumeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        serving_kernel();
         let changed = (|| {
             if let Some(size) = size {
                 self.mapping(ino.0)?.set_len(size)?;
@@ -451,6 +454,7 @@ impl fuser::Filesystem for VolumeFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        serving_kernel();
         let (handle, direct) = match self.opened(fh) {
             Ok(opened) => opened,
             Err(error) => return reply.error(error),
@@ -593,6 +597,7 @@ impl fuser::Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        serving_kernel();
         let mapping = match self.mapping_of(fh) {
             Ok(mapping) => mapping,
             Err(error) => return reply.error(error),

@@ -57,8 +57,8 @@ pub use backend::{
     StatFs, Timestamp, Volume, VolumeFile,
 };
 pub use cache::{
-    CacheStats, EvictionPolicy, FileHandle, LockWaits, MapAccess, MapRegion, Mapping, PageCache,
-    PageCacheBuilder,
+    CacheStats, ChangeListener, EvictionPolicy, FileHandle, LockWaits, MapAccess, MapRegion,
+    Mapping, PageCache, PageCacheBuilder,
 };
 pub use device::{Device, DeviceClaim, FaultyDevice, FileDevice, MemDevice};
 pub use errno::{errno, Error};

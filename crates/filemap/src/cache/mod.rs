@@ -11,6 +11,7 @@ use crate::lock::Strategy;
 
 pub(crate) mod evict;
 mod faults;
+mod listener;
 mod mapping;
 pub(crate) mod page;
 mod readahead;
@@ -23,6 +24,7 @@ mod tree;
 mod wait;
 
 pub use evict::{simulate as simulate_eviction, EvictionPolicy};
+pub use listener::ChangeListener;
 pub use mapping::direct::DIRECT_IO_MEMORY_ALIGN;
 pub use mapping::region::{MapAccess, MapRegion};
 pub use mapping::writeback::FileHandle;
@@ -160,6 +162,7 @@ pub struct PageCacheBuilder {
     dirty_background_bytes: Option<u64>,
     readahead_threads: usize,
     fault_threads: usize,
+    listener: listener::Listener,
 }
 
 impl Default for PageCacheBuilder {
@@ -173,6 +176,7 @@ impl Default for PageCacheBuilder {
             dirty_background_bytes: None,
             readahead_threads: DEFAULT_READAHEAD_THREADS,
             fault_threads: DEFAULT_FAULT_THREADS,
+            listener: listener::Listener::default(),
         }
     }
 }
@@ -265,6 +269,15 @@ impl PageCacheBuilder {
         self
     }
 
+    /// A [`ChangeListener`] told of every change the cache's mappings make
+    /// to their files' bytes, before and after it, so that a cache in front
+    /// of this one (the kernel's, under a FUSE mount) drops what it holds.
+    /// Default: none.
+    pub fn change_listener(mut self, listener: Arc<dyn ChangeListener>) -> Self {
+        self.listener = listener::Listener(Some(listener));
+        self
+    }
+
     /// Builds the cache. A setting out of its range fails with `EINVAL`
     /// (`ErrorKind::InvalidInput`, see [`crate::errno`]), with a message that
     /// names the setting and its range.
@@ -324,6 +337,7 @@ impl PageCacheBuilder {
             dirty_background_pages,
             writeback_interval: self.writeback_interval,
             fault_threads: self.fault_threads,
+            listener: self.listener,
         };
         let cache = PageCache {
             shared: Arc::new(CacheShared::new(settings, readahead)),

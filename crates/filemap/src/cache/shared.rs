@@ -46,6 +46,7 @@ pub(crate) struct Settings {
     pub(crate) dirty_background_pages: u64,
     pub(crate) writeback_interval: Duration,
     pub(crate) fault_threads: usize,
+    pub(crate) listener: super::listener::Listener,
 }
 
 /// What every mapping of one cache shares.
@@ -72,6 +73,8 @@ pub(crate) struct CacheShared {
     pub(crate) faults: Arc<FaultService>,
     /// The memfd every cached page lives in.
     pub(crate) arena: Arc<Arena>,
+    /// Told of every change of a file's bytes, if set.
+    pub(crate) listener: super::listener::Listener,
 }
 
 /// How hard [`CacheShared::acquire`] tries for a page of the budget.
@@ -145,6 +148,7 @@ impl CacheShared {
             readahead,
             arena: Arc::new(Arena::new(faults.clone())),
             faults,
+            listener: settings.listener,
         }
     }
 

@@ -104,43 +104,45 @@ impl Mapping {
     /// size as for [`Mapping::write_at`]. Extends the file before the device
     /// write; if that write fails, the extension stays and reads as zeroes.
     pub fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        let Some(len) = self.check_write(buf.len(), offset)? else {
-            return Ok(0);
-        };
-        let (buf, end) = (&buf[..len], offset + len as u64);
-        check_direct_alignment(offset, buf.len(), buf.as_ptr() as usize)?;
-        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
-            // As for reads: take the data out of the map before taking Direct.
-            let bounce = AlignedBuf::from_slice(buf, DIRECT_IO_MEMORY_ALIGN);
-            return self.write_direct(&bounce, offset);
-        }
-        let _direct = self.lock_mode(Mode::Direct, offset..end);
-        let (first, last) = (index_of(offset), index_of(end - 1));
-        // Pages a map shows are written back but kept: dropping one could lose a
-        // store through the map that lands between the scan for written pages
-        // and the punch. After the write they are replaced with its data.
-        self.write_back_range(first, last)?;
-        self.drop_pages_where(first, last, DirtyPages::WriteBack, |i| {
-            !self.page_is_mapped(i)
-        })?;
-        // Fills of mapped pages must not read the device while it is written.
-        self.settle_fills(first, last);
-        self.extend_size(end)?;
-        schedule::point();
-        let written = self.backend.write_direct(offset, buf);
-        schedule::point();
-        // Fills that ran during the write may hold what it replaced.
-        let dropped = match written {
-            Ok(()) => self
-                .drop_pages_where(first, last, DirtyPages::WriteBack, |i| {
-                    !self.page_is_mapped(i)
-                })
-                .and(self.replace_mapped_pages(first, last, offset, buf)),
-            // What reached the device is unknown: drop everything.
-            Err(_) => self.drop_pages(first, last, DirtyPages::WriteBack),
-        };
-        written?;
-        dropped?;
-        Ok(len)
+        self.changing(offset..offset.saturating_add(buf.len() as u64), || {
+            let Some(len) = self.check_write(buf.len(), offset)? else {
+                return Ok(0);
+            };
+            let (buf, end) = (&buf[..len], offset + len as u64);
+            check_direct_alignment(offset, buf.len(), buf.as_ptr() as usize)?;
+            if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+                // As for reads: take the data out of the map before taking Direct.
+                let bounce = AlignedBuf::from_slice(buf, DIRECT_IO_MEMORY_ALIGN);
+                return self.write_direct(&bounce, offset);
+            }
+            let _direct = self.lock_mode(Mode::Direct, offset..end);
+            let (first, last) = (index_of(offset), index_of(end - 1));
+            // Pages a map shows are written back but kept: dropping one could lose a
+            // store through the map that lands between the scan for written pages
+            // and the punch. After the write they are replaced with its data.
+            self.write_back_range(first, last)?;
+            self.drop_pages_where(first, last, DirtyPages::WriteBack, |i| {
+                !self.page_is_mapped(i)
+            })?;
+            // Fills of mapped pages must not read the device while it is written.
+            self.settle_fills(first, last);
+            self.extend_size(end)?;
+            schedule::point();
+            let written = self.backend.write_direct(offset, buf);
+            schedule::point();
+            // Fills that ran during the write may hold what it replaced.
+            let dropped = match written {
+                Ok(()) => self
+                    .drop_pages_where(first, last, DirtyPages::WriteBack, |i| {
+                        !self.page_is_mapped(i)
+                    })
+                    .and(self.replace_mapped_pages(first, last, offset, buf)),
+                // What reached the device is unknown: drop everything.
+                Err(_) => self.drop_pages(first, last, DirtyPages::WriteBack),
+            };
+            written?;
+            dropped?;
+            Ok(len)
+        })
     }
 }

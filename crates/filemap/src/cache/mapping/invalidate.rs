@@ -20,56 +20,62 @@ impl Mapping {
     /// afterwards, the bytes of partial pages around it survive, and the size does
     /// not change. Cached data of the range, dirty or not, is dropped.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = self.fallocate_end(offset, len)?;
-        let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
-        self.remove_cached_bytes(offset, end);
-        schedule::point();
-        self.backend.punch_hole(offset, len)
+        self.changing(offset..offset.saturating_add(len), || {
+            let end = self.fallocate_end(offset, len)?;
+            let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
+            self.remove_cached_bytes(offset, end);
+            schedule::point();
+            self.backend.punch_hole(offset, len)
+        })
     }
 
     /// Zeroes `offset..offset + len`, like `fallocate(FALLOC_FL_ZERO_RANGE)`:
     /// extends the file if the range ends past the end of file.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = self.fallocate_end(offset, len)?;
-        let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
-        self.remove_cached_bytes(offset, end);
-        schedule::point();
-        self.extend_size(end)?;
-        self.backend.zero_range(offset, len)
+        self.changing(offset..offset.saturating_add(len), || {
+            let end = self.fallocate_end(offset, len)?;
+            let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
+            self.remove_cached_bytes(offset, end);
+            schedule::point();
+            self.extend_size(end)?;
+            self.backend.zero_range(offset, len)
+        })
     }
 
     /// Sets the file's size, like `ftruncate`: shrinking drops the cached pages
     /// past the new end and zeroes the rest of the last page; growing adds a hole.
     pub fn set_len(&self, len: u64) -> io::Result<()> {
-        self.check_live()?;
-        if len > MAX_OFFSET {
-            return fail(libc::EINVAL);
-        }
-        if len > self.max_size {
-            return fail(libc::EFBIG);
-        }
-        let _invalidate = self.lock_mode(Mode::Invalidate, len.min(self.len())..u64::MAX);
-        {
-            let _size = self.size_lock.lock();
-            let old = self.len();
-            if len >= old {
-                if len > old {
-                    self.backend.set_len(len)?;
-                    self.size.store(len, Ordering::Release);
-                }
-                return Ok(());
+        self.changing(len.min(self.len())..u64::MAX, || {
+            self.check_live()?;
+            if len > MAX_OFFSET {
+                return fail(libc::EINVAL);
             }
-            // Publish the new end first: fills that start now stop at it.
-            self.size.store(len, Ordering::Release);
-        }
-        // Not under the size lock: dropping pages waits for page locks, and a
-        // writer holding a page lock may be waiting for the size lock.
-        self.remove_cached_bytes(len, u64::MAX);
-        schedule::point();
-        let _size = self.size_lock.lock();
-        // Writers are excluded by Invalidate, so this is `len`, except under the
-        // `none` strategy, where the backend must still follow the size callers see.
-        self.backend.set_len(self.len())
+            if len > self.max_size {
+                return fail(libc::EFBIG);
+            }
+            let _invalidate = self.lock_mode(Mode::Invalidate, len.min(self.len())..u64::MAX);
+            {
+                let _size = self.size_lock.lock();
+                let old = self.len();
+                if len >= old {
+                    if len > old {
+                        self.backend.set_len(len)?;
+                        self.size.store(len, Ordering::Release);
+                    }
+                    return Ok(());
+                }
+                // Publish the new end first: fills that start now stop at it.
+                self.size.store(len, Ordering::Release);
+            }
+            // Not under the size lock: dropping pages waits for page locks, and a
+            // writer holding a page lock may be waiting for the size lock.
+            self.remove_cached_bytes(len, u64::MAX);
+            schedule::point();
+            let _size = self.size_lock.lock();
+            // Writers are excluded by Invalidate, so this is `len`, except under the
+            // `none` strategy, where the backend must still follow the size callers see.
+            self.backend.set_len(self.len())
+        })
     }
 
     /// Removes `offset..offset + len` and shifts the rest of the file down, like
@@ -78,23 +84,25 @@ impl Mapping {
     /// file (`EINVAL` otherwise). Cached pages after the range move with their
     /// data; those inside it are dropped.
     pub fn collapse_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = self.fallocate_end(offset, len)?;
-        if offset % PAGE != 0 || len % PAGE != 0 {
-            return fail(libc::EINVAL);
-        }
-        let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
-        let size = self.len();
-        if end >= size {
-            return fail(libc::EINVAL);
-        }
-        // The backend shifts what it holds: dirty data must be there first.
-        self.write_back_range(index_of(offset), MAX_PAGES - 1)?;
-        self.drop_pages(index_of(offset), index_of(end) - 1, DirtyPages::WriteBack)?;
-        // Pages filled from the backend as it was move below.
-        self.settle_fills(index_of(end), MAX_PAGES - 1);
-        self.backend.collapse_range(offset, len)?;
-        self.move_pages(index_of(end), -((len / PAGE) as i64));
-        self.set_size(size - len)
+        self.changing(offset..u64::MAX, || {
+            let end = self.fallocate_end(offset, len)?;
+            if offset % PAGE != 0 || len % PAGE != 0 {
+                return fail(libc::EINVAL);
+            }
+            let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
+            let size = self.len();
+            if end >= size {
+                return fail(libc::EINVAL);
+            }
+            // The backend shifts what it holds: dirty data must be there first.
+            self.write_back_range(index_of(offset), MAX_PAGES - 1)?;
+            self.drop_pages(index_of(offset), index_of(end) - 1, DirtyPages::WriteBack)?;
+            // Pages filled from the backend as it was move below.
+            self.settle_fills(index_of(end), MAX_PAGES - 1);
+            self.backend.collapse_range(offset, len)?;
+            self.move_pages(index_of(end), -((len / PAGE) as i64));
+            self.set_size(size - len)
+        })
     }
 
     /// Inserts a hole of `len` bytes at `offset`, shifting the rest of the file
@@ -103,38 +111,42 @@ impl Mapping {
     /// otherwise); `EFBIG` if the file would outgrow
     /// [`Mapping::max_file_size`]. Cached pages move with their data.
     pub fn insert_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fallocate_end(offset, len)?;
-        if offset % PAGE != 0 || len % PAGE != 0 {
-            return fail(libc::EINVAL);
-        }
-        let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
-        let size = self.len();
-        if size.checked_add(len).is_none_or(|new| new > self.max_size) {
-            return fail(libc::EFBIG);
-        }
-        if offset >= size {
-            return fail(libc::EINVAL);
-        }
-        self.write_back_range(index_of(offset), MAX_PAGES - 1)?;
-        // Pages filled from the backend as it was move below.
-        self.settle_fills(index_of(offset), MAX_PAGES - 1);
-        self.backend.insert_range(offset, len)?;
-        // Grow first: pages that move past the old end must be inside the file.
-        self.set_size(size + len)?;
-        self.move_pages(index_of(offset), (len / PAGE) as i64);
-        Ok(())
+        self.changing(offset..u64::MAX, || {
+            self.fallocate_end(offset, len)?;
+            if offset % PAGE != 0 || len % PAGE != 0 {
+                return fail(libc::EINVAL);
+            }
+            let _invalidate = self.lock_mode(Mode::Invalidate, offset..u64::MAX);
+            let size = self.len();
+            if size.checked_add(len).is_none_or(|new| new > self.max_size) {
+                return fail(libc::EFBIG);
+            }
+            if offset >= size {
+                return fail(libc::EINVAL);
+            }
+            self.write_back_range(index_of(offset), MAX_PAGES - 1)?;
+            // Pages filled from the backend as it was move below.
+            self.settle_fills(index_of(offset), MAX_PAGES - 1);
+            self.backend.insert_range(offset, len)?;
+            // Grow first: pages that move past the old end must be inside the file.
+            self.set_size(size + len)?;
+            self.move_pages(index_of(offset), (len / PAGE) as i64);
+            Ok(())
+        })
     }
 
     /// Drops the cached pages touching `offset..offset + len`, writing dirty ones
     /// back first (nothing is lost); the next access reads the backend.
     pub fn invalidate_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_live()?;
-        let end = end_of(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
-        self.drop_pages(index_of(offset), index_of(end - 1), DirtyPages::WriteBack)
+        self.changing(offset..offset.saturating_add(len), || {
+            self.check_live()?;
+            let end = end_of(offset, len)?;
+            if len == 0 {
+                return Ok(());
+            }
+            let _invalidate = self.lock_mode(Mode::Invalidate, offset..end);
+            self.drop_pages(index_of(offset), index_of(end - 1), DirtyPages::WriteBack)
+        })
     }
 
     /// Moves every cached page from index `first` on by `delta` pages, in the

@@ -44,6 +44,7 @@
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::fmt;
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::sync::{Mutex, RwLock};
@@ -395,6 +396,22 @@ impl Mapping {
             return Ok(None);
         }
         Ok(Some((end, (end.min(size) - offset) as usize)))
+    }
+
+    /// Runs `change`, which changes the bytes of `range`, between the
+    /// listener's calls; an empty range changes nothing and is not told.
+    fn changing<R>(
+        &self,
+        range: Range<u64>,
+        change: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        let Some(listener) = self.cache.listener.0.as_ref().filter(|_| !range.is_empty()) else {
+            return change();
+        };
+        listener.before_change(self, range.clone());
+        let done = change();
+        listener.after_change(self, range);
+        done
     }
 
     fn check_live(&self) -> io::Result<()> {

@@ -224,10 +224,13 @@ impl MapRegion {
             return fail(libc::EACCES);
         }
         self.check(at, buf.len())?;
-        // SAFETY: as in `read`, with the view writable (ReadWrite) and `buf` a
-        // shared borrow outside the view.
-        unsafe { crate::racy::copy_racy(buf.as_ptr(), self.as_ptr().add(at), buf.len()) };
-        Ok(())
+        let start = self.offset + at as u64;
+        self.mapping.changing(start..start + buf.len() as u64, || {
+            // SAFETY: as in `read`, with the view writable (ReadWrite) and
+            // `buf` a shared borrow outside the view.
+            unsafe { crate::racy::copy_racy(buf.as_ptr(), self.as_ptr().add(at), buf.len()) };
+            Ok(())
+        })
     }
 
     /// Writes back the pages of this map that stores made dirty, and makes them

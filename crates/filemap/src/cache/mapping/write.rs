@@ -52,47 +52,49 @@ impl Mapping {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn write_at_nowait(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        let Some(len) = self.check_write(buf.len(), offset)? else {
-            return Ok(0);
-        };
-        let (buf, end) = (&buf[..len], offset + len as u64);
-        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
-            let bounce: Vec<u8> = buf.to_vec();
-            return self.write_at_nowait(&bounce, offset);
-        }
-        let Some(_write) = self.lock.try_lock(Mode::Write, offset..end) else {
-            return would_block();
-        };
-        let size = self.len();
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (index, in_page) = (index_of(pos), offset_in_page(pos));
-            let take = (PAGE_SIZE - in_page).min(buf.len() - done);
-            if pos + take as u64 > size {
-                break;
-            }
-            let Some(slot) = self.pages.get(index) else {
-                break;
+        self.changing(offset..offset.saturating_add(buf.len() as u64), || {
+            let Some(len) = self.check_write(buf.len(), offset)? else {
+                return Ok(0);
             };
-            let state = slot.load();
-            if !state.is_present() || !state.is_readable() || slot.try_lock(state).is_err() {
-                break;
+            let (buf, end) = (&buf[..len], offset + len as u64);
+            if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+                let bounce: Vec<u8> = buf.to_vec();
+                return self.write_at_nowait(&bounce, offset);
             }
-            if let Err(error) =
-                self.write_locked_page(index, slot, in_page, &buf[done..done + take])
-            {
-                if done == 0 {
-                    return Err(error);
+            let Some(_write) = self.lock.try_lock(Mode::Write, offset..end) else {
+                return would_block();
+            };
+            let size = self.len();
+            let mut done = 0;
+            while done < buf.len() {
+                let pos = offset + done as u64;
+                let (index, in_page) = (index_of(pos), offset_in_page(pos));
+                let take = (PAGE_SIZE - in_page).min(buf.len() - done);
+                if pos + take as u64 > size {
+                    break;
                 }
-                break;
+                let Some(slot) = self.pages.get(index) else {
+                    break;
+                };
+                let state = slot.load();
+                if !state.is_present() || !state.is_readable() || slot.try_lock(state).is_err() {
+                    break;
+                }
+                if let Err(error) =
+                    self.write_locked_page(index, slot, in_page, &buf[done..done + take])
+                {
+                    if done == 0 {
+                        return Err(error);
+                    }
+                    break;
+                }
+                done += take;
             }
-            done += take;
-        }
-        if done == 0 {
-            return would_block();
-        }
-        Ok(done)
+            if done == 0 {
+                return would_block();
+            }
+            Ok(done)
+        })
     }
 
     /// Writes `buf` at `offset` into the cache, like `pwrite`, extending the
@@ -103,34 +105,36 @@ impl Mapping {
     /// [`Mapping::max_file_size`] is cut short there; one that starts at or past
     /// it fails with `EFBIG`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        let Some(len) = self.check_write(buf.len(), offset)? else {
-            return Ok(0);
-        };
-        let (buf, end) = (&buf[..len], offset + len as u64);
-        if buffer_in_a_map(buf.as_ptr(), buf.len()) {
-            // Reading a map may fault into a handler that needs Fill: copy it
-            // before taking Write, which a queued Invalidate would make it wait for.
-            let bounce: Vec<u8> = buf.to_vec();
-            return self.write_at(&bounce, offset);
-        }
-        let _write = self.lock_mode(Mode::Write, offset..end);
-        let old_size = self.len();
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let in_page = offset_in_page(pos);
-            let take = (PAGE_SIZE - in_page).min(buf.len() - done);
-            if let Err(error) =
-                self.write_page(index_of(pos), in_page, &buf[done..done + take], old_size)
-            {
-                if done == 0 {
-                    return Err(error);
-                }
-                break;
+        self.changing(offset..offset.saturating_add(buf.len() as u64), || {
+            let Some(len) = self.check_write(buf.len(), offset)? else {
+                return Ok(0);
+            };
+            let (buf, end) = (&buf[..len], offset + len as u64);
+            if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+                // Reading a map may fault into a handler that needs Fill: copy it
+                // before taking Write, which a queued Invalidate would make it wait for.
+                let bounce: Vec<u8> = buf.to_vec();
+                return self.write_at(&bounce, offset);
             }
-            done += take;
-        }
-        Ok(done)
+            let _write = self.lock_mode(Mode::Write, offset..end);
+            let old_size = self.len();
+            let mut done = 0;
+            while done < buf.len() {
+                let pos = offset + done as u64;
+                let in_page = offset_in_page(pos);
+                let take = (PAGE_SIZE - in_page).min(buf.len() - done);
+                if let Err(error) =
+                    self.write_page(index_of(pos), in_page, &buf[done..done + take], old_size)
+                {
+                    if done == 0 {
+                        return Err(error);
+                    }
+                    break;
+                }
+                done += take;
+            }
+            Ok(done)
+        })
     }
 
     /// Writes `src` into page `index` at `in_page`, the caller holding Fill.

@@ -1,0 +1,162 @@
+//! Changes made through the library reach the shared maps of the mount at
+//! once: the kernel keeps the pages of such maps in its own page cache, and
+//! the mount tells it to drop them (and write its dirty ones back first).
+//! Every test mounts a temporary image in this process; one that cannot
+//! mount fails with the reason.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use filemap::{Mapping, Volume};
+use filemap_fuse::{format, mount, MountOptions, Mounted};
+
+const PAGE: usize = 4096;
+const PAGES: usize = 16;
+
+/// A mounted image holding file `f` of `PAGES` pages of `1`s, the mount's
+/// shared map of it, and the library's mapping of the same file.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    mounted: Option<Mounted>,
+    map: *mut u8,
+    library: Arc<Mapping>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mnt) = (dir.path().join("img"), dir.path().join("mnt"));
+        std::fs::create_dir(&mnt).unwrap();
+        format(&image, 64 << 20).unwrap();
+        let mounted = mount(&image, &mnt, &MountOptions::default())
+            .unwrap_or_else(|error| panic!("cannot mount here: {error}"));
+        let path = mnt.join("f");
+        std::fs::write(&path, vec![1u8; PAGES * PAGE]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a new shared map of a file this test owns, of its size;
+        // it is only read and written inside those bytes, and unmapped in
+        // `drop` after its last use.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGES * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let volume: &Arc<Volume> = mounted.volume();
+        let ino = volume.lookup(Volume::ROOT, "f").unwrap().ino;
+        let library = mounted
+            .cache()
+            .open(Arc::new(volume.open_ino(ino).unwrap()))
+            .unwrap();
+        Fixture {
+            _dir: dir,
+            mounted: Some(mounted),
+            map: map.cast(),
+            library,
+        }
+    }
+
+    /// The byte at `at` as the mount's map shows it now.
+    fn map_byte(&self, at: usize) -> u8 {
+        assert!(at < PAGES * PAGE);
+        // SAFETY: inside the map (checked), which lives until `drop`; a
+        // volatile read, since the kernel changes the page behind it.
+        unsafe { self.map.add(at).read_volatile() }
+    }
+
+    fn map_store(&self, at: usize, byte: u8) {
+        assert!(at < PAGES * PAGE);
+        // SAFETY: as in `map_byte`, and the map is writable.
+        unsafe { self.map.add(at).write_volatile(byte) }
+    }
+
+    /// Reads every page through the map, so the kernel caches them all.
+    fn fault_all_in(&self) {
+        for page in 0..PAGES {
+            assert_eq!(self.map_byte(page * PAGE), 1);
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // SAFETY: the map made in `new`, not used after this.
+        unsafe { libc::munmap(self.map.cast(), PAGES * PAGE) };
+        if let Some(mounted) = self.mounted.take() {
+            mounted.unmount().unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_library_punch_reaches_the_mounts_shared_map_at_once() {
+    let fx = Fixture::new();
+    fx.fault_all_in();
+    fx.library.punch_hole(2 * PAGE as u64, PAGE as u64).unwrap();
+    assert_eq!(fx.map_byte(2 * PAGE), 0, "the punched page");
+    assert_eq!(fx.map_byte(3 * PAGE), 1, "the page after it");
+}
+
+#[test]
+fn a_library_write_and_truncate_reach_the_mounts_shared_map_at_once() {
+    let fx = Fixture::new();
+    fx.fault_all_in();
+    fx.library
+        .write_all_at(&[7; 10], 5 * PAGE as u64 + 3)
+        .unwrap();
+    assert_eq!(fx.map_byte(5 * PAGE + 3), 7);
+    // Shrink to 8 pages and grow back: the pages past 8 read as zeroes.
+    fx.library.set_len(8 * PAGE as u64).unwrap();
+    fx.library.set_len((PAGES * PAGE) as u64).unwrap();
+    assert_eq!(fx.map_byte(9 * PAGE), 0);
+    assert_eq!(fx.map_byte(7 * PAGE), 1);
+}
+
+#[test]
+fn invalidate_range_after_a_backend_change_reaches_the_mounts_shared_map() {
+    // A distributed store's lease revocation: the bytes changed elsewhere
+    // (here, straight in the volume file), and the cache is told to drop
+    // the range.
+    let fx = Fixture::new();
+    fx.fault_all_in();
+    fx.library.sync_all().unwrap();
+    let page = vec![9u8; PAGE];
+    fx.library.backend().write_pages(4, &page).unwrap();
+    fx.library
+        .invalidate_range(4 * PAGE as u64, PAGE as u64)
+        .unwrap();
+    assert_eq!(fx.map_byte(4 * PAGE), 9);
+}
+
+#[test]
+fn a_store_through_the_mounts_map_lands_before_a_library_punch_not_after() {
+    // The map's dirty page is written back before the punch (and so
+    // punched), not after it, where it would bring the old data back.
+    let fx = Fixture::new();
+    fx.fault_all_in();
+    fx.map_store(6 * PAGE + 1, 5);
+    fx.library.punch_hole(6 * PAGE as u64, PAGE as u64).unwrap();
+    assert_eq!(fx.map_byte(6 * PAGE + 1), 0);
+    let mut back = [1u8; 2];
+    fx.library
+        .read_exact_at(&mut back, 6 * PAGE as u64)
+        .unwrap();
+    assert_eq!(back, [0, 0]);
+    // And it stays punched once the kernel writes its pages back.
+    // SAFETY: the map made in `new`, inside its length.
+    let synced = unsafe { libc::msync(fx.map.cast(), PAGES * PAGE, libc::MS_SYNC) };
+    assert_eq!(synced, 0);
+    fx.library
+        .read_exact_at(&mut back, 6 * PAGE as u64)
+        .unwrap();
+    assert_eq!(back, [0, 0]);
+}
