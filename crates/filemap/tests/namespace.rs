@@ -847,3 +847,42 @@ fn a_full_metadata_area_refuses_namespace_growth_and_changes_nothing() {
     volume.check_invariants();
     volume.sync().unwrap();
 }
+
+#[test]
+fn writeback_keeps_the_times_and_a_write_into_a_cache_moves_them() {
+    let (_, volume) = volume(256);
+    let (attr, file) = volume.create(ROOT, "f", 0o644, 0, 0).unwrap();
+    let old = Timestamp {
+        secs: 1000,
+        nanos: 5,
+    };
+    let set_old = || {
+        let change = SetAttr {
+            mtime: Some(old),
+            ..SetAttr::default()
+        };
+        volume.set_attr(attr.ino, &change).unwrap();
+    };
+    file.set_len(2 * BLOCK).unwrap();
+    set_old();
+    // Writeback of pages written into a cache earlier: the times stay.
+    file.write_back_pages(0, &[1; BLOCK as usize]).unwrap();
+    assert_eq!(volume.attr(attr.ino).unwrap().mtime, old);
+    // A write into the cache moves them, even right after they were set
+    // (touches are limited to one a millisecond, but setting the times
+    // starts that afresh).
+    file.touch().unwrap();
+    set_old();
+    file.touch().unwrap();
+    assert!(volume.attr(attr.ino).unwrap().mtime > old);
+    // Through a cache: the write moves the time, its writeback does not.
+    let cache = filemap::PageCache::builder().build().unwrap();
+    let mapping = cache.open(Arc::new(file.clone())).unwrap();
+    mapping.write_all_at(b"new", 10).unwrap();
+    set_old();
+    mapping.sync_all().unwrap();
+    assert_eq!(volume.attr(attr.ino).unwrap().mtime, old);
+    let mut back = [0; 3];
+    mapping.read_exact_at(&mut back, 10).unwrap();
+    assert_eq!(&back, b"new");
+}

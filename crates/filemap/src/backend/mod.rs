@@ -230,6 +230,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok((offset < len).then_some(len))
     }
 
+    /// Writes back whole pages that a cache in front of the backend held
+    /// dirty, as [`Backend::write_pages`] does; their data changed when it was
+    /// written into the cache (see [`Backend::touch`]), so a backend that keeps
+    /// times leaves them as they are. Default: [`Backend::write_pages`].
+    fn write_back_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
+        self.write_pages(index, buf)
+    }
+
+    /// A write changed the file's data in a cache in front of the backend just
+    /// now, to be written back later: a backend that keeps times moves its
+    /// modification and change times now, as `write(2)` does, and not at
+    /// writeback (a time set after the write, as `tar` sets one, must stay).
+    /// Default: nothing.
+    fn touch(&self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
 

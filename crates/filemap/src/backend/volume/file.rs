@@ -128,6 +128,7 @@ impl Volume {
             volume: Arc::clone(self),
             id,
             changes: runtime.changes.clone(),
+            touched: runtime.touched.clone(),
         }
     }
 }
@@ -157,6 +158,8 @@ pub struct VolumeFile {
     pub(super) id: u64,
     /// The file's change count, shared by its handles (see [`Runtime`]).
     changes: Arc<AtomicU64>,
+    /// When the file was last touched (see [`Runtime`]).
+    touched: Arc<AtomicU64>,
 }
 
 /// Counts a change of the file when it drops: at the end of every call that
@@ -192,6 +195,132 @@ impl VolumeFile {
             .with_file(self.id, |file| Ok(file.extents.lookup(page)))
             .ok()
             .flatten()
+    }
+
+    /// Writes whole pages at page `index`, moving the file's times if `touch`.
+    fn write_blocks(&self, index: u64, buf: &[u8], touch: bool) -> io::Result<()> {
+        let _changes = Changes(&self.changes);
+        let (start, end) = page_span(index, buf.len())?;
+        let pages = buf.len() / BLOCK_SIZE;
+        // Look up under the mutex, and take fresh blocks for holes without mapping
+        // them: a fresh block still holds its previous owner's data, so it is mapped
+        // only once this write's data is on it (as ext4 does with unwritten extents).
+        // Until then, readers of the hole read zeroes.
+        let (size, plan, fresh, held) = {
+            let mut guard = self.volume.state.lock();
+            let state = &mut *guard;
+            let file = state.meta.file(self.id).ok_or_else(|| err(libc::ENOENT))?;
+            if pages > 0 && end - BLOCK >= file.size {
+                return fail(libc::EINVAL);
+            }
+            let mut plan: Vec<Option<u64>> = (0..pages as u64)
+                .map(|page| file.extents.lookup(index + page))
+                .collect();
+            let size = file.size;
+            let holes = plan.iter().filter(|phys| phys.is_none()).count() as u64;
+            // Check space first so that ENOSPC changes nothing.
+            if holes > state.space.allocator.available() {
+                return fail(libc::ENOSPC);
+            }
+            let alloc = &mut state.space.allocator;
+            let mut fresh = Vec::with_capacity(holes as usize);
+            for (page, slot) in (index..).zip(plan.iter_mut()) {
+                if slot.is_none() {
+                    let phys = alloc.allocate().expect("space checked above");
+                    fresh.push((page, phys));
+                    *slot = Some(phys);
+                }
+            }
+            // Mapping the fresh blocks adds at most one run per run of them:
+            // reserve that much metadata, or give the blocks back (in reverse,
+            // which restores the allocator's stack).
+            let held = fresh_runs(&fresh) * RUN_RECORD;
+            if let Err(error) = state.reserve_meta(held) {
+                for &(_, phys) in fresh.iter().rev() {
+                    state.space.allocator.free(phys, 1);
+                }
+                return Err(error);
+            }
+            state.space.allocator.in_flight += holes;
+            (size, plan, fresh, held)
+        };
+        let written = self.write_planned(start, size, &plan, buf);
+        // Map the fresh blocks, or give them back after an error. A hole another
+        // writer filled meanwhile keeps that writer's block, and this write's page
+        // goes there in place: a fresh block that was never mapped is the only kind
+        // that can be freed without a reader possibly holding it (and, never
+        // mapped, no commit can hold it either).
+        let mut overwrite = Vec::new();
+        let mapped = {
+            let mut guard = self.volume.state.lock();
+            let state = &mut *guard;
+            state.meta_reserved -= held;
+            let allocator = &mut state.space.allocator;
+            allocator.in_flight -= fresh.len() as u64;
+            let mut inode = state
+                .meta
+                .inodes
+                .get_mut(&self.id)
+                .filter(|_| written.is_ok());
+            let before = inode.as_ref().map(|inode| inode.encoded_len());
+            if let Some(inode) = inode.as_deref_mut() {
+                if touch {
+                    let now = Timestamp::now();
+                    inode.mtime = now;
+                    inode.ctime = now;
+                }
+                state.dirty = true;
+            }
+            let mut file = inode.as_deref_mut().and_then(|inode| inode.file_mut());
+            let mut inserted = Vec::with_capacity(fresh.len());
+            for &(page, phys) in &fresh {
+                match file.as_deref_mut() {
+                    Some(file) if page * BLOCK < file.size => match file.extents.lookup(page) {
+                        None => {
+                            file.extents.insert(page, phys);
+                            inserted.push(page);
+                            continue;
+                        }
+                        Some(existing) => overwrite.push((page, existing)),
+                    },
+                    // An error, a removed file, or a page truncated away meanwhile.
+                    _ => {}
+                }
+                allocator.free(phys, 1);
+            }
+            match (inode, before) {
+                (Some(inode), Some(before)) => {
+                    let after = state.meta_len - before + inode.encoded_len();
+                    let file = inode.file_mut().expect("a file");
+                    // Pages another writer filled meanwhile can split this
+                    // write's runs into more than it reserved. If the area
+                    // cannot take them, unmap the fresh blocks again: nothing
+                    // else maps them, and the file reads as before.
+                    if after + state.meta_reserved > state.meta_capacity {
+                        for &page in &inserted {
+                            for (phys, len) in file.extents.remove_range(page, 1) {
+                                allocator.free(phys, len);
+                            }
+                        }
+                        debug_assert_eq!(inode.encoded_len(), before);
+                        Err(err(libc::ENOSPC))
+                    } else {
+                        state.meta_len = after;
+                        state.dirty = true;
+                        Ok(())
+                    }
+                }
+                _ => Ok(()),
+            }
+        };
+        written?;
+        mapped?;
+        for (page, existing) in overwrite {
+            let offset = (page - index) as usize * BLOCK_SIZE;
+            let bytes = &buf[offset..offset + BLOCK_SIZE];
+            self.write_planned(page * BLOCK, size, &[Some(existing)], bytes)?;
+        }
+        Ok(())
     }
 
     /// Writes whole pages `buf` starting at byte `start` to the planned blocks,
@@ -310,124 +439,25 @@ impl Backend for VolumeFile {
     }
 
     fn write_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
-        let _changes = Changes(&self.changes);
-        let (start, end) = page_span(index, buf.len())?;
-        let pages = buf.len() / BLOCK_SIZE;
-        // Look up under the mutex, and take fresh blocks for holes without mapping
-        // them: a fresh block still holds its previous owner's data, so it is mapped
-        // only once this write's data is on it (as ext4 does with unwritten extents).
-        // Until then, readers of the hole read zeroes.
-        let (size, plan, fresh, held) = {
-            let mut guard = self.volume.state.lock();
-            let state = &mut *guard;
-            let file = state.meta.file(self.id).ok_or_else(|| err(libc::ENOENT))?;
-            if pages > 0 && end - BLOCK >= file.size {
-                return fail(libc::EINVAL);
-            }
-            let mut plan: Vec<Option<u64>> = (0..pages as u64)
-                .map(|page| file.extents.lookup(index + page))
-                .collect();
-            let size = file.size;
-            let holes = plan.iter().filter(|phys| phys.is_none()).count() as u64;
-            // Check space first so that ENOSPC changes nothing.
-            if holes > state.space.allocator.available() {
-                return fail(libc::ENOSPC);
-            }
-            let alloc = &mut state.space.allocator;
-            let mut fresh = Vec::with_capacity(holes as usize);
-            for (page, slot) in (index..).zip(plan.iter_mut()) {
-                if slot.is_none() {
-                    let phys = alloc.allocate().expect("space checked above");
-                    fresh.push((page, phys));
-                    *slot = Some(phys);
-                }
-            }
-            // Mapping the fresh blocks adds at most one run per run of them:
-            // reserve that much metadata, or give the blocks back (in reverse,
-            // which restores the allocator's stack).
-            let held = fresh_runs(&fresh) * RUN_RECORD;
-            if let Err(error) = state.reserve_meta(held) {
-                for &(_, phys) in fresh.iter().rev() {
-                    state.space.allocator.free(phys, 1);
-                }
-                return Err(error);
-            }
-            state.space.allocator.in_flight += holes;
-            (size, plan, fresh, held)
-        };
-        let written = self.write_planned(start, size, &plan, buf);
-        // Map the fresh blocks, or give them back after an error. A hole another
-        // writer filled meanwhile keeps that writer's block, and this write's page
-        // goes there in place: a fresh block that was never mapped is the only kind
-        // that can be freed without a reader possibly holding it (and, never
-        // mapped, no commit can hold it either).
-        let mut overwrite = Vec::new();
-        let mapped = {
-            let mut guard = self.volume.state.lock();
-            let state = &mut *guard;
-            state.meta_reserved -= held;
-            let allocator = &mut state.space.allocator;
-            allocator.in_flight -= fresh.len() as u64;
-            let mut inode = state
-                .meta
-                .inodes
-                .get_mut(&self.id)
-                .filter(|_| written.is_ok());
-            let before = inode.as_ref().map(|inode| inode.encoded_len());
-            if let Some(inode) = inode.as_deref_mut() {
-                let now = Timestamp::now();
-                inode.mtime = now;
-                inode.ctime = now;
-                state.dirty = true;
-            }
-            let mut file = inode.as_deref_mut().and_then(|inode| inode.file_mut());
-            let mut inserted = Vec::with_capacity(fresh.len());
-            for &(page, phys) in &fresh {
-                match file.as_deref_mut() {
-                    Some(file) if page * BLOCK < file.size => match file.extents.lookup(page) {
-                        None => {
-                            file.extents.insert(page, phys);
-                            inserted.push(page);
-                            continue;
-                        }
-                        Some(existing) => overwrite.push((page, existing)),
-                    },
-                    // An error, a removed file, or a page truncated away meanwhile.
-                    _ => {}
-                }
-                allocator.free(phys, 1);
-            }
-            match (inode, before) {
-                (Some(inode), Some(before)) => {
-                    let after = state.meta_len - before + inode.encoded_len();
-                    let file = inode.file_mut().expect("a file");
-                    // Pages another writer filled meanwhile can split this
-                    // write's runs into more than it reserved. If the area
-                    // cannot take them, unmap the fresh blocks again: nothing
-                    // else maps them, and the file reads as before.
-                    if after + state.meta_reserved > state.meta_capacity {
-                        for &page in &inserted {
-                            for (phys, len) in file.extents.remove_range(page, 1) {
-                                allocator.free(phys, len);
-                            }
-                        }
-                        debug_assert_eq!(inode.encoded_len(), before);
-                        Err(err(libc::ENOSPC))
-                    } else {
-                        state.meta_len = after;
-                        state.dirty = true;
-                        Ok(())
-                    }
-                }
-                _ => Ok(()),
-            }
-        };
-        written?;
-        mapped?;
-        for (page, existing) in overwrite {
-            let offset = (page - index) as usize * BLOCK_SIZE;
-            let bytes = &buf[offset..offset + BLOCK_SIZE];
-            self.write_planned(page * BLOCK, size, &[Some(existing)], bytes)?;
+        self.write_blocks(index, buf, true)
+    }
+
+    /// As `write_pages`, leaving the times: they moved with the write into
+    /// the cache ([`Backend::touch`]).
+    fn write_back_pages(&self, index: u64, buf: &[u8]) -> io::Result<()> {
+        self.write_blocks(index, buf, false)
+    }
+
+    /// Moves the modification and change times, at most once a millisecond
+    /// (the clock reading and a shared counter, no lock, the rest of it).
+    fn touch(&self) -> io::Result<()> {
+        let now = Timestamp::now();
+        let ms = (now.secs as u64)
+            .wrapping_mul(1000)
+            .wrapping_add(u64::from(now.nanos / 1_000_000))
+            .max(1);
+        if self.touched.swap(ms, Ordering::Relaxed) != ms {
+            self.volume.touch_data(self.id);
         }
         Ok(())
     }

@@ -281,6 +281,10 @@ struct Runtime {
     /// them: the version of its [`FileIdentity`](crate::FileIdentity); with
     /// [`REMOVED`] set once the file is removed.
     changes: Arc<AtomicU64>,
+    /// The millisecond of the last [`Backend::touch`](crate::Backend::touch)
+    /// through the file's handles, shared with them; 0 after its times are
+    /// set, so the next touch moves them again.
+    touched: Arc<AtomicU64>,
 }
 
 /// Set in [`Runtime::changes`] when the file is removed.

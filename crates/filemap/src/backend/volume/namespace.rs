@@ -486,6 +486,9 @@ impl Volume {
             return fail(libc::EINVAL);
         }
         let now = Timestamp::now();
+        if let Some(runtime) = state.runtime.get(&ino) {
+            runtime.touched.store(0, Ordering::Relaxed);
+        }
         Ok(state.edit(ino, |inode| {
             inode.perm = change.perm.unwrap_or(inode.perm);
             inode.uid = change.uid.unwrap_or(inode.uid);

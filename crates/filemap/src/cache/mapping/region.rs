@@ -229,6 +229,7 @@ impl MapRegion {
             // SAFETY: as in `read`, with the view writable (ReadWrite) and
             // `buf` a shared borrow outside the view.
             unsafe { crate::racy::copy_racy(buf.as_ptr(), self.as_ptr().add(at), buf.len()) };
+            self.mapping.touch_backend();
             Ok(())
         })
     }

@@ -93,6 +93,7 @@ impl Mapping {
             if done == 0 {
                 return would_block();
             }
+            self.touch_backend();
             Ok(done)
         })
     }
@@ -133,8 +134,16 @@ impl Mapping {
                 }
                 done += take;
             }
+            self.touch_backend();
             Ok(done)
         })
+    }
+
+    /// Tells the backend that a write changed the file's data now (it moves
+    /// the file's times, see [`crate::Backend::touch`]); a failure to move a
+    /// time does not fail the write, which has landed.
+    pub(super) fn touch_backend(&self) {
+        let _ = self.backend.touch();
     }
 
     /// Writes `src` into page `index` at `in_page`, the caller holding Fill.

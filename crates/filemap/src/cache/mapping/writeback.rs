@@ -243,7 +243,7 @@ impl Mapping {
         if start_of(index) >= self.len() {
             return Ok(());
         }
-        match self.backend.write_pages(index, snapshot) {
+        match self.backend.write_back_pages(index, snapshot) {
             Ok(()) => {
                 stats::add(&self.cache.counters.writebacks, 1);
                 Ok(())
