@@ -8,25 +8,21 @@
 //! [`FileHandle`] of that mapping, so each opener has its own
 //! writeback-error cursor, as with `errseq`.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use filemap::cache::DIRECT_IO_MEMORY_ALIGN;
-use filemap::{AlignedBuf, FileHandle, Mapping, PageCache, Volume};
+use crate::notify::serving_kernel;
+use crate::open_files::{empty, errno, or_errno, OpenFiles};
 use filemap::{Attr, FileKind, RenameFlags, SetAttr, Timestamp};
+use filemap::{Mapping, PageCache, Volume};
 use fuser::{
     Errno, FileAttr, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, OpenFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, Request, TimeOrNow,
 };
-use parking_lot::Mutex;
-
-use crate::notify::serving_kernel;
 
 /// How long the kernel may trust a reply: never, since the library may change
 /// the files behind its back (and the cache makes asking cheap).
@@ -43,25 +39,8 @@ const DIR_BATCH: usize = 128;
 pub struct VolumeFs {
     volume: Arc<Volume>,
     cache: Arc<PageCache>,
-    /// The open files by FUSE file handle.
-    open: Mutex<HashMap<u64, OpenFile>>,
-    next_handle: AtomicU64,
-}
-
-struct OpenFile {
-    handle: Arc<FileHandle>,
-    /// Opened with `O_DIRECT`: reads and writes go to the cache's direct I/O.
-    direct: bool,
-}
-
-/// The errno of a filemap error, for the kernel.
-fn errno(error: &io::Error) -> Errno {
-    Errno::from_i32(filemap::errno(error).unwrap_or(libc::EIO))
-}
-
-/// `done`'s error as the kernel's errno.
-fn or_errno<T>(done: io::Result<T>) -> Result<T, Errno> {
-    done.map_err(|error| errno(&error))
+    /// The open files.
+    open: OpenFiles,
 }
 
 fn file_type(kind: FileKind) -> FileType {
@@ -117,8 +96,7 @@ impl VolumeFs {
         VolumeFs {
             volume,
             cache,
-            open: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
+            open: OpenFiles::default(),
         }
     }
 
@@ -143,40 +121,12 @@ impl VolumeFs {
     fn mapping(&self, ino: u64) -> io::Result<Arc<Mapping>> {
         self.cache.open(Arc::new(self.volume.open_ino(ino)?))
     }
-
-    /// A new FUSE handle for an opener of `mapping`.
-    fn new_handle(&self, mapping: &Arc<Mapping>, flags: i32) -> u64 {
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let file = OpenFile {
-            handle: Arc::new(mapping.handle()),
-            direct: flags & libc::O_DIRECT != 0,
-        };
-        self.open.lock().insert(fh, file);
-        fh
-    }
-
-    fn opened(&self, fh: fuser::FileHandle) -> Result<(Arc<FileHandle>, bool), Errno> {
-        let open = self.open.lock();
-        let file = open.get(&fh.0).ok_or(Errno::EBADF)?;
-        Ok((file.handle.clone(), file.direct))
-    }
-
-    fn mapping_of(&self, fh: fuser::FileHandle) -> Result<Arc<Mapping>, Errno> {
-        Ok(self.opened(fh)?.0.mapping().clone())
-    }
 }
 
 /// Replies to a request that made or found inode `attr`.
 fn entry(reply: ReplyEntry, attr: Result<Attr, Errno>) {
     match attr {
         Ok(attr) => reply.entry(&TTL, &fuse_attr(&attr), Generation(0)),
-        Err(error) => reply.error(error),
-    }
-}
-
-fn empty(reply: ReplyEmpty, done: Result<(), Errno>) {
-    match done {
-        Ok(()) => reply.ok(),
         Err(error) => reply.error(error),
     }
 }
@@ -193,7 +143,7 @@ impl fuser::Filesystem for VolumeFs {
     fn destroy(&mut self) {
         // Unmounting: every mapping of the cache writes back when its last
         // handle goes; the volume commits.
-        self.open.lock().clear();
+        self.open.clear();
         let _ = self.volume.sync();
     }
 
@@ -373,8 +323,8 @@ impl fuser::Filesystem for VolumeFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.mapping(ino.0) {
             Ok(mapping) => {
-                let fh = self.new_handle(&mapping, flags.0);
-                reply.opened(fuser::FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                let fh = self.open.insert(&mapping, flags.0);
+                reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO)
             }
             Err(error) => reply.error(errno(&error)),
         }
@@ -398,122 +348,18 @@ impl fuser::Filesystem for VolumeFs {
                         .create(parent.0, name, perm, req.uid(), req.gid()),
                 )?;
             let mapping = or_errno(self.cache.open(Arc::new(file)))?;
-            Ok((attr, self.new_handle(&mapping, flags)))
+            Ok((attr, self.open.insert(&mapping, flags)))
         });
         match created {
             Ok((attr, fh)) => reply.created(
                 &TTL,
                 &fuse_attr(&attr),
                 Generation(0),
-                fuser::FileHandle(fh),
+                fh,
                 FopenFlags::FOPEN_DIRECT_IO,
             ),
             Err(error) => reply.error(error),
         }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: fuser::FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: ReplyData,
-    ) {
-        let (handle, direct) = match self.opened(fh) {
-            Ok(opened) => opened,
-            Err(error) => return reply.error(error),
-        };
-        let mapping = handle.mapping();
-        let read = if direct {
-            let mut buf = AlignedBuf::new(size as usize, DIRECT_IO_MEMORY_ALIGN);
-            mapping
-                .read_direct(&mut buf, offset)
-                .map(|n| buf[..n].to_vec())
-        } else {
-            read_fully(mapping, offset, size as usize)
-        };
-        match read {
-            Ok(data) => reply.data(&data),
-            Err(error) => reply.error(errno(&error)),
-        }
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: fuser::FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        serving_kernel();
-        let (handle, direct) = match self.opened(fh) {
-            Ok(opened) => opened,
-            Err(error) => return reply.error(error),
-        };
-        let mapping = handle.mapping();
-        let written = if direct {
-            let buf = AlignedBuf::from_slice(data, DIRECT_IO_MEMORY_ALIGN);
-            mapping.write_direct(&buf, offset)
-        } else {
-            mapping.write_all_at(data, offset).map(|()| data.len())
-        };
-        match written {
-            Ok(n) => reply.written(n as u32),
-            Err(error) => reply.error(errno(&error)),
-        }
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: fuser::FileHandle,
-        _lock_owner: fuser::LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: fuser::FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        // The mapping's last handle writes back and keeps its pages cached.
-        let released = self.open.lock().remove(&fh.0);
-        drop(released);
-        reply.ok();
-    }
-
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: fuser::FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        // The file's data, then the volume's metadata (its size, its blocks
-        // and its names), as an fsync of a new file must make its name last.
-        empty(
-            reply,
-            self.opened(fh)
-                .and_then(|(handle, _)| or_errno(handle.sync_all())),
-        );
     }
 
     fn fsyncdir(
@@ -587,81 +433,5 @@ impl fuser::Filesystem for VolumeFs {
         );
     }
 
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: fuser::FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        serving_kernel();
-        let mapping = match self.mapping_of(fh) {
-            Ok(mapping) => mapping,
-            Err(error) => return reply.error(error),
-        };
-        empty(reply, or_errno(fallocate(&mapping, offset, length, mode)));
-    }
-
-    fn lseek(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: fuser::FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: ReplyLseek,
-    ) {
-        let mapping = match self.mapping_of(fh) {
-            Ok(mapping) => mapping,
-            Err(error) => return reply.error(error),
-        };
-        let Ok(from) = u64::try_from(offset) else {
-            return reply.error(Errno::ENXIO);
-        };
-        let found = match whence {
-            libc::SEEK_DATA => mapping.seek_data(from),
-            libc::SEEK_HOLE => mapping.seek_hole(from),
-            _ => return reply.error(Errno::EINVAL),
-        };
-        match found {
-            Ok(Some(at)) => reply.offset(at as i64),
-            Ok(None) => reply.error(Errno::ENXIO),
-            Err(error) => reply.error(errno(&error)),
-        }
-    }
-}
-
-/// `fallocate(2)` of `mapping` with the modes FUSE passes on (the kernel
-/// refuses collapse and insert itself).
-fn fallocate(mapping: &Mapping, offset: u64, length: u64, mode: i32) -> io::Result<()> {
-    let end = offset.saturating_add(length);
-    let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-    let grow = || match keep_size || end <= mapping.len() {
-        true => Ok(()),
-        false => mapping.set_len(end),
-    };
-    match mode & !libc::FALLOC_FL_KEEP_SIZE {
-        // Blocks are allocated when written: this only sets the size.
-        0 => grow(),
-        libc::FALLOC_FL_PUNCH_HOLE if keep_size => mapping.punch_hole(offset, length),
-        libc::FALLOC_FL_ZERO_RANGE => grow().and_then(|()| mapping.zero_range(offset, length)),
-        _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
-    }
-}
-
-/// Reads `len` bytes at `offset`, or up to the end of file.
-fn read_fully(mapping: &Mapping, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0; len];
-    let mut done = 0;
-    while done < len {
-        match mapping.read_at(&mut buf[done..], offset + done as u64)? {
-            0 => break,
-            n => done += n,
-        }
-    }
-    buf.truncate(done);
-    Ok(buf)
+    crate::open_files::serve_open_files!();
 }

@@ -38,6 +38,7 @@ use filemap::{FileDevice, PageCache, Strategy, Volume};
 
 mod fs;
 mod notify;
+mod open_files;
 
 use notify::KernelCache;
 

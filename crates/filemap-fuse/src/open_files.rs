@@ -1,0 +1,279 @@
+//! What both file systems of this crate share: the table of open files, each
+//! a [`FileHandle`] of its file's one mapping, and the requests on them (read,
+//! write, flush, release, fsync, fallocate, lseek), which
+//! [`serve_open_files!`] writes into a `fuser::Filesystem` whose open files
+//! are its field `open`.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use filemap::{FileHandle, Mapping};
+use fuser::{Errno, ReplyEmpty};
+use parking_lot::Mutex;
+
+/// The open files of a file system, by FUSE file handle.
+#[derive(Default)]
+pub(crate) struct OpenFiles {
+    open: Mutex<HashMap<u64, OpenFile>>,
+    next_handle: AtomicU64,
+}
+
+struct OpenFile {
+    handle: Arc<FileHandle>,
+    /// Opened with `O_DIRECT`: reads and writes go to the cache's direct I/O.
+    direct: bool,
+}
+
+impl OpenFiles {
+    /// A new FUSE handle for an opener of `mapping` with `open(2)`'s `flags`.
+    pub(crate) fn insert(&self, mapping: &Arc<Mapping>, flags: i32) -> fuser::FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed) + 1;
+        let file = OpenFile {
+            handle: Arc::new(mapping.handle()),
+            direct: flags & libc::O_DIRECT != 0,
+        };
+        self.open.lock().insert(fh, file);
+        fuser::FileHandle(fh)
+    }
+
+    /// The handle of `fh`, and whether it was opened with `O_DIRECT`.
+    pub(crate) fn get(&self, fh: fuser::FileHandle) -> Result<(Arc<FileHandle>, bool), Errno> {
+        let open = self.open.lock();
+        let file = open.get(&fh.0).ok_or(Errno::EBADF)?;
+        Ok((file.handle.clone(), file.direct))
+    }
+
+    /// The mapping `fh` is open on.
+    pub(crate) fn mapping(&self, fh: fuser::FileHandle) -> Result<Arc<Mapping>, Errno> {
+        Ok(self.get(fh)?.0.mapping().clone())
+    }
+
+    /// Forgets `fh`: the mapping's last handle writes back and keeps its pages
+    /// cached (see [`filemap::PageCache::open`]).
+    pub(crate) fn remove(&self, fh: fuser::FileHandle) {
+        let released = self.open.lock().remove(&fh.0);
+        drop(released);
+    }
+
+    /// Forgets every open file (unmounting).
+    pub(crate) fn clear(&self) {
+        let all = std::mem::take(&mut *self.open.lock());
+        drop(all);
+    }
+}
+
+/// The errno of a filemap error, for the kernel.
+pub(crate) fn errno(error: &io::Error) -> Errno {
+    Errno::from_i32(filemap::errno(error).unwrap_or(libc::EIO))
+}
+
+/// `done`'s error as the kernel's errno.
+pub(crate) fn or_errno<T>(done: io::Result<T>) -> Result<T, Errno> {
+    done.map_err(|error| errno(&error))
+}
+
+/// Replies to a request that answers nothing but its outcome.
+pub(crate) fn empty(reply: ReplyEmpty, done: Result<(), Errno>) {
+    match done {
+        Ok(()) => reply.ok(),
+        Err(error) => reply.error(error),
+    }
+}
+
+/// The requests on open files, written into a `fuser::Filesystem` impl whose
+/// open files are its field `open` ([`OpenFiles`]).
+macro_rules! serve_open_files {
+    () => {
+        fn read(
+            &self,
+            _req: &fuser::Request,
+            _ino: fuser::INodeNo,
+            fh: fuser::FileHandle,
+            offset: u64,
+            size: u32,
+            _flags: fuser::OpenFlags,
+            _lock_owner: Option<fuser::LockOwner>,
+            reply: fuser::ReplyData,
+        ) {
+            let (handle, direct) = match self.open.get(fh) {
+                Ok(opened) => opened,
+                Err(error) => return reply.error(error),
+            };
+            let mapping = handle.mapping();
+            let read = if direct {
+                let mut buf =
+                    filemap::AlignedBuf::new(size as usize, filemap::cache::DIRECT_IO_MEMORY_ALIGN);
+                mapping
+                    .read_direct(&mut buf, offset)
+                    .map(|n| buf[..n].to_vec())
+            } else {
+                $crate::open_files::read_fully(mapping, offset, size as usize)
+            };
+            match read {
+                Ok(data) => reply.data(&data),
+                Err(error) => reply.error($crate::open_files::errno(&error)),
+            }
+        }
+
+        fn write(
+            &self,
+            _req: &fuser::Request,
+            _ino: fuser::INodeNo,
+            fh: fuser::FileHandle,
+            offset: u64,
+            data: &[u8],
+            _write_flags: fuser::WriteFlags,
+            _flags: fuser::OpenFlags,
+            _lock_owner: Option<fuser::LockOwner>,
+            reply: fuser::ReplyWrite,
+        ) {
+            $crate::notify::serving_kernel();
+            let (handle, direct) = match self.open.get(fh) {
+                Ok(opened) => opened,
+                Err(error) => return reply.error(error),
+            };
+            let mapping = handle.mapping();
+            let written = if direct {
+                let buf =
+                    filemap::AlignedBuf::from_slice(data, filemap::cache::DIRECT_IO_MEMORY_ALIGN);
+                mapping.write_direct(&buf, offset)
+            } else {
+                mapping.write_all_at(data, offset).map(|()| data.len())
+            };
+            match written {
+                Ok(n) => reply.written(n as u32),
+                Err(error) => reply.error($crate::open_files::errno(&error)),
+            }
+        }
+
+        fn flush(
+            &self,
+            _req: &fuser::Request,
+            _ino: fuser::INodeNo,
+            _fh: fuser::FileHandle,
+            _lock_owner: fuser::LockOwner,
+            reply: fuser::ReplyEmpty,
+        ) {
+            reply.ok();
+        }
+
+        fn release(
+            &self,
+            _req: &fuser::Request,
+            _ino: fuser::INodeNo,
+            fh: fuser::FileHandle,
+            _flags: fuser::OpenFlags,
+            _lock_owner: Option<fuser::LockOwner>,
+            _flush: bool,
+            reply: fuser::ReplyEmpty,
+        ) {
+            // The mapping's last handle writes back and keeps its pages cached.
+            self.open.remove(fh);
+            reply.ok();
+        }
+
+        fn fsync(
+            &self,
+            _req: &fuser::Request,
+            _ino: fuser::INodeNo,
+            fh: fuser::FileHandle,
+            _datasync: bool,
+            reply: fuser::ReplyEmpty,
+        ) {
+            // The file's data, then the volume's metadata (its size, its blocks
+            // and its names), as an fsync of a new file must make its name last.
+            $crate::open_files::empty(
+                reply,
+                self.open
+                    .get(fh)
+                    .and_then(|(handle, _)| $crate::open_files::or_errno(handle.sync_all())),
+            );
+        }
+
+        fn fallocate(
+            &self,
+            _req: &fuser::Request,
+            _ino: fuser::INodeNo,
+            fh: fuser::FileHandle,
+            offset: u64,
+            length: u64,
+            mode: i32,
+            reply: fuser::ReplyEmpty,
+        ) {
+            $crate::notify::serving_kernel();
+            let mapping = match self.open.mapping(fh) {
+                Ok(mapping) => mapping,
+                Err(error) => return reply.error(error),
+            };
+            $crate::open_files::empty(
+                reply,
+                $crate::open_files::or_errno($crate::open_files::fallocate(
+                    &mapping, offset, length, mode,
+                )),
+            );
+        }
+
+        fn lseek(
+            &self,
+            _req: &fuser::Request,
+            _ino: fuser::INodeNo,
+            fh: fuser::FileHandle,
+            offset: i64,
+            whence: i32,
+            reply: fuser::ReplyLseek,
+        ) {
+            let mapping = match self.open.mapping(fh) {
+                Ok(mapping) => mapping,
+                Err(error) => return reply.error(error),
+            };
+            let Ok(from) = u64::try_from(offset) else {
+                return reply.error(fuser::Errno::ENXIO);
+            };
+            let found = match whence {
+                libc::SEEK_DATA => mapping.seek_data(from),
+                libc::SEEK_HOLE => mapping.seek_hole(from),
+                _ => return reply.error(fuser::Errno::EINVAL),
+            };
+            match found {
+                Ok(Some(at)) => reply.offset(at as i64),
+                Ok(None) => reply.error(fuser::Errno::ENXIO),
+                Err(error) => reply.error($crate::open_files::errno(&error)),
+            }
+        }
+    };
+}
+pub(crate) use serve_open_files;
+
+/// `fallocate(2)` of `mapping` with the modes FUSE passes on (the kernel
+/// refuses collapse and insert itself).
+pub(crate) fn fallocate(mapping: &Mapping, offset: u64, length: u64, mode: i32) -> io::Result<()> {
+    let end = offset.saturating_add(length);
+    let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    let grow = || match keep_size || end <= mapping.len() {
+        true => Ok(()),
+        false => mapping.set_len(end),
+    };
+    match mode & !libc::FALLOC_FL_KEEP_SIZE {
+        // Blocks are allocated when written: this only sets the size.
+        0 => grow(),
+        libc::FALLOC_FL_PUNCH_HOLE if keep_size => mapping.punch_hole(offset, length),
+        libc::FALLOC_FL_ZERO_RANGE => grow().and_then(|()| mapping.zero_range(offset, length)),
+        _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+    }
+}
+
+/// Reads `len` bytes at `offset`, or up to the end of file.
+pub(crate) fn read_fully(mapping: &Mapping, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0; len];
+    let mut done = 0;
+    while done < len {
+        match mapping.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
