@@ -5,9 +5,15 @@
 // Each test file uses its own part of this module.
 #![allow(dead_code)]
 
+use std::cell::Cell;
+use std::ffi::CString;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 pub fn filemap() -> Command {
@@ -74,20 +80,36 @@ impl Image {
     /// Mounts the image; the server runs until [`Server::stop`] or
     /// [`Server::kill`], or until the guard is dropped.
     pub fn mount(&self) -> Server {
-        let child = filemap()
+        let mut command = filemap();
+        command
             .args([
                 "mount",
                 self.image().to_str().unwrap(),
                 self.mnt().to_str().unwrap(),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("filemap runs");
+            .stderr(Stdio::piped());
+        // A test process that dies where no guard runs (a signal, an abort)
+        // must not leave its mount served: the server gets SIGTERM, which
+        // unmounts. (Sent when the thread that spawned it ends: each server
+        // is ended by its test's thread before that.)
+        // SAFETY: runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: prctl(2) is one, and the
+        // closure allocates nothing.
+        unsafe {
+            command.pre_exec(
+                || match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                },
+            );
+        }
+        let child = command.spawn().expect("filemap runs");
         let mut server = Server {
             child,
             mnt: self.mnt(),
             ended: false,
+            slot: register_mount(&self.mnt()),
         };
         let started = Instant::now();
         while !is_mounted(&server.mnt) {
@@ -116,6 +138,8 @@ pub struct Server {
     mnt: PathBuf,
     /// Waited for: nothing left for the guard to do.
     ended: bool,
+    /// Its entry in `MOUNTS`.
+    slot: usize,
 }
 
 impl Server {
@@ -195,6 +219,7 @@ fn detach(mnt: &Path) {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        MOUNTS[self.slot].store(std::ptr::null_mut(), Ordering::Relaxed);
         if self.ended {
             return;
         }
@@ -256,4 +281,108 @@ impl Rng {
             }
         }
     }
+}
+
+/// The mount points of this process's servers, for the SIGBUS handler, which
+/// may neither allocate nor lock. Each string is leaked on purpose: a handler
+/// on another thread may be reading it when its server ends.
+static MOUNTS: [AtomicPtr<libc::c_char>; 64] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 64];
+
+/// Enters `mnt` in a free slot of `MOUNTS`; the slot's number.
+fn register_mount(mnt: &Path) -> usize {
+    let path = CString::new(mnt.as_os_str().as_bytes()).expect("a path without NUL");
+    let path = CString::into_raw(path);
+    for (slot, entry) in MOUNTS.iter().enumerate() {
+        let free = std::ptr::null_mut();
+        if entry
+            .compare_exchange(free, path, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            return slot;
+        }
+    }
+    panic!("more than {} servers at once", MOUNTS.len());
+}
+
+// A SIGBUS (a load or store through a map of the mount that the mount could
+// not serve) ends the process with no word of what the test was doing, and
+// where no guard runs: a handler prints the faulting thread's note first, and
+// detaches this process's mounts.
+thread_local! {
+    /// The note of this thread's test: a pointer and a length into the
+    /// `Note` that owns the text, or null.
+    static NOTE: Cell<(*const u8, usize)> = const { Cell::new((std::ptr::null(), 0)) };
+}
+
+/// What a SIGBUS on this thread reports (the test, its step, how to replay
+/// it); cleared when dropped.
+pub struct Note {
+    text: String,
+}
+
+impl Note {
+    pub fn new() -> Note {
+        Note {
+            text: String::new(),
+        }
+    }
+
+    pub fn set(&mut self, text: String) {
+        self.text = text;
+        NOTE.with(|note| note.set((self.text.as_ptr(), self.text.len())));
+    }
+}
+
+impl Drop for Note {
+    fn drop(&mut self) {
+        NOTE.with(|note| note.set((std::ptr::null(), 0)));
+    }
+}
+
+extern "C" fn on_sigbus(_signal: libc::c_int) {
+    const HEAD: &[u8] = b"\nSIGBUS: a load or store through a map of the mount faulted\n";
+    let (ptr, len) = NOTE
+        .try_with(|note| note.get())
+        .unwrap_or((std::ptr::null(), 0));
+    // SAFETY: write(2) and umount2(2) are async-signal-safe. write reads
+    // `len` bytes at `ptr`: HEAD, and the note's text, which its `Note`
+    // keeps alive while the pointer is set (it is changed only between map
+    // accesses, and SIGBUS is raised synchronously by an access of this
+    // thread). Each mount point is a NUL-terminated string never freed. The
+    // handler was installed with SA_RESETHAND: returning retries the access,
+    // which now ends the process by SIGBUS, and its servers with it.
+    unsafe {
+        libc::write(2, HEAD.as_ptr().cast(), HEAD.len());
+        if !ptr.is_null() {
+            libc::write(2, ptr.cast(), len);
+        }
+        for entry in &MOUNTS {
+            let path = entry.load(Ordering::Relaxed);
+            if !path.is_null() {
+                libc::umount2(path, libc::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// Installs the SIGBUS report (once per process).
+pub fn install_sigbus_report() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed `sigaction` is a valid value, filled in before use;
+        // the handler only reads a thread-local cell (const-initialised, no
+        // destructor: no allocation or lock) and atomics, and makes
+        // async-signal-safe calls.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESETHAND;
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()),
+                0,
+                "sigaction"
+            );
+        }
+    });
 }
