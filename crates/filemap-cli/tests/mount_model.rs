@@ -1253,3 +1253,103 @@ fn a_shared_map_sees_at_once_what_another_descriptor_does() {
     drop((writer, direct, mapped));
     server.stop(None);
 }
+
+/// Found by the model: `fallocate(ZERO_RANGE | KEEP_SIZE)` reaching past the
+/// end of file grew the file to the range's end.
+#[test]
+fn zero_range_with_keep_size_past_the_end_of_file_keeps_the_size() {
+    let image = Image::new("16M");
+    let server = image.mount();
+    let path = image.at("kept");
+    let mut data = vec![0; 8708];
+    Rng::new(1).fill_nonzero(&mut data);
+    std::fs::write(&path, &data).expect("write");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    let keep = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    // Wholly past the end, then from inside the file to past it.
+    fallocate(&file, keep, 495_657, 33).expect("zero range past the end");
+    assert_eq!(file.metadata().expect("fstat").len(), 8708, "the size");
+    fallocate(&file, keep, 8000, 10_000).expect("zero range across the end");
+    assert_eq!(file.metadata().expect("fstat").len(), 8708, "the size");
+    data[8000..].fill(0);
+    assert!(std::fs::read(&path).expect("read") == data, "the bytes");
+    drop(file);
+    server.stop(None);
+}
+
+/// Found by the model: an `O_DIRECT` write or read whose length is not
+/// aligned, longer than one FUSE request (1 MiB), did the request-sized part
+/// and returned its length instead of failing with `EINVAL`, changing
+/// nothing.
+#[test]
+fn an_unaligned_o_direct_call_longer_than_a_request_fails_whole() {
+    let image = Image::new("16M");
+    let server = image.mount();
+    let path = image.at("whole");
+    let mut data = vec![0; 3 << 20];
+    Rng::new(2).fill_nonzero(&mut data);
+    std::fs::write(&path, &data).expect("write");
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("open O_DIRECT");
+    let len = (1 << 20) + 1;
+    let mut buf = Aligned::new(len);
+    buf.bytes_mut().fill(0xee);
+    let wrote = direct.write_at(buf.bytes(), 0);
+    let read = direct.read_at(buf.bytes_mut(), PAGE);
+    let after = std::fs::read(&path).expect("read");
+    let changed = after.iter().zip(&data).filter(|(a, d)| a != d).count();
+    assert!(
+        wrote.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EINVAL)
+            && read.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EINVAL)
+            && changed == 0,
+        "an O_DIRECT write of {len} bytes at 0 returned {wrote:?} and changed {changed} bytes; \
+         a read of {len} bytes at {PAGE} returned {read:?}; both should fail with EINVAL"
+    );
+    drop(direct);
+    server.stop(None);
+}
+
+/// Found by the model: stores through a shared map of a file opened with
+/// `O_DIRECT` were lost (the page written back in the end-of-file page is
+/// shorter than a page, so the mount's direct write refused it): `msync`
+/// failed with `EINVAL` and the file kept its old bytes.
+#[test]
+fn stores_through_a_map_of_an_o_direct_descriptor_reach_the_file() {
+    let image = Image::new("16M");
+    let server = image.mount();
+    let path = image.at("mapped");
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("create O_DIRECT");
+    direct.set_len(5000).expect("ftruncate");
+    let map = Map::new(&direct, 2 * PAGE as usize).expect("mmap");
+    map.store(100, b"first page");
+    map.store(4500, b"last page");
+    let synced = map.sync();
+    drop(map);
+    drop(direct);
+    let mut want = vec![0; 5000];
+    want[100..110].copy_from_slice(b"first page");
+    want[4500..4509].copy_from_slice(b"last page");
+    let got = std::fs::read(&path).expect("read");
+    assert!(
+        synced.is_ok() && got == want,
+        "msync: {synced:?}; the file {}",
+        compare(&want, &got, 0, "read back")
+            .err()
+            .unwrap_or_else(|| "holds the stores".to_owned())
+    );
+    server.stop(None);
+}
