@@ -84,8 +84,11 @@ fn a_map_read_while_other_processes_punch_zero_and_truncate_sees_each_change_onc
                 rng.fill_nonzero(&mut data);
                 Change::Write(data)
             }
-            70..85 => Change::Truncate(rng.within(size / 2, size)),
-            _ => Change::Truncate(rng.within(size + 1, (3 << 19) + PAGE)),
+            // Shrinks to half the size at most, grows up to 1.5 MiB: the file
+            // stays longer than two pages and inside the map.
+            70..85 if size > 2 * PAGE => Change::Truncate(rng.within(size / 2, size)),
+            _ if size < 3 << 19 => Change::Truncate(rng.within(size + 1, (3 << 19) + PAGE)),
+            _ => Change::Truncate(rng.within(size / 2, size)),
         };
         // What the change leaves from `start` on, and how far the reader may
         // read while it runs.
