@@ -1,7 +1,9 @@
 //! `filemap format` and `filemap mount`: a volume image as a file system.
 
+use std::ffi::CString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
 
@@ -82,6 +84,28 @@ pub fn mount(args: MountArgs) -> ExitCode {
     }
 }
 
+/// Unmounts `mountpoint` for a signal. If a file is open there (`EBUSY`), it
+/// is detached at once instead (`MNT_DETACH`): no new path reaches it, and
+/// the server syncs and ends when the last open file closes.
+fn unmount(mountpoint: &Path) {
+    let Ok(path) = CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        return;
+    }
+    if std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY) {
+        eprintln!(
+            "filemap mount: {} is busy (a file is open there): detached now; \
+             the server syncs and ends when the last open file closes",
+            mountpoint.display()
+        );
+        // SAFETY: as above.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 fn serve(args: MountArgs) -> std::io::Result<()> {
     // Temporary image and mount point, if not given: gone at the end.
     let scratch = tempfile::Builder::new()
@@ -109,15 +133,15 @@ fn serve(args: MountArgs) -> std::io::Result<()> {
         readahead_threads: args.readahead_threads,
         threads: args.threads,
     };
-    let mut session = filemap_fuse::session(&image, &mountpoint, &options)?;
-    let mut unmounter = session.unmount_callable();
+    let session = filemap_fuse::session(&image, &mountpoint, &options)?;
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let signals_handle = signals.handle();
     // Runs until `close` below: ending at the first signal would close the
     // signals' socket, and `close` writing to it would then raise SIGPIPE.
+    let target = mountpoint.clone();
     let waiter = std::thread::spawn(move || {
         for _ in signals.forever() {
-            let _ = unmounter.unmount();
+            unmount(&target);
         }
     });
     eprintln!(

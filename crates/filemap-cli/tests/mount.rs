@@ -5,6 +5,9 @@
 
 mod support;
 
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
 use support::{filemap, run, Image};
 
 #[test]
@@ -532,9 +535,7 @@ fn a_busy_or_dead_mount_point_is_refused_naming_it() {
     assert!(stderr.contains(image.mnt().to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("mounted there already"), "{stderr}");
     // Dead: the server was killed, and the mount is left without one.
-    let mut child = server.child;
-    run("kill", &["-KILL", &child.id().to_string()]);
-    child.wait().expect("wait");
+    server.kill_leaving_a_dead_mount();
     let out = filemap()
         .args([
             "mount",

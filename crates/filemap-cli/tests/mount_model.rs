@@ -750,12 +750,15 @@ impl Run {
                             (base + self.rng.within(1, PAGE)).min(limit - 1),
                             self.rng.within(1, 17) * PAGE,
                         ),
-                        // The length is not; sometimes it is more than a
-                        // FUSE request carries, so the kernel splits it.
+                        // The length is not; sometimes it is nearly what a
+                        // FUSE request carries (1 MiB). A longer call the
+                        // kernel splits into requests, and the server sees
+                        // only its aligned first part (see
+                        // `an_unaligned_o_direct_call_longer_than_a_request_is_checked_per_request`).
                         1 => (base, self.rng.below(17) * PAGE + self.rng.within(1, PAGE)),
                         _ => (
                             base,
-                            self.rng.within(200, 300) * PAGE + self.rng.within(1, PAGE),
+                            self.rng.within(200, 255) * PAGE + self.rng.within(1, PAGE),
                         ),
                     };
                     if off % PAGE == 0 && len % PAGE == 0 {
@@ -1281,12 +1284,15 @@ fn zero_range_with_keep_size_past_the_end_of_file_keeps_the_size() {
     server.stop(None);
 }
 
-/// Found by the model: an `O_DIRECT` write or read whose length is not
-/// aligned, longer than one FUSE request (1 MiB), did the request-sized part
-/// and returned its length instead of failing with `EINVAL`, changing
-/// nothing.
+/// Found by the model, and a limit of FUSE: the kernel splits an `O_DIRECT`
+/// call into requests of at most 1 MiB before the server sees it, so an
+/// unaligned call longer than that cannot fail whole as on a local file
+/// system: its aligned first request is done, and the call returns that
+/// part's length (a short count), the unaligned rest failing. What the mount
+/// does guarantee, checked here: nothing past the returned count changes,
+/// and a call of at most one request fails whole with `EINVAL`.
 #[test]
-fn an_unaligned_o_direct_call_longer_than_a_request_fails_whole() {
+fn an_unaligned_o_direct_call_longer_than_a_request_is_checked_per_request() {
     let image = Image::new("16M");
     let server = image.mount();
     let path = image.at("whole");
@@ -1299,19 +1305,42 @@ fn an_unaligned_o_direct_call_longer_than_a_request_fails_whole() {
         .custom_flags(libc::O_DIRECT)
         .open(&path)
         .expect("open O_DIRECT");
-    let len = (1 << 20) + 1;
-    let mut buf = Aligned::new(len);
+    let request = 1 << 20;
+    let mut buf = Aligned::new(request + 1);
     buf.bytes_mut().fill(0xee);
-    let wrote = direct.write_at(buf.bytes(), 0);
-    let read = direct.read_at(buf.bytes_mut(), PAGE);
-    let after = std::fs::read(&path).expect("read");
-    let changed = after.iter().zip(&data).filter(|(a, d)| a != d).count();
+    // One request, unaligned: fails whole, changes nothing.
+    let einval = |done: std::io::Result<usize>| done.err().and_then(|e| e.raw_os_error());
+    assert_eq!(
+        einval(direct.write_at(&buf.bytes()[..request - 1], 0)),
+        Some(libc::EINVAL)
+    );
     assert!(
-        wrote.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EINVAL)
-            && read.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EINVAL)
-            && changed == 0,
-        "an O_DIRECT write of {len} bytes at 0 returned {wrote:?} and changed {changed} bytes; \
-         a read of {len} bytes at {PAGE} returned {read:?}; both should fail with EINVAL"
+        std::fs::read(&path).expect("read") == data,
+        "a refused write changed the file"
+    );
+    // Longer: at most the aligned first request, and nothing past it.
+    let wrote = direct.write_at(buf.bytes(), 0);
+    let done = match wrote {
+        Ok(n) => n,
+        Err(ref error) if error.raw_os_error() == Some(libc::EINVAL) => 0,
+        Err(ref error) => panic!("an unaligned O_DIRECT write failed with {error}"),
+    };
+    assert!(done == 0 || done == request, "wrote {wrote:?}");
+    let after = std::fs::read(&path).expect("read");
+    assert!(after[..done].iter().all(|&b| b == 0xee), "the part done");
+    assert!(
+        after[done..] == data[done..],
+        "changed past the count it returned"
+    );
+    let read = direct.read_at(buf.bytes_mut(), PAGE);
+    let as_limited = match &read {
+        Ok(n) => *n == request,
+        Err(error) => error.raw_os_error() == Some(libc::EINVAL),
+    };
+    assert!(
+        as_limited,
+        "an unaligned O_DIRECT read of {} bytes returned {read:?}",
+        request + 1
     );
     drop(direct);
     server.stop(None);

@@ -124,7 +124,7 @@ macro_rules! serve_open_files {
             fh: fuser::FileHandle,
             offset: u64,
             data: &[u8],
-            _write_flags: fuser::WriteFlags,
+            write_flags: fuser::WriteFlags,
             _flags: fuser::OpenFlags,
             _lock_owner: Option<fuser::LockOwner>,
             reply: fuser::ReplyWrite,
@@ -135,7 +135,11 @@ macro_rules! serve_open_files {
                 Err(error) => return reply.error(error),
             };
             let mapping = handle.mapping();
-            let written = if direct {
+            // The kernel writing back a shared map's pages (through whatever
+            // descriptor, an `O_DIRECT` one too): buffered, whatever its
+            // alignment, since the last page is cut at the end of file.
+            let from_a_map = write_flags.contains(fuser::WriteFlags::FUSE_WRITE_CACHE);
+            let written = if direct && !from_a_map {
                 let buf =
                     filemap::AlignedBuf::from_slice(data, filemap::cache::DIRECT_IO_MEMORY_ALIGN);
                 mapping.write_direct(&buf, offset)
@@ -259,6 +263,14 @@ pub(crate) fn fallocate(mapping: &Mapping, offset: u64, length: u64, mode: i32) 
         // Blocks are allocated when written: this only sets the size.
         0 => grow(),
         libc::FALLOC_FL_PUNCH_HOLE if keep_size => mapping.punch_hole(offset, length),
+        libc::FALLOC_FL_ZERO_RANGE if keep_size => {
+            // Only the part inside the file: the size stays.
+            let end = end.min(mapping.len());
+            match offset < end {
+                true => mapping.zero_range(offset, end - offset),
+                false => Ok(()),
+            }
+        }
         libc::FALLOC_FL_ZERO_RANGE => grow().and_then(|()| mapping.zero_range(offset, length)),
         _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
     }

@@ -200,6 +200,16 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Kills the server with SIGKILL and leaves its dead mount in place, for
+    /// a test of what a dead mount point does; the caller unmounts it.
+    pub fn kill_leaving_a_dead_mount(mut self) {
+        run("kill", &["-KILL", &self.child.id().to_string()]);
+        self.child.wait().expect("wait");
+        self.ended = true;
+    }
+}
+
 /// Unmounts `mnt` if it is mounted: `umount`, else `umount -l`. Panics if it
 /// stays mounted.
 fn detach(mnt: &Path) {
