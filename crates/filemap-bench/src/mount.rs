@@ -17,6 +17,11 @@
 //! - `host`: a file in a third directory beside them, read and written with
 //!   no FUSE between, for scale.
 //!
+//! filemap's image is an ordinary host file, so the host's page cache holds
+//! what filemap reads and writes of it, as it holds the pass-through's file:
+//! both file systems sit on the same host cache, and `uncached-read` empties
+//! it for both.
+//!
 //! Operations, each through each target (the program's calls are the same:
 //! `pread`, `read`, `pwrite` and `fsync` on a descriptor of the target's file):
 //!
@@ -31,7 +36,9 @@
 //!   cache starts empty and its fills read the disk through the host's
 //!   readahead on the image; the pass-through's host file and the host's file
 //!   are synced and dropped from the host's page cache alike. All three read
-//!   from the disk. Rows count 1 MiB reads per second: MiB/s.
+//!   from the disk (whose own cache, on a virtual machine its host's page
+//!   cache, may still hold the data). Rows count 1 MiB reads per second:
+//!   MiB/s.
 //! - `write-fsync`: 4 KiB `pwrite`s at random page-aligned offsets, one
 //!   thread, an `fsync` after every 64th; each slice of a run ends with an
 //!   untimed `fsync`, so no target leaves dirty pages to the next. The file is
@@ -381,7 +388,8 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
         "mount: uncached-read: before each read, filemap's image is unmounted, synced, \
          dropped from the host's page cache (fadvise DONTNEED) and mounted again (an empty \
          cache); the other two files are synced and dropped alike: all three read the disk \
-         through the host's readahead (filemap's fills are preads of its image)"
+         through the host's readahead (filemap's fills are preads of its image; a virtual \
+         disk's host may still cache what it serves)"
             .to_owned(),
         format!(
             "mount: write-fsync: 4 KiB pwrites at random pages of the written file, fsync \
@@ -497,7 +505,8 @@ impl Targets {
         for sub in ["filemap", "passthrough", "passthrough-files", "host"] {
             std::fs::create_dir(dir.join(sub))?;
         }
-        // The file, a 256th for the volume's metadata, and room to spare.
+        // The file, the volume's metadata (a 256th of the image) and room
+        // to spare.
         let image_bytes = config.file_bytes + config.file_bytes / 8 + (64 << 20);
         filemap_fuse::format(&dir.join("volume.img"), image_bytes)?;
         let options = MountOptions {
