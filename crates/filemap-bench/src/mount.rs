@@ -52,7 +52,8 @@
 //! The targets are set on two ratios: cached reads (each thread count) and
 //! uncached sequential reads, filemap at least as fast as the pass-through.
 //! Every mount is unmounted on every way out of [`run`], an error or a panic
-//! included ([`MountGuard`]).
+//! included: a guard unmounts each when dropped, and detaches a mount a file
+//! still holds.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
