@@ -107,6 +107,15 @@ impl TargetKind {
         TargetKind::Host,
     ];
 
+    /// Its place in [`TargetKind::ALL`].
+    fn index(self) -> usize {
+        match self {
+            TargetKind::Filemap => 0,
+            TargetKind::Passthrough => 1,
+            TargetKind::Host => 2,
+        }
+    }
+
     /// Its name in reports (the rows' `strategy`).
     pub fn name(self) -> &'static str {
         match self {
@@ -256,7 +265,7 @@ fn measure(
                         )))
                     },
                     |kind, duration| {
-                        let file = &files[*kind as usize];
+                        let file = &files[kind.index()];
                         Ok(vec![random_reads(file, threads, pages, duration)?])
                     },
                 )?;
@@ -269,7 +278,7 @@ fn measure(
                 duration,
                 |kind| progress(Progress::Step(&step(WRITE_FSYNC, kind))),
                 |kind, duration| {
-                    let file = &files[*kind as usize];
+                    let file = &files[kind.index()];
                     Ok(vec![random_writes(file, pages, duration)?])
                 },
             )?;
@@ -975,6 +984,13 @@ mod tests {
         );
         assert_eq!(mount_point_of("short line"), None);
         assert!(mount_points().unwrap().contains(&PathBuf::from("/")));
+    }
+
+    #[test]
+    fn targets_know_their_place() {
+        for (i, kind) in TargetKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i, "{kind:?}");
+        }
     }
 
     #[test]
