@@ -606,7 +606,7 @@ impl MountGuard {
         options: &MountOptions,
     ) -> io::Result<MountGuard> {
         let mountpoint = mountpoint.canonicalize()?;
-        let mounted = filemap_fuse::mount(image, &mountpoint, options)?;
+        let mounted = filemap_fuse::mount(image, &mountpoint, options).map_err(mounting)?;
         Ok(MountGuard {
             mountpoint,
             session: Some(Session::Filemap(mounted)),
@@ -620,7 +620,7 @@ impl MountGuard {
         threads: usize,
     ) -> io::Result<MountGuard> {
         let mountpoint = mountpoint.canonicalize()?;
-        let session = crate::passthrough::mount(root, &mountpoint, threads)?;
+        let session = crate::passthrough::mount(root, &mountpoint, threads).map_err(mounting)?;
         Ok(MountGuard {
             mountpoint,
             session: Some(Session::Passthrough(session)),
@@ -655,6 +655,24 @@ impl MountGuard {
             format!("unmounting {}: {error} ({detached})", mountpoint.display()),
         ))
     }
+}
+
+/// A failed mount's error, with what it takes where the kernel refused
+/// (`EPERM`, `EACCES`, `ENODEV`; `filemap_fuse` names the path in a message
+/// of its own, which keeps the kind but not the errno).
+fn mounting(error: io::Error) -> io::Error {
+    let refused = error.kind() == io::ErrorKind::PermissionDenied
+        || matches!(error.raw_os_error(), Some(libc::EPERM | libc::ENODEV));
+    if !refused {
+        return error;
+    }
+    io::Error::new(
+        error.kind(),
+        format!(
+            "{error} (the mount workload mounts FUSE file systems: it needs root, or the \
+             right to open /dev/fuse and to mount)"
+        ),
+    )
 }
 
 impl Drop for MountGuard {
@@ -984,6 +1002,17 @@ mod tests {
         );
         assert_eq!(mount_point_of("short line"), None);
         assert!(mount_points().unwrap().contains(&PathBuf::from("/")));
+    }
+
+    #[test]
+    fn a_refused_mount_says_what_it_takes() {
+        let named = io::Error::new(io::ErrorKind::PermissionDenied, "/mnt: Permission denied");
+        for refused in [named, io::Error::from_raw_os_error(libc::EPERM)] {
+            let error = mounting(refused);
+            assert!(error.to_string().contains("it needs root"), "{error}");
+        }
+        let busy = mounting(io::Error::from_raw_os_error(libc::EBUSY));
+        assert_eq!(busy.raw_os_error(), Some(libc::EBUSY));
     }
 
     #[test]
