@@ -60,6 +60,9 @@ struct BenchArgs {
     /// file against a raw read of its device. open: open, first 4 KiB read and
     /// close of small files, against the kernel; and the threads, descriptors,
     /// VMAs and resident bytes of 100,000 open mappings, 1,000 of them read.
+    /// mount: cached random reads, uncached sequential reads and random writes
+    /// with fsync through a mounted volume image (FUSE), against a pass-through
+    /// FUSE file system and the host file system (needs the right to mount).
     #[arg(value_enum)]
     workloads: Vec<WorkloadArg>,
     /// Timed runs of every configuration (the median is reported).
@@ -71,19 +74,23 @@ struct BenchArgs {
     /// Thread counts to measure, comma-separated: hit readers (default 1,2),
     /// mixed and direct reader threads (default 2, beside their writers and
     /// puncher), starve storm threads (default one per processor but the
-    /// puncher's). Not used by fault, evict, seqread and open.
+    /// puncher's), mount cached readers (default 1,2). Not used by fault,
+    /// evict, seqread and open.
     #[arg(long, value_delimiter = ',', value_parser = whole_number::<usize>)]
     threads: Option<Vec<usize>>,
     /// Strategies to measure, comma-separated (default: every strategy).
     #[arg(long, value_delimiter = ',', value_parser = strategy_parser())]
     strategy: Vec<Strategy>,
-    /// hit and fault: the file's size in MiB (default 16).
+    /// hit and fault: the file's size in MiB (default 16); mount: the size of
+    /// its file on each target (default 256).
     #[arg(long, value_parser = whole_number::<u64>)]
     file_mib: Option<u64>,
     /// mixed, direct and starve: the page cache budget in bytes (default: mixed
     /// is 31/32 of its readers' region; direct and starve
-    /// their whole file). hit and fault always cache their whole file.
-    #[arg(long, value_parser = whole_number::<u64>)]
+    /// their whole file). hit and fault always cache their whole file. mount:
+    /// the mounted cache's budget (default 536870912, 512 MiB; at least the
+    /// file).
+    #[arg(long, visible_alias = "budget", value_parser = whole_number::<u64>)]
     cache_bytes: Option<u64>,
     /// open: the small files opened, read and closed in turns (default 2000).
     #[arg(long, value_parser = whole_number::<usize>)]
@@ -110,11 +117,12 @@ enum WorkloadArg {
     Evict,
     Seqread,
     Open,
+    Mount,
     All,
 }
 
 /// The workloads, in the order `all` runs them.
-const WORKLOADS: [WorkloadArg; 8] = [
+const WORKLOADS: [WorkloadArg; 9] = [
     WorkloadArg::Hit,
     WorkloadArg::Mixed,
     WorkloadArg::Direct,
@@ -123,6 +131,7 @@ const WORKLOADS: [WorkloadArg; 8] = [
     WorkloadArg::Evict,
     WorkloadArg::Seqread,
     WorkloadArg::Open,
+    WorkloadArg::Mount,
 ];
 
 /// Strategy names as the library parses them (`Strategy::from_str`), with
@@ -301,6 +310,7 @@ enum BenchConfig {
     Evict(filemap_bench::evict::EvictConfig),
     Seqread(filemap_bench::seqread::SeqReadConfig),
     Open(filemap_bench::open::OpenConfig),
+    Mount(filemap_bench::mount::MountConfig),
 }
 
 impl BenchConfig {
@@ -314,6 +324,7 @@ impl BenchConfig {
             BenchConfig::Evict(c) => filemap_bench::evict::check(c),
             BenchConfig::Seqread(c) => filemap_bench::seqread::check(c),
             BenchConfig::Open(c) => filemap_bench::open::check(c),
+            BenchConfig::Mount(c) => filemap_bench::mount::check(c),
         }
     }
 
@@ -327,6 +338,7 @@ impl BenchConfig {
             BenchConfig::Evict(c) => filemap_bench::evict::steps(c),
             BenchConfig::Seqread(c) => filemap_bench::seqread::steps(c),
             BenchConfig::Open(c) => filemap_bench::open::steps(c),
+            BenchConfig::Mount(c) => filemap_bench::mount::steps(c),
         }
     }
 
@@ -343,6 +355,7 @@ impl BenchConfig {
             BenchConfig::Evict(c) => filemap_bench::evict::run(c, progress),
             BenchConfig::Seqread(c) => filemap_bench::seqread::run(c, progress),
             BenchConfig::Open(c) => filemap_bench::open::run(c, progress),
+            BenchConfig::Mount(c) => filemap_bench::mount::run(c, progress),
         }
     }
 }
@@ -355,12 +368,13 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
     } else {
         args.strategy.clone()
     };
-    let file_bytes = match args.file_mib {
+    let file_mib = |default: u64| match args.file_mib {
         Some(mib) => mib
             .checked_mul(1 << 20)
-            .ok_or_else(|| format!("--file-mib {mib} is too large"))?,
-        None => 16 << 20,
+            .ok_or_else(|| format!("--file-mib {mib} is too large")),
+        None => Ok(default << 20),
     };
+    let file_bytes = file_mib(16)?;
     let settings = filemap_bench::RunSettings {
         runs: args.runs,
         seconds_per_run: args.seconds,
@@ -414,6 +428,15 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                     mappings: args.mappings.unwrap_or(defaults.mappings),
                     // One thread opens: `--threads` is not for it.
                     settings: settings.clone(),
+                })
+            }
+            WorkloadArg::Mount => {
+                let defaults = filemap_bench::mount::MountConfig::default();
+                BenchConfig::Mount(filemap_bench::mount::MountConfig {
+                    file_bytes: file_mib(defaults.file_bytes >> 20)?,
+                    budget_bytes: args.cache_bytes.unwrap_or(defaults.budget_bytes),
+                    settings: with_threads(&defaults.settings.threads),
+                    dir: None,
                 })
             }
             WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),
@@ -535,6 +558,9 @@ fn print_bench_report(report: &filemap_bench::Report, json: bool, runs: usize, s
     println!("\nmedians of {runs} runs of {seconds} s each");
     if incoherent {
         println!("* takes no coherence lock (incoherent): for reference only, in no ratio");
+    }
+    if let Some(table) = filemap_bench::mount::table(report) {
+        println!("\n{table}");
     }
     if report.rows.iter().any(|r| r.workload == "fault") {
         println!(

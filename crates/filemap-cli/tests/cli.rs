@@ -337,6 +337,132 @@ fn bench_open_prints_the_kernel_ratio_and_the_resource_figures() {
     assert!(stdout.contains("descriptor limit"), "{stdout}");
 }
 
+/// Mount points at or under `dir`, in this process's mount namespace (the
+/// one `filemap` mounts in).
+fn mounted_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let dir = dir.canonicalize().unwrap();
+    filemap_bench::mount::mount_points()
+        .unwrap()
+        .into_iter()
+        .filter(|point| point.starts_with(&dir))
+        .collect()
+}
+
+/// A tiny `filemap bench mount` whose temporary files go to a directory of
+/// the test's, which it must leave empty and with nothing mounted on it.
+fn bench_mount(extra: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "bench",
+        "mount",
+        "--runs",
+        "1",
+        "--seconds",
+        "0.05",
+        "--file-mib",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_filemap"))
+        .args(&args)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("the filemap binary runs");
+    // A run that cannot mount fails here, with the reason on stderr.
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mounted_under(tmp.path()), Vec::<std::path::PathBuf>::new());
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn bench_mount_prints_every_target_the_table_and_the_targets() {
+    let stdout = bench_mount(&[]);
+    for op in ["cached-read", "uncached-read", "write-fsync"] {
+        for target in ["filemap", "passthrough", "host"] {
+            assert!(
+                stdout.lines().any(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    fields.starts_with(&["mount", target, op])
+                }),
+                "no {op} row of {target}: {stdout}"
+            );
+        }
+    }
+    // The table: a row per target, then filemap's ratios to the others.
+    for row in [
+        "filemap ",
+        "passthrough ",
+        "host ",
+        "filemap / passthrough ",
+        "filemap / host ",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(row)),
+            "no table row {row:?}: {stdout}"
+        );
+    }
+    let ratio = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with("mount") && l.contains(name))
+            .unwrap_or_else(|| panic!("no ratio {name}: {stdout}"))
+    };
+    for name in [
+        "filemap / passthrough, cached 4 KiB random reads/s, 1 thread",
+        "filemap / passthrough, cached 4 KiB random reads/s, 2 threads",
+        "filemap / passthrough, uncached sequential 1 MiB reads",
+    ] {
+        assert!(ratio(name).contains("x (target >= 1: "), "{}", ratio(name));
+    }
+    assert!(!ratio("filemap / host, random 4 KiB writes/s").contains("target"));
+    assert!(stdout.contains("note: mount: uncached-read: "), "{stdout}");
+}
+
+#[test]
+fn bench_mount_json_has_the_contract_keys() {
+    let stdout = bench_mount(&["--json", "--threads", "2", "--strategy", "two-state"]);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is a JSON object"))
+        .collect();
+    let rows: Vec<_> = lines.iter().filter(|l| l.get("op").is_some()).collect();
+    let ratios: Vec<_> = lines.iter().filter(|l| l.get("name").is_some()).collect();
+    // One cached-read thread count, the sequential read, the writes.
+    assert_eq!(rows.len(), 3 * 3, "{stdout}");
+    for row in &rows {
+        for key in [
+            "workload",
+            "strategy",
+            "op",
+            "threads",
+            "ops_per_s",
+            "p50_us",
+            "p99_us",
+        ] {
+            assert!(row.get(key).is_some(), "missing {key}: {row}");
+        }
+        assert_eq!(row["workload"], "mount");
+        assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r["op"] == "cached-read" && r["threads"] == 2 && r["workers"] == 2));
+    assert_eq!(ratios.len(), 2 * 3, "{stdout}");
+    for ratio in &ratios {
+        assert!(ratio["value"].as_f64().is_some_and(|v| v > 0.0), "{ratio}");
+    }
+    assert!(
+        stdout.contains("two-state"),
+        "the mount's strategy is noted: {stdout}"
+    );
+}
+
 #[test]
 fn bench_bad_usage_exits_two_and_says_why() {
     for args in [
@@ -350,6 +476,8 @@ fn bench_bad_usage_exits_two_and_says_why() {
         &["bench", "hit", "--plot", "/nonexistent-dir/chart.svg"][..],
         &["bench", "open", "--files", "0"][..],
         &["bench", "open", "--mappings", "10"][..],
+        &["bench", "mount", "--file-mib", "0"][..],
+        &["bench", "mount", "--budget", "1048576"][..],
     ] {
         let out = filemap(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
