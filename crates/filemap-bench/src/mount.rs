@@ -140,6 +140,9 @@ pub struct MountConfig {
     /// Where the temporary directory of the image, the mount points and the
     /// host files is made; the system's temporary directory if `None`.
     pub dir: Option<PathBuf>,
+    /// Mount filemap with the kernel's page cache in front
+    /// ([`MountOptions::kernel_cache`]).
+    pub kernel_cache: bool,
 }
 
 impl Default for MountConfig {
@@ -152,6 +155,7 @@ impl Default for MountConfig {
                 ..RunSettings::default()
             },
             dir: None,
+            kernel_cache: false,
         }
     }
 }
@@ -386,11 +390,17 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
             "mount: a {} MiB file on each target; filemap: a volume image on the host file \
              system mounted with filemap_fuse ({}, budget {} MiB); passthrough: a host \
              directory beside it, every request forwarded with pread/pwrite/fsync; both \
-             served by {server_threads} threads, files opened with FOPEN_DIRECT_IO; host: a \
+             served by {server_threads} threads, files opened with {}; host: a \
              file beside them, no FUSE",
             config.file_bytes >> 20,
             strategy.name(),
-            config.budget_bytes >> 20
+            config.budget_bytes >> 20,
+            match config.kernel_cache {
+                true =>
+                    "FOPEN_DIRECT_IO but filemap's with FOPEN_KEEP_CACHE (--kernel-cache: \
+                         the kernel's page cache in front of filemap's)",
+                false => "FOPEN_DIRECT_IO",
+            }
         ),
         "mount: cached-read: the file read whole before each run's reads: filemap's reads \
          hit its cache, the others' the host's page cache"
@@ -522,6 +532,7 @@ impl Targets {
         let options = MountOptions {
             budget_bytes: config.budget_bytes,
             strategy,
+            kernel_cache: config.kernel_cache,
             ..MountOptions::default()
         };
         let filemap = MountGuard::filemap(&dir.join("volume.img"), &dir.join("filemap"), &options)?;
@@ -837,6 +848,7 @@ mod tests {
                 ..RunSettings::default()
             },
             dir: Some(dir.to_owned()),
+            kernel_cache: false,
         }
     }
 

@@ -99,6 +99,10 @@ struct BenchArgs {
     /// 100000; every 100th is read).
     #[arg(long, value_parser = whole_number::<usize>)]
     mappings: Option<usize>,
+    /// mount: filemap's mount keeps the kernel's page cache in front of
+    /// filemap's (as `filemap mount --kernel-cache`).
+    #[arg(long)]
+    kernel_cache: bool,
     /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
     json: bool,
@@ -437,6 +441,7 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                     budget_bytes: args.cache_bytes.unwrap_or(defaults.budget_bytes),
                     settings: with_threads(&defaults.settings.threads),
                     dir: None,
+                    kernel_cache: args.kernel_cache,
                 })
             }
             WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),

@@ -45,6 +45,10 @@ pub struct MountArgs {
     /// Threads serving the kernel's requests.
     #[arg(long, default_value_t = 4, value_parser = whole_number::<usize>)]
     threads: usize,
+    /// Keep the kernel's page cache in front of filemap's (reads of cached
+    /// pages never reach the server); coherent all the same.
+    #[arg(long)]
+    kernel_cache: bool,
 }
 
 /// A size: a whole number of bytes, or with a suffix K, M, G or T.
@@ -132,6 +136,7 @@ fn serve(args: MountArgs) -> std::io::Result<()> {
         strategy: args.strategy,
         readahead_threads: args.readahead_threads,
         threads: args.threads,
+        kernel_cache: args.kernel_cache,
     };
     let session = filemap_fuse::session(&image, &mountpoint, &options)?;
     let mut signals = Signals::new([SIGINT, SIGTERM])?;

@@ -50,6 +50,19 @@ const HANG: Duration = Duration::from_secs(120);
 
 #[test]
 fn random_operations_through_the_mount_match_a_model_and_survive_a_remount() {
+    model_runs(&[]);
+}
+
+/// The same with the kernel's page cache in front of filemap's
+/// (`filemap mount --kernel-cache`).
+#[test]
+fn random_operations_through_the_kernel_cache_match_a_model_and_survive_a_remount() {
+    model_runs(&["--kernel-cache"]);
+}
+
+/// The model's runs, over the seeds and operations the environment asks for,
+/// on mounts made with `options`.
+fn model_runs(options: &[&str]) {
     let seeds = match std::env::var("FILEMAP_MOUNT_MODEL_SEEDS") {
         Ok(seeds) => seeds
             .split(',')
@@ -72,15 +85,15 @@ fn random_operations_through_the_mount_match_a_model_and_survive_a_remount() {
         Err(_) => DEFAULT_OPS,
     };
     for seed in seeds {
-        run_model(seed, ops);
+        run_model(seed, ops, options);
     }
 }
 
 /// One seed's run: `ops` random operations on a fresh image, then a remount.
-fn run_model(seed: u64, ops: u64) {
+fn run_model(seed: u64, ops: u64, options: &[&str]) {
     install_sigbus_report();
     let image = Image::new("64M");
-    let server = image.mount();
+    let server = image.mount_with(options);
     let watchdog = Watchdog::start(server.pid());
     let mut run = Run {
         seed,
@@ -125,7 +138,7 @@ fn run_model(seed: u64, ops: u64) {
     }
     watchdog.stop();
     server.stop(Some("TERM"));
-    let server = image.mount();
+    let server = image.mount_with(options);
     for (i, model) in models.iter().enumerate() {
         let path = image.at(&format!("f{i}"));
         let read = std::fs::read(&path).unwrap_or_else(|error| {

@@ -41,6 +41,8 @@ pub struct VolumeFs {
     cache: Arc<PageCache>,
     /// The open files.
     open: OpenFiles,
+    /// How files are opened: with the kernel's caching off or in front.
+    open_flags: FopenFlags,
 }
 
 fn file_type(kind: FileKind) -> FileType {
@@ -92,10 +94,18 @@ fn perm_of(mode: u32, umask: u32) -> u32 {
 
 impl VolumeFs {
     /// A file system of `volume`'s files, cached by `cache`.
-    pub fn new(volume: Arc<Volume>, cache: Arc<PageCache>) -> VolumeFs {
+    /// With `kernel_cache`, files are opened with the kernel's page cache in
+    /// front (see [`crate::MountOptions::kernel_cache`]).
+    pub fn new(volume: Arc<Volume>, cache: Arc<PageCache>, kernel_cache: bool) -> VolumeFs {
         VolumeFs {
             volume,
             cache,
+            open_flags: match kernel_cache {
+                // The kernel's pages stay valid from one open to the next:
+                // every change it did not make, it is told of.
+                true => FopenFlags::FOPEN_KEEP_CACHE,
+                false => FopenFlags::FOPEN_DIRECT_IO,
+            },
             open: OpenFiles::default(),
         }
     }
@@ -324,7 +334,7 @@ impl fuser::Filesystem for VolumeFs {
         match self.mapping(ino.0) {
             Ok(mapping) => {
                 let fh = self.open.insert(&mapping, flags.0);
-                reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO)
+                reply.opened(fh, self.open_flags)
             }
             Err(error) => reply.error(errno(&error)),
         }
@@ -351,13 +361,9 @@ impl fuser::Filesystem for VolumeFs {
             Ok((attr, self.open.insert(&mapping, flags)))
         });
         match created {
-            Ok((attr, fh)) => reply.created(
-                &TTL,
-                &fuse_attr(&attr),
-                Generation(0),
-                fh,
-                FopenFlags::FOPEN_DIRECT_IO,
-            ),
+            Ok((attr, fh)) => {
+                reply.created(&TTL, &fuse_attr(&attr), Generation(0), fh, self.open_flags)
+            }
             Err(error) => reply.error(error),
         }
     }

@@ -56,6 +56,12 @@ pub struct MountOptions {
     /// Threads serving the kernel's requests, so a slow miss never holds up a
     /// hit.
     pub threads: usize,
+    /// The kernel's page cache in front of filemap's: reads of cached pages
+    /// never reach the server. Coherent all the same: the kernel drops its
+    /// pages on the changes made through the mount, and is told of those made
+    /// through the library. Off by default (`FOPEN_DIRECT_IO`: filemap is the
+    /// only cache).
+    pub kernel_cache: bool,
 }
 
 impl Default for MountOptions {
@@ -65,6 +71,7 @@ impl Default for MountOptions {
             strategy: Strategy::DEFAULT,
             readahead_threads: 2,
             threads: 4,
+            kernel_cache: false,
         }
     }
 }
@@ -179,7 +186,7 @@ fn prepare(
             .change_listener(kernel_cache.clone())
             .build()?,
     );
-    let fs = VolumeFs::new(volume.clone(), cache.clone());
+    let fs = VolumeFs::new(volume.clone(), cache.clone(), options.kernel_cache);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(image.display().to_string()),

@@ -1,7 +1,8 @@
 //! Changes made through the library reach the shared maps of the mount at
 //! once: the kernel keeps the pages of such maps in its own page cache, and
 //! the mount tells it to drop them (and write its dirty ones back first).
-//! Every test mounts a temporary image in this process; one that cannot
+//! Every test mounts a temporary image in this process, with the kernel's
+//! caching of files off and on; one that cannot
 //! mount fails with the reason.
 
 use std::os::fd::AsRawFd;
@@ -20,15 +21,21 @@ struct Fixture {
     mounted: Option<Mounted>,
     map: *mut u8,
     library: Arc<Mapping>,
+    /// The file's path on the mount.
+    path: std::path::PathBuf,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    fn new(kernel_cache: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let (image, mnt) = (dir.path().join("img"), dir.path().join("mnt"));
         std::fs::create_dir(&mnt).unwrap();
         format(&image, 64 << 20).unwrap();
-        let mounted = mount(&image, &mnt, &MountOptions::default())
+        let options = MountOptions {
+            kernel_cache,
+            ..MountOptions::default()
+        };
+        let mounted = mount(&image, &mnt, &options)
             .unwrap_or_else(|error| panic!("cannot mount here: {error}"));
         let path = mnt.join("f");
         std::fs::write(&path, vec![1u8; PAGES * PAGE]).unwrap();
@@ -62,6 +69,7 @@ impl Fixture {
             mounted: Some(mounted),
             map: map.cast(),
             library,
+            path,
         }
     }
 
@@ -99,64 +107,83 @@ impl Drop for Fixture {
 
 #[test]
 fn a_library_punch_reaches_the_mounts_shared_map_at_once() {
-    let fx = Fixture::new();
-    fx.fault_all_in();
-    fx.library.punch_hole(2 * PAGE as u64, PAGE as u64).unwrap();
-    assert_eq!(fx.map_byte(2 * PAGE), 0, "the punched page");
-    assert_eq!(fx.map_byte(3 * PAGE), 1, "the page after it");
+    // Files opened with the kernel's caching off, then in front.
+    for kernel_cache in [false, true] {
+        let fx = Fixture::new(kernel_cache);
+        fx.fault_all_in();
+        fx.library.punch_hole(2 * PAGE as u64, PAGE as u64).unwrap();
+        assert_eq!(fx.map_byte(2 * PAGE), 0, "the punched page");
+        assert_eq!(fx.map_byte(3 * PAGE), 1, "the page after it");
+        // And a read through the mount (from the kernel's page cache, when
+        // it is in front).
+        let read = std::fs::read(&fx.path).unwrap();
+        assert!(
+            read[2 * PAGE..3 * PAGE].iter().all(|&b| b == 0),
+            "read back"
+        );
+    }
 }
 
 #[test]
 fn a_library_write_and_truncate_reach_the_mounts_shared_map_at_once() {
-    let fx = Fixture::new();
-    fx.fault_all_in();
-    fx.library
-        .write_all_at(&[7; 10], 5 * PAGE as u64 + 3)
-        .unwrap();
-    assert_eq!(fx.map_byte(5 * PAGE + 3), 7);
-    // Shrink to 8 pages and grow back: the pages past 8 read as zeroes.
-    fx.library.set_len(8 * PAGE as u64).unwrap();
-    fx.library.set_len((PAGES * PAGE) as u64).unwrap();
-    assert_eq!(fx.map_byte(9 * PAGE), 0);
-    assert_eq!(fx.map_byte(7 * PAGE), 1);
+    // Files opened with the kernel's caching off, then in front.
+    for kernel_cache in [false, true] {
+        let fx = Fixture::new(kernel_cache);
+        fx.fault_all_in();
+        fx.library
+            .write_all_at(&[7; 10], 5 * PAGE as u64 + 3)
+            .unwrap();
+        assert_eq!(fx.map_byte(5 * PAGE + 3), 7);
+        // Shrink to 8 pages and grow back: the pages past 8 read as zeroes.
+        fx.library.set_len(8 * PAGE as u64).unwrap();
+        fx.library.set_len((PAGES * PAGE) as u64).unwrap();
+        assert_eq!(fx.map_byte(9 * PAGE), 0);
+        assert_eq!(fx.map_byte(7 * PAGE), 1);
+    }
 }
 
 #[test]
 fn invalidate_range_after_a_backend_change_reaches_the_mounts_shared_map() {
-    // A distributed store's lease revocation: the bytes changed elsewhere
-    // (here, straight in the volume file), and the cache is told to drop
-    // the range.
-    let fx = Fixture::new();
-    fx.fault_all_in();
-    fx.library.sync_all().unwrap();
-    let page = vec![9u8; PAGE];
-    fx.library.backend().write_pages(4, &page).unwrap();
-    fx.library
-        .invalidate_range(4 * PAGE as u64, PAGE as u64)
-        .unwrap();
-    assert_eq!(fx.map_byte(4 * PAGE), 9);
+    // Files opened with the kernel's caching off, then in front.
+    for kernel_cache in [false, true] {
+        // A distributed store's lease revocation: the bytes changed elsewhere
+        // (here, straight in the volume file), and the cache is told to drop
+        // the range.
+        let fx = Fixture::new(kernel_cache);
+        fx.fault_all_in();
+        fx.library.sync_all().unwrap();
+        let page = vec![9u8; PAGE];
+        fx.library.backend().write_pages(4, &page).unwrap();
+        fx.library
+            .invalidate_range(4 * PAGE as u64, PAGE as u64)
+            .unwrap();
+        assert_eq!(fx.map_byte(4 * PAGE), 9);
+    }
 }
 
 #[test]
 fn a_store_through_the_mounts_map_lands_before_a_library_punch_not_after() {
-    // The map's dirty page is written back before the punch (and so
-    // punched), not after it, where it would bring the old data back.
-    let fx = Fixture::new();
-    fx.fault_all_in();
-    fx.map_store(6 * PAGE + 1, 5);
-    fx.library.punch_hole(6 * PAGE as u64, PAGE as u64).unwrap();
-    assert_eq!(fx.map_byte(6 * PAGE + 1), 0);
-    let mut back = [1u8; 2];
-    fx.library
-        .read_exact_at(&mut back, 6 * PAGE as u64)
-        .unwrap();
-    assert_eq!(back, [0, 0]);
-    // And it stays punched once the kernel writes its pages back.
-    // SAFETY: the map made in `new`, inside its length.
-    let synced = unsafe { libc::msync(fx.map.cast(), PAGES * PAGE, libc::MS_SYNC) };
-    assert_eq!(synced, 0);
-    fx.library
-        .read_exact_at(&mut back, 6 * PAGE as u64)
-        .unwrap();
-    assert_eq!(back, [0, 0]);
+    // Files opened with the kernel's caching off, then in front.
+    for kernel_cache in [false, true] {
+        // The map's dirty page is written back before the punch (and so
+        // punched), not after it, where it would bring the old data back.
+        let fx = Fixture::new(kernel_cache);
+        fx.fault_all_in();
+        fx.map_store(6 * PAGE + 1, 5);
+        fx.library.punch_hole(6 * PAGE as u64, PAGE as u64).unwrap();
+        assert_eq!(fx.map_byte(6 * PAGE + 1), 0);
+        let mut back = [1u8; 2];
+        fx.library
+            .read_exact_at(&mut back, 6 * PAGE as u64)
+            .unwrap();
+        assert_eq!(back, [0, 0]);
+        // And it stays punched once the kernel writes its pages back.
+        // SAFETY: the map made in `new`, inside its length.
+        let synced = unsafe { libc::msync(fx.map.cast(), PAGES * PAGE, libc::MS_SYNC) };
+        assert_eq!(synced, 0);
+        fx.library
+            .read_exact_at(&mut back, 6 * PAGE as u64)
+            .unwrap();
+        assert_eq!(back, [0, 0]);
+    }
 }

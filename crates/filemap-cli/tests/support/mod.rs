@@ -80,6 +80,11 @@ impl Image {
     /// Mounts the image; the server runs until [`Server::stop`] or
     /// [`Server::kill`], or until the guard is dropped.
     pub fn mount(&self) -> Server {
+        self.mount_with(&[])
+    }
+
+    /// Mounts the image with `filemap mount`'s options `options` too.
+    pub fn mount_with(&self, options: &[&str]) -> Server {
         let mut command = filemap();
         command
             .args([
@@ -87,6 +92,7 @@ impl Image {
                 self.image().to_str().unwrap(),
                 self.mnt().to_str().unwrap(),
             ])
+            .args(options)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         // A test process that dies where no guard runs (a signal, an abort)
