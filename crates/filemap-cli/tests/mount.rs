@@ -521,32 +521,27 @@ fn a_busy_or_dead_mount_point_is_refused_naming_it() {
     let image = Image::new("16M");
     let other = Image::new("16M");
     let server = image.mount();
+    // Mounting `other` on `image`'s mount point: refused, exit 2, naming it
+    // and saying `why`.
+    let refused = |why: &str| {
+        let out = filemap()
+            .args([
+                "mount",
+                other.image().to_str().unwrap(),
+                image.mnt().to_str().unwrap(),
+            ])
+            .output()
+            .expect("filemap runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(image.mnt().to_str().unwrap()), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+    };
     // Busy: something is mounted there already.
-    let out = filemap()
-        .args([
-            "mount",
-            other.image().to_str().unwrap(),
-            image.mnt().to_str().unwrap(),
-        ])
-        .output()
-        .expect("filemap runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(image.mnt().to_str().unwrap()), "{stderr}");
-    assert!(stderr.contains("mounted there already"), "{stderr}");
+    refused("mounted there already");
     // Dead: the server was killed, and the mount is left without one.
     server.kill_leaving_a_dead_mount();
-    let out = filemap()
-        .args([
-            "mount",
-            other.image().to_str().unwrap(),
-            image.mnt().to_str().unwrap(),
-        ])
-        .output()
-        .expect("filemap runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("dead mount"), "{stderr}");
+    refused("dead mount");
     run("umount", &[image.mnt().to_str().unwrap()]);
     // Cleared, the mount point takes the image again (it recovers from the
     // kill as from a crash).
