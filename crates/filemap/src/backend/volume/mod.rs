@@ -455,8 +455,11 @@ impl Volume {
     /// `ENOENT` if there is none of that name, `EISDIR` if it is a directory
     /// and `ELOOP` if it is a symbolic link.
     pub fn open_file(self: &Arc<Self>, name: &str) -> io::Result<VolumeFile> {
-        let ino = self.state.lock().child(ROOT, name)?;
-        self.open_ino(ino)
+        // One lock for the name and the handle: a small file's open is
+        // mostly this.
+        let mut state = self.state.lock();
+        let ino = state.child(ROOT, name)?;
+        self.open_ino_locked(&mut state, ino)
     }
 
     /// Removes the name `name` from the root directory, as [`Volume::unlink`]

@@ -914,9 +914,17 @@ impl Volume {
     /// | `EISDIR` | `ino` is a directory |
     /// | `ELOOP` | `ino` is a symbolic link |
     pub fn open_ino(self: &Arc<Self>, ino: u64) -> io::Result<VolumeFile> {
-        let mut state = self.state.lock();
+        self.open_ino_locked(&mut self.state.lock(), ino)
+    }
+
+    /// [`Volume::open_ino`] under the mutex.
+    pub(super) fn open_ino_locked(
+        self: &Arc<Self>,
+        state: &mut State,
+        ino: u64,
+    ) -> io::Result<VolumeFile> {
         match state.inode(ino)?.node {
-            Node::File(_) => Ok(self.new_handle(&mut state, ino)),
+            Node::File(_) => Ok(self.new_handle(state, ino)),
             Node::Dir(_) => fail(libc::EISDIR),
             Node::Symlink(_) => fail(libc::ELOOP),
         }
