@@ -33,8 +33,9 @@ impl ChangeListener for Recorder {
     }
 }
 
-#[test]
-fn every_changing_call_is_told_before_and_after_with_its_range() {
+/// A new empty file on a volume in memory, opened through a cache whose
+/// listener is the returned recorder (the cache is returned to keep it).
+fn listened_file() -> (Arc<Recorder>, PageCache, Arc<Mapping>) {
     let recorder = Arc::new(Recorder::default());
     let cache = PageCache::builder()
         .change_listener(recorder.clone())
@@ -44,6 +45,12 @@ fn every_changing_call_is_told_before_and_after_with_its_range() {
     let file = cache
         .open(Arc::new(volume.create_file("f").unwrap()))
         .unwrap();
+    (recorder, cache, file)
+}
+
+#[test]
+fn every_changing_call_is_told_before_and_after_with_its_range() {
+    let (recorder, _cache, file) = listened_file();
     let take = || std::mem::take(&mut *recorder.calls.lock().unwrap());
     let both = |range: Range<u64>| vec![("before", range.clone()), ("after", range)];
 
@@ -79,15 +86,7 @@ fn every_changing_call_is_told_before_and_after_with_its_range() {
 
 #[test]
 fn a_store_through_a_map_region_is_told() {
-    let recorder = Arc::new(Recorder::default());
-    let cache = PageCache::builder()
-        .change_listener(recorder.clone())
-        .build()
-        .unwrap();
-    let volume = Volume::format(Arc::new(MemDevice::new(16 << 20))).unwrap();
-    let file = cache
-        .open(Arc::new(volume.create_file("f").unwrap()))
-        .unwrap();
+    let (recorder, _cache, file) = listened_file();
     file.set_len(4 * PAGE).unwrap();
     recorder.calls.lock().unwrap().clear();
     let region = match file.map(PAGE, 2 * PAGE as usize, MapAccess::ReadWrite) {
