@@ -179,6 +179,7 @@ fn prepare(
             .change_listener(kernel_cache.clone())
             .build()?,
     );
+    let _ = kernel_cache.inode_of.set(Box::new(notify::volume_inode));
     let fs = VolumeFs::new(volume.clone(), cache.clone());
     let mut config = fuser::Config::default();
     config.mount_options = vec![
