@@ -170,8 +170,21 @@ fn seek(file: &File, to: SeekFrom) -> io::Result<Option<u64>> {
     }
 }
 
+/// `FS_IOC_GETVERSION`, `_IOR('v', 1, long)`.
+const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
+
+/// The inode's generation, which file systems change when they reuse an
+/// inode number; `None` where the file system has none.
+fn inode_generation(file: &File) -> Option<u64> {
+    let mut generation: libc::c_long = 0;
+    // SAFETY: the ioctl writes at most one `long` (file systems write an
+    // `int`) through the pointer, which points to a live local of that type.
+    let done = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETVERSION, &mut generation) };
+    (done == 0).then_some(generation as u64)
+}
+
 /// The identity of a file opened read-only: the `file` [`HostFile`] gives
-/// it, and a version from the same times and size. Versions are not equal
+/// it, and a version from the same times, size and generation. Versions are not equal
 /// to `HostFile`'s for the same contents (a reopen by the other kind of
 /// backend reads afresh), and both start with the change time, so they are
 /// never equal for different contents.
@@ -185,6 +198,7 @@ fn read_only_identity(file: &File) -> io::Result<FileIdentity> {
         nanos(stat.stx_mtime),
         stat.stx_size,
         nanos(stat.stx_btime),
+        inode_generation(file),
     )
         .hash(&mut rest);
     Ok(FileIdentity {
