@@ -40,10 +40,10 @@ enum Command {
     Bench(BenchArgs),
     /// Create a volume image, to mount with `filemap mount`.
     Format(mount::FormatArgs),
-    /// Serve a volume image as a file system (FUSE) whose every file is a
-    /// mapping of one coherent cache, in the foreground until Ctrl-C, SIGTERM
-    /// or `umount`, which sync everything first. Exits 0 then, 2 if it cannot
-    /// mount.
+    /// Serve a volume image (or, with --passthrough, a host directory) as a
+    /// file system (FUSE) whose every file is a mapping of one coherent
+    /// cache, in the foreground until Ctrl-C, SIGTERM or `umount`, which sync
+    /// everything first. Exits 0 then, 2 if it cannot mount.
     Mount(mount::MountArgs),
 }
 

@@ -1,4 +1,5 @@
-//! `filemap format` and `filemap mount`: a volume image as a file system.
+//! `filemap format` and `filemap mount`: a volume image (or a host
+//! directory, passed through) as a file system.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -29,10 +30,18 @@ pub struct FormatArgs {
 #[derive(clap::Args)]
 pub struct MountArgs {
     /// The volume image (made by `filemap format`); a temporary 1 GiB image,
-    /// removed at the end, if omitted.
+    /// removed at the end, if omitted. With --passthrough, the host
+    /// directory to serve (then required).
+    #[arg(value_name = "IMAGE|DIR", required_if_eq("passthrough", "true"))]
     image: Option<PathBuf>,
-    /// The directory to mount it on; a temporary one, printed, if omitted.
+    /// The directory to mount it on; a temporary one, printed, if omitted
+    /// (required with --passthrough).
+    #[arg(required_if_eq("passthrough", "true"))]
     mountpoint: Option<PathBuf>,
+    /// Serve the host directory DIR instead of an image: its own namespace,
+    /// every regular file a host file cached by the one coherent cache.
+    #[arg(long)]
+    passthrough: bool,
     /// The cache's budget: bytes, or with a suffix K, M, G or T.
     #[arg(long, default_value = "256M", value_parser = size)]
     budget: u64,
@@ -111,6 +120,22 @@ fn unmount(mountpoint: &Path) {
 }
 
 fn serve(args: MountArgs) -> std::io::Result<()> {
+    let options = MountOptions {
+        budget_bytes: args.budget,
+        strategy: args.strategy,
+        readahead_threads: args.readahead_threads,
+        threads: args.threads,
+        kernel_cache: args.kernel_cache,
+    };
+    if args.passthrough {
+        // Both given: clap requires them with the flag.
+        let (Some(dir), Some(mountpoint)) = (args.image, args.mountpoint) else {
+            unreachable!("clap requires DIR and MOUNTPOINT with --passthrough");
+        };
+        let session = filemap_fuse::session_passthrough(&dir, &mountpoint, &options)?;
+        let what = format!("{} passed through", dir.display());
+        return run(move || session.run(), &what, &mountpoint);
+    }
     // Temporary image and mount point, if not given: gone at the end.
     let scratch = tempfile::Builder::new()
         .prefix("filemap-mount-")
@@ -131,32 +156,38 @@ fn serve(args: MountArgs) -> std::io::Result<()> {
             mountpoint
         }
     };
-    let options = MountOptions {
-        budget_bytes: args.budget,
-        strategy: args.strategy,
-        readahead_threads: args.readahead_threads,
-        threads: args.threads,
-        kernel_cache: args.kernel_cache,
-    };
     let session = filemap_fuse::session(&image, &mountpoint, &options)?;
+    run(
+        move || session.run(),
+        &image.display().to_string(),
+        &mountpoint,
+    )
+}
+
+/// Serves a session (of `what`, at `mountpoint`) with `serve` until it is
+/// unmounted; a signal unmounts it.
+fn run(
+    serve: impl FnOnce() -> std::io::Result<()>,
+    what: &str,
+    mountpoint: &Path,
+) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let signals_handle = signals.handle();
     // Runs until `close` below: ending at the first signal would close the
     // signals' socket, and `close` writing to it would then raise SIGPIPE.
-    let target = mountpoint.clone();
+    let target = mountpoint.to_path_buf();
     let waiter = std::thread::spawn(move || {
         for _ in signals.forever() {
             unmount(&target);
         }
     });
     eprintln!(
-        "filemap mount: {} mounted at {} (Ctrl-C or `umount {}` ends it)",
-        image.display(),
+        "filemap mount: {what} mounted at {} (Ctrl-C or `umount {}` ends it)",
         mountpoint.display(),
         mountpoint.display()
     );
     let _ = std::io::stderr().flush();
-    let served = session.run();
+    let served = serve();
     signals_handle.close();
     let _ = waiter.join();
     served?;

@@ -29,9 +29,14 @@
 //! mounted.unmount()?; // syncs everything, then unmounts
 //! # Ok::<(), std::io::Error>(())
 //! ```
+//!
+//! [`mount_passthrough`] serves a host directory the same way: its namespace
+//! is the directory's own, and every regular file is a [`filemap::HostFile`]
+//! of the mount's one cache, a coherent caching layer over a slow or remote
+//! directory.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use filemap::{FileDevice, PageCache, Strategy, Volume};
@@ -39,10 +44,12 @@ use filemap::{FileDevice, PageCache, Strategy, Volume};
 mod fs;
 mod notify;
 mod open_files;
+mod passthrough;
 
 use notify::KernelCache;
 
 pub use fs::VolumeFs;
+pub use passthrough::PassthroughFs;
 
 /// How a mount runs.
 #[derive(Clone, Debug)]
@@ -99,16 +106,17 @@ pub fn format(image: &Path, size: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A mounted volume, served by threads of its own until [`Mounted::unmount`]
-/// or until something unmounts it from outside (`umount`).
-pub struct Mounted {
+/// A mounted volume (or, as `Mounted<PathBuf>`, a host directory passed
+/// through), served by threads of its own until [`Mounted::unmount`] or
+/// until something unmounts it from outside (`umount`).
+pub struct Mounted<Source = Arc<Volume>> {
     session: fuser::BackgroundSession,
-    volume: Arc<Volume>,
+    source: Source,
     cache: Arc<PageCache>,
 }
 
-impl Mounted {
-    /// Syncs every file and the volume, then unmounts.
+impl<Source> Mounted<Source> {
+    /// Syncs every file (and the volume), then unmounts.
     pub fn unmount(self) -> io::Result<()> {
         self.session.umount_and_join()
     }
@@ -119,18 +127,28 @@ impl Mounted {
         self.session.join()
     }
 
+    /// The cache every file of the mount is a mapping of. A change made
+    /// through it ([`PageCache::open`] of a file of [`Mounted::volume`], or
+    /// of a [`filemap::HostFile`] of [`Mounted::dir`], then a write, a punch
+    /// or [`filemap::Mapping::invalidate_range`]) reaches every reader and
+    /// shared map on the mount before the call returns.
+    pub fn cache(&self) -> &Arc<PageCache> {
+        &self.cache
+    }
+}
+
+impl Mounted {
     /// The mounted volume: its namespace and files, for the library's calls
     /// beside the mount's.
     pub fn volume(&self) -> &Arc<Volume> {
-        &self.volume
+        &self.source
     }
+}
 
-    /// The cache every file of the mount is a mapping of. A change made
-    /// through it ([`PageCache::open`] of a file of [`Mounted::volume`], then
-    /// a write, a punch or [`filemap::Mapping::invalidate_range`]) reaches
-    /// every reader and shared map on the mount before the call returns.
-    pub fn cache(&self) -> &Arc<PageCache> {
-        &self.cache
+impl Mounted<PathBuf> {
+    /// The host directory passed through.
+    pub fn dir(&self) -> &Path {
+        &self.source
     }
 }
 
@@ -146,7 +164,7 @@ pub fn mount(image: &Path, mountpoint: &Path, options: &MountOptions) -> io::Res
     let (session, volume, cache) = prepare(image, mountpoint, options)?;
     Ok(Mounted {
         session: session.spawn()?,
-        volume,
+        source: volume,
         cache,
     })
 }
@@ -177,6 +195,76 @@ fn prepare(
         };
         io::Error::new(error.kind(), format!("{}: {error}{hint}", image.display()))
     })?;
+    let (cache, kernel_cache) = build_cache(options)?;
+    let _ = kernel_cache.inode_of.set(Box::new(notify::volume_inode));
+    let fs = VolumeFs::new(volume.clone(), cache.clone(), options.kernel_cache);
+    let session = new_session(fs, image, mountpoint, options, &kernel_cache)?;
+    Ok((session, volume, cache))
+}
+
+/// Mounts the host directory `dir` at `mountpoint`, served in the background:
+/// its namespace is the directory's own, and every regular file is a
+/// [`filemap::HostFile`] of one cache ([`Mounted::cache`]).
+///
+/// Fails, naming the path, if `dir` is missing (`ENOENT`) or not a directory
+/// (`ENOTDIR`), if the mount point lies inside it (`EINVAL`: the server would
+/// serve its own mount), or as [`mount`] does for the mount point.
+pub fn mount_passthrough(
+    dir: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<Mounted<PathBuf>> {
+    let (session, cache) = prepare_passthrough(dir, mountpoint, options)?;
+    Ok(Mounted {
+        session: session.spawn()?,
+        source: dir.to_path_buf(),
+        cache,
+    })
+}
+
+/// A session of the host directory `dir` passed through at `mountpoint`,
+/// not yet served: [`fuser::Session::run`] serves it in the foreground
+/// (see `filemap mount --passthrough`). Fails as [`mount_passthrough`] does.
+pub fn session_passthrough(
+    dir: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<fuser::Session<PassthroughFs>> {
+    Ok(prepare_passthrough(dir, mountpoint, options)?.0)
+}
+
+/// The pass-through's session and its cache.
+fn prepare_passthrough(
+    dir: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<(fuser::Session<PassthroughFs>, Arc<PageCache>)> {
+    let meta = std::fs::metadata(dir).map_err(|error| naming(dir, error))?;
+    if !meta.is_dir() {
+        return Err(naming(dir, io::Error::from_raw_os_error(libc::ENOTDIR)));
+    }
+    check_mountpoint(mountpoint)?;
+    let (source, target) = (canonical(dir)?, canonical(mountpoint)?);
+    if target.starts_with(&source) {
+        let error = io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("inside {}, the directory it would serve", dir.display()),
+        );
+        return Err(naming(mountpoint, error));
+    }
+    // An inode the kernel knows holds a descriptor: as many as it caches.
+    raise_open_file_limit();
+    let (cache, kernel_cache) = build_cache(options)?;
+    let fs = PassthroughFs::new(dir, cache.clone(), options.kernel_cache)
+        .map_err(|error| naming(dir, error))?;
+    let _ = kernel_cache.inode_of.set(fs.inode_of());
+    let session = new_session(fs, dir, mountpoint, options, &kernel_cache)?;
+    Ok((session, cache))
+}
+
+/// A mount's cache, and the listener that keeps the kernel's pages of shared
+/// maps coherent with it.
+fn build_cache(options: &MountOptions) -> io::Result<(Arc<PageCache>, Arc<KernelCache>)> {
     let kernel_cache = Arc::new(KernelCache::default());
     let cache = Arc::new(
         PageCache::builder()
@@ -186,10 +274,20 @@ fn prepare(
             .change_listener(kernel_cache.clone())
             .build()?,
     );
-    let fs = VolumeFs::new(volume.clone(), cache.clone(), options.kernel_cache);
+    Ok((cache, kernel_cache))
+}
+
+/// The session of `fs`, serving `source` at `mountpoint`.
+fn new_session<Fs: fuser::Filesystem>(
+    fs: Fs,
+    source: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+    kernel_cache: &KernelCache,
+) -> io::Result<fuser::Session<Fs>> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName(image.display().to_string()),
+        fuser::MountOption::FSName(source.display().to_string()),
         fuser::MountOption::Subtype("filemap".into()),
         fuser::MountOption::DefaultPermissions,
     ];
@@ -198,7 +296,23 @@ fn prepare(
     let session =
         fuser::Session::new(fs, mountpoint, &config).map_err(|error| naming(mountpoint, error))?;
     let _ = kernel_cache.notifier.set(session.notifier());
-    Ok((session, volume, cache))
+    Ok(session)
+}
+
+/// Raises this process's soft limit of open files to its hard limit (which
+/// needs no privilege; a failure leaves the limit as it was).
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}
+
+/// `path` made absolute with every link resolved, or an error naming it.
+fn canonical(path: &Path) -> io::Result<PathBuf> {
+    std::fs::canonicalize(path).map_err(|error| naming(path, error))
 }
 
 /// `mountpoint` is a directory nothing is mounted on.
@@ -216,7 +330,7 @@ fn check_mountpoint(mountpoint: &Path) -> io::Result<()> {
             io::Error::from_raw_os_error(libc::ENOTDIR),
         ));
     }
-    let path = std::fs::canonicalize(mountpoint).map_err(|error| naming(mountpoint, error))?;
+    let path = canonical(mountpoint)?;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     // The fifth field is the mount point, with spaces and the like escaped
     // in octal (as `\040`).

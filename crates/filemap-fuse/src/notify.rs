@@ -10,12 +10,17 @@
 //! listener tells it, before the change (the kernel writes its dirty pages of
 //! the range back through the mount, so none lands after the change) and
 //! after (it drops the pages, so the next access of a map reads the change).
+//!
+//! Each file system says which of its inodes a mapping's file is, from the
+//! file's [`FileIdentity`]: a volume file's inode number is the low half of
+//! it; a host file's FUSE inode is the pass-through's own number for the
+//! host's device and inode.
 
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use filemap::{ChangeListener, Mapping};
+use filemap::{ChangeListener, FileIdentity, Mapping};
 use fuser::{INodeNo, Notifier};
 
 thread_local! {
@@ -30,11 +35,22 @@ pub(crate) fn serving_kernel() {
     SERVES_KERNEL.with(|serves| serves.set(true));
 }
 
+/// The FUSE inode of the file a [`FileIdentity`] names, if the kernel may
+/// know it.
+pub(crate) type InodeOf = dyn Fn(&FileIdentity) -> Option<u64> + Send + Sync;
+
+/// A volume file's inode: the low half of its identity.
+pub(crate) fn volume_inode(identity: &FileIdentity) -> Option<u64> {
+    Some(identity.file as u64)
+}
+
 /// The listener of a mount's cache.
 #[derive(Default)]
 pub(crate) struct KernelCache {
     /// Set once the session exists (the cache is built before it).
     pub(crate) notifier: OnceLock<Notifier>,
+    /// Set once the file system exists (it is built with the cache).
+    pub(crate) inode_of: OnceLock<Box<InodeOf>>,
 }
 
 impl KernelCache {
@@ -42,11 +58,14 @@ impl KernelCache {
         if range.is_empty() || SERVES_KERNEL.with(Cell::get) {
             return;
         }
-        let Some(notifier) = self.notifier.get() else {
+        let (Some(notifier), Some(inode_of)) = (self.notifier.get(), self.inode_of.get()) else {
             return;
         };
-        // The low half of a volume file's identity is its inode number.
         let Ok(Some(identity)) = mapping.backend().identity() else {
+            return;
+        };
+        // `None`: the kernel never looked the file up, so holds none of it.
+        let Some(ino) = inode_of(&identity) else {
             return;
         };
         let Ok(offset) = i64::try_from(range.start) else {
@@ -58,7 +77,7 @@ impl KernelCache {
             end => i64::try_from(end - range.start).unwrap_or(0),
         };
         // `ENOENT`: the kernel holds nothing of the inode.
-        let _ = notifier.inval_inode(INodeNo(identity.file as u64), offset, len);
+        let _ = notifier.inval_inode(INodeNo(ino), offset, len);
     }
 }
 

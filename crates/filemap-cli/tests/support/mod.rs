@@ -136,6 +136,89 @@ impl Image {
     }
 }
 
+/// A host directory `src` and a mount point `mnt` in a temporary directory,
+/// for `filemap mount --passthrough`.
+pub struct HostDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl HostDir {
+    pub fn new() -> HostDir {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::create_dir(dir.path().join("src")).expect("source directory");
+        std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
+        HostDir { dir }
+    }
+
+    pub fn src(&self) -> PathBuf {
+        self.dir.path().join("src")
+    }
+
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// `name` on the mount.
+    pub fn at(&self, name: &str) -> String {
+        self.mnt().join(name).to_str().unwrap().to_owned()
+    }
+
+    /// `name` in the host directory itself.
+    pub fn host(&self, name: &str) -> String {
+        self.src().join(name).to_str().unwrap().to_owned()
+    }
+
+    /// Mounts `src` with `--passthrough`; the server runs until
+    /// [`Server::stop`] or [`Server::kill`], or until the guard is dropped.
+    pub fn mount(&self) -> Server {
+        let mut command = filemap();
+        command
+            .args([
+                "mount",
+                "--passthrough",
+                self.src().to_str().unwrap(),
+                self.mnt().to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // As in `Image::mount`: the server ends with the thread that spawned it.
+        // SAFETY: runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: prctl(2) is one, and the
+        // closure allocates nothing.
+        unsafe {
+            command.pre_exec(
+                || match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                },
+            );
+        }
+        let child = command.spawn().expect("filemap runs");
+        let mut server = Server {
+            child,
+            mnt: self.mnt(),
+            ended: false,
+            slot: register_mount(&self.mnt()),
+        };
+        let started = Instant::now();
+        while !is_mounted(&server.mnt) {
+            if let Some(status) = server.child.try_wait().expect("wait") {
+                server.ended = true;
+                panic!(
+                    "filemap mount --passthrough could not mount ({status}): {}",
+                    server.stderr()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "not mounted after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
 /// A running `filemap mount`. Dropped without [`Server::stop`] or
 /// [`Server::kill`] (a test failed), it is killed and its mount detached, so
 /// a failed test leaves no mount behind.

@@ -466,8 +466,12 @@ impl Backend for HostFile {
             AtFlags::EMPTY_PATH,
             StatxFlags::BASIC_STATS | StatxFlags::BTIME,
         )?;
+        // Nanoseconds since the epoch: one number per time (an exclusive or
+        // of the two parts would let two times share one).
         let nanos = |t: rustix::fs::StatxTimestamp| {
-            (t.tv_sec as u64).wrapping_mul(1_000_000_000) ^ u64::from(t.tv_nsec)
+            (t.tv_sec as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(u64::from(t.tv_nsec))
         };
         let device = u64::from(stat.stx_dev_major) << 32 | u64::from(stat.stx_dev_minor);
         let mut rest = std::hash::DefaultHasher::new();
