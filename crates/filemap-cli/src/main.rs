@@ -40,6 +40,9 @@ enum Command {
     Bench(BenchArgs),
     /// Create a volume image, to mount with `filemap mount`.
     Format(mount::FormatArgs),
+    /// A worker process of `filemap torture --mount` (started by it).
+    #[command(name = "torture-worker", hide = true)]
+    TortureWorker(TortureWorkerArgs),
     /// Serve a volume image (or, with --passthrough, a host directory) as a
     /// file system (FUSE) whose every file is a mapping of one coherent
     /// cache, in the foreground until Ctrl-C, SIGTERM or `umount`, which sync
@@ -197,8 +200,10 @@ struct TortureArgs {
     files: usize,
     /// Pages of each file (by default 4 files of 2048 pages: 32 MiB, four
     /// times the default budget, so that pages are evicted all the time).
-    #[arg(long, default_value_t = 2048, value_parser = whole_number::<u64>)]
-    pages: u64,
+    /// With --mount the default is 64: each call there is a round trip
+    /// through the kernel, so races meet only on fewer pages.
+    #[arg(long, value_parser = whole_number::<u64>)]
+    pages: Option<u64>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1, value_parser = whole_number::<u64>)]
     seed: u64,
@@ -229,9 +234,29 @@ struct TortureArgs {
     /// --json, --shrink-seconds).
     #[arg(long, value_enum, default_value = "mixed")]
     scenario: ScenarioArg,
+    /// Make every operation through a FUSE mount of the volume (`filemap
+    /// mount`'s file system, served in this process by the cache under
+    /// test), each worker a process of its own using the kernel's file API:
+    /// pread, pwrite, O_DIRECT, fallocate, ftruncate, fsync and shared maps.
+    /// Invalidations go through the library, beside the mount.
+    #[arg(long)]
+    mount: bool,
+    /// With --mount: the kernel's page cache in front of filemap's.
+    #[arg(long, requires = "mount")]
+    kernel_cache: bool,
     /// `differential`: the most seconds spent shrinking each divergence.
     #[arg(long, default_value_t = 30.0, value_parser = seconds_or_zero)]
     shrink_seconds: f64,
+}
+
+#[derive(clap::Args)]
+struct TortureWorkerArgs {
+    /// The mount point.
+    dir: PathBuf,
+    /// The run's files, `file0` on.
+    files: usize,
+    /// Pages of each file.
+    pages: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -244,6 +269,14 @@ enum ScenarioArg {
 /// The torture's default budget: a quarter of its default files (4 of 2048
 /// pages), so that the default run evicts.
 const DEFAULT_TORTURE_CACHE_BYTES: u64 = 8 << 20;
+
+/// The torture's pages per file, by default.
+const DEFAULT_TORTURE_PAGES: u64 = 2048;
+
+/// The same through a mount: fewer, so that the workers' calls, each a round
+/// trip through the kernel, still meet on the same pages often (`none`
+/// shows stale pages within seconds).
+const DEFAULT_MOUNT_TORTURE_PAGES: u64 = 64;
 
 /// A number of seconds above zero.
 fn positive_seconds(text: &str) -> Result<f64, String> {
@@ -301,6 +334,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Format(args) => mount::format(args),
         Command::Mount(args) => mount::mount(args),
+        Command::TortureWorker(args) => torture_worker(args),
     }
 }
 
@@ -617,7 +651,21 @@ fn micros(us: f64) -> String {
     }
 }
 
+fn torture_worker(args: TortureWorkerArgs) -> ExitCode {
+    match filemap_torture::mount::serve_worker(&args.dir, args.files, args.pages) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("filemap torture-worker: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn torture(args: TortureArgs) -> ExitCode {
+    if args.scenario == ScenarioArg::Differential && args.mount {
+        eprintln!("filemap torture: --mount runs the mixed scenario, not differential");
+        return ExitCode::from(2);
+    }
     if args.scenario == ScenarioArg::Differential {
         return differential(args);
     }
@@ -642,6 +690,19 @@ fn torture(args: TortureArgs) -> ExitCode {
         Some(strategy) => vec![strategy],
         None => Strategy::ALL.to_vec(),
     };
+    let mount = match args.mount {
+        true => match std::env::current_exe() {
+            Ok(worker) => Some(filemap_torture::mount::MountSettings {
+                worker,
+                kernel_cache: args.kernel_cache,
+            }),
+            Err(error) => {
+                eprintln!("filemap torture: --mount: this program's path: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        false => None,
+    };
     let configs: Vec<TortureConfig> = backends
         .iter()
         .flat_map(|&backend| strategies.iter().map(move |&strategy| (backend, strategy)))
@@ -652,13 +713,17 @@ fn torture(args: TortureArgs) -> ExitCode {
             seconds: args.seconds,
             threads: args.threads,
             files: args.files,
-            pages_per_file: args.pages,
+            pages_per_file: args.pages.unwrap_or(match args.mount {
+                true => DEFAULT_MOUNT_TORTURE_PAGES,
+                false => DEFAULT_TORTURE_PAGES,
+            }),
             seed: args.seed,
             delay_percent: args.delay_percent,
             max_delay_us: args.max_delay_us,
             cache_bytes: args.cache_bytes,
             stop_on_violation: false,
             map_writes: !args.no_map_writes,
+            mount: mount.clone(),
             scenario: match args.scenario {
                 ScenarioArg::Mixed => Scenario::Mixed,
                 ScenarioArg::SelfMapDio => Scenario::SelfMapDio,
@@ -673,7 +738,15 @@ fn torture(args: TortureArgs) -> ExitCode {
     }
     let mut reports = Vec::new();
     for config in &configs {
-        let label = format!("{}/{}", config.backend.name(), config.strategy.name());
+        let through = match &config.mount {
+            Some(settings) => format!(" through the {}", settings.name()),
+            None => String::new(),
+        };
+        let label = format!(
+            "{}/{}{through}",
+            config.backend.name(),
+            config.strategy.name()
+        );
         let mut shown = Progress::new("filemap torture", label, Length::Seconds(args.seconds));
         let result = filemap_torture::run(config, |progress| {
             let message = format!("{} ops, {} violations", progress.ops, progress.violations);

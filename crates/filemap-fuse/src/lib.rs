@@ -195,10 +195,40 @@ fn prepare(
         };
         io::Error::new(error.kind(), format!("{}: {error}{hint}", image.display()))
     })?;
+    volume_session(volume, image, mountpoint, options)
+}
+
+/// Mounts `volume`, open in this process already, at `mountpoint`, served in
+/// the background; the mount table names `source` as what is mounted. A
+/// program that builds its volume itself (over a device of its own, say)
+/// mounts it so, and keeps using it through the library beside the mount.
+/// Fails as [`mount`] does for the mount point.
+pub fn mount_volume(
+    volume: Arc<Volume>,
+    source: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<Mounted> {
+    check_mountpoint(mountpoint)?;
+    let (session, volume, cache) = volume_session(volume, source, mountpoint, options)?;
+    Ok(Mounted {
+        session: session.spawn()?,
+        source: volume,
+        cache,
+    })
+}
+
+/// The session of `volume`, and its cache.
+fn volume_session(
+    volume: Arc<Volume>,
+    source: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<(fuser::Session<VolumeFs>, Arc<Volume>, Arc<PageCache>)> {
     let (cache, kernel_cache) = build_cache(options)?;
     let _ = kernel_cache.inode_of.set(Box::new(notify::volume_inode));
     let fs = VolumeFs::new(volume.clone(), cache.clone(), options.kernel_cache);
-    let session = new_session(fs, image, mountpoint, options, &kernel_cache)?;
+    let session = new_session(fs, source, mountpoint, options, &kernel_cache)?;
     Ok((session, volume, cache))
 }
 

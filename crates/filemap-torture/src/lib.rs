@@ -26,6 +26,7 @@
 //! ```
 
 pub mod differential;
+pub mod mount;
 pub mod oracle;
 mod run;
 
@@ -242,6 +243,9 @@ pub struct TortureConfig {
     /// Mix stores through memory maps (`map_write`) into the operations (on by
     /// default), racing every other kind, `invalidate` included.
     pub map_writes: bool,
+    /// Make the operations through a mount of the volume, each worker a
+    /// process of its own (see [`mount`]); `None`: through the library.
+    pub mount: Option<mount::MountSettings>,
 }
 
 impl Default for TortureConfig {
@@ -261,6 +265,7 @@ impl Default for TortureConfig {
             cache_bytes: 64 << 20,
             stop_on_violation: false,
             map_writes: true,
+            mount: None,
         }
     }
 }
@@ -274,6 +279,9 @@ pub struct TortureReport {
     pub backend: String,
     /// The scenario's name.
     pub scenario: String,
+    /// What the operations went through: `library`, `mount` or
+    /// `mount+kernel-cache`.
+    pub through: String,
     /// Operations completed.
     pub ops: u64,
     /// Pages returned by reads and checked by the oracle.

@@ -15,6 +15,7 @@ use filemap::{
 };
 use parking_lot::Mutex;
 
+use crate::mount::{Mount, MountSettings};
 use crate::oracle::{
     bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
     MAX_PAGES,
@@ -105,11 +106,23 @@ pub fn run(
     config.check()?;
     let config = &config.effective();
     let files = open_backends(config)?;
-    let cache = PageCache::builder()
-        .strategy(config.strategy)
-        .budget_bytes(config.cache_bytes)
-        .build()
-        .map_err(naming(format!("--cache-bytes {}", config.cache_bytes)))?;
+    let mount = match &config.mount {
+        Some(settings) => {
+            let volume = files.volume.upgrade().expect("the files hold their volume");
+            Some(Mount::new(volume, config, settings)?)
+        }
+        None => None,
+    };
+    let cache = match &mount {
+        Some(mount) => mount.cache(),
+        None => Arc::new(
+            PageCache::builder()
+                .strategy(config.strategy)
+                .budget_bytes(config.cache_bytes)
+                .build()
+                .map_err(naming(format!("--cache-bytes {}", config.cache_bytes)))?,
+        ),
+    };
     let mappings = files
         .backends
         .iter()
@@ -124,8 +137,10 @@ pub fn run(
         })
         .collect::<io::Result<Vec<_>>>()?;
 
+    // Through a mount, each worker process maps the files itself.
     let maps = mappings
         .iter()
+        .filter(|_| config.mount.is_none())
         .map(|mapping| match config.scenario {
             Scenario::Mixed => {
                 let half = (config.pages_per_file / 2 * PAGE) as usize;
@@ -159,15 +174,23 @@ pub fn run(
         examples: Mutex::new(Vec::new()),
     };
 
+    let mut processes = match (&mount, &config.mount) {
+        (Some(mount), Some(settings)) => (0..config.threads)
+            .map(|_| mount.worker(config, settings, &shared.files).map(Some))
+            .collect::<io::Result<Vec<_>>>()?,
+        _ => (0..config.threads).map(|_| None).collect(),
+    };
     let started = Instant::now();
     let deadline = Duration::from_secs_f64(config.seconds);
     let by_kind = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..config.threads)
-            .map(|worker| {
+            .zip(processes.iter_mut())
+            .map(|(worker, process)| {
                 let shared = &shared;
-                scope.spawn(move || match shared.config.scenario {
-                    Scenario::Mixed => shared.work(worker),
-                    Scenario::SelfMapDio => shared.work_self_map_dio(worker),
+                scope.spawn(move || match (shared.config.scenario, process.take()) {
+                    (Scenario::Mixed, Some(mut process)) => shared.work(worker, &mut process),
+                    (Scenario::Mixed, None) => shared.work(worker, &mut Library::new(shared)),
+                    (Scenario::SelfMapDio, _) => shared.work_self_map_dio(worker),
                 })
             })
             .collect();
@@ -199,6 +222,11 @@ pub fn run(
         strategy: config.strategy.name().to_owned(),
         backend: config.backend.name().to_owned(),
         scenario: config.scenario.name().to_owned(),
+        through: config
+            .mount
+            .as_ref()
+            .map_or("library", MountSettings::name)
+            .to_owned(),
         ops,
         reads_checked: shared.reads_checked.load(Ordering::Relaxed),
         stale: shared.stale.load(Ordering::Relaxed),
@@ -220,6 +248,12 @@ pub fn run(
     // Wait for the volume to go, so that the next run can claim the same
     // device (if it does not, that claim fails loudly with EBUSY).
     let volume = files.volume.clone();
+    if let Some(mount) = mount {
+        // Every worker process has ended with its thread.
+        mount
+            .unmount()
+            .map_err(naming("unmounting the run's volume"))?;
+    }
     drop(shared);
     drop(files);
     drop(cache);
@@ -281,6 +315,15 @@ impl TortureConfig {
                  (room for {MAX_OP_PAGES} pages, the largest operation, per thread); got {}",
                 self.cache_bytes,
                 threads = self.effective().threads,
+            ));
+        }
+        if self.mount.is_some() && self.backend != BackendKind::Volume {
+            return invalid("--mount mounts a volume: it needs --backend volume".into());
+        }
+        if self.mount.is_some() && self.scenario != Scenario::Mixed {
+            return invalid(format!(
+                "--mount runs the mixed scenario, not {}",
+                self.scenario.name()
             ));
         }
         if self.backend == BackendKind::HostFile && self.device == DeviceSpec::Mem {
@@ -417,6 +460,112 @@ fn open_device(config: &TortureConfig) -> io::Result<Arc<dyn Device>> {
             }
         }
     })
+}
+
+/// What a worker's operations go through: the library in this process
+/// ([`Library`]), or a process of its own using the files through a mount
+/// ([`crate::mount::ThroughMount`]). Offsets and lengths are in bytes; the
+/// maps cover the first half of each file.
+pub(crate) trait Ops {
+    /// Reads at `offset` of `file` into `buf`, directly if `direct`.
+    fn read(&mut self, file: usize, offset: u64, buf: &mut [u8], direct: bool)
+        -> io::Result<usize>;
+    /// Writes all of `data` at `offset` of `file`, directly if `direct`.
+    fn write(&mut self, file: usize, offset: u64, data: &[u8], direct: bool) -> io::Result<()>;
+    /// Punches a hole (`punch`) or zeroes a range, keeping the size.
+    fn zero(&mut self, file: usize, offset: u64, len: u64, punch: bool) -> io::Result<()>;
+    /// Truncates (or extends) `file` to `len` bytes.
+    fn set_len(&mut self, file: usize, len: u64) -> io::Result<()>;
+    /// Starts reading a range ahead.
+    fn readahead(&mut self, file: usize, offset: u64, len: u64) -> io::Result<()>;
+    /// Syncs a range (`offset`, `len`), or the whole file.
+    fn sync(&mut self, file: usize, range: Option<(u64, u64)>) -> io::Result<()>;
+    /// Loads `buf` from the map of `file` at `offset`.
+    fn map_read(&mut self, file: usize, offset: usize, buf: &mut [u8]) -> io::Result<()>;
+    /// Stores `data` through the map of `file` at `offset`.
+    fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()>;
+    /// Whether nothing reaches the files through these operations any more
+    /// (a worker process that ended): the worker stops.
+    fn is_lost(&self) -> bool {
+        false
+    }
+}
+
+/// A worker's operations through the library, on the run's mappings.
+struct Library<'a> {
+    files: &'a [Arc<Mapping>],
+    maps: &'a [MapRegion],
+    /// The buffer of direct reads and writes, aligned as they need.
+    direct: AlignedBuf,
+}
+
+impl<'a> Library<'a> {
+    fn new(shared: &'a Shared) -> Library<'a> {
+        Library {
+            files: &shared.files,
+            maps: &shared.maps,
+            direct: AlignedBuf::new(MAX_OP_PAGES as usize * PAGE_SIZE, PAGE_SIZE),
+        }
+    }
+}
+
+impl Ops for Library<'_> {
+    fn read(
+        &mut self,
+        file: usize,
+        offset: u64,
+        buf: &mut [u8],
+        direct: bool,
+    ) -> io::Result<usize> {
+        let mapping = &self.files[file];
+        if !direct {
+            return mapping.read_at(buf, offset);
+        }
+        let aligned = &mut self.direct[..buf.len()];
+        let n = mapping.read_direct(aligned, offset)?;
+        buf[..n].copy_from_slice(&aligned[..n]);
+        Ok(n)
+    }
+
+    fn write(&mut self, file: usize, offset: u64, data: &[u8], direct: bool) -> io::Result<()> {
+        let mapping = &self.files[file];
+        if !direct {
+            return mapping.write_all_at(data, offset);
+        }
+        let aligned = &mut self.direct[..data.len()];
+        aligned.copy_from_slice(data);
+        mapping.write_direct(aligned, offset).map(drop)
+    }
+
+    fn zero(&mut self, file: usize, offset: u64, len: u64, punch: bool) -> io::Result<()> {
+        match punch {
+            true => self.files[file].punch_hole(offset, len),
+            false => self.files[file].zero_range(offset, len),
+        }
+    }
+
+    fn set_len(&mut self, file: usize, len: u64) -> io::Result<()> {
+        self.files[file].set_len(len)
+    }
+
+    fn readahead(&mut self, file: usize, offset: u64, len: u64) -> io::Result<()> {
+        self.files[file].readahead(offset, len)
+    }
+
+    fn sync(&mut self, file: usize, range: Option<(u64, u64)>) -> io::Result<()> {
+        match range {
+            Some((offset, len)) => self.files[file].sync_range(offset, len),
+            None => self.files[file].sync_all(),
+        }
+    }
+
+    fn map_read(&mut self, file: usize, offset: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.maps[file].read(offset, buf)
+    }
+
+    fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
+        self.maps[file].write(offset, data)
+    }
 }
 
 impl Shared {
@@ -598,20 +747,22 @@ impl Shared {
         counts
     }
 
-    /// One worker's loop; returns how many operations of each kind it completed.
-    fn work(&self, worker: usize) -> [u64; KINDS] {
+    /// One worker's loop, its operations made through `ops`; returns how
+    /// many operations of each kind it completed. `invalidate` always goes
+    /// to the library: through a mount, it is the change the kernel did not
+    /// make and must be told of.
+    pub(crate) fn work(&self, worker: usize, ops: &mut impl Ops) -> [u64; KINDS] {
         let config = &self.config;
         let mut rng = fastrand::Rng::with_seed(
             config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ worker as u64,
         );
         let mut counts = [0u64; KINDS];
-        let mut direct = AlignedBuf::new(MAX_OP_PAGES as usize * PAGE_SIZE, PAGE_SIZE);
         let mut buffer = vec![0u8; MAX_OP_PAGES as usize * PAGE_SIZE];
         // Where this worker's last read ended: half its reads go on from there,
         // so that sequential readahead (its windows, and the windows it hands to
         // the readahead threads) races the other operations too.
         let mut stream: Option<(usize, u64)> = None;
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.stop.load(Ordering::Relaxed) && !ops.is_lost() {
             let op = pick(&mut rng, config.map_writes);
             let (file, first) = match stream {
                 Some((file, next))
@@ -627,49 +778,30 @@ impl Shared {
             }
             let pages = first..first + count;
             let (offset, len) = (start_of(first), count * PAGE);
-            let mapping = &self.files[file];
             let kind = op.name();
             let start = self.begin(worker);
             let result = match op {
-                OpKind::Read => {
+                OpKind::Read | OpKind::ReadDirect => {
                     let buf = &mut buffer[..len as usize];
-                    mapping.read_at(buf, offset).map(|n| {
-                        let end = self.clock.tick();
-                        self.check(file, first, &buf[..n], start, end, kind);
-                    })
-                }
-                OpKind::ReadDirect => {
-                    let buf = &mut direct[..len as usize];
-                    mapping.read_direct(buf, offset).map(|n| {
-                        let end = self.clock.tick();
-                        self.check(file, first, &buf[..n], start, end, kind);
-                    })
+                    ops.read(file, offset, buf, op == OpKind::ReadDirect)
+                        .map(|n| {
+                            let end = self.clock.tick();
+                            self.check(file, first, &buf[..n], start, end, kind);
+                        })
                 }
                 OpKind::Write | OpKind::WriteDirect => {
-                    let buf = if op == OpKind::Write {
-                        &mut buffer[..len as usize]
-                    } else {
-                        &mut direct[..len as usize]
-                    };
+                    let buf = &mut buffer[..len as usize];
                     for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
                         fill_page(page, file, first + i as u64, start);
                     }
                     self.begin_changes(file, pages.clone(), false, start);
-                    let result = if op == OpKind::Write {
-                        mapping.write_all_at(buf, offset)
-                    } else {
-                        mapping.write_direct(buf, offset).map(drop)
-                    };
+                    let result = ops.write(file, offset, buf, op == OpKind::WriteDirect);
                     self.end_changes(file, pages, start);
                     result
                 }
                 OpKind::Punch | OpKind::Zero => {
                     self.begin_changes(file, pages.clone(), true, start);
-                    let result = if op == OpKind::Punch {
-                        mapping.punch_hole(offset, len)
-                    } else {
-                        mapping.zero_range(offset, len)
-                    };
+                    let result = ops.zero(file, offset, len, op == OpKind::Punch);
                     self.end_changes(file, pages, start);
                     result
                 }
@@ -677,7 +809,7 @@ impl Shared {
                     let keep = rng.u64(config.pages_per_file / 2..=config.pages_per_file);
                     let gone = keep..config.pages_per_file;
                     self.begin_changes(file, gone.clone(), true, start);
-                    let result = mapping.set_len(keep * PAGE);
+                    let result = ops.set_len(file, keep * PAGE);
                     self.end_changes(file, gone, start);
                     result
                 }
@@ -687,10 +819,9 @@ impl Shared {
                     let first = first % half;
                     let count = count.min(half - first);
                     let (offset, len) = (start_of(first) as usize, (count * PAGE) as usize);
-                    let map = &self.maps[file];
                     let buf = &mut buffer[..len];
                     if op == OpKind::MapRead {
-                        map.read(offset, buf).map(|()| {
+                        ops.map_read(file, offset, buf).map(|()| {
                             let end = self.clock.tick();
                             self.check(file, first, buf, start, end, kind);
                         })
@@ -700,21 +831,18 @@ impl Shared {
                         }
                         let pages = first..first + count;
                         self.begin_map_stores(file, pages.clone(), start);
-                        let result = map.write(offset, buf);
+                        let result = ops.map_write(file, offset, buf);
                         self.end_changes(file, pages, start);
                         result
                     }
                 }
-                OpKind::Readahead => mapping.readahead(offset, len),
+                OpKind::Readahead => ops.readahead(file, offset, len),
                 // Writes back and drops: the content must not change, stores
                 // through maps racing it included.
-                OpKind::Invalidate => mapping.invalidate_range(offset, len),
+                OpKind::Invalidate => self.files[file].invalidate_range(offset, len),
                 OpKind::Sync => {
-                    if rng.u8(..4) == 0 {
-                        mapping.sync_all()
-                    } else {
-                        mapping.sync_range(offset, len)
-                    }
+                    let range = (rng.u8(..4) != 0).then_some((offset, len));
+                    ops.sync(file, range)
                 }
             };
             self.finish(worker);
