@@ -11,12 +11,10 @@
 mod support;
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::ptr::NonNull;
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 
+use support::map::Map;
 use support::{install_sigbus_report, run, Image, Note, Rng};
 
 const PAGE: u64 = 4096;
@@ -218,7 +216,7 @@ fn read_without_pause(
 ) {
     install_sigbus_report();
     let mut note = Note::new();
-    let map = Map::new(&file, MAP_LEN).expect("mmap");
+    let map = Map::new(&file, MAP_LEN, false).expect("mmap");
     // The change in flight: its start and what it leaves.
     let mut pending: Option<(u64, Vec<u8>)> = None;
     let mut limit = model.len() as u64;
@@ -350,56 +348,4 @@ fn check_whole(map: &Map, model: &[u8]) -> Result<(), String> {
             false => "",
         }
     ))
-}
-
-/// A shared read-only map of a file from offset 0.
-struct Map {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Map {
-    fn new(file: &File, len: usize) -> io::Result<Map> {
-        // SAFETY: a new shared mapping of an open descriptor at an address the
-        // kernel picks, so it overlaps no memory this process uses; it is
-        // unmapped only by `drop`.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast()).expect("mmap gives no null map");
-        Ok(Map { ptr, len })
-    }
-
-    /// Loads `buf.len()` bytes at `off`, inside the file's last page (past
-    /// it a load raises SIGBUS, which the test reports). Other processes
-    /// change the file meanwhile, so each byte is a volatile load.
-    fn load(&self, off: usize, buf: &mut [u8]) {
-        assert!(off + buf.len() <= self.len, "a load outside the map");
-        for (i, byte) in buf.iter_mut().enumerate() {
-            // SAFETY: `off + i` lies inside the map (asserted), mapped while
-            // `self` lives; a volatile load of a byte is a plain load of
-            // memory the kernel or another process may change at any time.
-            *byte = unsafe { self.ptr.as_ptr().add(off + i).read_volatile() };
-        }
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: the map made by `new`, unmapped once; no reference into it
-        // outlives `self` (loads copy).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
-    }
 }

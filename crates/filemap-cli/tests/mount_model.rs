@@ -21,11 +21,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::map::Map;
 use support::{install_sigbus_report, Image, Note, Rng};
 
 const PAGE: u64 = 4096;
@@ -348,7 +348,7 @@ impl ModelFile {
             true => self.direct(),
             false => self.buffered(),
         };
-        self.map = Some(Map::new(file, MAP_LEN)?);
+        self.map = Some(Map::new(file, MAP_LEN, true)?);
         self.map_from_direct = from_direct;
         Ok(())
     }
@@ -544,80 +544,6 @@ impl Aligned {
 
     fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..self.start + self.len]
-    }
-}
-
-/// A shared read-write map of a file from offset 0.
-struct Map {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Map {
-    fn new(file: &File, len: usize) -> io::Result<Map> {
-        // SAFETY: a new shared mapping of an open descriptor at an address the
-        // kernel picks, so it overlaps no memory this process uses; it is
-        // unmapped only by `drop`.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast()).expect("mmap gives no null map");
-        Ok(Map { ptr, len })
-    }
-
-    /// Loads `buf.len()` bytes at `off`. The caller keeps them inside the
-    /// file's last page (a load past it raises SIGBUS, which the test reports).
-    fn load(&self, off: usize, buf: &mut [u8]) {
-        assert!(off + buf.len() <= self.len, "a load outside the map");
-        // SAFETY: `off..off + buf.len()` lies inside the map (asserted), which
-        // stays mapped while `self` lives, and cannot overlap `buf`, memory
-        // of this process's heap. The map's bytes change only through calls
-        // this thread makes (no other thread or process writes this file
-        // meanwhile), none of them during the copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
-        }
-    }
-
-    /// Stores `data` at `off`, inside the file's size.
-    fn store(&self, off: usize, data: &[u8]) {
-        assert!(off + data.len() <= self.len, "a store outside the map");
-        // SAFETY: as for `load`: the range is inside the map, disjoint from
-        // `data`, and nothing else touches the map's bytes during the copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len())
-        }
-    }
-
-    /// `msync(MS_SYNC)` of the whole map.
-    fn sync(&self) -> io::Result<()> {
-        // SAFETY: the range is exactly this map, which is mapped while `self`
-        // lives; msync only writes back, it changes no memory.
-        let done = unsafe { libc::msync(self.ptr.as_ptr().cast(), self.len, libc::MS_SYNC) };
-        match done {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        }
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: the map made by `new`, unmapped once; no reference into it
-        // outlives `self` (loads and stores copy).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
     }
 }
 
@@ -1199,7 +1125,7 @@ fn a_shared_map_sees_at_once_what_another_descriptor_does() {
         .write(true)
         .open(&path)
         .expect("open");
-    let map = Map::new(&mapped, 512 << 10).expect("mmap");
+    let map = Map::new(&mapped, 512 << 10, true).expect("mmap");
     let check = |model: &[u8], note: &mut Note, step: &str| {
         note.set(format!("shared map test: {step}\n"));
         let mut seen = vec![0; model.len()];
@@ -1376,7 +1302,7 @@ fn stores_through_a_map_of_an_o_direct_descriptor_reach_the_file() {
         .open(&path)
         .expect("create O_DIRECT");
     direct.set_len(5000).expect("ftruncate");
-    let map = Map::new(&direct, 2 * PAGE as usize).expect("mmap");
+    let map = Map::new(&direct, 2 * PAGE as usize, true).expect("mmap");
     map.store(100, b"first page");
     map.store(4500, b"last page");
     let synced = map.sync();

@@ -5,6 +5,8 @@
 // Each test file uses its own part of this module.
 #![allow(dead_code)]
 
+pub mod map;
+
 use std::cell::Cell;
 use std::ffi::CString;
 use std::io::Read;
