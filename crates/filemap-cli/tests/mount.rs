@@ -8,69 +8,21 @@ mod support;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use support::programs::{
+    compare_copies, copy_with_cp_and_direct_dd, punch_and_zero_with_fallocate, renameat2,
+    sqlite_check, sqlite_fill, stat,
+};
 use support::{filemap, run, Image};
 
 #[test]
 fn cp_and_dd_direct_copies_compare_equal_after_a_remount() {
     let image = Image::new("512M");
-    let source = image.dir.path().join("source");
-    run(
-        "dd",
-        &[
-            "if=/dev/urandom",
-            &format!("of={}", source.display()),
-            "bs=1M",
-            "count=64",
-            "status=none",
-        ],
-    );
     let server = image.mount();
-    run("cp", &[source.to_str().unwrap(), &image.at("copy")]);
-    run("cmp", &[source.to_str().unwrap(), &image.at("copy")]);
-    run(
-        "dd",
-        &[
-            &format!("if={}", source.display()),
-            &format!("of={}", image.at("direct")),
-            "bs=1M",
-            "count=16",
-            "oflag=direct",
-            "status=none",
-        ],
-    );
-    let back = image.dir.path().join("back");
-    run(
-        "dd",
-        &[
-            &format!("if={}", image.at("direct")),
-            &format!("of={}", back.display()),
-            "bs=1M",
-            "iflag=direct",
-            "status=none",
-        ],
-    );
-    run(
-        "cmp",
-        &[
-            "-n",
-            "16777216",
-            source.to_str().unwrap(),
-            back.to_str().unwrap(),
-        ],
-    );
+    let source = copy_with_cp_and_direct_dd(image.dir.path(), |name| image.at(name));
     server.stop(Some("TERM"));
 
     let server = image.mount();
-    run("cmp", &[source.to_str().unwrap(), &image.at("copy")]);
-    run(
-        "cmp",
-        &[
-            "-n",
-            "16777216",
-            source.to_str().unwrap(),
-            &image.at("direct"),
-        ],
-    );
+    compare_copies(&source, &image.at("copy"), &image.at("direct"));
     server.stop(None);
 }
 
@@ -78,47 +30,7 @@ fn cp_and_dd_direct_copies_compare_equal_after_a_remount() {
 fn fallocate_punch_and_zero_read_back_as_zeroes() {
     let image = Image::new("64M");
     let server = image.mount();
-    let file = image.at("f");
-    run(
-        "dd",
-        &[
-            "if=/dev/urandom",
-            &format!("of={file}"),
-            "bs=64K",
-            "count=4",
-            "status=none",
-        ],
-    );
-    run(
-        "fallocate",
-        &[
-            "--punch-hole",
-            "--offset",
-            "4096",
-            "--length",
-            "8192",
-            &file,
-        ],
-    );
-    run(
-        "fallocate",
-        &[
-            "--zero-range",
-            "--offset",
-            "65536",
-            "--length",
-            "4096",
-            &file,
-        ],
-    );
-    let bytes = std::fs::read(&file).expect("read");
-    assert_eq!(bytes.len(), 256 << 10, "the size stays");
-    assert!(bytes[4096..12288].iter().all(|&b| b == 0), "punched");
-    assert!(bytes[65536..69632].iter().all(|&b| b == 0), "zeroed");
-    assert!(
-        bytes[12288..65536].iter().any(|&b| b != 0),
-        "the rest stays"
-    );
+    punch_and_zero_with_fallocate(&image.at("f"));
     server.stop(Some("INT"));
 }
 
@@ -126,23 +38,10 @@ fn fallocate_punch_and_zero_read_back_as_zeroes() {
 fn sqlite_writes_and_passes_its_integrity_check() {
     let image = Image::new("128M");
     let server = image.mount();
-    let db = image.at("t.db");
-    let script = format!(
-        "import sqlite3\n\
-         c = sqlite3.connect({db:?})\n\
-         c.execute('create table t(x integer, y text)')\n\
-         for i in range(50):\n    \
-             c.executemany('insert into t values(?, ?)', [(i * 100 + j, 'row %d' % j) for j in range(100)])\n    \
-             c.commit()\n\
-         print(c.execute('select count(*) from t').fetchone()[0], c.execute('pragma integrity_check').fetchone()[0])\n"
-    );
-    assert_eq!(run("python3", &["-c", &script]).trim(), "5000 ok");
+    sqlite_fill(&image.at("t.db"));
     server.stop(Some("TERM"));
     let server = image.mount();
-    let check = format!(
-        "import sqlite3\nc = sqlite3.connect({db:?})\nprint(c.execute('select count(*) from t').fetchone()[0], c.execute('pragma integrity_check').fetchone()[0])\n"
-    );
-    assert_eq!(run("python3", &["-c", &check]).trim(), "5000 ok");
+    sqlite_check(&image.at("t.db"));
     server.stop(None);
 }
 
@@ -362,31 +261,6 @@ fn sqlite_writers_in_several_processes_keep_the_database_intact() {
     let server = image.mount();
     assert_eq!(run("python3", &["-c", &check]).trim(), "(800, 800) ok");
     server.stop(None);
-}
-
-/// `stat -c FORMAT` of `path`, trimmed.
-fn stat(format: &str, path: &str) -> String {
-    run("stat", &["-c", format, path]).trim().to_owned()
-}
-
-/// `renameat2(2)` with `flags`: the error number, or 0.
-fn renameat2(from: &str, to: &str, flags: libc::c_uint) -> i32 {
-    let from = std::ffi::CString::new(from).unwrap();
-    let to = std::ffi::CString::new(to).unwrap();
-    // SAFETY: both paths are NUL-terminated strings that outlive the call.
-    let done = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            flags,
-        )
-    };
-    match done {
-        0 => 0,
-        _ => std::io::Error::last_os_error().raw_os_error().unwrap(),
-    }
 }
 
 #[test]

@@ -13,92 +13,19 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::programs::{
+    check_punched_and_zeroed, compare_copies, copy_with_cp_and_direct_dd,
+    punch_and_zero_with_fallocate, renameat2, sqlite_check, sqlite_fill, stat,
+};
 use support::{filemap, is_mounted, run, HostDir, Server};
-
-/// `stat -c FORMAT` of `path`, trimmed.
-fn stat(format: &str, path: &str) -> String {
-    run("stat", &["-c", format, path]).trim().to_owned()
-}
-
-/// `renameat2(2)` with `flags`: the error number, or 0.
-fn renameat2(from: &str, to: &str, flags: libc::c_uint) -> i32 {
-    let from = std::ffi::CString::new(from).unwrap();
-    let to = std::ffi::CString::new(to).unwrap();
-    // SAFETY: both paths are NUL-terminated strings that outlive the call.
-    let done = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            flags,
-        )
-    };
-    match done {
-        0 => 0,
-        _ => std::io::Error::last_os_error().raw_os_error().unwrap(),
-    }
-}
 
 #[test]
 fn cp_of_a_large_file_compares_equal_and_the_host_file_holds_it_after_unmount() {
     let host = HostDir::new();
-    let source = host.dir.path().join("source");
-    run(
-        "dd",
-        &[
-            "if=/dev/urandom",
-            &format!("of={}", source.display()),
-            "bs=1M",
-            "count=64",
-            "status=none",
-        ],
-    );
     let server = host.mount();
-    run("cp", &[source.to_str().unwrap(), &host.at("copy")]);
-    run("cmp", &[source.to_str().unwrap(), &host.at("copy")]);
-    run(
-        "dd",
-        &[
-            &format!("if={}", source.display()),
-            &format!("of={}", host.at("direct")),
-            "bs=1M",
-            "count=16",
-            "oflag=direct",
-            "status=none",
-        ],
-    );
-    let back = host.dir.path().join("back");
-    run(
-        "dd",
-        &[
-            &format!("if={}", host.at("direct")),
-            &format!("of={}", back.display()),
-            "bs=1M",
-            "iflag=direct",
-            "status=none",
-        ],
-    );
-    run(
-        "cmp",
-        &[
-            "-n",
-            "16777216",
-            source.to_str().unwrap(),
-            back.to_str().unwrap(),
-        ],
-    );
+    let source = copy_with_cp_and_direct_dd(host.dir.path(), |name| host.at(name));
     server.stop(Some("TERM"));
-    run("cmp", &[source.to_str().unwrap(), &host.host("copy")]);
-    run(
-        "cmp",
-        &[
-            "-n",
-            "16777216",
-            source.to_str().unwrap(),
-            &host.host("direct"),
-        ],
-    );
+    compare_copies(&source, &host.host("copy"), &host.host("direct"));
     assert_eq!(
         std::fs::metadata(host.host("direct")).unwrap().len(),
         16 << 20
@@ -402,53 +329,10 @@ fn a_file_changed_on_the_host_while_closed_is_read_fresh_after_reopen() {
 fn fallocate_punch_and_zero_read_back_as_zeroes_on_the_mount_and_the_host() {
     let host = HostDir::new();
     let server = host.mount();
-    let file = host.at("f");
-    run(
-        "dd",
-        &[
-            "if=/dev/urandom",
-            &format!("of={file}"),
-            "bs=64K",
-            "count=4",
-            "status=none",
-        ],
-    );
-    run(
-        "fallocate",
-        &[
-            "--punch-hole",
-            "--offset",
-            "4096",
-            "--length",
-            "8192",
-            &file,
-        ],
-    );
-    run(
-        "fallocate",
-        &[
-            "--zero-range",
-            "--offset",
-            "65536",
-            "--length",
-            "4096",
-            &file,
-        ],
-    );
-    let check = |bytes: Vec<u8>| {
-        assert_eq!(bytes.len(), 256 << 10, "the size stays");
-        assert!(bytes[4096..12288].iter().all(|&b| b == 0), "punched");
-        assert!(bytes[65536..69632].iter().all(|&b| b == 0), "zeroed");
-        assert!(
-            bytes[12288..65536].iter().any(|&b| b != 0),
-            "the rest stays"
-        );
-        bytes
-    };
-    let through_mount = check(std::fs::read(&file).unwrap());
+    let through_mount = punch_and_zero_with_fallocate(&host.at("f"));
     server.stop(Some("TERM"));
     assert!(
-        check(std::fs::read(host.host("f")).unwrap()) == through_mount,
+        check_punched_and_zeroed(std::fs::read(host.host("f")).unwrap()) == through_mount,
         "the host file differs from what the mount read"
     );
 }
@@ -457,31 +341,9 @@ fn fallocate_punch_and_zero_read_back_as_zeroes_on_the_mount_and_the_host() {
 fn sqlite_writes_and_passes_its_integrity_check_on_the_mount_and_the_host() {
     let host = HostDir::new();
     let server = host.mount();
-    let script = |db: &str| {
-        format!(
-            "import sqlite3\n\
-             c = sqlite3.connect({db:?})\n\
-             c.execute('create table t(x integer, y text)')\n\
-             for i in range(50):\n    \
-                 c.executemany('insert into t values(?, ?)', [(i * 100 + j, 'row %d' % j) for j in range(100)])\n    \
-                 c.commit()\n\
-             print(c.execute('select count(*) from t').fetchone()[0], c.execute('pragma integrity_check').fetchone()[0])\n"
-        )
-    };
-    assert_eq!(
-        run("python3", &["-c", &script(&host.at("t.db"))]).trim(),
-        "5000 ok"
-    );
-    let check = |db: &str| {
-        format!(
-            "import sqlite3\nc = sqlite3.connect({db:?})\nprint(c.execute('select count(*) from t').fetchone()[0], c.execute('pragma integrity_check').fetchone()[0])\n"
-        )
-    };
+    sqlite_fill(&host.at("t.db"));
     server.stop(Some("TERM"));
-    assert_eq!(
-        run("python3", &["-c", &check(&host.host("t.db"))]).trim(),
-        "5000 ok"
-    );
+    sqlite_check(&host.host("t.db"));
 }
 
 #[test]

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod map;
+pub mod programs;
 
 use std::cell::Cell;
 use std::ffi::CString;
