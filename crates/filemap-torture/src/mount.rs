@@ -216,14 +216,10 @@ impl ThroughMount {
         }
     }
 
+    /// A call that carries no bytes either way.
     fn simple(&mut self, call: Call, file: usize, offset: u64, len: u64) -> io::Result<()> {
-        let request = Request {
-            call,
-            file,
-            offset,
-            len,
-        };
-        self.call(request, &[], &mut []).map(drop)
+        self.call(Request::new(call, file, offset, len), &[], &mut [])
+            .map(drop)
     }
 }
 
@@ -244,17 +240,7 @@ impl Ops for ThroughMount {
         direct: bool,
     ) -> io::Result<usize> {
         let call = if direct { Call::ReadDirect } else { Call::Read };
-        let len = buf.len() as u64;
-        self.call(
-            Request {
-                call,
-                file,
-                offset,
-                len,
-            },
-            &[],
-            buf,
-        )
+        self.call(Request::new(call, file, offset, buf.len()), &[], buf)
     }
 
     fn write(&mut self, file: usize, offset: u64, data: &[u8], direct: bool) -> io::Result<()> {
@@ -263,18 +249,8 @@ impl Ops for ThroughMount {
         } else {
             Call::Write
         };
-        let len = data.len() as u64;
-        self.call(
-            Request {
-                call,
-                file,
-                offset,
-                len,
-            },
-            data,
-            &mut [],
-        )
-        .map(drop)
+        let request = Request::new(call, file, offset, data.len());
+        self.call(request, data, &mut []).map(drop)
     }
 
     fn zero(&mut self, file: usize, offset: u64, len: u64, punch: bool) -> io::Result<()> {
@@ -309,24 +285,12 @@ impl Ops for ThroughMount {
     }
 
     fn map_read(&mut self, file: usize, offset: usize, buf: &mut [u8]) -> io::Result<()> {
-        let len = buf.len() as u64;
-        let request = Request {
-            call: Call::MapRead,
-            file,
-            offset: offset as u64,
-            len,
-        };
+        let request = Request::new(Call::MapRead, file, offset as u64, buf.len());
         self.call(request, &[], buf).map(drop)
     }
 
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
-        let len = data.len() as u64;
-        let request = Request {
-            call: Call::MapWrite,
-            file,
-            offset: offset as u64,
-            len,
-        };
+        let request = Request::new(Call::MapWrite, file, offset as u64, data.len());
         self.call(request, data, &mut []).map(drop)
     }
 

@@ -80,6 +80,16 @@ pub(crate) const REPLY_BYTES: usize = 8;
 pub(crate) const MAX_DATA: usize = 4 * PAGE_SIZE;
 
 impl Request {
+    pub(crate) fn new(call: Call, file: usize, offset: u64, len: impl TryInto<u64>) -> Request {
+        let len = len.try_into().unwrap_or(u64::MAX);
+        Request {
+            call,
+            file,
+            offset,
+            len,
+        }
+    }
+
     pub(crate) fn encode(&self) -> [u8; REQUEST_BYTES] {
         let mut bytes = [0u8; REQUEST_BYTES];
         bytes[0] = self.call as u8;
