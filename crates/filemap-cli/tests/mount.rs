@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -12,7 +14,7 @@ use support::programs::{
     compare_copies, copy_with_cp_and_direct_dd, punch_and_zero_with_fallocate, renameat2,
     sqlite_check, sqlite_fill, stat,
 };
-use support::{filemap, run, Image};
+use support::{filemap, run, Image, Rng};
 
 #[test]
 fn cp_and_dd_direct_copies_compare_equal_after_a_remount() {
@@ -420,4 +422,68 @@ fn a_busy_or_dead_mount_point_is_refused_naming_it() {
     // Cleared, the mount point takes the image again (it recovers from the
     // kill as from a crash).
     image.mount().stop(None);
+}
+
+/// `copy_file_range(2)` of `len` bytes from `offset_in` of `from` to
+/// `offset_out` of `to`, repeated until all are copied.
+fn copy_file_range(from: &File, offset_in: u64, to: &File, offset_out: u64, len: usize) {
+    let (mut offset_in, mut offset_out) = (offset_in as i64, offset_out as i64);
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both descriptors are open for the call, and the offsets
+        // are this function's own variables, which outlive it.
+        let copied = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut offset_in,
+                to.as_raw_fd(),
+                &mut offset_out,
+                left,
+                0,
+            )
+        };
+        assert!(
+            copied > 0,
+            "copy_file_range: {}",
+            std::io::Error::last_os_error()
+        );
+        left -= copied as usize;
+    }
+}
+
+#[test]
+fn copy_file_range_copies_at_unaligned_offsets_within_and_across_files() {
+    let image = Image::new("64M");
+    let server = image.mount();
+    let mut rng = Rng::new(7);
+    let bytes: Vec<u8> = (0..(3 << 20) + 5).map(|_| rng.u64() as u8).collect();
+    std::fs::write(image.at("a"), &bytes).unwrap();
+    let open = |name: &str| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(image.at(name))
+            .unwrap()
+    };
+    let (a, b) = (open("a"), open("b"));
+    // Across files, into a new one past its end; within a file, forward.
+    copy_file_range(&a, 4095, &b, 10_000, (2 << 20) + 77);
+    copy_file_range(&a, 1, &a, (3 << 20) + 100, 5000);
+    let mut want_b = vec![0; 10_000];
+    want_b.extend_from_slice(&bytes[4095..4095 + (2 << 20) + 77]);
+    let mut want_a = bytes.clone();
+    want_a.resize((3 << 20) + 100, 0);
+    want_a.extend_from_slice(&bytes[1..5001]);
+    let check = |what: &str| {
+        assert!(std::fs::read(image.at("b")).unwrap() == want_b, "{what}: b");
+        assert!(std::fs::read(image.at("a")).unwrap() == want_a, "{what}: a");
+    };
+    check("through the mount");
+    drop((a, b));
+    server.stop(Some("TERM"));
+    let server = image.mount();
+    check("after a remount");
+    server.stop(None);
 }

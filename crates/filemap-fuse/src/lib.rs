@@ -18,7 +18,8 @@
 //! times, files unlinked while open; `statfs` from the allocator. On each
 //! file: read, write, `fsync` (each open file with its own writeback-error
 //! cursor), `O_DIRECT`, `fallocate` (allocate, `KEEP_SIZE`, `PUNCH_HOLE`,
-//! `ZERO_RANGE`), truncate, and `lseek` with `SEEK_DATA` and `SEEK_HOLE`.
+//! `ZERO_RANGE`), truncate, `lseek` with `SEEK_DATA` and `SEEK_HOLE`, and
+//! `copy_file_range`.
 //!
 //! ```no_run
 //! use filemap_fuse::{format, mount, MountOptions};

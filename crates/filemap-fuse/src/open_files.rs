@@ -219,6 +219,32 @@ macro_rules! serve_open_files {
             );
         }
 
+        fn copy_file_range(
+            &self,
+            _req: &fuser::Request,
+            _ino_in: fuser::INodeNo,
+            fh_in: fuser::FileHandle,
+            offset_in: u64,
+            _ino_out: fuser::INodeNo,
+            fh_out: fuser::FileHandle,
+            offset_out: u64,
+            len: u64,
+            _flags: fuser::CopyFileRangeFlags,
+            reply: fuser::ReplyWrite,
+        ) {
+            $crate::notify::serving_kernel();
+            let copied = self.open.mapping(fh_in).and_then(|from| {
+                let to = self.open.mapping(fh_out)?;
+                $crate::open_files::or_errno($crate::open_files::copy_range(
+                    &from, offset_in, &to, offset_out, len,
+                ))
+            });
+            match copied {
+                Ok(n) => reply.written(n),
+                Err(error) => reply.error(error),
+            }
+        }
+
         fn lseek(
             &self,
             _req: &fuser::Request,
@@ -274,6 +300,33 @@ pub(crate) fn fallocate(mapping: &Mapping, offset: u64, length: u64, mode: i32) 
         libc::FALLOC_FL_ZERO_RANGE => grow().and_then(|()| mapping.zero_range(offset, length)),
         _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
     }
+}
+
+/// Copies `len` bytes at `offset_in` of `from` to `offset_out` of `to` (or
+/// up to the end of `from`), through the cache: `copy_file_range(2)` served
+/// in one request instead of a read and a write per chunk. Returns the bytes
+/// copied, at most what a FUSE reply counts (the kernel asks for no more).
+pub(crate) fn copy_range(
+    from: &Mapping,
+    offset_in: u64,
+    to: &Mapping,
+    offset_out: u64,
+    len: u64,
+) -> io::Result<u32> {
+    const CHUNK: usize = 1 << 20;
+    let len = len.min(u64::from(u32::MAX) & !(filemap::page::PAGE - 1));
+    let mut buf = vec![0; CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let read = from.read_at(&mut buf[..want], offset_in + done)?;
+        if read == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..read], offset_out + done)?;
+        done += read as u64;
+    }
+    Ok(done as u32)
 }
 
 /// Reads `len` bytes at `offset`, or up to the end of file.
