@@ -102,19 +102,21 @@ macro_rules! serve_open_files {
                 Err(error) => return reply.error(error),
             };
             let mapping = handle.mapping();
-            let read = if direct {
+            if direct {
                 let mut buf =
                     filemap::AlignedBuf::new(size as usize, filemap::cache::DIRECT_IO_MEMORY_ALIGN);
-                mapping
-                    .read_direct(&mut buf, offset)
-                    .map(|n| buf[..n].to_vec())
-            } else {
-                $crate::open_files::read_fully(mapping, offset, size as usize)
-            };
-            match read {
-                Ok(data) => reply.data(&data),
-                Err(error) => reply.error($crate::open_files::errno(&error)),
+                match mapping.read_direct(&mut buf, offset) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(error) => reply.error($crate::open_files::errno(&error)),
+                }
+                return;
             }
+            $crate::open_files::with_reply_buf(size as usize, |buf| {
+                match $crate::open_files::read_fully(mapping, offset, buf) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(error) => reply.error($crate::open_files::errno(&error)),
+                }
+            });
         }
 
         fn write(
@@ -329,16 +331,43 @@ pub(crate) fn copy_range(
     Ok(done as u32)
 }
 
-/// Reads `len` bytes at `offset`, or up to the end of file.
-pub(crate) fn read_fully(mapping: &Mapping, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0; len];
+/// The largest reply buffer a server thread keeps between reads: the largest
+/// read the kernel sends (`max_pages` of 256 pages at `init`).
+const KEPT_REPLY_BUF: usize = 1 << 20;
+
+thread_local! {
+    /// A server thread's buffer for read replies, kept between requests: a
+    /// fresh zeroed buffer per request cost a `memset` of the whole read (or,
+    /// from fresh memory, a page fault per page) before the cache copied into it.
+    static REPLY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `reply` with a buffer of `len` bytes whose contents are left over
+/// from earlier reads (the caller overwrites what it sends).
+pub(crate) fn with_reply_buf<T>(len: usize, reply: impl FnOnce(&mut [u8]) -> T) -> T {
+    REPLY_BUF.with(|kept| {
+        let Ok(mut kept) = kept.try_borrow_mut() else {
+            return reply(&mut vec![0; len]);
+        };
+        if kept.len() < len {
+            if len > KEPT_REPLY_BUF {
+                return reply(&mut vec![0; len]);
+            }
+            kept.resize(len, 0);
+        }
+        reply(&mut kept[..len])
+    })
+}
+
+/// Reads `buf.len()` bytes at `offset` into `buf`, or up to the end of file;
+/// returns how many.
+pub(crate) fn read_fully(mapping: &Mapping, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;
-    while done < len {
+    while done < buf.len() {
         match mapping.read_at(&mut buf[done..], offset + done as u64)? {
             0 => break,
             n => done += n,
         }
     }
-    buf.truncate(done);
-    Ok(buf)
+    Ok(done)
 }
