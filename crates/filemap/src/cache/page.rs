@@ -45,7 +45,6 @@
 //! | `locked` | `try_lock`, `lock_fill_claim` | not `LOCKED` | `+LOCKED` | kept |
 //! | `published(dirty)` | `publish` | `LOCKED` (a fill's: `FILLING`) | `+PRESENT +UPTODATE +QUEUED` (`+DIRTY`), `-LOCKED -FILLING` | bumped |
 //! | `unlocked` | `unlock` | `LOCKED` | `-LOCKED` | kept |
-//! | `unlocked_referenced` | `unlock_referenced` | `LOCKED` | `-LOCKED +REFERENCED` | kept |
 //! | `written` | `unlock_written` | `LOCKED` | `-LOCKED +DIRTY` | bumped |
 //! | `changed` | `unlock_changed` | `LOCKED` | `-LOCKED` | bumped |
 //! | `emptied` | `empty`, `abandon_fill` | `LOCKED`, or the fill's own claim | absent (`QUEUED` kept) | bumped |
@@ -288,13 +287,6 @@ impl PageState {
     #[must_use]
     pub(crate) fn unlocked(self) -> PageState {
         self.next(0, LOCKED, false)
-    }
-
-    /// Unlocked by a hit that copied the page under its lock: marked
-    /// referenced for the eviction hand.
-    #[must_use]
-    pub(crate) fn unlocked_referenced(self) -> PageState {
-        self.next(REFERENCED, LOCKED, false)
     }
 
     /// Unlocked by a holder that wrote the page: dirty, version bumped.
@@ -631,11 +623,6 @@ impl Slot {
     /// Unlocks the page, unchanged.
     pub(crate) fn unlock(&self) {
         self.apply(PageState::unlocked);
-    }
-
-    /// Unlocks the page after a hit copied it under its lock.
-    pub(crate) fn unlock_referenced(&self) {
-        self.apply(PageState::unlocked_referenced);
     }
 
     /// Unlocks the page after writing it: dirty, new version.

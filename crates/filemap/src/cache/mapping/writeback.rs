@@ -134,10 +134,14 @@ impl Mapping {
     fn sync_with(&self, seen: &AtomicU64, range: Option<(u64, u64)>) -> io::Result<()> {
         self.check_live()?;
         let written = match range {
-            None => self.write_back_range(0, MAX_PAGES - 1),
+            None => self
+                .check_own_pins(0..MAX_PAGES, true)
+                .and_then(|()| self.write_back_range(0, MAX_PAGES - 1)),
             Some((offset, len)) => {
                 let end = end_of(offset, len)?;
                 if len > 0 {
+                    // Writeback waits for write pins (a read pin it shares).
+                    self.check_own_pins(index_of(offset)..index_of(end - 1) + 1, true)?;
                     self.write_back_range(index_of(offset), index_of(end - 1))
                 } else {
                     Ok(())
