@@ -26,9 +26,9 @@ mod wait;
 pub use evict::{simulate as simulate_eviction, EvictionPolicy};
 pub use listener::ChangeListener;
 pub use mapping::direct::DIRECT_IO_MEMORY_ALIGN;
+pub use mapping::pin::{PinnedPage, PinnedPageMut};
 pub use mapping::region::{MapAccess, MapRegion};
 pub use mapping::writeback::FileHandle;
-pub use mapping::pin::{PinnedPage, PinnedPageMut};
 pub use mapping::Mapping;
 pub use stats::{CacheStats, LockWaits};
 

@@ -77,7 +77,11 @@ impl Deref for PinnedPage<'_> {
 
 impl Drop for PinnedPage<'_> {
     fn drop(&mut self) {
-        let slot = self.mapping.pages.get(self.index).expect("a pinned page has a slot");
+        let slot = self
+            .mapping
+            .pages
+            .get(self.index)
+            .expect("a pinned page has a slot");
         slot.unpin();
         self.mapping.cache.counters.unpins.add();
         forget_held(self.mapping, self.index, false);
@@ -133,7 +137,10 @@ impl Deref for PinnedPageMut<'_> {
 impl Drop for PinnedPageMut<'_> {
     fn drop(&mut self) {
         let mapping = self.mapping;
-        let slot = mapping.pages.get(self.index).expect("a pinned page has a slot");
+        let slot = mapping
+            .pages
+            .get(self.index)
+            .expect("a pinned page has a slot");
         mapping.cache.dirtied();
         slot.unlock_written();
         mapping.cache.counters.unpins.add();

@@ -273,12 +273,18 @@ fn a_pinned_page_never_changes_under_its_pin() {
         thread::yield_now();
         let second = page.read();
         slot.unpin();
-        assert!(first == [1, 1] || first == [2, 2], "torn under a pin: {first:?}");
+        assert!(
+            first == [1, 1] || first == [2, 2],
+            "torn under a pin: {first:?}"
+        );
         assert_eq!(first, second, "the page changed under its pin");
 
         writer.join().unwrap();
         let state = slot.load();
-        assert!(state.is_readable() && state.is_dirty() && !state.is_pinned(), "{state:?}");
+        assert!(
+            state.is_readable() && state.is_dirty() && !state.is_pinned(),
+            "{state:?}"
+        );
         assert_eq!(page.read(), [2, 2]);
     });
 }
