@@ -92,12 +92,15 @@ pub enum OpKind {
     MapRead,
     /// Stores of whole stamped pages through a memory map.
     MapWrite,
+    /// A page pinned for a while: read at once, and read again before the
+    /// unpin; the two must match.
+    Pin,
 }
 
 impl OpKind {
     /// Every kind, in report order (the order of the declaration, so that
     /// `kind as usize` indexes per-kind arrays).
-    pub const ALL: [OpKind; 12] = [
+    pub const ALL: [OpKind; 13] = [
         OpKind::Read,
         OpKind::Write,
         OpKind::Readahead,
@@ -110,6 +113,7 @@ impl OpKind {
         OpKind::Invalidate,
         OpKind::MapRead,
         OpKind::MapWrite,
+        OpKind::Pin,
     ];
 
     /// The kind's name in reports and on the command line.
@@ -127,6 +131,7 @@ impl OpKind {
             OpKind::Invalidate => "invalidate",
             OpKind::MapRead => "map_read",
             OpKind::MapWrite => "map_write",
+            OpKind::Pin => "pin",
         }
     }
 }

@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use filemap::{Mapping, PageCache, Volume};
 use filemap_fuse::{MountOptions, Mounted};
@@ -292,6 +293,18 @@ impl Ops for ThroughMount {
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
         let request = Request::new(Call::MapWrite, file, offset as u64, data.len());
         self.call(request, data, &mut []).map(drop)
+    }
+
+    fn pin(
+        &mut self,
+        file: usize,
+        index: u64,
+        first: &mut [u8],
+        second: &mut [u8],
+        hold: Duration,
+    ) -> io::Result<()> {
+        // The mount has no pins: the library's, in this process, beside it.
+        crate::run::pin_and_hold(&self.library[file], index, first, second, hold)
     }
 
     fn is_lost(&self) -> bool {

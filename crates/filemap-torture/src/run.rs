@@ -49,6 +49,7 @@ const fn weight(kind: OpKind) -> u32 {
         OpKind::Invalidate => 4,
         OpKind::MapRead => 14,
         OpKind::MapWrite => 6,
+        OpKind::Pin => 6,
     }
 }
 
@@ -484,6 +485,16 @@ pub(crate) trait Ops {
     fn map_read(&mut self, file: usize, offset: usize, buf: &mut [u8]) -> io::Result<()>;
     /// Stores `data` through the map of `file` at `offset`.
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()>;
+    /// Pins page `index` of `file`, copies its bytes into `first`, holds the
+    /// pin for `hold`, copies them into `second`, and unpins.
+    fn pin(
+        &mut self,
+        file: usize,
+        index: u64,
+        first: &mut [u8],
+        second: &mut [u8],
+        hold: Duration,
+    ) -> io::Result<()>;
     /// Whether nothing reaches the files through these operations any more
     /// (a worker process that ended): the worker stops.
     fn is_lost(&self) -> bool {
@@ -566,6 +577,35 @@ impl Ops for Library<'_> {
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
         self.maps[file].write(offset, data)
     }
+
+    fn pin(
+        &mut self,
+        file: usize,
+        index: u64,
+        first: &mut [u8],
+        second: &mut [u8],
+        hold: Duration,
+    ) -> io::Result<()> {
+        pin_and_hold(&self.files[file], index, first, second, hold)
+    }
+}
+
+/// [`Ops::pin`] through the library, on `mapping`.
+pub(crate) fn pin_and_hold(
+    mapping: &Mapping,
+    index: u64,
+    first: &mut [u8],
+    second: &mut [u8],
+    hold: Duration,
+) -> io::Result<()> {
+    let page = mapping.pin(index)?;
+    first.copy_from_slice(&page[..]);
+    let started = Instant::now();
+    while started.elapsed() < hold {
+        std::hint::spin_loop();
+    }
+    second.copy_from_slice(&page[..]);
+    Ok(())
 }
 
 impl Shared {
@@ -835,6 +875,26 @@ impl Shared {
                         self.end_changes(file, pages, start);
                         result
                     }
+                }
+                OpKind::Pin => {
+                    // A page of the first half, which truncates never cut.
+                    let index = first % (config.pages_per_file / 2);
+                    let mut second = [0u8; PAGE_SIZE];
+                    let page = &mut buffer[..PAGE_SIZE];
+                    let hold = Duration::from_micros(rng.u64(..=config.max_delay_us));
+                    ops.pin(file, index, page, &mut second, hold).map(|()| {
+                        let end = self.clock.tick();
+                        self.check(file, index, page, start, end, kind);
+                        if page[..] != second[..] {
+                            self.torn.fetch_add(1, Ordering::Relaxed);
+                            self.example(format!(
+                                "torn: page {index} of file {file} changed under its pin over ticks {start}..{end}"
+                            ));
+                            if self.config.stop_on_violation {
+                                self.stop.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    })
                 }
                 OpKind::Readahead => ops.readahead(file, offset, len),
                 // Writes back and drops: the content must not change, stores

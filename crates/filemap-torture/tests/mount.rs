@@ -21,7 +21,9 @@ fn a_worker_process_that_ends_is_an_error_of_the_run_not_a_hang() {
     };
     let report = run(&config, |_| {}).unwrap_or_else(|error| panic!("cannot run: {error}"));
     assert_eq!(report.errors, 3, "{report:?}");
-    assert_eq!(report.ops, 3, "one failed call per worker: {report:?}");
+    // Each worker stops at its first call that reaches its process (before
+    // it, only the calls made through the library beside the mount).
+    assert!(report.ops < 30, "the workers went on: {report:?}");
     assert!(
         report
             .examples

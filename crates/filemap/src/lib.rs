@@ -58,7 +58,7 @@ pub use backend::{
 };
 pub use cache::{
     CacheStats, ChangeListener, EvictionPolicy, FileHandle, LockWaits, MapAccess, MapRegion,
-    Mapping, PageCache, PageCacheBuilder,
+    Mapping, PageCache, PageCacheBuilder, PinnedPage, PinnedPageMut,
 };
 pub use device::{Device, DeviceClaim, FaultyDevice, FileDevice, MemDevice};
 pub use errno::{errno, Error};

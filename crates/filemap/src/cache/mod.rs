@@ -26,6 +26,7 @@ mod wait;
 pub use evict::{simulate as simulate_eviction, EvictionPolicy};
 pub use listener::ChangeListener;
 pub use mapping::direct::DIRECT_IO_MEMORY_ALIGN;
+pub use mapping::pin::{PinnedPage, PinnedPageMut};
 pub use mapping::region::{MapAccess, MapRegion};
 pub use mapping::writeback::FileHandle;
 pub use mapping::Mapping;
@@ -435,6 +436,9 @@ impl PageCache {
                 .map(|mapping| mapping.index_bytes())
                 .sum::<usize>();
         let page = PAGE_SIZE as u64;
+        // Unpins summed after pins: a pin given back between the two sums is
+        // then not counted as held, while one taken between is not counted.
+        let pins = counters.pins.sum();
         CacheStats {
             hits: counters.hits.sum(),
             misses: load(&counters.misses),
@@ -455,6 +459,9 @@ impl PageCache {
             store_views: shared.arena.views() as u64,
             closed_files: self.files.closed_files(),
             reopened: load(&counters.reopened),
+            pins_held: pins.saturating_sub(counters.unpins.sum()),
+            pins,
+            pin_waits: load(&counters.pin_waits),
         }
     }
 }

@@ -11,7 +11,17 @@
 //! | 6 | `WAITERS` | threads are parked on this slot; whoever clears a waited-on bit wakes them |
 //! | 7 | `REFERENCED` | read since the eviction hand last passed (set by hits only when clear) |
 //! | 8 | `QUEUED` | the slot has its one entry in the eviction queue; survives the page going |
-//! | 9..64 | version | bumped by every change of the page's data or presence |
+//! | 9..16 | pins | read pins held ([`crate::PinnedPage`]): while any is, no one may lock the page |
+//! | 16..64 | version | bumped by every change of the page's data or presence |
+//!
+//! Pins are a reader count beside the seqlock: a pinned page is present, up
+//! to date and not locked, and `try_lock` fails while pins are held, so its
+//! bytes cannot change until the last unpin. Pins are no part of what an
+//! optimistic reader re-checks (the version, `UPTODATE`, `LOCKED`), so a pin
+//! taken or released during a hit's copy does not void it: pins never hold
+//! up hits. They are no marks either: a transition computed from a state
+//! whose pin count changed meanwhile fails its compare-and-swap, and is
+//! computed again.
 //!
 //! A slot with none of `PRESENT`, `FILLING` and `LOCKED` has no flags but
 //! `WAITERS`: the page is absent. `UPTODATE` implies `PRESENT`. A writer creating
@@ -35,17 +45,18 @@
 //! | `locked` | `try_lock`, `lock_fill_claim` | not `LOCKED` | `+LOCKED` | kept |
 //! | `published(dirty)` | `publish` | `LOCKED` (a fill's: `FILLING`) | `+PRESENT +UPTODATE +QUEUED` (`+DIRTY`), `-LOCKED -FILLING` | bumped |
 //! | `unlocked` | `unlock` | `LOCKED` | `-LOCKED` | kept |
-//! | `unlocked_referenced` | `unlock_referenced` | `LOCKED` | `-LOCKED +REFERENCED` | kept |
 //! | `written` | `unlock_written` | `LOCKED` | `-LOCKED +DIRTY` | bumped |
 //! | `changed` | `unlock_changed` | `LOCKED` | `-LOCKED` | bumped |
 //! | `emptied` | `empty`, `abandon_fill` | `LOCKED`, or the fill's own claim | absent (`QUEUED` kept) | bumped |
 //! | `unqueued` | `unqueue_absent` | absent | `-QUEUED` | kept |
-//! | `writeback_started` | `start_writeback` | `LOCKED`, `DIRTY` | `-LOCKED -DIRTY +WRITEBACK` | kept |
 //! | `writeback_done` | `end_writeback(false)` | `WRITEBACK` | `-WRITEBACK` | kept |
 //! | `writeback_failed` | `end_writeback(true)` | `WRITEBACK` | `-WRITEBACK +DIRTY` | kept |
 //! | `cleaned` | `mark_clean` | `LOCKED`, `DIRTY` | `-DIRTY` | kept |
 //! | `dirtied` | `mark_dirty_by_store` | `PRESENT` or `LOCKED` | `+DIRTY` | kept |
 //! | `referenced` | `mark_referenced` | readable | `+REFERENCED` | kept |
+//! | `pinned` | `try_pin` | readable, pins below the most | pins + 1 | kept |
+//! | `unpinned` | `unpin` | pinned | pins - 1 | kept |
+//! | `writeback_started_pinned` | `finish_pinned_snapshot` | pinned, `DIRTY`, not `WRITEBACK` | pins - 1, `-DIRTY +WRITEBACK` | kept |
 //!
 //! A [`Slot`] makes a transition by [`Slot::replace`], which wakes the threads
 //! parked on the slot (they re-check what they wait for), and the transitions
@@ -69,7 +80,12 @@ const FILLING: u64 = 1 << 5;
 const WAITERS: u64 = 1 << 6;
 const REFERENCED: u64 = 1 << 7;
 const QUEUED: u64 = 1 << 8;
-const VERSION_SHIFT: u32 = 9;
+const PIN_SHIFT: u32 = 9;
+const PIN_ONE: u64 = 1 << PIN_SHIFT;
+/// The most pins one page holds at once; a pin beyond waits for an unpin.
+pub(crate) const MAX_PINS: u64 = 127;
+const PIN_MASK: u64 = MAX_PINS << PIN_SHIFT;
+const VERSION_SHIFT: u32 = 16;
 const VERSION_ONE: u64 = 1 << VERSION_SHIFT;
 const VERSION_MASK: u64 = !(VERSION_ONE - 1);
 /// The bits an optimistic reader re-checks: anything else changing (dirty,
@@ -89,8 +105,9 @@ impl std::fmt::Debug for PageState {
         let flag = |bit, name| if self.0 & bit != 0 { name } else { "" };
         write!(
             f,
-            "PageState(v{} {}{}{}{}{}{}{}{}{})",
+            "PageState(v{} p{} {}{}{}{}{}{}{}{}{})",
             self.0 >> VERSION_SHIFT,
+            self.pins(),
             flag(PRESENT, "P"),
             flag(LOCKED, "L"),
             flag(UPTODATE, "U"),
@@ -162,10 +179,35 @@ impl PageState {
         self.0 & (PRESENT | FILLING | LOCKED) == 0
     }
 
-    /// Locked, being filled or under writeback: eviction skips the page, and a
-    /// change or a drop of it waits.
+    /// Locked, being filled, under writeback or pinned: eviction skips the
+    /// page, and a change or a drop of it waits.
     pub(crate) fn is_busy(self) -> bool {
-        self.has(LOCKED | FILLING | WRITEBACK)
+        self.has(LOCKED | FILLING | WRITEBACK | PIN_MASK)
+    }
+
+    /// How many read pins are held.
+    pub(crate) fn pins(self) -> u64 {
+        (self.0 & PIN_MASK) >> PIN_SHIFT
+    }
+
+    /// Read pins are held: no one may lock the page.
+    pub(crate) fn is_pinned(self) -> bool {
+        self.has(PIN_MASK)
+    }
+
+    /// Locked or pinned: a locker waits.
+    pub(crate) fn is_held(self) -> bool {
+        self.has(LOCKED | PIN_MASK)
+    }
+
+    /// Locked, pinned or being filled: a locker of a present page waits.
+    pub(crate) fn is_held_or_filling(self) -> bool {
+        self.has(LOCKED | PIN_MASK | FILLING)
+    }
+
+    /// Readable and below the most pins: a pin may be taken.
+    pub(crate) fn is_pinnable(self) -> bool {
+        self.is_readable() && self.pins() < MAX_PINS
     }
 
     /// Locked or being filled: its bytes or presence are about to change.
@@ -247,13 +289,6 @@ impl PageState {
         self.next(0, LOCKED, false)
     }
 
-    /// Unlocked by a hit that copied the page under its lock: marked
-    /// referenced for the eviction hand.
-    #[must_use]
-    pub(crate) fn unlocked_referenced(self) -> PageState {
-        self.next(REFERENCED, LOCKED, false)
-    }
-
     /// Unlocked by a holder that wrote the page: dirty, version bumped.
     #[must_use]
     pub(crate) fn written(self) -> PageState {
@@ -272,13 +307,6 @@ impl PageState {
     #[must_use]
     pub(crate) fn unqueued(self) -> PageState {
         PageState(self.0 & !QUEUED)
-    }
-
-    /// A locked dirty page whose snapshot was taken: clean and unlocked, its
-    /// snapshot under writeback. A write from now on dirties it again.
-    #[must_use]
-    pub(crate) fn writeback_started(self) -> PageState {
-        self.next(WRITEBACK, LOCKED | DIRTY, false)
     }
 
     /// The snapshot reached the backend: writeback over.
@@ -310,6 +338,29 @@ impl PageState {
     #[must_use]
     pub(crate) fn referenced(self) -> PageState {
         PageState(self.0 | REFERENCED)
+    }
+
+    /// One more read pin (a plain compare-and-swap takes it, `WAITERS`
+    /// stays: no one waits for a pin to be taken).
+    #[must_use]
+    pub(crate) fn pinned(self) -> PageState {
+        debug_assert!(self.is_pinnable());
+        PageState(self.0 + PIN_ONE)
+    }
+
+    /// One read pin fewer; the `Slot` wakes the waiters, who re-check.
+    #[must_use]
+    pub(crate) fn unpinned(self) -> PageState {
+        debug_assert!(self.is_pinned());
+        PageState(self.0 - PIN_ONE).next(0, 0, false)
+    }
+
+    /// A pinned dirty page whose snapshot the pin kept steady: the pin given
+    /// back, clean, its snapshot under writeback. A write from now on dirties
+    /// it again.
+    #[must_use]
+    pub(crate) fn writeback_started_pinned(self) -> PageState {
+        PageState(self.0 - PIN_ONE).next(WRITEBACK, DIRTY, false)
     }
 
     /// Marked as having threads parked on it (a plain compare-and-swap).
@@ -384,9 +435,13 @@ impl Slot {
         }
     }
 
-    /// Sets `LOCKED` on a state without it; the caller then owns the page's bytes.
+    /// Sets `LOCKED` on a state without it and without pins; the caller then
+    /// owns the page's bytes. Fails while pins are held.
     pub(crate) fn try_lock(&self, current: PageState) -> Result<(), PageState> {
         debug_assert!(!current.is_locked());
+        if current.is_pinned() {
+            return Err(current);
+        }
         self.0
             .compare_exchange(
                 current.0,
@@ -411,6 +466,47 @@ impl Slot {
                 Ordering::Relaxed,
             );
         }
+    }
+
+    /// Takes a read pin of the page in state `current`, if it is still that
+    /// state and pinnable; the page's bytes then stay as they are until
+    /// [`Slot::unpin`].
+    #[inline]
+    pub(crate) fn try_pin(&self, current: PageState) -> Result<(), PageState> {
+        if !current.is_pinnable() {
+            return Err(current);
+        }
+        self.0
+            .compare_exchange(
+                current.0,
+                current.pinned().0,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            )
+            .map(drop)
+            .map_err(PageState)
+    }
+
+    /// Gives a read pin back (marking the page referenced, as a hit does),
+    /// waking the threads that wait to lock it.
+    #[inline]
+    pub(crate) fn unpin(&self) {
+        self.apply(|state| PageState(state.unpinned().0 | REFERENCED));
+    }
+
+    /// Ends a writeback snapshot taken under the caller's pin: if the page is
+    /// still dirty and under no other writeback, it becomes clean and under
+    /// writeback (`true`: the caller writes the snapshot); else the pin is
+    /// only given back (`false`).
+    pub(crate) fn finish_pinned_snapshot(&self) -> bool {
+        let before = self.apply(|state| {
+            if state.is_dirty() && !state.is_under_writeback() {
+                state.writeback_started_pinned()
+            } else {
+                state.unpinned()
+            }
+        });
+        before.is_dirty() && !before.is_under_writeback()
     }
 
     /// Clears the referenced mark; returns whether it was set.
@@ -529,11 +625,6 @@ impl Slot {
         self.apply(PageState::unlocked);
     }
 
-    /// Unlocks the page after a hit copied it under its lock.
-    pub(crate) fn unlock_referenced(&self) {
-        self.apply(PageState::unlocked_referenced);
-    }
-
     /// Unlocks the page after writing it: dirty, new version.
     pub(crate) fn unlock_written(&self) {
         self.apply(PageState::written);
@@ -554,12 +645,6 @@ impl Slot {
     pub(crate) fn unqueue_absent(&self, absent: PageState) -> Result<(), PageState> {
         debug_assert!(absent.is_absent());
         self.replace(absent, absent.unqueued())
-    }
-
-    /// The page the caller locked was snapshotted for writeback: clean, under
-    /// writeback, unlocked.
-    pub(crate) fn start_writeback(&self) {
-        self.apply(PageState::writeback_started);
     }
 
     /// Ends the page's writeback; if it `failed`, the page is dirty again.

@@ -103,6 +103,9 @@ pub(crate) struct Reclaimed {
     pub(crate) busy: usize,
     /// Candidates kept because they are dirty and their writeback failed.
     pub(crate) failed: usize,
+    /// Candidates kept because they are pinned: they come free only when
+    /// their holders let go, which may be never.
+    pub(crate) pinned: usize,
 }
 
 /// What evicting one page did.
@@ -115,6 +118,8 @@ pub(crate) enum Eviction {
     /// The page stays, dirty: its writeback failed (or its removal from the
     /// store did).
     Failed,
+    /// The page is pinned: it stays until its pins are given back.
+    Pinned,
     /// There was no page to evict.
     Absent,
 }
@@ -172,12 +177,15 @@ impl CacheShared {
                 Need::Optional if reclaimed.freed == 0 || tries >= OPTIONAL_RECLAIMS => {
                     return false;
                 }
-                // Nothing freed, nothing busy, and writebacks failed: the pages
-                // left are dirty and cannot be written. (With no failure either,
-                // the budget is held by fills that have not queued their pages
+                // Nothing freed, nothing busy, and writebacks failed or pages
+                // pinned: the pages left are dirty and cannot be written, or
+                // held for as long as their pins last. (With neither, the
+                // budget is held by fills that have not queued their pages
                 // yet: they will soon.)
                 Need::Wait
-                    if reclaimed.freed == 0 && reclaimed.busy == 0 && reclaimed.failed > 0 =>
+                    if reclaimed.freed == 0
+                        && reclaimed.busy == 0
+                        && reclaimed.failed + reclaimed.pinned > 0 =>
                 {
                     return false;
                 }
@@ -185,6 +193,13 @@ impl CacheShared {
             }
             if reclaimed.freed > 0 {
                 continue;
+            }
+            // Only pinned pages are left: they may stay pinned for ever, and a
+            // fault cannot wait for them.
+            if need == Need::Required && reclaimed.busy == 0 && reclaimed.pinned > 0 {
+                self.budget.force_acquire();
+                stats::add(&self.counters.budget_overruns, 1);
+                return true;
             }
             // Every evictable page is busy (locked, filling, under writeback) or
             // dirty with a failing writeback. Busy pages come free soon.
@@ -245,6 +260,7 @@ impl CacheShared {
                     Eviction::Evicted => reclaimed.freed += 1,
                     Eviction::Busy => reclaimed.busy += 1,
                     Eviction::Failed => reclaimed.failed += 1,
+                    Eviction::Pinned => reclaimed.pinned += 1,
                     Eviction::Absent => {}
                 }
             }

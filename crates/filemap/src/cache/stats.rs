@@ -46,6 +46,11 @@ impl StripedCounter {
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) hits: StripedCounter,
+    /// Pins taken and given back (read and write): the difference is held.
+    pub(crate) pins: StripedCounter,
+    pub(crate) unpins: StripedCounter,
+    /// Waits of a change, a drop or a fault for a page's pins.
+    pub(crate) pin_waits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) fills: AtomicU64,
     pub(crate) evictions: AtomicU64,
@@ -194,4 +199,10 @@ pub struct CacheStats {
     pub closed_files: u64,
     /// Opens that found the pages their file kept when it was last closed.
     pub reopened: u64,
+    /// Page pins ([`Mapping::pin`](crate::Mapping::pin), `pin_mut`) held now.
+    pub pins_held: u64,
+    /// Pins taken so far.
+    pub pins: u64,
+    /// Times a change, a drop or a map's fault waited for a page's pins.
+    pub pin_waits: u64,
 }

@@ -695,6 +695,14 @@ impl PageStore {
         let _ = memfd.read_at(dst, part.offset() + offset as u64);
     }
 
+    /// The address of page `index`, which must be present (its region stays
+    /// while it is).
+    pub(crate) fn page(&self, index: u64) -> *const u8 {
+        let addr = self.addr(index, 0, PAGE_SIZE) as *const u8;
+        assert!(!addr.is_null(), "a present page has a region");
+        addr
+    }
+
     /// Copies `src` into page `index` at `offset`. The page must be present and
     /// the caller must own its bytes (page locked): a present page keeps its
     /// region.

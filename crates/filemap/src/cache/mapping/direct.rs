@@ -72,6 +72,9 @@ impl Mapping {
             return Ok(0);
         }
         check_direct_alignment(offset, buf.len(), buf.as_ptr() as usize)?;
+        // It writes back the dirty pages of its range, which waits for write
+        // pins.
+        self.check_own_pins(index_of(offset)..index_of(end - 1) + 1, true)?;
         if buffer_in_a_map(buf.as_ptr(), buf.len()) {
             // The device would fault on the map while we hold Direct: read into
             // memory of our own, and copy out once the mode is released.

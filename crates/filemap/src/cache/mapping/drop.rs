@@ -65,6 +65,9 @@ impl Mapping {
                 Eviction::Busy
             };
         }
+        if state.is_pinned() {
+            return Eviction::Pinned;
+        }
         if state.is_busy() || slot.try_lock(state).is_err() {
             return Eviction::Busy;
         }
@@ -98,7 +101,7 @@ impl Mapping {
     /// for its fill and its writeback. An absent page yields `None`.
     pub(super) fn lock_for_change(&self, slot: &Slot) -> Option<PageState> {
         loop {
-            let state = slot.wait_while_state(PageState::is_busy);
+            let state = self.wait_for_page(slot, PageState::is_busy);
             if state.is_absent() {
                 return None;
             }
@@ -236,7 +239,7 @@ impl Mapping {
     /// backend as it was, and the page it installs is dropped here.
     fn lock_for_drop(&self, index: u64, slot: &Slot, dirty: DirtyPages) -> io::Result<bool> {
         loop {
-            let state = slot.wait_while_state(PageState::is_busy);
+            let state = self.wait_for_page(slot, PageState::is_busy);
             if state.is_absent() {
                 return Ok(false);
             }

@@ -96,11 +96,13 @@ impl Mapping {
                 if !state.is_present() {
                     break 'pages;
                 }
-                if state.is_locked() {
+                // A pinned page is mapped once its pins are gone: a store
+                // through the map must not change it under them.
+                if state.is_held() {
                     if i > index {
                         break 'pages;
                     }
-                    slot.wait_while_state(PageState::is_locked);
+                    self.wait_for_page(slot, PageState::is_held);
                     continue;
                 }
                 if slot.try_lock(state).is_ok() {

@@ -70,6 +70,7 @@ mod fault;
 mod fill;
 mod invalidate;
 mod open;
+pub(super) mod pin;
 mod read;
 pub(super) mod region;
 mod seek;
@@ -400,11 +401,16 @@ impl Mapping {
 
     /// Runs `change`, which changes the bytes of `range`, between the
     /// listener's calls; an empty range changes nothing and is not told.
+    /// Fails with `EDEADLK` if the caller holds a pin of a page of `range`.
     fn changing<R>(
         &self,
         range: Range<u64>,
         change: impl FnOnce() -> io::Result<R>,
     ) -> io::Result<R> {
+        // A change waits for the pins of its pages: never for the caller's.
+        if !range.is_empty() {
+            self.check_own_pins(index_of(range.start)..index_of(range.end - 1) + 1, false)?;
+        }
         let Some(listener) = self.cache.listener.0.as_ref().filter(|_| !range.is_empty()) else {
             return change();
         };

@@ -6,7 +6,7 @@ use std::io;
 use super::fill::{Fill, FillBudget};
 use super::region::buffer_in_a_map;
 use super::{would_block, Mapping};
-use crate::cache::page::{OptimisticRead, PageState, Slot};
+use crate::cache::page::{OptimisticRead, PageState, Slot, MAX_PINS};
 use crate::cache::readahead::MissFill;
 use crate::cache::stats;
 use crate::lock::{CoherenceGuard, Mode};
@@ -171,6 +171,8 @@ impl Mapping {
             // A page being filled (read ahead, most often) or changed: wait for
             // it and look again, rather than queue for Fill only to find it busy.
             if let Some(slot) = slot.filter(|slot| slot.load().is_locked_or_filling()) {
+                // Never for the caller's own write pin.
+                self.check_own_pins(index..index + 1, true)?;
                 slot.wait_while_state(PageState::is_locked_or_filling);
                 continue;
             }
@@ -205,6 +207,7 @@ impl Mapping {
                 }
                 Fill::NotAbsent => {
                     if let Some(slot) = self.pages.get(index) {
+                        self.check_own_pins(index..index + 1, true)?;
                         slot.wait_while_state(PageState::is_locked_or_filling);
                     }
                 }
@@ -251,22 +254,25 @@ impl Mapping {
     }
 
     /// The hit path of a reader that holds a coherence mode (whole reads under
-    /// `file-exclusive`): copies the page under its page lock. An optimistic
-    /// copy could touch a page an eviction just punched from the memfd, and
-    /// the fault would need Fill from the handler thread, which a queued
-    /// exclusive request would hold back behind the mode this reader holds.
-    /// Eviction skips locked pages, so a locked copy never faults.
+    /// `file-exclusive`): copies the page under a pin. An optimistic copy
+    /// could touch a page an eviction just punched from the memfd, and the
+    /// fault would need Fill from the handler thread, which a queued exclusive
+    /// request would hold back behind the mode this reader holds. Eviction
+    /// skips pinned pages, so a pinned copy never faults.
     fn read_hit_locked(&self, slot: &Slot, index: u64, in_page: usize, dst: &mut [u8]) -> bool {
         loop {
             let state = slot.load();
             if !state.is_readable() {
                 return false;
             }
-            if slot.try_lock(state).is_ok() {
+            if slot.try_pin(state).is_ok() {
                 self.store.read(index, in_page, dst);
-                slot.unlock_referenced();
+                slot.unpin();
                 self.cache.counters.hits.add();
                 return true;
+            }
+            if state.pins() == MAX_PINS {
+                std::thread::yield_now();
             }
         }
     }

@@ -188,6 +188,12 @@ impl MapRegion {
     /// with any file map).
     pub fn read(&self, at: usize, buf: &mut [u8]) -> io::Result<()> {
         self.check(at, buf.len())?;
+        if !buf.is_empty() {
+            // A load of a write-pinned page waits in its fault for the pin.
+            let first = (self.offset + at as u64) / PAGE_SIZE as u64;
+            let last = (self.offset + (at + buf.len() - 1) as u64) / PAGE_SIZE as u64;
+            self.mapping.check_own_pins(first..last + 1, true)?;
+        }
         let mut done = 0;
         while done < buf.len() {
             let pos = at + done;

@@ -161,7 +161,7 @@ impl Mapping {
         let mut zeroes_below = start_of(index) >= old_size;
         let slot = self.pages.get_or_create(index);
         loop {
-            let state = slot.wait_while_state(PageState::is_locked_or_filling);
+            let state = self.wait_for_page(slot, PageState::is_held_or_filling);
             if state.is_present() {
                 if slot.try_lock(state).is_err() {
                     continue;

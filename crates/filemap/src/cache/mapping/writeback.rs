@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::{end_of, Mapping};
-use crate::cache::page::{PageState, Slot};
+use crate::cache::page::{PageState, Slot, MAX_PINS};
 use crate::cache::stats;
 use crate::cache::tree::MAX_PAGES;
 use crate::page::{index_of, start_of, PAGE_SIZE};
@@ -134,10 +134,14 @@ impl Mapping {
     fn sync_with(&self, seen: &AtomicU64, range: Option<(u64, u64)>) -> io::Result<()> {
         self.check_live()?;
         let written = match range {
-            None => self.write_back_range(0, MAX_PAGES - 1),
+            None => self
+                .check_own_pins(0..MAX_PAGES, true)
+                .and_then(|()| self.write_back_range(0, MAX_PAGES - 1)),
             Some((offset, len)) => {
                 let end = end_of(offset, len)?;
                 if len > 0 {
+                    // Writeback waits for write pins (a read pin it shares).
+                    self.check_own_pins(index_of(offset)..index_of(end - 1) + 1, true)?;
                     self.write_back_range(index_of(offset), index_of(end - 1))
                 } else {
                     Ok(())
@@ -209,12 +213,20 @@ impl Mapping {
                 slot.wait_while_state(|s| s.is_locked() || s.is_under_writeback());
                 continue;
             }
-            if slot.try_lock(state).is_err() {
+            // A pin keeps the bytes steady for the snapshot, as the page lock
+            // would, without holding up hits or the user's pins.
+            if slot.try_pin(state).is_err() {
+                if state.pins() == MAX_PINS {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let mut data = vec![0; PAGE_SIZE];
             self.store.read(index, 0, &mut data);
-            slot.start_writeback();
+            if !slot.finish_pinned_snapshot() {
+                // Cleaned or under another writeback meanwhile: look again.
+                continue;
+            }
             schedule::point();
             let written = self.write_snapshot(index, &data);
             let failed = written.is_err();

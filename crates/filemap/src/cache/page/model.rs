@@ -1,8 +1,9 @@
 //! Models of the slot protocol, run on a real [`Slot`] by loom (every
 //! interleaving within a preemption bound, `--cfg loom`) or shuttle (random
 //! schedules, `--cfg shuttle`):
-//! a fill racing an invalidation, a hit racing a rewrite of the page, and a
-//! writeback racing a write. Each asserts the invariant its race could break.
+//! a fill racing an invalidation, a hit racing a rewrite of the page, a
+//! writeback racing a write, a pin racing a write, and a hit racing pins.
+//! Each asserts the invariant its race could break.
 //!
 //! A page's bytes are two words, so that a torn copy shows as two different
 //! values. They are copied as the page store copies them: relaxed atomic
@@ -16,8 +17,12 @@
 //! `replace` that tolerates a changed version (a stale fill installs), a
 //! `written` that does not bump the version or a hit without its acquire
 //! fence (a torn copy is kept), a `writeback_done` that clears `DIRTY` or a
-//! `writeback_started` that does not set `WRITEBACK` (a page the backend does
-//! not hold is clean), and a `replace` that wakes no one (deadlock).
+//! `writeback_started_pinned` that does not set `WRITEBACK` (a page the backend does
+//! not hold is clean), a `replace` that wakes no one (deadlock), a
+//! lock that ignores pins (a pinned page changes under its pin, and a
+//! writeback's snapshot under a write), and pins counted in the bits an
+//! optimistic reader re-checks (a pin voids a hit: caught by shuttle; loom's
+//! search, bounded, does not reach that schedule).
 
 use super::{OptimisticRead, PageState, Slot};
 use crate::sync::atomic::{fence, AtomicU64, Ordering};
@@ -70,14 +75,14 @@ fn check(scenario: impl Fn() + Send + Sync + 'static) {
     }
 }
 
-/// Locks a present page to change it, waiting while it is locked or being
-/// filled, as a buffered write does (`write_page`).
+/// Locks a present page to change it, waiting while it is locked, pinned or
+/// being filled, as a buffered write does (`write_page`).
 fn lock_present(slot: &Slot) {
     loop {
         let state = slot.load();
         assert!(state.is_present() || state.is_locked_or_filling());
-        if state.is_locked_or_filling() {
-            slot.wait_while_state(PageState::is_locked_or_filling);
+        if state.is_held_or_filling() {
+            slot.wait_while_state(PageState::is_held_or_filling);
             continue;
         }
         if slot.try_lock(state).is_ok() {
@@ -205,7 +210,7 @@ fn a_hit_never_keeps_bytes_changed_under_it() {
 }
 
 /// Writes back the page if it is dirty, as `write_back_page` does: one
-/// writeback at a time, the page locked only while its snapshot is taken.
+/// writeback at a time, the snapshot taken under a pin.
 fn write_back(slot: &Slot, page: &Bytes, backend: &Bytes) {
     loop {
         let state = slot.load();
@@ -216,15 +221,99 @@ fn write_back(slot: &Slot, page: &Bytes, backend: &Bytes) {
             slot.wait_while_state(|s| s.is_locked() || s.is_under_writeback());
             continue;
         }
-        if slot.try_lock(state).is_err() {
+        if slot.try_pin(state).is_err() {
             continue;
         }
         let snapshot = page.read();
-        slot.start_writeback();
+        if !slot.finish_pinned_snapshot() {
+            continue;
+        }
         backend.write_snapshot(snapshot);
         slot.end_writeback(false);
         return;
     }
+}
+
+/// Pins the page, waiting while it is not readable, as `Mapping::pin` does a
+/// cached page.
+fn pin(slot: &Slot) {
+    loop {
+        let state = slot.load();
+        if !state.is_pinnable() {
+            slot.wait_while_state(|s| !s.is_pinnable());
+            continue;
+        }
+        if slot.try_pin(state).is_ok() {
+            return;
+        }
+    }
+}
+
+/// A reader pins the page (1) while a writer rewrites it (2) under its lock.
+/// The bytes the pin shows must stay the same from the pin to the unpin, and
+/// the write must land once the pin is gone.
+#[test]
+fn a_pinned_page_never_changes_under_its_pin() {
+    check(|| {
+        let slot = Arc::new(Slot::default());
+        let page = Arc::new(Bytes::default());
+        create(&slot, &page, 1, false);
+
+        let writer = {
+            let (slot, page) = (slot.clone(), page.clone());
+            thread::spawn(move || {
+                lock_present(&slot);
+                page.write(2);
+                slot.unlock_written();
+            })
+        };
+
+        pin(&slot);
+        let first = page.read();
+        thread::yield_now();
+        let second = page.read();
+        slot.unpin();
+        assert!(
+            first == [1, 1] || first == [2, 2],
+            "torn under a pin: {first:?}"
+        );
+        assert_eq!(first, second, "the page changed under its pin");
+
+        writer.join().unwrap();
+        let state = slot.load();
+        assert!(
+            state.is_readable() && state.is_dirty() && !state.is_pinned(),
+            "{state:?}"
+        );
+        assert_eq!(page.read(), [2, 2]);
+    });
+}
+
+/// Pins are taken and given back while a hit copies the page: they change
+/// nothing an optimistic reader re-checks, so the hit keeps its copy.
+#[test]
+fn pins_never_void_a_hit() {
+    check(|| {
+        let slot = Arc::new(Slot::default());
+        let page = Arc::new(Bytes::default());
+        create(&slot, &page, 1, false);
+
+        let pinner = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                pin(&slot);
+                slot.unpin();
+            })
+        };
+
+        let mut copy = [0; 2];
+        let read = slot.read_optimistic(|| copy = page.read());
+        assert_eq!(read, OptimisticRead::Copied, "a pin voided a hit");
+        assert_eq!(copy, [1, 1]);
+
+        pinner.join().unwrap();
+        assert!(!slot.load().is_pinned());
+    });
 }
 
 /// Writebacks of a dirty page (1) race a write of it (2), one before it
