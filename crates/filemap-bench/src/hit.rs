@@ -103,16 +103,10 @@ fn variants(config: &HitConfig) -> Vec<Variant> {
 struct AsyncHit(AsyncMapping);
 
 impl PageRead for AsyncHit {
-    fn read(
-        &self,
-        index: u64,
-        mut buf: Box<PageBuf>,
-    ) -> impl Future<Output = io::Result<Box<PageBuf>>> + Send {
-        async move {
-            let n = self.0.read_at(&mut buf.0, start_of(index)).await?;
-            debug_assert_eq!(n, PAGE_SIZE);
-            Ok(buf)
-        }
+    async fn read(&self, index: u64, mut buf: Box<PageBuf>) -> io::Result<Box<PageBuf>> {
+        let n = self.0.read_at(&mut buf.0, start_of(index)).await?;
+        debug_assert_eq!(n, PAGE_SIZE);
+        Ok(buf)
     }
 }
 
