@@ -6,25 +6,39 @@
 //! - `kernel`: `pread` of a random page of a host file that is wholly in the
 //!   kernel's page cache (read once first);
 //! - `memcpy`: a plain `memcpy` of a random page from the same frame memory the
-//!   hits copy from, with no lookup or validation: the floor of the hit path.
+//!   hits copy from, with no lookup or validation: the floor of the hit path;
+//! - `async`: [`filemap::AsyncMapping::read_at`] of a random page, awaited in a
+//!   Tokio task (a current-thread runtime per reader), on the headline
+//!   strategy's file: the async front's hit, served in the task;
+//! - `spawn-blocking`: the same tasks awaiting `tokio::task::spawn_blocking`
+//!   around the synchronous `read_at` (with a buffer the call owns): what an
+//!   async caller pays without the front.
 //!
 //! One read in 16 is timed for the latencies, so the clock costs a hit next to
 //! nothing. Reader `i` is pinned to the `i`-th processor, the same for every
 //! variant (see [`crate::pinned`]). Each run builds fresh caches, and the
 //! variants measure its slices in turns ([`crate::interleaved`]).
 
+use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use filemap::page::{start_of, PAGE, PAGE_SIZE};
+use filemap::{AsyncMapping, Mapping};
 
 use crate::kernel::HostFile;
+use crate::tasks::{task_page_reads, PageRead};
 use crate::{
-    cached_file, coherent, figure, headline_strategy, interleaved, page_reads, timed_row, Progress,
-    Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
+    cached_file, coherent, figure, headline_strategy, interleaved, page_reads, timed_row, PageBuf,
+    Progress, Ratio, Report, Row, RowKey, RunSettings, Target, KERNEL,
 };
 
 /// The workload's name in reports.
 pub const WORKLOAD: &str = "hit";
+/// The row of the async front's hits.
+pub const ASYNC: &str = "async";
+/// The row of `spawn_blocking` around the synchronous read.
+pub const SPAWN_BLOCKING: &str = "spawn-blocking";
 /// One read in this many is timed.
 const TIME_EVERY: u32 = 16;
 
@@ -57,19 +71,68 @@ enum Variant {
     Strategy(usize),
     Kernel,
     Memcpy,
+    Async,
+    SpawnBlocking,
+}
+
+impl Variant {
+    fn name(self, settings: &RunSettings) -> &'static str {
+        match self {
+            Variant::Strategy(s) => settings.strategies[s].name(),
+            Variant::Kernel => KERNEL,
+            Variant::Memcpy => "memcpy",
+            Variant::Async => ASYNC,
+            Variant::SpawnBlocking => SPAWN_BLOCKING,
+        }
+    }
 }
 
 fn variants(config: &HitConfig) -> Vec<Variant> {
     (0..config.settings.strategies.len())
         .map(Variant::Strategy)
-        .chain([Variant::Kernel, Variant::Memcpy])
+        .chain([
+            Variant::Kernel,
+            Variant::Memcpy,
+            Variant::Async,
+            Variant::SpawnBlocking,
+        ])
         .collect()
+}
+
+/// The async front's hit, awaited in the task.
+struct AsyncHit(AsyncMapping);
+
+impl PageRead for AsyncHit {
+    async fn read(&self, index: u64, mut buf: Box<PageBuf>) -> io::Result<Box<PageBuf>> {
+        let n = self.0.read_at(&mut buf.0, start_of(index)).await?;
+        debug_assert_eq!(n, PAGE_SIZE);
+        Ok(buf)
+    }
+}
+
+/// The synchronous read, handed to the blocking pool and awaited.
+struct SpawnBlocking(Arc<Mapping>);
+
+impl PageRead for SpawnBlocking {
+    fn read(
+        &self,
+        index: u64,
+        mut buf: Box<PageBuf>,
+    ) -> impl Future<Output = io::Result<Box<PageBuf>>> + Send {
+        let mapping = self.0.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let n = mapping.read_at(&mut buf.0, start_of(index))?;
+            debug_assert_eq!(n, PAGE_SIZE);
+            Ok(buf)
+        });
+        async move { read.await.map_err(io::Error::other)? }
+    }
 }
 
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &HitConfig) -> usize {
     let settings = &config.settings;
-    settings.runs * settings.threads.len() * (settings.strategies.len() + 2)
+    settings.runs * settings.threads.len() * (settings.strategies.len() + 4)
 }
 
 /// Checks the settings without running anything.
@@ -92,6 +155,10 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
 
     let duration = settings.duration();
     let variants = variants(config);
+    // The async rows read the headline strategy's file.
+    let headline = headline_strategy(&settings.strategies)?
+        .and_then(|h| settings.strategies.iter().position(|&s| s == h))
+        .unwrap_or(0);
     let mut runs = vec![vec![Vec::new(); variants.len()]; settings.threads.len()];
     for run in 0..settings.runs {
         // Fresh caches every run: a cache's pages stay where they were first
@@ -109,11 +176,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                 &variants,
                 duration,
                 |variant| {
-                    let name = match *variant {
-                        Variant::Strategy(s) => settings.strategies[s].name(),
-                        Variant::Kernel => KERNEL,
-                        Variant::Memcpy => "memcpy",
-                    };
+                    let name = variant.name(settings);
                     progress(Progress::Step(&format!(
                         "hit, run {}/{}: {name}, {threads} thread(s)",
                         run + 1,
@@ -146,6 +209,18 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                                 Ok(())
                             })?
                         }
+                        Variant::Async => {
+                            let front = AsyncMapping::new(caches[headline].1.clone());
+                            task_page_reads(threads, duration, TIME_EVERY, pages, |_| {
+                                AsyncHit(front.clone())
+                            })?
+                        }
+                        Variant::SpawnBlocking => {
+                            let mapping = &caches[headline].1;
+                            task_page_reads(threads, duration, TIME_EVERY, pages, |_| {
+                                SpawnBlocking(mapping.clone())
+                            })?
+                        }
                     };
                     Ok(vec![measured])
                 },
@@ -159,11 +234,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
     let mut rows = Vec::new();
     for (t, &threads) in settings.threads.iter().enumerate() {
         for (v, variant) in variants.iter().enumerate() {
-            let strategy = match *variant {
-                Variant::Strategy(s) => settings.strategies[s].name(),
-                Variant::Kernel => KERNEL,
-                Variant::Memcpy => "memcpy",
-            };
+            let strategy = variant.name(settings);
             let key = RowKey {
                 workload: WORKLOAD,
                 strategy,
@@ -227,6 +298,22 @@ fn ratios(rows: &[Row], settings: &RunSettings) -> io::Result<Vec<Ratio>> {
                     Some(Target::AtLeast(target)),
                 ));
             }
+            // The async front: its hits as fast as the synchronous ones, and
+            // far faster than handing each to the blocking pool.
+            ratios.push(Ratio::between(
+                WORKLOAD,
+                format!("{ASYNC} / {ours}, {threads} thread(s), per thread"),
+                per_thread(ASYNC, threads),
+                per_thread(ours, threads),
+                Some(Target::AtLeast(0.8)),
+            ));
+            ratios.push(Ratio::between(
+                WORKLOAD,
+                format!("{ASYNC} / {SPAWN_BLOCKING}, {threads} thread(s), per thread"),
+                per_thread(ASYNC, threads),
+                per_thread(SPAWN_BLOCKING, threads),
+                Some(Target::AtLeast(5.0)),
+            ));
         }
     }
     if let Some(strategy) = headline {
@@ -262,7 +349,7 @@ mod tests {
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
-        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 2));
+        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 4));
         for strategy in Strategy::ALL {
             let row = report.find(WORKLOAD, strategy.name(), "read", 1).unwrap();
             assert_eq!(row.coherent, strategy.is_coherent());
@@ -272,8 +359,19 @@ mod tests {
             .iter()
             .all(|r| r.ops_per_s > 0.0 && r.p50_us > 0.0 && r.p99_us >= r.p50_us));
         // Per thread count: range/best, the ceiling, two for the headline
-        // strategy; and the scaling of the headline strategy.
-        assert_eq!(report.ratios.len(), 2 * 4 + 1);
+        // strategy and two for the async front; and the scaling of the
+        // headline strategy.
+        assert_eq!(report.ratios.len(), 2 * 6 + 1);
+        for name in [ASYNC, SPAWN_BLOCKING] {
+            assert!(report.find(WORKLOAD, name, "read", 2).is_some(), "{name}");
+        }
+        let async_ratios: Vec<_> = report
+            .ratios
+            .iter()
+            .filter(|r| r.name.starts_with(ASYNC))
+            .collect();
+        assert_eq!(async_ratios.len(), 4);
+        assert!(async_ratios.iter().all(|r| r.value.is_some()));
         let range = &report.ratios[0];
         assert_eq!(
             range.value.is_some(),

@@ -52,6 +52,7 @@ pub mod passthrough;
 pub mod plot;
 pub mod seqread;
 pub mod starve;
+mod tasks;
 
 pub use histogram::Histogram;
 
@@ -255,7 +256,10 @@ pub fn strategy_named(name: &str) -> Option<Strategy> {
 }
 
 fn is_baseline(name: &str) -> bool {
-    matches!(name, KERNEL | "memcpy" | "uffd-round-trip" | "memory-read")
+    matches!(
+        name,
+        KERNEL | "memcpy" | "uffd-round-trip" | "memory-read" | hit::ASYNC | hit::SPAWN_BLOCKING
+    )
 }
 
 /// The library's default strategy: the one the older single-strategy targets

@@ -227,7 +227,9 @@ struct TortureArgs {
     no_map_writes: bool,
     /// `mixed`: every operation from every thread. `self-map-dio`: three threads
     /// do direct I/O through maps of each other's files while a fourth punches
-    /// (ignores --threads and --files). `differential`: random sequences of
+    /// (ignores --threads and --files). `async`: the mixed workload through
+    /// the async front (a Tokio runtime per worker), one future in four
+    /// dropped at a random point. `differential`: random sequences of
     /// every call on one thread, applied to filemap and to a file of the host
     /// through the kernel, compared after every call; each divergence is shrunk
     /// to a reproducer (uses --seconds, --seed, --backend, --strategy, --device,
@@ -263,6 +265,7 @@ struct TortureWorkerArgs {
 enum ScenarioArg {
     Mixed,
     SelfMapDio,
+    Async,
     Differential,
 }
 
@@ -727,6 +730,7 @@ fn torture(args: TortureArgs) -> ExitCode {
             scenario: match args.scenario {
                 ScenarioArg::Mixed => Scenario::Mixed,
                 ScenarioArg::SelfMapDio => Scenario::SelfMapDio,
+                ScenarioArg::Async => Scenario::Async,
                 ScenarioArg::Differential => unreachable!("handled by `differential`"),
             },
         })

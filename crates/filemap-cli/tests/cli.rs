@@ -226,7 +226,16 @@ fn bench_keeps_the_options_of_bench_hit_and_bench_fault() {
         .iter()
         .map(|r| r["strategy"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["invalidate-lock", "kernel", "memcpy"]);
+    assert_eq!(
+        names,
+        [
+            "invalidate-lock",
+            "kernel",
+            "memcpy",
+            "async",
+            "spawn-blocking"
+        ]
+    );
     assert!(!ratios.is_empty());
     let (rows, _) = bench_json(&["fault", "--file-mib", "1", "--strategy", "two-state"]);
     assert!(rows.iter().all(|r| r["workload"] == "fault"));

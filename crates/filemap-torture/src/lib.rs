@@ -25,6 +25,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod async_ops;
 pub mod differential;
 pub mod mount;
 pub mod oracle;
@@ -170,6 +171,14 @@ pub enum Scenario {
     /// file, while a fourth punches holes in all three. Ignores `threads` and
     /// `files` (4 and 3).
     SelfMapDio,
+    /// The mixed workload with every call but the map accesses and
+    /// `invalidate` made through [`filemap::AsyncMapping`] from a Tokio
+    /// runtime per worker, and one future in four dropped at a random point
+    /// (after its first poll, after a random few microseconds, or before it
+    /// was polled). A dropped read is not checked; a dropped change is
+    /// recorded as in flight until the work it handed to the blocking pool
+    /// has ended.
+    Async,
 }
 
 impl Scenario {
@@ -178,6 +187,7 @@ impl Scenario {
         match self {
             Scenario::Mixed => "mixed",
             Scenario::SelfMapDio => "self-map-dio",
+            Scenario::Async => "async",
         }
     }
 }

@@ -15,6 +15,7 @@ use filemap::{
 };
 use parking_lot::Mutex;
 
+use crate::async_ops::AsyncLibrary;
 use crate::mount::{Mount, MountSettings};
 use crate::oracle::{
     bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
@@ -25,7 +26,7 @@ use crate::{
 };
 
 /// The most pages one operation touches.
-const MAX_OP_PAGES: u64 = 4;
+pub(crate) const MAX_OP_PAGES: u64 = 4;
 /// Pages past the checked ones that the self-map scenario uses as buffers.
 const SCRATCH_PAGES: u64 = 2 * MAX_OP_PAGES;
 /// How many violations and errors a report describes.
@@ -130,7 +131,7 @@ pub fn run(
         .map(|backend| {
             let mapping = cache.open(backend.clone())?;
             let scratch = match config.scenario {
-                Scenario::Mixed => 0,
+                Scenario::Mixed | Scenario::Async => 0,
                 Scenario::SelfMapDio => SCRATCH_PAGES,
             };
             mapping.set_len((config.pages_per_file + scratch) * PAGE)?;
@@ -143,7 +144,7 @@ pub fn run(
         .iter()
         .filter(|_| config.mount.is_none())
         .map(|mapping| match config.scenario {
-            Scenario::Mixed => {
+            Scenario::Mixed | Scenario::Async => {
                 let half = (config.pages_per_file / 2 * PAGE) as usize;
                 mapping.map(0, half, MapAccess::ReadWrite)
             }
@@ -192,6 +193,14 @@ pub fn run(
                     (Scenario::Mixed, Some(mut process)) => shared.work(worker, &mut process),
                     (Scenario::Mixed, None) => shared.work(worker, &mut Library::new(shared)),
                     (Scenario::SelfMapDio, _) => shared.work_self_map_dio(worker),
+                    (Scenario::Async, _) => shared.work(
+                        worker,
+                        &mut AsyncLibrary::new(
+                            &shared.files,
+                            &shared.maps,
+                            shared.config.seed ^ worker as u64,
+                        ),
+                    ),
                 })
             })
             .collect();
@@ -271,7 +280,7 @@ impl TortureConfig {
     /// threads and files.
     fn effective(&self) -> TortureConfig {
         match self.scenario {
-            Scenario::Mixed => self.clone(),
+            Scenario::Mixed | Scenario::Async => self.clone(),
             Scenario::SelfMapDio => TortureConfig {
                 files: SELF_MAP_DIO_FILES,
                 threads: SELF_MAP_DIO_THREADS,

@@ -31,6 +31,8 @@
 #![cfg_attr(any(loom, shuttle), allow(dead_code, unused_imports))]
 
 mod aligned;
+#[cfg(feature = "tokio")]
+mod async_front;
 pub mod backend;
 #[cfg(any(feature = "bench", test))] // built for its own test too
 #[doc(hidden)]
@@ -52,6 +54,8 @@ mod schedule;
 pub(crate) mod sync;
 
 pub use aligned::AlignedBuf;
+#[cfg(feature = "tokio")]
+pub use async_front::AsyncMapping;
 pub use backend::{
     Attr, Backend, DirEntry, FaultyBackend, FileIdentity, FileKind, HostFile, RenameFlags, SetAttr,
     StatFs, Timestamp, Volume, VolumeFile,
