@@ -297,14 +297,14 @@ impl Ops for ThroughMount {
 
     fn pin(
         &mut self,
-        file: usize,
-        index: u64,
-        first: &mut [u8],
-        second: &mut [u8],
-        hold: Duration,
+        _file: usize,
+        _index: u64,
+        _first: &mut [u8],
+        _second: &mut [u8],
+        _hold: Duration,
     ) -> io::Result<()> {
-        // The mount has no pins: the library's, in this process, beside it.
-        crate::run::pin_and_hold(&self.library[file], index, first, second, hold)
+        // The run leaves pins out of its mix through a mount.
+        Err(io::ErrorKind::Unsupported.into())
     }
 
     fn is_lost(&self) -> bool {

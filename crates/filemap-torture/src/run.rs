@@ -55,14 +55,12 @@ const fn weight(kind: OpKind) -> u32 {
 }
 
 /// Picks an operation kind at random by [`weight`], `map_write` only if
-/// `map_writes`.
-fn pick(rng: &mut fastrand::Rng, map_writes: bool) -> OpKind {
-    let weight_here = |kind: OpKind| {
-        if kind == OpKind::MapWrite && !map_writes {
-            0
-        } else {
-            weight(kind)
-        }
+/// `map_writes`, `pin` only if `pins`.
+fn pick(rng: &mut fastrand::Rng, map_writes: bool, pins: bool) -> OpKind {
+    let weight_here = |kind: OpKind| match kind {
+        OpKind::MapWrite if !map_writes => 0,
+        OpKind::Pin if !pins => 0,
+        kind => weight(kind),
     };
     let total: u32 = OpKind::ALL.into_iter().map(weight_here).sum();
     let mut roll = rng.u32(..total);
@@ -812,7 +810,12 @@ impl Shared {
         // the readahead threads) races the other operations too.
         let mut stream: Option<(usize, u64)> = None;
         while !self.stop.load(Ordering::Relaxed) && !ops.is_lost() {
-            let op = pick(&mut rng, config.map_writes);
+            // Not through a mount: the mount has no pins, and a pin of the
+            // library beside it reads the cache, not the stores that the
+            // workers' maps hold in the kernel's pages until they are
+            // written back (as a read of a disk does beside a mounted file
+            // system).
+            let op = pick(&mut rng, config.map_writes, config.mount.is_none());
             let (file, first) = match stream {
                 Some((file, next))
                     if op == OpKind::Read && next < config.pages_per_file && rng.bool() =>
