@@ -21,6 +21,8 @@
 //!   copy of the same memory.
 //! - [`evict`]: the eviction policies' hit ratios on the same traces, simulated
 //!   and on a real cache, and the cache's bookkeeping per cached page.
+//! - [`pin`]: a pinned page's 64 bytes read in place, against `read_at` of
+//!   64 bytes and of the whole page.
 //! - [`seqread`]: a sequential read of an uncached file, against a raw read of
 //!   its device.
 //! - [`open`]: open, first 4 KiB read and close of many small files, against
@@ -49,6 +51,7 @@ pub mod mixed;
 pub mod mount;
 pub mod open;
 pub mod passthrough;
+pub mod pin;
 pub mod plot;
 pub mod seqread;
 pub mod starve;

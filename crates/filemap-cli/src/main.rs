@@ -59,7 +59,9 @@ struct BenchArgs {
     /// readers. starve: punch latency under a storm of reads and map faults on
     /// its range, against no storm. fault: memory map faults and map reads.
     /// evict: the eviction policies' hit ratios on the same traces, and the
-    /// bookkeeping per cached page. seqread: a sequential read of an uncached
+    /// bookkeeping per cached page. pin: a pin, a 64-byte read in place and the
+    /// unpin of a cached page, against read_at of 64 bytes and of the page.
+    /// seqread: a sequential read of an uncached
     /// file against a raw read of its device. open: open, first 4 KiB read and
     /// close of small files, against the kernel; and the threads, descriptors,
     /// VMAs and resident bytes of 100,000 open mappings, 1,000 of them read.
@@ -122,6 +124,7 @@ enum WorkloadArg {
     Starve,
     Fault,
     Evict,
+    Pin,
     Seqread,
     Open,
     Mount,
@@ -129,13 +132,14 @@ enum WorkloadArg {
 }
 
 /// The workloads, in the order `all` runs them.
-const WORKLOADS: [WorkloadArg; 9] = [
+const WORKLOADS: [WorkloadArg; 10] = [
     WorkloadArg::Hit,
     WorkloadArg::Mixed,
     WorkloadArg::Direct,
     WorkloadArg::Starve,
     WorkloadArg::Fault,
     WorkloadArg::Evict,
+    WorkloadArg::Pin,
     WorkloadArg::Seqread,
     WorkloadArg::Open,
     WorkloadArg::Mount,
@@ -349,6 +353,7 @@ enum BenchConfig {
     Starve(filemap_bench::starve::StarveConfig),
     Fault(filemap_bench::fault::FaultConfig),
     Evict(filemap_bench::evict::EvictConfig),
+    Pin(filemap_bench::pin::PinConfig),
     Seqread(filemap_bench::seqread::SeqReadConfig),
     Open(filemap_bench::open::OpenConfig),
     Mount(filemap_bench::mount::MountConfig),
@@ -363,6 +368,7 @@ impl BenchConfig {
             BenchConfig::Starve(c) => filemap_bench::starve::check(c),
             BenchConfig::Fault(c) => filemap_bench::fault::check(c),
             BenchConfig::Evict(c) => filemap_bench::evict::check(c),
+            BenchConfig::Pin(c) => filemap_bench::pin::check(c),
             BenchConfig::Seqread(c) => filemap_bench::seqread::check(c),
             BenchConfig::Open(c) => filemap_bench::open::check(c),
             BenchConfig::Mount(c) => filemap_bench::mount::check(c),
@@ -377,6 +383,7 @@ impl BenchConfig {
             BenchConfig::Starve(c) => filemap_bench::starve::steps(c),
             BenchConfig::Fault(c) => filemap_bench::fault::steps(c),
             BenchConfig::Evict(c) => filemap_bench::evict::steps(c),
+            BenchConfig::Pin(c) => filemap_bench::pin::steps(c),
             BenchConfig::Seqread(c) => filemap_bench::seqread::steps(c),
             BenchConfig::Open(c) => filemap_bench::open::steps(c),
             BenchConfig::Mount(c) => filemap_bench::mount::steps(c),
@@ -394,6 +401,7 @@ impl BenchConfig {
             BenchConfig::Starve(c) => filemap_bench::starve::run(c, progress),
             BenchConfig::Fault(c) => filemap_bench::fault::run(c, progress),
             BenchConfig::Evict(c) => filemap_bench::evict::run(c, progress),
+            BenchConfig::Pin(c) => filemap_bench::pin::run(c, progress),
             BenchConfig::Seqread(c) => filemap_bench::seqread::run(c, progress),
             BenchConfig::Open(c) => filemap_bench::open::run(c, progress),
             BenchConfig::Mount(c) => filemap_bench::mount::run(c, progress),
@@ -458,6 +466,10 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                 settings: settings.clone(),
             }),
             WorkloadArg::Evict => BenchConfig::Evict(filemap_bench::evict::EvictConfig::default()),
+            WorkloadArg::Pin => BenchConfig::Pin(filemap_bench::pin::PinConfig {
+                file_bytes,
+                settings: with_threads(&[1, 2]),
+            }),
             WorkloadArg::Seqread => BenchConfig::Seqread(filemap_bench::seqread::SeqReadConfig {
                 runs: args.runs,
                 ..Default::default()
