@@ -177,7 +177,7 @@ mod tests {
         let report = run(&config, |_| {}).unwrap();
         assert_eq!(report.rows.len(), 3);
         assert!(
-            report.rows.iter().all(|row| row.ops > 0),
+            report.rows.iter().all(|row| row.ops_per_s > 0.0),
             "{:?}",
             report.rows
         );
