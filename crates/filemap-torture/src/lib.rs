@@ -309,7 +309,10 @@ pub struct TortureReport {
     pub torn: u64,
     /// Pages that mixed versions while a store through a memory map to them
     /// overlapped the read: shared memory, which no reader sees atomically (not
-    /// a violation; counted so that it is seen).
+    /// a violation; counted so that it is seen). Through a mount, also pages
+    /// that the workers' plain loads from their maps found mixing versions
+    /// that were each current during the load: no change of a page is atomic
+    /// against such loads.
     pub mixed_during_map_store: u64,
     /// Operations that failed with an I/O error.
     pub errors: u64,

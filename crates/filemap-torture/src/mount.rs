@@ -307,6 +307,10 @@ impl Ops for ThroughMount {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    fn map_loads_are_validated(&self) -> bool {
+        false
+    }
+
     fn is_lost(&self) -> bool {
         self.lost
     }

@@ -502,6 +502,13 @@ pub(crate) trait Ops {
         second: &mut [u8],
         hold: Duration,
     ) -> io::Result<()>;
+    /// Whether [`Ops::map_read`] validates what it loads against the page's
+    /// state, as `MapRegion::read` does (so a page it returns is one
+    /// version); plain loads from a map of the kernel's are not.
+    fn map_loads_are_validated(&self) -> bool {
+        true
+    }
+
     /// Whether nothing reaches the files through these operations any more
     /// (a worker process that ended): the worker stops.
     fn is_lost(&self) -> bool {
@@ -682,6 +689,23 @@ impl Shared {
     /// Checks every whole page of `data`, read from page `first` of `file` over
     /// ticks `start..end`.
     fn check(&self, file: usize, first: u64, data: &[u8], start: u64, end: u64, kind: &str) {
+        self.check_pages(file, first, data, start..end, kind, false);
+    }
+
+    /// [`Shared::check`], where `raw_loads` says the bytes were loaded from a
+    /// map of the kernel's with no validation: no change of a page is atomic
+    /// against such loads, so a page mixing versions that are each allowed
+    /// over the read is no violation (counted with `mixed_during_map_store`).
+    fn check_pages(
+        &self,
+        file: usize,
+        first: u64,
+        data: &[u8],
+        ticks: std::ops::Range<u64>,
+        kind: &str,
+        raw_loads: bool,
+    ) {
+        let (start, end) = (ticks.start, ticks.end);
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let index = first + i as u64;
             self.reads_checked.fetch_add(1, Ordering::Relaxed);
@@ -700,8 +724,11 @@ impl Shared {
                 Observed::Torn => {
                     let excused = {
                         let history = self.history.page(file, index).lock();
-                        mixed_values(page, file, index)
-                            .is_some_and(|values| history.allows_mix(&values, start, end))
+                        mixed_values(page, file, index).is_some_and(|values| {
+                            history.allows_mix(&values, start, end)
+                                || raw_loads
+                                    && values.iter().all(|&v| history.allows(v, start, end))
+                        })
                             // While a map store overlaps the read, even words may be
                             // torn: each byte must come from an allowed version.
                             || history.map_store_overlaps(start, end)
@@ -873,9 +900,10 @@ impl Shared {
                     let (offset, len) = (start_of(first) as usize, (count * PAGE) as usize);
                     let buf = &mut buffer[..len];
                     if op == OpKind::MapRead {
+                        let raw_loads = !ops.map_loads_are_validated();
                         ops.map_read(file, offset, buf).map(|()| {
                             let end = self.clock.tick();
-                            self.check(file, first, buf, start, end, kind);
+                            self.check_pages(file, first, buf, start..end, kind, raw_loads);
                         })
                     } else {
                         for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
