@@ -194,16 +194,4 @@ impl Ops for AsyncLibrary<'_> {
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
         self.maps[file].write(offset, data)
     }
-
-    fn pin(
-        &mut self,
-        file: usize,
-        index: u64,
-        first: &mut [u8],
-        second: &mut [u8],
-        hold: Duration,
-    ) -> io::Result<()> {
-        // Pins have no async form: a guard is held by its thread.
-        crate::run::pin_and_hold(self.files[file].mapping(), index, first, second, hold)
-    }
 }

@@ -19,7 +19,6 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use filemap::{Mapping, PageCache, Volume};
 use filemap_fuse::{MountOptions, Mounted};
@@ -293,18 +292,6 @@ impl Ops for ThroughMount {
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
         let request = Request::new(Call::MapWrite, file, offset as u64, data.len());
         self.call(request, data, &mut []).map(drop)
-    }
-
-    fn pin(
-        &mut self,
-        _file: usize,
-        _index: u64,
-        _first: &mut [u8],
-        _second: &mut [u8],
-        _hold: Duration,
-    ) -> io::Result<()> {
-        // The run leaves pins out of its mix through a mount.
-        Err(io::ErrorKind::Unsupported.into())
     }
 
     fn map_loads_are_validated(&self) -> bool {

@@ -492,16 +492,6 @@ pub(crate) trait Ops {
     fn map_read(&mut self, file: usize, offset: usize, buf: &mut [u8]) -> io::Result<()>;
     /// Stores `data` through the map of `file` at `offset`.
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()>;
-    /// Pins page `index` of `file`, copies its bytes into `first`, holds the
-    /// pin for `hold`, copies them into `second`, and unpins.
-    fn pin(
-        &mut self,
-        file: usize,
-        index: u64,
-        first: &mut [u8],
-        second: &mut [u8],
-        hold: Duration,
-    ) -> io::Result<()>;
     /// Whether [`Ops::map_read`] validates what it loads against the page's
     /// state, as `MapRegion::read` does (so a page it returns is one
     /// version); plain loads from a map of the kernel's are not.
@@ -591,21 +581,11 @@ impl Ops for Library<'_> {
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
         self.maps[file].write(offset, data)
     }
-
-    fn pin(
-        &mut self,
-        file: usize,
-        index: u64,
-        first: &mut [u8],
-        second: &mut [u8],
-        hold: Duration,
-    ) -> io::Result<()> {
-        pin_and_hold(&self.files[file], index, first, second, hold)
-    }
 }
 
-/// [`Ops::pin`] through the library, on `mapping`.
-pub(crate) fn pin_and_hold(
+/// Pins page `index` of `mapping`, copies its bytes into `first`, holds the
+/// pin for `hold`, copies them into `second`, and unpins.
+fn pin_and_hold(
     mapping: &Mapping,
     index: u64,
     first: &mut [u8],
@@ -922,7 +902,10 @@ impl Shared {
                     let mut second = [0u8; PAGE_SIZE];
                     let page = &mut buffer[..PAGE_SIZE];
                     let hold = Duration::from_micros(rng.u64(..=config.max_delay_us));
-                    ops.pin(file, index, page, &mut second, hold).map(|()| {
+                    // Through the library whatever `ops` are: a pin has no
+                    // async form (its guard belongs to its thread), and the
+                    // mount has none (the mix through a mount leaves pins out).
+                    pin_and_hold(&self.files[file], index, page, &mut second, hold).map(|()| {
                         let end = self.clock.tick();
                         self.check(file, index, page, start, end, kind);
                         if page[..] != second[..] {
