@@ -33,7 +33,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use filemap::page::{PAGE, PAGE_SIZE};
+use filemap::page::PAGE_SIZE;
 use filemap::{MapAccess, MapRegion};
 
 use crate::{
@@ -85,11 +85,7 @@ pub fn steps(config: &FaultConfig) -> usize {
 
 /// Checks the settings without running anything.
 pub fn check(config: &FaultConfig) -> io::Result<()> {
-    if config.file_bytes < PAGE || config.file_bytes % PAGE != 0 {
-        return Err(crate::invalid(
-            "the file size must be a positive multiple of 4096 bytes",
-        ));
-    }
+    crate::check_file_bytes(config.file_bytes)?;
     usize::try_from(config.file_bytes).map_err(|_| crate::invalid("the file is too large"))?;
     config.settings.check_ignoring_threads()
 }

@@ -137,11 +137,7 @@ pub fn steps(config: &HitConfig) -> usize {
 
 /// Checks the settings without running anything.
 pub fn check(config: &HitConfig) -> io::Result<()> {
-    if config.file_bytes < PAGE || config.file_bytes % PAGE != 0 {
-        return Err(crate::invalid(
-            "the file size must be a positive multiple of 4096 bytes",
-        ));
-    }
+    crate::check_file_bytes(config.file_bytes)?;
     config.settings.check()
 }
 

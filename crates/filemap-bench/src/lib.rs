@@ -688,6 +688,16 @@ pub fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message.into())
 }
 
+/// Checks a workload's file size: a positive multiple of 4 KiB.
+pub(crate) fn check_file_bytes(file_bytes: u64) -> io::Result<()> {
+    if file_bytes < PAGE || file_bytes % PAGE != 0 {
+        return Err(invalid(
+            "the file size must be a positive multiple of 4096 bytes",
+        ));
+    }
+    Ok(())
+}
+
 /// The settings of a comparison of strategies over timed runs, which every
 /// workload but `evict` and `seqread` shares; each workload's config holds one,
 /// with its own default thread counts.

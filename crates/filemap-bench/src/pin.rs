@@ -60,11 +60,7 @@ pub fn steps(config: &PinConfig) -> usize {
 
 /// Checks the settings without running anything.
 pub fn check(config: &PinConfig) -> io::Result<()> {
-    if config.file_bytes < PAGE || config.file_bytes % PAGE != 0 {
-        return Err(crate::invalid(
-            "the file size must be a positive multiple of 4096 bytes",
-        ));
-    }
+    crate::check_file_bytes(config.file_bytes)?;
     config.settings.check()
 }
 
