@@ -58,8 +58,12 @@ fn every_changing_call_is_told_before_and_after_with_its_range() {
     assert_eq!(take(), both(10..110), "write_at");
     file.write_at_nowait(&[2; 10], 20).unwrap();
     assert_eq!(take(), both(20..30), "write_at_nowait");
+    // One call for all the buffers of a vectored write, with their whole range.
+    let bufs = [&[3u8; 5000][..], &[], &[4; 100]].map(std::io::IoSlice::new);
+    file.write_vectored_at(&bufs, 50).unwrap();
+    assert_eq!(take(), both(50..5150), "write_vectored_at");
     file.set_len(16 * PAGE).unwrap();
-    assert_eq!(take(), both(110..u64::MAX), "set_len growing");
+    assert_eq!(take(), both(5150..u64::MAX), "set_len growing");
     file.punch_hole(PAGE, PAGE).unwrap();
     assert_eq!(take(), both(PAGE..2 * PAGE), "punch_hole");
     file.zero_range(2 * PAGE, 10).unwrap();
@@ -78,6 +82,12 @@ fn every_changing_call_is_told_before_and_after_with_its_range() {
     // Reads, syncs and readahead change nothing.
     let mut buf = [0; 64];
     file.read_at(&mut buf, 0).unwrap();
+    let (mut one, mut two) = ([0; 10], [0; 5000]);
+    let mut bufs = [
+        std::io::IoSliceMut::new(&mut one),
+        std::io::IoSliceMut::new(&mut two),
+    ];
+    file.read_vectored_at(&mut bufs, 0).unwrap();
     file.sync_all().unwrap();
     file.readahead(0, PAGE).unwrap();
     assert_eq!(take(), vec![], "reads and syncs");

@@ -30,6 +30,7 @@
 //! | `read.rs` | reads: the hit path, misses, `_nowait` reads |
 //! | `fill.rs` | fills: claiming absent pages, reading and publishing them; readahead |
 //! | `write.rs` | buffered writes |
+//! | `vectored.rs` | the buffers of vectored reads and writes, a page at a time |
 //! | `writeback.rs` | writeback, syncs and the errseq cursor of [`FileHandle`](crate::FileHandle) |
 //! | `drop.rs` | dropping pages: invalidation's first half, eviction |
 //! | `invalidate.rs` | punch, zero, truncate, collapse, insert, `invalidate_range` |
@@ -75,6 +76,7 @@ mod read;
 pub(super) mod region;
 mod seek;
 mod stores;
+mod vectored;
 mod write;
 pub(super) mod writeback;
 
@@ -386,12 +388,12 @@ impl Mapping {
         }
     }
 
-    /// The argument checks of a read of `buf.len()` bytes at `offset`: the end
-    /// of the range and how many of its bytes lie before the end of file, or
+    /// The argument checks of a read of `len` bytes at `offset`: the end of
+    /// the range and how many of its bytes lie before the end of file, or
     /// `None` if none do.
-    fn check_read(&self, buf: &[u8], offset: u64) -> io::Result<Option<(u64, usize)>> {
+    fn check_read(&self, len: usize, offset: u64) -> io::Result<Option<(u64, usize)>> {
         self.check_live()?;
-        let end = end_of(offset, buf.len())?;
+        let end = end_of(offset, len)?;
         let size = self.len();
         if offset >= size {
             return Ok(None);

@@ -1,10 +1,11 @@
 //! Reads: the hit path (no lock, no shared write), misses that fill, and
 //! reads that never wait.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 
 use super::fill::{Fill, FillBudget};
 use super::region::buffer_in_a_map;
+use super::vectored::{scatter, total_len, Destination, Scatter};
 use super::{would_block, Mapping};
 use crate::cache::page::{OptimisticRead, PageState, Slot, MAX_PINS};
 use crate::cache::readahead::MissFill;
@@ -60,7 +61,7 @@ impl Mapping {
     /// Reads up to `buf.len()` bytes at `offset`, like `pread`: returns how many,
     /// fewer only at the end of file (0 at or past it).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let Some((end, len)) = self.check_read(buf, offset)? else {
+        let Some((end, len)) = self.check_read(buf.len(), offset)? else {
             return Ok(0);
         };
         // Only `file-exclusive` locks whole reads; it then covers their fills too.
@@ -69,6 +70,75 @@ impl Mapping {
         copy_out_under(read, &mut buf[..len], |dst| {
             self.read_cached(dst, offset, fill_held)
         })
+    }
+
+    /// Reads into `bufs` in turn from `offset` on, like `preadv`: returns the
+    /// bytes read, fewer than the buffers hold only at the end of file. The
+    /// whole call takes the coherence mode a read needs once, not once per
+    /// buffer; each page is copied in one step as by [`Mapping::read_at`],
+    /// also one whose bytes the caller's buffers split (it is read whole into
+    /// a page on the stack first), so no buffer holds half of one version of
+    /// a page and half of another.
+    ///
+    /// ```
+    /// use std::io::IoSliceMut;
+    /// use std::sync::Arc;
+    /// use filemap::{MemDevice, PageCache, Volume};
+    ///
+    /// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+    /// let cache = PageCache::builder().build()?;
+    /// let file = cache.open(Arc::new(volume.create_file("rows")?))?;
+    /// file.write_all_at(b"headerrow 1row 2", 0)?;
+    /// let (mut header, mut rows) = ([0u8; 6], [0u8; 16]);
+    /// let mut bufs = [IoSliceMut::new(&mut header), IoSliceMut::new(&mut rows)];
+    /// assert_eq!(file.read_vectored_at(&mut bufs, 0)?, 16); // the end of file
+    /// assert_eq!(&header, b"header");
+    /// assert_eq!(&rows[..10], b"row 1row 2");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+        let total = total_len(bufs.iter().map(|buf| buf.len()))?;
+        let Some((end, len)) = self.check_read(total, offset)? else {
+            return Ok(0);
+        };
+        let read = self.lock_mode(Mode::Read, offset..end);
+        let fill_held = read.is_locking();
+        if fill_held
+            && bufs
+                .iter()
+                .any(|buf| buffer_in_a_map(buf.as_ptr(), buf.len()))
+        {
+            // As in `copy_out_under`: no fault on a map under the lock.
+            let mut bounce = vec![0; len];
+            let n = self.read_cached(&mut bounce, offset, true)?;
+            drop(read);
+            scatter(&bounce[..n], bufs);
+            return Ok(n);
+        }
+        let mut scattered = Scatter::new(bufs);
+        let mut aside = [0u8; PAGE_SIZE];
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done as u64;
+            let (asked, n) = match scattered.next(offset, len - done) {
+                Destination::Straight(dst) => {
+                    let asked = dst.len();
+                    let n = self.read_cached(dst, pos, fill_held)?;
+                    scattered.advance(n);
+                    (asked, n)
+                }
+                Destination::Aside(asked) => {
+                    let n = self.read_cached(&mut aside[..asked], pos, fill_held)?;
+                    scattered.put(&aside[..n]);
+                    (asked, n)
+                }
+            };
+            done += n;
+            if n < asked {
+                break; // the file shrank meanwhile
+            }
+        }
+        Ok(done)
     }
 
     /// [`Mapping::read_at`] that never waits, like `preadv2` with `RWF_NOWAIT`
@@ -110,7 +180,7 @@ impl Mapping {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let Some((end, len)) = self.check_read(buf, offset)? else {
+        let Some((end, len)) = self.check_read(buf.len(), offset)? else {
             return Ok(0);
         };
         let Some(read) = self.lock.try_lock(Mode::Read, offset..end) else {

@@ -1,10 +1,11 @@
 //! Buffered writes: into cached pages under Write, filling a partial page
 //! first; the file grows as the bytes land.
 
-use std::io;
+use std::io::{self, IoSlice};
 
 use super::fill::{Fill, FillBudget};
 use super::region::buffer_in_a_map;
+use super::vectored::{total_len, Gather};
 use super::{would_block, Mapping};
 use crate::cache::page::{PageState, Slot};
 use crate::cache::shared::Need;
@@ -106,37 +107,78 @@ impl Mapping {
     /// [`Mapping::max_file_size`] is cut short there; one that starts at or past
     /// it fails with `EFBIG`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        self.changing(offset..offset.saturating_add(buf.len() as u64), || {
-            let Some(len) = self.check_write(buf.len(), offset)? else {
+        self.write_vectored_at(&[IoSlice::new(buf)], offset)
+    }
+
+    /// Writes the buffers of `bufs` in turn from `offset` on, like `pwritev`,
+    /// and returns as [`Mapping::write_at`] does. The whole call takes the
+    /// coherence mode a write needs once, not once per buffer, so no punch,
+    /// truncate, zero range or direct I/O of its range falls between two of
+    /// its buffers; each page is written in one step, also one whose bytes
+    /// the caller's buffers split (they are gathered on the stack first).
+    ///
+    /// ```
+    /// use std::io::IoSlice;
+    /// use std::sync::Arc;
+    /// use filemap::{MemDevice, PageCache, Volume};
+    ///
+    /// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+    /// let cache = PageCache::builder().build()?;
+    /// let file = cache.open(Arc::new(volume.create_file("log")?))?;
+    /// let (header, body) = (b"len=5;", b"hello");
+    /// let bufs = [IoSlice::new(header), IoSlice::new(body)];
+    /// assert_eq!(file.write_vectored_at(&bufs, 0)?, 11);
+    /// let mut back = [0u8; 11];
+    /// file.read_exact_at(&mut back, 0)?;
+    /// assert_eq!(&back, b"len=5;hello");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        let total = total_len(bufs.iter().map(|buf| buf.len()))?;
+        self.changing(offset..offset.saturating_add(total as u64), || {
+            let Some(len) = self.check_write(total, offset)? else {
                 return Ok(0);
             };
-            let (buf, end) = (&buf[..len], offset + len as u64);
-            if buffer_in_a_map(buf.as_ptr(), buf.len()) {
+            if bufs
+                .iter()
+                .any(|buf| buffer_in_a_map(buf.as_ptr(), buf.len()))
+            {
                 // Reading a map may fault into a handler that needs Fill: copy it
                 // before taking Write, which a queued Invalidate would make it wait for.
-                let bounce: Vec<u8> = buf.to_vec();
-                return self.write_at(&bounce, offset);
+                let mut bounce = vec![0; len];
+                Gather::new(bufs).copy_to(&mut bounce);
+                return self.write_gathered(Gather::new(&[IoSlice::new(&bounce)]), offset, len);
             }
-            let _write = self.lock_mode(Mode::Write, offset..end);
-            let old_size = self.len();
-            let mut done = 0;
-            while done < buf.len() {
-                let pos = offset + done as u64;
-                let in_page = offset_in_page(pos);
-                let take = (PAGE_SIZE - in_page).min(buf.len() - done);
-                if let Err(error) =
-                    self.write_page(index_of(pos), in_page, &buf[done..done + take], old_size)
-                {
-                    if done == 0 {
-                        return Err(error);
-                    }
-                    break;
-                }
-                done += take;
-            }
-            self.touch_backend();
-            Ok(done)
+            self.write_gathered(Gather::new(bufs), offset, len)
         })
+    }
+
+    /// Writes the first `len` bytes of `source` at `offset`, under one
+    /// acquisition of Write; the caller checked the range.
+    fn write_gathered(
+        &self,
+        mut source: Gather<'_, '_>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        let _write = self.lock_mode(Mode::Write, offset..offset + len as u64);
+        let old_size = self.len();
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done as u64;
+            let in_page = offset_in_page(pos);
+            let take = (PAGE_SIZE - in_page).min(len - done);
+            if let Err(error) = self.write_page(index_of(pos), in_page, source.next(take), old_size)
+            {
+                if done == 0 {
+                    return Err(error);
+                }
+                break;
+            }
+            done += take;
+        }
+        self.touch_backend();
+        Ok(done)
     }
 
     /// Tells the backend that a write changed the file's data now (it moves
