@@ -23,7 +23,8 @@ use std::time::Duration;
 use filemap::page::PAGE_SIZE;
 use filemap::{AlignedBuf, AsyncMapping, MapRegion, Mapping};
 
-use crate::run::{Ops, MAX_OP_PAGES};
+use crate::run::{write_all_vectored, Ops, MAX_OP_PAGES};
+use crate::vectored::cut_mut;
 
 /// One future in this many is dropped before it completes.
 const DROP_ONE_IN: u32 = 4;
@@ -169,6 +170,29 @@ impl Ops for AsyncLibrary<'_> {
         let fate = self.fate(true);
         let front = &self.files[file];
         drive(&self.runtime, front, fate, front.set_len(len)).map(drop)
+    }
+
+    // The async front has no vectored calls (a miss would carry the caller's
+    // buffers to the pool): these are the synchronous ones, beside it.
+    fn read_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        buf: &mut [u8],
+        cuts: &[usize],
+    ) -> io::Result<usize> {
+        let mapping = self.files[file].mapping();
+        mapping.read_vectored_at(&mut cut_mut(buf, cuts), offset)
+    }
+
+    fn write_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        data: &[u8],
+        cuts: &[usize],
+    ) -> io::Result<()> {
+        write_all_vectored(self.files[file].mapping(), offset, data, cuts)
     }
 
     fn readahead(&mut self, file: usize, offset: u64, len: u64) -> io::Result<()> {

@@ -30,6 +30,7 @@ pub mod differential;
 pub mod mount;
 pub mod oracle;
 mod run;
+mod vectored;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -96,12 +97,18 @@ pub enum OpKind {
     /// A page pinned for a while: read at once, and read again before the
     /// unpin; the two must match.
     Pin,
+    /// A buffered read into several buffers at once (`read_vectored_at`,
+    /// `preadv` through a mount), checked page by page.
+    ReadVectored,
+    /// A buffered write of whole stamped pages from several buffers at once
+    /// (`write_vectored_at`, `pwritev` through a mount).
+    WriteVectored,
 }
 
 impl OpKind {
     /// Every kind, in report order (the order of the declaration, so that
     /// `kind as usize` indexes per-kind arrays).
-    pub const ALL: [OpKind; 13] = [
+    pub const ALL: [OpKind; 15] = [
         OpKind::Read,
         OpKind::Write,
         OpKind::Readahead,
@@ -115,6 +122,8 @@ impl OpKind {
         OpKind::MapRead,
         OpKind::MapWrite,
         OpKind::Pin,
+        OpKind::ReadVectored,
+        OpKind::WriteVectored,
     ];
 
     /// The kind's name in reports and on the command line.
@@ -133,6 +142,8 @@ impl OpKind {
             OpKind::MapRead => "map_read",
             OpKind::MapWrite => "map_write",
             OpKind::Pin => "pin",
+            OpKind::ReadVectored => "read_vectored",
+            OpKind::WriteVectored => "write_vectored",
         }
     }
 }

@@ -253,6 +253,28 @@ impl Ops for ThroughMount {
         self.call(request, data, &mut []).map(drop)
     }
 
+    fn read_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        buf: &mut [u8],
+        cuts: &[usize],
+    ) -> io::Result<usize> {
+        let request = Request::new(Call::ReadVectored, file, offset, buf.len()).with_cuts(cuts);
+        self.call(request, &[], buf)
+    }
+
+    fn write_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        data: &[u8],
+        cuts: &[usize],
+    ) -> io::Result<()> {
+        let request = Request::new(Call::WriteVectored, file, offset, data.len()).with_cuts(cuts);
+        self.call(request, data, &mut []).map(drop)
+    }
+
     fn zero(&mut self, file: usize, offset: u64, len: u64, punch: bool) -> io::Result<()> {
         self.zeroes += 1;
         if self.zeroes % 2 == 0 {

@@ -21,6 +21,7 @@ use crate::oracle::{
     bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
     MAX_PAGES,
 };
+use crate::vectored::{cut, cut_mut, random_cuts};
 use crate::{
     naming, BackendKind, DeviceSpec, OpKind, Progress, Scenario, TortureConfig, TortureReport,
 };
@@ -51,6 +52,8 @@ const fn weight(kind: OpKind) -> u32 {
         OpKind::MapRead => 14,
         OpKind::MapWrite => 6,
         OpKind::Pin => 6,
+        OpKind::ReadVectored => 8,
+        OpKind::WriteVectored => 6,
     }
 }
 
@@ -480,6 +483,24 @@ pub(crate) trait Ops {
         -> io::Result<usize>;
     /// Writes all of `data` at `offset` of `file`, directly if `direct`.
     fn write(&mut self, file: usize, offset: u64, data: &[u8], direct: bool) -> io::Result<()>;
+    /// Reads at `offset` of `file` into `buf` cut at `cuts` (see
+    /// [`crate::vectored::cut_mut`]), in one vectored call.
+    fn read_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        buf: &mut [u8],
+        cuts: &[usize],
+    ) -> io::Result<usize>;
+    /// Writes all of `data`, cut at `cuts`, at `offset` of `file` in one
+    /// vectored call.
+    fn write_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        data: &[u8],
+        cuts: &[usize],
+    ) -> io::Result<()>;
     /// Punches a hole (`punch`) or zeroes a range, keeping the size.
     fn zero(&mut self, file: usize, offset: u64, len: u64, punch: bool) -> io::Result<()>;
     /// Truncates (or extends) `file` to `len` bytes.
@@ -552,6 +573,26 @@ impl Ops for Library<'_> {
         mapping.write_direct(aligned, offset).map(drop)
     }
 
+    fn read_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        buf: &mut [u8],
+        cuts: &[usize],
+    ) -> io::Result<usize> {
+        self.files[file].read_vectored_at(&mut cut_mut(buf, cuts), offset)
+    }
+
+    fn write_vectored(
+        &mut self,
+        file: usize,
+        offset: u64,
+        data: &[u8],
+        cuts: &[usize],
+    ) -> io::Result<()> {
+        write_all_vectored(&self.files[file], offset, data, cuts)
+    }
+
     fn zero(&mut self, file: usize, offset: u64, len: u64, punch: bool) -> io::Result<()> {
         match punch {
             true => self.files[file].punch_hole(offset, len),
@@ -581,6 +622,29 @@ impl Ops for Library<'_> {
     fn map_write(&mut self, file: usize, offset: usize, data: &[u8]) -> io::Result<()> {
         self.maps[file].write(offset, data)
     }
+}
+
+/// Writes all of `data`, cut at `cuts`, at `offset` of `mapping` by
+/// `write_vectored_at`, calling again for what a short write left.
+pub(crate) fn write_all_vectored(
+    mapping: &Mapping,
+    offset: u64,
+    data: &[u8],
+    cuts: &[usize],
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let rest: Vec<usize> = cuts
+            .iter()
+            .filter(|&&c| c > done)
+            .map(|&c| c - done)
+            .collect();
+        match mapping.write_vectored_at(&cut(&data[done..], &rest), offset + done as u64)? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => done += n,
+        }
+    }
+    Ok(())
 }
 
 /// Pins page `index` of `mapping`, copies its bytes into `first`, holds the
@@ -840,6 +904,25 @@ impl Shared {
             let kind = op.name();
             let start = self.begin(worker);
             let result = match op {
+                OpKind::ReadVectored => {
+                    let buf = &mut buffer[..len as usize];
+                    let cuts = random_cuts(&mut rng, buf.len());
+                    ops.read_vectored(file, offset, buf, &cuts).map(|n| {
+                        let end = self.clock.tick();
+                        self.check(file, first, &buf[..n], start, end, kind);
+                    })
+                }
+                OpKind::WriteVectored => {
+                    let buf = &mut buffer[..len as usize];
+                    for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                        fill_page(page, file, first + i as u64, start);
+                    }
+                    let cuts = random_cuts(&mut rng, buf.len());
+                    self.begin_changes(file, pages.clone(), false, start);
+                    let result = ops.write_vectored(file, offset, buf, &cuts);
+                    self.end_changes(file, pages, start);
+                    result
+                }
                 OpKind::Read | OpKind::ReadDirect => {
                     let buf = &mut buffer[..len as usize];
                     ops.read(file, offset, buf, op == OpKind::ReadDirect)

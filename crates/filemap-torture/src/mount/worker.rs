@@ -17,6 +17,8 @@ use std::ptr::NonNull;
 use filemap::page::{PAGE, PAGE_SIZE};
 use filemap::AlignedBuf;
 
+use crate::vectored::{cut, cut_mut, MAX_CUTS};
+
 /// The calls a worker makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -33,10 +35,12 @@ pub(crate) enum Call {
     SyncAll,
     MapRead,
     MapWrite,
+    ReadVectored,
+    WriteVectored,
 }
 
 impl Call {
-    const ALL: [Call; 12] = [
+    const ALL: [Call; 14] = [
         Call::Read,
         Call::ReadDirect,
         Call::Write,
@@ -49,27 +53,36 @@ impl Call {
         Call::SyncAll,
         Call::MapRead,
         Call::MapWrite,
+        Call::ReadVectored,
+        Call::WriteVectored,
     ];
 
     /// Whether the request carries `len` bytes to write.
     pub(crate) fn sends_data(self) -> bool {
-        matches!(self, Call::Write | Call::WriteDirect | Call::MapWrite)
+        matches!(
+            self,
+            Call::Write | Call::WriteDirect | Call::MapWrite | Call::WriteVectored
+        )
     }
 
     /// Whether the reply carries the bytes read.
     pub(crate) fn returns_data(self) -> bool {
-        matches!(self, Call::Read | Call::ReadDirect | Call::MapRead)
+        matches!(
+            self,
+            Call::Read | Call::ReadDirect | Call::MapRead | Call::ReadVectored
+        )
     }
 }
 
 /// One call, as sent: `len` is the byte count of the range (of the new size
-/// for `SetLen`).
+/// for `SetLen`); a vectored call's bytes are cut into buffers at `cuts`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Request {
     pub(crate) call: Call,
     pub(crate) file: usize,
     pub(crate) offset: u64,
     pub(crate) len: u64,
+    cuts: [Option<u16>; MAX_CUTS],
 }
 
 /// The bytes of a request's header.
@@ -87,13 +100,38 @@ impl Request {
             file,
             offset,
             len,
+            cuts: [None; MAX_CUTS],
         }
+    }
+
+    /// The request with its bytes cut at `cuts` (at most [`MAX_CUTS`], each
+    /// at most [`MAX_DATA`]).
+    pub(crate) fn with_cuts(mut self, cuts: &[usize]) -> Request {
+        assert!(cuts.len() <= MAX_CUTS, "at most {MAX_CUTS} cuts");
+        for (slot, &cut) in self.cuts.iter_mut().zip(cuts) {
+            *slot = Some(u16::try_from(cut).expect("a cut inside one call's bytes"));
+        }
+        self
+    }
+
+    /// Where the call's bytes are cut.
+    fn cuts(&self) -> Vec<usize> {
+        self.cuts
+            .iter()
+            .flatten()
+            .map(|&cut| usize::from(cut))
+            .collect()
     }
 
     pub(crate) fn encode(&self) -> [u8; REQUEST_BYTES] {
         let mut bytes = [0u8; REQUEST_BYTES];
         bytes[0] = self.call as u8;
         bytes[1] = u8::try_from(self.file).expect("at most 255 files");
+        // Bytes 2..8: each cut plus one, 0 for none.
+        for (i, cut) in self.cuts.iter().enumerate() {
+            let word = cut.map_or(0, |cut| cut + 1);
+            bytes[2 + 2 * i..4 + 2 * i].copy_from_slice(&word.to_le_bytes());
+        }
         bytes[8..16].copy_from_slice(&self.offset.to_le_bytes());
         bytes[16..24].copy_from_slice(&self.len.to_le_bytes());
         bytes
@@ -104,12 +142,23 @@ impl Request {
         let call = *Call::ALL
             .get(usize::from(bytes[0]))
             .ok_or_else(|| bad(format!("unknown call {}", bytes[0])))?;
-        Ok(Request {
+        let mut cuts = [None; MAX_CUTS];
+        for (i, cut) in cuts.iter_mut().enumerate() {
+            let at = 2 + 2 * i;
+            let word = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+            *cut = word.checked_sub(1);
+        }
+        let request = Request {
             call,
             file: usize::from(bytes[1]),
             offset: word(8),
             len: word(16),
-        })
+            cuts,
+        };
+        if request.cuts().iter().any(|&cut| cut as u64 > request.len) {
+            return Err(bad(format!("cuts past the call's bytes: {request:?}")));
+        }
+        Ok(request)
     }
 }
 
@@ -329,5 +378,72 @@ fn make(
         Call::SyncAll => file.buffered.sync_all().map(|()| 0),
         Call::MapRead => file.map_read(offset, &mut data[..len]).map(|()| len),
         Call::MapWrite => file.map_write(offset, &data[..len]).map(|()| 0),
+        Call::ReadVectored => preadv(
+            &file.buffered,
+            &mut cut_mut(&mut data[..len], &request.cuts()),
+            offset,
+        ),
+        Call::WriteVectored => {
+            let written = pwritev(&file.buffered, &cut(&data[..len], &request.cuts()), offset)?;
+            if written != len {
+                // Short only at a failure, which the next call would report.
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `preadv(2)` of `file` into `bufs` at `offset`.
+fn preadv(file: &File, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+    // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` (std guarantees it
+    // on Unix), and each points to memory borrowed mutably for the call.
+    let done = unsafe {
+        libc::preadv(
+            file.as_raw_fd(),
+            bufs.as_ptr().cast(),
+            bufs.len() as i32,
+            offset as i64,
+        )
+    };
+    usize::try_from(done).map_err(|_| io::Error::last_os_error())
+}
+
+/// `pwritev(2)` of `bufs` to `file` at `offset`.
+fn pwritev(file: &File, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<usize> {
+    // SAFETY: `IoSlice` is ABI-compatible with `iovec` (std guarantees it on
+    // Unix), and each points to memory borrowed for the call.
+    let done = unsafe {
+        libc::pwritev(
+            file.as_raw_fd(),
+            bufs.as_ptr().cast(),
+            bufs.len() as i32,
+            offset as i64,
+        )
+    };
+    usize::try_from(done).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_and_its_cuts_survive_the_pipe() {
+        let request =
+            Request::new(Call::WriteVectored, 3, 8192, 3 * PAGE).with_cuts(&[0, 4000, 12288]);
+        let back = Request::decode(&request.encode()).unwrap();
+        assert_eq!(back.call, Call::WriteVectored);
+        assert_eq!((back.file, back.offset, back.len), (3, 8192, 3 * PAGE));
+        assert_eq!(back.cuts(), vec![0, 4000, 12288]);
+        let plain = Request::decode(&Request::new(Call::Read, 0, 0, 10u64).encode()).unwrap();
+        assert_eq!(plain.cuts(), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn cuts_past_a_calls_bytes_are_refused() {
+        let request = Request::new(Call::ReadVectored, 0, 0, 100u64).with_cuts(&[101]);
+        let error = Request::decode(&request.encode()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 }
