@@ -17,6 +17,12 @@
 //! ratio of the two p99 latencies is the wait the storm adds, not a difference
 //! in work. Every punch is timed.
 //!
+//! A third kind of run reports what pins add (no target): the same storm,
+//! its first thread also pinning random pages of the range in turn with its
+//! reads and map reads, holding each pin up to [`PIN_HOLD`] (a buffer
+//! manager looking at a page); a punch waits for the pins of its range. Its
+//! rows' ops end in `+pin`, and `pin` times taking a pin.
+//!
 //! The device is a temporary image file, as for [`crate::mixed`]. There is no
 //! kernel baseline: the storm's faults go through filemap's own maps, which a
 //! host file has no counterpart of in this process.
@@ -40,6 +46,18 @@ pub const WORKLOAD: &str = "starve";
 pub const PUNCH_BYTES: u64 = 64 << 10;
 /// The puncher's pause after each punch, so the storm refills the range.
 const PUNCH_PAUSE: Duration = Duration::from_micros(100);
+/// The longest a pinning storm thread holds a pin.
+pub const PIN_HOLD: Duration = Duration::from_micros(20);
+/// The ops of a storm run's rows: without pins, and with a pinning thread.
+const OPS: [&str; 4] = ["punch", "read", "map-read", "pin"];
+const PINNED_OPS: [&str; 4] = ["punch+pin", "read+pin", "map-read+pin", "pin"];
+
+/// The storm of one run: its threads, and whether the first also pins.
+#[derive(Clone, Copy)]
+struct Storm {
+    threads: usize,
+    pinning: bool,
+}
 
 /// Settings of the starve benchmark.
 #[derive(Clone, Debug)]
@@ -76,7 +94,7 @@ impl StarveConfig {
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &StarveConfig) -> usize {
     let settings = &config.settings;
-    settings.runs * settings.strategies.len() * (1 + settings.threads.len())
+    settings.runs * settings.strategies.len() * (1 + 2 * settings.threads.len())
 }
 
 /// Checks the settings without running anything.
@@ -103,20 +121,31 @@ pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
     check(config)?;
     let settings = &config.settings;
     let duration = settings.duration();
-    // Storm settings: 0 (quiet) first, then each thread count.
-    let storms: Vec<usize> = [0]
+    // Storms: none (quiet) first, then each thread count, then each with
+    // a pinning thread.
+    let storms: Vec<Storm> = [(0, false)]
         .into_iter()
-        .chain(settings.threads.iter().copied())
+        .chain(settings.threads.iter().map(|&t| (t, false)))
+        .chain(settings.threads.iter().map(|&t| (t, true)))
+        .map(|(threads, pinning)| Storm { threads, pinning })
         .collect();
-    // runs[strategy][storm][op]: punch, read, map-read.
-    let mut runs = vec![vec![vec![Vec::new(); 3]; storms.len()]; settings.strategies.len()];
+    // runs[strategy][storm][op], ops as in `OPS`.
+    let mut runs = vec![vec![vec![Vec::new(); OPS.len()]; storms.len()]; settings.strategies.len()];
     for run in 0..settings.runs {
         for (s, &strategy) in settings.strategies.iter().enumerate() {
             for (t, &storm) in storms.iter().enumerate() {
-                let what = if storm == 0 {
-                    "no storm".to_owned()
-                } else {
-                    format!("{storm} storm thread(s)")
+                let what = match storm {
+                    Storm { threads: 0, .. } => "no storm".to_owned(),
+                    Storm {
+                        threads,
+                        pinning: false,
+                    } => format!("{threads} storm thread(s)"),
+                    Storm {
+                        threads,
+                        pinning: true,
+                    } => {
+                        format!("{threads} storm thread(s), one pinning")
+                    }
                 };
                 progress(Progress::Step(&format!(
                     "starve, run {}/{}: {strategy}, {what}",
@@ -135,7 +164,8 @@ pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
     let mut report = Report::default();
     for (s, strategy) in settings.strategies.iter().enumerate() {
         for (t, &storm) in storms.iter().enumerate() {
-            for (o, op) in ["punch", "read", "map-read"].into_iter().enumerate() {
+            let ops = if storm.pinning { PINNED_OPS } else { OPS };
+            for (o, op) in ops.into_iter().enumerate() {
                 let measured = &runs[s][t][o];
                 if measured.iter().all(|m| m.workers == 0) {
                     continue;
@@ -144,7 +174,7 @@ pub fn run(config: &StarveConfig, mut progress: impl FnMut(Progress<'_>)) -> io:
                     workload: WORKLOAD,
                     strategy: strategy.name(),
                     op,
-                    threads: storm,
+                    threads: storm.threads,
                 };
                 report.rows.push(timed_row(key, measured));
             }
@@ -190,14 +220,17 @@ pub fn default_storm_threads() -> usize {
         .max(1)
 }
 
-/// One timed run: the puncher on this thread, `storm` storm threads beside it.
-/// Returns the punches, the storm's reads and its map reads.
+/// One timed run: the puncher on this thread, the storm's threads beside it.
+/// Returns the punches, the storm's reads, its map reads and its pins.
 fn measure(
     mapping: &Arc<Mapping>,
     range_bytes: u64,
-    storm: usize,
+    Storm {
+        threads: storm,
+        pinning,
+    }: Storm,
     duration: Duration,
-) -> io::Result<[Measured; 3]> {
+) -> io::Result<[Measured; 4]> {
     let maps = (0..storm.max(1))
         .map(|_| mapping.map(0, range_bytes as usize, MapAccess::Read))
         .collect::<io::Result<Vec<MapRegion>>>()?;
@@ -210,25 +243,39 @@ fn measure(
             .map(|thread| {
                 let (stop, started, maps) = (&stop, &started, &maps);
                 type Kind = (u64, Histogram);
-                scope.spawn(move || -> io::Result<(Kind, Kind)> {
+                scope.spawn(move || -> io::Result<[Kind; 3]> {
                     let mut rng = fastrand::Rng::with_seed(0x5eed ^ thread as u64);
                     let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-                    let (mut reads, mut map_reads) = ((0, Histogram::new()), (0, Histogram::new()));
+                    // Reads, map reads and pins.
+                    let mut kinds: [Kind; 3] = std::array::from_fn(|_| (0, Histogram::new()));
+                    let turns = if pinning && thread == 0 { 3 } else { 2 };
                     started.wait();
                     let mut storm = || -> io::Result<()> {
+                        let mut turn = 0;
                         while !stop.load(Ordering::Relaxed) {
                             let page = rng.u64(..pages);
                             let start = Instant::now();
-                            // Reads and map reads in turns.
-                            let kind = if (reads.0 + map_reads.0) % 2 == 0 {
-                                mapping.read_exact_at(&mut buf.0, start_of(page))?;
-                                &mut reads
-                            } else {
-                                maps[thread].read(start_of(page) as usize, &mut buf.0)?;
-                                &mut map_reads
-                            };
+                            // Reads, map reads (and pins) in turns.
+                            match turn % turns {
+                                0 => mapping.read_exact_at(&mut buf.0, start_of(page))?,
+                                1 => maps[thread].read(start_of(page) as usize, &mut buf.0)?,
+                                _ => {
+                                    let pinned = mapping.pin(page)?;
+                                    let took = start.elapsed();
+                                    let hold = PIN_HOLD.mul_f64(rng.f64());
+                                    while start.elapsed() < took + hold {
+                                        std::hint::black_box(&pinned[..]);
+                                    }
+                                    kinds[2].1.record(took.as_nanos() as u64);
+                                    kinds[2].0 += 1;
+                                    turn += 1;
+                                    continue;
+                                }
+                            }
+                            let kind = &mut kinds[turn % turns];
                             kind.1.record(start.elapsed().as_nanos() as u64);
                             kind.0 += 1;
+                            turn += 1;
                             std::hint::black_box(&buf);
                         }
                         Ok(())
@@ -237,7 +284,7 @@ fn measure(
                     if result.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
-                    result.map(|()| (reads, map_reads))
+                    result.map(|()| kinds)
                 })
             })
             .collect();
@@ -247,25 +294,22 @@ fn measure(
         let elapsed = punched
             .as_ref()
             .map_or(duration, |(elapsed, _, _)| *elapsed);
-        let mut reads = (0, Histogram::new());
-        let mut map_reads = (0, Histogram::new());
+        let mut kinds: [(u64, Histogram); 3] = std::array::from_fn(|_| (0, Histogram::new()));
         for worker in workers {
-            let (thread_reads, thread_map_reads) =
-                worker.join().expect("storm threads do not panic")?;
-            for (into, from) in [
-                (&mut reads, thread_reads),
-                (&mut map_reads, thread_map_reads),
-            ] {
+            let thread_kinds = worker.join().expect("storm threads do not panic")?;
+            for (into, from) in kinds.iter_mut().zip(thread_kinds) {
                 into.0 += from.0;
                 into.1.merge(&from.1);
             }
         }
         let (_, punches, punch_latency) = punched?;
         let rate = |count: u64| count as f64 / elapsed.as_secs_f64();
+        let [reads, map_reads, pins] = kinds;
         Ok([
             Measured::new(rate(punches), punch_latency, 1),
             Measured::new(rate(reads.0), reads.1, storm),
             Measured::new(rate(map_reads.0), map_reads.1, storm),
+            Measured::new(rate(pins.0), pins.1, usize::from(pinning && storm > 0)),
         ])
     })
 }
@@ -313,7 +357,7 @@ fn ratios(rows: &[Row], strategies: &[Strategy], storm: usize) -> Vec<Ratio> {
             .map(Strategy::name)
             .filter(|&name| name != "range"),
     );
-    names
+    let mut ratios: Vec<Ratio> = names
         .into_iter()
         .map(|name| {
             Ratio::between(
@@ -324,7 +368,16 @@ fn ratios(rows: &[Row], strategies: &[Strategy], storm: usize) -> Vec<Ratio> {
                 (name == "range").then_some(Target::AtMost(10.0)),
             )
         })
-        .collect()
+        .collect();
+    // What a thread that holds pins in the storm adds, reported.
+    ratios.push(Ratio::between(
+        WORKLOAD,
+        format!("range: punch p99 with {storm} storm thread(s), one pinning / with none"),
+        figure(rows, WORKLOAD, "range", "punch+pin", storm, |r| r.p99_us),
+        p99("range", 0),
+        None,
+    ));
+    ratios
 }
 
 #[cfg(test)]
@@ -345,10 +398,12 @@ mod tests {
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
-        // Per strategy: quiet punches; stormed punches, reads and map reads.
-        assert_eq!(report.rows.len(), Strategy::ALL.len() * 4);
+        // Per strategy: quiet punches; stormed punches, reads and map reads;
+        // the same with a pinning thread, and its pins.
+        assert_eq!(report.rows.len(), Strategy::ALL.len() * 8);
         for strategy in Strategy::ALL.map(Strategy::name) {
-            for (op, threads) in [("punch", 0), ("punch", 2), ("read", 2), ("map-read", 2)] {
+            let stormed = ["punch", "read", "map-read"].into_iter().chain(PINNED_OPS);
+            for (op, threads) in [("punch", 0)].into_iter().chain(stormed.map(|op| (op, 2))) {
                 let row = report.find(WORKLOAD, strategy, op, threads).unwrap();
                 assert!(
                     row.ops_per_s > 0.0 && row.p50_us > 0.0 && row.p99_us >= row.p50_us,
@@ -356,14 +411,21 @@ mod tests {
                 );
             }
         }
-        // `range` (first, available or not) and every other coherent strategy.
+        // `range` (first, available or not) and every other coherent
+        // strategy, then `range` with a pinning thread.
         let coherent = Strategy::ALL.iter().filter(|s| s.is_coherent()).count();
         let range_exists = crate::strategy_named("range").is_some();
-        assert_eq!(report.ratios.len(), coherent + usize::from(!range_exists));
+        assert_eq!(
+            report.ratios.len(),
+            coherent + usize::from(!range_exists) + 1
+        );
         assert_eq!(report.ratios[0].value.is_some(), range_exists);
-        assert!(report.ratios[1..]
+        let (pinned, others) = report.ratios[1..].split_last().unwrap();
+        assert!(others
             .iter()
             .all(|r| r.value.is_some_and(|v| v > 0.0) && r.target.is_none()));
+        assert!(pinned.name.contains("one pinning") && pinned.target.is_none());
+        assert_eq!(pinned.value.is_some(), range_exists);
     }
 
     #[test]
