@@ -282,67 +282,63 @@ fn a_punch_never_falls_between_the_buffers_of_one_write() {
     assert_eq!(mixed, 0, "rounds that ended half punched, half written");
 }
 
+/// Whether `read` of page 0 ever returns a page of more than one byte value
+/// (over 200,000 reads) while another thread rewrites the page whole with
+/// `write(value)`, one value after another.
+fn a_read_sees_a_torn_page(
+    file: &Mapping,
+    write: impl Fn(&Mapping, u8) + Sync,
+    mut read: impl FnMut(&Mapping, &mut [u8; PAGE_SIZE]),
+) -> bool {
+    file.write_all_at(&[0; PAGE_SIZE], 0).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut value = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                value = value.wrapping_add(1);
+                write(file, value);
+            }
+        });
+        let mut page = [0u8; PAGE_SIZE];
+        let torn = (0..200_000).any(|_| {
+            read(file, &mut page);
+            page.iter().any(|&byte| byte != page[0])
+        });
+        stop.store(true, Ordering::Relaxed);
+        torn
+    })
+}
+
 #[test]
 fn a_page_split_across_buffers_is_read_in_one_version() {
     // A reader whose buffers cut page 0 in two copies the page whole once;
     // copied as two pieces, the halves could come from two writes.
     let (_cache, file) = new_file(LockStrategy::Range);
-    file.write_all_at(&[0; PAGE_SIZE], 0).unwrap();
-    let torn = AtomicBool::new(false);
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let mut value = 0u8;
-            while !stop.load(Ordering::Relaxed) {
-                value = value.wrapping_add(1);
-                file.write_all_at(&[value; PAGE_SIZE], 0).unwrap();
-            }
-        });
-        let (mut a, mut b) = ([0u8; 1000], [0u8; PAGE_SIZE - 1000]);
-        for _ in 0..200_000 {
-            let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
-            file.read_vectored_at(&mut bufs, 0).unwrap();
-            if a[0] != b[0] || a.iter().chain(&b).any(|&byte| byte != a[0]) {
-                torn.store(true, Ordering::Relaxed);
-                break;
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-    });
-    assert!(
-        !torn.load(Ordering::Relaxed),
-        "a read saw two versions of one page"
+    let torn = a_read_sees_a_torn_page(
+        &file,
+        |file, value| file.write_all_at(&[value; PAGE_SIZE], 0).unwrap(),
+        |file, page| {
+            let n = file
+                .read_vectored_at(&mut pieces_mut(page, &[1000]), 0)
+                .unwrap();
+            assert_eq!(n, PAGE_SIZE);
+        },
     );
+    assert!(!torn, "a read saw two versions of one page");
 }
 
 #[test]
 fn a_page_split_across_buffers_is_written_in_one_step() {
     let (_cache, file) = new_file(LockStrategy::Range);
-    file.write_all_at(&[0; PAGE_SIZE], 0).unwrap();
-    let torn = AtomicBool::new(false);
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let mut value = 0u8;
-            while !stop.load(Ordering::Relaxed) {
-                value = value.wrapping_add(1);
-                let page = [value; PAGE_SIZE];
-                let bufs = pieces(&page, &[1000, 3000]);
-                file.write_vectored_at(&bufs, 0).unwrap();
-            }
-        });
-        let mut page = [0u8; PAGE_SIZE];
-        for _ in 0..200_000 {
-            file.read_exact_at(&mut page, 0).unwrap();
-            if page.iter().any(|&byte| byte != page[0]) {
-                torn.store(true, Ordering::Relaxed);
-                break;
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-    });
-    assert!(
-        !torn.load(Ordering::Relaxed),
-        "a reader saw a page half written"
+    let torn = a_read_sees_a_torn_page(
+        &file,
+        |file, value| {
+            let page = [value; PAGE_SIZE];
+            file.write_vectored_at(&pieces(&page, &[1000, 3000]), 0)
+                .unwrap();
+        },
+        |file, page| file.read_exact_at(page, 0).unwrap(),
     );
+    assert!(!torn, "a reader saw a page half written");
 }
