@@ -5,7 +5,7 @@
 //!
 //! A page whose bytes lie in one buffer is copied straight to or from it; a
 //! page that straddles two or more buffers goes through a page-sized buffer
-//! on the stack, so that a reader never sees it half old and half new.
+//! aside, so that a reader never sees it half old and half new.
 
 use std::io::{self, IoSlice, IoSliceMut};
 
@@ -47,8 +47,9 @@ impl Position {
 pub(super) struct Gather<'a, 'b> {
     bufs: &'a [IoSlice<'b>],
     position: Position,
-    /// A page that straddles buffers, gathered.
-    aside: [u8; PAGE_SIZE],
+    /// A page that straddles buffers, gathered (allocated at the first:
+    /// `write_at`, one buffer, never needs it).
+    aside: Vec<u8>,
 }
 
 impl<'a, 'b> Gather<'a, 'b> {
@@ -56,7 +57,7 @@ impl<'a, 'b> Gather<'a, 'b> {
         Gather {
             bufs,
             position: Position::default(),
-            aside: [0; PAGE_SIZE],
+            aside: Vec::new(),
         }
     }
 
@@ -72,6 +73,7 @@ impl<'a, 'b> Gather<'a, 'b> {
             self.position.at += len;
             return &bufs[buffer][at..at + len];
         }
+        self.aside.resize(PAGE_SIZE, 0);
         let mut done = 0;
         while done < len {
             spent(&mut self.position);

@@ -115,7 +115,7 @@ impl Mapping {
     /// coherence mode a write needs once, not once per buffer, so no punch,
     /// truncate, zero range or direct I/O of its range falls between two of
     /// its buffers; each page is written in one step, also one whose bytes
-    /// the caller's buffers split (they are gathered on the stack first).
+    /// the caller's buffers split (they are gathered into one page first).
     ///
     /// ```
     /// use std::io::IoSlice;
