@@ -68,8 +68,10 @@
 //! invalidation, a hit racing a rewrite and a writeback racing a write on a
 //! real [`Slot`] under loom and shuttle (see `.ci/run`).
 
+pub(crate) mod hazard;
+
 use super::wait;
-use crate::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
 const PRESENT: u64 = 1 << 0;
 const LOCKED: u64 = 1 << 1;
@@ -436,7 +438,11 @@ impl Slot {
     }
 
     /// Sets `LOCKED` on a state without it and without pins; the caller then
-    /// owns the page's bytes. Fails while pins are held.
+    /// owns the page's bytes. Fails while pins are held: counted pins (in
+    /// `current`) or hazard pins, which it finds once it holds the lock; it
+    /// then moves them into the count and gives the lock back, so the state
+    /// it fails with shows the page pinned and the caller waits as for any
+    /// pin (see `hazard`).
     pub(crate) fn try_lock(&self, current: PageState) -> Result<(), PageState> {
         debug_assert!(!current.is_locked());
         if current.is_pinned() {
@@ -449,8 +455,83 @@ impl Slot {
                 Ordering::Acquire,
                 Ordering::Acquire,
             )
-            .map(drop)
-            .map_err(PageState)
+            .map_err(PageState)?;
+        if self.move_hazard_pins() == 0 {
+            return Ok(());
+        }
+        let before = self.apply(PageState::unlocked);
+        Err(before.unlocked())
+    }
+
+    /// Moves the hazard pins of this slot into its count, under the lock the
+    /// caller just took (while it holds it, no pin is counted but these);
+    /// returns how many it moved. Each is counted before its entry is marked,
+    /// so its unpin, which finds the mark, never gives back a pin not yet
+    /// counted; a pin given back before the mark is counted back out.
+    fn move_hazard_pins(&self) -> u64 {
+        // Pairs with the pinner's fence between writing its entry and loading
+        // the state: one of the two sees the other (see `hazard`).
+        fence(Ordering::SeqCst);
+        let key = self.key();
+        let mut moved = 0;
+        for entry in hazard::registry().entries() {
+            if moved == MAX_PINS {
+                // The rest stay hazard pins; the count shows the page pinned,
+                // and the next `try_lock` after the count drops moves them.
+                break;
+            }
+            if entry.load(Ordering::Acquire) != key {
+                continue;
+            }
+            self.0.fetch_add(PIN_ONE, Ordering::Relaxed);
+            // Release: the unpin that finds the mark sees the count.
+            match entry.compare_exchange(
+                key,
+                key | hazard::MOVED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => moved += 1,
+                // Given back meanwhile: nothing to count. The lock is held,
+                // so no one waits on the count going down but for `LOCKED`.
+                Err(_) => {
+                    self.0.fetch_sub(PIN_ONE, Ordering::Relaxed);
+                }
+            }
+        }
+        moved
+    }
+
+    /// Takes a hazard pin of the page in `entry`, a free entry of the calling
+    /// thread's own record, if the page is readable: writes nothing shared
+    /// (but the referenced mark, as a hit). Returns the state the pin holds;
+    /// on failure the entry is free again.
+    #[inline]
+    pub(crate) fn try_pin_hazard(&self, entry: &AtomicUsize) -> Result<PageState, PageState> {
+        entry.store(self.key(), Ordering::Relaxed);
+        // Pairs with the fence of `move_hazard_pins`: either a locker sees
+        // the entry, or this load sees its `LOCKED`.
+        fence(Ordering::SeqCst);
+        let state = self.load();
+        if !state.is_readable() {
+            self.unpin_hazard(entry);
+            return Err(state);
+        }
+        self.mark_referenced(state);
+        Ok(state)
+    }
+
+    /// Gives back the hazard pin in `entry`. If a locker moved it into the
+    /// count meanwhile, gives the counted pin back, waking the waiters.
+    #[inline]
+    pub(crate) fn unpin_hazard(&self, entry: &AtomicUsize) {
+        // Release: the page was read before a locker that sees the entry
+        // free writes it. Acquire: a mark comes with its pin counted.
+        let was = entry.swap(0, Ordering::AcqRel);
+        debug_assert_eq!(was & !hazard::MOVED, self.key());
+        if was & hazard::MOVED != 0 {
+            self.apply(PageState::unpinned);
+        }
     }
 
     /// Marks the page referenced for the eviction hand, if `seen` (a state a
