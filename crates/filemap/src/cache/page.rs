@@ -11,8 +11,13 @@
 //! | 6 | `WAITERS` | threads are parked on this slot; whoever clears a waited-on bit wakes them |
 //! | 7 | `REFERENCED` | read since the eviction hand last passed (set by hits only when clear) |
 //! | 8 | `QUEUED` | the slot has its one entry in the eviction queue; survives the page going |
-//! | 9..16 | pins | read pins held ([`crate::PinnedPage`]): while any is, no one may lock the page |
+//! | 9..16 | pins | read pins counted here ([`crate::PinnedPage`] past its thread's hazard entries, writeback's, locked reads', and hazard pins a locker moved here): while any is, no one may lock the page |
 //! | 16..64 | version | bumped by every change of the page's data or presence |
+//!
+//! Most read pins are not in the word: a hazard pin is the slot's address in
+//! an entry of the pinning thread's record ([`hazard`]), which `try_lock`
+//! scans once it has set `LOCKED`; finding one, it moves it into the count
+//! and fails, so from there on it is a counted pin like any other.
 //!
 //! Pins are a reader count beside the seqlock: a pinned page is present, up
 //! to date and not locked, and `try_lock` fails while pins are held, so its
@@ -56,6 +61,9 @@
 //! | `referenced` | `mark_referenced` | readable | `+REFERENCED` | kept |
 //! | `pinned` | `try_pin` | readable, pins below the most | pins + 1 | kept |
 //! | `unpinned` | `unpin` | pinned | pins - 1 | kept |
+//! | (none) | `try_pin_hazard` | readable | unchanged (the thread's entry holds the pin) | kept |
+//! | `unpinned` | `unpin_hazard` of a moved pin | pinned | pins - 1 (else only the entry is cleared) | kept |
+//! | `unlocked` | `try_lock` finding hazard pins | its own `LOCKED` | `-LOCKED`, pins + those it moved | kept |
 //! | `writeback_started_pinned` | `finish_pinned_snapshot` | pinned, `DIRTY`, not `WRITEBACK` | pins - 1, `-DIRTY +WRITEBACK` | kept |
 //!
 //! A [`Slot`] makes a transition by [`Slot::replace`], which wakes the threads

@@ -1,7 +1,18 @@
 //! Pinned pages: a cached page's bytes in place, for as long as a guard
 //! lives, as a database's buffer manager pins a frame.
 //!
-//! A read pin ([`PinnedPage`]) is a count in the page's slot: while it is
+//! A read pin ([`PinnedPage`]) is, when it can be, a hazard pin: the slot's
+//! address in an entry of the pinning thread's own record (see
+//! `cache/page/hazard.rs`), so that taking and giving it back writes no
+//! memory another thread writes, and pins scale across threads as hits do.
+//! Every lock of a page scans the records once it has set `LOCKED`, and a
+//! locker that finds a hazard pin moves it into the slot's pin count and
+//! gives the lock back: from then on it is a counted pin, which waiters
+//! park on as before, and its unpin gives back the count and wakes them. A
+//! thread's pins past the entries of its record (seven), or of a thread that
+//! found every record held, are counted in the slot from the start.
+//!
+//! Either way, while a pin is
 //! held the page cannot be locked, so no buffered write, direct write,
 //! punch, zero, truncate, collapse, insert, invalidation or eviction changes
 //! or drops it (each waits for the last unpin), and stores through the
