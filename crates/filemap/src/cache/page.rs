@@ -533,13 +533,26 @@ impl Slot {
     /// count meanwhile, gives the counted pin back, waking the waiters.
     #[inline]
     pub(crate) fn unpin_hazard(&self, entry: &AtomicUsize) {
+        if Slot::clear_hazard(entry) {
+            self.unpin_moved();
+        }
+    }
+
+    /// Clears the hazard entry `entry`; returns whether a locker had moved
+    /// its pin into the slot's count, which the caller then gives back with
+    /// [`Slot::unpin_moved`]. Touches no slot: an unpin that was not moved
+    /// need not even find its slot.
+    #[inline]
+    pub(crate) fn clear_hazard(entry: &AtomicUsize) -> bool {
         // Release: the page was read before a locker that sees the entry
         // free writes it. Acquire: a mark comes with its pin counted.
-        let was = entry.swap(0, Ordering::AcqRel);
-        debug_assert_eq!(was & !hazard::MOVED, self.key());
-        if was & hazard::MOVED != 0 {
-            self.apply(PageState::unpinned);
-        }
+        entry.swap(0, Ordering::AcqRel) & hazard::MOVED != 0
+    }
+
+    /// Gives back a pin a locker moved from a hazard entry into the count,
+    /// waking the waiters.
+    pub(crate) fn unpin_moved(&self) {
+        self.apply(PageState::unpinned);
     }
 
     /// Marks the page referenced for the eviction hand, if `seen` (a state a

@@ -159,14 +159,20 @@ impl Deref for PinnedPage<'_> {
 
 impl Drop for PinnedPage<'_> {
     fn drop(&mut self) {
-        let slot = self
-            .mapping
-            .pages
-            .get(self.index)
-            .expect("a pinned page has a slot");
+        let slot = || {
+            self.mapping
+                .pages
+                .get(self.index)
+                .expect("a pinned page has a slot")
+        };
         match self.hazard() {
-            Some(id) => slot.unpin_hazard(hazard::registry().entry(id)),
-            None => slot.unpin(),
+            // The slot is looked up only if a locker moved the pin there.
+            Some(id) => {
+                if Slot::clear_hazard(hazard::registry().entry(id)) {
+                    slot().unpin_moved();
+                }
+            }
+            None => slot().unpin(),
         }
         self.mapping.cache.counters.unpins.add();
         forget_held(self.mapping, self.index, false);
