@@ -73,8 +73,9 @@
 //! wake no one, so they keep `WAITERS`.
 //!
 //! The protocol is model-checked: `page/model.rs` runs a fill racing an
-//! invalidation, a hit racing a rewrite and a writeback racing a write on a
-//! real [`Slot`] under loom and shuttle (see `.ci/run`).
+//! invalidation, a hit racing a rewrite, a writeback racing a write, and
+//! counted and hazard pins racing writes and locks on a real [`Slot`] under
+//! loom and shuttle (see `.ci/run`).
 
 pub(crate) mod hazard;
 

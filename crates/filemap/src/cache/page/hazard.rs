@@ -23,12 +23,18 @@
 //! pins: the page shows as pinned to everyone, waiters park on the slot as
 //! they do for counted pins, and the unpin of a moved entry (which finds the
 //! mark when it clears the entry) gives the counted pin back through
-//! [`Slot::unpin`], which wakes them. So nothing parks on a hazard entry, and
-//! no wake can be lost between an entry and a waiter.
+//! [`Slot::unpin_moved`], a transition, which wakes them. So nothing parks on
+//! a hazard entry, and no wake can be lost between an entry and a waiter. An
+//! unpin that finds no mark touches nothing but its entry: not even the
+//! slot, whose lookup in the page tree cost the pin path a fifth of its time.
+//!
+//! What lockers pay: a fence and, per record ever claimed (threads that pin
+//! at once, at most), one cache line of seven compares: about 3 ns a record
+//! on top of a lock's compare-and-swap.
 //!
 //! [`Slot::try_pin`]: super::Slot::try_pin
 //! [`Slot::try_lock`]: super::Slot::try_lock
-//! [`Slot::unpin`]: super::Slot::unpin
+//! [`Slot::unpin_moved`]: super::Slot::unpin_moved
 
 use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
