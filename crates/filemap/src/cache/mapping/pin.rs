@@ -153,6 +153,8 @@ impl Deref for PinnedPage<'_> {
         // one writes it (buffered and direct writes lock it; stores through
         // the file's read-write maps were unmapped from it when the pin was
         // taken and wait in their fault), so shared references are sound.
+        // The address is the page's, as `try_pin_cached` got it from the
+        // store (page-aligned), with the entry's number masked off.
         unsafe { &*((self.bytes_and_entry & !(PAGE_SIZE - 1)) as *const [u8; PAGE_SIZE]) }
     }
 }
