@@ -76,6 +76,10 @@ fn change_waits_for_the_pin(
 fn every_change_of_a_pinned_page_waits_for_its_unpin() {
     let page = change_waits_for_the_pin("a buffered write", |m| m.write_all_at(&[1; 10], 0));
     assert_eq!(&page[..11], &[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7]);
+    let page = change_waits_for_the_pin("a write pin", |m| {
+        m.pin_mut(0).map(|mut page| page.write(0, &[3]))
+    });
+    assert_eq!(&page[..2], &[3, 7]);
     let page = change_waits_for_the_pin("a punch", |m| m.punch_hole(0, PAGE));
     assert!(page.iter().all(|&b| b == 0));
     let page = change_waits_for_the_pin("a zero range", |m| m.zero_range(100, 100));
@@ -245,4 +249,103 @@ fn a_pin_past_the_end_of_file_is_refused() {
     assert_eq!(filemap::errno(&error), Some(libc::EINVAL));
     let error = mapping.pin_mut(9).map(drop).unwrap_err();
     assert_eq!(filemap::errno(&error), Some(libc::EINVAL));
+}
+
+/// More read pins on one thread than its record of hazard pins has entries
+/// (seven): the rest are counted in their slots. Each holds its page against
+/// another thread's write, `pins_held` counts them all, and once they are
+/// dropped no page stays pinned (a pin a lock attempt moved into its slot's
+/// count is given back there).
+#[test]
+fn pins_beyond_a_threads_hazard_record_hold_and_are_all_given_back() {
+    const PINS: u64 = 20;
+    let (cache, mapping) = file(PINS, 3, 64);
+    let pins: Vec<_> = (0..PINS).map(|i| mapping.pin(i).unwrap()).collect();
+    assert_eq!(cache.stats().pins_held, PINS);
+    let try_writes = |value: u8| {
+        let mapping = mapping.clone();
+        std::thread::spawn(move || {
+            (0..PINS)
+                .filter(|&i| mapping.write_at_nowait(&[value], i * PAGE).is_ok())
+                .count()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(try_writes(9), 0, "a write changed a pinned page");
+    // Twice: the first attempt moved the hazard pins into the counts.
+    assert_eq!(try_writes(9), 0, "a write changed a pinned page");
+    assert!(pins.iter().all(|pin| pin.iter().all(|&b| b == 3)));
+    assert_eq!(cache.stats().pins_held, PINS);
+    drop(pins);
+    assert_eq!(cache.stats().pins_held, 0);
+    assert_eq!(try_writes(8) as u64, PINS, "a page stayed pinned");
+}
+
+/// Pins of two threads, hazard and counted, come and go while a third
+/// thread writes the pages: every pin sees one whole version of its page,
+/// and `pins_held` is exact once they are done.
+#[test]
+fn pins_of_several_threads_see_whole_pages_under_writes() {
+    const PAGES: u64 = 4;
+    let (cache, mapping) = file(PAGES, 0, 64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (mapping, stop) = (mapping.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut value = 0u8;
+            while !stop.load(Ordering::SeqCst) {
+                value = value.wrapping_add(1);
+                for i in 0..PAGES {
+                    mapping
+                        .write_all_at(&vec![value; PAGE_SIZE], i * PAGE)
+                        .unwrap();
+                }
+            }
+        })
+    };
+    let pinners: Vec<_> = (0..2)
+        .map(|_| {
+            let mapping = mapping.clone();
+            std::thread::spawn(move || {
+                for round in 0..2000 {
+                    // Up to ten at once: past seven, counted in the slots.
+                    let pins: Vec<_> = (0..(round % 10) + 1)
+                        .map(|n| mapping.pin(n % PAGES).unwrap())
+                        .collect();
+                    for pin in &pins {
+                        let first = pin[0];
+                        assert!(pin.iter().all(|&b| b == first), "a torn page under a pin");
+                    }
+                }
+            })
+        })
+        .collect();
+    for pinner in pinners {
+        pinner.join().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert_eq!(cache.stats().pins_held, 0);
+}
+
+/// Eviction passes over a pinned page: reads of other pages through a
+/// budget of four pages evict everything else, while the pinned page's
+/// bytes stay in place.
+#[test]
+fn eviction_skips_a_pinned_page() {
+    let (cache, mapping) = file(16, 4, 4);
+    let pin = mapping.pin(0).unwrap();
+    let evictions = cache.stats().evictions;
+    let mut buf = [0; PAGE_SIZE];
+    for _ in 0..3 {
+        for i in 1..16 {
+            mapping.read_exact_at(&mut buf, i * PAGE).unwrap();
+            assert_eq!(buf[0], 4);
+        }
+    }
+    assert!(cache.stats().evictions > evictions, "nothing was evicted");
+    assert!(pin.iter().all(|&b| b == 4), "the pinned page was evicted");
+    drop(pin);
+    mapping.punch_hole(0, PAGE).unwrap();
 }

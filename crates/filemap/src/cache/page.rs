@@ -11,8 +11,13 @@
 //! | 6 | `WAITERS` | threads are parked on this slot; whoever clears a waited-on bit wakes them |
 //! | 7 | `REFERENCED` | read since the eviction hand last passed (set by hits only when clear) |
 //! | 8 | `QUEUED` | the slot has its one entry in the eviction queue; survives the page going |
-//! | 9..16 | pins | read pins held ([`crate::PinnedPage`]): while any is, no one may lock the page |
+//! | 9..16 | pins | read pins counted here ([`crate::PinnedPage`] past its thread's hazard entries, writeback's, locked reads', and hazard pins a locker moved here): while any is, no one may lock the page |
 //! | 16..64 | version | bumped by every change of the page's data or presence |
+//!
+//! Most read pins are not in the word: a hazard pin is the slot's address in
+//! an entry of the pinning thread's record ([`hazard`]), which `try_lock`
+//! scans once it has set `LOCKED`; finding one, it moves it into the count
+//! and fails, so from there on it is a counted pin like any other.
 //!
 //! Pins are a reader count beside the seqlock: a pinned page is present, up
 //! to date and not locked, and `try_lock` fails while pins are held, so its
@@ -56,6 +61,9 @@
 //! | `referenced` | `mark_referenced` | readable | `+REFERENCED` | kept |
 //! | `pinned` | `try_pin` | readable, pins below the most | pins + 1 | kept |
 //! | `unpinned` | `unpin` | pinned | pins - 1 | kept |
+//! | (none) | `try_pin_hazard` | readable | unchanged (the thread's entry holds the pin) | kept |
+//! | `unpinned` | `unpin_hazard` of a moved pin | pinned | pins - 1 (else only the entry is cleared) | kept |
+//! | `unlocked` | `try_lock` finding hazard pins | its own `LOCKED` | `-LOCKED`, pins + those it moved | kept |
 //! | `writeback_started_pinned` | `finish_pinned_snapshot` | pinned, `DIRTY`, not `WRITEBACK` | pins - 1, `-DIRTY +WRITEBACK` | kept |
 //!
 //! A [`Slot`] makes a transition by [`Slot::replace`], which wakes the threads
@@ -65,11 +73,14 @@
 //! wake no one, so they keep `WAITERS`.
 //!
 //! The protocol is model-checked: `page/model.rs` runs a fill racing an
-//! invalidation, a hit racing a rewrite and a writeback racing a write on a
-//! real [`Slot`] under loom and shuttle (see `.ci/run`).
+//! invalidation, a hit racing a rewrite, a writeback racing a write, and
+//! counted and hazard pins racing writes and locks on a real [`Slot`] under
+//! loom and shuttle (see `.ci/run`).
+
+pub(crate) mod hazard;
 
 use super::wait;
-use crate::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
 const PRESENT: u64 = 1 << 0;
 const LOCKED: u64 = 1 << 1;
@@ -436,7 +447,11 @@ impl Slot {
     }
 
     /// Sets `LOCKED` on a state without it and without pins; the caller then
-    /// owns the page's bytes. Fails while pins are held.
+    /// owns the page's bytes. Fails while pins are held: counted pins (in
+    /// `current`) or hazard pins, which it finds once it holds the lock; it
+    /// then moves them into the count and gives the lock back, so the state
+    /// it fails with shows the page pinned and the caller waits as for any
+    /// pin (see `hazard`).
     pub(crate) fn try_lock(&self, current: PageState) -> Result<(), PageState> {
         debug_assert!(!current.is_locked());
         if current.is_pinned() {
@@ -449,8 +464,96 @@ impl Slot {
                 Ordering::Acquire,
                 Ordering::Acquire,
             )
-            .map(drop)
-            .map_err(PageState)
+            .map_err(PageState)?;
+        if self.move_hazard_pins() == 0 {
+            return Ok(());
+        }
+        let before = self.apply(PageState::unlocked);
+        Err(before.unlocked())
+    }
+
+    /// Moves the hazard pins of this slot into its count, under the lock the
+    /// caller just took (while it holds it, no pin is counted but these);
+    /// returns how many it moved. Each is counted before its entry is marked,
+    /// so its unpin, which finds the mark, never gives back a pin not yet
+    /// counted; a pin given back before the mark is counted back out.
+    fn move_hazard_pins(&self) -> u64 {
+        // Pairs with the pinner's fence between writing its entry and loading
+        // the state: one of the two sees the other (see `hazard`).
+        fence(Ordering::SeqCst);
+        let key = self.key();
+        let mut moved = 0;
+        for entry in hazard::registry().entries() {
+            if moved == MAX_PINS {
+                // The rest stay hazard pins; the count shows the page pinned,
+                // and the next `try_lock` after the count drops moves them.
+                break;
+            }
+            if entry.load(Ordering::Acquire) != key {
+                continue;
+            }
+            self.0.fetch_add(PIN_ONE, Ordering::Relaxed);
+            // Release: the unpin that finds the mark sees the count.
+            match entry.compare_exchange(
+                key,
+                key | hazard::MOVED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => moved += 1,
+                // Given back meanwhile: nothing to count. The lock is held,
+                // so no one waits on the count going down but for `LOCKED`.
+                Err(_) => {
+                    self.0.fetch_sub(PIN_ONE, Ordering::Relaxed);
+                }
+            }
+        }
+        moved
+    }
+
+    /// Takes a hazard pin of the page in `entry`, a free entry of the calling
+    /// thread's own record, if the page is readable: writes nothing shared
+    /// (but the referenced mark, as a hit). Returns the state the pin holds;
+    /// on failure the entry is free again.
+    #[inline]
+    pub(crate) fn try_pin_hazard(&self, entry: &AtomicUsize) -> Result<PageState, PageState> {
+        entry.store(self.key(), Ordering::Relaxed);
+        // Pairs with the fence of `move_hazard_pins`: either a locker sees
+        // the entry, or this load sees its `LOCKED`.
+        fence(Ordering::SeqCst);
+        let state = self.load();
+        if !state.is_readable() {
+            self.unpin_hazard(entry);
+            return Err(state);
+        }
+        self.mark_referenced(state);
+        Ok(state)
+    }
+
+    /// Gives back the hazard pin in `entry`. If a locker moved it into the
+    /// count meanwhile, gives the counted pin back, waking the waiters.
+    #[inline]
+    pub(crate) fn unpin_hazard(&self, entry: &AtomicUsize) {
+        if Slot::clear_hazard(entry) {
+            self.unpin_moved();
+        }
+    }
+
+    /// Clears the hazard entry `entry`; returns whether a locker had moved
+    /// its pin into the slot's count, which the caller then gives back with
+    /// [`Slot::unpin_moved`]. Touches no slot: an unpin that was not moved
+    /// need not even find its slot.
+    #[inline]
+    pub(crate) fn clear_hazard(entry: &AtomicUsize) -> bool {
+        // Release: the page was read before a locker that sees the entry
+        // free writes it. Acquire: a mark comes with its pin counted.
+        entry.swap(0, Ordering::AcqRel) & hazard::MOVED != 0
+    }
+
+    /// Gives back a pin a locker moved from a hazard entry into the count,
+    /// waking the waiters.
+    pub(crate) fn unpin_moved(&self) {
+        self.apply(PageState::unpinned);
     }
 
     /// Marks the page referenced for the eviction hand, if `seen` (a state a

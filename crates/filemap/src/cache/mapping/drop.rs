@@ -68,8 +68,16 @@ impl Mapping {
         if state.is_pinned() {
             return Eviction::Pinned;
         }
-        if state.is_busy() || slot.try_lock(state).is_err() {
+        if state.is_busy() {
             return Eviction::Busy;
+        }
+        if let Err(now) = slot.try_lock(state) {
+            // Hazard pins show once a lock attempt found them.
+            return if now.is_pinned() {
+                Eviction::Pinned
+            } else {
+                Eviction::Busy
+            };
         }
         self.trap_stores(&[index]);
         if self.write_back_locked(index, slot).is_err() {

@@ -1,7 +1,18 @@
 //! Pinned pages: a cached page's bytes in place, for as long as a guard
 //! lives, as a database's buffer manager pins a frame.
 //!
-//! A read pin ([`PinnedPage`]) is a count in the page's slot: while it is
+//! A read pin ([`PinnedPage`]) is, when it can be, a hazard pin: the slot's
+//! address in an entry of the pinning thread's own record (see
+//! `cache/page/hazard.rs`), so that taking and giving it back writes no
+//! memory another thread writes, and pins scale across threads as hits do.
+//! Every lock of a page scans the records once it has set `LOCKED`, and a
+//! locker that finds a hazard pin moves it into the slot's pin count and
+//! gives the lock back: from then on it is a counted pin, which waiters
+//! park on as before, and its unpin gives back the count and wakes them. A
+//! thread's pins past the entries of its record (seven), or of a thread that
+//! found every record held, are counted in the slot from the start.
+//!
+//! Either way, while a pin is
 //! held the page cannot be locked, so no buffered write, direct write,
 //! punch, zero, truncate, collapse, insert, invalidation or eviction changes
 //! or drops it (each waits for the last unpin), and stores through the
@@ -23,12 +34,14 @@
 //! a read-write map of the file to a page the same thread holds pinned: it
 //! waits in its fault like any other store, for an unpin that cannot come.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
+use std::marker::PhantomData;
 use std::ops::{Deref, Range};
 
 use super::fill::{Fill, FillBudget};
 use super::Mapping;
+use crate::cache::page::hazard::{self, EntryId};
 use crate::cache::page::{PageState, Slot, MAX_PINS};
 use crate::cache::stats;
 use crate::errno::{fail, with_message};
@@ -39,6 +52,61 @@ thread_local! {
     /// The pins this thread holds: the mapping's address, the page, and
     /// whether the pin is for writing.
     static HELD: RefCell<Vec<(usize, u64, bool)>> = const { RefCell::new(Vec::new()) };
+
+    /// This thread's record of hazard pins: claimed at its first read pin,
+    /// given back when it exits.
+    static OWN_RECORD: OwnRecord = const { OwnRecord(Cell::new(Claim::NotYet)) };
+}
+
+/// A thread's claim of a hazard record.
+#[derive(Clone, Copy)]
+enum Claim {
+    /// The thread has taken no read pin yet.
+    NotYet,
+    /// The record of this number.
+    Held(usize),
+    /// Every record was held when the thread first pinned: its pins are
+    /// counted in the slots.
+    Refused,
+}
+
+/// Gives the thread's hazard record back when the thread exits.
+struct OwnRecord(Cell<Claim>);
+
+impl Drop for OwnRecord {
+    fn drop(&mut self) {
+        if let Claim::Held(record) = self.0.get() {
+            hazard::registry().release(record);
+        }
+    }
+}
+
+/// The calling thread's hazard record, claimed now if this is its first pin;
+/// `None` if every record is held, or while the thread exits.
+#[cfg(not(any(loom, shuttle)))]
+#[inline]
+fn own_record() -> Option<usize> {
+    OWN_RECORD
+        .try_with(|own| match own.0.get() {
+            Claim::Held(record) => Some(record),
+            Claim::Refused => None,
+            Claim::NotYet => {
+                let claimed = hazard::registry().claim();
+                own.0.set(claimed.map_or(Claim::Refused, Claim::Held));
+                claimed
+            }
+        })
+        .ok()
+        .flatten()
+}
+
+/// Under a model checker every checked thread runs on one thread of the
+/// process, so they would share one record: mappings take counted pins
+/// there (the page models drive hazard pins on slots directly).
+#[cfg(any(loom, shuttle))]
+fn own_record() -> Option<usize> {
+    let _ = &OWN_RECORD;
+    None
 }
 
 /// A read pin of one cached page: dereferences to its bytes, which stay as
@@ -50,7 +118,19 @@ thread_local! {
 pub struct PinnedPage<'a> {
     mapping: &'a Mapping,
     index: u64,
-    bytes: *const [u8; PAGE_SIZE],
+    /// The page's address (page-aligned), plus the number of the hazard
+    /// entry that holds the pin, or 0 for a pin counted in the slot.
+    bytes_and_entry: usize,
+    /// Keeps the guard on its thread, whose pin list (and hazard record)
+    /// holds it.
+    not_send: PhantomData<*const [u8; PAGE_SIZE]>,
+}
+
+impl PinnedPage<'_> {
+    /// The hazard entry that holds the pin, or `None` for a counted pin.
+    fn hazard(&self) -> Option<EntryId> {
+        Some(self.bytes_and_entry % PAGE_SIZE).filter(|&id| id != 0)
+    }
 }
 
 impl PinnedPage<'_> {
@@ -65,24 +145,37 @@ impl Deref for PinnedPage<'_> {
 
     #[allow(unsafe_code)] // the page in place: what a pin is for
     fn deref(&self) -> &[u8; PAGE_SIZE] {
-        // SAFETY: the page is present and pinned while `self` lives: it is
+        // SAFETY: the page is present and pinned while `self` lives (counted
+        // in its slot, or in a hazard entry that every `try_lock` scans for
+        // after setting `LOCKED`, failing if it finds one): it is
         // not removed from the store (every drop locks it first, and a lock
         // waits for the pins), so its region stays and the view maps it; no
         // one writes it (buffered and direct writes lock it; stores through
         // the file's read-write maps were unmapped from it when the pin was
         // taken and wait in their fault), so shared references are sound.
-        unsafe { &*self.bytes }
+        // The address is the page's, as `try_pin_cached` got it from the
+        // store (page-aligned), with the entry's number masked off.
+        unsafe { &*((self.bytes_and_entry & !(PAGE_SIZE - 1)) as *const [u8; PAGE_SIZE]) }
     }
 }
 
 impl Drop for PinnedPage<'_> {
     fn drop(&mut self) {
-        let slot = self
-            .mapping
-            .pages
-            .get(self.index)
-            .expect("a pinned page has a slot");
-        slot.unpin();
+        let slot = || {
+            self.mapping
+                .pages
+                .get(self.index)
+                .expect("a pinned page has a slot")
+        };
+        match self.hazard() {
+            // The slot is looked up only if a locker moved the pin there.
+            Some(id) => {
+                if Slot::clear_hazard(hazard::registry().entry(id)) {
+                    slot().unpin_moved();
+                }
+            }
+            None => slot().unpin(),
+        }
         self.mapping.cache.counters.unpins.add();
         forget_held(self.mapping, self.index, false);
     }
@@ -246,11 +339,12 @@ impl Mapping {
         self.check_own_pins(index..index + 1, true)?;
         loop {
             match self.try_pin_cached(index)? {
-                Some(bytes) => {
+                Some(bytes_and_entry) => {
                     return Ok(PinnedPage {
                         mapping: self,
                         index,
-                        bytes,
+                        bytes_and_entry,
+                        not_send: PhantomData,
                     })
                 }
                 None => self.make_pinnable(index, PageState::is_locked_or_filling)?,
@@ -263,10 +357,11 @@ impl Mapping {
     pub fn try_pin(&self, index: u64) -> io::Result<PinnedPage<'_>> {
         self.check_live()?;
         match self.try_pin_cached(index)? {
-            Some(bytes) => Ok(PinnedPage {
+            Some(bytes_and_entry) => Ok(PinnedPage {
                 mapping: self,
                 index,
-                bytes,
+                bytes_and_entry,
+                not_send: PhantomData,
             }),
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -341,22 +436,34 @@ impl Mapping {
     }
 
     /// A read pin of page `index` if it is cached and not busy (`None`
-    /// otherwise); fails for a page wholly past the end of file.
-    fn try_pin_cached(&self, index: u64) -> io::Result<Option<*const [u8; PAGE_SIZE]>> {
+    /// otherwise); fails for a page wholly past the end of file. A hazard pin
+    /// if the thread's record has a free entry, else a pin counted in the
+    /// slot.
+    /// Returns the page's address plus the hazard entry's number (0 for a
+    /// counted pin), as `PinnedPage` keeps them.
+    fn try_pin_cached(&self, index: u64) -> io::Result<Option<usize>> {
         if start_of(index) >= self.len() {
             return fail(libc::EINVAL);
         }
         let Some(slot) = self.pages.get(index) else {
             return Ok(None);
         };
-        loop {
-            let state = slot.load();
-            if !state.is_pinnable() {
-                return Ok(None);
+        let hazard = own_record().and_then(|record| hazard::registry().free_entry(record));
+        match hazard {
+            Some(id) => {
+                if slot.try_pin_hazard(hazard::registry().entry(id)).is_err() {
+                    return Ok(None);
+                }
             }
-            if slot.try_pin(state).is_ok() {
-                break;
-            }
+            None => loop {
+                let state = slot.load();
+                if !state.is_pinnable() {
+                    return Ok(None);
+                }
+                if slot.try_pin(state).is_ok() {
+                    break;
+                }
+            },
         }
         // Stores through the file's read-write maps must not change the page
         // under the pin: unmapped there, they fault and wait for the unpin.
@@ -367,7 +474,9 @@ impl Mapping {
         }
         self.cache.counters.pins.add();
         remember_held(self, index, false);
-        Ok(Some(self.page_bytes(index)))
+        let bytes = self.page_bytes(index) as usize;
+        debug_assert_eq!(bytes % PAGE_SIZE, 0);
+        Ok(Some(bytes | hazard.unwrap_or(0)))
     }
 
     /// Brings page `index` to a state a pin can take: fills it if it is
@@ -404,5 +513,22 @@ impl Mapping {
     /// The bytes of page `index`, present (the caller pinned or locked it).
     fn page_bytes(&self, index: u64) -> *const [u8; PAGE_SIZE] {
         self.store.page(index).cast()
+    }
+}
+
+#[cfg(all(test, not(any(loom, shuttle))))]
+mod tests {
+    use super::own_record;
+
+    /// Threads that pinned and exited give their records back: many more of
+    /// them one after another than the registry holds all get one.
+    #[test]
+    fn records_of_exited_threads_are_reused() {
+        for _ in 0..1000 {
+            let claimed = std::thread::spawn(|| own_record().is_some())
+                .join()
+                .unwrap();
+            assert!(claimed, "a record of an exited thread was not given back");
+        }
     }
 }

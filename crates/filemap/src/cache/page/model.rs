@@ -2,8 +2,11 @@
 //! interleaving within a preemption bound, `--cfg loom`) or shuttle (random
 //! schedules, `--cfg shuttle`):
 //! a fill racing an invalidation, a hit racing a rewrite of the page, a
-//! writeback racing a write, a pin racing a write, and a hit racing pins.
-//! Each asserts the invariant its race could break.
+//! writeback racing a write, a pin racing a write, a hit racing pins, and
+//! hazard pins (`hazard.rs`) racing a waiting writer's lock and a
+//! non-waiting lock, their unpin racing the writer's park, and records
+//! handed back and out again. Each asserts the invariant its race could
+//! break.
 //!
 //! A page's bytes are two words, so that a torn copy shows as two different
 //! values. They are copied as the page store copies them: relaxed atomic
@@ -22,10 +25,18 @@
 //! lock that ignores pins (a pinned page changes under its pin, and a
 //! writeback's snapshot under a write), and pins counted in the bits an
 //! optimistic reader re-checks (a pin voids a hit: caught by shuttle; loom's
-//! search, bounded, does not reach that schedule).
+//! search, bounded, does not reach that schedule), and a `try_lock` that
+//! does not fail on the hazard pins it finds (a page changes under its pin).
+//!
+//! The hazard protocol's own mutations run here on every check, as
+//! `#[should_panic]` tests: a pinner that skips its re-check of the slot
+//! after writing its entry, one whose re-check is not fenced after the entry
+//! (loom only: shuttle's schedules are sequentially consistent), and an
+//! unpin that ignores a pin a locker moved into the count.
 
+use super::hazard::registry;
 use super::{OptimisticRead, PageState, Slot};
-use crate::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{thread, Arc};
 
 /// A page's bytes, or the backend's copy of them.
@@ -347,6 +358,232 @@ fn a_page_written_during_writeback_stays_dirty() {
             "a clean page the backend does not hold: page {:?}, backend {:?}, {state:?}",
             page.read(),
             backend.read()
+        );
+    });
+}
+
+/// A free entry of a hazard record claimed for the calling thread, as a
+/// mapping's thread claims its record at its first pin.
+fn own_entry() -> &'static AtomicUsize {
+    let record = registry().claim().expect("a record is free");
+    registry().entry(
+        registry()
+            .free_entry(record)
+            .expect("a new record is empty"),
+    )
+}
+
+/// Takes a hazard pin of the page, waiting while it is not readable, as
+/// `Mapping::pin` does with a free entry.
+fn hazard_pin(slot: &Slot, entry: &AtomicUsize) {
+    while slot.try_pin_hazard(entry).is_err() {
+        slot.wait_while_state(|s| !s.is_readable());
+    }
+}
+
+/// Reads the page twice under a pin taken by `pin` and given back by
+/// `unpin`, while a writer rewrites it (1 to 2) under its lock: the pin must
+/// show one version of the page, whole, from the pin to the unpin, and the
+/// write must land once the pin is gone.
+fn pinned_reads_race_a_write(pin: fn(&Slot, &AtomicUsize), unpin: fn(&Slot, &AtomicUsize)) {
+    let slot = Arc::new(Slot::default());
+    let page = Arc::new(Bytes::default());
+    create(&slot, &page, 1, false);
+
+    let writer = {
+        let (slot, page) = (slot.clone(), page.clone());
+        thread::spawn(move || {
+            lock_present(&slot);
+            page.write(2);
+            slot.unlock_written();
+        })
+    };
+
+    let entry = own_entry();
+    pin(&slot, entry);
+    let first = page.read();
+    thread::yield_now();
+    let second = page.read();
+    unpin(&slot, entry);
+    assert!(
+        first == [1, 1] || first == [2, 2],
+        "torn under a pin: {first:?}"
+    );
+    assert_eq!(first, second, "the page changed under its pin");
+
+    writer.join().unwrap();
+    let state = slot.load();
+    assert!(
+        state.is_readable() && state.is_dirty() && !state.is_pinned(),
+        "{state:?}"
+    );
+    assert_eq!(page.read(), [2, 2]);
+    assert_eq!(entry.load(Ordering::Relaxed), 0, "the entry stayed taken");
+}
+
+/// A hazard pin races a writer's lock: either the pinner sees `LOCKED` and
+/// waits, or the locker finds the entry, moves the pin into the count and
+/// waits (parked on the slot) for the unpin, which must wake it.
+#[test]
+fn a_hazard_pinned_page_never_changes_under_its_pin() {
+    check(|| {
+        pinned_reads_race_a_write(hazard_pin, |slot, entry| slot.unpin_hazard(entry));
+    });
+}
+
+/// The pin is taken before the writer starts: the writer finds it, parks
+/// until the unpin (a missed wake is a deadlock), and then writes.
+#[test]
+fn a_writer_waiting_for_a_hazard_pin_proceeds_after_the_unpin() {
+    check(|| {
+        let slot = Arc::new(Slot::default());
+        let page = Arc::new(Bytes::default());
+        create(&slot, &page, 1, false);
+        let entry = own_entry();
+        hazard_pin(&slot, entry);
+
+        let writer = {
+            let (slot, page) = (slot.clone(), page.clone());
+            thread::spawn(move || {
+                lock_present(&slot);
+                page.write(2);
+                slot.unlock_written();
+            })
+        };
+
+        thread::yield_now();
+        assert_eq!(page.read(), [1, 1], "the page changed under its pin");
+        slot.unpin_hazard(entry);
+        writer.join().unwrap();
+        let state = slot.load();
+        assert!(state.is_readable() && !state.is_pinned(), "{state:?}");
+        assert_eq!(page.read(), [2, 2]);
+    });
+}
+
+/// Mutation: a pinner that trusts the state it loaded before writing its
+/// entry, without the re-check after: a locker that scanned before the entry
+/// was written changes the page under the pin.
+#[test]
+#[should_panic(expected = "under its pin")]
+fn a_hazard_pin_without_its_recheck_is_caught() {
+    check(|| {
+        pinned_reads_race_a_write(
+            |slot, entry| loop {
+                let state = slot.load();
+                if state.is_readable() {
+                    entry.store(slot.key(), Ordering::Relaxed);
+                    fence(Ordering::SeqCst);
+                    return;
+                }
+                slot.wait_while_state(|s| !s.is_readable());
+            },
+            |slot, entry| slot.unpin_hazard(entry),
+        );
+    });
+}
+
+/// Mutation: the re-check without the fence that orders it after the entry
+/// (both accesses relaxed or acquire-release): the locker's scan and the
+/// pinner's check may each miss the other's write. Only loom sees this
+/// (shuttle runs sequentially consistent).
+#[cfg(loom)]
+#[test]
+#[should_panic(expected = "under its pin")]
+fn a_hazard_pin_without_its_fence_is_caught() {
+    check(|| {
+        pinned_reads_race_a_write(
+            |slot, entry| loop {
+                entry.store(slot.key(), Ordering::Release);
+                let state = slot.load();
+                if state.is_readable() {
+                    return;
+                }
+                slot.unpin_hazard(entry);
+                slot.wait_while_state(|s| !s.is_readable());
+            },
+            |slot, entry| slot.unpin_hazard(entry),
+        );
+    });
+}
+
+/// A hazard pin races a locker that never waits (as eviction's): the lock
+/// either fails, having moved the pin into the count, or succeeds before
+/// the pin and rewrites the page (1 to 2) before the pin shows it. Either
+/// way the pin shows one version throughout, and after its unpin no pin is
+/// left in the count.
+fn hazard_pin_races_a_try_lock(unpin: fn(&Slot, &AtomicUsize)) {
+    let slot = Arc::new(Slot::default());
+    let page = Arc::new(Bytes::default());
+    create(&slot, &page, 1, false);
+
+    let locker = {
+        let (slot, page) = (slot.clone(), page.clone());
+        thread::spawn(move || {
+            let state = slot.load();
+            if !state.is_held() && slot.try_lock(state).is_ok() {
+                page.write(2);
+                slot.unlock_written();
+            }
+        })
+    };
+
+    let entry = own_entry();
+    hazard_pin(&slot, entry);
+    let first = page.read();
+    thread::yield_now();
+    assert_eq!(page.read(), first, "the page changed under its pin");
+    unpin(&slot, entry);
+
+    locker.join().unwrap();
+    let state = slot.load();
+    assert!(!state.is_pinned(), "a pin outlived its unpin: {state:?}");
+}
+
+#[test]
+fn a_lock_that_finds_a_hazard_pin_fails_and_counts_it_until_the_unpin() {
+    check(|| hazard_pin_races_a_try_lock(|slot, entry| slot.unpin_hazard(entry)));
+}
+
+/// Mutation: an unpin that clears its entry without looking whether a
+/// locker moved the pin into the count: the count never goes down (and a
+/// writer parked on it is never woken).
+#[test]
+#[should_panic(expected = "a pin outlived its unpin")]
+fn an_unpin_that_ignores_a_moved_pin_is_caught() {
+    check(|| {
+        hazard_pin_races_a_try_lock(|_, entry| {
+            entry.store(0, Ordering::Release);
+        });
+    });
+}
+
+/// A record is handed to one thread at a time, and comes back when its
+/// thread gives it up with no pin held; one given up with a pin still in an
+/// entry (a forgotten guard) stays out, so the pin stays seen.
+#[test]
+fn a_record_is_reused_only_once_its_pins_are_gone() {
+    check(|| {
+        let record = registry().claim().expect("a record is free");
+        let entry = registry().entry(registry().free_entry(record).expect("empty"));
+        let slot = Slot::default();
+        let page = Bytes::default();
+        create(&slot, &page, 1, false);
+        hazard_pin(&slot, entry);
+        registry().release(record);
+        let other = thread::spawn(|| registry().claim().expect("a record is free"));
+        assert_ne!(
+            other.join().unwrap(),
+            record,
+            "a record holding a pin was handed out"
+        );
+        slot.unpin_hazard(entry);
+        registry().release(record);
+        let again = thread::spawn(|| registry().claim().expect("a record is free"));
+        assert_eq!(
+            again.join().unwrap(),
+            record,
+            "a free record was not reused"
         );
     });
 }
