@@ -233,6 +233,51 @@ fn direct_io_through_a_map_of_the_same_file() {
 }
 
 #[test]
+fn vectored_io_through_a_map_of_the_same_file_is_correct_and_never_deadlocks() {
+    within(vectored_io_through_a_map_of_the_same_file);
+}
+
+/// Under `file-exclusive` a vectored read holds its mode over the copy, so
+/// buffers in a map of the same file are read into a bounce buffer first
+/// and scattered after; a vectored write from a map copies before it locks.
+fn vectored_io_through_a_map_of_the_same_file() {
+    use std::io::{IoSlice, IoSliceMut};
+    for strategy in Strategy::ALL {
+        for (name, backend, _keep) in common::backends() {
+            let what = format!("{name} {strategy}");
+            let file = file_on(backend, strategy, 8);
+            let map = file.map(0, 8 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
+            // SAFETY: no other thread touches pages 4..6 of the map during these
+            // calls, and the map outlives the slice.
+            let buffer = unsafe {
+                std::slice::from_raw_parts_mut(map.as_ptr().add(4 * PAGE_SIZE), 2 * PAGE_SIZE)
+            };
+            // Pages 0..2 into the map's pages 4..6, cut inside page 0.
+            let (first, second) = buffer.split_at_mut(1000);
+            let mut bufs = [IoSliceMut::new(first), IoSliceMut::new(second)];
+            assert_eq!(
+                file.read_vectored_at(&mut bufs, 0).unwrap(),
+                2 * PAGE_SIZE,
+                "{what}"
+            );
+            assert_eq!(map_bytes(&map, 4 * PAGE_SIZE, PAGE_SIZE), page(1), "{what}");
+            assert_eq!(map_bytes(&map, 5 * PAGE_SIZE, PAGE_SIZE), page(2), "{what}");
+            // The map's pages 4..6 (now copies of 0..2) over pages 6..8.
+            let (first, second) = buffer.split_at(3000);
+            let bufs = [IoSlice::new(first), IoSlice::new(second)];
+            file.write_vectored_at(&bufs, 6 * PAGE).unwrap();
+            let mut back = vec![0; 2 * PAGE_SIZE];
+            file.read_exact_at(&mut back, 6 * PAGE).unwrap();
+            assert_eq!(
+                back,
+                [page(1), page(2)].concat(),
+                "{what}: vectored write from the map"
+            );
+        }
+    }
+}
+
+#[test]
 fn direct_io_from_maps_survives_concurrent_punches() {
     within(direct_io_from_maps_with_concurrent_punches);
 }

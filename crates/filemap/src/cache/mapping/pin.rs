@@ -439,6 +439,7 @@ impl Mapping {
     /// otherwise); fails for a page wholly past the end of file. A hazard pin
     /// if the thread's record has a free entry, else a pin counted in the
     /// slot.
+    ///
     /// Returns the page's address plus the hazard entry's number (0 for a
     /// counted pin), as `PinnedPage` keeps them.
     fn try_pin_cached(&self, index: u64) -> io::Result<Option<usize>> {

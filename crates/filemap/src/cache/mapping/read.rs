@@ -5,7 +5,7 @@ use std::io::{self, IoSliceMut};
 
 use super::fill::{Fill, FillBudget};
 use super::region::buffer_in_a_map;
-use super::vectored::{scatter, total_len, Destination, Scatter};
+use super::vectored::{total_len, Destination, Scatter};
 use super::{would_block, Mapping};
 use crate::cache::page::{OptimisticRead, PageState, Slot, MAX_PINS};
 use crate::cache::readahead::MissFill;
@@ -77,7 +77,7 @@ impl Mapping {
     /// whole call takes the coherence mode a read needs once, not once per
     /// buffer; each page is copied in one step as by [`Mapping::read_at`],
     /// also one whose bytes the caller's buffers split (it is read whole into
-    /// a page on the stack first), so no buffer holds half of one version of
+    /// a page aside first), so no buffer holds half of one version of
     /// a page and half of another.
     ///
     /// ```
@@ -112,11 +112,12 @@ impl Mapping {
             let mut bounce = vec![0; len];
             let n = self.read_cached(&mut bounce, offset, true)?;
             drop(read);
-            scatter(&bounce[..n], bufs);
+            Scatter::new(bufs).put(&bounce[..n]);
             return Ok(n);
         }
         let mut scattered = Scatter::new(bufs);
-        let mut aside = [0u8; PAGE_SIZE];
+        // Allocated at the first page the buffers split.
+        let mut aside = Vec::new();
         let mut done = 0;
         while done < len {
             let pos = offset + done as u64;
@@ -128,6 +129,7 @@ impl Mapping {
                     (asked, n)
                 }
                 Destination::Aside(asked) => {
+                    aside.resize(PAGE_SIZE, 0);
                     let n = self.read_cached(&mut aside[..asked], pos, fill_held)?;
                     scattered.put(&aside[..n]);
                     (asked, n)

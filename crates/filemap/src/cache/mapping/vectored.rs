@@ -94,16 +94,6 @@ impl<'a, 'b> Gather<'a, 'b> {
     }
 }
 
-/// Copies `bytes` into the buffers of `bufs` from buffer 0, byte 0 on.
-pub(super) fn scatter(bytes: &[u8], bufs: &mut [IoSliceMut<'_>]) {
-    let mut done = 0;
-    for buf in bufs {
-        let take = buf.len().min(bytes.len() - done);
-        buf[..take].copy_from_slice(&bytes[done..done + take]);
-        done += take;
-    }
-}
-
 /// The destinations of a vectored read, a run of bytes at a time.
 pub(super) struct Scatter<'a, 'b> {
     bufs: &'a mut [IoSliceMut<'b>],
@@ -163,7 +153,8 @@ impl<'a, 'b> Scatter<'a, 'b> {
         self.done += n;
     }
 
-    /// Copies a page's bytes read aside into the buffers they belong in.
+    /// Copies bytes read aside (a page's, or a whole bounced read's) into
+    /// the buffers they belong in.
     pub(super) fn put(&mut self, bytes: &[u8]) {
         let mut done = 0;
         while done < bytes.len() {
