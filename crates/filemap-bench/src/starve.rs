@@ -255,10 +255,18 @@ fn measure(
                         while !stop.load(Ordering::Relaxed) {
                             let page = rng.u64(..pages);
                             let start = Instant::now();
-                            // Reads, map reads (and pins) in turns.
-                            match turn % turns {
-                                0 => mapping.read_exact_at(&mut buf.0, start_of(page))?,
-                                1 => maps[thread].read(start_of(page) as usize, &mut buf.0)?,
+                            // Reads, map reads (and pins) in turns; a pin is
+                            // timed until it is taken, not while it is held.
+                            let kind = turn % turns;
+                            let took = match kind {
+                                0 => {
+                                    mapping.read_exact_at(&mut buf.0, start_of(page))?;
+                                    start.elapsed()
+                                }
+                                1 => {
+                                    maps[thread].read(start_of(page) as usize, &mut buf.0)?;
+                                    start.elapsed()
+                                }
                                 _ => {
                                     let pinned = mapping.pin(page)?;
                                     let took = start.elapsed();
@@ -266,15 +274,11 @@ fn measure(
                                     while start.elapsed() < took + hold {
                                         std::hint::black_box(&pinned[..]);
                                     }
-                                    kinds[2].1.record(took.as_nanos() as u64);
-                                    kinds[2].0 += 1;
-                                    turn += 1;
-                                    continue;
+                                    took
                                 }
-                            }
-                            let kind = &mut kinds[turn % turns];
-                            kind.1.record(start.elapsed().as_nanos() as u64);
-                            kind.0 += 1;
+                            };
+                            kinds[kind].1.record(took.as_nanos() as u64);
+                            kinds[kind].0 += 1;
                             turn += 1;
                             std::hint::black_box(&buf);
                         }

@@ -102,21 +102,31 @@ fn lock_present(slot: &Slot) {
     }
 }
 
-/// A present clean page of 1s, and a writer thread that locks it, rewrites
-/// it to 2s and unlocks it dirty.
-fn page_being_rewritten() -> (Arc<Slot>, Arc<Bytes>, thread::JoinHandle<()>) {
+/// A present clean page of 1s, and a writer thread that locks it by `lock`
+/// and, if that took the lock, rewrites it to 2s and unlocks it dirty.
+fn page_being_rewritten(
+    lock: fn(&Slot) -> bool,
+) -> (Arc<Slot>, Arc<Bytes>, thread::JoinHandle<()>) {
     let slot = Arc::new(Slot::default());
     let page = Arc::new(Bytes::default());
     create(&slot, &page, 1, false);
     let writer = {
         let (slot, page) = (slot.clone(), page.clone());
         thread::spawn(move || {
-            lock_present(&slot);
-            page.write(2);
-            slot.unlock_written();
+            if lock(&slot) {
+                page.write(2);
+                slot.unlock_written();
+            }
         })
     };
     (slot, page, writer)
+}
+
+/// Locks the page as a buffered write does ([`lock_present`]): always takes
+/// the lock, waiting for it.
+fn waiting_lock(slot: &Slot) -> bool {
+    lock_present(slot);
+    true
 }
 
 /// Creates the page with `value`, as a writer creating a page does.
@@ -208,7 +218,7 @@ fn a_fill_whose_claim_was_taken_never_installs() {
 #[test]
 fn a_hit_never_keeps_bytes_changed_under_it() {
     check(|| {
-        let (slot, page, writer) = page_being_rewritten();
+        let (slot, page, writer) = page_being_rewritten(waiting_lock);
 
         let mut copy = [0; 2];
         let read = slot.read_optimistic(|| copy = page.read());
@@ -361,7 +371,7 @@ fn hazard_pin(slot: &Slot, entry: &AtomicUsize) {
 /// show one version of the page, whole, from the pin to the unpin, and the
 /// write must land once the pin is gone.
 fn pinned_reads_race_a_write(pin: fn(&Slot, &AtomicUsize), unpin: fn(&Slot, &AtomicUsize)) {
-    let (slot, page, writer) = page_being_rewritten();
+    let (slot, page, writer) = page_being_rewritten(waiting_lock);
 
     let entry = own_entry();
     pin(&slot, entry);
@@ -477,20 +487,10 @@ fn a_hazard_pin_without_its_fence_is_caught() {
 /// way the pin shows one version throughout, and after its unpin no pin is
 /// left in the count.
 fn hazard_pin_races_a_try_lock(unpin: fn(&Slot, &AtomicUsize)) {
-    let slot = Arc::new(Slot::default());
-    let page = Arc::new(Bytes::default());
-    create(&slot, &page, 1, false);
-
-    let locker = {
-        let (slot, page) = (slot.clone(), page.clone());
-        thread::spawn(move || {
-            let state = slot.load();
-            if !state.is_held() && slot.try_lock(state).is_ok() {
-                page.write(2);
-                slot.unlock_written();
-            }
-        })
-    };
+    let (slot, page, locker) = page_being_rewritten(|slot| {
+        let state = slot.load();
+        !state.is_held() && slot.try_lock(state).is_ok()
+    });
 
     let entry = own_entry();
     hazard_pin(&slot, entry);
