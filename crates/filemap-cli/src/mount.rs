@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use filemap::Strategy;
+use filemap::{ReadaheadMode, Strategy};
 use filemap_fuse::MountOptions;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -51,6 +51,11 @@ pub struct MountArgs {
     /// The cache's readahead threads.
     #[arg(long, default_value_t = 2, value_parser = whole_number::<usize>)]
     readahead_threads: usize,
+    /// When the readahead threads read a sequential stream's next window:
+    /// always (each read is a round trip, and they fill meanwhile), or only
+    /// while the backend is slower to read than the cache is to install.
+    #[arg(long, value_enum, default_value_t = ReadaheadArg::Always)]
+    readahead: ReadaheadArg,
     /// Threads serving the kernel's requests.
     #[arg(long, default_value_t = 4, value_parser = whole_number::<usize>)]
     threads: usize,
@@ -58,6 +63,13 @@ pub struct MountArgs {
     /// pages never reach the server); coherent all the same.
     #[arg(long)]
     kernel_cache: bool,
+}
+
+/// `--readahead`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReadaheadArg {
+    Always,
+    BackendBound,
 }
 
 /// A size: a whole number of bytes, or with a suffix K, M, G or T.
@@ -124,6 +136,10 @@ fn serve(args: MountArgs) -> std::io::Result<()> {
         budget_bytes: args.budget,
         strategy: args.strategy,
         readahead_threads: args.readahead_threads,
+        readahead_mode: match args.readahead {
+            ReadaheadArg::Always => ReadaheadMode::Always,
+            ReadaheadArg::BackendBound => ReadaheadMode::BackendBound,
+        },
         threads: args.threads,
         kernel_cache: args.kernel_cache,
     };

@@ -40,7 +40,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use filemap::{FileDevice, PageCache, Strategy, Volume};
+use filemap::{FileDevice, PageCache, ReadaheadMode, Strategy, Volume};
 
 mod fs;
 mod notify;
@@ -61,6 +61,10 @@ pub struct MountOptions {
     pub strategy: Strategy,
     /// The cache's readahead threads.
     pub readahead_threads: usize,
+    /// When they read ahead. [`ReadaheadMode::Always`] by default: every
+    /// read is a round trip through the kernel, and the threads fill the next
+    /// window meanwhile (`filemap bench mount`, uncached sequential reads).
+    pub readahead_mode: ReadaheadMode,
     /// Threads serving the kernel's requests, so a slow miss never holds up a
     /// hit.
     pub threads: usize,
@@ -78,6 +82,7 @@ impl Default for MountOptions {
             budget_bytes: 256 << 20,
             strategy: Strategy::DEFAULT,
             readahead_threads: 2,
+            readahead_mode: ReadaheadMode::Always,
             threads: 4,
             kernel_cache: false,
         }
@@ -302,6 +307,7 @@ fn build_cache(options: &MountOptions) -> io::Result<(Arc<PageCache>, Arc<Kernel
             .budget_bytes(options.budget_bytes)
             .strategy(options.strategy)
             .readahead_threads(options.readahead_threads)
+            .readahead_mode(options.readahead_mode)
             .change_listener(kernel_cache.clone())
             .build()?,
     );

@@ -62,7 +62,7 @@ pub use backend::{
 };
 pub use cache::{
     CacheStats, ChangeListener, EvictionPolicy, FileHandle, LockWaits, MapAccess, MapRegion,
-    Mapping, PageCache, PageCacheBuilder, PinnedPage, PinnedPageMut,
+    Mapping, PageCache, PageCacheBuilder, PinnedPage, PinnedPageMut, ReadaheadMode,
 };
 pub use device::{Device, DeviceClaim, FaultyDevice, FileDevice, MemDevice};
 pub use errno::{errno, Error};

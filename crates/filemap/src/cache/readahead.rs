@@ -14,7 +14,13 @@
 //! no readahead of its own) keeps working while the reader does. That pays
 //! only while the backend is the slower part ([`Readahead::observe`]); where
 //! installing is slower, the mark ends the readahead instead and the stream's
-//! next miss reads the next window itself.
+//! next miss reads the next window itself, unless the cache is told to read
+//! ahead always ([`ReadaheadMode::Always`]: a file system server, whose every
+//! read is a round trip through the kernel that leaves the install time).
+//!
+//! A window read ahead grows to [`MAX_WINDOW_PAGES`] per thread (up to
+//! [`MAX_PIECES`] of them) and is queued in pieces of [`MAX_WINDOW_PAGES`], so
+//! that the threads read and install its pieces side by side.
 //!
 //! The mark is one atomic word that a hit only loads, so hits still write
 //! nothing shared unless they reach it.
@@ -31,6 +37,25 @@ pub(crate) const MAX_WINDOW_PAGES: u64 = 512;
 /// Readahead threads per cache by default: two, so that one reads the
 /// backend while the other installs the window it read.
 pub(crate) const DEFAULT_READAHEAD_THREADS: usize = 2;
+
+/// The most pieces of [`MAX_WINDOW_PAGES`] a window read ahead is made of.
+const MAX_PIECES: u64 = 4;
+
+/// When a cache's readahead threads read the next window of a sequential
+/// stream; see [`PageCacheBuilder::readahead_mode`](crate::PageCacheBuilder::readahead_mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ReadaheadMode {
+    /// While the backend has lately been slower to read a window than the
+    /// cache to install it (a device opened with `O_DIRECT`, a remote store);
+    /// a backend the host kernel caches is read synchronously, in the miss.
+    #[default]
+    BackendBound,
+    /// For every sequential stream, whatever the backend: for readers that do
+    /// other work between their reads, such as a file system server (each
+    /// read a round trip through the kernel), where the threads overlap the
+    /// next window's read and install with that work.
+    Always,
+}
 
 /// The smallest fill [`Readahead::observe`] learns from.
 const MIN_OBSERVED_PAGES: u64 = 32;
@@ -154,24 +179,31 @@ impl Readahead {
     /// returns the next window to read ahead, `(first page, pages)`, clipped
     /// to the file's `eof_pages`; its first page becomes the mark. Returns
     /// `None` and drops the mark if the window is better read synchronously:
-    /// no `threads` to read it, or a backend faster than the install.
+    /// no `threads` to read it, or (in [`ReadaheadMode::BackendBound`]) a
+    /// backend faster than the install.
     pub(super) fn take_mark(
         &self,
         index: u64,
         eof_pages: u64,
-        threads: bool,
+        threads: usize,
+        mode: ReadaheadMode,
     ) -> Option<(u64, u64)> {
         let mut stream = self.stream.lock();
         if self.mark.load(Ordering::Relaxed) != index {
             return None;
         }
         let first = stream.next;
-        if first >= eof_pages || !threads || self.backend_bound.load(Ordering::Relaxed) == 0 {
+        let backend_bound = self.backend_bound.load(Ordering::Relaxed) > 0;
+        if first >= eof_pages
+            || threads == 0
+            || (mode == ReadaheadMode::BackendBound && !backend_bound)
+        {
             // The next miss, at `first`, reads the next window itself.
             self.mark.store(NO_MARK, Ordering::Relaxed);
             return None;
         }
-        let window = (stream.window * 2).clamp(1, MAX_WINDOW_PAGES);
+        let pieces = (threads as u64).min(MAX_PIECES);
+        let window = (stream.window * 2).clamp(1, MAX_WINDOW_PAGES * pieces);
         let pages = window.min(eof_pages - first);
         stream.window = window;
         stream.next = first + pages;
@@ -184,9 +216,13 @@ impl Readahead {
 type Request = (u32, u64, u64);
 
 /// The cache's side of its readahead threads: where windows are queued
-/// (`None` for a cache without threads). The threads end when this goes, with
-/// the cache.
-pub(crate) struct ReadaheadQueue(Option<mpsc::Sender<Request>>);
+/// (`None` for a cache without threads), how many threads serve them, and
+/// when they read ahead. The threads end when this goes, with the cache.
+pub(crate) struct ReadaheadQueue {
+    queue: Option<mpsc::Sender<Request>>,
+    threads: usize,
+    mode: ReadaheadMode,
+}
 
 /// The readahead threads' side: the windows queued for them, and how many
 /// threads [`ReadaheadRequests::serve`] starts.
@@ -196,7 +232,10 @@ pub(crate) struct ReadaheadRequests {
 }
 
 /// A queue of windows and its receiving end, for `threads` threads.
-pub(crate) fn readahead_queue(threads: usize) -> (ReadaheadQueue, ReadaheadRequests) {
+pub(crate) fn readahead_queue(
+    threads: usize,
+    mode: ReadaheadMode,
+) -> (ReadaheadQueue, ReadaheadRequests) {
     let (queue, requests) = match threads {
         0 => (None, None),
         _ => {
@@ -205,22 +244,39 @@ pub(crate) fn readahead_queue(threads: usize) -> (ReadaheadQueue, ReadaheadReque
         }
     };
     (
-        ReadaheadQueue(queue),
+        ReadaheadQueue {
+            queue,
+            threads,
+            mode,
+        },
         ReadaheadRequests { requests, threads },
     )
 }
 
 impl ReadaheadQueue {
-    /// Whether threads serve the queue.
-    pub(crate) fn is_served(&self) -> bool {
-        self.0.is_some()
+    /// How many threads serve the queue.
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
     }
 
-    /// Queues a window of mapping `id` for the threads.
+    /// When the threads read ahead.
+    pub(crate) fn mode(&self) -> ReadaheadMode {
+        self.mode
+    }
+
+    /// Queues a window of mapping `id` for the threads, in pieces of at most
+    /// [`MAX_WINDOW_PAGES`] that the threads read side by side.
     pub(crate) fn submit(&self, id: u32, first: u64, pages: u64) {
-        if let Some(queue) = &self.0 {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let end = first + pages;
+        let mut piece = first;
+        while piece < end {
+            let pages = (end - piece).min(MAX_WINDOW_PAGES);
             // Fails only once the threads are gone, never before the cache.
-            let _ = queue.send((id, first, pages));
+            let _ = queue.send((id, piece, pages));
+            piece += pages;
         }
     }
 }
@@ -260,6 +316,7 @@ mod tests {
     const BATCH: u64 = 32;
     const SLOW: Duration = Duration::from_millis(5);
     const FAST: Duration = Duration::from_micros(50);
+    const ADAPTIVE: ReadaheadMode = ReadaheadMode::BackendBound;
 
     /// The window a miss gets, which must be a miss of the stream.
     fn window(readahead: &Readahead, index: u64) -> u64 {
@@ -315,7 +372,7 @@ mod tests {
         readahead.observe(64, FAST, SLOW);
         readahead.filled(32, 64, 32);
         assert_eq!(
-            readahead.take_mark(64, 1 << 20, true),
+            readahead.take_mark(64, 1 << 20, 1, ADAPTIVE),
             None,
             "install-bound"
         );
@@ -325,23 +382,30 @@ mod tests {
         readahead.observe(128, SLOW, FAST);
         readahead.filled(96, 128, 32);
         assert_eq!(
-            readahead.take_mark(129, 1 << 20, true),
+            readahead.take_mark(129, 1 << 20, 1, ADAPTIVE),
             None,
             "not the mark"
         );
-        assert_eq!(readahead.take_mark(128, 1 << 20, true), Some((224, 256)));
+        assert_eq!(
+            readahead.take_mark(128, 1 << 20, 1, ADAPTIVE),
+            Some((224, 256))
+        );
         assert!(
             readahead.is_mark(224),
             "the mark moves to the window's first page"
         );
-        assert_eq!(readahead.take_mark(128, 1 << 20, true), None, "taken once");
         assert_eq!(
-            readahead.take_mark(224, 600, true),
+            readahead.take_mark(128, 1 << 20, 1, ADAPTIVE),
+            None,
+            "taken once"
+        );
+        assert_eq!(
+            readahead.take_mark(224, 600, 1, ADAPTIVE),
             Some((480, 120)),
             "clipped at the end"
         );
         assert_eq!(
-            readahead.take_mark(480, 600, true),
+            readahead.take_mark(480, 600, 1, ADAPTIVE),
             None,
             "nothing past the end"
         );
@@ -350,7 +414,7 @@ mod tests {
     #[test]
     fn without_threads_the_mark_only_ends_the_readahead() {
         let readahead = marked_at_8();
-        assert_eq!(readahead.take_mark(8, 1 << 20, false), None);
+        assert_eq!(readahead.take_mark(8, 1 << 20, 0, ADAPTIVE), None);
         assert!(!readahead.is_mark(8));
         assert_eq!(
             window(&readahead, 32),
@@ -362,8 +426,11 @@ mod tests {
     #[test]
     fn misses_inside_the_windows_read_ahead_leave_the_stream_alone() {
         let readahead = marked_at_8();
-        assert_eq!(readahead.take_mark(8, 1 << 20, true), Some((32, 64)));
-        assert_eq!(readahead.take_mark(32, 1 << 20, true), Some((96, 128)));
+        assert_eq!(readahead.take_mark(8, 1 << 20, 1, ADAPTIVE), Some((32, 64)));
+        assert_eq!(
+            readahead.take_mark(32, 1 << 20, 1, ADAPTIVE),
+            Some((96, 128))
+        );
         for index in [32, 60, 95, 96, 223] {
             assert!(matches!(readahead.on_miss(index, BATCH), MissFill::Ahead));
         }
@@ -372,6 +439,58 @@ mod tests {
             window(&readahead, 224),
             256,
             "the next window of the stream"
+        );
+    }
+
+    #[test]
+    fn always_mode_reads_ahead_even_when_the_install_is_the_slower_part() {
+        let readahead = Readahead::default();
+        assert_eq!(window(&readahead, 0), 32);
+        readahead.observe(32, FAST, SLOW);
+        readahead.filled(0, 32, 8);
+        assert_eq!(readahead.take_mark(8, 1 << 20, 1, ADAPTIVE), None);
+        assert_eq!(window(&readahead, 32), 64);
+        readahead.observe(64, FAST, SLOW);
+        readahead.filled(32, 64, 8);
+        assert_eq!(
+            readahead.take_mark(40, 1 << 20, 1, ReadaheadMode::Always),
+            Some((96, 128))
+        );
+        assert_eq!(
+            readahead.take_mark(96, 1 << 20, 0, ReadaheadMode::Always),
+            None,
+            "no threads, no readahead"
+        );
+    }
+
+    #[test]
+    fn windows_ahead_grow_to_a_piece_per_thread_and_are_queued_in_pieces() {
+        let readahead = marked_at_8();
+        let (mut index, mut sizes) = (8, Vec::new());
+        for _ in 0..7 {
+            let (first, pages) = readahead
+                .take_mark(index, 1 << 20, 2, ADAPTIVE)
+                .expect("backend-bound");
+            sizes.push(pages);
+            index = first;
+        }
+        assert_eq!(sizes, [64, 128, 256, 512, 1024, 1024, 1024]);
+        let most = readahead.take_mark(index, 1 << 20, 64, ADAPTIVE);
+        assert_eq!(
+            most.map(|(_, pages)| pages),
+            Some(MAX_PIECES * MAX_WINDOW_PAGES)
+        );
+
+        let (queue, requests) = readahead_queue(2, ReadaheadMode::Always);
+        queue.submit(7, 100, 2 * MAX_WINDOW_PAGES + 5);
+        let received: Vec<Request> = requests.requests.expect("threads").try_iter().collect();
+        assert_eq!(
+            received,
+            [
+                (7, 100, MAX_WINDOW_PAGES),
+                (7, 100 + MAX_WINDOW_PAGES, MAX_WINDOW_PAGES),
+                (7, 100 + 2 * MAX_WINDOW_PAGES, 5)
+            ]
         );
     }
 }

@@ -174,9 +174,12 @@ impl Mapping {
     /// the cache's readahead threads.
     pub(super) fn read_ahead_from(&self, index: u64) {
         let eof_pages = pages_to_cover(self.len());
-        let threads = self.cache.readahead.is_served();
-        if let Some((first, pages)) = self.readahead.take_mark(index, eof_pages, threads) {
-            self.cache.readahead.submit(self.id, first, pages);
+        let queue = &self.cache.readahead;
+        let window = self
+            .readahead
+            .take_mark(index, eof_pages, queue.threads(), queue.mode());
+        if let Some((first, pages)) = window {
+            queue.submit(self.id, first, pages);
         }
     }
 
