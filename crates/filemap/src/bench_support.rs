@@ -23,6 +23,8 @@ use std::time::Instant;
 
 use rustix::io::Errno;
 
+pub use crate::racy::RacyCopy;
+
 use crate::map::memfd::{Memfd, View};
 use crate::map::uffd::{wait_readable, Event, EventFd, Readiness, Userfaultfd};
 use crate::page::PAGE_SIZE;
@@ -174,6 +176,12 @@ fn serve(
             uffd.wake(addr, PAGE_SIZE)?;
         }
     }
+}
+
+/// The racy copy this process's caches copy pages with (chosen once, the
+/// fastest this processor runs: see [`RacyCopy`]).
+pub fn chosen_racy_copy() -> RacyCopy {
+    crate::racy::chosen()
 }
 
 #[cfg(test)]

@@ -349,6 +349,8 @@ impl PageCacheBuilder {
             Some(bytes) => bytes / PAGE_SIZE as u64,
             None => (pages / 10).max(1),
         };
+        // Chosen here rather than at the first hit, which would pay for it.
+        crate::racy::select();
         let (readahead, requests) = readahead_queue(self.readahead_threads, self.readahead_mode);
         let settings = Settings {
             budget_pages: pages,

@@ -674,6 +674,18 @@ impl PageStore {
         unsafe { copy_racy(src, dst.as_mut_ptr(), dst.len()) }
     }
 
+    /// Copies page `index` into `dst` with `copy`, as `read` does with the
+    /// chosen copy: for the benchmarks' `copy-limit`.
+    #[cfg(all(feature = "bench", not(any(loom, shuttle))))]
+    pub(crate) fn read_with(&self, copy: crate::racy::RacyCopy, index: u64, dst: &mut [u8]) {
+        let src = self.addr(index, 0, dst.len()) as *const u8;
+        if src.is_null() {
+            return;
+        }
+        // SAFETY: as `read`; the caller checked that `copy` is available.
+        unsafe { copy.copy(src, dst.as_mut_ptr(), dst.len()) }
+    }
+
     /// Under a model checker: the same copy by `pread`, which reads a page the
     /// arena lacks as zeroes instead of faulting. A fault would block the
     /// thread in the kernel until the fault thread served it, and no fault

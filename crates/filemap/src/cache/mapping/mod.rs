@@ -51,7 +51,7 @@ use std::sync::Arc;
 use crate::sync::{Mutex, RwLock};
 
 use self::closed::OpenFiles;
-use super::page::{PageState, Slot};
+use super::page::Slot;
 use super::readahead::Readahead;
 use super::shared::{CacheShared, Need};
 use super::stats::{self, mode_slot};
@@ -305,12 +305,6 @@ impl Mapping {
             dirty += u64::from(slot.load().is_dirty());
         });
         dirty
-    }
-
-    /// The state of page `index`, for readers of a map that validate their copy
-    /// as the hit path does.
-    pub(crate) fn page_state(&self, index: u64) -> Option<PageState> {
-        self.pages.get(index).map(Slot::load)
     }
 
     /// The file's size in bytes.

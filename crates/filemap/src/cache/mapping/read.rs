@@ -58,6 +58,30 @@ impl Mapping {
         true
     }
 
+    /// A copy of cached page `index` into `dst` with `copy`, with no lookup
+    /// past the page's slot and no validation: what the hit path's copy alone
+    /// costs, for the benchmarks' `copy-limit`. Returns whether the page was
+    /// present (and `copy` available). Racing changes leave a torn copy.
+    #[cfg(feature = "bench")]
+    #[doc(hidden)]
+    pub fn racy_copy_cached_page(
+        &self,
+        copy: crate::racy::RacyCopy,
+        index: u64,
+        dst: &mut [u8; PAGE_SIZE],
+    ) -> bool {
+        if !copy.is_available()
+            || !self
+                .pages
+                .get(index)
+                .is_some_and(|slot| slot.load().is_present())
+        {
+            return false;
+        }
+        self.store.read_with(copy, index, dst);
+        true
+    }
+
     /// Reads up to `buf.len()` bytes at `offset`, like `pread`: returns how many,
     /// fewer only at the end of file (0 at or past it).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -36,6 +36,7 @@ use parking_lot::RwLock;
 
 use super::{end_of, Mapping, UserView};
 use crate::cache::faults::ServesFaults;
+use crate::cache::page::Slot;
 use crate::cache::store::{chunks_end, ARENA_BYTES};
 use crate::cache::tree::MAX_PAGES;
 use crate::errno::{err, fail};
@@ -200,7 +201,9 @@ impl MapRegion {
             let take = (PAGE_SIZE - pos % PAGE_SIZE).min(buf.len() - done);
             let index = (self.offset + pos as u64) / PAGE_SIZE as u64;
             loop {
-                let before = self.mapping.page_state(index);
+                // One walk of the tree: a slot, once made, stays for its index.
+                let slot = self.mapping.pages.get(index);
+                let before = slot.map(Slot::load);
                 // SAFETY: `pos..pos + take` lies inside the view (checked), which
                 // stays mapped while `self` lives; `buf` is not memory of this view
                 // (it is borrowed exclusively). Concurrent stores race soundly
@@ -209,7 +212,7 @@ impl MapRegion {
                     crate::racy::copy_racy(self.as_ptr().add(pos), buf[done..].as_mut_ptr(), take)
                 };
                 fence(Ordering::Acquire);
-                let after = self.mapping.page_state(index);
+                let after = slot.map(Slot::load);
                 // A page that was not readable before the copy (absent, or being
                 // replaced) was faulted in or waited for by it: copy once more.
                 if let (Some(before), Some(after)) = (before, after) {
