@@ -18,7 +18,11 @@
 //!   strategy's file: the async front's hit, served in the task;
 //! - `spawn-blocking`: the same tasks awaiting `tokio::task::spawn_blocking`
 //!   around the synchronous `read_at` (with a buffer the call owns): what an
-//!   async caller pays without the front.
+//!   async caller pays without the front;
+//! - `overwrite` rows: `Mapping::write_at` of a whole random page of a cached
+//!   file (the headline strategy, a cache of its own, so that the read rows'
+//!   pages never change), against `pwrite` of a page of a host file the
+//!   kernel caches: buffered overwrites, each side's writeback running behind.
 //!
 //! One read in 16 is timed for the latencies, so the clock costs a hit next to
 //! nothing. Reader `i` is pinned to the `i`-th processor, the same for every
@@ -81,7 +85,12 @@ enum Variant {
     Copy(RacyCopy),
     Async,
     SpawnBlocking,
+    Overwrite,
+    KernelOverwrite,
 }
+
+/// The operation of the overwrite rows.
+const OVERWRITE: &str = "overwrite";
 
 /// The row of a racy copy's page copies.
 fn copy_row(copy: RacyCopy) -> &'static str {
@@ -103,6 +112,18 @@ impl Variant {
             Variant::Copy(copy) => copy_row(copy),
             Variant::Async => ASYNC,
             Variant::SpawnBlocking => SPAWN_BLOCKING,
+            Variant::Overwrite => headline_strategy(&settings.strategies)
+                .ok()
+                .flatten()
+                .map_or("range", |s| s.name()),
+            Variant::KernelOverwrite => KERNEL,
+        }
+    }
+
+    fn op(self) -> &'static str {
+        match self {
+            Variant::Overwrite | Variant::KernelOverwrite => OVERWRITE,
+            _ => "read",
         }
     }
 }
@@ -112,7 +133,12 @@ fn variants(config: &HitConfig) -> Vec<Variant> {
         .map(Variant::Strategy)
         .chain([Variant::Kernel, Variant::Memcpy])
         .chain(RacyCopy::available().into_iter().map(Variant::Copy))
-        .chain([Variant::Async, Variant::SpawnBlocking])
+        .chain([
+            Variant::Async,
+            Variant::SpawnBlocking,
+            Variant::Overwrite,
+            Variant::KernelOverwrite,
+        ])
         .collect()
 }
 
@@ -165,6 +191,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
     progress(Progress::Setup("hit: filling the kernel's page cache"));
     let pages = config.file_bytes / PAGE;
     let host = HostFile::create(config.file_bytes)?;
+    let written_host = HostFile::create(config.file_bytes)?;
 
     let duration = settings.duration();
     let variants = variants(config);
@@ -184,6 +211,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
             .iter()
             .map(|&strategy| cached_file(config.file_bytes, strategy))
             .collect::<io::Result<Vec<_>>>()?;
+        let written = cached_file(config.file_bytes, settings.strategies[headline])?;
         for (t, &threads) in settings.threads.iter().enumerate() {
             let measured = interleaved(
                 &variants,
@@ -242,6 +270,18 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                                 SpawnBlocking(mapping.clone())
                             })?
                         }
+                        Variant::Overwrite => {
+                            let mapping = &written.1;
+                            page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                                mapping.write_all_at(buf, start_of(index))
+                            })?
+                        }
+                        Variant::KernelOverwrite => {
+                            use std::os::unix::fs::FileExt;
+                            page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                                written_host.file.write_all_at(buf, start_of(index))
+                            })?
+                        }
                     };
                     Ok(vec![measured])
                 },
@@ -259,7 +299,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
             let key = RowKey {
                 workload: WORKLOAD,
                 strategy,
-                op: "read",
+                op: variant.op(),
                 threads,
             };
             rows.push(timed_row(key, &runs[t][v]));
@@ -373,6 +413,20 @@ fn ratios(rows: &[Row], settings: &RunSettings) -> io::Result<Vec<Ratio>> {
     }
     if let Some(strategy) = headline {
         let ours = strategy.name();
+        for &threads in &settings.threads {
+            let overwrites = |name: &str| {
+                figure(rows, WORKLOAD, name, OVERWRITE, threads, |r| {
+                    r.per_thread_ops_per_s
+                })
+            };
+            ratios.push(Ratio::between(
+                WORKLOAD,
+                format!("{ours} / kernel, 4 KiB overwrites of cached pages, {threads} thread(s), per thread"),
+                overwrites(ours),
+                overwrites(KERNEL),
+                None,
+            ));
+        }
         if settings.threads.contains(&1) && settings.threads.contains(&2) {
             ratios.push(Ratio::between(
                 WORKLOAD,
@@ -405,7 +459,13 @@ mod tests {
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
         let copies = RacyCopy::available().len();
-        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 4 + copies));
+        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 6 + copies));
+        for name in ["range", KERNEL] {
+            assert!(
+                report.find(WORKLOAD, name, OVERWRITE, 2).is_some(),
+                "{name}"
+            );
+        }
         for copy in RacyCopy::available() {
             assert!(report.find(WORKLOAD, copy_row(copy), "read", 1).is_some());
         }
@@ -419,8 +479,9 @@ mod tests {
             .all(|r| r.ops_per_s > 0.0 && r.p50_us > 0.0 && r.p99_us >= r.p50_us));
         // Per thread count: range/best, the ceiling, three for the headline
         // strategy (copy-limit, kernel, memcpy) and two for the async front;
-        // and the scaling of the headline strategy.
-        assert_eq!(report.ratios.len(), 2 * 7 + 1);
+        // per thread count, overwrites against the kernel's; and the scaling
+        // of the headline strategy.
+        assert_eq!(report.ratios.len(), 2 * 7 + 2 + 1);
         let limit = report
             .ratios
             .iter()
