@@ -4,6 +4,14 @@
 //! and never cleared while the tree lives, so a hit is a few acquire loads. Slots
 //! therefore have stable addresses, which lets threads park on them, and a page's
 //! state word lives inline in its leaf (8 bytes per page index).
+//!
+//! The index space is cut in tiers, as a classic Unix inode's blocks are
+//! (direct, indirect, double indirect): tier 0, pages 0..64, is one leaf; tier
+//! `k`, pages 64^k..64^(k+1), is a tree of `k` interior levels over leaves. So
+//! a lookup takes as many hops as its index needs, not the most any index
+//! does: two for a page of the first 16 MiB, three up to 1 GiB, six only past
+//! 64 GiB. (One tree of a fixed height took six for every page past the
+//! first 64: each a dependent load, on the hit path.)
 //! No crate offers a concurrent map with stable inline slots and allocation-free
 //! lock-free reads, which is why this one is written here.
 
@@ -39,15 +47,15 @@ impl Node {
     }
 }
 
-/// Slots by page index, created on first use. The root too: a file never
-/// read costs two words here.
+/// Slots by page index, created on first use. The tiers too: a file never
+/// read costs a few words here.
 #[derive(Default)]
 pub(crate) struct PageTree {
-    /// The slots of the first [`FANOUT`] pages, outside the tree: a small
-    /// file's whole index is one leaf, one hop away (the tree's path to its
-    /// first leaf would be six nodes, 8 KiB).
+    /// Tier 0: the slots of the first [`FANOUT`] pages, a small file's whole
+    /// index, one hop away.
     head: OnceLock<Leaf>,
-    root: OnceLock<Node>,
+    /// Tier `k` (from 1): the node of level `k` over pages 64^k..64^(k+1).
+    tiers: [OnceLock<Node>; INTERIOR_LEVELS as usize],
     /// One past the last slot of the highest leaf created: walks stop there,
     /// so walking a small file's tree costs a few visits, not one per child
     /// of every level.
@@ -57,6 +65,18 @@ pub(crate) struct PageTree {
 #[inline]
 fn child_index(index: u64, level: u32) -> usize {
     ((index >> (FANOUT_BITS * level)) as usize) & (FANOUT - 1)
+}
+
+/// The tier of `index` (at least [`FANOUT`] and below [`MAX_PAGES`]): 1 to
+/// [`INTERIOR_LEVELS`], its node's level.
+#[inline]
+fn tier_of(index: u64) -> u32 {
+    (u64::BITS - 1 - index.leading_zeros()) / FANOUT_BITS
+}
+
+/// The first page of tier `tier` (from 1).
+fn tier_first(tier: u32) -> u64 {
+    1 << (FANOUT_BITS * tier)
 }
 
 impl PageTree {
@@ -69,8 +89,8 @@ impl PageTree {
         if index >= MAX_PAGES {
             return None;
         }
-        let mut node = self.root.get()?;
-        let mut level = INTERIOR_LEVELS;
+        let mut level = tier_of(index);
+        let mut node = self.tiers[level as usize - 1].get()?;
         loop {
             match node {
                 Node::Interior(children) => {
@@ -90,8 +110,8 @@ impl PageTree {
             return &head[index as usize];
         }
         assert!(index < MAX_PAGES, "page index {index} beyond the tree");
-        let mut node = self.root.get_or_init(|| Node::new(INTERIOR_LEVELS));
-        let mut level = INTERIOR_LEVELS;
+        let mut level = tier_of(index);
+        let mut node = self.tiers[level as usize - 1].get_or_init(|| Node::new(level));
         loop {
             match node {
                 Node::Interior(children) => {
@@ -132,12 +152,12 @@ impl PageTree {
                 visit(index, &head[index as usize]);
             }
         }
-        let first = first.max(FANOUT as u64);
-        match self.root.get() {
-            Some(root) if first <= last => {
-                Self::walk(root, INTERIOR_LEVELS, 0, first, last, &mut visit);
+        for tier in 1..=INTERIOR_LEVELS {
+            let (tier_first, tier_last) = (tier_first(tier), tier_first(tier + 1) - 1);
+            let (from, to) = (first.max(tier_first), last.min(tier_last));
+            if let Some(node) = self.tiers[tier as usize - 1].get().filter(|_| from <= to) {
+                Self::walk(node, tier, 0, from, to, &mut visit);
             }
-            _ => {}
         }
     }
 
@@ -160,7 +180,13 @@ impl PageTree {
             .head
             .get()
             .map_or(0, |_| std::mem::size_of::<[Slot; FANOUT]>());
-        std::mem::size_of::<PageTree>() + head + self.root.get().map_or(0, node_bytes)
+        let tiers: usize = self
+            .tiers
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(node_bytes)
+            .sum();
+        std::mem::size_of::<PageTree>() + head + tiers
     }
 
     fn walk(
@@ -201,6 +227,61 @@ mod tests {
         assert!(tree.get(MAX_PAGES - 1).is_none());
         tree.get_or_create(MAX_PAGES - 1);
         assert!(tree.get(MAX_PAGES - 1).is_some());
+    }
+
+    #[test]
+    fn every_index_has_one_slot_across_the_tier_boundaries() {
+        let tree = PageTree::default();
+        let mut indexes = vec![0, 63, MAX_PAGES - 1];
+        for tier in 1..=INTERIOR_LEVELS {
+            let first = tier_first(tier);
+            indexes.extend([first - 1, first, first + 1, 2 * first - 1, 2 * first]);
+        }
+        indexes.sort_unstable();
+        indexes.dedup();
+        let slots: Vec<*const Slot> = indexes
+            .iter()
+            .map(|&index| tree.get_or_create(index) as *const Slot)
+            .collect();
+        for (&index, &slot) in indexes.iter().zip(&slots) {
+            assert_eq!(
+                tree.get(index).map(|s| s as *const Slot),
+                Some(slot),
+                "{index}"
+            );
+        }
+        let mut distinct = slots.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), slots.len(), "two indexes share a slot");
+        for &index in &indexes {
+            tree.get(index).unwrap().publish(index % 2 == 0);
+        }
+        let mut seen = Vec::new();
+        tree.for_each(0, u64::MAX, |index, slot| {
+            if slot.load().is_uptodate() {
+                seen.push(index);
+            }
+        });
+        assert_eq!(seen, indexes, "visited once each, in order");
+        assert_eq!(tier_of(63 + 1), 1);
+        assert_eq!(tier_of(4095), 1);
+        assert_eq!(tier_of(4096), 2);
+        assert_eq!(tier_of(MAX_PAGES - 1), INTERIOR_LEVELS);
+    }
+
+    #[test]
+    fn a_small_file_allocates_one_interior_node() {
+        let tree = PageTree::default();
+        for index in 0..4096 {
+            tree.get_or_create(index);
+        }
+        let slots = std::mem::size_of::<[Slot; FANOUT]>();
+        let node = std::mem::size_of::<[OnceLock<Node>; FANOUT]>();
+        assert_eq!(
+            tree.allocated_bytes(),
+            std::mem::size_of::<PageTree>() + 64 * slots + node
+        );
     }
 
     #[test]

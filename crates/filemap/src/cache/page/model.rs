@@ -28,6 +28,9 @@
 //! search, bounded, does not reach that schedule), and a `try_lock` that
 //! does not fail on the hazard pins it finds (a page changes under its pin).
 //!
+//! A plain (non-atomic) copy racing a rewrite is caught as the data race it
+//! is (loom only): the reason every copy of a cached page is a racy copy.
+//!
 //! The hazard protocol's own mutations run here on every check, as
 //! `#[should_panic]` tests: a pinner that skips its re-check of the slot
 //! after writing its entry, one whose re-check is not fenced after the entry
@@ -233,6 +236,31 @@ fn a_hit_never_keeps_bytes_changed_under_it() {
         let state = slot.load();
         assert!(state.is_readable() && state.is_dirty(), "{state:?}");
         assert_eq!(page.read(), [2, 2]);
+    });
+}
+
+/// Why the copies are racy copies (`crate::racy`): the same hit, copying the
+/// page with plain loads as `std::ptr::copy_nonoverlapping` would, races the
+/// writer's stores, and that is a data race (undefined behaviour) even though
+/// the validation throws the torn copy away. Loom tracks plain accesses and
+/// reports the race; shuttle does not, so this runs under loom only.
+#[cfg(loom)]
+#[test]
+#[should_panic(expected = "Causality violation")]
+#[allow(unsafe_code)]
+fn a_plain_copy_racing_a_rewrite_is_a_data_race() {
+    check(|| {
+        let (slot, page, writer) = page_being_rewritten(waiting_lock);
+        let mut copy = [0; 2];
+        let _ = slot.read_optimistic(|| {
+            for (word, copied) in page.0.iter().zip(&mut copy) {
+                // SAFETY: none, on purpose: this is the plain load a
+                // non-atomic copy makes. Loom stops the execution at the race,
+                // before a torn value is used.
+                *copied = unsafe { word.unsync_load() };
+            }
+        });
+        writer.join().unwrap();
     });
 }
 
