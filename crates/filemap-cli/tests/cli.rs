@@ -230,8 +230,9 @@ fn bench_keeps_the_options_of_bench_hit_and_bench_fault() {
     };
     // The racy copies' rows depend on the processor: at least the one every
     // processor of its kind runs.
-    let (copies, reads): (Vec<&str>, Vec<&str>) =
-        names("read").into_iter().partition(|name| name.starts_with("copy-"));
+    let (copies, reads): (Vec<&str>, Vec<&str>) = names("read")
+        .into_iter()
+        .partition(|name| name.starts_with("copy-"));
     assert_eq!(
         reads,
         [
