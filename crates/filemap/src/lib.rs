@@ -44,6 +44,12 @@ pub mod fault;
 pub mod lock;
 pub(crate) mod map;
 pub mod page;
+// The racy copies: public only with the `testing` feature, whose tests run
+// with each copy in turn.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod racy;
+#[cfg(not(feature = "testing"))]
 pub(crate) mod racy;
 // The noise switch is a test hook: public only with the `testing` feature.
 #[cfg(feature = "testing")]

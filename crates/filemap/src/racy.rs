@@ -12,17 +12,30 @@
 //! validate it (a hit re-checks the page's state word) or hold the page still
 //! (pins, the page lock).
 //!
+//! # Progress
+//! No single instruction of a copy touches two pages. A copy into or out of a
+//! memory map may fault on each page, and the fault may evict the page before
+//! it (a budget of one page keeps one); an instruction that needed two pages
+//! at once would fault for ever, each fault evicting what the other installed
+//! (a 32-byte store across a page boundary did, in `tests/regressions.rs`,
+//! with a one-page budget). `rep movsb` makes progress byte by byte; the
+//! vector and pair loops run only where both ranges are aligned to their
+//! width (so no access crosses a page), and hand anything else to `rep movsb`
+//! (x86-64) or to the atomic words (aarch64).
+//!
 //! The copies ([`RacyCopy`]):
 //! - `rep-movsb` (x86-64): one `rep movsb` in inline assembly. With ERMS/FSRM
 //!   it runs at `memcpy` speed for 4 KiB on most Intel processors.
 //! - `avx2` and `avx512` (x86-64, where the processor has them): a loop in
-//!   inline assembly of 32- or 64-byte unaligned vector loads and stores, four
-//!   registers per turn, then `rep movsb` for the tail. Vector accesses are no
+//!   inline assembly of 32- or 64-byte vector loads and stores, four
+//!   registers per turn, then `rep movsb` for the tail; for ranges aligned to
+//!   the vector's width (page copies), else `rep movsb` (see `# Progress`). Vector accesses are no
 //!   more atomic than bytes, and need not be: each byte is loaded once and
 //!   stored once, as above. On some processors (AMD's) they copy a cached page
 //!   faster than `rep movsb` does.
 //! - `neon-pairs` (aarch64): a loop in inline assembly of `ldp`/`stp` of two
-//!   128-bit registers, then single bytes for the tail.
+//!   128-bit registers, then single bytes for the tail; for ranges aligned to
+//!   32 bytes, else the atomic words.
 //! - `atomic-words` (elsewhere): relaxed atomic loads and stores, a word at a
 //!   time where both ranges are aligned, else a byte at a time.
 //!
@@ -110,15 +123,24 @@ impl RacyCopy {
                 #[cfg(target_arch = "x86_64")]
                 RacyCopy::RepMovsb => x86::rep_movsb(src, dst, len),
                 #[cfg(target_arch = "x86_64")]
-                RacyCopy::Avx2 => x86::avx2(src, dst, len),
+                RacyCopy::Avx2 if aligned(src, dst, 32) => x86::avx2(src, dst, len),
                 #[cfg(target_arch = "x86_64")]
-                RacyCopy::Avx512 => x86::avx512(src, dst, len),
+                RacyCopy::Avx512 if aligned(src, dst, 64) => x86::avx512(src, dst, len),
+                #[cfg(target_arch = "x86_64")]
+                RacyCopy::Avx2 | RacyCopy::Avx512 => x86::rep_movsb(src, dst, len),
                 #[cfg(target_arch = "aarch64")]
-                RacyCopy::NeonPairs => aarch64::neon_pairs(src, dst, len),
+                RacyCopy::NeonPairs if aligned(src, dst, 32) => aarch64::neon_pairs(src, dst, len),
                 _ => atomic_words(src, dst, len),
             }
         }
     }
+}
+
+/// Whether both addresses are aligned to `width` bytes (a power of two), so
+/// that no access of that width from either crosses a page (`# Progress`).
+#[inline]
+fn aligned(src: *const u8, dst: *mut u8, width: usize) -> bool {
+    (src as usize | dst as usize) & (width - 1) == 0
 }
 
 /// The chosen copy, as its index in [`ALL`]; [`UNCHOSEN`] until [`select`].
@@ -151,6 +173,22 @@ pub fn select() -> RacyCopy {
     }
 }
 
+/// Makes `copy` the copy of this process (a test hook: the regression tests
+/// run with each copy the processor has). Fails with `EINVAL` for a copy
+/// this processor does not run.
+#[cfg(feature = "testing")]
+pub fn force(copy: RacyCopy) -> std::io::Result<()> {
+    if !copy.is_available() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let index = ALL
+        .iter()
+        .position(|&c| c == copy)
+        .expect("every copy is in ALL");
+    CHOSEN.store(index as u8, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Copies `len` bytes from `src` to `dst` with the chosen copy.
 ///
 /// # Safety
@@ -171,8 +209,10 @@ fn fastest_copy() -> RacyCopy {
     if copies.len() == 1 {
         return copies[0];
     }
-    let src = vec![1u8; BUFFER];
-    let mut dst = vec![0u8; PAGE];
+    // Page-aligned, as the cache's pages and most buffers copied into are.
+    let mut src = crate::AlignedBuf::new(BUFFER, PAGE);
+    src.fill(1);
+    let mut dst = crate::AlignedBuf::new(PAGE, PAGE);
     let mut best = vec![Duration::MAX; copies.len()];
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..5 {
@@ -263,7 +303,8 @@ mod x86 {
     /// transition.
     ///
     /// # Safety
-    /// As [`super::RacyCopy::copy`], and the processor has AVX2.
+    /// As [`super::RacyCopy::copy`], and the processor has AVX2; both ranges
+    /// start 32-byte aligned (`# Progress`).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn avx2(src: *const u8, dst: *mut u8, len: usize) {
         let turns = len / 128;
@@ -308,7 +349,8 @@ mod x86 {
     /// tail; `vzeroupper` at the end.
     ///
     /// # Safety
-    /// As [`super::RacyCopy::copy`], and the processor has AVX-512F.
+    /// As [`super::RacyCopy::copy`], and the processor has AVX-512F; both
+    /// ranges start 64-byte aligned (`# Progress`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512(src: *const u8, dst: *mut u8, len: usize) {
         let turns = len / 256;
@@ -356,7 +398,8 @@ mod aarch64 {
     /// byte at a time for the tail.
     ///
     /// # Safety
-    /// As [`super::RacyCopy::copy`] (NEON is part of every aarch64 processor).
+    /// As [`super::RacyCopy::copy`] (NEON is part of every aarch64 processor);
+    /// both ranges start 32-byte aligned (`# Progress`).
     pub(super) unsafe fn neon_pairs(src: *const u8, dst: *mut u8, len: usize) {
         let turns = len / 64;
         let tail = len % 64;
