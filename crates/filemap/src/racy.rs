@@ -26,8 +26,8 @@
 //! The copies ([`RacyCopy`]):
 //! - `rep-movsb` (x86-64): one `rep movsb` in inline assembly. With ERMS/FSRM
 //!   it runs at `memcpy` speed for 4 KiB on most Intel processors.
-//! - `avx2` and `avx512` (x86-64, where the processor has them): a loop in
-//!   inline assembly of 32- or 64-byte vector loads and stores, four
+//! - `avx2` (x86-64, where the processor has it): a loop in inline assembly
+//!   of 32-byte vector loads and stores, four
 //!   registers per turn, then `rep movsb` for the tail; for ranges aligned to
 //!   the vector's width (page copies), else `rep movsb` (see `# Progress`). Vector accesses are no
 //!   more atomic than bytes, and need not be: each byte is loaded once and
@@ -55,8 +55,6 @@ pub enum RacyCopy {
     RepMovsb,
     /// A loop of 32-byte vector loads and stores (x86-64 with AVX2).
     Avx2,
-    /// A loop of 64-byte vector loads and stores (x86-64 with AVX-512F).
-    Avx512,
     /// A loop of `ldp`/`stp` pairs of 128-bit registers (aarch64).
     NeonPairs,
     /// Relaxed atomic words, or bytes where unaligned (any processor).
@@ -64,11 +62,10 @@ pub enum RacyCopy {
 }
 
 /// Every copy, in the order a tie goes by (the first wins).
-const ALL: [RacyCopy; 5] = [
+const ALL: [RacyCopy; 4] = [
     RacyCopy::RepMovsb,
     RacyCopy::NeonPairs,
     RacyCopy::Avx2,
-    RacyCopy::Avx512,
     RacyCopy::AtomicWords,
 ];
 
@@ -79,7 +76,6 @@ impl RacyCopy {
         match self {
             RacyCopy::RepMovsb => "rep-movsb",
             RacyCopy::Avx2 => "avx2",
-            RacyCopy::Avx512 => "avx512",
             RacyCopy::NeonPairs => "neon-pairs",
             RacyCopy::AtomicWords => "atomic-words",
         }
@@ -92,8 +88,6 @@ impl RacyCopy {
             RacyCopy::RepMovsb => true,
             #[cfg(target_arch = "x86_64")]
             RacyCopy::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
-            #[cfg(target_arch = "x86_64")]
-            RacyCopy::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "aarch64")]
             RacyCopy::NeonPairs => true,
             #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -125,9 +119,7 @@ impl RacyCopy {
                 #[cfg(target_arch = "x86_64")]
                 RacyCopy::Avx2 if aligned(src, dst, 32) => x86::avx2(src, dst, len),
                 #[cfg(target_arch = "x86_64")]
-                RacyCopy::Avx512 if aligned(src, dst, 64) => x86::avx512(src, dst, len),
-                #[cfg(target_arch = "x86_64")]
-                RacyCopy::Avx2 | RacyCopy::Avx512 => x86::rep_movsb(src, dst, len),
+                RacyCopy::Avx2 => x86::rep_movsb(src, dst, len),
                 #[cfg(target_arch = "aarch64")]
                 RacyCopy::NeonPairs if aligned(src, dst, 32) => aarch64::neon_pairs(src, dst, len),
                 _ => atomic_words(src, dst, len),
@@ -344,50 +336,6 @@ mod x86 {
             );
         }
     }
-
-    /// 256 bytes a turn in four 64-byte registers, then `rep movsb` for the
-    /// tail; `vzeroupper` at the end.
-    ///
-    /// # Safety
-    /// As [`super::RacyCopy::copy`], and the processor has AVX-512F; both
-    /// ranges start 64-byte aligned (`# Progress`).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(src: *const u8, dst: *mut u8, len: usize) {
-        let turns = len / 256;
-        // SAFETY: as `avx2`, with 256-byte turns; AVX-512F is present (the
-        // caller checked).
-        unsafe {
-            asm!(
-                "test {turns}, {turns}",
-                "jz 3f",
-                "2:",
-                "vmovdqu64 zmm0, [rsi]",
-                "vmovdqu64 zmm1, [rsi + 64]",
-                "vmovdqu64 zmm2, [rsi + 128]",
-                "vmovdqu64 zmm3, [rsi + 192]",
-                "vmovdqu64 [rdi], zmm0",
-                "vmovdqu64 [rdi + 64], zmm1",
-                "vmovdqu64 [rdi + 128], zmm2",
-                "vmovdqu64 [rdi + 192], zmm3",
-                "add rsi, 256",
-                "add rdi, 256",
-                "dec {turns}",
-                "jnz 2b",
-                "vzeroupper",
-                "3:",
-                "rep movsb",
-                turns = inout(reg) turns => _,
-                inout("rcx") len % 256 => _,
-                inout("rsi") src => _,
-                inout("rdi") dst => _,
-                out("zmm0") _,
-                out("zmm1") _,
-                out("zmm2") _,
-                out("zmm3") _,
-                options(nostack)
-            );
-        }
-    }
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -492,10 +440,6 @@ mod tests {
             assert_eq!(
                 names.contains(&"avx2"),
                 std::arch::is_x86_feature_detected!("avx2")
-            );
-            assert_eq!(
-                names.contains(&"avx512"),
-                std::arch::is_x86_feature_detected!("avx512f")
             );
         }
         #[cfg(target_arch = "aarch64")]
