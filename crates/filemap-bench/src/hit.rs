@@ -85,7 +85,8 @@ enum Variant {
     Copy(RacyCopy),
     Async,
     SpawnBlocking,
-    Overwrite,
+    /// On the strategy of this index.
+    Overwrite(usize),
     KernelOverwrite,
 }
 
@@ -111,23 +112,21 @@ impl Variant {
             Variant::Copy(copy) => copy_row(copy),
             Variant::Async => ASYNC,
             Variant::SpawnBlocking => SPAWN_BLOCKING,
-            Variant::Overwrite => headline_strategy(&settings.strategies)
-                .ok()
-                .flatten()
-                .map_or("range", |s| s.name()),
+            Variant::Overwrite(s) => settings.strategies[s].name(),
             Variant::KernelOverwrite => KERNEL,
         }
     }
 
     fn op(self) -> &'static str {
         match self {
-            Variant::Overwrite | Variant::KernelOverwrite => OVERWRITE,
+            Variant::Overwrite(_) | Variant::KernelOverwrite => OVERWRITE,
             _ => "read",
         }
     }
 }
 
-fn variants(config: &HitConfig) -> Vec<Variant> {
+/// Every measurement, the overwrites on strategy `headline` (an index).
+fn variants(config: &HitConfig, headline: usize) -> Vec<Variant> {
     (0..config.settings.strategies.len())
         .map(Variant::Strategy)
         .chain([Variant::Kernel, Variant::Memcpy])
@@ -135,7 +134,7 @@ fn variants(config: &HitConfig) -> Vec<Variant> {
         .chain([
             Variant::Async,
             Variant::SpawnBlocking,
-            Variant::Overwrite,
+            Variant::Overwrite(headline),
             Variant::KernelOverwrite,
         ])
         .collect()
@@ -174,7 +173,8 @@ impl PageRead for SpawnBlocking {
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &HitConfig) -> usize {
     let settings = &config.settings;
-    settings.runs * settings.threads.len() * variants(config).len()
+    // How many does not depend on which strategy the overwrites use.
+    settings.runs * settings.threads.len() * variants(config, 0).len()
 }
 
 /// Checks the settings without running anything.
@@ -193,11 +193,11 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
     let written_host = HostFile::create(config.file_bytes)?;
 
     let duration = settings.duration();
-    let variants = variants(config);
-    // The async rows read the headline strategy's file.
+    // The async and overwrite rows use the headline strategy.
     let headline = headline_strategy(&settings.strategies)?
         .and_then(|h| settings.strategies.iter().position(|&s| s == h))
         .unwrap_or(0);
+    let variants = variants(config, headline);
     let mut runs = vec![vec![Vec::new(); variants.len()]; settings.threads.len()];
     for run in 0..settings.runs {
         // Fresh caches every run: a cache's pages stay where they were first
@@ -269,7 +269,7 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                                 SpawnBlocking(mapping.clone())
                             })?
                         }
-                        Variant::Overwrite => {
+                        Variant::Overwrite(_) => {
                             let mapping = &written.1;
                             page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
                                 mapping.write_all_at(buf, start_of(index))

@@ -197,6 +197,15 @@ fn stores_through_a_map_are_read_back_and_reach_the_backend() {
     }
 }
 
+/// Pages 4..6 of `map` as a buffer of the caller's, for calls on the file the
+/// map shows.
+#[allow(clippy::mut_from_ref)] // the map's memory, not the region's fields
+fn pages_4_to_6(map: &MapRegion) -> &mut [u8] {
+    // SAFETY: no other thread touches pages 4..6 of the map while the tests
+    // use the slice, each takes it once, and the map outlives it.
+    unsafe { std::slice::from_raw_parts_mut(map.as_ptr().add(4 * PAGE_SIZE), 2 * PAGE_SIZE) }
+}
+
 #[test]
 fn direct_io_through_a_map_of_the_same_file_is_correct_and_never_deadlocks() {
     within(direct_io_through_a_map_of_the_same_file);
@@ -208,11 +217,7 @@ fn direct_io_through_a_map_of_the_same_file() {
             let what = format!("{name} {strategy}");
             let file = file_on(backend, strategy, 8);
             let map = file.map(0, 8 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
-            // SAFETY: no other thread touches pages 4..6 of the map during these
-            // calls, and the map outlives the slice.
-            let buffer = unsafe {
-                std::slice::from_raw_parts_mut(map.as_ptr().add(4 * PAGE_SIZE), 2 * PAGE_SIZE)
-            };
+            let buffer = pages_4_to_6(&map);
             // Read pages 0..2 into the map's pages 4..6: the buffer faults into the
             // same mapping while the read would hold Direct.
             assert_eq!(
@@ -247,11 +252,7 @@ fn vectored_io_through_a_map_of_the_same_file() {
             let what = format!("{name} {strategy}");
             let file = file_on(backend, strategy, 8);
             let map = file.map(0, 8 * PAGE_SIZE, MapAccess::ReadWrite).unwrap();
-            // SAFETY: no other thread touches pages 4..6 of the map during these
-            // calls, and the map outlives the slice.
-            let buffer = unsafe {
-                std::slice::from_raw_parts_mut(map.as_ptr().add(4 * PAGE_SIZE), 2 * PAGE_SIZE)
-            };
+            let buffer = pages_4_to_6(&map);
             // Pages 0..2 into the map's pages 4..6, cut inside page 0.
             let (first, second) = buffer.split_at_mut(1000);
             let mut bufs = [IoSliceMut::new(first), IoSliceMut::new(second)];

@@ -378,13 +378,15 @@ fn make(
         Call::SyncAll => file.buffered.sync_all().map(|()| 0),
         Call::MapRead => file.map_read(offset, &mut data[..len]).map(|()| len),
         Call::MapWrite => file.map_write(offset, &data[..len]).map(|()| 0),
-        Call::ReadVectored => preadv(
+        Call::ReadVectored => rustix::io::preadv(
             &file.buffered,
             &mut cut_mut(&mut data[..len], &request.cuts()),
             offset,
-        ),
+        )
+        .map_err(io::Error::from),
         Call::WriteVectored => {
-            let written = pwritev(&file.buffered, &cut(&data[..len], &request.cuts()), offset)?;
+            let pieces = cut(&data[..len], &request.cuts());
+            let written = rustix::io::pwritev(&file.buffered, &pieces, offset)?;
             if written != len {
                 // Short only at a failure, which the next call would report.
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -392,36 +394,6 @@ fn make(
             Ok(0)
         }
     }
-}
-
-/// `preadv(2)` of `file` into `bufs` at `offset`.
-fn preadv(file: &File, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
-    // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` (std guarantees it
-    // on Unix), and each points to memory borrowed mutably for the call.
-    let done = unsafe {
-        libc::preadv(
-            file.as_raw_fd(),
-            bufs.as_ptr().cast(),
-            bufs.len() as i32,
-            offset as i64,
-        )
-    };
-    usize::try_from(done).map_err(|_| io::Error::last_os_error())
-}
-
-/// `pwritev(2)` of `bufs` to `file` at `offset`.
-fn pwritev(file: &File, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<usize> {
-    // SAFETY: `IoSlice` is ABI-compatible with `iovec` (std guarantees it on
-    // Unix), and each points to memory borrowed for the call.
-    let done = unsafe {
-        libc::pwritev(
-            file.as_raw_fd(),
-            bufs.as_ptr().cast(),
-            bufs.len() as i32,
-            offset as i64,
-        )
-    };
-    usize::try_from(done).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]

@@ -662,6 +662,20 @@ impl PageStore {
     #[inline]
     #[cfg(not(any(loom, shuttle)))]
     pub(crate) fn read(&self, index: u64, offset: usize, dst: &mut [u8]) {
+        self.read_with(crate::racy::chosen(), index, offset, dst);
+    }
+
+    /// [`PageStore::read`] with `copy`, which must be available (the chosen
+    /// copy, or for the benchmarks' `copy-limit` each copy in turn).
+    #[inline]
+    #[cfg(not(any(loom, shuttle)))]
+    pub(crate) fn read_with(
+        &self,
+        copy: crate::racy::RacyCopy,
+        index: u64,
+        offset: usize,
+        dst: &mut [u8],
+    ) {
         let src = self.addr(index, offset, dst.len()) as *const u8;
         if src.is_null() {
             return;
@@ -670,19 +684,7 @@ impl PageStore {
         // which lives as long as the cache and so as `self` (`addr`); `dst` is
         // an exclusive buffer that is not view memory of the arena (callers
         // copy through their own buffers). Racing writers are sound: see the
-        // module's `# Safety`.
-        unsafe { copy_racy(src, dst.as_mut_ptr(), dst.len()) }
-    }
-
-    /// Copies page `index` into `dst` with `copy`, as `read` does with the
-    /// chosen copy: for the benchmarks' `copy-limit`.
-    #[cfg(all(feature = "bench", not(any(loom, shuttle))))]
-    pub(crate) fn read_with(&self, copy: crate::racy::RacyCopy, index: u64, dst: &mut [u8]) {
-        let src = self.addr(index, 0, dst.len()) as *const u8;
-        if src.is_null() {
-            return;
-        }
-        // SAFETY: as `read`; the caller checked that `copy` is available.
+        // module's `# Safety`. `copy` is available (the caller's duty).
         unsafe { copy.copy(src, dst.as_mut_ptr(), dst.len()) }
     }
 

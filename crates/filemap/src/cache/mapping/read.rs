@@ -78,7 +78,7 @@ impl Mapping {
         {
             return false;
         }
-        self.store.read_with(copy, index, dst);
+        self.store.read_with(copy, index, 0, dst);
         true
     }
 
