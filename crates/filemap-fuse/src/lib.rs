@@ -63,8 +63,9 @@ pub struct MountOptions {
     pub readahead_threads: usize,
     /// When they read ahead. [`ReadaheadMode::BackendBound`] by default;
     /// [`ReadaheadMode::Always`] made uncached sequential reads through the
-    /// mount faster (`filemap bench mount`), but is not the default until a
-    /// torture failure seen once with it is understood.
+    /// mount faster (`filemap bench mount`), and becomes the default once the
+    /// kernel-cache torture's intermittent failure (seen with either mode) is
+    /// understood.
     pub readahead_mode: ReadaheadMode,
     /// Threads serving the kernel's requests, so a slow miss never holds up a
     /// hit.
