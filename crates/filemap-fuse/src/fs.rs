@@ -213,7 +213,19 @@ impl fuser::Filesystem for VolumeFs {
             if change != SetAttr::default() {
                 self.volume.set_attr(ino.0, &change)?;
             }
-            self.attr(ino.0)
+            let mut attr = self.attr(ino.0)?;
+            // The size as this request set it. The kernel drops its pages
+            // past the new end only if the size answered differs from the
+            // one it knew: a change through the library that moved the
+            // size back meanwhile (a zero range past the end) would
+            // otherwise leave the cut pages in its cache, read as they were
+            // before the truncate. That change tells the kernel of itself,
+            // and attributes are never trusted (`TTL`), so the kernel's size
+            // catches up at its next look.
+            if let Some(size) = size {
+                attr.size = size;
+            }
+            Ok(attr)
         })();
         match changed {
             Ok(attr) => reply.attr(&TTL, &fuse_attr(&attr)),

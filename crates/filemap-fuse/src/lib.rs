@@ -61,11 +61,10 @@ pub struct MountOptions {
     pub strategy: Strategy,
     /// The cache's readahead threads.
     pub readahead_threads: usize,
-    /// When they read ahead. [`ReadaheadMode::BackendBound`] by default;
-    /// [`ReadaheadMode::Always`] made uncached sequential reads through the
-    /// mount faster (`filemap bench mount`), and becomes the default once the
-    /// kernel-cache torture's intermittent failure (seen with either mode) is
-    /// understood.
+    /// When they read ahead: [`ReadaheadMode::Always`] by default, since
+    /// each read is a round trip through the kernel during which they fill
+    /// (uncached sequential reads through the mount are faster so,
+    /// `filemap bench mount`).
     pub readahead_mode: ReadaheadMode,
     /// Threads serving the kernel's requests, so a slow miss never holds up a
     /// hit.
@@ -84,7 +83,7 @@ impl Default for MountOptions {
             budget_bytes: 256 << 20,
             strategy: Strategy::DEFAULT,
             readahead_threads: 2,
-            readahead_mode: ReadaheadMode::BackendBound,
+            readahead_mode: ReadaheadMode::Always,
             threads: 4,
             kernel_cache: false,
         }

@@ -426,7 +426,11 @@ impl PassthroughFs {
             };
             set.map_err(os)?;
         }
-        self.attr(ino, &inode)
+        let mut attr = self.attr(ino, &inode)?;
+        if let Some(size) = size {
+            attr.size = size;
+        }
+        Ok(attr)
     }
 
     /// Makes an inode with `make` in directory `parent` as `name`, settles
@@ -574,6 +578,8 @@ impl fuser::Filesystem for PassthroughFs {
             atime,
             mtime,
         };
+        // A new size is answered as set, whatever the library made of it
+        // since (see `crate::fs`'s `setattr`).
         match self.set_attr(ino.0, change, fh) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(error) => reply.error(error),

@@ -187,3 +187,58 @@ fn a_store_through_the_mounts_map_lands_before_a_library_punch_not_after() {
         assert_eq!(back, [0, 0]);
     }
 }
+
+#[test]
+fn a_mount_truncate_racing_a_library_extension_leaves_no_cut_page_in_the_kernels_cache() {
+    // The kernel drops its pages past a truncate's new end only if the size
+    // in the reply differs from the one it knew. A library zero range that
+    // extends the file back between the server's truncate and its reply made
+    // the reply's size the old one, and the kernel kept the cut pages (the
+    // mount torture found it, with the kernel's cache in front).
+    const CUT: usize = 8;
+    const ROUNDS: usize = 10_000;
+    use std::os::unix::fs::FileExt;
+    for kernel_cache in [false, true] {
+        let fx = Fixture::new(kernel_cache);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fx.path)
+            .unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..ROUNDS {
+            let byte = 2 + (round % 250) as u8;
+            let tail = vec![byte; (PAGES - CUT) * PAGE];
+            file.write_all_at(&tail, (CUT * PAGE) as u64).unwrap();
+            // The kernel caches the tail: the map's faults read it in.
+            for page in CUT..PAGES {
+                assert_eq!(fx.map_byte(page * PAGE), byte);
+            }
+            let delay = std::time::Duration::from_micros(rng.u64(0..80));
+            let barrier = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    file.set_len((CUT * PAGE) as u64).unwrap();
+                });
+                barrier.wait();
+                let started = std::time::Instant::now();
+                while started.elapsed() < delay {
+                    std::hint::spin_loop();
+                }
+                let last = ((PAGES - 1) * PAGE) as u64;
+                fx.library.zero_range(last, PAGE as u64).unwrap();
+            });
+            // Whatever the order, the cut pages read as zeroes now; grow the
+            // file back first, so that the map may touch them.
+            file.set_len((PAGES * PAGE) as u64).unwrap();
+            for page in CUT..PAGES {
+                assert_eq!(
+                    fx.map_byte(page * PAGE),
+                    0,
+                    "round {round}, kernel cache {kernel_cache}: page {page} of the map kept its cut bytes"
+                );
+            }
+        }
+    }
+}

@@ -325,6 +325,13 @@ pub struct TortureReport {
     /// that were each current during the load: no change of a page is atomic
     /// against such loads.
     pub mixed_during_map_store: u64,
+    /// Pages that reads through a mount with the kernel's page cache in
+    /// front found mixing versions that were each current during the read:
+    /// the kernel copies a page out to a reader while a write copies into it,
+    /// with no lock between them (ext4's reads tear the same way). Not a
+    /// violation; counted so that it is seen. A version replaced before the
+    /// read began is still stale.
+    pub mixed_in_kernel_cache: u64,
     /// Operations that failed with an I/O error.
     pub errors: u64,
     /// Operations per second.

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use filemap::{Mapping, PageCache, Volume};
 use filemap_fuse::{MountOptions, Mounted};
 
-use crate::run::Ops;
+use crate::run::{Copied, Ops};
 use crate::{naming, TortureConfig};
 pub use worker::serve_worker;
 use worker::{Call, Request, REPLY_BYTES};
@@ -125,6 +125,7 @@ impl Mount {
             lost: false,
             library: files.to_vec(),
             zeroes: 0,
+            kernel_cache: settings.kernel_cache,
         })
     }
 
@@ -149,6 +150,8 @@ pub(crate) struct ThroughMount {
     library: Vec<Arc<Mapping>>,
     /// Punches and zero ranges so far: every other one goes to the library.
     zeroes: u64,
+    /// The kernel's page cache is in front ([`MountSettings::kernel_cache`]).
+    kernel_cache: bool,
 }
 
 impl ThroughMount {
@@ -318,6 +321,13 @@ impl Ops for ThroughMount {
 
     fn map_loads_are_validated(&self) -> bool {
         false
+    }
+
+    fn buffered_reads_copied(&self) -> Copied {
+        match self.kernel_cache {
+            true => Copied::KernelCache,
+            false => Copied::Atomically,
+        }
     }
 
     fn is_lost(&self) -> bool {

@@ -95,6 +95,7 @@ struct Shared {
     foreign: AtomicU64,
     torn: AtomicU64,
     mixed_during_map_store: AtomicU64,
+    mixed_in_kernel_cache: AtomicU64,
     errors: AtomicU64,
     examples: Mutex<Vec<String>>,
 }
@@ -173,6 +174,7 @@ pub fn run(
         foreign: AtomicU64::new(0),
         torn: AtomicU64::new(0),
         mixed_during_map_store: AtomicU64::new(0),
+        mixed_in_kernel_cache: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         examples: Mutex::new(Vec::new()),
     };
@@ -244,6 +246,7 @@ pub fn run(
         foreign: shared.foreign.load(Ordering::Relaxed),
         torn: shared.torn.load(Ordering::Relaxed),
         mixed_during_map_store: shared.mixed_during_map_store.load(Ordering::Relaxed),
+        mixed_in_kernel_cache: shared.mixed_in_kernel_cache.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         ops_per_s: ops as f64 / seconds,
         seconds,
@@ -520,11 +523,34 @@ pub(crate) trait Ops {
         true
     }
 
+    /// How [`Ops::read`] and [`Ops::read_vectored`] copy what they return
+    /// (direct reads are always [`Copied::Atomically`]).
+    fn buffered_reads_copied(&self) -> Copied {
+        Copied::Atomically
+    }
+
     /// Whether nothing reaches the files through these operations any more
     /// (a worker process that ended): the worker stops.
     fn is_lost(&self) -> bool {
         false
     }
+}
+
+/// How the bytes a read returned were copied: it says which pages mixing
+/// versions are no violation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Copied {
+    /// Each page as one version (by the library, or by the kernel from the
+    /// library), unless a store through a map overlapped the read.
+    Atomically,
+    /// By plain loads from a map of the kernel's: no change of a page is
+    /// atomic against them.
+    MapLoads,
+    /// By the kernel from its own page cache, which a buffered write copies
+    /// into meanwhile, with no lock between the two (ext4's reads tear the
+    /// same way): a page may mix versions that were each current during the
+    /// read.
+    KernelCache,
 }
 
 /// A worker's operations through the library, on the run's mappings.
@@ -733,13 +759,12 @@ impl Shared {
     /// Checks every whole page of `data`, read from page `first` of `file` over
     /// ticks `start..end`.
     fn check(&self, file: usize, first: u64, data: &[u8], start: u64, end: u64, kind: &str) {
-        self.check_pages(file, first, data, start..end, kind, false);
+        self.check_pages(file, first, data, start..end, kind, Copied::Atomically);
     }
 
-    /// [`Shared::check`], where `raw_loads` says the bytes were loaded from a
-    /// map of the kernel's with no validation: no change of a page is atomic
-    /// against such loads, so a page mixing versions that are each allowed
-    /// over the read is no violation (counted with `mixed_during_map_store`).
+    /// [`Shared::check`] of bytes copied as `copied` says: where no change
+    /// of a page was atomic against the copy, a page mixing versions that
+    /// are each allowed over the read is no violation (counted apart).
     fn check_pages(
         &self,
         file: usize,
@@ -747,7 +772,7 @@ impl Shared {
         data: &[u8],
         ticks: std::ops::Range<u64>,
         kind: &str,
-        raw_loads: bool,
+        copied: Copied,
     ) {
         let (start, end) = (ticks.start, ticks.end);
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
@@ -766,23 +791,29 @@ impl Shared {
                     &self.stale
                 }
                 Observed::Torn => {
-                    let excused = {
-                        let history = self.history.page(file, index).lock();
-                        mixed_values(page, file, index).is_some_and(|values| {
-                            history.allows_mix(&values, start, end)
-                                || raw_loads
-                                    && values.iter().all(|&v| history.allows(v, start, end))
-                        })
-                            // While a map store overlaps the read, even words may be
-                            // torn: each byte must come from an allowed version.
-                            || history.map_store_overlaps(start, end)
-                                && bytes_mix_of(page, file, index, &history.allowed_values(start, end))
-                    };
-                    if excused {
+                    let history = self.history.page(file, index).lock();
+                    let values = mixed_values(page, file, index);
+                    let each_allowed =
+                        |values: &[Value]| values.iter().all(|&v| history.allows(v, start, end));
+                    let during_map_store = values.as_ref().is_some_and(|values| {
+                        history.allows_mix(values, start, end)
+                            || copied == Copied::MapLoads && each_allowed(values)
+                    })
+                        // While a map store overlaps the read, even words may be
+                        // torn: each byte must come from an allowed version.
+                        || history.map_store_overlaps(start, end)
+                            && bytes_mix_of(page, file, index, &history.allowed_values(start, end));
+                    let in_kernel_cache = copied == Copied::KernelCache
+                        && values.as_deref().is_some_and(each_allowed);
+                    drop(history);
+                    if during_map_store {
                         self.mixed_during_map_store.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    let values = mixed_values(page, file, index);
+                    if in_kernel_cache {
+                        self.mixed_in_kernel_cache.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let history = self.history.page(file, index).lock().describe();
                     self.example(format!(
                         "torn: {kind} of file {file} page {index} over ticks {start}..{end} mixed {values:?} (history: {history})"
@@ -907,9 +938,10 @@ impl Shared {
                 OpKind::ReadVectored => {
                     let buf = &mut buffer[..len as usize];
                     let cuts = random_cuts(&mut rng, buf.len());
+                    let copied = ops.buffered_reads_copied();
                     ops.read_vectored(file, offset, buf, &cuts).map(|n| {
                         let end = self.clock.tick();
-                        self.check(file, first, &buf[..n], start, end, kind);
+                        self.check_pages(file, first, &buf[..n], start..end, kind, copied);
                     })
                 }
                 OpKind::WriteVectored => {
@@ -925,10 +957,14 @@ impl Shared {
                 }
                 OpKind::Read | OpKind::ReadDirect => {
                     let buf = &mut buffer[..len as usize];
+                    let copied = match op {
+                        OpKind::ReadDirect => Copied::Atomically,
+                        _ => ops.buffered_reads_copied(),
+                    };
                     ops.read(file, offset, buf, op == OpKind::ReadDirect)
                         .map(|n| {
                             let end = self.clock.tick();
-                            self.check(file, first, &buf[..n], start, end, kind);
+                            self.check_pages(file, first, &buf[..n], start..end, kind, copied);
                         })
                 }
                 OpKind::Write | OpKind::WriteDirect => {
@@ -963,10 +999,13 @@ impl Shared {
                     let (offset, len) = (start_of(first) as usize, (count * PAGE) as usize);
                     let buf = &mut buffer[..len];
                     if op == OpKind::MapRead {
-                        let raw_loads = !ops.map_loads_are_validated();
+                        let copied = match ops.map_loads_are_validated() {
+                            true => Copied::Atomically,
+                            false => Copied::MapLoads,
+                        };
                         ops.map_read(file, offset, buf).map(|()| {
                             let end = self.clock.tick();
-                            self.check_pages(file, first, buf, start..end, kind, raw_loads);
+                            self.check_pages(file, first, buf, start..end, kind, copied);
                         })
                     } else {
                         for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
