@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use filemap::Strategy;
-use filemap_torture::{BackendKind, DeviceSpec, OpKind, Scenario, TortureConfig, TortureReport};
+use filemap_torture::{
+    BackendKind, DeviceSpec, OpKind, Peer, Scenario, TortureConfig, TortureReport,
+};
 use progress::{Length, Progress};
 
 mod mount;
@@ -30,7 +32,8 @@ struct Cli {
 enum Command {
     /// Race every cache operation over files sharing one volume and check every
     /// page read against the stale-data oracle. Exits 0 when every strategy but
-    /// `none` had no stale, foreign or torn page and no I/O error, 1 otherwise
+    /// `none` (and every peer cache, there to be measured) had no stale,
+    /// foreign or torn page and no I/O error, 1 otherwise
     /// (`--scenario differential`: 0 when no sequence, under any strategy,
     /// diverged from the kernel).
     Torture(TortureArgs),
@@ -158,6 +161,35 @@ fn strategy_parser() -> impl clap::builder::TypedValueParser<Value = Strategy> {
     })
 }
 
+/// What `filemap torture` runs: a strategy of filemap, or a peer cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Subject {
+    Filemap(Strategy),
+    Peer(Peer),
+}
+
+/// Strategy names, then the peers' (`moka`, `quick_cache`, `foyer`).
+fn subject_parser() -> impl clap::builder::TypedValueParser<Value = Subject> {
+    use clap::builder::TypedValueParser;
+    let strategies = Strategy::ALL.map(|strategy| {
+        clap::builder::PossibleValue::new(strategy.name()).help(strategy.summary())
+    });
+    let peers = Peer::ALL.map(|peer| {
+        clap::builder::PossibleValue::new(peer.name()).help(format!(
+            "{}, as a read-through page cache (a peer: its violations do not fail the run)",
+            peer.version()
+        ))
+    });
+    let names = strategies.into_iter().chain(peers);
+    clap::builder::PossibleValuesParser::new(names).map(|name| match Peer::from_name(&name) {
+        Some(peer) => Subject::Peer(peer),
+        None => Subject::Filemap(
+            name.parse::<Strategy>()
+                .expect("every possible value is a strategy's or a peer's name"),
+        ),
+    })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendArg {
     /// Many files on one device with a block allocator that reuses freed blocks
@@ -178,9 +210,11 @@ enum BackendArg {
 
 #[derive(clap::Args)]
 struct TortureArgs {
-    /// The strategy to run; every strategy in turn if omitted.
-    #[arg(long, value_parser = strategy_parser())]
-    strategy: Option<Strategy>,
+    /// The strategy to run, every strategy in turn if omitted; or a peer
+    /// cache (`moka`, `quick_cache`, `foyer`) over the same backends, under
+    /// the same oracle, without maps and pins.
+    #[arg(long, value_parser = subject_parser())]
+    strategy: Option<Subject>,
     /// The backend the files live in (default: `volume`; `all` for
     /// `--scenario differential`).
     #[arg(long, value_enum)]
@@ -701,9 +735,9 @@ fn torture(args: TortureArgs) -> ExitCode {
         Some("mem") => DeviceSpec::Mem,
         Some(path) => DeviceSpec::Path(PathBuf::from(path)),
     };
-    let strategies: Vec<Strategy> = match args.strategy {
-        Some(strategy) => vec![strategy],
-        None => Strategy::ALL.to_vec(),
+    let subjects: Vec<Subject> = match args.strategy {
+        Some(subject) => vec![subject],
+        None => Strategy::ALL.map(Subject::Filemap).to_vec(),
     };
     let mount = match args.mount {
         true => match std::env::current_exe() {
@@ -720,9 +754,16 @@ fn torture(args: TortureArgs) -> ExitCode {
     };
     let configs: Vec<TortureConfig> = backends
         .iter()
-        .flat_map(|&backend| strategies.iter().map(move |&strategy| (backend, strategy)))
-        .map(|(backend, strategy)| TortureConfig {
-            strategy,
+        .flat_map(|&backend| subjects.iter().map(move |&subject| (backend, subject)))
+        .map(|(backend, subject)| TortureConfig {
+            strategy: match subject {
+                Subject::Filemap(strategy) => strategy,
+                Subject::Peer(_) => Strategy::DEFAULT,
+            },
+            peer: match subject {
+                Subject::Filemap(_) => None,
+                Subject::Peer(peer) => Some(peer),
+            },
             backend,
             device: device.clone(),
             seconds: args.seconds,
@@ -758,11 +799,8 @@ fn torture(args: TortureArgs) -> ExitCode {
             Some(settings) => format!(" through the {}", settings.name()),
             None => String::new(),
         };
-        let label = format!(
-            "{}/{}{through}",
-            config.backend.name(),
-            config.strategy.name()
-        );
+        let subject = config.peer.map_or(config.strategy.name(), Peer::name);
+        let label = format!("{}/{subject}{through}", config.backend.name());
         let mut shown = Progress::new("filemap torture", label, Length::Seconds(args.seconds));
         let result = filemap_torture::run(config, |progress| {
             let message = format!("{} ops, {} violations", progress.ops, progress.violations);
@@ -791,7 +829,13 @@ fn torture(args: TortureArgs) -> ExitCode {
     }
     let failed: Vec<String> = reports
         .iter()
-        .filter(|r| r.strategy != Strategy::None.name() && !r.is_clean())
+        // `none` and the peers are there to be caught: their findings are
+        // the measurement, not a failure.
+        .filter(|r| {
+            r.strategy != Strategy::None.name()
+                && Peer::from_name(&r.strategy).is_none()
+                && !r.is_clean()
+        })
         .map(|r| format!("{}/{}", r.backend, r.strategy))
         .collect();
     if failed.is_empty() {
@@ -900,7 +944,13 @@ fn differential(args: TortureArgs) -> ExitCode {
         }
     };
     let strategies: Vec<Strategy> = match args.strategy {
-        Some(strategy) => vec![strategy],
+        Some(Subject::Filemap(strategy)) => vec![strategy],
+        Some(Subject::Peer(peer)) => {
+            eprintln!(
+                "filemap torture: --scenario differential compares filemap with the kernel;                  {peer} is a peer cache, for the mixed scenario"
+            );
+            return ExitCode::from(2);
+        }
         None => Strategy::ALL.to_vec(),
     };
     let config = DifferentialConfig {

@@ -29,6 +29,7 @@ mod async_ops;
 pub mod differential;
 pub mod mount;
 pub mod oracle;
+mod peer;
 mod run;
 mod vectored;
 
@@ -40,6 +41,7 @@ use std::str::FromStr;
 use filemap::{CacheStats, Strategy};
 use serde::Serialize;
 
+pub use filemap_peers::Peer;
 pub use run::run;
 
 /// Waits until nothing holds `shared` any more, for at most `timeout`;
@@ -272,6 +274,10 @@ pub struct TortureConfig {
     /// Make the operations through a mount of the volume, each worker a
     /// process of its own (see [`mount`]); `None`: through the library.
     pub mount: Option<mount::MountSettings>,
+    /// Run a peer cache over the same backends instead of filemap (the
+    /// strategy is then unused): a read-through page cache of moka,
+    /// quick_cache or foyer, without maps and pins (see [`filemap_peers`]).
+    pub peer: Option<Peer>,
 }
 
 impl Default for TortureConfig {
@@ -292,6 +298,7 @@ impl Default for TortureConfig {
             stop_on_violation: false,
             map_writes: true,
             mount: None,
+            peer: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::oracle::{
     bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
     MAX_PAGES,
 };
+use crate::peer::{PeerFiles, PeerOps};
 use crate::vectored::{cut, cut_mut, random_cuts};
 use crate::{
     naming, BackendKind, DeviceSpec, OpKind, Progress, Scenario, TortureConfig, TortureReport,
@@ -57,13 +58,11 @@ const fn weight(kind: OpKind) -> u32 {
     }
 }
 
-/// Picks an operation kind at random by [`weight`], `map_write` only if
-/// `map_writes`, `pin` only if `pins`.
-fn pick(rng: &mut fastrand::Rng, map_writes: bool, pins: bool) -> OpKind {
-    let weight_here = |kind: OpKind| match kind {
-        OpKind::MapWrite if !map_writes => 0,
-        OpKind::Pin if !pins => 0,
-        kind => weight(kind),
+/// Picks an operation kind at random by [`weight`], among those `allowed`.
+fn pick(rng: &mut fastrand::Rng, allowed: impl Fn(OpKind) -> bool) -> OpKind {
+    let weight_here = |kind: OpKind| match allowed(kind) {
+        true => weight(kind),
+        false => 0,
     };
     let total: u32 = OpKind::ALL.into_iter().map(weight_here).sum();
     let mut roll = rng.u32(..total);
@@ -137,6 +136,11 @@ pub fn run(
                 Scenario::SelfMapDio => SCRATCH_PAGES,
             };
             mapping.set_len((config.pages_per_file + scratch) * PAGE)?;
+            if config.peer.is_some() {
+                // The size reaches the backend the peer reads; the mapping
+                // caches nothing from here on.
+                mapping.sync_all()?;
+            }
             Ok(mapping)
         })
         .collect::<io::Result<Vec<_>>>()?;
@@ -179,6 +183,14 @@ pub fn run(
         examples: Mutex::new(Vec::new()),
     };
 
+    let peer = config.peer.map(|peer| {
+        PeerFiles::new(
+            peer,
+            config.cache_bytes,
+            &files.backends,
+            config.pages_per_file,
+        )
+    });
     let mut processes = match (&mount, &config.mount) {
         (Some(mount), Some(settings)) => (0..config.threads)
             .map(|_| mount.worker(config, settings, &shared.files).map(Some))
@@ -191,10 +203,13 @@ pub fn run(
         let workers: Vec<_> = (0..config.threads)
             .zip(processes.iter_mut())
             .map(|(worker, process)| {
-                let shared = &shared;
+                let (shared, peer) = (&shared, &peer);
                 scope.spawn(move || match (shared.config.scenario, process.take()) {
                     (Scenario::Mixed, Some(mut process)) => shared.work(worker, &mut process),
-                    (Scenario::Mixed, None) => shared.work(worker, &mut Library::new(shared)),
+                    (Scenario::Mixed, None) => match peer {
+                        Some(peer) => shared.work(worker, &mut PeerOps(peer)),
+                        None => shared.work(worker, &mut Library::new(shared)),
+                    },
                     (Scenario::SelfMapDio, _) => shared.work_self_map_dio(worker),
                     (Scenario::Async, _) => shared.work(
                         worker,
@@ -232,7 +247,11 @@ pub fn run(
     let seconds = started.elapsed().as_secs_f64();
     let ops = by_kind.iter().sum();
     let report = TortureReport {
-        strategy: config.strategy.name().to_owned(),
+        strategy: match config.peer {
+            Some(peer) => peer.name(),
+            None => config.strategy.name(),
+        }
+        .to_owned(),
         backend: config.backend.name().to_owned(),
         scenario: config.scenario.name().to_owned(),
         through: config
@@ -338,6 +357,15 @@ impl TortureConfig {
             return invalid(format!(
                 "--mount runs the mixed scenario, not {}",
                 self.scenario.name()
+            ));
+        }
+        if self.peer.is_some() && (self.mount.is_some() || self.scenario != Scenario::Mixed) {
+            return invalid(format!(
+                "a peer cache runs the mixed scenario through the library, not {}",
+                match self.mount {
+                    Some(_) => "--mount".to_owned(),
+                    None => format!("--scenario {}", self.scenario.name()),
+                }
             ));
         }
         if self.backend == BackendKind::HostFile && self.device == DeviceSpec::Mem {
@@ -527,6 +555,26 @@ pub(crate) trait Ops {
     /// (direct reads are always [`Copied::Atomically`]).
     fn buffered_reads_copied(&self) -> Copied {
         Copied::Atomically
+    }
+
+    /// Whether operations of `kind` are in the mix.
+    fn makes(&self, kind: OpKind) -> bool {
+        let _ = kind;
+        true
+    }
+
+    /// Drops what is cached of a range of `file`, changing nothing; by
+    /// default the library's `invalidate_range` (through a mount too: there
+    /// it is the change the kernel did not make, and must be told of).
+    fn invalidate(
+        &mut self,
+        file: usize,
+        library: &Mapping,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let _ = file;
+        library.invalidate_range(offset, len)
     }
 
     /// Whether nothing reaches the files through these operations any more
@@ -917,7 +965,11 @@ impl Shared {
             // workers' maps hold in the kernel's pages until they are
             // written back (as a read of a disk does beside a mounted file
             // system).
-            let op = pick(&mut rng, config.map_writes, config.mount.is_none());
+            let op = pick(&mut rng, |kind| {
+                ops.makes(kind)
+                    && (kind != OpKind::MapWrite || config.map_writes)
+                    && (kind != OpKind::Pin || config.mount.is_none())
+            });
             let (file, first) = match stream {
                 Some((file, next))
                     if op == OpKind::Read && next < config.pages_per_file && rng.bool() =>
@@ -1044,7 +1096,7 @@ impl Shared {
                 OpKind::Readahead => ops.readahead(file, offset, len),
                 // Writes back and drops: the content must not change, stores
                 // through maps racing it included.
-                OpKind::Invalidate => self.files[file].invalidate_range(offset, len),
+                OpKind::Invalidate => ops.invalidate(file, &self.files[file], offset, len),
                 OpKind::Sync => {
                     let range = (rng.u8(..4) != 0).then_some((offset, len));
                     ops.sync(file, range)

@@ -119,3 +119,50 @@ fn direct_io_through_maps_of_each_others_files_is_clean_under_punches() {
         assert!(report.reads_checked > 1000, "{report:#?}");
     }
 }
+
+#[test]
+fn each_peer_cache_runs_the_mix_but_maps_and_pins_under_the_oracle_on_both_backends() {
+    use filemap_torture::Peer;
+    for backend in BACKENDS {
+        for peer in Peer::ALL {
+            let config = TortureConfig {
+                peer: Some(peer),
+                backend,
+                device: DeviceSpec::TempFile,
+                seconds: 1.0,
+                pages_per_file: 64,
+                ..TortureConfig::default()
+            };
+            let report = run(&config, |_| {}).unwrap();
+            assert_eq!(report.strategy, peer.name(), "{report:#?}");
+            assert_eq!(report.errors, 0, "{report:#?}");
+            assert!(report.reads_checked > 1000, "{report:#?}");
+            for kind in OpKind::ALL {
+                let left_out = matches!(kind, OpKind::MapRead | OpKind::MapWrite | OpKind::Pin);
+                let ran = report.by_kind[kind.name()];
+                assert_eq!(ran == 0, left_out, "{peer}: {kind} ran {ran} times");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_peer_cache_is_refused_through_a_mount_or_in_another_scenario() {
+    let peer = Some(filemap_torture::Peer::Moka);
+    for config in [
+        TortureConfig {
+            peer,
+            scenario: filemap_torture::Scenario::Async,
+            ..TortureConfig::default()
+        },
+        TortureConfig {
+            peer,
+            scenario: filemap_torture::Scenario::SelfMapDio,
+            ..TortureConfig::default()
+        },
+    ] {
+        let error = config.check().unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(error.to_string().contains("peer cache"), "{error}");
+    }
+}
