@@ -23,6 +23,10 @@
 //!   file (the headline strategy, a cache of its own, so that the read rows'
 //!   pages never change), against `pwrite` of a page of a host file the
 //!   kernel caches: buffered overwrites, each side's writeback running behind.
+//! - the peers (`moka`, `quick_cache`, `foyer`: see [`filemap_peers`]): the
+//!   caches a user would pick instead, each holding every page of a file of
+//!   the same size; a hit is the peer's loading call on a cached page and a
+//!   copy of its bytes into the reader's buffer, as `read_at` copies.
 //!
 //! One read in 16 is timed for the latencies, so the clock costs a hit next to
 //! nothing. Reader `i` is pinned to the `i`-th processor, the same for every
@@ -36,6 +40,7 @@ use std::sync::Arc;
 use filemap::bench_support::{chosen_racy_copy, RacyCopy};
 use filemap::page::{start_of, PAGE, PAGE_SIZE};
 use filemap::{AsyncMapping, Mapping};
+use filemap_peers::{Page, PageKey, PageSource, Peer, PeerCache};
 
 use crate::kernel::HostFile;
 use crate::tasks::{task_page_reads, PageRead};
@@ -88,6 +93,7 @@ enum Variant {
     /// On the strategy of this index.
     Overwrite(usize),
     KernelOverwrite,
+    Peer(Peer),
 }
 
 /// The operation of the overwrite rows.
@@ -114,6 +120,7 @@ impl Variant {
             Variant::SpawnBlocking => SPAWN_BLOCKING,
             Variant::Overwrite(s) => settings.strategies[s].name(),
             Variant::KernelOverwrite => KERNEL,
+            Variant::Peer(peer) => peer.name(),
         }
     }
 
@@ -137,7 +144,27 @@ fn variants(config: &HitConfig, headline: usize) -> Vec<Variant> {
             Variant::Overwrite(headline),
             Variant::KernelOverwrite,
         ])
+        .chain(Peer::ALL.map(Variant::Peer))
         .collect()
+}
+
+/// The pages the peers hold: page `index` filled with its low byte.
+struct Numbered;
+
+impl PageSource for Numbered {
+    fn load(&self, (_file, index): PageKey) -> io::Result<Page> {
+        Ok(Arc::new([index as u8; PAGE_SIZE]))
+    }
+}
+
+/// `peer`, holding every one of `pages` pages (room for twice as many, so
+/// that no admission policy turns a page away).
+fn warm_peer(peer: Peer, pages: u64) -> io::Result<Box<dyn PeerCache>> {
+    let cache = peer.build(2 * pages, Arc::new(Numbered));
+    for index in 0..pages {
+        cache.get((0, index))?;
+    }
+    Ok(cache)
 }
 
 /// The async front's hit, awaited in the task.
@@ -211,6 +238,10 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
             .map(|&strategy| cached_file(config.file_bytes, strategy))
             .collect::<io::Result<Vec<_>>>()?;
         let written = cached_file(config.file_bytes, settings.strategies[headline])?;
+        let peers = Peer::ALL
+            .map(|peer| warm_peer(peer, pages))
+            .into_iter()
+            .collect::<io::Result<Vec<_>>>()?;
         for (t, &threads) in settings.threads.iter().enumerate() {
             let measured = interleaved(
                 &variants,
@@ -279,6 +310,13 @@ pub fn run(config: &HitConfig, mut progress: impl FnMut(Progress<'_>)) -> io::Re
                             use std::os::unix::fs::FileExt;
                             page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
                                 written_host.file.write_all_at(buf, start_of(index))
+                            })?
+                        }
+                        Variant::Peer(peer) => {
+                            let cache = &peers[Peer::ALL.iter().position(|&p| p == peer).unwrap()];
+                            page_reads(threads, duration, TIME_EVERY, pages, |index, buf| {
+                                buf.copy_from_slice(&cache.get((0, index))?[..]);
+                                Ok(())
                             })?
                         }
                     };
@@ -408,6 +446,24 @@ fn ratios(rows: &[Row], settings: &RunSettings) -> io::Result<Vec<Ratio>> {
                 per_thread(SPAWN_BLOCKING, threads),
                 Some(Target::AtLeast(5.0)),
             ));
+            // A hit that writes no shared memory against a hash lookup and
+            // a reference count: the fastest cache a user would pick instead.
+            let fastest = Peer::ALL
+                .into_iter()
+                .filter_map(|peer| per_thread(peer.name(), threads).ok().map(|v| (peer, v)))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            ratios.push(Ratio::between(
+                WORKLOAD,
+                format!(
+                    "{ours} / fastest peer ({}), {threads} thread(s), per thread",
+                    fastest.map_or("none", |(peer, _)| peer.name())
+                ),
+                per_thread(ours, threads),
+                fastest
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| "not available: no peer was measured".to_owned()),
+                Some(Target::AtLeast(1.5)),
+            ));
         }
     }
     if let Some(strategy) = headline {
@@ -458,7 +514,16 @@ mod tests {
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
         let copies = RacyCopy::available().len();
-        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 6 + copies));
+        assert_eq!(
+            report.rows.len(),
+            2 * (Strategy::ALL.len() + 6 + copies + Peer::ALL.len())
+        );
+        for peer in Peer::ALL {
+            assert!(
+                report.find(WORKLOAD, peer.name(), "read", 2).is_some(),
+                "{peer}"
+            );
+        }
         for name in ["range", KERNEL] {
             assert!(
                 report.find(WORKLOAD, name, OVERWRITE, 2).is_some(),
@@ -477,10 +542,16 @@ mod tests {
             .iter()
             .all(|r| r.ops_per_s > 0.0 && r.p50_us > 0.0 && r.p99_us >= r.p50_us));
         // Per thread count: range/best, the ceiling, three for the headline
-        // strategy (copy-limit, kernel, memcpy) and two for the async front;
-        // per thread count, overwrites against the kernel's; and the scaling
-        // of the headline strategy.
-        assert_eq!(report.ratios.len(), 2 * 7 + 2 + 1);
+        // strategy (copy-limit, kernel, memcpy), two for the async front and
+        // one against the fastest peer; per thread count, overwrites against
+        // the kernel's; and the scaling of the headline strategy.
+        assert_eq!(report.ratios.len(), 2 * 8 + 2 + 1);
+        let peers = report
+            .ratios
+            .iter()
+            .find(|r| r.name.contains("fastest peer"))
+            .unwrap();
+        assert!(peers.value.is_some(), "{}", peers.name);
         let limit = report
             .ratios
             .iter()

@@ -51,6 +51,13 @@
 //! `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a host file that the kernel caches
 //! whole (it has no budget to hold to), so its reads miss only on punched
 //! pages: it is there for scale, not for a ratio.
+//!
+//! The peers (`moka`, `quick_cache`, `foyer`: see [`filemap_peers`]) run the
+//! same calls as a read-through page cache of the same budget over the same
+//! backend: a read is the peer's loading call and a copy; a write and a punch
+//! change the backend, then remove the keys of their pages. They take no
+//! lock, and pay for it in stale pages (`filemap torture --strategy moka`),
+//! not here.
 
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -60,7 +67,8 @@ use std::time::{Duration, Instant};
 use filemap::backend::{BackendOp, FaultyBackend};
 use filemap::fault::{Injection, Trigger};
 use filemap::page::{index_of, PAGE, PAGE_SIZE};
-use filemap::{AlignedBuf, FaultRule, Mapping, PageCache, Strategy};
+use filemap::{AlignedBuf, Backend, FaultRule, Mapping, PageCache, Strategy};
+use filemap_peers::{Page, PageKey, PageSource, Peer, PeerCache};
 
 use crate::kernel::HostFile;
 use crate::{
@@ -174,7 +182,9 @@ const OPS: [&str; 3] = ["read", "write", "punch"];
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &MixedConfig) -> usize {
     let settings = &config.settings;
-    settings.runs * config.variants.len() * settings.threads.len() * (settings.strategies.len() + 1)
+    // Each strategy, each peer and the kernel.
+    let candidates = settings.strategies.len() + Peer::ALL.len() + 1;
+    settings.runs * config.variants.len() * settings.threads.len() * candidates
 }
 
 /// Checks the settings without running anything.
@@ -205,12 +215,13 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
     let settings = &config.settings;
     let layout = Layout::of(config.file_bytes);
     let duration = settings.duration();
-    let candidates: Vec<Option<Strategy>> = settings
+    let candidates: Vec<Candidate> = settings
         .strategies
         .iter()
         .copied()
-        .map(Some)
-        .chain([None])
+        .map(Candidate::Filemap)
+        .chain(Peer::ALL.map(Candidate::Peer))
+        .chain([Candidate::Kernel])
         .collect();
     // runs[variant][threads][candidate]: one Vec<Measured> (per run) per op.
     let mut runs =
@@ -224,16 +235,16 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
         for (v, &punches) in config.variants.iter().enumerate() {
             for (t, &readers) in settings.threads.iter().enumerate() {
                 for (c, candidate) in candidates.iter().enumerate() {
-                    let name = candidate.map_or(KERNEL, Strategy::name);
+                    let name = candidate.name();
                     progress(Progress::Step(&format!(
                         "{}, run {}/{}: {name}, {readers} reader(s)",
                         punches.workload(),
                         run + 1,
                         settings.runs
                     )));
-                    let measured = match candidate {
-                        Some(strategy) => {
-                            let (_dir, cache, mapping) = setup(config, layout, *strategy)?;
+                    let measured = match *candidate {
+                        Candidate::Filemap(strategy) => {
+                            let (_dir, cache, mapping) = setup(config, layout, strategy)?;
                             let before = cache.stats();
                             let measured =
                                 measure(mapping.as_ref(), layout, punches, readers, duration)?;
@@ -246,7 +257,11 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                             }
                             measured
                         }
-                        None => {
+                        Candidate::Peer(peer) => {
+                            let (_dir, peer) = setup_peer(config, layout, peer)?;
+                            measure(&peer, layout, punches, readers, duration)?
+                        }
+                        Candidate::Kernel => {
                             let host = HostFile::create(layout.file)?;
                             measure(&host, layout, punches, readers, duration)?
                         }
@@ -266,7 +281,7 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                 for (o, op) in OPS.iter().enumerate() {
                     let key = RowKey {
                         workload: punches.workload(),
-                        strategy: candidate.map_or(KERNEL, Strategy::name),
+                        strategy: candidate.name(),
                         op,
                         threads: readers,
                     };
@@ -292,6 +307,24 @@ pub fn run(config: &MixedConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
         }
     }
     Ok(report)
+}
+
+/// What a step runs on.
+#[derive(Clone, Copy)]
+enum Candidate {
+    Filemap(Strategy),
+    Peer(Peer),
+    Kernel,
+}
+
+impl Candidate {
+    fn name(self) -> &'static str {
+        match self {
+            Candidate::Filemap(strategy) => strategy.name(),
+            Candidate::Peer(peer) => peer.name(),
+            Candidate::Kernel => KERNEL,
+        }
+    }
 }
 
 /// A fresh file for one step: the readers' half and the punch quarter on the
@@ -353,6 +386,87 @@ fn setup(
         )));
     }
     Ok((dir, cache, mapping))
+}
+
+/// The backend of a peer's step, as its source of pages.
+struct Source(Arc<FaultyBackend>);
+
+impl PageSource for Source {
+    fn load(&self, (_file, index): PageKey) -> io::Result<Page> {
+        let mut page = Arc::new([0u8; PAGE_SIZE]);
+        let bytes = Arc::get_mut(&mut page).expect("a page no one else holds yet");
+        self.0.read_pages(index, bytes)?;
+        Ok(page)
+    }
+}
+
+/// A peer cache of the budget's pages over the step's backend.
+struct PeerFile {
+    cache: Box<dyn PeerCache>,
+    backend: Arc<FaultyBackend>,
+}
+
+impl PeerFile {
+    fn remove(&self, offset: u64, len: u64) {
+        for index in index_of(offset)..index_of(offset + len) {
+            self.cache.remove((0, index));
+        }
+    }
+}
+
+/// [`setup`] for a peer: the same file, written straight to the backend,
+/// and the readers' half read once through the peer.
+fn setup_peer(
+    config: &MixedConfig,
+    layout: Layout,
+    peer: Peer,
+) -> io::Result<(tempfile::TempDir, PeerFile)> {
+    let dir = tempfile::tempdir()?;
+    let file = filemap::HostFile::create(dir.path().join("mixed"))?;
+    let backend = Arc::new(FaultyBackend::new(Arc::new(file), 1));
+    backend.set_len(layout.file)?;
+    let chunk = pattern(1 << 20);
+    let mut offset = 0;
+    while offset < layout.file {
+        backend.write_pages(index_of(offset), &chunk)?;
+        offset += chunk.len() as u64;
+    }
+    let cache = peer.build(config.budget() / PAGE, Arc::new(Source(backend.clone())));
+    for index in 0..layout.readers / PAGE {
+        cache.get((0, index))?;
+    }
+    backend.add_rule(FaultRule::new(
+        BackendOp::PunchHole,
+        Trigger::Always,
+        Injection::Delay {
+            min: PUNCH_IO,
+            max: PUNCH_IO,
+        },
+    ));
+    Ok((dir, PeerFile { cache, backend }))
+}
+
+impl MixedCalls for PeerFile {
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        buf.copy_from_slice(&self.cache.get((0, index_of(offset)))?[..]);
+        Ok(())
+    }
+
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.backend.write_pages(index_of(offset), buf)?;
+        self.remove(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    fn refill(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.backend.write_pages(index_of(offset), buf)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.backend.punch_hole(offset, len)?;
+        self.remove(offset, len);
+        Ok(())
+    }
 }
 
 /// The calls a run makes, on a filemap mapping or, for the kernel baseline,
@@ -466,21 +580,25 @@ fn ratios(rows: &[Row], punches: Punches, readers: usize) -> Vec<Ratio> {
     let workload = punches.workload();
     let reads = |strategy: &str| figure(rows, workload, strategy, "read", readers, |r| r.ops_per_s);
     let disjoint = punches == Punches::Disjoint;
-    [
-        ("range", "invalidate-lock", 1.5),
-        ("invalidate-lock", "file-exclusive", 5.0),
-    ]
-    .into_iter()
-    .map(|(ours, theirs, target)| {
-        Ratio::between(
-            workload,
-            format!("{ours} / {theirs}, read ops/s, {readers} reader(s)"),
-            reads(ours),
-            reads(theirs),
-            disjoint.then_some(Target::AtLeast(target)),
-        )
-    })
-    .collect()
+    let targets = [
+        ("range", "invalidate-lock", Some(1.5)),
+        ("invalidate-lock", "file-exclusive", Some(5.0)),
+    ];
+    // The peers, for what a lock-free (and incoherent) cache reads meanwhile.
+    let peers = Peer::ALL.map(|peer| ("range", peer.name(), None));
+    targets
+        .into_iter()
+        .chain(peers)
+        .map(|(ours, theirs, target)| {
+            Ratio::between(
+                workload,
+                format!("{ours} / {theirs}, read ops/s, {readers} reader(s)"),
+                reads(ours),
+                reads(theirs),
+                target.filter(|_| disjoint).map(Target::AtLeast),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -501,11 +619,15 @@ mod tests {
         };
         let (report, steps_seen) = crate::run_counting_steps(|progress| run(&config, progress));
         assert_eq!(steps_seen, steps(&config));
-        assert_eq!(report.rows.len(), 2 * (Strategy::ALL.len() + 1) * OPS.len());
+        assert_eq!(
+            report.rows.len(),
+            2 * (Strategy::ALL.len() + Peer::ALL.len() + 1) * OPS.len()
+        );
         for punches in [Punches::Disjoint, Punches::Overlap] {
             for strategy in Strategy::ALL
                 .map(Strategy::name)
                 .into_iter()
+                .chain(Peer::ALL.map(Peer::name))
                 .chain([KERNEL])
             {
                 for op in OPS {
@@ -517,7 +639,13 @@ mod tests {
                 }
             }
         }
-        assert_eq!(report.ratios.len(), 4);
+        // Per variant: two with targets, one per peer.
+        assert_eq!(report.ratios.len(), 2 * (2 + Peer::ALL.len()));
+        assert!(report
+            .ratios
+            .iter()
+            .filter(|r| r.name.contains("moka"))
+            .all(|r| r.value.is_some_and(|v| v > 0.0) && r.target.is_none()));
         let available = crate::strategy_named("range").is_some();
         assert_eq!(report.ratios[0].value.is_some(), available);
         assert!(report.ratios[1].value.is_some_and(|v| v > 0.0));
