@@ -365,16 +365,7 @@ fn setup(
         mapping.read_exact_at(&mut buf, offset)?;
         offset += buf.len() as u64;
     }
-    // From now on every punch spends PUNCH_IO in the backend (see the module
-    // documentation).
-    backend.add_rule(FaultRule::new(
-        BackendOp::PunchHole,
-        Trigger::Always,
-        Injection::Delay {
-            min: PUNCH_IO,
-            max: PUNCH_IO,
-        },
-    ));
+    delay_punches(&backend);
     // The readers miss only if the budget is used up by now (or caches their
     // whole half): anything else would measure a different workload. Eviction
     // frees a few pages at a time, so a full budget may have a few free.
@@ -393,10 +384,7 @@ struct Source(Arc<FaultyBackend>);
 
 impl PageSource for Source {
     fn load(&self, (_file, index): PageKey) -> io::Result<Page> {
-        let mut page = Arc::new([0u8; PAGE_SIZE]);
-        let bytes = Arc::get_mut(&mut page).expect("a page no one else holds yet");
-        self.0.read_pages(index, bytes)?;
-        Ok(page)
+        filemap_peers::read_page(|bytes| self.0.read_pages(index, bytes))
     }
 }
 
@@ -435,6 +423,13 @@ fn setup_peer(
     for index in 0..layout.readers / PAGE {
         cache.get((0, index))?;
     }
+    delay_punches(&backend);
+    Ok((dir, PeerFile { cache, backend }))
+}
+
+/// From now on every punch spends [`PUNCH_IO`] in `backend` (see the module
+/// documentation).
+fn delay_punches(backend: &FaultyBackend) {
     backend.add_rule(FaultRule::new(
         BackendOp::PunchHole,
         Trigger::Always,
@@ -443,7 +438,6 @@ fn setup_peer(
             max: PUNCH_IO,
         },
     ));
-    Ok((dir, PeerFile { cache, backend }))
 }
 
 impl MixedCalls for PeerFile {

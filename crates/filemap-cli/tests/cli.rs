@@ -240,7 +240,10 @@ fn bench_keeps_the_options_of_bench_hit_and_bench_fault() {
             "kernel",
             "memcpy",
             "async",
-            "spawn-blocking"
+            "spawn-blocking",
+            "moka",
+            "quick_cache",
+            "foyer"
         ]
     );
     assert!(

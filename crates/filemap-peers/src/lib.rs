@@ -47,6 +47,13 @@ pub type PageKey = (u32, u64);
 /// A cached page: the peers hand out shared references to immutable pages.
 pub type Page = Arc<[u8; PAGE_SIZE]>;
 
+/// A new page, its bytes read by `read`.
+pub fn read_page(read: impl FnOnce(&mut [u8]) -> io::Result<()>) -> io::Result<Page> {
+    let mut page = Arc::new([0u8; PAGE_SIZE]);
+    read(Arc::get_mut(&mut page).expect("a page no one else holds yet"))?;
+    Ok(page)
+}
+
 /// Where a peer loads a page it misses from (a backend's `pread`).
 pub trait PageSource: Send + Sync + 'static {
     /// Reads page `key` from the backend.
