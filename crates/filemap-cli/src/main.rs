@@ -830,11 +830,10 @@ fn torture(args: TortureArgs) -> ExitCode {
     let failed: Vec<String> = reports
         .iter()
         // `none` and the peers are there to be caught: their findings are
-        // the measurement, not a failure.
-        .filter(|r| {
-            r.strategy != Strategy::None.name()
-                && Peer::from_name(&r.strategy).is_none()
-                && !r.is_clean()
+        // the measurement, not a failure (a peer's I/O errors still are).
+        .filter(|r| match Peer::from_name(&r.strategy) {
+            Some(_) => r.errors > 0,
+            None => r.strategy != Strategy::None.name() && !r.is_clean(),
         })
         .map(|r| format!("{}/{}", r.backend, r.strategy))
         .collect();
