@@ -19,7 +19,10 @@
 //! - `map-read`: random 4 KiB [`MapRegion::read`] calls on a map whose pages are
 //!   all installed;
 //! - `memory-read`: a plain copy of the same 4 KiB from the same map address:
-//!   the floor of reading a map.
+//!   the floor of reading a map;
+//! - `copy-<name>`: each racy copy this processor runs, of the same 4 KiB from
+//!   the same map address: the floor of reading a map soundly while stores
+//!   race (the fastest is the `copy-limit`, as in `hit`).
 //!
 //! The fault variants count pages touched per second, timing the touches only
 //! (creating and dropping maps, dropping pages and setting up the baseline are
@@ -33,9 +36,11 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use filemap::bench_support::RacyCopy;
 use filemap::page::PAGE_SIZE;
 use filemap::{MapAccess, MapRegion};
 
+use crate::hit::copy_row;
 use crate::{
     cached_file, expect_all_cached, figure, headline_strategy, page_reads, timed_row, Histogram,
     Measured, Progress, Ratio, Report, Row, RowKey, RunSettings, Target,
@@ -74,13 +79,23 @@ const STRATEGY_VARIANTS: [&str; 4] = [
     "uncached-fault",
     "map-read",
 ];
-/// The baselines, with the operation their rows are filed under.
-const BASELINES: [(&str, &str); 2] = [("uffd-round-trip", "fault"), ("memory-read", "map-read")];
+/// The baselines, with the operation their rows are filed under: the bare
+/// round trip, the plain copy and each racy copy of a map's page.
+fn baselines() -> Vec<(&'static str, &'static str)> {
+    [("uffd-round-trip", "fault"), ("memory-read", "map-read")]
+        .into_iter()
+        .chain(
+            RacyCopy::available()
+                .into_iter()
+                .map(|copy| (copy_row(copy), "map-read")),
+        )
+        .collect()
+}
 
 /// How many measured steps [`run`] announces.
 pub fn steps(config: &FaultConfig) -> usize {
     let settings = &config.settings;
-    settings.runs * (settings.strategies.len() * STRATEGY_VARIANTS.len() + BASELINES.len())
+    settings.runs * (settings.strategies.len() * STRATEGY_VARIANTS.len() + baselines().len())
 }
 
 /// Checks the settings without running anything.
@@ -106,7 +121,8 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
     let duration = settings.duration();
     let mut strategy_runs =
         vec![vec![Vec::new(); STRATEGY_VARIANTS.len()]; settings.strategies.len()];
-    let mut baseline_runs = vec![Vec::new(); BASELINES.len()];
+    let baselines = baselines();
+    let mut baseline_runs = vec![Vec::new(); baselines.len()];
     for run in 0..settings.runs {
         let step = |progress: &mut dyn FnMut(Progress<'_>), what: &str| {
             progress(Progress::Step(&format!(
@@ -155,8 +171,11 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                 strategy_runs[s][v].push(measured);
             }
         }
-        for (b, (baseline, _)) in BASELINES.iter().enumerate() {
+        for (b, (baseline, _)) in baselines.iter().enumerate() {
             step(&mut progress, baseline);
+            let copy = RacyCopy::available()
+                .into_iter()
+                .find(|&copy| copy_row(copy) == *baseline);
             let measured = if *baseline == "uffd-round-trip" {
                 touch_rounds(duration, || {
                     let rate = filemap::bench_support::bare_uffd_round_trips(pages)?;
@@ -170,7 +189,7 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                 let mapping = &caches[0].1;
                 let map = mapping.map(0, len, MapAccess::Read)?;
                 touch_every_page(&map);
-                memory_reads(&map, duration)?
+                memory_reads(&map, copy, duration)?
             };
             baseline_runs[b].push(measured);
         }
@@ -188,7 +207,7 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
             rows.push(timed_row(key, &strategy_runs[s][v]));
         }
     }
-    for (b, (baseline, op)) in BASELINES.iter().enumerate() {
+    for (b, (baseline, op)) in baselines.iter().enumerate() {
         let key = RowKey {
             workload: WORKLOAD,
             strategy: baseline,
@@ -278,13 +297,23 @@ fn map_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
     })
 }
 
-/// Plain copies per second of a random 4 KiB from the map's memory, on one
-/// thread, at the offsets [`map_reads`] reads (both use `measure_kinds`' seeded
-/// generator).
-fn memory_reads(map: &MapRegion, duration: Duration) -> io::Result<Measured> {
+/// Plain copies (or, with `copy`, racy ones) per second of a random 4 KiB
+/// from the map's memory, on one thread, at the offsets [`map_reads`] reads
+/// (both use `measure_kinds`' seeded generator).
+fn memory_reads(
+    map: &MapRegion,
+    copy: Option<RacyCopy>,
+    duration: Duration,
+) -> io::Result<Measured> {
     let pages = (map.len() / PAGE_SIZE) as u64;
     page_reads(1, duration, TIME_EVERY as u32, pages, |index, buf| {
         let at = index as usize * PAGE_SIZE;
+        if let Some(copy) = copy {
+            // SAFETY: as below, and `copy` is available (it was listed so);
+            // a racy copy needs no guarantee that nothing stores meanwhile.
+            unsafe { copy.copy(map.as_ptr().add(at), buf.as_mut_ptr(), PAGE_SIZE) };
+            return Ok(());
+        }
         // SAFETY: `map` is borrowed for the whole measurement, so the source
         // stays mapped; `at + PAGE_SIZE <= map.len()`, and the map covers the
         // whole file, so the source lies inside the file. `buf` is our own
@@ -344,6 +373,27 @@ fn ratios(rows: &[Row], settings: &RunSettings) -> io::Result<Vec<Ratio>> {
             target,
         ));
     }
+    // The floor of a sound read of a map: the fastest racy copy of its page
+    // (the plain copy above cannot race soundly, and may be faster).
+    let limit = RacyCopy::available()
+        .into_iter()
+        .filter_map(|copy| {
+            let name = copy_row(copy);
+            rate(name, "map-read").ok().map(|v| (name, v))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    ratios.push(Ratio::between(
+        WORKLOAD,
+        format!(
+            "{ours} map-read / copy-limit ({}), 1 thread",
+            limit.map_or("none", |(name, _)| name)
+        ),
+        rate(ours, "map-read"),
+        limit
+            .map(|(_, v)| v)
+            .ok_or_else(|| "not available: no racy copy was measured".to_owned()),
+        None,
+    ));
     Ok(ratios)
 }
 
@@ -366,8 +416,13 @@ mod tests {
         assert_eq!(steps_seen, steps(&config));
         assert_eq!(
             report.rows.len(),
-            Strategy::ALL.len() * STRATEGY_VARIANTS.len() + BASELINES.len()
+            Strategy::ALL.len() * STRATEGY_VARIANTS.len() + baselines().len()
         );
+        for copy in RacyCopy::available() {
+            assert!(report
+                .find(WORKLOAD, copy_row(copy), "map-read", 1)
+                .is_some());
+        }
         assert!(report
             .rows
             .iter()
@@ -378,7 +433,7 @@ mod tests {
                 assert!(row.p50_us > 0.0 && row.p99_us >= row.p50_us, "{row:?}");
             }
         }
-        assert_eq!(report.ratios.len(), 4);
+        assert_eq!(report.ratios.len(), 5);
         assert!(report
             .ratios
             .iter()

@@ -100,7 +100,7 @@ enum Variant {
 const OVERWRITE: &str = "overwrite";
 
 /// The row of a racy copy's page copies.
-fn copy_row(copy: RacyCopy) -> &'static str {
+pub(crate) fn copy_row(copy: RacyCopy) -> &'static str {
     match copy {
         RacyCopy::RepMovsb => "copy-rep-movsb",
         RacyCopy::Avx2 => "copy-avx2",
