@@ -79,17 +79,21 @@ const STRATEGY_VARIANTS: [&str; 4] = [
     "uncached-fault",
     "map-read",
 ];
-/// The baselines, with the operation their rows are filed under: the bare
-/// round trip, the plain copy and each racy copy of a map's page.
-fn baselines() -> Vec<(&'static str, &'static str)> {
-    [("uffd-round-trip", "fault"), ("memory-read", "map-read")]
-        .into_iter()
-        .chain(
-            RacyCopy::available()
-                .into_iter()
-                .map(|copy| (copy_row(copy), "map-read")),
-        )
-        .collect()
+/// The baselines, with the operation their rows are filed under and, for
+/// a racy copy's row, the copy: the bare round trip, the plain copy and each
+/// racy copy of a map's page.
+fn baselines() -> Vec<(&'static str, &'static str, Option<RacyCopy>)> {
+    [
+        ("uffd-round-trip", "fault", None),
+        ("memory-read", "map-read", None),
+    ]
+    .into_iter()
+    .chain(
+        RacyCopy::available()
+            .into_iter()
+            .map(|copy| (copy_row(copy), "map-read", Some(copy))),
+    )
+    .collect()
 }
 
 /// How many measured steps [`run`] announces.
@@ -171,12 +175,9 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
                 strategy_runs[s][v].push(measured);
             }
         }
-        for (b, (baseline, _)) in baselines.iter().enumerate() {
+        for (b, &(baseline, _, copy)) in baselines.iter().enumerate() {
             step(&mut progress, baseline);
-            let copy = RacyCopy::available()
-                .into_iter()
-                .find(|&copy| copy_row(copy) == *baseline);
-            let measured = if *baseline == "uffd-round-trip" {
+            let measured = if baseline == "uffd-round-trip" {
                 touch_rounds(duration, || {
                     let rate = filemap::bench_support::bare_uffd_round_trips(pages)?;
                     Ok(Touched {
@@ -207,7 +208,7 @@ pub fn run(config: &FaultConfig, mut progress: impl FnMut(Progress<'_>)) -> io::
             rows.push(timed_row(key, &strategy_runs[s][v]));
         }
     }
-    for (b, (baseline, op)) in baselines.iter().enumerate() {
+    for (b, (baseline, op, _)) in baselines.iter().enumerate() {
         let key = RowKey {
             workload: WORKLOAD,
             strategy: baseline,

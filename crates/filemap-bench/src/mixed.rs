@@ -394,14 +394,6 @@ struct PeerFile {
     backend: Arc<FaultyBackend>,
 }
 
-impl PeerFile {
-    fn remove(&self, offset: u64, len: u64) {
-        for index in index_of(offset)..index_of(offset + len) {
-            self.cache.remove((0, index));
-        }
-    }
-}
-
 /// [`setup`] for a peer: the same file, written straight to the backend,
 /// and the readers' half read once through the peer.
 fn setup_peer(
@@ -448,7 +440,7 @@ impl MixedCalls for PeerFile {
 
     fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.backend.write_pages(index_of(offset), buf)?;
-        self.remove(offset, buf.len() as u64);
+        self.cache.remove_range(0, offset, buf.len() as u64);
         Ok(())
     }
 
@@ -458,7 +450,7 @@ impl MixedCalls for PeerFile {
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         self.backend.punch_hole(offset, len)?;
-        self.remove(offset, len);
+        self.cache.remove_range(0, offset, len);
         Ok(())
     }
 }

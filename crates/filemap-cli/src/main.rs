@@ -152,10 +152,7 @@ const WORKLOADS: [WorkloadArg; 10] = [
 /// the names `--help` and a bad value's error list.
 fn strategy_parser() -> impl clap::builder::TypedValueParser<Value = Strategy> {
     use clap::builder::TypedValueParser;
-    let names = Strategy::ALL.map(|strategy| {
-        clap::builder::PossibleValue::new(strategy.name()).help(strategy.summary())
-    });
-    clap::builder::PossibleValuesParser::new(names).map(|name| {
+    clap::builder::PossibleValuesParser::new(strategy_values()).map(|name| {
         name.parse::<Strategy>()
             .expect("every possible value is a strategy's name")
     })
@@ -168,19 +165,22 @@ enum Subject {
     Peer(Peer),
 }
 
+/// Each strategy's name, with its summary for `--help`.
+fn strategy_values() -> [clap::builder::PossibleValue; Strategy::ALL.len()] {
+    Strategy::ALL
+        .map(|strategy| clap::builder::PossibleValue::new(strategy.name()).help(strategy.summary()))
+}
+
 /// Strategy names, then the peers' (`moka`, `quick_cache`, `foyer`).
 fn subject_parser() -> impl clap::builder::TypedValueParser<Value = Subject> {
     use clap::builder::TypedValueParser;
-    let strategies = Strategy::ALL.map(|strategy| {
-        clap::builder::PossibleValue::new(strategy.name()).help(strategy.summary())
-    });
     let peers = Peer::ALL.map(|peer| {
         clap::builder::PossibleValue::new(peer.name()).help(format!(
             "{}, as a read-through page cache (a peer: its violations do not fail the run)",
             peer.version()
         ))
     });
-    let names = strategies.into_iter().chain(peers);
+    let names = strategy_values().into_iter().chain(peers);
     clap::builder::PossibleValuesParser::new(names).map(|name| match Peer::from_name(&name) {
         Some(peer) => Subject::Peer(peer),
         None => Subject::Filemap(

@@ -68,6 +68,18 @@ pub trait PeerCache: Send + Sync {
 
     /// Removes page `key`, after its backend changed.
     fn remove(&self, key: PageKey);
+
+    /// Removes every page of `file` that bytes `offset..offset + len` touch,
+    /// after the backend changed them.
+    fn remove_range(&self, file: u32, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let page = PAGE_SIZE as u64;
+        for index in offset / page..=(offset + len - 1) / page {
+            self.remove((file, index));
+        }
+    }
 }
 
 /// The peers.
@@ -254,6 +266,35 @@ mod tests {
             assert_eq!(cache.get((1, 2)).unwrap()[0], 1, "{peer}: cached");
             cache.remove((1, 2));
             assert_eq!(cache.get((1, 2)).unwrap()[0], 2, "{peer}: reloaded");
+        }
+    }
+
+    #[test]
+    fn remove_range_removes_exactly_the_pages_its_bytes_touch() {
+        for peer in Peer::ALL {
+            let source = source(Duration::ZERO);
+            let cache = peer.build(64, source.clone());
+            for index in 0..8 {
+                cache.get((3, index)).unwrap();
+                cache.get((4, index)).unwrap();
+            }
+            source.version.store(2, Ordering::SeqCst);
+            // Bytes 4095..8193 touch pages 0, 1 and 2 of file 3; none of 4.
+            cache.remove_range(3, 4095, 4098);
+            cache.remove_range(3, 6 * PAGE_SIZE as u64, 0);
+            for index in 0..8 {
+                let reloaded = index <= 2;
+                assert_eq!(
+                    cache.get((3, index)).unwrap()[0],
+                    1 + reloaded as u8,
+                    "{peer}: {index}"
+                );
+                assert_eq!(
+                    cache.get((4, index)).unwrap()[0],
+                    1,
+                    "{peer}: file 4, {index}"
+                );
+            }
         }
     }
 

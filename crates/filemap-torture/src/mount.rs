@@ -24,7 +24,7 @@ use filemap::{Mapping, PageCache, Volume};
 use filemap_fuse::{MountOptions, Mounted};
 
 use crate::run::{Copied, Ops};
-use crate::{naming, TortureConfig};
+use crate::{naming, OpKind, TortureConfig};
 pub use worker::serve_worker;
 use worker::{Call, Request, REPLY_BYTES};
 
@@ -321,6 +321,14 @@ impl Ops for ThroughMount {
 
     fn map_loads_are_validated(&self) -> bool {
         false
+    }
+
+    fn makes(&self, kind: OpKind) -> bool {
+        // The mount has no pins, and a pin of the library beside it reads
+        // the cache, not the stores that the workers' maps hold in the
+        // kernel's pages until they are written back (as a read of a disk
+        // does beside a mounted file system).
+        kind != OpKind::Pin
     }
 
     fn buffered_reads_copied(&self) -> Copied {

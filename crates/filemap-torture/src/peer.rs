@@ -35,7 +35,7 @@ pub(crate) struct PeerFiles {
     backends: Vec<Arc<dyn Backend>>,
     /// Held by a change of a file's size, and by writes that may make one.
     sizes: Vec<Mutex<()>>,
-    /// The most pages a file spans: a truncate removes the keys up to it.
+    /// The most pages a file spans: a truncate removes the keys up to its end.
     pages_per_file: u64,
 }
 
@@ -53,20 +53,6 @@ impl PeerFiles {
             backends: backends.to_vec(),
             sizes: backends.iter().map(|_| Mutex::new(())).collect(),
             pages_per_file,
-        }
-    }
-
-    /// Removes the keys of pages `first..end` of `file`.
-    fn remove(&self, file: usize, first: u64, end: u64) {
-        for index in first..end {
-            self.cache.remove((file as u32, index));
-        }
-    }
-
-    /// Removes the keys of every page `offset..offset + len` touches.
-    fn remove_range(&self, file: usize, offset: u64, len: u64) {
-        if len > 0 {
-            self.remove(file, index_of(offset), index_of(offset + len - 1) + 1);
         }
     }
 }
@@ -121,7 +107,9 @@ impl Ops for PeerOps<'_> {
             }
             backend.write_pages(index_of(offset), data)?;
         }
-        files.remove_range(file, offset, data.len() as u64);
+        files
+            .cache
+            .remove_range(file as u32, offset, data.len() as u64);
         Ok(())
     }
 
@@ -158,7 +146,7 @@ impl Ops for PeerOps<'_> {
                 }
             }
         }
-        files.remove_range(file, offset, len);
+        files.cache.remove_range(file as u32, offset, len);
         Ok(())
     }
 
@@ -168,7 +156,10 @@ impl Ops for PeerOps<'_> {
             let _size = files.sizes[file].lock();
             files.backends[file].set_len(len)?;
         }
-        files.remove(file, index_of(len), files.pages_per_file);
+        let end = files.pages_per_file * PAGE;
+        files
+            .cache
+            .remove_range(file as u32, len, end.saturating_sub(len));
         Ok(())
     }
 
@@ -205,7 +196,7 @@ impl Ops for PeerOps<'_> {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        self.0.remove_range(file, offset, len);
+        self.0.cache.remove_range(file as u32, offset, len);
         Ok(())
     }
 }

@@ -960,15 +960,8 @@ impl Shared {
         // the readahead threads) races the other operations too.
         let mut stream: Option<(usize, u64)> = None;
         while !self.stop.load(Ordering::Relaxed) && !ops.is_lost() {
-            // Not through a mount: the mount has no pins, and a pin of the
-            // library beside it reads the cache, not the stores that the
-            // workers' maps hold in the kernel's pages until they are
-            // written back (as a read of a disk does beside a mounted file
-            // system).
             let op = pick(&mut rng, |kind| {
-                ops.makes(kind)
-                    && (kind != OpKind::MapWrite || config.map_writes)
-                    && (kind != OpKind::Pin || config.mount.is_none())
+                ops.makes(kind) && (kind != OpKind::MapWrite || config.map_writes)
             });
             let (file, first) = match stream {
                 Some((file, next))

@@ -27,9 +27,9 @@
 //! - `rep-movsb` (x86-64): one `rep movsb` in inline assembly. With ERMS/FSRM
 //!   it runs at `memcpy` speed for 4 KiB on most Intel processors.
 //! - `avx2` (x86-64, where the processor has it): a loop in inline assembly
-//!   of 32-byte vector loads and stores, four
-//!   registers per turn, then `rep movsb` for the tail; for ranges aligned to
-//!   the vector's width (page copies), else `rep movsb` (see `# Progress`). Vector accesses are no
+//!   of 32-byte vector loads and stores, four registers per turn, then
+//!   `rep movsb` for the tail; for ranges aligned to the vector's width (page
+//!   copies), else `rep movsb` (see `# Progress`). Vector accesses are no
 //!   more atomic than bytes, and need not be: each byte is loaded once and
 //!   stored once, as above. On some processors (AMD's) they copy a cached page
 //!   faster than `rep movsb` does.
