@@ -9,7 +9,7 @@
 //!   hits copy from, with no lookup or validation (for reference: a plain copy
 //!   cannot race soundly);
 //! - `copy-<name>`: each racy copy this processor runs (`rep-movsb`, `avx2`,
-//!   `neon-pairs`: see `filemap::bench_support::RacyCopy`) of a
+//!   `avx512`, `neon-pairs`: see `filemap::bench_support::RacyCopy`) of a
 //!   random page of the same frame memory, with no lookup or validation; the
 //!   fastest of them is the `copy-limit`, the floor of the hit path, which
 //!   the hit targets are set against;
@@ -104,6 +104,7 @@ pub(crate) fn copy_row(copy: RacyCopy) -> &'static str {
     match copy {
         RacyCopy::RepMovsb => "copy-rep-movsb",
         RacyCopy::Avx2 => "copy-avx2",
+        RacyCopy::Avx512 => "copy-avx512",
         RacyCopy::NeonPairs => "copy-neon-pairs",
         RacyCopy::AtomicWords => "copy-atomic-words",
     }
