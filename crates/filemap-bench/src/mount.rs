@@ -46,7 +46,8 @@
 //!
 //! `cached-read` and `write-fsync` run `seconds_per_run` per run, the targets
 //! measuring its slices in turns ([`crate::interleaved`]); `uncached-read`
-//! reads the file once per target per run. Reader threads are not pinned:
+//! reads the file once per target per run, the targets taking turns every
+//! 8 MiB (the disk's speed drifts; turns give each target the same disk). Reader threads are not pinned:
 //! each read is a round trip to a server thread the scheduler places.
 //!
 //! The targets are set on two ratios: cached reads (each thread count) and
@@ -80,6 +81,8 @@ pub const UNCACHED_READ: &str = "uncached-read";
 pub const WRITE_FSYNC: &str = "write-fsync";
 /// The bytes of one sequential read.
 pub const SEQ_CHUNK: usize = 1 << 20;
+/// The sequential reads take turns at the files this many chunks at a time.
+const TURN_CHUNKS: u64 = 8;
 /// An `fsync` after this many writes.
 pub const FSYNC_EVERY: u64 = 64;
 /// One cached read in this many is timed: a host `pread` of a cached page
@@ -182,7 +185,9 @@ pub fn check(config: &MountConfig) -> io::Result<()> {
 /// every cached-read thread count, for the writes and for the sequential read.
 pub fn steps(config: &MountConfig) -> usize {
     let settings = &config.settings;
-    settings.runs * TargetKind::ALL.len() * (settings.threads.len() + 2)
+    // Per run: each target's cached reads per thread count and its writes,
+    // then one step of sequential reads, the targets in turns.
+    settings.runs * (TargetKind::ALL.len() * (settings.threads.len() + 1) + 1)
 }
 
 /// Runs the benchmark; `progress` is told what is being measured.
@@ -255,7 +260,7 @@ fn measure(
                     kind.name()
                 )));
                 let path = targets.path(kind);
-                read_through(&path, config.file_bytes)?;
+                read_in_turns(std::slice::from_ref(&path), config.file_bytes)?;
                 files.push(OpenOptions::new().read(true).write(true).open(&path)?);
             }
             for (t, &threads) in settings.threads.iter().enumerate() {
@@ -290,10 +295,20 @@ fn measure(
                 writes[k].push(measured.remove(0));
             }
         }
-        for (k, kind) in kinds.iter().enumerate() {
-            progress(Progress::Step(&step(UNCACHED_READ, kind)));
+        for kind in &kinds {
             targets.drop_cached(*kind)?;
-            uncached[k].push(read_through(&targets.path(*kind), config.file_bytes)?);
+        }
+        progress(Progress::Step(&format!(
+            "mount, run {}/{}: {UNCACHED_READ}, every target in turns",
+            run + 1,
+            settings.runs
+        )));
+        let paths = kinds.map(|kind| targets.path(kind));
+        for (k, measured) in read_in_turns(&paths, config.file_bytes)?
+            .into_iter()
+            .enumerate()
+        {
+            uncached[k].push(measured);
         }
     }
 
@@ -405,11 +420,11 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
         "mount: cached-read: the file read whole before each run's reads: filemap's reads \
          hit its cache, the others' the host's page cache"
             .to_owned(),
-        "mount: uncached-read: before each read, filemap's image is unmounted, synced, \
-         dropped from the host's page cache (fadvise DONTNEED) and mounted again (an empty \
-         cache); the other two files are synced and dropped alike: all three read the disk \
-         through the host's readahead (filemap's fills are preads of its image; a virtual \
-         disk's host may still cache what it serves)"
+        "mount: uncached-read: before each run's reads, filemap's image is unmounted, \
+         synced, dropped from the host's page cache (fadvise DONTNEED) and mounted again (an \
+         empty cache); the other two files are synced and dropped alike: all three read the \
+         disk through the host's readahead (filemap's fills are preads of its image; a \
+         virtual disk's host may still cache what it serves), taking turns every 8 MiB"
             .to_owned(),
         format!(
             "mount: write-fsync: 4 KiB pwrites at random pages of the written file, fsync \
@@ -456,28 +471,50 @@ fn random_writes(file: &File, pages: u64, duration: Duration) -> io::Result<Meas
     Ok(measured.into_iter().next().expect("one kind"))
 }
 
-/// Reads the file at `path` from its first byte, [`SEQ_CHUNK`] bytes per
-/// `read`, and fails unless it holds `bytes`; the rate is in reads per second.
-fn read_through(path: &Path, bytes: u64) -> io::Result<Measured> {
-    let mut file = File::open(path)?;
+/// Reads each file of `paths` from its first byte to its last, [`SEQ_CHUNK`]
+/// at a time, [`TURN_CHUNKS`] chunks of one file, then of the next: the
+/// files share one disk, whose speed drifts (a virtual disk's more than
+/// twofold between two reads of a file, on the machine these figures come
+/// from), and turns this short give each file the same disk. The first file
+/// of a turn is a different one each turn. Each file's rate counts its own
+/// reads' time only.
+fn read_in_turns(paths: &[PathBuf], bytes: u64) -> io::Result<Vec<Measured>> {
+    let mut files = paths
+        .iter()
+        .map(File::open)
+        .collect::<io::Result<Vec<_>>>()?;
     let mut buf = vec![0u8; SEQ_CHUNK];
-    let mut latency = Histogram::new();
+    let mut latency: Vec<_> = paths.iter().map(|_| Histogram::new()).collect();
+    let mut spent = vec![Duration::ZERO; paths.len()];
     let chunks = bytes / SEQ_CHUNK as u64;
-    let started = Instant::now();
-    for _ in 0..chunks {
-        let timed = Instant::now();
-        file.read_exact(&mut buf)?;
-        latency.record(timed.elapsed().as_nanos() as u64);
+    for turn in 0..chunks.div_ceil(TURN_CHUNKS) {
+        let first = turn as usize % paths.len();
+        let in_turn = TURN_CHUNKS.min(chunks - turn * TURN_CHUNKS);
+        for f in (first..paths.len()).chain(0..first) {
+            for _ in 0..in_turn {
+                let timed = Instant::now();
+                files[f].read_exact(&mut buf)?;
+                let took = timed.elapsed();
+                latency[f].record(took.as_nanos() as u64);
+                spent[f] += took;
+            }
+        }
     }
-    let elapsed = started.elapsed();
-    if file.read(&mut buf[..1])? != 0 {
-        return Err(io::Error::other(format!(
-            "{}: longer than the {bytes} bytes written",
-            path.display()
-        )));
+    for (file, path) in files.iter_mut().zip(paths) {
+        if file.read(&mut buf[..1])? != 0 {
+            return Err(io::Error::other(format!(
+                "{}: longer than the {bytes} bytes written",
+                path.display()
+            )));
+        }
     }
-    let rate = chunks as f64 / elapsed.as_secs_f64().max(1e-9);
-    Ok(Measured::new(rate, latency, 1))
+    Ok(latency
+        .into_iter()
+        .zip(spent)
+        .map(|(latency, spent)| {
+            Measured::new(chunks as f64 / spent.as_secs_f64().max(1e-9), latency, 1)
+        })
+        .collect())
 }
 
 /// Writes `bytes` of the pattern to a new file at `path`, [`SEQ_CHUNK`] at a
