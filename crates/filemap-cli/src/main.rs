@@ -284,6 +284,10 @@ struct TortureArgs {
     /// With --mount: the kernel's page cache in front of filemap's.
     #[arg(long, requires = "mount")]
     kernel_cache: bool,
+    /// With --mount: when the mounted cache's readahead threads read a
+    /// sequential stream's next window (as `filemap mount --readahead`).
+    #[arg(long, value_enum, requires = "mount", default_value_t = mount::ReadaheadArg::BackendBound)]
+    readahead: mount::ReadaheadArg,
     /// `differential`: the most seconds spent shrinking each divergence.
     #[arg(long, default_value_t = 30.0, value_parser = seconds_or_zero)]
     shrink_seconds: f64,
@@ -744,6 +748,7 @@ fn torture(args: TortureArgs) -> ExitCode {
             Ok(worker) => Some(filemap_torture::mount::MountSettings {
                 worker,
                 kernel_cache: args.kernel_cache,
+                readahead: args.readahead.mode(),
             }),
             Err(error) => {
                 eprintln!("filemap torture: --mount: this program's path: {error}");

@@ -66,11 +66,20 @@ pub struct MountArgs {
     kernel_cache: bool,
 }
 
-/// `--readahead`.
+/// `--readahead`, of `mount` and of `torture --mount`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ReadaheadArg {
+pub(crate) enum ReadaheadArg {
     Always,
     BackendBound,
+}
+
+impl ReadaheadArg {
+    pub(crate) fn mode(self) -> ReadaheadMode {
+        match self {
+            ReadaheadArg::Always => ReadaheadMode::Always,
+            ReadaheadArg::BackendBound => ReadaheadMode::BackendBound,
+        }
+    }
 }
 
 /// A size: a whole number of bytes, or with a suffix K, M, G or T.
@@ -137,10 +146,7 @@ fn serve(args: MountArgs) -> std::io::Result<()> {
         budget_bytes: args.budget,
         strategy: args.strategy,
         readahead_threads: args.readahead_threads,
-        readahead_mode: match args.readahead {
-            ReadaheadArg::Always => ReadaheadMode::Always,
-            ReadaheadArg::BackendBound => ReadaheadMode::BackendBound,
-        },
+        readahead_mode: args.readahead.mode(),
         threads: args.threads,
         kernel_cache: args.kernel_cache,
     };

@@ -46,10 +46,12 @@ fn mounts_of(pid: u32) -> Vec<String> {
 }
 
 #[test]
-fn range_through_the_mount_reads_nothing_stale_foreign_or_torn_with_the_kernel_cache_off_and_on() {
+fn range_through_the_mount_reads_nothing_stale_foreign_or_torn_with_the_kernel_cache_off_and_on_and_readahead_always(
+) {
     for (flags, through) in [
         (&[][..], "mount"),
         (&["--kernel-cache"][..], "mount+kernel-cache"),
+        (&["--readahead", "always"][..], "mount+readahead-always"),
     ] {
         let mut args = vec!["--strategy", "range", "--seconds", "8"];
         args.extend(flags);
@@ -87,6 +89,7 @@ fn none_through_the_mount_is_caught_reading_stale_pages() {
 fn settings_the_mount_cannot_run_are_bad_usage_naming_the_setting() {
     for (args, says) in [
         (&["--kernel-cache"][..], "--mount"),
+        (&["--readahead", "always"][..], "--mount"),
         (
             &["--mount", "--backend", "hostfile"][..],
             "--backend volume",

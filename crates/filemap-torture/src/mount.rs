@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
+use filemap::ReadaheadMode;
 use filemap::{Mapping, PageCache, Volume};
 use filemap_fuse::{MountOptions, Mounted};
 
@@ -41,15 +42,20 @@ pub struct MountSettings {
     /// Files opened with the kernel's page cache in front of filemap's
     /// ([`MountOptions::kernel_cache`]).
     pub kernel_cache: bool,
+    /// When the mounted cache reads ahead ([`MountOptions::readahead_mode`]).
+    pub readahead: ReadaheadMode,
 }
 
 impl MountSettings {
     /// What the report calls this way through: `mount` or
-    /// `mount+kernel-cache`.
+    /// `mount+kernel-cache`, with `+readahead-always` where it reads ahead
+    /// always.
     pub fn name(&self) -> &'static str {
-        match self.kernel_cache {
-            false => "mount",
-            true => "mount+kernel-cache",
+        match (self.kernel_cache, self.readahead) {
+            (false, ReadaheadMode::BackendBound) => "mount",
+            (true, ReadaheadMode::BackendBound) => "mount+kernel-cache",
+            (false, ReadaheadMode::Always) => "mount+readahead-always",
+            (true, ReadaheadMode::Always) => "mount+kernel-cache+readahead-always",
         }
     }
 }
@@ -77,6 +83,7 @@ impl Mount {
             strategy: config.strategy,
             threads: config.threads.max(2),
             kernel_cache: settings.kernel_cache,
+            readahead_mode: settings.readahead,
             ..MountOptions::default()
         };
         // Named by this process, so that a mount left behind by a run that
