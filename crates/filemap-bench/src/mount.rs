@@ -63,7 +63,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use filemap::page::{PAGE, PAGE_SIZE};
-use filemap::Strategy;
+use filemap::{ReadaheadMode, Strategy};
 use filemap_fuse::MountOptions;
 
 use crate::{
@@ -146,6 +146,9 @@ pub struct MountConfig {
     /// Mount filemap with the kernel's page cache in front
     /// ([`MountOptions::kernel_cache`]).
     pub kernel_cache: bool,
+    /// When filemap's mounted cache reads ahead
+    /// ([`MountOptions::readahead_mode`]).
+    pub readahead: ReadaheadMode,
 }
 
 impl Default for MountConfig {
@@ -159,6 +162,7 @@ impl Default for MountConfig {
             },
             dir: None,
             kernel_cache: false,
+            readahead: ReadaheadMode::default(),
         }
     }
 }
@@ -403,13 +407,17 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
     vec![
         format!(
             "mount: a {} MiB file on each target; filemap: a volume image on the host file \
-             system mounted with filemap_fuse ({}, budget {} MiB); passthrough: a host \
+             system mounted with filemap_fuse ({}, budget {} MiB, readahead {}); passthrough: a host \
              directory beside it, every request forwarded with pread/pwrite/fsync; both \
              served by {server_threads} threads, files opened with {}; host: a \
              file beside them, no FUSE",
             config.file_bytes >> 20,
             strategy.name(),
             config.budget_bytes >> 20,
+            match config.readahead {
+                ReadaheadMode::BackendBound => "backend-bound",
+                ReadaheadMode::Always => "always",
+            },
             match config.kernel_cache {
                 true =>
                     "FOPEN_DIRECT_IO but filemap's with FOPEN_KEEP_CACHE (--kernel-cache: \
@@ -570,6 +578,7 @@ impl Targets {
             budget_bytes: config.budget_bytes,
             strategy,
             kernel_cache: config.kernel_cache,
+            readahead_mode: config.readahead,
             ..MountOptions::default()
         };
         let filemap = MountGuard::filemap(&dir.join("volume.img"), &dir.join("filemap"), &options)?;
@@ -886,6 +895,7 @@ mod tests {
             },
             dir: Some(dir.to_owned()),
             kernel_cache: false,
+            readahead: ReadaheadMode::default(),
         }
     }
 

@@ -111,6 +111,10 @@ struct BenchArgs {
     /// filemap's (as `filemap mount --kernel-cache`).
     #[arg(long)]
     kernel_cache: bool,
+    /// mount: when filemap's mounted cache reads ahead (as `filemap mount
+    /// --readahead`).
+    #[arg(long, value_enum, default_value_t = mount::ReadaheadArg::BackendBound)]
+    readahead: mount::ReadaheadArg,
     /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
     json: bool,
@@ -529,6 +533,7 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                     settings: with_threads(&defaults.settings.threads),
                     dir: None,
                     kernel_cache: args.kernel_cache,
+                    readahead: args.readahead.mode(),
                 })
             }
             WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),
