@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::notify::serving_kernel;
-use crate::open_files::{empty, errno, or_errno, OpenFiles};
+use crate::open_files::{empty, errno, or_errno, OpenFiles, SyncsAtUnmount, UnmountSync};
 use filemap::{Attr, FileKind, RenameFlags, SetAttr, Timestamp};
 use filemap::{Mapping, PageCache, Volume};
 use fuser::{
@@ -43,6 +43,8 @@ pub struct VolumeFs {
     open: OpenFiles,
     /// How files are opened: with the kernel's caching off or in front.
     open_flags: FopenFlags,
+    /// What the sync at unmount found.
+    synced: UnmountSync,
 }
 
 fn file_type(kind: FileKind) -> FileType {
@@ -107,6 +109,7 @@ impl VolumeFs {
                 false => FopenFlags::FOPEN_DIRECT_IO,
             },
             open: OpenFiles::default(),
+            synced: UnmountSync::default(),
         }
     }
 
@@ -151,10 +154,11 @@ impl fuser::Filesystem for VolumeFs {
     }
 
     fn destroy(&mut self) {
-        // Unmounting: every mapping of the cache writes back when its last
-        // handle goes; the volume commits.
+        // Unmounting: every file's data into the volume, whoever holds its
+        // mapping now, then the volume commits.
         self.open.clear();
-        let _ = self.volume.sync();
+        let synced = self.cache.sync_all().and_then(|()| self.volume.sync());
+        self.synced.record(synced);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -452,4 +456,10 @@ impl fuser::Filesystem for VolumeFs {
     }
 
     crate::open_files::serve_open_files!();
+}
+
+impl SyncsAtUnmount for VolumeFs {
+    fn unmount_sync(&self) -> UnmountSync {
+        self.synced.clone()
+    }
 }

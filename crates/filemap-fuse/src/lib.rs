@@ -48,6 +48,7 @@ mod open_files;
 mod passthrough;
 
 use notify::KernelCache;
+use open_files::{SyncsAtUnmount, UnmountSync};
 
 pub use fs::VolumeFs;
 pub use passthrough::PassthroughFs;
@@ -120,22 +121,57 @@ pub fn format(image: &Path, size: u64) -> io::Result<()> {
 /// until something unmounts it from outside (`umount`).
 pub struct Mounted<Source = Arc<Volume>> {
     session: fuser::BackgroundSession,
+    synced: UnmountSync,
     source: Source,
     cache: Arc<PageCache>,
 }
 
 impl<Source> Mounted<Source> {
-    /// Syncs every file (and the volume), then unmounts.
+    /// Unmounts, then syncs every file (and the volume); fails if the sync
+    /// did.
     pub fn unmount(self) -> io::Result<()> {
-        self.session.umount_and_join()
+        self.session.umount_and_join()?;
+        self.synced.outcome()
     }
 
-    /// Waits until the file system is unmounted from outside; it syncs
-    /// everything first.
+    /// Waits until the file system is unmounted from outside, and for the
+    /// sync of every file (and the volume) that follows; fails if the sync
+    /// did.
     pub fn join(self) -> io::Result<()> {
-        self.session.join()
+        self.session.join()?;
+        self.synced.outcome()
+    }
+}
+
+/// A mounted file system not yet served (of a volume, or as
+/// `Session<PassthroughFs>` of a host directory): [`Session::run`] serves it
+/// in the foreground until it is unmounted.
+pub struct Session<Fs: fuser::Filesystem> {
+    session: fuser::Session<Fs>,
+    synced: UnmountSync,
+}
+
+impl<Fs: fuser::Filesystem + Send + Sync + 'static> Session<Fs> {
+    /// Serves the mount until it is unmounted (`umount`, or a signal the
+    /// caller turns into one), then syncs every file (and the volume); fails
+    /// if serving or the sync did.
+    pub fn run(self) -> io::Result<()> {
+        self.session.run()?;
+        self.synced.outcome()
     }
 
+    /// Serves it in the background.
+    fn spawn<Source>(self, source: Source, cache: Arc<PageCache>) -> io::Result<Mounted<Source>> {
+        Ok(Mounted {
+            session: self.session.spawn()?,
+            synced: self.synced,
+            source,
+            cache,
+        })
+    }
+}
+
+impl<Source> Mounted<Source> {
     /// The cache every file of the mount is a mapping of. A change made
     /// through it ([`PageCache::open`] of a file of [`Mounted::volume`], or
     /// of a [`filemap::HostFile`] of [`Mounted::dir`], then a write, a punch
@@ -171,21 +207,17 @@ impl Mounted<PathBuf> {
 /// `ENODEV` without `/dev/fuse`).
 pub fn mount(image: &Path, mountpoint: &Path, options: &MountOptions) -> io::Result<Mounted> {
     let (session, volume, cache) = prepare(image, mountpoint, options)?;
-    Ok(Mounted {
-        session: session.spawn()?,
-        source: volume,
-        cache,
-    })
+    session.spawn(volume, cache)
 }
 
 /// A session of the volume in `image` mounted at `mountpoint`, not yet
-/// served: [`fuser::Session::run`] serves it in the foreground, until it is
+/// served: [`Session::run`] serves it in the foreground, until it is
 /// unmounted (see `filemap mount`). Fails as [`mount`] does.
 pub fn session(
     image: &Path,
     mountpoint: &Path,
     options: &MountOptions,
-) -> io::Result<fuser::Session<VolumeFs>> {
+) -> io::Result<Session<VolumeFs>> {
     Ok(prepare(image, mountpoint, options)?.0)
 }
 
@@ -194,7 +226,7 @@ fn prepare(
     image: &Path,
     mountpoint: &Path,
     options: &MountOptions,
-) -> io::Result<(fuser::Session<VolumeFs>, Arc<Volume>, Arc<PageCache>)> {
+) -> io::Result<(Session<VolumeFs>, Arc<Volume>, Arc<PageCache>)> {
     check_mountpoint(mountpoint)?;
     let device = FileDevice::open(image).map_err(|error| naming(image, error))?;
     let volume = Volume::open(Arc::new(device)).map_err(|error| {
@@ -220,11 +252,7 @@ pub fn mount_volume(
 ) -> io::Result<Mounted> {
     check_mountpoint(mountpoint)?;
     let (session, volume, cache) = volume_session(volume, source, mountpoint, options)?;
-    Ok(Mounted {
-        session: session.spawn()?,
-        source: volume,
-        cache,
-    })
+    session.spawn(volume, cache)
 }
 
 /// The session of `volume`, and its cache.
@@ -233,7 +261,7 @@ fn volume_session(
     source: &Path,
     mountpoint: &Path,
     options: &MountOptions,
-) -> io::Result<(fuser::Session<VolumeFs>, Arc<Volume>, Arc<PageCache>)> {
+) -> io::Result<(Session<VolumeFs>, Arc<Volume>, Arc<PageCache>)> {
     let (cache, kernel_cache) = build_cache(options)?;
     let _ = kernel_cache.inode_of.set(Box::new(notify::volume_inode));
     let fs = VolumeFs::new(volume.clone(), cache.clone(), options.kernel_cache);
@@ -254,21 +282,17 @@ pub fn mount_passthrough(
     options: &MountOptions,
 ) -> io::Result<Mounted<PathBuf>> {
     let (session, cache) = prepare_passthrough(dir, mountpoint, options)?;
-    Ok(Mounted {
-        session: session.spawn()?,
-        source: dir.to_path_buf(),
-        cache,
-    })
+    session.spawn(dir.to_path_buf(), cache)
 }
 
 /// A session of the host directory `dir` passed through at `mountpoint`,
-/// not yet served: [`fuser::Session::run`] serves it in the foreground
+/// not yet served: [`Session::run`] serves it in the foreground
 /// (see `filemap mount --passthrough`). Fails as [`mount_passthrough`] does.
 pub fn session_passthrough(
     dir: &Path,
     mountpoint: &Path,
     options: &MountOptions,
-) -> io::Result<fuser::Session<PassthroughFs>> {
+) -> io::Result<Session<PassthroughFs>> {
     Ok(prepare_passthrough(dir, mountpoint, options)?.0)
 }
 
@@ -277,7 +301,7 @@ fn prepare_passthrough(
     dir: &Path,
     mountpoint: &Path,
     options: &MountOptions,
-) -> io::Result<(fuser::Session<PassthroughFs>, Arc<PageCache>)> {
+) -> io::Result<(Session<PassthroughFs>, Arc<PageCache>)> {
     let meta = std::fs::metadata(dir).map_err(|error| naming(dir, error))?;
     if !meta.is_dir() {
         return Err(naming(dir, io::Error::from_raw_os_error(libc::ENOTDIR)));
@@ -318,13 +342,14 @@ fn build_cache(options: &MountOptions) -> io::Result<(Arc<PageCache>, Arc<Kernel
 }
 
 /// The session of `fs`, serving `source` at `mountpoint`.
-fn new_session<Fs: fuser::Filesystem>(
+fn new_session<Fs: fuser::Filesystem + SyncsAtUnmount>(
     fs: Fs,
     source: &Path,
     mountpoint: &Path,
     options: &MountOptions,
     kernel_cache: &KernelCache,
-) -> io::Result<fuser::Session<Fs>> {
+) -> io::Result<Session<Fs>> {
+    let synced = fs.unmount_sync();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(source.display().to_string()),
@@ -336,7 +361,7 @@ fn new_session<Fs: fuser::Filesystem>(
     let session =
         fuser::Session::new(fs, mountpoint, &config).map_err(|error| naming(mountpoint, error))?;
     let _ = kernel_cache.notifier.set(session.notifier());
-    Ok(session)
+    Ok(Session { session, synced })
 }
 
 /// Raises this process's soft limit of open files to its hard limit (which

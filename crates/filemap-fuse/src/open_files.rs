@@ -64,6 +64,38 @@ impl OpenFiles {
     }
 }
 
+/// What the sync at unmount (`destroy`) found, for whoever waits for the
+/// unmount: `destroy` answers the kernel nothing, and a failed sync must not
+/// pass as a clean unmount.
+#[derive(Clone, Default)]
+pub(crate) struct UnmountSync(Arc<Mutex<Option<io::Error>>>);
+
+impl UnmountSync {
+    /// Keeps the sync's failure, if it failed.
+    pub(crate) fn record(&self, synced: io::Result<()>) {
+        if let Err(error) = synced {
+            *self.0.lock() = Some(error);
+        }
+    }
+
+    /// The sync's outcome: its failure, once.
+    pub(crate) fn outcome(&self) -> io::Result<()> {
+        match self.0.lock().take() {
+            Some(error) => Err(io::Error::new(
+                error.kind(),
+                format!("syncing at unmount: {error}"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A file system that syncs everything at unmount, and keeps the outcome.
+pub(crate) trait SyncsAtUnmount {
+    /// Where its `destroy` records the outcome of its sync.
+    fn unmount_sync(&self) -> UnmountSync;
+}
+
 /// The errno of a filemap error, for the kernel.
 pub(crate) fn errno(error: &io::Error) -> Errno {
     Errno::from_i32(filemap::errno(error).unwrap_or(libc::EIO))
@@ -111,12 +143,7 @@ macro_rules! serve_open_files {
                 }
                 return;
             }
-            $crate::open_files::with_reply_buf(size as usize, |buf| {
-                match $crate::open_files::read_fully(mapping, offset, buf) {
-                    Ok(n) => reply.data(&buf[..n]),
-                    Err(error) => reply.error($crate::open_files::errno(&error)),
-                }
-            });
+            $crate::open_files::reply_read(mapping, offset, size as usize, reply);
         }
 
         fn write(
@@ -357,6 +384,34 @@ pub(crate) fn with_reply_buf<T>(len: usize, reply: impl FnOnce(&mut [u8]) -> T) 
         }
         reply(&mut kept[..len])
     })
+}
+
+/// Answers a buffered read of `size` bytes at `offset`: with the cache's
+/// pages in place when they are one slice of its memory, pinned while the
+/// kernel copies the reply out of them (no copy into a reply buffer first);
+/// else through a reply buffer.
+pub(crate) fn reply_read(mapping: &Mapping, offset: u64, size: usize, reply: fuser::ReplyData) {
+    match mapping.pin_range(offset, size) {
+        Ok(range) => {
+            let mut slices = range.slices();
+            match (slices.next(), slices.next()) {
+                (None, _) => reply.data(&[]),
+                (Some(bytes), None) => reply.data(bytes),
+                _ => with_reply_buf(range.len(), |buf| {
+                    range.copy_to(buf);
+                    reply.data(buf)
+                }),
+            }
+        }
+        // More than the budget holds unpinned: read it instead.
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+            with_reply_buf(size, |buf| match read_fully(mapping, offset, buf) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(error) => reply.error(errno(&error)),
+            })
+        }
+        Err(error) => reply.error(errno(&error)),
+    }
 }
 
 /// Reads `buf.len()` bytes at `offset` into `buf`, or up to the end of file;

@@ -41,7 +41,7 @@ use self::backend::{
 };
 use self::inodes::{Inode, Inodes, ROOT};
 use crate::notify::{serving_kernel, InodeOf};
-use crate::open_files::{empty, or_errno, OpenFiles};
+use crate::open_files::{empty, or_errno, OpenFiles, SyncsAtUnmount, UnmountSync};
 
 /// How long the kernel may trust a reply: never, since the host directory
 /// may change behind its back.
@@ -62,6 +62,8 @@ pub struct PassthroughFs {
     as_root: bool,
     /// How files are opened: with the kernel's caching off, or on.
     open_flags: FopenFlags,
+    /// What the sync at unmount found.
+    synced: UnmountSync,
 }
 
 /// The open directories, by FUSE handle: each a descriptor of its own, whose
@@ -214,6 +216,7 @@ impl PassthroughFs {
                 true => FopenFlags::empty(),
                 false => FopenFlags::FOPEN_DIRECT_IO,
             },
+            synced: UnmountSync::default(),
         })
     }
 
@@ -515,15 +518,17 @@ impl fuser::Filesystem for PassthroughFs {
     }
 
     fn destroy(&mut self) {
-        // Unmounting: every mapping of the cache writes back when its last
-        // handle goes; then the host makes it durable.
+        // Unmounting: every file's data into its host file, whoever holds
+        // its mapping now; then the host makes it durable.
         self.open.clear();
-        if let Ok(root) = self.inodes.get(ROOT) {
+        let synced = self.cache.sync_all().and_then(|()| {
+            let root = (self.inodes.get(ROOT))
+                .map_err(|errno| io::Error::from_raw_os_error(errno.code()))?;
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-            if let Ok(dir) = rustix::fs::openat(&root.fd, ".", flags, Mode::empty()) {
-                let _ = rustix::fs::syncfs(dir);
-            }
-        }
+            let dir = rustix::fs::openat(&root.fd, ".", flags, Mode::empty())?;
+            Ok(rustix::fs::syncfs(dir)?)
+        });
+        self.synced.record(synced);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -824,4 +829,10 @@ impl fuser::Filesystem for PassthroughFs {
     }
 
     crate::open_files::serve_open_files!();
+}
+
+impl SyncsAtUnmount for PassthroughFs {
+    fn unmount_sync(&self) -> UnmountSync {
+        self.synced.clone()
+    }
 }

@@ -68,7 +68,8 @@ pub use backend::{
 };
 pub use cache::{
     CacheStats, ChangeListener, EvictionPolicy, FileHandle, LockWaits, MapAccess, MapRegion,
-    Mapping, PageCache, PageCacheBuilder, PinnedPage, PinnedPageMut, ReadaheadMode,
+    Mapping, PageCache, PageCacheBuilder, PinnedPage, PinnedPageMut, PinnedRange, PinnedSlices,
+    ReadaheadMode,
 };
 pub use device::{Device, DeviceClaim, FaultyDevice, FileDevice, MemDevice};
 pub use errno::{errno, Error};

@@ -27,6 +27,7 @@ pub use evict::{simulate as simulate_eviction, EvictionPolicy};
 pub use listener::ChangeListener;
 pub use mapping::direct::DIRECT_IO_MEMORY_ALIGN;
 pub use mapping::pin::{PinnedPage, PinnedPageMut};
+pub use mapping::pin_range::{PinnedRange, PinnedSlices};
 pub use mapping::region::{MapAccess, MapRegion};
 pub use mapping::writeback::FileHandle;
 pub use mapping::Mapping;
@@ -424,6 +425,37 @@ impl PageCache {
         self.files.find(backend)
     }
 
+    /// Writes back every dirty page of every file of the cache, waits for
+    /// writeback already under way, and makes each file durable in its
+    /// backend, as [`Mapping::sync_all`] does for one: what a file system
+    /// calls at unmount before it commits its volume. A mapping writes back
+    /// when its last handle is dropped, but another thread may hold it for a
+    /// moment then (a background writeback), and the drop then happens there,
+    /// later; this call does not depend on who drops last. Every file is
+    /// synced even if one fails; the first failure is returned.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use filemap::{MemDevice, PageCache, Volume};
+    ///
+    /// let volume = Volume::format(Arc::new(MemDevice::new(1 << 20)))?;
+    /// let cache = PageCache::builder().build()?;
+    /// let file = cache.open(Arc::new(volume.create_file("log")?))?;
+    /// file.write_all_at(b"entry", 0)?;
+    /// cache.sync_all()?; // the data is in the volume...
+    /// volume.sync()?; // ...and committed with its metadata
+    /// assert_eq!(file.cached_pages(), (1, 0)); // cached, none dirty
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn sync_all(&self) -> io::Result<()> {
+        let mut outcome = Ok(());
+        self.shared.for_each_mapping(|mapping| {
+            let synced = mapping.sync_all();
+            outcome = std::mem::replace(&mut outcome, Ok(())).and(synced);
+        });
+        outcome
+    }
+
     /// The strategy of every mapping of this cache.
     pub fn strategy(&self) -> Strategy {
         self.shared.strategy
@@ -450,13 +482,12 @@ impl PageCache {
         let shared = &self.shared;
         let counters = &shared.counters;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let mappings = shared.live_mappings();
-        let dirty_pages: u64 = mappings.iter().map(|mapping| mapping.dirty_pages()).sum();
-        let metadata_bytes = shared.queue_bytes()
-            + mappings
-                .iter()
-                .map(|mapping| mapping.index_bytes())
-                .sum::<usize>();
+        let (mut dirty_pages, mut index_bytes) = (0, 0);
+        shared.for_each_mapping(|mapping| {
+            dirty_pages += mapping.dirty_pages();
+            index_bytes += mapping.index_bytes();
+        });
+        let metadata_bytes = shared.queue_bytes() + index_bytes;
         let page = PAGE_SIZE as u64;
         // Unpins summed after pins: a pin given back between the two sums is
         // then not counted as held, while one taken between is not counted.

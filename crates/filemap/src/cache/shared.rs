@@ -29,6 +29,9 @@ pub(crate) trait CachedFile: Send + Sync {
     fn evict_page(&self, index: u64) -> Eviction;
     /// Writes back every dirty page; failures are kept for the next syncs.
     fn write_back_in_background(&self);
+    /// Writes back every dirty page, waits for writeback under way and makes
+    /// the file durable, reporting a failure ([`crate::Mapping::sync_all`]).
+    fn sync_all(&self) -> std::io::Result<()>;
     /// Reads a readahead window of `pages` pages from `first` into the cache.
     fn fill_ahead(&self, first: u64, pages: u64);
     /// How many of the file's pages are dirty.
@@ -311,10 +314,18 @@ impl CacheShared {
         self.queue.lock().allocated_bytes()
     }
 
-    /// Every live mapping.
-    pub(crate) fn live_mappings(&self) -> Vec<Arc<dyn CachedFile>> {
-        let mappings = self.mappings.lock();
-        mappings.values().filter_map(Weak::upgrade).collect()
+    /// Runs `visit` on every live mapping, holding one at a time: a mapping
+    /// whose last handle is dropped meanwhile must write back in that drop,
+    /// on the thread that dropped it, not later in a thread that held it the
+    /// whole walk (a file system that drops its files and then commits its
+    /// volume would lose what that thread wrote after the commit).
+    pub(crate) fn for_each_mapping(&self, mut visit: impl FnMut(&dyn CachedFile)) {
+        let ids: Vec<u32> = self.mappings.lock().keys().copied().collect();
+        for id in ids {
+            if let Some(mapping) = self.mapping(id) {
+                visit(&*mapping);
+            }
+        }
     }
 }
 
@@ -335,9 +346,7 @@ pub(crate) fn background_writeback(cache: Weak<CacheShared>, interval: Duration)
             || shared.dirtied.load(Ordering::Relaxed) >= shared.dirty_background_pages;
         if due {
             shared.dirtied.store(0, Ordering::Relaxed);
-            for mapping in shared.live_mappings() {
-                mapping.write_back_in_background();
-            }
+            shared.for_each_mapping(|mapping| mapping.write_back_in_background());
             last_flush = Instant::now();
         }
     }

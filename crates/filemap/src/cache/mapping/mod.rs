@@ -72,6 +72,7 @@ mod fill;
 mod invalidate;
 mod open;
 pub(super) mod pin;
+pub(super) mod pin_range;
 mod read;
 pub(super) mod region;
 mod seek;

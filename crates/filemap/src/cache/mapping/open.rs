@@ -181,6 +181,10 @@ impl CachedFile for Mapping {
         Mapping::write_back_in_background(self);
     }
 
+    fn sync_all(&self) -> io::Result<()> {
+        Mapping::sync_all(self)
+    }
+
     fn fill_ahead(&self, first: u64, pages: u64) {
         Mapping::fill_ahead(self, first, pages);
     }

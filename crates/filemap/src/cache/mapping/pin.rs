@@ -116,14 +116,14 @@ fn own_record() -> Option<usize> {
 /// thread's list of held pins is what lets its own calls fail with `EDEADLK`
 /// instead of waiting for it.
 pub struct PinnedPage<'a> {
-    mapping: &'a Mapping,
-    index: u64,
+    pub(super) mapping: &'a Mapping,
+    pub(super) index: u64,
     /// The page's address (page-aligned), plus the number of the hazard
     /// entry that holds the pin, or 0 for a pin counted in the slot.
-    bytes_and_entry: usize,
+    pub(super) bytes_and_entry: usize,
     /// Keeps the guard on its thread, whose pin list (and hazard record)
     /// holds it.
-    not_send: PhantomData<*const [u8; PAGE_SIZE]>,
+    pub(super) not_send: PhantomData<*const [u8; PAGE_SIZE]>,
 }
 
 impl PinnedPage<'_> {
@@ -442,7 +442,7 @@ impl Mapping {
     ///
     /// Returns the page's address plus the hazard entry's number (0 for a
     /// counted pin), as `PinnedPage` keeps them.
-    fn try_pin_cached(&self, index: u64) -> io::Result<Option<usize>> {
+    pub(super) fn try_pin_cached(&self, index: u64) -> io::Result<Option<usize>> {
         if start_of(index) >= self.len() {
             return fail(libc::EINVAL);
         }

@@ -273,28 +273,10 @@ impl Mapping {
                 continue;
             }
             schedule::point();
-            stats::add(&self.cache.counters.misses, 1);
             let rest = &mut dst[done..];
             let asked = (in_page + rest.len()).div_ceil(PAGE_SIZE) as u64;
-            let batch = self.cache.fill_batch_pages as u64;
-            let miss = self.readahead.on_miss(index, batch);
-            let want = match miss {
-                MissFill::Stream(window) => window.max(asked),
-                MissFill::Ahead => asked,
-            };
-            let fill = (!fill_held)
-                .then(|| self.lock_mode(Mode::Fill, start_of(index)..start_of(index + want)));
-            match self.fill(index, want, FillBudget::Uncached, fill)? {
-                Fill::Read {
-                    data,
-                    pages,
-                    current,
-                } => {
-                    if let MissFill::Stream(_) = miss {
-                        self.readahead.filled(index, pages, asked);
-                    }
-                    let beyond = pages.saturating_sub(asked);
-                    stats::add(&self.cache.counters.readahead_pages, beyond);
+            match self.fill_miss(index, asked, FillBudget::Uncached, fill_held)? {
+                Fill::Read { data, current, .. } => {
                     // Pages whose claim was taken are read again (from the cache).
                     let valid = (current as usize * PAGE_SIZE).saturating_sub(in_page);
                     let n = valid.min(rest.len());
@@ -312,6 +294,39 @@ impl Mapping {
             }
         }
         Ok(done)
+    }
+
+    /// Fills the miss at page `index` for a caller that wants `asked` pages
+    /// from it on: a whole window if the reads look sequential. Counts the
+    /// miss, and the pages read past `asked` as read ahead. Takes Fill for the
+    /// pages unless `fill_held` (the caller holds a mode that covers fills).
+    pub(super) fn fill_miss(
+        &self,
+        index: u64,
+        asked: u64,
+        budget: FillBudget,
+        fill_held: bool,
+    ) -> io::Result<Fill> {
+        stats::add(&self.cache.counters.misses, 1);
+        let batch = self.cache.fill_batch_pages as u64;
+        let miss = self.readahead.on_miss(index, batch);
+        let want = match miss {
+            MissFill::Stream(window) => window.max(asked),
+            MissFill::Ahead => asked,
+        };
+        let fill = (!fill_held)
+            .then(|| self.lock_mode(Mode::Fill, start_of(index)..start_of(index + want)));
+        let filled = self.fill(index, want, budget, fill)?;
+        if let Fill::Read { pages, .. } = filled {
+            if let MissFill::Stream(_) = miss {
+                self.readahead.filled(index, pages, asked);
+            }
+            stats::add(
+                &self.cache.counters.readahead_pages,
+                pages.saturating_sub(asked),
+            );
+        }
+        Ok(filled)
     }
 
     /// The hit path: copies from the stored page if it is up to date, validating
