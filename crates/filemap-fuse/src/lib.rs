@@ -65,9 +65,8 @@ pub struct MountOptions {
     /// When they read ahead. [`ReadaheadMode::BackendBound`] by default;
     /// [`ReadaheadMode::Always`] made uncached sequential reads through the
     /// mount faster (`filemap bench mount`), but one torture run through
-    /// the mount in 18 with it read a page a later store through a map had
-    /// replaced (none in 12 without, nor in earlier runs), which is not
-    /// understood yet.
+    /// the mount with it, of 82, read a page a later store through a map had
+    /// replaced (none in 52 without), which is not understood yet.
     pub readahead_mode: ReadaheadMode,
     /// Threads serving the kernel's requests, so a slow miss never holds up a
     /// hit.
