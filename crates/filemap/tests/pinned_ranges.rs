@@ -179,3 +179,41 @@ fn sequential_pinned_ranges_read_ahead_as_sequential_reads_do() {
         stats.misses
     );
 }
+
+/// Caught (the torture through the mount hung): a pinned range that met an
+/// absent page waited for Fill while holding the pins of the pages before
+/// it, and a punch over the range held its mode waiting for those pins.
+#[test]
+fn pinned_ranges_racing_punches_never_deadlock() {
+    let (_cache, mapping) = file(32, 1024);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let puncher = {
+        let mapping = mapping.clone();
+        std::thread::spawn(move || {
+            for round in 0..100_000u64 {
+                let first = round * 7 % 30;
+                mapping.punch_hole(first * PAGE, 2 * PAGE).unwrap();
+            }
+        })
+    };
+    let pinner = {
+        let mapping = mapping.clone();
+        std::thread::spawn(move || {
+            for round in 0..100_000u64 {
+                let offset = round * 5 % 16 * PAGE;
+                match mapping.pin_range(offset, 16 * PAGE_SIZE) {
+                    Ok(range) => assert_eq!(range.len(), 16 * PAGE_SIZE),
+                    Err(error) => {
+                        assert_eq!(error.kind(), std::io::ErrorKind::WouldBlock, "{error}")
+                    }
+                }
+            }
+            done_tx.send(()).unwrap();
+        })
+    };
+    done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a pinned range and a punch deadlocked");
+    pinner.join().unwrap();
+    puncher.join().unwrap();
+}

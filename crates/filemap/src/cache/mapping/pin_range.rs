@@ -86,15 +86,25 @@ impl PinnedRange<'_> {
     }
 }
 
-impl Drop for PinnedRange<'_> {
-    fn drop(&mut self) {
-        // Last pinned, first given back: each unpin finds its entry at the
-        // end of the thread's list of held pins.
+impl PinnedRange<'_> {
+    /// Gives every pin back, last pinned first: each unpin finds its entry at
+    /// the end of the thread's list of held pins.
+    fn unpin_all(&mut self) {
         while let Some(page) = self.pages.pop() {
             drop(page);
         }
     }
 }
+
+impl Drop for PinnedRange<'_> {
+    fn drop(&mut self) {
+        self.unpin_all();
+    }
+}
+
+/// How many times [`Mapping::pin_range`] gives its pins back to make a page
+/// pinnable before it lets the caller read instead.
+const MAX_RESTARTS: u32 = 16;
 
 /// The slices of a [`PinnedRange`], in order.
 pub struct PinnedSlices<'r> {
@@ -150,11 +160,17 @@ impl Mapping {
     /// copy. Other threads' reads and pins of the pages go on meanwhile;
     /// every change to them waits.
     ///
+    /// It never waits while it holds pins of the range: a page that needs a
+    /// fill, or is busy, makes it give them back and start again once the
+    /// page is ready (a punch waiting for those pins would otherwise wait for
+    /// the fill, and the fill for the punch).
+    ///
     /// Fails as [`Mapping::read_at`] does for a bad range, with `EDEADLK` if
     /// this thread holds a write pin of one of the pages, and with
     /// `WouldBlock` if a page is not cached and every page of the budget is
-    /// pinned (a range longer than the budget, or pins held elsewhere): the
-    /// caller then reads the range instead.
+    /// pinned (a range longer than the budget, or pins held elsewhere), or if
+    /// the pages kept changing as it pinned them: the caller then reads the
+    /// range instead.
     ///
     /// ```
     /// use std::io::Write;
@@ -186,6 +202,7 @@ impl Mapping {
         self.check_own_pins(first..last + 1, true)?;
         range.pages.reserve((last - first + 1) as usize);
         let mut index = first;
+        let mut restarts = 0;
         while index <= last && start_of(index) < self.len() {
             if self.readahead.is_mark(index) {
                 self.read_ahead_from(index);
@@ -205,7 +222,26 @@ impl Mapping {
                     });
                     index += 1;
                 }
-                None => self.make_range_pinnable(index, last - index + 1)?,
+                None => {
+                    // Never wait holding pins: a punch or truncate holding
+                    // its mode over the range waits for them, and the fill or
+                    // the wait would wait for it. Give them back, make the
+                    // page pinnable, and start again.
+                    range.unpin_all();
+                    restarts += 1;
+                    if restarts > MAX_RESTARTS {
+                        return Err(with_message(
+                            libc::EWOULDBLOCK,
+                            format!(
+                                "the pages of {offset}..{} kept changing while they \
+                                 were pinned",
+                                offset + len as u64
+                            ),
+                        ));
+                    }
+                    self.make_range_pinnable(index, last - index + 1)?;
+                    index = first;
+                }
             }
         }
         // Cut at the end of file as it is now: a truncate that began before a
