@@ -140,6 +140,30 @@ impl<Source> Mounted<Source> {
         self.session.join()?;
         self.synced.outcome()
     }
+
+    /// The cache every file of the mount is a mapping of. A change made
+    /// through it ([`PageCache::open`] of a file of [`Mounted::volume`], or
+    /// of a [`filemap::HostFile`] of [`Mounted::dir`], then a write, a punch
+    /// or [`filemap::Mapping::invalidate_range`]) reaches every reader and
+    /// shared map on the mount before the call returns.
+    pub fn cache(&self) -> &Arc<PageCache> {
+        &self.cache
+    }
+}
+
+impl Mounted {
+    /// The mounted volume: its namespace and files, for the library's calls
+    /// beside the mount's.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.source
+    }
+}
+
+impl Mounted<PathBuf> {
+    /// The host directory passed through.
+    pub fn dir(&self) -> &Path {
+        &self.source
+    }
 }
 
 /// A mounted file system not yet served (of a volume, or as
@@ -167,32 +191,6 @@ impl<Fs: fuser::Filesystem + Send + Sync + 'static> Session<Fs> {
             source,
             cache,
         })
-    }
-}
-
-impl<Source> Mounted<Source> {
-    /// The cache every file of the mount is a mapping of. A change made
-    /// through it ([`PageCache::open`] of a file of [`Mounted::volume`], or
-    /// of a [`filemap::HostFile`] of [`Mounted::dir`], then a write, a punch
-    /// or [`filemap::Mapping::invalidate_range`]) reaches every reader and
-    /// shared map on the mount before the call returns.
-    pub fn cache(&self) -> &Arc<PageCache> {
-        &self.cache
-    }
-}
-
-impl Mounted {
-    /// The mounted volume: its namespace and files, for the library's calls
-    /// beside the mount's.
-    pub fn volume(&self) -> &Arc<Volume> {
-        &self.source
-    }
-}
-
-impl Mounted<PathBuf> {
-    /// The host directory passed through.
-    pub fn dir(&self) -> &Path {
-        &self.source
     }
 }
 

@@ -18,14 +18,19 @@ fn in_the_volume(volume: &Arc<Volume>, name: &str) -> Vec<u8> {
     page
 }
 
-#[test]
-fn sync_all_writes_back_a_file_another_thread_still_holds() {
+/// A volume, and a cache whose background writeback stays out of the test.
+fn volume_and_cache() -> (Arc<Volume>, PageCache) {
     let volume = Volume::format(Arc::new(MemDevice::new(4 << 20))).unwrap();
-    // No background writeback within the test.
     let cache = PageCache::builder()
         .writeback_interval(std::time::Duration::from_secs(3600))
         .build()
         .unwrap();
+    (volume, cache)
+}
+
+#[test]
+fn sync_all_writes_back_a_file_another_thread_still_holds() {
+    let (volume, cache) = volume_and_cache();
     let file = cache
         .open(Arc::new(volume.create_file("f").unwrap()))
         .unwrap();
@@ -42,11 +47,7 @@ fn sync_all_writes_back_a_file_another_thread_still_holds() {
 
 #[test]
 fn sync_all_syncs_every_file_and_reports_a_failing_ones_error() {
-    let volume = Volume::format(Arc::new(MemDevice::new(4 << 20))).unwrap();
-    let cache = PageCache::builder()
-        .writeback_interval(std::time::Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let (volume, cache) = volume_and_cache();
     let failing = Arc::new(FaultyBackend::new(
         Arc::new(volume.create_file("bad").unwrap()),
         1,

@@ -451,7 +451,9 @@ impl PageCache {
         let mut outcome = Ok(());
         self.shared.for_each_mapping(|mapping| {
             let synced = mapping.sync_all();
-            outcome = std::mem::replace(&mut outcome, Ok(())).and(synced);
+            if outcome.is_ok() {
+                outcome = synced;
+            }
         });
         outcome
     }

@@ -269,6 +269,15 @@ fn forget_held(mapping: &Mapping, index: u64, for_writing: bool) {
     });
 }
 
+/// `WouldBlock`, for a pin of page `index`, absent, that no page of the
+/// budget can be freed for: every one is pinned.
+pub(super) fn budget_all_pinned(index: u64) -> io::Error {
+    with_message(
+        libc::EWOULDBLOCK,
+        format!("page {index} is not cached and every page of the cache's budget is pinned"),
+    )
+}
+
 /// `EDEADLK`, for a call that would wait for the caller's own pin.
 fn would_deadlock(index: u64) -> io::Error {
     with_message(
@@ -492,13 +501,7 @@ impl Mapping {
         if state.is_absent() {
             let fill = self.lock_mode(Mode::Fill, page_range(index));
             return match self.fill(index, 1, FillBudget::Wait, Some(fill))? {
-                Fill::CacheFull => Err(with_message(
-                    libc::EWOULDBLOCK,
-                    format!(
-                        "page {index} is not cached and every page of the cache's \
-                         budget is pinned"
-                    ),
-                )),
+                Fill::CacheFull => Err(budget_all_pinned(index)),
                 Fill::BeyondEof => fail(libc::EINVAL),
                 Fill::Read { .. } | Fill::NotAbsent => Ok(()),
             };

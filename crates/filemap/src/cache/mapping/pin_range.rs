@@ -17,7 +17,7 @@ use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 
 use super::fill::{Fill, FillBudget};
-use super::pin::PinnedPage;
+use super::pin::{budget_all_pinned, PinnedPage};
 use super::Mapping;
 use crate::cache::page::{PageState, MAX_PINS};
 use crate::cache::store::chunk_of;
@@ -84,9 +84,7 @@ impl PinnedRange<'_> {
             done += slice.len();
         }
     }
-}
 
-impl PinnedRange<'_> {
     /// Gives every pin back, last pinned first: each unpin finds its entry at
     /// the end of the thread's list of held pins.
     fn unpin_all(&mut self) {
@@ -260,13 +258,7 @@ impl Mapping {
         let state = slot.load();
         if state.is_absent() {
             return match self.fill_miss(index, asked, FillBudget::Wait, false)? {
-                Fill::CacheFull => Err(with_message(
-                    libc::EWOULDBLOCK,
-                    format!(
-                        "page {index} is not cached and every page of the cache's \
-                         budget is pinned"
-                    ),
-                )),
+                Fill::CacheFull => Err(budget_all_pinned(index)),
                 Fill::Read { .. } | Fill::NotAbsent | Fill::BeyondEof => Ok(()),
             };
         }
