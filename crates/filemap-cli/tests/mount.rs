@@ -14,7 +14,7 @@ use support::programs::{
     compare_copies, copy_with_cp_and_direct_dd, punch_and_zero_with_fallocate, renameat2,
     sqlite_check, sqlite_fill, stat,
 };
-use support::{filemap, run, Image, Rng};
+use support::{filemap, run, umount, Image, Rng};
 
 #[test]
 fn cp_and_dd_direct_copies_compare_equal_after_a_remount() {
@@ -418,7 +418,7 @@ fn a_busy_or_dead_mount_point_is_refused_naming_it() {
     // Dead: the server was killed, and the mount is left without one.
     server.kill_leaving_a_dead_mount();
     refused("dead mount");
-    run("umount", &[image.mnt().to_str().unwrap()]);
+    umount(&image.mnt());
     // Cleared, the mount point takes the image again (it recovers from the
     // kill as from a crash).
     image.mount().stop(None);

@@ -260,9 +260,7 @@ impl Server {
                     &[&format!("-{signal}"), &self.child.id().to_string()],
                 );
             }
-            None => {
-                run("umount", &[self.mnt.to_str().unwrap()]);
-            }
+            None => umount(&self.mnt),
         }
         let stderr = self.stderr();
         let status = self.child.wait().expect("wait");
@@ -299,6 +297,32 @@ impl Server {
         run("kill", &["-KILL", &self.child.id().to_string()]);
         self.child.wait().expect("wait");
         self.ended = true;
+    }
+}
+
+/// `umount mnt`, as a user would type it; panics with its output unless it
+/// succeeds. "Target is busy" is tried again for a while: tests run side by
+/// side in one process, and a child another test spawns holds a copy of
+/// every descriptor of the process between its fork and its exec, this
+/// test's last file on the mount included.
+pub fn umount(mnt: &Path) {
+    let path = mnt.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("umount")
+            .arg(path)
+            .output()
+            .expect("umount cannot run here");
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("busy") && Instant::now() < deadline,
+            "umount {path}: {stderr}"
+        );
+        eprintln!("umount {path}: busy, trying again");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

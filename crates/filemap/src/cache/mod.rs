@@ -431,8 +431,11 @@ impl PageCache {
     /// calls at unmount before it commits its volume. A mapping writes back
     /// when its last handle is dropped, but another thread may hold it for a
     /// moment then (a background writeback), and the drop then happens there,
-    /// later; this call does not depend on who drops last. Every file is
-    /// synced even if one fails; the first failure is returned.
+    /// later; this call does not depend on who drops last: it syncs every file
+    /// still open, and waits for the drops under way on other threads (their
+    /// data is then in their backends, which the caller's commit or `syncfs`
+    /// makes durable). Every file is synced even if one fails; the first
+    /// failure is returned.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -455,6 +458,7 @@ impl PageCache {
                 outcome = synced;
             }
         });
+        self.shared.wait_for_closing();
         outcome
     }
 

@@ -11,7 +11,7 @@ use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::sync::Mutex;
+use crate::sync::{Condvar, Mutex};
 
 use super::evict::{self, EvictionPolicy, Key, Queue, Visit};
 use super::faults::FaultService;
@@ -63,6 +63,10 @@ pub(crate) struct CacheShared {
     queue: Mutex<Queue>,
     /// The live mappings by id, for the eviction hand.
     mappings: Mutex<HashMap<u32, Weak<dyn CachedFile>>>,
+    /// Mappings in their last drop (writing back there), which no walk of
+    /// `mappings` reaches any more, and their end.
+    closing: Mutex<usize>,
+    closed: Condvar,
     next_mapping: AtomicU32,
     pub(crate) counters: Counters,
     /// Background writeback: pages dirtied since its last flush, the count that
@@ -148,6 +152,8 @@ impl CacheShared {
             eviction: settings.eviction,
             queue: Mutex::new(Queue::new(settings.eviction)),
             mappings: Mutex::new(HashMap::default()),
+            closing: Mutex::new(0),
+            closed: Condvar::new(),
             next_mapping: AtomicU32::new(0),
             counters: Counters::default(),
             dirtied: AtomicU64::new(0),
@@ -314,17 +320,51 @@ impl CacheShared {
         self.queue.lock().allocated_bytes()
     }
 
-    /// Runs `visit` on every live mapping, holding one at a time: a mapping
-    /// whose last handle is dropped meanwhile must write back in that drop,
-    /// on the thread that dropped it, not later in a thread that held it the
-    /// whole walk (a file system that drops its files and then commits its
-    /// volume would lose what that thread wrote after the commit).
+    /// Runs `visit` on every live mapping, holding one at a time, so that a
+    /// mapping whose last handle is dropped meanwhile writes back in that
+    /// drop as soon as it can. A mapping whose last holder is the walk itself
+    /// still drops on the walk's thread: [`Self::wait_for_closing`] waits for
+    /// such drops.
     pub(crate) fn for_each_mapping(&self, mut visit: impl FnMut(&dyn CachedFile)) {
         let ids: Vec<u32> = self.mappings.lock().keys().copied().collect();
         for id in ids {
             if let Some(mapping) = self.mapping(id) {
                 visit(&*mapping);
             }
+        }
+    }
+}
+
+/// Counts a mapping in its last drop for as long as it lives (see
+/// [`CacheShared::wait_for_closing`]).
+pub(crate) struct Closing(Arc<CacheShared>);
+
+impl Closing {
+    pub(crate) fn new(cache: Arc<CacheShared>) -> Closing {
+        *cache.closing.lock() += 1;
+        Closing(cache)
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        let mut closing = self.0.closing.lock();
+        *closing -= 1;
+        if *closing == 0 {
+            self.0.closed.notify_all();
+        }
+    }
+}
+
+impl CacheShared {
+    /// Waits until no mapping is in its last drop: its writeback is then in
+    /// its backend. A walk of the live mappings misses a mapping whose last
+    /// holder let go meanwhile (a background writeback, say), whose drop may
+    /// still be writing on that holder's thread.
+    pub(crate) fn wait_for_closing(&self) {
+        let mut closing = self.closing.lock();
+        while *closing > 0 {
+            self.closed.wait(&mut closing);
         }
     }
 }

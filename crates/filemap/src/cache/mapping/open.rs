@@ -13,7 +13,7 @@ use crate::backend::Backend;
 use crate::cache::evict::Visit;
 use crate::cache::faults::ServesFaults;
 use crate::cache::readahead::Readahead;
-use crate::cache::shared::{CacheShared, CachedFile, Eviction};
+use crate::cache::shared::{CacheShared, CachedFile, Closing, Eviction};
 use crate::cache::store::PageStore;
 use crate::cache::tree::{PageTree, MAX_PAGES};
 use crate::errno::fail;
@@ -117,6 +117,7 @@ impl Drop for Mapping {
         // open if it has an identity, or drop them and give the budget back.
         // Until the eviction queue's entry changes, the eviction hand keeps
         // this mapping's pages in the queue (see `CacheShared::reclaim`).
+        let _closing = Closing::new(self.cache.clone());
         let closed = if self.removed.load(Ordering::Acquire) {
             let _ = self.release_storage();
             None
