@@ -13,7 +13,7 @@
 //! page cache, as filemap's image is.
 //!
 //! What it serves: lookup, getattr, setattr of the size, open, create, read,
-//! write, flush, fsync and release, in one directory. Everything else is
+//! write, flush, fallocate, fsync and release, in one directory. Everything else is
 //! `fuser`'s default (mostly `ENOSYS`). This is not the kernel's FUSE
 //! passthrough (`FOPEN_PASSTHROUGH`), which would bypass the server.
 
@@ -339,6 +339,28 @@ impl fuser::Filesystem for Passthrough {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let done = self.file(fh).and_then(|file| {
+            let mode =
+                rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::EOPNOTSUPP)?;
+            rustix::fs::fallocate(&*file, mode, offset, length)
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(error),
+        }
     }
 
     fn fsync(

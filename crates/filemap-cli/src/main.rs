@@ -113,7 +113,7 @@ struct BenchArgs {
     kernel_cache: bool,
     /// mount: when filemap's mounted cache reads ahead (as `filemap mount
     /// --readahead`).
-    #[arg(long, value_enum, default_value_t = mount::ReadaheadArg::BackendBound)]
+    #[arg(long, value_enum, default_value_t = mount::ReadaheadArg::Always)]
     readahead: mount::ReadaheadArg,
     /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
@@ -290,7 +290,7 @@ struct TortureArgs {
     kernel_cache: bool,
     /// With --mount: when the mounted cache's readahead threads read a
     /// sequential stream's next window (as `filemap mount --readahead`).
-    #[arg(long, value_enum, requires = "mount", default_value_t = mount::ReadaheadArg::BackendBound)]
+    #[arg(long, value_enum, requires = "mount", default_value_t = mount::ReadaheadArg::Always)]
     readahead: mount::ReadaheadArg,
     /// `differential`: the most seconds spent shrinking each divergence.
     #[arg(long, default_value_t = 30.0, value_parser = seconds_or_zero)]
@@ -914,6 +914,15 @@ fn print_table(reports: &[TortureReport]) {
         println!(
             "\n{}/{}: {} pages mixed a write copying into the kernel's cache during the read (as ext4's reads may; not violations)",
             r.strategy, r.backend, r.mixed_in_kernel_cache
+        );
+    }
+    for r in reports
+        .iter()
+        .filter(|r| r.map_stores_lost_by_kernel_fallocate > 0)
+    {
+        println!(
+            "\n{}/{}: {} pages kept a version in place of a later store through a map made during a punch or zero range through the mount (the kernel's fallocate drops its pages after the server's change, with no lock against faults; not violations)",
+            r.strategy, r.backend, r.map_stores_lost_by_kernel_fallocate
         );
     }
     for r in reports.iter().filter(|r| !r.examples.is_empty()) {

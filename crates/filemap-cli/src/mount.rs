@@ -52,10 +52,10 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 2, value_parser = whole_number::<usize>)]
     readahead_threads: usize,
     /// When the readahead threads read a sequential stream's next window:
-    /// only while the backend is slower to read than the cache is to install
-    /// (the default), or always (each read is a round trip, and they fill
-    /// meanwhile: faster uncached sequential reads).
-    #[arg(long, value_enum, default_value_t = ReadaheadArg::BackendBound)]
+    /// always (the default: each read is a round trip through the kernel,
+    /// and they fill meanwhile), or only while the backend is slower to read
+    /// than the cache is to install.
+    #[arg(long, value_enum, default_value_t = ReadaheadArg::Always)]
     readahead: ReadaheadArg,
     /// Threads serving the kernel's requests.
     #[arg(long, default_value_t = 4, value_parser = whole_number::<usize>)]

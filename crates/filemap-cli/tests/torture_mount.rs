@@ -46,12 +46,15 @@ fn mounts_of(pid: u32) -> Vec<String> {
 }
 
 #[test]
-fn range_through_the_mount_reads_nothing_stale_foreign_or_torn_with_the_kernel_cache_off_and_on_and_readahead_always(
+fn range_through_the_mount_reads_nothing_stale_foreign_or_torn_with_the_kernel_cache_off_and_on_and_readahead_backend_bound(
 ) {
     for (flags, through) in [
         (&[][..], "mount"),
         (&["--kernel-cache"][..], "mount+kernel-cache"),
-        (&["--readahead", "always"][..], "mount+readahead-always"),
+        (
+            &["--readahead", "backend-bound"][..],
+            "mount+readahead-backend-bound",
+        ),
     ] {
         let mut args = vec!["--strategy", "range", "--seconds", "8"];
         args.extend(flags);

@@ -339,6 +339,16 @@ pub struct TortureReport {
     /// violation; counted so that it is seen. A version replaced before the
     /// read began is still stale.
     pub mixed_in_kernel_cache: u64,
+    /// Pages that reads through a mount returned holding a version (a write,
+    /// or a store through a map) that a later store through a map, made
+    /// during a punch or zero range the kernel's `fallocate` made through the
+    /// mount, should have replaced:
+    /// the kernel drops its pages of the range after the server's change
+    /// with no lock against faults meanwhile, and so may discard the later
+    /// store after writing the earlier back (see
+    /// [`oracle::PageHistory::begin_kernel_fallocate`]). Not a violation of
+    /// the server's; counted so that it is seen.
+    pub map_stores_lost_by_kernel_fallocate: u64,
     /// Operations that failed with an I/O error.
     pub errors: u64,
     /// Operations per second.

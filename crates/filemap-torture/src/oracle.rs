@@ -144,6 +144,9 @@ struct Change {
     end: u64,
     /// Stored through a memory map, so readers may see it partly.
     through_map: bool,
+    /// A punch or zero range by the kernel's `fallocate` through a mount (see
+    /// [`PageHistory::begin_kernel_fallocate`]).
+    kernel_fallocate: bool,
 }
 
 /// Every change of one page that a read in flight could still observe.
@@ -161,6 +164,7 @@ impl Default for PageHistory {
                 start: 0,
                 end: 0,
                 through_map: false,
+                kernel_fallocate: false,
             }],
         }
     }
@@ -175,6 +179,7 @@ impl PageHistory {
             start,
             end: u64::MAX,
             through_map: false,
+            kernel_fallocate: false,
         });
     }
 
@@ -182,6 +187,26 @@ impl PageHistory {
     pub fn begin_map_store(&mut self, value: Value, start: u64) {
         self.begin(value, start);
         self.changes.last_mut().expect("just pushed").through_map = true;
+    }
+
+    /// Like [`PageHistory::begin`] for zeroes, by a punch or zero range that
+    /// the kernel's `fallocate` makes through a mount. The kernel writes its
+    /// pages of the range back, sends the request, and drops its pages after
+    /// the reply, with no lock against faults meanwhile (only DAX files get
+    /// one). A store through a map made during the call dirties a page again:
+    /// if that page is written back after the server's change (a direct read
+    /// of the range writes it back first), and a later store during the call
+    /// dirties it once more, the drop discards the later store and the
+    /// earlier one is what the file keeps. The earlier change may be a write
+    /// as well, through the mount during the call. No order makes that
+    /// outcome, but it is the kernel's, not the server's:
+    /// [`PageHistory::allows_kernel_fallocate_loss`] allows it.
+    pub fn begin_kernel_fallocate(&mut self, start: u64) {
+        self.begin(Value::Zero, start);
+        self.changes
+            .last_mut()
+            .expect("just pushed")
+            .kernel_fallocate = true;
     }
 
     /// Whether a store through a map to this page overlapped `[rs, re]`: a read
@@ -221,10 +246,16 @@ impl PageHistory {
         if let Some(change) = self.changes.iter_mut().find(|c| c.start == start) {
             change.end = end;
         }
-        let changes = &self.changes;
-        let keep: Vec<Change> = changes
+        // A store the kernel may have kept in place of a later one stays.
+        let keep: Vec<Change> = self
+            .changes
             .iter()
-            .filter(|c| !changes.iter().any(|d| d.start > c.end && d.end < horizon))
+            .filter(|c| {
+                !self
+                    .changes
+                    .iter()
+                    .any(|d| d.end < horizon && self.replaces(d, c, true))
+            })
             .copied()
             .collect();
         self.changes = keep;
@@ -232,11 +263,42 @@ impl PageHistory {
 
     /// Whether a read that ran over `[rs, re]` may have returned `value`.
     pub fn allows(&self, value: Value, rs: u64, re: u64) -> bool {
+        self.allows_if(value, rs, re, false)
+    }
+
+    /// Whether a read over `[rs, re]` may have returned `value` if the kernel
+    /// lost a store through a map to a punch or zero range through a mount,
+    /// as [`PageHistory::begin_kernel_fallocate`] says it may. Only for
+    /// values [`PageHistory::allows`] refuses: the read is then counted
+    /// apart, not as stale.
+    pub fn allows_kernel_fallocate_loss(&self, value: Value, rs: u64, re: u64) -> bool {
+        self.allows_if(value, rs, re, true)
+    }
+
+    fn allows_if(&self, value: Value, rs: u64, re: u64, kernel_loss: bool) -> bool {
         self.changes.iter().any(|c| {
             c.value == value
                 && c.start < re
-                && !self.changes.iter().any(|d| d.start > c.end && d.end < rs)
+                && !self
+                    .changes
+                    .iter()
+                    .any(|d| d.end < rs && self.replaces(d, c, kernel_loss))
         })
+    }
+
+    /// Whether change `later` replaced `earlier` for good: it started after
+    /// `earlier` ended, unless (with `kernel_loss`) `later` is a store
+    /// through a map made during a kernel `fallocate` that `earlier` had not
+    /// ended before: the kernel may have discarded `later`, and `earlier`
+    /// reached the server after the `fallocate`'s change.
+    fn replaces(&self, later: &Change, earlier: &Change, kernel_loss: bool) -> bool {
+        later.start > earlier.end
+            && !(kernel_loss
+                && later.through_map
+                && self
+                    .changes
+                    .iter()
+                    .any(|z| z.kernel_fallocate && z.start < earlier.end && later.start < z.end))
     }
 
     /// The remembered changes, for reports: `value [start, end]`, `m` for a
@@ -419,6 +481,76 @@ mod tests {
             !page.map_store_overlaps(5, 29),
             "started after the read ended"
         );
+    }
+
+    /// A change of a test's page history, by what made it.
+    #[derive(Clone, Copy)]
+    enum Made {
+        Write,
+        MapStore,
+        LibraryPunch,
+        KernelPunch,
+    }
+
+    /// The history of changes `(made, start, end)`, each with value
+    /// `Seq(start)` (punches: zeroes), begun and ended in the order of their
+    /// ticks, nothing pruned.
+    fn history_of(changes: &[(Made, u64, u64)]) -> PageHistory {
+        let mut ticks: Vec<(u64, Option<Made>, u64)> = Vec::new();
+        for &(made, start, end) in changes {
+            ticks.push((start, Some(made), start));
+            ticks.push((end, None, start));
+        }
+        ticks.sort_by_key(|&(tick, _, _)| tick);
+        let mut page = PageHistory::default();
+        for (tick, begins, start) in ticks {
+            match begins {
+                Some(Made::Write) => page.begin(Value::Seq(start), start),
+                Some(Made::MapStore) => page.begin_map_store(Value::Seq(start), start),
+                Some(Made::LibraryPunch) => page.begin(Value::Zero, start),
+                Some(Made::KernelPunch) => page.begin_kernel_fallocate(start),
+                None => page.end(start, tick, 0),
+            }
+        }
+        page
+    }
+
+    #[test]
+    fn a_map_store_lost_to_a_kernel_fallocate_is_allowed_only_so() {
+        use Made::*;
+        // A kernel punch over [10, 50]; map stores over [20, 22] and [30, 32]
+        // during it; a read over [60, 61] returns the first.
+        let stores = |punch| history_of(&[(punch, 10, 50), (MapStore, 20, 22), (MapStore, 30, 32)]);
+        let page = stores(KernelPunch);
+        assert!(!page.allows(Value::Seq(20), 60, 61), "stale by the order");
+        assert!(page.allows_kernel_fallocate_loss(Value::Seq(20), 60, 61));
+        assert!(page.allows(Value::Seq(30), 60, 61) && page.allows(Value::Zero, 60, 61));
+        // A punch the library made drops no store so.
+        let page = stores(LibraryPunch);
+        assert!(!page.allows_kernel_fallocate_loss(Value::Seq(20), 60, 61));
+        // What the file keeps may be a write during the punch too...
+        let page = history_of(&[(KernelPunch, 10, 50), (Write, 20, 22), (MapStore, 30, 32)]);
+        assert!(page.allows_kernel_fallocate_loss(Value::Seq(20), 60, 61));
+        // ...but only a store through a map is lost so,
+        let page = history_of(&[(KernelPunch, 10, 50), (MapStore, 20, 22), (Write, 30, 32)]);
+        assert!(!page.allows_kernel_fallocate_loss(Value::Seq(20), 60, 61));
+        // ...only one made during the punch,
+        let page = history_of(&[
+            (KernelPunch, 10, 25),
+            (MapStore, 20, 22),
+            (MapStore, 30, 32),
+        ]);
+        assert!(!page.allows_kernel_fallocate_loss(Value::Seq(20), 60, 61));
+        // ...and a version ended before the punch began was punched.
+        let page = history_of(&[(Write, 5, 8), (KernelPunch, 10, 50), (MapStore, 30, 32)]);
+        assert!(!page.allows_kernel_fallocate_loss(Value::Seq(5), 60, 61));
+        // A write after the punch replaces the kept store for good, and
+        // pruning then forgets it.
+        let mut page = stores(KernelPunch);
+        page.begin(Value::Seq(70), 70);
+        page.end(70, 72, 80);
+        assert!(!page.allows_kernel_fallocate_loss(Value::Seq(20), 90, 91));
+        assert!(!page.describe().contains("Seq(20)"), "{}", page.describe());
     }
 
     #[test]

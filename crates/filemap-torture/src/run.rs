@@ -95,6 +95,7 @@ struct Shared {
     torn: AtomicU64,
     mixed_during_map_store: AtomicU64,
     mixed_in_kernel_cache: AtomicU64,
+    map_stores_lost_by_kernel_fallocate: AtomicU64,
     errors: AtomicU64,
     examples: Mutex<Vec<String>>,
 }
@@ -179,6 +180,7 @@ pub fn run(
         torn: AtomicU64::new(0),
         mixed_during_map_store: AtomicU64::new(0),
         mixed_in_kernel_cache: AtomicU64::new(0),
+        map_stores_lost_by_kernel_fallocate: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         examples: Mutex::new(Vec::new()),
     };
@@ -266,6 +268,9 @@ pub fn run(
         torn: shared.torn.load(Ordering::Relaxed),
         mixed_during_map_store: shared.mixed_during_map_store.load(Ordering::Relaxed),
         mixed_in_kernel_cache: shared.mixed_in_kernel_cache.load(Ordering::Relaxed),
+        map_stores_lost_by_kernel_fallocate: shared
+            .map_stores_lost_by_kernel_fallocate
+            .load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         ops_per_s: ops as f64 / seconds,
         seconds,
@@ -534,6 +539,11 @@ pub(crate) trait Ops {
     ) -> io::Result<()>;
     /// Punches a hole (`punch`) or zeroes a range, keeping the size.
     fn zero(&mut self, file: usize, offset: u64, len: u64, punch: bool) -> io::Result<()>;
+    /// Whether the next [`Ops::zero`] is the kernel's `fallocate` through a
+    /// mount (see [`crate::oracle::PageHistory::begin_kernel_fallocate`]).
+    fn next_zero_is_kernel_fallocate(&self) -> bool {
+        false
+    }
     /// Truncates (or extends) `file` to `len` bytes.
     fn set_len(&mut self, file: usize, len: u64) -> io::Result<()>;
     /// Starts reading a range ahead.
@@ -793,6 +803,16 @@ impl Shared {
         }
     }
 
+    /// Like `begin_changes` to zeroes, by the kernel's `fallocate`.
+    fn begin_kernel_fallocate(&self, file: usize, pages: std::ops::Range<u64>, start: u64) {
+        for page in pages {
+            self.history
+                .page(file, page)
+                .lock()
+                .begin_kernel_fallocate(start);
+        }
+    }
+
     fn end_changes(&self, file: usize, pages: std::ops::Range<u64>, start: u64) {
         let end = self.clock.tick();
         let horizon = self.horizon();
@@ -830,6 +850,11 @@ impl Shared {
                 Observed::Value(value) => {
                     let history = self.history.page(file, index).lock();
                     if history.allows(value, start, end) {
+                        continue;
+                    }
+                    if history.allows_kernel_fallocate_loss(value, start, end) {
+                        self.map_stores_lost_by_kernel_fallocate
+                            .fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     self.example(format!(
@@ -1023,7 +1048,11 @@ impl Shared {
                     result
                 }
                 OpKind::Punch | OpKind::Zero => {
-                    self.begin_changes(file, pages.clone(), true, start);
+                    if ops.next_zero_is_kernel_fallocate() {
+                        self.begin_kernel_fallocate(file, pages.clone(), start);
+                    } else {
+                        self.begin_changes(file, pages.clone(), true, start);
+                    }
                     let result = ops.zero(file, offset, len, op == OpKind::Punch);
                     self.end_changes(file, pages, start);
                     result

@@ -122,6 +122,20 @@ fn a_pinned_range_is_cut_at_the_end_of_file_and_empty_past_it() {
     assert_eq!(filemap::errno(&error), Some(libc::EINVAL));
 }
 
+/// Caught: a range of no bytes at offset 0 took its last page as the one
+/// before page 0 (`u64::MAX` wrapped) and asked for room to pin 2^52 pages;
+/// the process aborted.
+#[test]
+fn a_pinned_range_of_no_bytes_is_empty_wherever_it_starts() {
+    let (cache, mapping) = file(3, 256);
+    for offset in [0, 7, PAGE, 2 * PAGE + 5, 9 * PAGE] {
+        let range = mapping.pin_range(offset, 0).unwrap();
+        assert!(range.is_empty(), "at {offset}");
+        assert_eq!(range.slices().count(), 0, "at {offset}");
+    }
+    assert_eq!(cache.stats().misses, 0, "nothing filled");
+}
+
 #[test]
 fn a_pinned_range_across_chunks_is_one_slice_per_chunk() {
     // Chunk 0 holds pages 0..512.

@@ -196,6 +196,9 @@ impl Mapping {
         let Some((_, len)) = self.check_read(len, offset)? else {
             return Ok(range);
         };
+        if len == 0 {
+            return Ok(range);
+        }
         let (first, last) = (index_of(offset), index_of(offset + len as u64 - 1));
         self.check_own_pins(first..last + 1, true)?;
         range.pages.reserve((last - first + 1) as usize);
