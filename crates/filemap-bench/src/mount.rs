@@ -162,7 +162,7 @@ impl Default for MountConfig {
             },
             dir: None,
             kernel_cache: false,
-            readahead: ReadaheadMode::default(),
+            readahead: filemap_fuse::MountOptions::default().readahead_mode,
         }
     }
 }
@@ -895,7 +895,7 @@ mod tests {
             },
             dir: Some(dir.to_owned()),
             kernel_cache: false,
-            readahead: ReadaheadMode::default(),
+            readahead: filemap_fuse::MountOptions::default().readahead_mode,
         }
     }
 

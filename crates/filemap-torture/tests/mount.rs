@@ -16,7 +16,7 @@ fn a_worker_process_that_ends_is_an_error_of_the_run_not_a_hang() {
             // Ends at once, whatever it is asked.
             worker: "false".into(),
             kernel_cache: false,
-            readahead: filemap::ReadaheadMode::default(),
+            readahead: filemap_fuse::MountOptions::default().readahead_mode,
         }),
         ..TortureConfig::default()
     };

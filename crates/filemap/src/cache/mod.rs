@@ -369,10 +369,12 @@ impl PageCacheBuilder {
         };
         let shared = Arc::downgrade(&cache.shared);
         requests.serve(move |id, first, pages| {
-            let mapping = shared.upgrade().and_then(|cache| cache.mapping(id));
-            if let Some(mapping) = mapping {
+            let Some(cache) = shared.upgrade() else {
+                return;
+            };
+            if let Some(mapping) = cache.mapping(id) {
                 mapping.fill_ahead(first, pages);
-            }
+            };
         })?;
         // Under a model checker the cache runs no thread of its own: the
         // checker cannot schedule a thread it did not start.

@@ -233,8 +233,8 @@ impl CacheShared {
             let mut visited = 0;
             // Mappings upgraded under the locks are dropped after them: the last
             // handle of a mapping going away unregisters it.
-            let mut alive: Vec<Arc<dyn CachedFile>> = Vec::new();
-            let candidates: Vec<(Arc<dyn CachedFile>, u64)> = {
+            let mut alive: Vec<Held<'_>> = Vec::new();
+            let candidates: Vec<(Held<'_>, u64)> = {
                 let mut queue = self.queue.lock();
                 let mappings = self.mappings.lock();
                 let wanted = want - reclaimed.freed;
@@ -249,13 +249,13 @@ impl CacheShared {
                         return Visit::Keep;
                     };
                     let visit = mapping.eviction_visit(key.index());
-                    alive.push(mapping);
+                    alive.push(Held::new(self, mapping));
                     visit
                 });
                 keys.into_iter()
                     .filter_map(|key| {
                         let mapping = mappings.get(&key.mapping()).and_then(Weak::upgrade)?;
-                        Some((mapping, key.index()))
+                        Some((Held::new(self, mapping), key.index()))
                     })
                     .collect()
             };
@@ -311,8 +311,9 @@ impl CacheShared {
     }
 
     /// The live mapping with this id, if any.
-    pub(crate) fn mapping(&self, id: u32) -> Option<Arc<dyn CachedFile>> {
-        self.mappings.lock().get(&id).and_then(Weak::upgrade)
+    pub(crate) fn mapping(&self, id: u32) -> Option<Held<'_>> {
+        let mapping = self.mappings.lock().get(&id).and_then(Weak::upgrade)?;
+        Some(Held::new(self, mapping))
     }
 
     /// Bytes of the eviction queue.
@@ -324,7 +325,7 @@ impl CacheShared {
     /// mapping whose last handle is dropped meanwhile writes back in that
     /// drop as soon as it can. A mapping whose last holder is the walk itself
     /// still drops on the walk's thread: [`Self::wait_for_closing`] waits for
-    /// such drops.
+    /// such drops (see [`Held`]).
     pub(crate) fn for_each_mapping(&self, mut visit: impl FnMut(&dyn CachedFile)) {
         let ids: Vec<u32> = self.mappings.lock().keys().copied().collect();
         for id in ids {
@@ -335,24 +336,58 @@ impl CacheShared {
     }
 }
 
-/// Counts a mapping in its last drop for as long as it lives (see
-/// [`CacheShared::wait_for_closing`]).
-pub(crate) struct Closing(Arc<CacheShared>);
+/// Counts a mapping that may be in its last drop for as long as it lives
+/// (see [`CacheShared::wait_for_closing`]).
+pub(crate) struct Closing<'a>(&'a CacheShared);
 
-impl Closing {
-    pub(crate) fn new(cache: Arc<CacheShared>) -> Closing {
+impl Closing<'_> {
+    pub(crate) fn new(cache: &CacheShared) -> Closing<'_> {
         *cache.closing.lock() += 1;
         Closing(cache)
     }
 }
 
-impl Drop for Closing {
+impl Drop for Closing<'_> {
     fn drop(&mut self) {
         let mut closing = self.0.closing.lock();
         *closing -= 1;
         if *closing == 0 {
             self.0.closed.notify_all();
         }
+    }
+}
+
+/// A mapping the cache's own work holds for a while (a walk of the
+/// mappings, the eviction hand, a readahead thread). If the holder turns out
+/// to be the last, the mapping's drop and its writeback run where this is
+/// dropped: counted as closing from before the mapping can no longer be
+/// reached, so that [`CacheShared::wait_for_closing`] cannot miss it.
+pub(crate) struct Held<'a> {
+    cache: &'a CacheShared,
+    mapping: Option<Arc<dyn CachedFile>>,
+}
+
+impl Held<'_> {
+    fn new(cache: &CacheShared, mapping: Arc<dyn CachedFile>) -> Held<'_> {
+        Held {
+            cache,
+            mapping: Some(mapping),
+        }
+    }
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = dyn CachedFile;
+
+    fn deref(&self) -> &Self::Target {
+        self.mapping.as_deref().expect("held until dropped")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let _closing = Closing::new(self.cache);
+        drop(self.mapping.take());
     }
 }
 

@@ -117,7 +117,8 @@ impl Drop for Mapping {
         // open if it has an identity, or drop them and give the budget back.
         // Until the eviction queue's entry changes, the eviction hand keeps
         // this mapping's pages in the queue (see `CacheShared::reclaim`).
-        let _closing = Closing::new(self.cache.clone());
+        let cache = self.cache.clone();
+        let _closing = Closing::new(&cache);
         let closed = if self.removed.load(Ordering::Acquire) {
             let _ = self.release_storage();
             None
