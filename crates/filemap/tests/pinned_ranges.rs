@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use filemap::{Mapping, MemDevice, PageCache, PinnedRange, Volume, PAGE_SIZE};
+use filemap::{Mapping, PageCache, PinnedRange, PAGE_SIZE};
+
+mod common;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -19,18 +21,8 @@ fn byte_at(pos: u64) -> u8 {
 /// A file of `pages` pages of [`byte_at`], none of them cached, in a cache of
 /// `budget_pages` pages.
 fn file(pages: u64, budget_pages: u64) -> (Arc<PageCache>, Arc<Mapping>) {
-    let volume = Volume::format(Arc::new(MemDevice::new(64 << 20))).unwrap();
-    let cache = Arc::new(
-        PageCache::builder()
-            .budget_bytes(budget_pages * PAGE)
-            .build()
-            .unwrap(),
-    );
-    let mapping = cache
-        .open(Arc::new(volume.create_file("f").unwrap()))
-        .unwrap();
     let bytes: Vec<u8> = (0..pages * PAGE).map(byte_at).collect();
-    mapping.write_all_at(&bytes, 0).unwrap();
+    let (cache, mapping) = common::cached_file(&bytes, budget_pages);
     mapping.sync_all().unwrap();
     mapping.invalidate_range(0, pages * PAGE).unwrap();
     (cache, mapping)

@@ -9,26 +9,15 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use filemap::{MapAccess, Mapping, MemDevice, PageCache, Volume, PAGE_SIZE};
+use filemap::{MapAccess, Mapping, PageCache, PAGE_SIZE};
+
+mod common;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
 /// A file of `pages` pages of `fill`, in a cache of `budget_pages` pages.
 fn file(pages: u64, fill: u8, budget_pages: u64) -> (Arc<PageCache>, Arc<Mapping>) {
-    let volume = Volume::format(Arc::new(MemDevice::new(16 << 20))).unwrap();
-    let cache = Arc::new(
-        PageCache::builder()
-            .budget_bytes(budget_pages * PAGE)
-            .build()
-            .unwrap(),
-    );
-    let mapping = cache
-        .open(Arc::new(volume.create_file("f").unwrap()))
-        .unwrap();
-    mapping
-        .write_all_at(&vec![fill; (pages * PAGE) as usize], 0)
-        .unwrap();
-    (cache, mapping)
+    common::cached_file(&vec![fill; (pages * PAGE) as usize], budget_pages)
 }
 
 /// Runs `change` on another thread while page 0 is pinned: it must not
