@@ -40,7 +40,7 @@ pub struct VolumeFs {
     volume: Arc<Volume>,
     cache: Arc<PageCache>,
     /// The open files.
-    open: OpenFiles,
+    pub(crate) open: OpenFiles,
     /// How files are opened: with the kernel's caching off or in front.
     open_flags: FopenFlags,
     /// What the sync at unmount found.
@@ -149,6 +149,10 @@ impl fuser::Filesystem for VolumeFs {
         // Shared maps of files opened with the kernel's caching off; older
         // kernels refuse the flag, and then refuse such maps.
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // The kernel keeps its pages when it sees a size change it did not
+        // make: it is told of every change it did not make (see
+        // `crate::notify`), and its own drop races buffered writes.
+        let _ = config.add_capabilities(InitFlags::FUSE_EXPLICIT_INVAL_DATA);
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }

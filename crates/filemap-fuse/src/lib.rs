@@ -123,9 +123,34 @@ pub struct Mounted<Source = Arc<Volume>> {
     synced: UnmountSync,
     source: Source,
     cache: Arc<PageCache>,
+    kernel_cache: Arc<KernelCache>,
+}
+
+/// What buffered writes through a mount with the kernel's page cache in
+/// front ([`MountOptions::kernel_cache`]) did about the kernel's
+/// write-through race: a write that a read of its pages overlapped after
+/// the library told the kernel of a change drops those pages before it is
+/// answered (see [`Mounted::write_through_drops`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteThroughDrops {
+    /// Writes that dropped pages of the kernel's cache before their answer.
+    pub writes: u64,
+    /// Of those, writes answered before the kernel had dropped the pages,
+    /// after waiting a second: it waits that long only for a page locked by
+    /// the write itself, which it dropped and read again behind the server's
+    /// back meanwhile (reclaim). Each may have left a page from before the
+    /// write in the kernel's cache.
+    pub late: u64,
 }
 
 impl<Source> Mounted<Source> {
+    /// What buffered writes through the mount did about the kernel's
+    /// write-through race, so far (all zero with the kernel's caching off).
+    pub fn write_through_drops(&self) -> WriteThroughDrops {
+        let (writes, late) = self.kernel_cache.write_through_drops();
+        WriteThroughDrops { writes, late }
+    }
+
     /// Unmounts, then syncs every file (and the volume); fails if the sync
     /// did.
     pub fn unmount(self) -> io::Result<()> {
@@ -172,6 +197,7 @@ impl Mounted<PathBuf> {
 pub struct Session<Fs: fuser::Filesystem> {
     session: fuser::Session<Fs>,
     synced: UnmountSync,
+    kernel_cache: Arc<KernelCache>,
 }
 
 impl<Fs: fuser::Filesystem + Send + Sync + 'static> Session<Fs> {
@@ -190,6 +216,7 @@ impl<Fs: fuser::Filesystem + Send + Sync + 'static> Session<Fs> {
             synced: self.synced,
             source,
             cache,
+            kernel_cache: self.kernel_cache,
         })
     }
 }
@@ -262,6 +289,9 @@ fn volume_session(
     let (cache, kernel_cache) = build_cache(options)?;
     let _ = kernel_cache.inode_of.set(Box::new(notify::volume_inode));
     let fs = VolumeFs::new(volume.clone(), cache.clone(), options.kernel_cache);
+    if options.kernel_cache {
+        fs.open.watch_kernel_cache(kernel_cache.clone());
+    }
     let session = new_session(fs, source, mountpoint, options, &kernel_cache)?;
     Ok((session, volume, cache))
 }
@@ -318,6 +348,9 @@ fn prepare_passthrough(
     let fs = PassthroughFs::new(dir, cache.clone(), options.kernel_cache)
         .map_err(|error| naming(dir, error))?;
     let _ = kernel_cache.inode_of.set(fs.inode_of());
+    if options.kernel_cache {
+        fs.open.watch_kernel_cache(kernel_cache.clone());
+    }
     let session = new_session(fs, dir, mountpoint, options, &kernel_cache)?;
     Ok((session, cache))
 }
@@ -344,7 +377,7 @@ fn new_session<Fs: fuser::Filesystem + SyncsAtUnmount>(
     source: &Path,
     mountpoint: &Path,
     options: &MountOptions,
-    kernel_cache: &KernelCache,
+    kernel_cache: &Arc<KernelCache>,
 ) -> io::Result<Session<Fs>> {
     let synced = fs.unmount_sync();
     let mut config = fuser::Config::default();
@@ -358,7 +391,11 @@ fn new_session<Fs: fuser::Filesystem + SyncsAtUnmount>(
     let session =
         fuser::Session::new(fs, mountpoint, &config).map_err(|error| naming(mountpoint, error))?;
     let _ = kernel_cache.notifier.set(session.notifier());
-    Ok(Session { session, synced })
+    Ok(Session {
+        session,
+        synced,
+        kernel_cache: kernel_cache.clone(),
+    })
 }
 
 /// Raises this process's soft limit of open files to its hard limit (which

@@ -7,17 +7,22 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use filemap::{FileHandle, Mapping};
 use fuser::{Errno, ReplyEmpty};
 use parking_lot::Mutex;
+
+use crate::notify::KernelCache;
 
 /// The open files of a file system, by FUSE file handle.
 #[derive(Default)]
 pub(crate) struct OpenFiles {
     open: Mutex<HashMap<u64, OpenFile>>,
     next_handle: AtomicU64,
+    /// Set when files are opened with the kernel's page cache in front: the
+    /// reads and buffered writes it must see (see [`crate::notify`]).
+    kernel_cache: OnceLock<Arc<KernelCache>>,
 }
 
 struct OpenFile {
@@ -55,6 +60,17 @@ impl OpenFiles {
     pub(crate) fn remove(&self, fh: fuser::FileHandle) {
         let released = self.open.lock().remove(&fh.0);
         drop(released);
+    }
+
+    /// Files are opened with the kernel's page cache in front, which
+    /// `kernel_cache` keeps coherent.
+    pub(crate) fn watch_kernel_cache(&self, kernel_cache: Arc<KernelCache>) {
+        let _ = self.kernel_cache.set(kernel_cache);
+    }
+
+    /// The kernel's page cache in front, if files are opened so.
+    pub(crate) fn kernel_cache(&self) -> Option<&KernelCache> {
+        self.kernel_cache.get().map(|kernel| &**kernel)
     }
 
     /// Forgets every open file (unmounting).
@@ -121,7 +137,7 @@ macro_rules! serve_open_files {
         fn read(
             &self,
             _req: &fuser::Request,
-            _ino: fuser::INodeNo,
+            ino: fuser::INodeNo,
             fh: fuser::FileHandle,
             offset: u64,
             size: u32,
@@ -143,13 +159,21 @@ macro_rules! serve_open_files {
                 }
                 return;
             }
+            let end = offset.saturating_add(u64::from(size));
+            let noted = self
+                .open
+                .kernel_cache()
+                .map(|kernel| kernel.reading(ino.0, offset..end));
             $crate::open_files::reply_read(mapping, offset, size as usize, reply);
+            if let Some(noted) = noted {
+                noted.done();
+            }
         }
 
         fn write(
             &self,
             _req: &fuser::Request,
-            _ino: fuser::INodeNo,
+            ino: fuser::INodeNo,
             fh: fuser::FileHandle,
             offset: u64,
             data: &[u8],
@@ -175,6 +199,10 @@ macro_rules! serve_open_files {
             } else {
                 mapping.write_all_at(data, offset).map(|()| data.len())
             };
+            // A buffered write the kernel copied into its own pages first.
+            if let (Some(kernel), false, false) = (self.open.kernel_cache(), direct, from_a_map) {
+                kernel.written_through(ino.0, offset..offset.saturating_add(data.len() as u64));
+            }
             match written {
                 Ok(n) => reply.written(n as u32),
                 Err(error) => reply.error($crate::open_files::errno(&error)),

@@ -57,7 +57,7 @@ pub struct PassthroughFs {
     inodes: Arc<Inodes>,
     dirs: OpenDirs,
     /// The open files.
-    open: OpenFiles,
+    pub(crate) open: OpenFiles,
     /// Whether a new inode gets its creator as owner: the server is root.
     as_root: bool,
     /// How files are opened: with the kernel's caching off, or on.
@@ -513,6 +513,12 @@ impl fuser::Filesystem for PassthroughFs {
         // Shared maps of files opened with the kernel's caching off; older
         // kernels refuse the flag, and then refuse such maps.
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // The kernel keeps its pages when it sees a size change it did not
+        // make: its drop races buffered writes (see `crate::notify`), and
+        // it is told of the changes made through the library. Changes other
+        // programs make to the directory it never saw all of with its cache
+        // in front (a change of the bytes alone it never saw).
+        let _ = config.add_capabilities(InitFlags::FUSE_EXPLICIT_INVAL_DATA);
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }

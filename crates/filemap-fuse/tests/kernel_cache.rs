@@ -242,3 +242,90 @@ fn a_mount_truncate_racing_a_library_extension_leaves_no_cut_page_in_the_kernels
         }
     }
 }
+
+/// Writes `writes` times a page of the counter through the mount to page 0,
+/// each time reading the page back through the mount, while one thread
+/// reads it (and the file's size) through the mount and another calls
+/// `change` with a count over and over: panics at the first write read back
+/// as an earlier one.
+fn race_buffered_writes(path: &std::path::Path, writes: u64, change: impl Fn(u64) + Sync) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let reader = std::fs::File::open(path).unwrap();
+            let mut page = [0u8; PAGE];
+            while !stop.load(Ordering::Relaxed) {
+                reader.read_exact_at(&mut page, 0).unwrap();
+                // With a size the kernel did not know, it used to drop all
+                // its pages of the file.
+                reader.metadata().unwrap();
+            }
+        });
+        scope.spawn(|| {
+            let mut count = 0;
+            while !stop.load(Ordering::Relaxed) {
+                change(count);
+                count += 1;
+            }
+        });
+        let mut page = [0u8; PAGE];
+        let found = (1..=writes).find_map(|n| {
+            page[..8].copy_from_slice(&n.to_le_bytes());
+            file.write_all_at(&page, 0).unwrap();
+            let mut back = [0u8; 8];
+            file.read_exact_at(&mut back, 0).unwrap();
+            let back = u64::from_le_bytes(back);
+            (back != n).then_some((n, back))
+        });
+        stop.store(true, Ordering::Relaxed);
+        if let Some((n, back)) = found {
+            panic!("write {n} read back as write {back}");
+        }
+    });
+}
+
+#[test]
+fn a_buffered_write_racing_a_library_invalidation_leaves_no_old_page_in_the_kernels_cache() {
+    // The kernel copies a buffered write into its pages, marks them up to
+    // date and only then sends it; the library's invalidation dropped such
+    // a page, a reader read it from the server before the write landed, and
+    // the kernel kept that page after the write returned (the mount torture
+    // found it, with the kernel's cache in front: about one run in twenty).
+    for kernel_cache in [false, true] {
+        let fx = Fixture::new(kernel_cache);
+        let library = &fx.library;
+        race_buffered_writes(&fx.path, 20_000, |_| {
+            library.invalidate_range(0, PAGE as u64).unwrap();
+        });
+        let drops = fx.mounted.as_ref().unwrap().write_through_drops();
+        assert_eq!(drops.late, 0, "{drops:?}");
+        // The race was run: writes found pages read during them.
+        assert_eq!(drops.writes > 0, kernel_cache, "{drops:?}");
+    }
+}
+
+#[test]
+fn a_buffered_write_racing_a_library_size_change_leaves_no_old_page_in_the_kernels_cache() {
+    // Seeing a size it did not know, the kernel dropped all its pages of the
+    // file, in the same window as above.
+    for kernel_cache in [false, true] {
+        let fx = Fixture::new(kernel_cache);
+        let library = &fx.library;
+        race_buffered_writes(&fx.path, 100_000, |count| {
+            let far = (512 * PAGE) as u64;
+            match count % 2 {
+                0 => library.zero_range(far, PAGE as u64).unwrap(),
+                _ => library.set_len((PAGES * PAGE) as u64).unwrap(),
+            }
+        });
+        let drops = fx.mounted.as_ref().unwrap().write_through_drops();
+        assert_eq!(drops.late, 0, "{drops:?}");
+    }
+}
