@@ -44,6 +44,7 @@ use serde::Serialize;
 pub mod direct;
 pub mod evict;
 pub mod fault;
+pub mod folios;
 mod histogram;
 pub mod hit;
 pub mod kernel;
