@@ -376,12 +376,15 @@ impl Mapping {
             if !state.is_readable() {
                 return false;
             }
+            let brief = self.cache.brief_pins.hold();
             if slot.try_pin(state).is_ok() {
                 self.store.read(index, in_page, dst);
                 slot.unpin();
+                drop(brief);
                 self.cache.counters.hits.add();
                 return true;
             }
+            drop(brief);
             if state.pins() == MAX_PINS {
                 std::thread::yield_now();
             }

@@ -215,7 +215,9 @@ impl Mapping {
             }
             // A pin keeps the bytes steady for the snapshot, as the page lock
             // would, without holding up hits or the user's pins.
+            let brief = self.cache.brief_pins.hold();
             if slot.try_pin(state).is_err() {
+                drop(brief);
                 if state.pins() == MAX_PINS {
                     std::thread::yield_now();
                 }
@@ -223,7 +225,9 @@ impl Mapping {
             }
             let mut data = vec![0; PAGE_SIZE];
             self.store.read(index, 0, &mut data);
-            if !slot.finish_pinned_snapshot() {
+            let snapshot = slot.finish_pinned_snapshot();
+            drop(brief);
+            if !snapshot {
                 // Cleaned or under another writeback meanwhile: look again.
                 continue;
             }
