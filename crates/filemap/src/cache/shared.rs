@@ -373,6 +373,8 @@ impl BriefPins {
     /// whoever sees the pin sees this), until the guard is dropped (after
     /// the slot stops showing it).
     pub(crate) fn hold(&self) -> BriefPin<'_> {
+        // Which shard a thread uses is only a spread: any is correct, so the
+        // counter that deals them out is `std`'s, unseen by the checkers.
         thread_local! {
             static SHARD: usize = {
                 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
