@@ -204,7 +204,9 @@ fn unmount(mountpoint: &Path, mut server: Child) -> io::Result<()> {
 /// The server of `serve_in_a_process`, in the foreground.
 fn serve(what: &str, source: &Path, mountpoint: &Path) -> io::Result<()> {
     match what {
-        "passthrough" => filemap_bench::passthrough::mount(source, mountpoint, 4)?.join(),
+        "passthrough" => filemap_fuse::session_ended(
+            filemap_bench::passthrough::mount(source, mountpoint, 4)?.join(),
+        ),
         _ => {
             filemap_fuse::session(source, mountpoint, &filemap_fuse::MountOptions::default())?.run()
         }

@@ -711,7 +711,7 @@ impl MountGuard {
         };
         let unmounted = match session {
             Session::Filemap(mounted) => mounted.unmount(),
-            Session::Passthrough(session) => session.umount_and_join(),
+            Session::Passthrough(session) => filemap_fuse::session_ended(session.umount_and_join()),
         };
         let Err(error) = unmounted else {
             return Ok(());
