@@ -181,11 +181,9 @@ fn serve_in_a_process(what: &str, source: &Path, mountpoint: &Path) -> io::Resul
 }
 
 fn is_mounted(mountpoint: &Path) -> io::Result<bool> {
-    let wanted = mountpoint.to_str().expect("a UTF-8 path");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(mounts
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(wanted)))
+    Ok(filemap_bench::mount::mount_points()?
+        .iter()
+        .any(|point| point == mountpoint))
 }
 
 /// Unmounts `mountpoint` and waits for its server to end.
