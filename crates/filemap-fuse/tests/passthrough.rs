@@ -274,7 +274,7 @@ fn an_unmount_while_the_kernel_sends_releases_ends_cleanly() {
     // was reading a request just then (a file's release, say) gets
     // `ECONNABORTED` instead of `ENODEV`. The session ended with that error,
     // and the unmount failed though everything was synced (a CI run found
-    // it, in the test above).
+    // it, in `a_library_punch_of_a_host_file_reaches_the_mounts_shared_map_at_once`).
     for round in 0..200 {
         let fx = PassedThrough::new(round % 2 == 1, |src| {
             for i in 0..8 {
