@@ -17,10 +17,11 @@
 //! - `host`: a file in a third directory beside them, read and written with
 //!   no FUSE between, for scale.
 //!
-//! filemap's image is an ordinary host file, so the host's page cache holds
-//! what filemap reads and writes of it, as it holds the pass-through's file:
-//! both file systems sit on the same host cache, and `uncached-read` empties
-//! it for both.
+//! filemap's image is an ordinary host file. The host's page cache holds
+//! what filemap writes to it and its small reads, as it holds the
+//! pass-through's file; filemap's large reads of it (128 KiB or more, a
+//! sequential stream's windows) bypass it ([`MountOptions::direct_reads`]),
+//! since filemap caches what they read. `uncached-read` empties both caches.
 //!
 //! Operations, each through each target (the program's calls are the same:
 //! `pread`, `read`, `pwrite` and `fsync` on a descriptor of the target's file):
@@ -33,12 +34,12 @@
 //!   last, once per run, with nothing of the file cached: for filemap the
 //!   image is unmounted (which syncs everything), synced and dropped from the
 //!   host's page cache (`posix_fadvise(DONTNEED)`), and mounted again, so its
-//!   cache starts empty and its fills read the disk through the host's
-//!   readahead on the image; the pass-through's host file and the host's file
-//!   are synced and dropped from the host's page cache alike. All three read
-//!   from the disk (whose own cache, on a virtual machine its host's page
-//!   cache, may still hold the data). Rows count 1 MiB reads per second:
-//!   MiB/s.
+//!   cache starts empty and its fills read the disk (its readahead threads'
+//!   windows with `O_DIRECT`); the pass-through's host file and the host's
+//!   file are synced and dropped from the host's page cache alike, and read
+//!   through the host's readahead. All three read from the disk (whose own
+//!   cache, on a virtual machine its host's page cache, may still hold the
+//!   data). Rows count 1 MiB reads per second: MiB/s.
 //! - `write-fsync`: 4 KiB `pwrite`s at random page-aligned offsets, one
 //!   thread, an `fsync` after every 64th; each slice of a run ends with an
 //!   untimed `fsync`, so no target leaves dirty pages to the next. The file is
@@ -425,17 +426,20 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
     vec![
         format!(
             "mount: a {} MiB file on each target; filemap: a volume image on the host file \
-             system mounted with filemap_fuse ({}, budget {} MiB, readahead {}); passthrough: a host \
+             system mounted with filemap_fuse ({}, budget {} MiB, {} readahead threads, \
+             readahead {}, reads of {} KiB or more past the host's page cache); passthrough: a host \
              directory beside it, every request forwarded with pread/pwrite/fsync; both \
              served by {server_threads} threads, files opened with {}; host: a \
              file beside them, no FUSE",
             config.file_bytes >> 20,
             strategy.name(),
             config.budget_bytes >> 20,
+            MountOptions::default().readahead_threads,
             match config.readahead {
                 ReadaheadMode::BackendBound => "backend-bound",
                 ReadaheadMode::Always => "always",
             },
+            filemap_fuse::DIRECT_READ_MIN >> 10,
             match config.kernel_cache {
                 true =>
                     "FOPEN_DIRECT_IO but filemap's with FOPEN_KEEP_CACHE (--kernel-cache: \
@@ -449,8 +453,9 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
         "mount: uncached-read: before each run's reads, filemap's image is unmounted, \
          synced, dropped from the host's page cache (fadvise DONTNEED) and mounted again (an \
          empty cache); the other two files are synced and dropped alike: all three read the \
-         disk through the host's readahead (filemap's fills are preads of its image; a \
-         virtual disk's host may still cache what it serves), taking turns every 8 MiB"
+         disk (filemap's readahead windows with O_DIRECT, the others through the host's \
+         readahead; a virtual disk's host may still cache what it serves), taking turns \
+         every 8 MiB"
             .to_owned(),
         format!(
             "mount: write-fsync: 4 KiB pwrites at random pages of the written file, fsync \

@@ -49,7 +49,7 @@ pub struct MountArgs {
     #[arg(long, default_value = "range", value_parser = strategy_parser())]
     strategy: Strategy,
     /// The cache's readahead threads.
-    #[arg(long, default_value_t = 2, value_parser = whole_number::<usize>)]
+    #[arg(long, default_value_t = MountOptions::default().readahead_threads, value_parser = whole_number::<usize>)]
     readahead_threads: usize,
     /// When the readahead threads read a sequential stream's next window:
     /// always (the default: each read is a round trip through the kernel,
@@ -57,6 +57,11 @@ pub struct MountArgs {
     /// than the cache is to install.
     #[arg(long, value_enum, default_value_t = ReadaheadArg::Always)]
     readahead: ReadaheadArg,
+    /// Read the image through the host's page cache even for large reads
+    /// (by default, reads of 128 KiB or more, a sequential stream's
+    /// windows, bypass it with O_DIRECT: filemap caches them).
+    #[arg(long)]
+    no_direct_reads: bool,
     /// Threads serving the kernel's requests.
     #[arg(long, default_value_t = 4, value_parser = whole_number::<usize>)]
     threads: usize,
@@ -147,6 +152,7 @@ fn serve(args: MountArgs) -> std::io::Result<()> {
         strategy: args.strategy,
         readahead_threads: args.readahead_threads,
         readahead_mode: args.readahead.mode(),
+        direct_reads: !args.no_direct_reads,
         threads: args.threads,
         kernel_cache: args.kernel_cache,
     };

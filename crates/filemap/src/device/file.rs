@@ -32,6 +32,12 @@ const DIRECT_ALIGN: usize = 4096;
 /// host's page cache, as a storage engine with its own cache opens its device:
 /// no second copy of the data in the host's cache, no copy through it.
 ///
+/// [`FileDevice::with_direct_reads`] sends only large aligned reads past the
+/// host's page cache, through a second descriptor opened with `O_DIRECT`, and
+/// keeps it for everything else: a cache's streaming fills then cost the host
+/// no page allocations and no copy, while small reads (metadata, single
+/// pages) and every write still find the host's cache.
+///
 /// [`Device::claim`] takes a non-blocking exclusive `flock` on the file, which
 /// excludes every other process, and records the file's identity in the
 /// process: `flock` belongs to an open file description, so on its own it
@@ -63,6 +69,15 @@ pub struct FileDevice {
     len: u64,
     block_locks: BlockLocks,
     direct: bool,
+    direct_reads: Option<DirectReads>,
+}
+
+/// The descriptor of [`FileDevice::with_direct_reads`], and the smallest read
+/// it takes.
+#[derive(Debug)]
+struct DirectReads {
+    file: File,
+    min_len: usize,
 }
 
 impl FileDevice {
@@ -113,6 +128,7 @@ impl FileDevice {
             len,
             block_locks: BlockLocks::new(),
             direct: false,
+            direct_reads: None,
         }
     }
 
@@ -148,6 +164,65 @@ impl FileDevice {
     /// Whether I/O bypasses the host's page cache ([`FileDevice::with_direct_io`]).
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// Sends every read of at least `min_len` bytes whose offset, length and
+    /// buffer are multiples of 4 KiB past the host's page cache, through a
+    /// second descriptor of the file opened with `O_DIRECT`; other reads and
+    /// every write keep using the host's cache. For a device under a cache of
+    /// its own whose large reads are streams (a sequential read's readahead
+    /// windows): the host's cache would hold a second copy of each, and
+    /// allocating and filling its pages is then most of the cost of a read.
+    ///
+    /// Coherent: before an `O_DIRECT` read the kernel writes back and waits
+    /// on the dirty cached pages of its range, so a direct read returns every
+    /// write that completed before it (and the device's block locks keep
+    /// writes of its blocks out while it runs); and since no write bypasses
+    /// the host's cache, no cached page is ever older than the disk.
+    ///
+    /// Fails, changing nothing, with `EINVAL` if `min_len` is 0 or the file's
+    /// file system refuses `O_DIRECT`, or with the error of opening the
+    /// second descriptor (through `/proc/self/fd`).
+    ///
+    /// ```
+    /// use filemap::{AlignedBuf, Device, FileDevice};
+    /// let file = tempfile::tempfile()?;
+    /// file.set_len(1 << 20)?;
+    /// let device = FileDevice::from_file(file)?.with_direct_reads(128 << 10)?;
+    /// device.write_all_at(&[7; 256 << 10], 0)?; // through the host's cache
+    /// let mut window = AlignedBuf::new(256 << 10, 4096);
+    /// device.read_exact_at(&mut window, 0)?; // past it, and up to date
+    /// assert!(window.iter().all(|&b| b == 7));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn with_direct_reads(mut self, min_len: usize) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        if min_len == 0 {
+            return fail(libc::EINVAL);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))?;
+        self.direct_reads = Some(DirectReads { file, min_len });
+        Ok(self)
+    }
+
+    /// Whether large reads bypass the host's page cache
+    /// ([`FileDevice::with_direct_reads`]).
+    pub fn has_direct_reads(&self) -> bool {
+        self.direct_reads.is_some()
+    }
+
+    /// The descriptor of [`FileDevice::with_direct_reads`] if it takes a read
+    /// of `len` bytes at `offset` into `buf`.
+    fn direct_read_file(&self, buf: *const u8, offset: u64, len: usize) -> Option<&File> {
+        let direct = self.direct_reads.as_ref()?;
+        let aligned = buf as usize % DIRECT_ALIGN == 0
+            && offset % DIRECT_ALIGN as u64 == 0
+            && len % DIRECT_ALIGN == 0;
+        (aligned && len >= direct.min_len).then_some(&direct.file)
     }
 
     /// Whether `O_DIRECT` I/O of `len` bytes at `offset` from or to `buf` must
@@ -196,6 +271,9 @@ impl Device for FileDevice {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
         let _blocks = self.block_locks.shared(offset, buf.len() as u64);
+        if let Some(direct) = self.direct_read_file(buf.as_ptr(), offset, buf.len()) {
+            return direct.read_exact_at(buf, offset);
+        }
         if !self.needs_bounce(buf.as_ptr(), offset, buf.len()) {
             return self.file.read_exact_at(buf, offset);
         }
@@ -389,6 +467,129 @@ mod tests {
         let error = FileDevice::from_file(file)
             .unwrap()
             .with_direct_io()
+            .unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    /// How many pages of `len` bytes at `offset` of `file` the host's page
+    /// cache holds (`mincore` of a map of them).
+    #[allow(unsafe_code)]
+    fn host_cached_pages(file: &File, offset: u64, len: usize) -> usize {
+        use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+        // SAFETY: a fresh read-only shared map of the file, which nothing
+        // else aliases; it is unmapped below and never dereferenced.
+        let map = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                file,
+                offset,
+            )
+        }
+        .unwrap();
+        let mut resident = vec![0u8; len.div_ceil(DIRECT_ALIGN)];
+        // SAFETY: `map..map + len` is the map made above, and `resident` holds
+        // one byte per page of it, as `mincore` writes. (rustix has no mincore.)
+        let done = unsafe { libc::mincore(map, len, resident.as_mut_ptr()) };
+        assert_eq!(done, 0, "mincore: {}", io::Error::last_os_error());
+        // SAFETY: the map made above, no longer used.
+        unsafe { munmap(map, len) }.unwrap();
+        resident.iter().filter(|&&page| page & 1 != 0).count()
+    }
+
+    /// Syncs `file` and drops it from the host's page cache; fails loudly on
+    /// a file system that keeps its pages anyway (tmpfs), where the test that
+    /// calls it would prove nothing.
+    fn drop_host_cache(file: &File, len: usize) {
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert_eq!(
+            host_cached_pages(file, 0, len),
+            0,
+            "the temporary directory's file system keeps dropped pages cached \
+             (tmpfs?): set TMPDIR to a disk's file system"
+        );
+    }
+
+    /// The pages a large aligned read fills stay out of the host's page cache
+    /// with direct reads, and come into it without; a small read still
+    /// caches its page.
+    #[test]
+    fn direct_reads_leave_large_reads_out_of_the_host_cache() {
+        const LEN: usize = 1 << 20;
+        const LARGE: usize = 256 << 10;
+        for direct in [false, true] {
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(LEN as u64).unwrap();
+            file.write_all_at(&[3; LEN], 0).unwrap();
+            drop_host_cache(&file, LEN);
+            let mut device = FileDevice::from_file(file.try_clone().unwrap()).unwrap();
+            if direct {
+                device = device.with_direct_reads(LARGE).unwrap();
+                assert!(device.has_direct_reads());
+            }
+            let mut window = AlignedBuf::new(LARGE, DIRECT_ALIGN);
+            device.read_exact_at(&mut window, 0).unwrap();
+            assert!(window.iter().all(|&b| b == 3));
+            let cached = host_cached_pages(&file, 0, LARGE);
+            if direct {
+                assert_eq!(cached, 0, "a direct read of {LARGE} bytes cached pages");
+            } else {
+                assert_eq!(
+                    cached,
+                    LARGE / DIRECT_ALIGN,
+                    "a buffered read left pages out"
+                );
+            }
+            // Below the threshold, and unaligned: through the host's cache.
+            let mut small = [0u8; 100];
+            device
+                .read_exact_at(&mut small, (LEN / 2) as u64 + 7)
+                .unwrap();
+            assert_eq!(small, [3; 100]);
+            assert_eq!(host_cached_pages(&file, (LEN / 2) as u64, DIRECT_ALIGN), 1);
+        }
+    }
+
+    /// A direct read returns the buffered write just before it, not yet
+    /// written back: the kernel writes a direct read's range back first.
+    #[test]
+    fn a_direct_read_returns_the_buffered_write_before_it() {
+        const LEN: usize = 128 << 10;
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4 * LEN as u64).unwrap();
+        let device = FileDevice::from_file(file)
+            .unwrap()
+            .with_direct_reads(LEN)
+            .unwrap();
+        let mut read = AlignedBuf::new(LEN, DIRECT_ALIGN);
+        assert!(device
+            .direct_read_file(read.as_ptr(), LEN as u64, LEN)
+            .is_some());
+        for round in 0..200u32 {
+            let byte = (round % 251) as u8 + 1;
+            // Part of a page and whole pages: both dirty in the host's cache.
+            device.write_all_at(&[byte; 10], LEN as u64 + 5).unwrap();
+            device
+                .write_all_at(&vec![byte; LEN - 4096], LEN as u64 + 4096)
+                .unwrap();
+            device.read_exact_at(&mut read, LEN as u64).unwrap();
+            assert!(
+                read[5..15].iter().chain(&read[4096..]).all(|&b| b == byte),
+                "round {round}: a direct read missed the write before it"
+            );
+        }
+    }
+
+    #[test]
+    fn direct_reads_refuse_a_threshold_of_zero() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let error = FileDevice::from_file(file)
+            .unwrap()
+            .with_direct_reads(0)
             .unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
     }
