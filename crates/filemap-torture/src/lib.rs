@@ -333,11 +333,12 @@ pub struct TortureReport {
     /// against such loads.
     pub mixed_during_map_store: u64,
     /// Pages that reads through a mount with the kernel's page cache in
-    /// front found mixing versions that were each current during the read:
-    /// the kernel copies a page out to a reader while a write copies into it,
-    /// with no lock between them (ext4's reads tear the same way). Not a
-    /// violation; counted so that it is seen. A version replaced before the
-    /// read began is still stale.
+    /// front found mixing versions that were each current during the read,
+    /// byte by byte: the kernel copies a page out to a reader while a write
+    /// copies into it, with no lock between them (ext4's reads tear the same
+    /// way), and neither copy is atomic per word. Not a violation; counted
+    /// so that it is seen. A byte of a version replaced before the read
+    /// began is still stale.
     pub mixed_in_kernel_cache: u64,
     /// Pages that reads through a mount returned holding a version (a write,
     /// or a store through a map) that a later store through a map, made

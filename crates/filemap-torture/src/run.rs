@@ -18,8 +18,7 @@ use parking_lot::Mutex;
 use crate::async_ops::AsyncLibrary;
 use crate::mount::{Mount, MountSettings};
 use crate::oracle::{
-    bytes_mix_of, classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES,
-    MAX_PAGES,
+    classify, fill_page, mixed_values, Clock, History, Observed, Value, MAX_FILES, MAX_PAGES,
 };
 use crate::peer::{PeerFiles, PeerOps};
 use crate::vectored::{cut, cut_mut, random_cuts};
@@ -866,18 +865,17 @@ impl Shared {
                 Observed::Torn => {
                     let history = self.history.page(file, index).lock();
                     let values = mixed_values(page, file, index);
-                    let each_allowed =
-                        |values: &[Value]| values.iter().all(|&v| history.allows(v, start, end));
-                    let during_map_store = values.as_ref().is_some_and(|values| {
-                        history.allows_mix(values, start, end)
-                            || copied == Copied::MapLoads && each_allowed(values)
-                    })
-                        // While a map store overlaps the read, even words may be
-                        // torn: each byte must come from an allowed version.
-                        || history.map_store_overlaps(start, end)
-                            && bytes_mix_of(page, file, index, &history.allowed_values(start, end));
-                    let in_kernel_cache = copied == Copied::KernelCache
-                        && values.as_deref().is_some_and(each_allowed);
+                    // Where no change is atomic against the copy (a map store
+                    // overlapping the read, loads from a map, the kernel's
+                    // copy out of its cache), even words may be torn: each
+                    // byte must come from an allowed version.
+                    let byte_mix = || history.allows_byte_mix(page, file, index, start, end);
+                    let during_map_store = values
+                        .as_ref()
+                        .is_some_and(|values| history.allows_mix(values, start, end))
+                        || (copied == Copied::MapLoads || history.map_store_overlaps(start, end))
+                            && byte_mix();
+                    let in_kernel_cache = copied == Copied::KernelCache && byte_mix();
                     drop(history);
                     if during_map_store {
                         self.mixed_during_map_store.fetch_add(1, Ordering::Relaxed);
