@@ -70,8 +70,10 @@ pub struct MountOptions {
     /// When they read ahead: [`ReadaheadMode::Always`] by default, since
     /// each read of the mount is a round trip through the kernel during
     /// which the threads fill the next window (uncached sequential reads
-    /// through the mount: 0.99-1.09x the pass-through against 0.70-0.79x
-    /// with [`ReadaheadMode::BackendBound`], `filemap bench mount`).
+    /// through the mount, on a slower disk and with the image read through
+    /// the host's page cache: 0.99-1.09x the pass-through against
+    /// 0.70-0.79x with [`ReadaheadMode::BackendBound`], `filemap bench
+    /// mount`).
     pub readahead_mode: ReadaheadMode,
     /// Reads of the image of [`DIRECT_READ_MIN`] or more (a sequential
     /// stream's windows) bypass the host's page cache
