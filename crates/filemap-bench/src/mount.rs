@@ -150,6 +150,9 @@ pub struct MountConfig {
     /// When filemap's mounted cache reads ahead
     /// ([`MountOptions::readahead_mode`]).
     pub readahead: ReadaheadMode,
+    /// filemap's large reads of its image bypass the host's page cache
+    /// ([`MountOptions::direct_reads`]).
+    pub direct_reads: bool,
 }
 
 impl Default for MountConfig {
@@ -164,6 +167,7 @@ impl Default for MountConfig {
             dir: None,
             kernel_cache: false,
             readahead: filemap_fuse::MountOptions::default().readahead_mode,
+            direct_reads: filemap_fuse::MountOptions::default().direct_reads,
         }
     }
 }
@@ -427,7 +431,7 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
         format!(
             "mount: a {} MiB file on each target; filemap: a volume image on the host file \
              system mounted with filemap_fuse ({}, budget {} MiB, {} readahead threads, \
-             readahead {}, reads of {} KiB or more past the host's page cache); passthrough: a host \
+             readahead {}, {}); passthrough: a host \
              directory beside it, every request forwarded with pread/pwrite/fsync; both \
              served by {server_threads} threads, files opened with {}; host: a \
              file beside them, no FUSE",
@@ -439,7 +443,13 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
                 ReadaheadMode::BackendBound => "backend-bound",
                 ReadaheadMode::Always => "always",
             },
-            filemap_fuse::DIRECT_READ_MIN >> 10,
+            match config.direct_reads {
+                true => format!(
+                    "reads of {} KiB or more past the host's page cache",
+                    filemap_fuse::DIRECT_READ_MIN >> 10
+                ),
+                false => "every read through the host's page cache".to_owned(),
+            },
             match config.kernel_cache {
                 true =>
                     "FOPEN_DIRECT_IO but filemap's with FOPEN_KEEP_CACHE (--kernel-cache: \
@@ -452,10 +462,9 @@ fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
             .to_owned(),
         "mount: uncached-read: before each run's reads, filemap's image is unmounted, \
          synced, dropped from the host's page cache (fadvise DONTNEED) and mounted again (an \
-         empty cache); the other two files are synced and dropped alike: all three read the \
-         disk (filemap's readahead windows with O_DIRECT, the others through the host's \
-         readahead; a virtual disk's host may still cache what it serves), taking turns \
-         every 8 MiB"
+         empty cache); the other two files are synced and dropped alike and read through \
+         the host's readahead: all three read the disk (a virtual disk's host may still \
+         cache what it serves), taking turns every 8 MiB"
             .to_owned(),
         format!(
             "mount: write-fsync: 4 KiB pwrites at random pages of the written file, fsync \
@@ -602,6 +611,7 @@ impl Targets {
             strategy,
             kernel_cache: config.kernel_cache,
             readahead_mode: config.readahead,
+            direct_reads: config.direct_reads,
             ..MountOptions::default()
         };
         let filemap = MountGuard::filemap(&dir.join("volume.img"), &dir.join("filemap"), &options)?;
@@ -919,6 +929,7 @@ mod tests {
             dir: Some(dir.to_owned()),
             kernel_cache: false,
             readahead: filemap_fuse::MountOptions::default().readahead_mode,
+            direct_reads: true,
         }
     }
 

@@ -115,6 +115,10 @@ struct BenchArgs {
     /// --readahead`).
     #[arg(long, value_enum, default_value_t = mount::ReadaheadArg::Always)]
     readahead: mount::ReadaheadArg,
+    /// mount: filemap's mount reads its image through the host's page cache
+    /// even for large reads (as `filemap mount --no-direct-reads`).
+    #[arg(long)]
+    no_direct_reads: bool,
     /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
     json: bool,
@@ -534,6 +538,7 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                     dir: None,
                     kernel_cache: args.kernel_cache,
                     readahead: args.readahead.mode(),
+                    direct_reads: !args.no_direct_reads,
                 })
             }
             WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),
