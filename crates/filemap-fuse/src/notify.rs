@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use filemap::lock::ranges_overlap;
 use filemap::{ChangeListener, FileIdentity, Mapping};
 use fuser::{INodeNo, Notifier};
 use parking_lot::Mutex;
@@ -209,7 +210,9 @@ impl Since {
     /// Whether a notification since the last write named bytes of `range`,
     /// so the kernel may have dropped its pages and read them again.
     fn told_of(&self, range: &Range<u64>) -> bool {
-        self.told.as_ref().is_some_and(|told| overlaps(told, range))
+        self.told
+            .as_ref()
+            .is_some_and(|told| ranges_overlap(told, range))
     }
 }
 
@@ -218,10 +221,6 @@ struct NotedRead {
     range: Range<u64>,
     /// Answered (after a notification of its bytes, or it would not be kept).
     done: bool,
-}
-
-fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
-    a.start < b.end && b.start < a.end
 }
 
 /// The bytes from the first to the last of `a` and `b`.
@@ -297,7 +296,7 @@ impl WritesThrough {
         // may answer from before the write, after the notification dropped
         // the page.
         let overlapping = since.reads.iter().filter(|read| {
-            (read.done || since.told_of(&read.range)) && overlaps(&read.range, &range)
+            (read.done || since.told_of(&read.range)) && ranges_overlap(&read.range, &range)
         });
         let stale = overlapping.fold(None, |stale, read| {
             let part = read.range.start.max(range.start)..read.range.end.min(range.end);

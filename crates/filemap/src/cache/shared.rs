@@ -352,10 +352,8 @@ impl CacheShared {
 /// (one counter cost them 13% at 2 threads, `bench hit`).
 #[derive(Default)]
 pub(crate) struct BriefPins {
-    shards: [BriefPinShard; BRIEF_PIN_SHARDS],
+    shards: [BriefPinShard; stats::STRIPES],
 }
-
-const BRIEF_PIN_SHARDS: usize = 16;
 
 #[derive(Default)]
 #[repr(align(128))]
@@ -373,15 +371,7 @@ impl BriefPins {
     /// whoever sees the pin sees this), until the guard is dropped (after
     /// the slot stops showing it).
     pub(crate) fn hold(&self) -> BriefPin<'_> {
-        // Which shard a thread uses is only a spread: any is correct, so the
-        // counter that deals them out is `std`'s, unseen by the checkers.
-        thread_local! {
-            static SHARD: usize = {
-                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % BRIEF_PIN_SHARDS
-            };
-        }
-        let shard = &self.shards[SHARD.with(|shard| *shard)];
+        let shard = &self.shards[stats::thread_stripe()];
         shard.held.fetch_add(1, Ordering::SeqCst);
         BriefPin(shard)
     }

@@ -7,7 +7,7 @@ use crate::lock::Mode;
 
 /// Stripes of the hit counter: a hit adds to its thread's stripe, so hits on
 /// different threads write different cache lines.
-const STRIPES: usize = 16;
+pub(crate) const STRIPES: usize = 16;
 
 #[repr(align(128))]
 #[derive(Default)]
@@ -22,18 +22,26 @@ thread_local! {
 }
 static NEXT_STRIPE: AtomicU64 = AtomicU64::new(0);
 
+/// This thread's stripe, below [`STRIPES`], dealt out in turn to threads as
+/// they first ask. Which stripe a thread has is only a spread (any is
+/// correct), so the counter that deals them is `std`'s, unseen by the model
+/// checkers.
+#[inline]
+pub(crate) fn thread_stripe() -> usize {
+    STRIPE.with(|stripe| {
+        if stripe.get() == usize::MAX {
+            stripe.set(NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) as usize % STRIPES);
+        }
+        stripe.get()
+    })
+}
+
 impl StripedCounter {
     /// Adds one to this thread's stripe: a plain load and store, no locked
     /// instruction (two threads sharing a stripe may rarely lose a count).
     #[inline]
     pub(crate) fn add(&self) {
-        let stripe = STRIPE.with(|stripe| {
-            if stripe.get() == usize::MAX {
-                stripe.set(NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) as usize % STRIPES);
-            }
-            stripe.get()
-        });
-        let counter = &self.0[stripe].0;
+        let counter = &self.0[thread_stripe()].0;
         counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
