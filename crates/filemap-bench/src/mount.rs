@@ -153,6 +153,9 @@ pub struct MountConfig {
     /// filemap's large reads of its image bypass the host's page cache
     /// ([`MountOptions::direct_reads`]).
     pub direct_reads: bool,
+    /// The threads serving each FUSE server's requests, filemap's and the
+    /// pass-through's alike ([`MountOptions::threads`]).
+    pub server_threads: usize,
 }
 
 impl Default for MountConfig {
@@ -168,6 +171,7 @@ impl Default for MountConfig {
             kernel_cache: false,
             readahead: filemap_fuse::MountOptions::default().readahead_mode,
             direct_reads: filemap_fuse::MountOptions::default().direct_reads,
+            server_threads: filemap_fuse::MountOptions::default().threads,
         }
     }
 }
@@ -178,6 +182,11 @@ pub fn check(config: &MountConfig) -> io::Result<()> {
     if bytes == 0 || bytes % SEQ_CHUNK as u64 != 0 || bytes > 16 << 30 {
         return Err(invalid(
             "the mount workload's file must be a whole number of MiB, 1 MiB to 16 GiB",
+        ));
+    }
+    if config.server_threads == 0 {
+        return Err(invalid(
+            "the mount workload needs at least one server thread",
         ));
     }
     if config.budget_bytes < bytes {
@@ -426,7 +435,7 @@ fn ratios(rows: &[Row], strategy: Strategy, threads: &[usize]) -> Vec<Ratio> {
 
 /// What each target and operation is, for the report.
 fn notes(config: &MountConfig, strategy: Strategy) -> Vec<String> {
-    let server_threads = MountOptions::default().threads;
+    let server_threads = config.server_threads;
     vec![
         format!(
             "mount: a {} MiB file on each target; filemap: a volume image on the host file \
@@ -612,6 +621,7 @@ impl Targets {
             kernel_cache: config.kernel_cache,
             readahead_mode: config.readahead,
             direct_reads: config.direct_reads,
+            threads: config.server_threads,
             ..MountOptions::default()
         };
         let filemap = MountGuard::filemap(&dir.join("volume.img"), &dir.join("filemap"), &options)?;
@@ -930,6 +940,7 @@ mod tests {
             kernel_cache: false,
             readahead: filemap_fuse::MountOptions::default().readahead_mode,
             direct_reads: true,
+            server_threads: 2,
         }
     }
 
@@ -1128,6 +1139,10 @@ mod tests {
             },
             MountConfig {
                 budget_bytes: 128 << 20,
+                ..MountConfig::default()
+            },
+            MountConfig {
+                server_threads: 0,
                 ..MountConfig::default()
             },
             MountConfig {

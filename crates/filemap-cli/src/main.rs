@@ -119,6 +119,11 @@ struct BenchArgs {
     /// even for large reads (as `filemap mount --no-direct-reads`).
     #[arg(long)]
     no_direct_reads: bool,
+    /// mount: the threads serving each FUSE server, filemap's and the
+    /// pass-through's (as `filemap mount --threads`; default one per
+    /// processor, at least 2, at most 16).
+    #[arg(long, value_parser = whole_number::<usize>)]
+    server_threads: Option<usize>,
     /// Print one JSON object per row, per ratio and per note, one per line.
     #[arg(long)]
     json: bool,
@@ -539,6 +544,7 @@ fn bench_configs(args: &BenchArgs) -> Result<Vec<BenchConfig>, String> {
                     kernel_cache: args.kernel_cache,
                     readahead: args.readahead.mode(),
                     direct_reads: !args.no_direct_reads,
+                    server_threads: args.server_threads.unwrap_or(defaults.server_threads),
                 })
             }
             WorkloadArg::All => unreachable!("`all` is not in WORKLOADS"),

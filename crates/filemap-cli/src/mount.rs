@@ -62,8 +62,9 @@ pub struct MountArgs {
     /// windows, bypass it with O_DIRECT: filemap caches them).
     #[arg(long)]
     no_direct_reads: bool,
-    /// Threads serving the kernel's requests.
-    #[arg(long, default_value_t = 4, value_parser = whole_number::<usize>)]
+    /// Threads serving the kernel's requests (default: one per processor,
+    /// at least 2, at most 16).
+    #[arg(long, default_value_t = MountOptions::default().threads, value_parser = whole_number::<usize>)]
     threads: usize,
     /// Keep the kernel's page cache in front of filemap's (reads of cached
     /// pages never reach the server); coherent all the same.
