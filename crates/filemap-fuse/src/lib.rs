@@ -118,12 +118,12 @@ impl Default for MountOptions {
 /// Not more than the processors: every thread waits on the connection's one
 /// request queue, so a thread with no processor to run on only adds
 /// wake-ups and switches to each request. On 2 processors, with 2 threads
-/// reading cached 4 KiB pages at random (`filemap bench mount --runs 3`),
-/// 2 server threads answered 105,000-118,000 reads/s through filemap's mount
-/// and 95,000-105,000 through the pass-through, against 62,000-81,000 and
-/// 58,000-76,000 with 4, and 56,000-60,000 and 51,000-56,000 with 8; the
-/// uncached sequential read and the writes with fsync did as well with 2 as
-/// with 4.
+/// reading cached 4 KiB pages at random (`filemap bench mount --runs 3
+/// --server-threads 2`, then `4`, three times in turns), 2 server threads
+/// answered 113,000-125,000 reads/s through filemap's mount and
+/// 101,000-117,000 through the pass-through, against 62,000-85,000 and
+/// 61,000-84,000 with 4; the uncached sequential read and the writes with
+/// fsync did as well with 2 as with 4.
 pub fn default_server_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 16))
 }
