@@ -581,14 +581,6 @@ fn write_file(path: &Path, bytes: u64) -> io::Result<()> {
     file.sync_all()
 }
 
-/// Syncs `file` and drops it from the host's page cache, so that the next
-/// reads of it come from the disk.
-fn drop_host_cache(file: &File) -> io::Result<()> {
-    file.sync_all()?;
-    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed)?;
-    Ok(())
-}
-
 /// The three targets in a temporary directory: `volume.img` mounted at
 /// `filemap/`, `passthrough-files/` mounted at `passthrough/`, and `host/`.
 struct Targets {
@@ -666,7 +658,7 @@ impl Targets {
         if kind == TargetKind::Filemap {
             self.filemap.unmount()?;
         }
-        drop_host_cache(&File::open(self.backing_file(kind))?)?;
+        filemap::bench_support::drop_host_cache(&File::open(self.backing_file(kind))?)?;
         if kind == TargetKind::Filemap {
             let dir = self.scratch.path();
             self.filemap =

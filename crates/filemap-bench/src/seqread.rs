@@ -25,7 +25,6 @@
 //!
 //! Rows count chunks per second.
 
-use std::fs::File;
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -189,7 +188,7 @@ fn measure(
                 run + 1,
                 config.runs
             )));
-            drop_host_cache(&file)?;
+            filemap::bench_support::drop_host_cache(&file)?;
             let started = Instant::now();
             let latency = if v == 0 {
                 read_through(config.file_bytes, &mut buf, |buf, offset| {
@@ -229,14 +228,6 @@ fn read_through(
         offset += buf.len() as u64;
     }
     Ok(latency)
-}
-
-/// Syncs `image` and drops it from the host's page cache, so the next reads
-/// come from the disk.
-fn drop_host_cache(image: &File) -> io::Result<()> {
-    image.sync_all()?;
-    rustix::fs::fadvise(image, 0, None, rustix::fs::Advice::DontNeed)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -19,41 +19,18 @@ fn pattern(at: usize) -> u8 {
     (at / PAGE * 7 + at % 251) as u8
 }
 
-/// How many bytes of `path` the host's page cache holds (`mincore` of a map
-/// of it).
+/// How many bytes of `path` the host's page cache holds.
 fn host_cached_bytes(path: &Path) -> usize {
     let file = File::open(path).unwrap();
     let len = file.metadata().unwrap().len() as usize;
-    // SAFETY: a fresh read-only shared map of the file, which nothing else
-    // aliases; it is never dereferenced, and unmapped below.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-    let mut resident = vec![0u8; len.div_ceil(PAGE)];
-    // SAFETY: `map..map + len` is the map made above, and `resident` holds
-    // one byte per page of it, as `mincore` writes.
-    let done = unsafe { libc::mincore(map, len, resident.as_mut_ptr()) };
-    assert_eq!(done, 0, "mincore: {}", std::io::Error::last_os_error());
-    // SAFETY: the map made above, no longer used.
-    unsafe { libc::munmap(map, len) };
-    resident.iter().filter(|&&page| page & 1 != 0).count() * PAGE
+    filemap::bench_support::host_cached_pages(&file, 0, len).unwrap() * PAGE
 }
 
 /// Syncs the image and drops it from the host's page cache; fails loudly on
 /// a file system that keeps its pages anyway (tmpfs), where the test would
 /// prove nothing.
 fn drop_host_cache(image: &Path) {
-    let file = File::open(image).unwrap();
-    file.sync_all().unwrap();
-    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    filemap::bench_support::drop_host_cache(&File::open(image).unwrap()).unwrap();
     let left = host_cached_bytes(image);
     assert!(
         left < 1 << 20,

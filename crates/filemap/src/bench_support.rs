@@ -10,12 +10,18 @@
 //! one view, the handler installs through a second view of the same memfd and
 //! wakes the faulting page.
 //!
+//! [`host_cached_pages`] and [`drop_host_cache`] look at and empty the host's
+//! page cache of a file, for the benchmarks that read a disk and the tests
+//! that check what a path leaves in that cache.
+//!
 //! # Safety
-//! The `unsafe` here is a `UFFDIO_COPY` from a buffer the handler owns, and the
+//! The `unsafe` here is a `UFFDIO_COPY` from a buffer the handler owns, the
 //! toucher's volatile loads from a view that stays mapped, inside the memfd's
-//! size, while it loads; each block states its proof.
+//! size, while it loads, and a `mincore` of a map never dereferenced; each
+//! block states its proof.
 #![allow(unsafe_code)]
 
+use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -182,6 +188,50 @@ fn serve(
 /// fastest this processor runs: see [`RacyCopy`]).
 pub fn chosen_racy_copy() -> RacyCopy {
     crate::racy::chosen()
+}
+
+/// How many pages of the `len` bytes at `offset` of `file` the host's page
+/// cache holds (`mincore` of a map of them): what a path leaves in the
+/// host's cache, for the tests and benchmarks that check it. `offset` must be
+/// a multiple of the page size.
+pub fn host_cached_pages(file: &File, offset: u64, len: usize) -> io::Result<usize> {
+    use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a fresh read-only shared map of the file, which nothing else
+    // aliases; it is never dereferenced, and unmapped below.
+    let map = unsafe {
+        mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ,
+            MapFlags::SHARED,
+            file,
+            offset,
+        )
+    }?;
+    let mut resident = vec![0u8; len.div_ceil(PAGE_SIZE)];
+    // SAFETY: `map..map + len` is the map made above, and `resident` holds
+    // one byte per page of it, as `mincore` writes. (rustix has no mincore.)
+    let done = unsafe { libc::mincore(map, len, resident.as_mut_ptr()) };
+    let error = io::Error::last_os_error();
+    // SAFETY: the map made above, no longer used.
+    unsafe { munmap(map, len) }?;
+    if done != 0 {
+        return Err(error);
+    }
+    Ok(resident.iter().filter(|&&page| page & 1 != 0).count())
+}
+
+/// Syncs `file` and drops it from the host's page cache (`fadvise`
+/// `DONTNEED`), so that the next reads of it come from the disk. A file
+/// system that keeps its pages anyway (tmpfs) keeps them: check with
+/// [`host_cached_pages`] where that matters.
+pub fn drop_host_cache(file: &File) -> io::Result<()> {
+    file.sync_all()?;
+    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed)?;
+    Ok(())
 }
 
 #[cfg(test)]

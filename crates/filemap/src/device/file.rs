@@ -472,39 +472,16 @@ mod tests {
     }
 
     /// How many pages of `len` bytes at `offset` of `file` the host's page
-    /// cache holds (`mincore` of a map of them).
-    #[allow(unsafe_code)]
+    /// cache holds.
     fn host_cached_pages(file: &File, offset: u64, len: usize) -> usize {
-        use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
-        // SAFETY: a fresh read-only shared map of the file, which nothing
-        // else aliases; it is unmapped below and never dereferenced.
-        let map = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::SHARED,
-                file,
-                offset,
-            )
-        }
-        .unwrap();
-        let mut resident = vec![0u8; len.div_ceil(DIRECT_ALIGN)];
-        // SAFETY: `map..map + len` is the map made above, and `resident` holds
-        // one byte per page of it, as `mincore` writes. (rustix has no mincore.)
-        let done = unsafe { libc::mincore(map, len, resident.as_mut_ptr()) };
-        assert_eq!(done, 0, "mincore: {}", io::Error::last_os_error());
-        // SAFETY: the map made above, no longer used.
-        unsafe { munmap(map, len) }.unwrap();
-        resident.iter().filter(|&&page| page & 1 != 0).count()
+        crate::bench_support::host_cached_pages(file, offset, len).unwrap()
     }
 
     /// Syncs `file` and drops it from the host's page cache; fails loudly on
     /// a file system that keeps its pages anyway (tmpfs), where the test that
     /// calls it would prove nothing.
     fn drop_host_cache(file: &File, len: usize) {
-        file.sync_all().unwrap();
-        rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        crate::bench_support::drop_host_cache(file).unwrap();
         assert_eq!(
             host_cached_pages(file, 0, len),
             0,
