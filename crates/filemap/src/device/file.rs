@@ -18,6 +18,13 @@ use crate::errno::{fail, with_message};
 /// a page, which is a multiple of every logical block size a disk reports.
 const DIRECT_ALIGN: usize = 4096;
 
+/// Whether `O_DIRECT` I/O of `len` bytes at `offset` from or to `buf` meets
+/// its alignment: buffer, offset and length all multiples of
+/// [`DIRECT_ALIGN`].
+fn direct_aligned(buf: *const u8, offset: u64, len: usize) -> bool {
+    buf as usize % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0
+}
+
 /// A regular file or block device accessed with positioned I/O (`pread`/`pwrite`).
 ///
 /// The size is fixed when the device is opened: I/O outside `0..len()` fails
@@ -219,19 +226,13 @@ impl FileDevice {
     /// of `len` bytes at `offset` into `buf`.
     fn direct_read_file(&self, buf: *const u8, offset: u64, len: usize) -> Option<&File> {
         let direct = self.direct_reads.as_ref()?;
-        let aligned = buf as usize % DIRECT_ALIGN == 0
-            && offset % DIRECT_ALIGN as u64 == 0
-            && len % DIRECT_ALIGN == 0;
-        (aligned && len >= direct.min_len).then_some(&direct.file)
+        (direct_aligned(buf, offset, len) && len >= direct.min_len).then_some(&direct.file)
     }
 
     /// Whether `O_DIRECT` I/O of `len` bytes at `offset` from or to `buf` must
     /// go through a bounce buffer.
     fn needs_bounce(&self, buf: *const u8, offset: u64, len: usize) -> bool {
-        self.direct
-            && (buf as usize % DIRECT_ALIGN != 0
-                || offset % DIRECT_ALIGN as u64 != 0
-                || len % DIRECT_ALIGN != 0)
+        self.direct && !direct_aligned(buf, offset, len)
     }
 
     /// An aligned buffer covering the whole blocks of `len` bytes at `offset`,
